@@ -1,0 +1,55 @@
+# `make test` works on a fresh machine: it creates .venv, installs the package with its
+# test extras (compiling the Cython modules) and runs ruff, mypy and pytest.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SOURCES := $(wildcard engine/*.pyx engine/*.pxd engine/*.h) setup.py pyproject.toml
+
+.PHONY: all install test lint typecheck unit bench debug-build clean
+
+all: test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+
+# Build requirements live in the venv so that rebuilds need no isolated environment.
+$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py
+	$(BIN)/python -m pip install -q "Cython>=3.1" "numpy>=2.0"
+	$(BIN)/python -m pip install -q --no-build-isolation -e '.[test,bench]'
+	touch $@
+
+# Recompile the extensions in place whenever a .pyx/.pxd/.h changes.
+$(VENV)/.built: $(VENV)/.installed $(SOURCES)
+	$(BIN)/python setup.py -q build_ext --inplace -j 2
+	touch $@
+
+install: $(VENV)/.built
+
+lint: install
+	$(BIN)/ruff check .
+
+typecheck: install
+	$(BIN)/mypy
+
+# pytest exits 5 when it collects nothing; a run without tests is not a pass.
+unit: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$rc
+
+test: lint typecheck unit
+
+# Benchmarks are not part of `make test`; see docs/PERFORMANCE.md.
+bench: install
+	mkdir -p .benchmarks
+	$(BIN)/python -m pytest -q -p no:cacheprovider bench/ --benchmark-columns=mean,ops,rounds \
+		--benchmark-sort=name --benchmark-json=.benchmarks/latest.json $(BENCH_ARGS)
+	$(BIN)/python -m bench.report .benchmarks/latest.json
+
+# Line tracing and asserts in the Cython code (CONVEYOR_DEBUG=1).
+debug-build: install
+	CONVEYOR_DEBUG=1 $(BIN)/python setup.py -q build_ext --inplace --force -j 2
+
+clean:
+	rm -rf build $(VENV) engine/*.so engine/_segment.c engine/_ring.c .mypy_cache .ruff_cache

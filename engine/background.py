@@ -1,0 +1,120 @@
+"""Background threads shared by every log in the process.
+
+Logs never start threads of their own, so that a broker holding 10,000 idle queues holds
+no per-queue threads. Two things are shared instead:
+
+- a small pool that runs fsyncs off the caller's thread (group commit for asyncio callers
+  and the periodic sync of ``fsync="interval:<ms>"``);
+- one timer thread that calls each registered log back at its interval.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
+
+_log = logging.getLogger("conveyor.background")
+
+# fsync is I/O bound; a few threads let slow devices overlap without flooding the disk.
+SYNC_WORKERS = 4
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def submit(fn: Callable[[], object]) -> Future[Any]:
+    """Run fn on the shared sync pool."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(SYNC_WORKERS, thread_name_prefix="conveyor-sync")
+        return _pool.submit(fn)
+
+
+class Ticking(Protocol):
+    def tick(self) -> None: ...
+
+
+class Timer:
+    """Calls ``owner.tick()`` every interval until cancelled or the owner is collected.
+
+    ``tick`` runs on the shared timer thread, so it must be short: a flush or the
+    submission of a sync to the pool, never an fsync itself.
+    """
+
+    __slots__ = ("_owner", "cancelled", "interval_s")
+
+    def __init__(self, owner: Ticking, interval_s: float) -> None:
+        self._owner = weakref.ref(owner)
+        self.interval_s = interval_s
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        # Only a flag: the timer thread may be waiting on the owner's lock right now, and
+        # the owner may be holding it while it cancels.
+        self.cancelled = True
+
+    def fire(self) -> bool:
+        """Tick the owner; False once the timer should be dropped."""
+        owner = self._owner()
+        if owner is None or self.cancelled:
+            return False
+        owner.tick()
+        return True
+
+
+class _TimerThread:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def add(self, timer: Timer) -> None:
+        with self._cond:
+            self._push(timer, _now() + timer.interval_s)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="conveyor-timer", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def _push(self, timer: Timer, deadline: float) -> None:
+        heapq.heappush(self._heap, (deadline, next(self._seq), timer))
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > _now():
+                    self._cond.wait(self._heap[0][0] - _now() if self._heap else None)
+                _, _, timer = heapq.heappop(self._heap)
+            try:
+                again = timer.fire()
+            except Exception:  # a failing owner must not stop every other log's timer
+                _log.exception("timer callback failed")
+                again = True
+            if again:
+                with self._cond:
+                    self._push(timer, _now() + timer.interval_s)
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+_timers = _TimerThread()
+
+
+def every(owner: Ticking, interval_ms: int) -> Timer:
+    """Call ``owner.tick()`` every interval_ms on the shared timer thread."""
+    timer = Timer(owner, interval_ms / 1000.0)
+    _timers.add(timer)
+    return timer

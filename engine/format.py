@@ -1,0 +1,183 @@
+"""Byte layouts of the on-disk log, defined once.
+
+docs/FORMAT.md draws these layouts; this module holds their constants and a plain-Python
+codec. The Cython segment code keeps its own copies of the constants for speed, and
+``tests/engine/test_format.py`` checks that the two agree and that both codecs produce
+the same bytes.
+
+All integers are little-endian.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+import xxhash
+
+# --- record batch -------------------------------------------------------------------
+# One batch is one write(). Offsets below are byte positions within the batch header.
+BATCH_MAGIC = b"CVYB"
+BATCH_VERSION = 1
+BATCH_HEADER_BYTES = 48
+
+BATCH_MAGIC_AT = 0  # 4 bytes
+BATCH_CHECKSUM_AT = 4  # u64: xxh3-64 over bytes [BATCH_CHECKSUMMED_FROM, end of batch)
+BATCH_VERSION_AT = 12  # u8
+BATCH_FLAGS_AT = 13  # u8
+BATCH_RESERVED_AT = 14  # u16, must be zero
+BATCH_BASE_OFFSET_AT = 16  # u64: offset of the first record
+BATCH_EPOCH_AT = 24  # u64: leader epoch that wrote the batch (0 on a single node)
+BATCH_TIMESTAMP_AT = 32  # i64: milliseconds since the Unix epoch, stamped by the writer
+BATCH_RECORD_COUNT_AT = 40  # u32: records in the batch, at least 1
+BATCH_PAYLOAD_BYTES_AT = 44  # u32: bytes that follow the header
+BATCH_CHECKSUMMED_FROM = 12
+
+# Flag bits. Unknown bits make a batch invalid, so a newer writer cannot be misread.
+FLAG_ZSTD = 0x01  # payload is one zstd frame holding the uncompressed record area
+FLAGS_KNOWN = FLAG_ZSTD
+
+# Each record in the (uncompressed) payload: u32 length, then that many bytes.
+RECORD_LENGTH_BYTES = 4
+
+# --- sparse offset index ------------------------------------------------------------
+INDEX_MAGIC = b"CVYI"
+INDEX_VERSION = 1
+INDEX_HEADER_BYTES = 48
+INDEX_ENTRY_BYTES = 8  # u32 offset relative to the segment base, u32 byte position
+
+INDEX_MAGIC_AT = 0
+INDEX_CHECKSUM_AT = 4  # u64: xxh3-64 over bytes [INDEX_CHECKSUMMED_FROM, end of file)
+INDEX_VERSION_AT = 12
+INDEX_BASE_OFFSET_AT = 16  # u64: must equal the segment's base offset
+INDEX_NEXT_OFFSET_AT = 24  # u64: offset after the segment's last record
+INDEX_SEGMENT_BYTES_AT = 32  # u64: size of the .log file the index describes
+INDEX_ENTRY_COUNT_AT = 40  # u32
+INDEX_CHECKSUMMED_FROM = 12
+
+# --- file names ---------------------------------------------------------------------
+OFFSET_DIGITS = 20  # zero-padded so that `ls` sorts segments by offset
+LOG_SUFFIX = ".log"
+INDEX_SUFFIX = ".index"
+
+# --- limits (defaults and hard caps) ------------------------------------------------
+RECORD_BYTES_MAX = 8 * 1024 * 1024
+BATCH_BYTES_MAX = 16 * 1024 * 1024
+SEGMENT_BYTES_MAX = 64 * 1024 * 1024
+# Index positions are u32 and a segment may overrun its limit by one batch, so the
+# configurable segment limit is capped well below 4 GiB.
+SEGMENT_BYTES_MAX_CAP = 1024 * 1024 * 1024
+SEGMENT_BYTES_MIN = BATCH_HEADER_BYTES + RECORD_LENGTH_BYTES
+INDEX_INTERVAL_BYTES = 4096
+
+_HEADER = struct.Struct("<4sQBBHQQqII")
+_INDEX_HEADER = struct.Struct("<4sQB3xQQQI4x")
+_U32 = struct.Struct("<I")
+
+assert _HEADER.size == BATCH_HEADER_BYTES
+assert _INDEX_HEADER.size == INDEX_HEADER_BYTES
+
+
+def segment_file_name(base_offset: int, suffix: str = LOG_SUFFIX) -> str:
+    return f"{base_offset:0{OFFSET_DIGITS}d}{suffix}"
+
+
+def batch_bytes(record_lengths: list[int]) -> int:
+    """Size on disk of an uncompressed batch holding records of these lengths."""
+    return BATCH_HEADER_BYTES + sum(RECORD_LENGTH_BYTES + n for n in record_lengths)
+
+
+class BatchHeader(NamedTuple):
+    checksum: int
+    version: int
+    flags: int
+    base_offset: int
+    epoch: int
+    timestamp_ms: int
+    record_count: int
+    payload_bytes: int
+
+
+def encode_record_area(records: list[bytes]) -> bytes:
+    return b"".join(_U32.pack(len(r)) + r for r in records)
+
+
+def encode_batch(
+    records: list[bytes],
+    base_offset: int,
+    timestamp_ms: int,
+    epoch: int = 0,
+    flags: int = 0,
+    payload: bytes | None = None,
+) -> bytes:
+    """Plain-Python batch encoder: the reference for what the Cython writer produces.
+
+    ``payload`` overrides the record area, for a compressed batch.
+    """
+    body = encode_record_area(records) if payload is None else payload
+    fields = (BATCH_VERSION, flags, 0, base_offset, epoch, timestamp_ms, len(records), len(body))
+    tail = _HEADER.pack(BATCH_MAGIC, 0, *fields)[BATCH_CHECKSUMMED_FROM:]
+    checksum = xxhash.xxh3_64_intdigest(tail + body)
+    return _HEADER.pack(BATCH_MAGIC, checksum, *fields) + body
+
+
+def decode_batch_header(data: bytes | memoryview) -> BatchHeader:
+    magic, *rest = _HEADER.unpack_from(data, 0)
+    if magic != BATCH_MAGIC:
+        raise ValueError(f"bad batch magic {bytes(magic)!r}")
+    checksum, version, flags, _reserved, base, epoch, ts, count, nbytes = rest
+    return BatchHeader(checksum, version, flags, base, epoch, ts, count, nbytes)
+
+
+def batch_checksum(batch: bytes | memoryview) -> int:
+    """The checksum a batch should carry, computed from its bytes."""
+    return xxhash.xxh3_64_intdigest(bytes(batch[BATCH_CHECKSUMMED_FROM:]))
+
+
+def decode_record_area(area: bytes, count: int) -> list[bytes]:
+    out: list[bytes] = []
+    pos = 0
+    for _ in range(count):
+        (n,) = _U32.unpack_from(area, pos)
+        pos += RECORD_LENGTH_BYTES
+        out.append(area[pos : pos + n])
+        pos += n
+    if pos != len(area):
+        raise ValueError("record area length does not match its records")
+    return out
+
+
+def encode_index(
+    base_offset: int, next_offset: int, segment_bytes: int, entries: list[tuple[int, int]]
+) -> bytes:
+    body = b"".join(struct.pack("<II", rel, pos) for rel, pos in entries)
+    fields = (INDEX_VERSION, base_offset, next_offset, segment_bytes, len(entries))
+    tail = _INDEX_HEADER.pack(INDEX_MAGIC, 0, *fields)[INDEX_CHECKSUMMED_FROM:]
+    checksum = xxhash.xxh3_64_intdigest(tail + body)
+    return _INDEX_HEADER.pack(INDEX_MAGIC, checksum, *fields) + body
+
+
+# The constants the Cython side must agree with; see test_format.py.
+SHARED_CONSTANTS = {
+    "BATCH_MAGIC": BATCH_MAGIC,
+    "BATCH_VERSION": BATCH_VERSION,
+    "BATCH_HEADER_BYTES": BATCH_HEADER_BYTES,
+    "BATCH_CHECKSUM_AT": BATCH_CHECKSUM_AT,
+    "BATCH_VERSION_AT": BATCH_VERSION_AT,
+    "BATCH_FLAGS_AT": BATCH_FLAGS_AT,
+    "BATCH_RESERVED_AT": BATCH_RESERVED_AT,
+    "BATCH_BASE_OFFSET_AT": BATCH_BASE_OFFSET_AT,
+    "BATCH_EPOCH_AT": BATCH_EPOCH_AT,
+    "BATCH_TIMESTAMP_AT": BATCH_TIMESTAMP_AT,
+    "BATCH_RECORD_COUNT_AT": BATCH_RECORD_COUNT_AT,
+    "BATCH_PAYLOAD_BYTES_AT": BATCH_PAYLOAD_BYTES_AT,
+    "BATCH_CHECKSUMMED_FROM": BATCH_CHECKSUMMED_FROM,
+    "FLAG_ZSTD": FLAG_ZSTD,
+    "FLAGS_KNOWN": FLAGS_KNOWN,
+    "RECORD_LENGTH_BYTES": RECORD_LENGTH_BYTES,
+    "INDEX_MAGIC": INDEX_MAGIC,
+    "INDEX_VERSION": INDEX_VERSION,
+    "INDEX_HEADER_BYTES": INDEX_HEADER_BYTES,
+    "INDEX_ENTRY_BYTES": INDEX_ENTRY_BYTES,
+    "INDEX_CHECKSUMMED_FROM": INDEX_CHECKSUMMED_FROM,
+}

@@ -1,0 +1,877 @@
+"""A partition's log: a directory of segments, with rolling, retention, recovery and fsync.
+
+The bytes are handled by :mod:`engine._segment`; this module decides when segments roll,
+which are deleted, how a directory is recovered on open, and when data is fsync'd.
+
+Durability (``fsync=``):
+
+- ``"always"`` (default): an append returns only after an fdatasync covers it. Appends
+  from many threads share fsyncs (group commit): one fsync covers every batch appended
+  while the previous one ran.
+- ``"interval:<ms>"``: appends return once written to the operating system; a background
+  sync runs every <ms> milliseconds.
+- ``"never"``: appends are buffered in user space and written out by size, every
+  ``flush_interval_ms`` and on ``flush()``; nothing is fsync'd on the append path.
+
+Whatever the policy, a sealed segment has been fsync'd before the next one is created, and
+``flush()``, ``wait_durable()`` and ``close()`` leave everything appended on disk. An fsync
+or write error is fatal (fail-stop): the log refuses further writes until it is reopened,
+because after a failed fsync the kernel may have dropped the dirty pages.
+
+Thread-safe: every operation takes the log's lock, except that fsyncs run outside it so
+appends continue meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import dataclasses
+import fcntl
+import heapq
+import itertools
+import logging
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Literal
+
+import zstandard
+
+from engine import background, format
+from engine._segment import Records, Segment, batch_spans, concat
+from engine.errors import (
+    ConfigError,
+    CorruptSegmentError,
+    LogClosedError,
+    LogFailedError,
+    LogLockedError,
+    OffsetOutOfRangeError,
+)
+
+_log = logging.getLogger("conveyor.log")
+
+Buffer = bytes | bytearray | memoryview
+
+# Largest number of records and bytes one read returns, whatever the caller asks for.
+READ_RECORDS_MAX = 65536
+READ_BYTES_MAX = 16 * 1024 * 1024
+READ_BYTES_DEFAULT = 1024 * 1024
+# Under fsync="never", appends are written out once this much is buffered.
+BUFFER_BYTES_DEFAULT = 256 * 1024
+FLUSH_INTERVAL_MS_DEFAULT = 200
+# Sealed segments of one log that keep an open descriptor; older ones reopen on demand.
+SEALED_FDS_MAX = 2
+# When truncate_before covers every record, the active segment is rolled (so it can be
+# deleted too) only once it holds at least this much; rolling costs two fsyncs.
+TRUNCATE_ROLL_BYTES = 64 * 1024
+INTERVAL_MS_MAX = 60_000
+
+_SEGMENT_NAME = re.compile(rf"^(\d{{{format.OFFSET_DIGITS}}})\.log$")
+LOCK_FILE = "LOCK"
+
+
+@dataclasses.dataclass(frozen=True)
+class FsyncPolicy:
+    """When appended data is fsync'd; parsed from ``"always"``, ``"never"``, ``"interval:<ms>"``."""
+
+    mode: Literal["always", "interval", "never"]
+    interval_ms: int = 0
+
+    @classmethod
+    def parse(cls, spec: str | FsyncPolicy) -> FsyncPolicy:
+        if isinstance(spec, FsyncPolicy):
+            return spec
+        if spec == "always":
+            return cls("always")
+        if spec == "never":
+            return cls("never")
+        if isinstance(spec, str) and spec.startswith("interval:"):
+            digits = spec.removeprefix("interval:")
+            if digits.isdigit() and 1 <= int(digits) <= INTERVAL_MS_MAX:
+                return cls("interval", int(digits))
+        raise ConfigError(
+            "fsync", spec, f"expected 'always', 'never' or 'interval:<1..{INTERVAL_MS_MAX}>'"
+        )
+
+    def __str__(self) -> str:
+        return f"interval:{self.interval_ms}" if self.mode == "interval" else self.mode
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryReport:
+    """What opening the log found and repaired."""
+
+    dropped_bytes: int
+    """Bytes cut from the tail of the last segment (a torn or corrupt tail)."""
+    segment: str | None
+    """The segment that was cut, if any."""
+    indexes_rebuilt: int
+    """Sealed segments whose index file was missing or suspect and was rebuilt."""
+
+
+class Log:
+    """An append-only sequence of records, numbered by offset, stored as segments.
+
+    ``append_batch`` writes one batch in one ``write()``; ``read`` returns a
+    :class:`~engine.Records` view. See the module docstring for durability.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        fsync: str | FsyncPolicy = "always",
+        *,
+        segment_bytes_max: int = format.SEGMENT_BYTES_MAX,
+        record_bytes_max: int = format.RECORD_BYTES_MAX,
+        batch_bytes_max: int = format.BATCH_BYTES_MAX,
+        compression: Literal["zstd"] | None = None,
+        index_interval_bytes: int = format.INDEX_INTERVAL_BYTES,
+        buffer_bytes: int = BUFFER_BYTES_DEFAULT,
+        flush_interval_ms: int = FLUSH_INTERVAL_MS_DEFAULT,
+        lock: bool = True,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.fsync_policy = FsyncPolicy.parse(fsync)
+        _check_range("segment_bytes_max", segment_bytes_max,
+                     format.SEGMENT_BYTES_MIN, format.SEGMENT_BYTES_MAX_CAP)
+        _check_range("batch_bytes_max", batch_bytes_max,
+                     format.SEGMENT_BYTES_MIN, format.SEGMENT_BYTES_MAX_CAP)
+        _check_range("record_bytes_max", record_bytes_max, 1, batch_bytes_max)
+        _check_range("index_interval_bytes", index_interval_bytes, 1, 1 << 30)
+        _check_range("buffer_bytes", buffer_bytes, 0, 1 << 30)
+        _check_range("flush_interval_ms", flush_interval_ms, 1, INTERVAL_MS_MAX)
+        if compression not in (None, "zstd"):
+            raise ConfigError("compression", compression, "expected None or 'zstd'")
+        self.segment_bytes_max = segment_bytes_max
+        # A batch must fit in an empty segment.
+        self.batch_bytes_max = min(batch_bytes_max, segment_bytes_max)
+        self.record_bytes_max = min(record_bytes_max,
+                                    self.batch_bytes_max - format.BATCH_HEADER_BYTES - 4)
+        self.compression = compression
+        self._index_interval = index_interval_bytes
+        self._flush_bytes = buffer_bytes if self.fsync_policy.mode == "never" else 0
+        self._always = self.fsync_policy.mode == "always"
+        self._compress = _zstd_compressor() if compression == "zstd" else None
+        self._decompress = _zstd_decompressor(self.batch_bytes_max)
+        self.epoch = 0
+        """Leader epoch stamped on every batch appended from now on (0 on a single node)."""
+
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._closed = False
+        self._failure: BaseException | None = None
+        self._syncing = False
+        self._waiters: list[tuple[int, int, Future[None]]] = []
+        self._waiter_seq = itertools.count()
+        self._segments: list[Segment] = []
+        self._bases: list[int] = []
+        self._open_sealed: OrderedDict[int, Segment] = OrderedDict()
+        self._lock_fd: int | None = None
+        self.sync_count = 0
+        """fsyncs run by group commit, interval syncs and flush() (a monotonic counter)."""
+        self.sync_seconds = 0.0
+        """Total time spent in those fsyncs."""
+
+        os.makedirs(self.path, exist_ok=True)
+        if lock:
+            self._lock_fd = _lock_directory(self.path)
+        try:
+            self.recovery = self._open_segments()
+        except BaseException:
+            self._release_everything()
+            raise
+        self._active = self._segments[-1]
+        self._durable = self._active.next_offset
+        self._timer: background.Timer | None = None
+        if self.fsync_policy.mode == "interval":
+            self._timer = background.every(self, self.fsync_policy.interval_ms)
+        elif self.fsync_policy.mode == "never":
+            self._timer = background.every(self, flush_interval_ms)
+
+    # -- opening ------------------------------------------------------------------------
+
+    def _new_segment(self, base: int, writable: bool) -> Segment:
+        return Segment(
+            os.path.join(self.path, format.segment_file_name(base)),
+            base,
+            writable=writable,
+            record_bytes_max=self.record_bytes_max,
+            batch_bytes_max=self.batch_bytes_max,
+            segment_bytes_max=self.segment_bytes_max,
+            index_interval_bytes=self._index_interval,
+            flush_bytes=self._flush_bytes,
+        )
+
+    def _open_segments(self) -> RecoveryReport:
+        bases = []
+        for name in os.listdir(self.path):
+            if name.endswith(".tmp"):
+                os.unlink(os.path.join(self.path, name))
+            elif match := _SEGMENT_NAME.match(name):
+                bases.append(int(match.group(1)))
+        bases.sort()
+        self._remove_orphan_indexes(set(bases))
+        if not bases:
+            segment = self._new_segment(0, writable=True)
+            segment.recover()
+            _fsync_dir(self.path)
+            self._segments, self._bases = [segment], [0]
+            return RecoveryReport(0, None, 0)
+
+        rebuilt = 0
+        for base, next_base in itertools.pairwise(bases):
+            segment = self._new_segment(base, writable=False)
+            self._segments.append(segment)
+            rebuilt += self._load_sealed(segment, next_base)
+            segment.release_fd()
+        self._bases = bases
+        active = self._new_segment(bases[-1], writable=True)
+        self._segments.append(active)
+        dropped = active.recover()
+        if dropped:
+            _log.warning("log %s: cut %d bytes of torn or corrupt tail from %s",
+                         self.path, dropped, active.path)
+        # What survived a crash is on disk as far as the page cache goes; make it durable
+        # before anyone is told so.
+        active.sync()
+        return RecoveryReport(dropped, active.path if dropped else None, rebuilt)
+
+    def _load_sealed(self, segment: Segment, next_base: int) -> int:
+        """Adopt or rebuild a sealed segment's index. Returns 1 if it was rebuilt."""
+        index_path = _index_path(segment.path)
+        with contextlib.suppress(FileNotFoundError), open(index_path, "rb") as f:
+            if segment.load_index(f.read(), next_base):
+                return 0
+        segment.rebuild_index()
+        if segment.next_offset != next_base:
+            raise CorruptSegmentError(
+                segment.path, segment.next_offset, segment.size,
+                f"segment ends at offset {segment.next_offset} but the next one starts "
+                f"at {next_base}",
+            )
+        _write_index(segment)
+        return 1
+
+    def _remove_orphan_indexes(self, bases: set[int]) -> None:
+        for name in os.listdir(self.path):
+            if name.endswith(format.INDEX_SUFFIX):
+                stem = name.removesuffix(format.INDEX_SUFFIX)
+                if not stem.isdigit() or int(stem) not in bases:
+                    os.unlink(os.path.join(self.path, name))
+
+    # -- properties ---------------------------------------------------------------------
+
+    @property
+    def first_offset(self) -> int:
+        """Offset of the oldest record still stored (equals next_offset when empty)."""
+        return int(self._segments[0].base_offset)
+
+    @property
+    def next_offset(self) -> int:
+        """Offset the next appended record will get."""
+        return int(self._active.next_offset)
+
+    @property
+    def durable_offset(self) -> int:
+        """Every record below this offset has been fsync'd."""
+        return self._durable
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes in all segment files, buffered appends included."""
+        with self._lock:
+            return sum(int(s.size) for s in self._segments)
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    # -- appending ----------------------------------------------------------------------
+
+    def append(self, payload: Buffer, *, timestamp_ms: int = -1, wait: bool = True) -> int:
+        """Append one record; return its offset.
+
+        With ``wait`` (the default) and fsync="always", return only once it is on disk.
+        """
+        # acquire/release rather than `with`: this is the hottest path, and here the
+        # context-manager protocol costs more than the rest of the append together.
+        lock = self._lock
+        lock.acquire()
+        try:
+            if self._closed or self._failure is not None:
+                self._check_writable()
+            offset: int = self._active.append_one(payload, timestamp_ms, self.epoch)
+            if offset < 0:
+                self._roll()
+                offset = self._active.append_one(payload, timestamp_ms, self.epoch)
+        except OSError as exc:
+            raise self._fail(exc) from exc
+        finally:
+            lock.release()
+        if wait and self._always:
+            self.wait_durable(offset + 1)
+        return offset
+
+    def append_batch(
+        self, records: Sequence[Buffer], *, timestamp_ms: int = -1, wait: bool = True
+    ) -> int:
+        """Append records as one batch in one write; return the first record's offset.
+
+        With ``wait`` (the default) and fsync="always", return only once it is on disk.
+        Use ``wait=False`` with :meth:`durable_future` or :meth:`append_batch_async` to
+        wait without blocking a thread.
+        """
+        lock = self._lock
+        lock.acquire()
+        try:
+            if self._closed or self._failure is not None:
+                self._check_writable()
+            active = self._active
+            first: int = active.append(records, timestamp_ms, self.epoch, self._compress)
+            if first < 0:
+                self._roll()
+                active = self._active
+                first = active.append(records, timestamp_ms, self.epoch, self._compress)
+            end = int(active.next_offset)
+        except OSError as exc:
+            raise self._fail(exc) from exc
+        finally:
+            lock.release()
+        if wait and self._always:
+            self.wait_durable(end)
+        return first
+
+    async def append_batch_async(
+        self, records: Sequence[Buffer], *, timestamp_ms: int = -1
+    ) -> int:
+        """Like append_batch, but waits for the fsync without blocking the event loop."""
+        first = self.append_batch(records, timestamp_ms=timestamp_ms, wait=False)
+        if self._always:
+            await asyncio.wrap_future(self.durable_future(first + len(records)))
+        return first
+
+    def append_raw(self, data: Buffer, *, wait: bool = True) -> int:
+        """Append whole batches exactly as another log stored them; return next_offset.
+
+        The first batch must start at next_offset. Every batch is checked (framing,
+        sequence, checksum) before it is written; a bad one raises InvalidBatchError and
+        the batches before it stay appended.
+        """
+        view = memoryview(data)
+        with self._lock:
+            self._check_writable()
+            try:
+                for start, end in batch_spans(view):
+                    if self._active.append_raw(view[start:end]) < 0:
+                        self._roll()
+                        self._active.append_raw(view[start:end])
+            except OSError as exc:
+                raise self._fail(exc) from exc
+            end_offset = int(self._active.next_offset)
+        if wait and self._always:
+            self.wait_durable(end_offset)
+        return end_offset
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise LogClosedError(self.path)
+        if self._failure is not None:
+            raise LogFailedError(self.path, self._failure)
+
+    def _roll(self) -> None:
+        """Seal the active segment and start a new one at next_offset.
+
+        Under "always" and "interval" the old segment's unsynced tail is small and is
+        fsync'd here, before the new segment exists. Under "never" it may be a whole
+        segment of dirty pages, so its fsync (and the directory's) runs in the background
+        instead of stalling the appender for the length of a writeback.
+        """
+        old = self._active
+        old.flush()
+        background_sync = self.fsync_policy.mode == "never"
+        if not background_sync:
+            old.sync()
+        old.seal()
+        _write_index(old)
+        base = int(old.next_offset)
+        path = os.path.join(self.path, format.segment_file_name(base))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a stale file here could pass for this segment's records
+        new = self._new_segment(base, writable=True)
+        new.recover()
+        self._segments.append(new)
+        self._bases.append(base)
+        self._active = new
+        self._remember_sealed(old)
+        if background_sync:
+            fd = old.dup_fd()
+            background.submit(lambda: self._sync_sealed(fd))
+        else:
+            _fsync_dir(self.path)
+            self._mark_durable(base)
+
+    def _sync_sealed(self, fd: int) -> None:
+        """Background fsync of a segment sealed under "never", then of the directory."""
+        try:
+            os.fdatasync(fd)
+            _fsync_dir(self.path)
+        except OSError as exc:
+            with self._lock:
+                self._fail(exc)
+        finally:
+            os.close(fd)
+
+    def _remember_sealed(self, segment: Segment) -> None:
+        """Keep at most SEALED_FDS_MAX sealed segments' descriptors open."""
+        self._open_sealed[int(segment.base_offset)] = segment
+        self._open_sealed.move_to_end(int(segment.base_offset))
+        while len(self._open_sealed) > SEALED_FDS_MAX:
+            _, oldest = self._open_sealed.popitem(last=False)
+            oldest.release_fd()
+
+    # -- reading ------------------------------------------------------------------------
+
+    def read(
+        self, offset: int, max_records: int = 100, max_bytes: int = READ_BYTES_DEFAULT
+    ) -> Records:
+        """Up to max_records consecutive records from offset on, stopping near max_bytes.
+
+        Returns an empty Records at next_offset, and at least one record below it. Whole
+        batches are read, so max_bytes may be overrun by up to one batch. Every batch
+        read is checked against its checksum; a bad one raises CorruptSegmentError.
+        """
+        if max_records > READ_RECORDS_MAX:
+            max_records = READ_RECORDS_MAX
+        if max_bytes > READ_BYTES_MAX:
+            max_bytes = READ_BYTES_MAX
+        lock = self._lock
+        lock.acquire()  # not `with`: see append()
+        try:
+            if self._closed:
+                raise LogClosedError(self.path)
+            segment = self._segment_for(offset)
+            records: Records = segment.read(offset, max_records, max_bytes, self._decompress)
+            if segment is self._active:
+                return records
+            # A segment boundary is not the caller's business: carry on into the next one.
+            while (len(records) < max_records and records.next_offset == segment.next_offset
+                   and records.payload_bytes < max_bytes and segment is not self._active):
+                self._remember_sealed(segment)
+                segment = self._segments[bisect.bisect_right(self._bases,
+                                                             records.next_offset) - 1]
+                more = segment.read(records.next_offset, max_records - len(records),
+                                    max_bytes - records.payload_bytes, self._decompress)
+                records = concat(records, more)
+            if segment is not self._active:
+                self._remember_sealed(segment)
+            return records
+        finally:
+            lock.release()
+
+    def read_raw(self, offset: int, max_bytes: int = READ_BYTES_DEFAULT) -> bytes:
+        """Whole stored batches from the one holding offset (for log shipping)."""
+        with self._lock:
+            if self._closed:
+                raise LogClosedError(self.path)
+            segment = self._segment_for(offset)
+            data: bytes = segment.read_raw(offset, min(max_bytes, READ_BYTES_MAX))
+            if segment is not self._active:
+                self._remember_sealed(segment)
+            return data
+
+    def _segment_for(self, offset: int) -> Segment:
+        active = self._active
+        if offset >= active.base_offset:  # the common case: reading recent records
+            if offset > active.next_offset:
+                raise OffsetOutOfRangeError(self.path, offset, self.first_offset,
+                                            int(active.next_offset))
+            return active
+        first = int(self._segments[0].base_offset)
+        if offset < first:
+            raise OffsetOutOfRangeError(self.path, offset, first, int(active.next_offset))
+        return self._segments[bisect.bisect_right(self._bases, offset) - 1]
+
+    # -- durability ---------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write out everything buffered and fsync it, whatever the policy."""
+        with self._lock:
+            self._check_writable()
+        self.wait_durable(self.next_offset)
+
+    def wait_durable(self, offset: int, timeout: float | None = None) -> None:
+        """Block until every record below offset is on disk, syncing if needed.
+
+        Raises TimeoutError if timeout (seconds) passes first.
+        """
+        with self._lock:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._durable < offset:
+                self._check_waitable(offset)
+                if self._syncing:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError(f"offset {offset} not durable in time")
+                    self._cond.wait(remaining)
+                    continue
+                self._syncing = True
+                self._sync_round()
+
+    def durable_future(self, offset: int) -> Future[None]:
+        """A future that completes once every record below offset is on disk.
+
+        Starts a sync on the shared background pool if none is running, so many callers
+        share one fsync. Wrap it with ``asyncio.wrap_future`` to await it.
+        """
+        future: Future[None] = Future()
+        with self._lock:
+            if self._durable >= offset:
+                future.set_result(None)
+                return future
+            try:
+                self._check_waitable(offset)
+            except Exception as exc:
+                future.set_exception(exc)
+                return future
+            heapq.heappush(self._waiters, (offset, next(self._waiter_seq), future))
+            if not self._syncing:
+                self._syncing = True
+                background.submit(self._background_round)
+        return future
+
+    def _check_waitable(self, offset: int) -> None:
+        self._check_writable()
+        if offset > self._active.next_offset:
+            raise OffsetOutOfRangeError(self.path, offset, self.first_offset,
+                                        int(self._active.next_offset))
+
+    def _sync_round(self) -> None:
+        """One fsync of everything appended so far. Lock held on entry and exit.
+
+        The caller set _syncing; the lock is released during the fsync itself so that
+        appends go on, which is what lets the next round cover many of them.
+        """
+        segment = self._active
+        error: OSError | None = None
+        target = int(segment.next_offset)
+        try:
+            segment.flush()
+            # A descriptor of our own: the segment may be rolled, deleted or closed by the
+            # time the fsync runs, and must not pull the descriptor from under it.
+            fd = segment.dup_fd()
+        except OSError as exc:
+            error = exc
+        else:
+            self._lock.release()
+            started = time.monotonic()
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                error = exc
+            finally:
+                os.close(fd)
+                elapsed = time.monotonic() - started
+                self._lock.acquire()
+            self.sync_count += 1
+            self.sync_seconds += elapsed
+        self._syncing = False
+        if error is not None:
+            self._fail(error)
+        else:
+            self._mark_durable(target)
+        self._cond.notify_all()
+        if self._waiters and self._failure is None and not self._closed:
+            self._syncing = True
+            background.submit(self._background_round)
+        if error is not None:
+            raise LogFailedError(self.path, error) from error
+
+    def _background_round(self) -> None:
+        with self._lock:
+            if self._closed or self._failure is not None:
+                self._syncing = False
+                self._cond.notify_all()
+                return
+            with contextlib.suppress(LogFailedError):  # reported to the waiters
+                self._sync_round()
+
+    def _mark_durable(self, offset: int) -> None:
+        if offset > self._durable:
+            self._durable = offset
+        while self._waiters and self._waiters[0][0] <= self._durable:
+            _, _, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_result(None)
+
+    def _fail(self, cause: BaseException) -> LogFailedError:
+        """Enter fail-stop. Returns the error to raise to the caller that hit it."""
+        if self._failure is None:
+            self._failure = cause
+            _log.error("log %s failed and stops accepting writes: %s", self.path, cause)
+        error = LogFailedError(self.path, cause)
+        self._drop_waiters(error)
+        self._cond.notify_all()
+        return error
+
+    def _drop_waiters(self, error: BaseException) -> None:
+        while self._waiters:
+            _, _, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_exception(error)
+
+    def tick(self) -> None:
+        """Timer callback: background flush ("never") or sync ("interval")."""
+        with self._lock:
+            if self._closed or self._failure is not None:
+                return
+            if self.fsync_policy.mode == "never":
+                try:
+                    self._active.flush()
+                except OSError as exc:
+                    self._fail(exc)
+            elif not self._syncing and self._durable < self._active.next_offset:
+                self._syncing = True
+                background.submit(self._background_round)
+
+    # -- truncation ---------------------------------------------------------------------
+
+    def truncate_before(self, offset: int) -> int:
+        """Delete whole segments that hold only records below offset; return first_offset.
+
+        This is retention: records below offset may remain if they share a segment with
+        live ones. Deletions are made durable with a directory fsync.
+        """
+        with self._lock:
+            self._check_writable()
+            try:
+                if (offset >= self._active.next_offset
+                        and self._active.size >= min(TRUNCATE_ROLL_BYTES,
+                                                     self.segment_bytes_max)):
+                    self._roll()
+                doomed = [s for s in self._segments[:-1] if s.next_offset <= offset]
+                for segment in doomed:
+                    self._forget(segment)
+                    os.unlink(segment.path)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(_index_path(segment.path))
+                if doomed:
+                    _fsync_dir(self.path)
+            except OSError as exc:
+                raise self._fail(exc) from exc
+            return int(self._segments[0].base_offset)
+
+    def truncate_after(self, offset: int) -> int:
+        """Durably drop every record at or past offset; return the new next_offset.
+
+        Batches are not split: a batch holding offset goes whole, so the result may be
+        below offset. This is how a follower discards a divergent, uncommitted suffix.
+        """
+        with self._lock:
+            self._check_writable()
+            while self._syncing:
+                self._cond.wait()
+            first = int(self._segments[0].base_offset)
+            if offset >= self._active.next_offset:
+                return int(self._active.next_offset)
+            if offset < first:
+                raise OffsetOutOfRangeError(self.path, offset, first,
+                                            int(self._active.next_offset))
+            try:
+                new_next = self._truncate_after_locked(offset)
+            except OSError as exc:
+                raise self._fail(exc) from exc
+            self._durable = min(self._durable, new_next)
+            return new_next
+
+    def _truncate_after_locked(self, offset: int) -> int:
+        # Drop later segments newest first, so a crash part-way leaves a valid log.
+        while len(self._segments) > 1 and self._segments[-1].base_offset >= offset:
+            doomed = self._segments[-1]
+            self._forget(doomed)
+            os.unlink(doomed.path)
+            self._active = self._segments[-1]
+        if self._active.writable is False:
+            sealed = self._active
+            self._forget(sealed)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_index_path(sealed.path))
+            reopened = self._new_segment(int(sealed.base_offset), writable=True)
+            reopened.recover()
+            self._segments.append(reopened)
+            self._bases.append(int(reopened.base_offset))
+            self._active = reopened
+        new_next = int(self._active.truncate_after(offset))
+        _fsync_dir(self.path)
+        return new_next
+
+    def _forget(self, segment: Segment) -> None:
+        index = self._segments.index(segment)
+        del self._segments[index]
+        del self._bases[index]
+        self._open_sealed.pop(int(segment.base_offset), None)
+        segment.close()
+
+    # -- maintenance --------------------------------------------------------------------
+
+    def verify(self) -> int:
+        """Check every batch of every segment against its checksum; return records seen.
+
+        Raises CorruptSegmentError at the first bad batch. Reads the whole log.
+        """
+        with self._lock:
+            if self._closed:
+                raise LogClosedError(self.path)
+            self._active.flush()
+            total = 0
+            for segment in self._segments:
+                probe = self._new_segment(int(segment.base_offset), writable=False)
+                try:
+                    probe.rebuild_index()
+                    total += int(probe.next_offset - probe.base_offset)
+                finally:
+                    probe.close()
+            return total
+
+    def iter_records(self, offset: int | None = None) -> Iterator[tuple[int, memoryview]]:
+        """Every record from offset (default: first_offset) to the current end."""
+        offset = self.first_offset if offset is None else offset
+        end = self.next_offset
+        while offset < end:
+            records = self.read(offset, READ_RECORDS_MAX)
+            yield from records
+            offset = records.next_offset
+
+    def release_handles(self) -> None:
+        """Flush and close every file descriptor; they reopen on the next use.
+
+        For holders of many idle logs, to bound open files.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                for segment in self._segments:
+                    segment.release_fd()
+            except OSError as exc:
+                raise self._fail(exc) from exc
+            self._open_sealed.clear()
+
+    def close(self) -> None:
+        """Write out and fsync what is buffered, then close. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            while self._syncing:
+                self._cond.wait()
+            error: OSError | None = None
+            if self._failure is None:
+                try:
+                    self._active.flush()
+                    self._active.sync()
+                    self._mark_durable(int(self._active.next_offset))
+                except OSError as exc:
+                    error = exc
+                    self._fail(exc)
+            self._closed = True
+            self._drop_waiters(LogClosedError(self.path))
+            self._cond.notify_all()
+            self._release_everything()
+        if error is not None:
+            raise LogFailedError(self.path, error) from error
+
+    def _release_everything(self) -> None:
+        timer = getattr(self, "_timer", None)
+        if timer is not None:
+            timer.cancel()
+        for segment in self._segments:
+            # After a failure, what is still buffered was never acknowledged: drop it.
+            segment.close(discard=self._failure is not None)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Log:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "failed" if self._failure else "open"
+        return (f"<Log {self.path} {state} offsets {self.first_offset}..{self.next_offset} "
+                f"fsync={self.fsync_policy}>")
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def _check_range(name: str, value: int, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ConfigError(name, value, f"must be an integer in {low}..{high}")
+
+
+def _index_path(segment_path: str) -> str:
+    return segment_path.removesuffix(format.LOG_SUFFIX) + format.INDEX_SUFFIX
+
+
+def _write_index(segment: Segment) -> None:
+    """Save a sealed segment's index. Not fsync'd: it is checked on load and rebuildable."""
+    path = _index_path(segment.path)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(segment.index_bytes())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _lock_directory(path: str) -> int:
+    fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LogLockedError(path) from None
+    return fd
+
+
+def _zstd_compressor() -> Callable[[bytes], bytes]:
+    # Level 3 is zstd's default: most of the ratio at a few hundred MB/s per core.
+    compress: Callable[[bytes], bytes] = zstandard.ZstdCompressor(level=3).compress
+    return compress
+
+
+def _zstd_decompressor(limit: int) -> Callable[[bytes], bytes]:
+    decompressor = zstandard.ZstdDecompressor()
+
+    def decompress(frame: bytes) -> bytes:
+        data: bytes = decompressor.decompress(frame, max_output_size=limit)
+        return data
+
+    return decompress

@@ -1,0 +1,1 @@
+"""Conveyor's server side: the command line, and (later) the HTTP FrontEnd."""

@@ -1,0 +1,564 @@
+"""engine.Log: every public call and every error it can raise."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine import FsyncPolicy, Log, format
+from engine.errors import (
+    ConfigError,
+    EngineError,
+    InvalidBatchError,
+    LogClosedError,
+    LogFailedError,
+    LogLockedError,
+    OffsetOutOfRangeError,
+    RecordTooLargeError,
+)
+from engine.log import READ_RECORDS_MAX, TRUNCATE_ROLL_BYTES
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> str:
+    return str(tmp_path / "log")
+
+
+def segment_files(path: str) -> list[str]:
+    return sorted(n for n in os.listdir(path) if n.endswith(".log"))
+
+
+def wait_until(predicate: object, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.01)
+    return False
+
+
+# --- configuration -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["always", "never", "interval:1", "interval:60000"])
+def test_fsync_policy_round_trips(spec: str) -> None:
+    assert str(FsyncPolicy.parse(spec)) == spec
+
+
+@pytest.mark.parametrize(
+    "spec", ["sometimes", "interval:", "interval:0", "interval:-5", "interval:x", "", "ALWAYS"]
+)
+def test_bad_fsync_policy_is_a_config_error(path: str, spec: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Log(path, fsync=spec)
+    assert info.value.name == "fsync"
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"segment_bytes_max": 10},
+        {"segment_bytes_max": 2**31},
+        {"record_bytes_max": 0},
+        {"batch_bytes_max": 1 << 20, "record_bytes_max": 2 << 20},
+        {"compression": "gzip"},
+        {"flush_interval_ms": 0},
+        {"segment_bytes_max": True},
+    ],
+)
+def test_bad_limits_are_config_errors(path: str, kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        Log(path, **kwargs)  # type: ignore[arg-type]
+
+
+def test_new_log_is_empty(path: str) -> None:
+    with Log(path) as log:
+        assert (log.first_offset, log.next_offset, log.durable_offset) == (0, 0, 0)
+        assert len(log.read(0)) == 0
+        assert log.recovery.dropped_bytes == 0
+    assert segment_files(path) == [format.segment_file_name(0)]
+
+
+def test_a_second_writer_is_refused(path: str) -> None:
+    with Log(path), pytest.raises(LogLockedError) as info:
+        Log(path)
+    assert info.value.path == path
+    with Log(path):  # the lock goes with the first log
+        pass
+
+
+def test_errors_share_one_root() -> None:
+    for error in (ConfigError, InvalidBatchError, LogClosedError, LogFailedError,
+                  LogLockedError, OffsetOutOfRangeError, RecordTooLargeError):
+        assert issubclass(error, EngineError)
+
+
+# --- appending and reading -----------------------------------------------------------
+
+
+def test_offsets_are_consecutive_across_calls(path: str) -> None:
+    with Log(path, fsync="never") as log:
+        assert log.append(b"a") == 0
+        assert log.append_batch([b"b", b"c", b"d"]) == 1
+        assert log.append(bytearray(b"e")) == 4
+        assert log.append_batch([memoryview(b"xfx")[1:2]]) == 5
+        assert log.next_offset == 6
+        assert log.read(0, 10).tolist() == [
+            (0, b"a"), (1, b"b"), (2, b"c"), (3, b"d"), (4, b"e"), (5, b"f")
+        ]
+
+
+def test_records_view(path: str) -> None:
+    with Log(path, fsync="never") as log:
+        log.append_batch([b"zero", b"one", b"two"])
+        records = log.read(1, 10)
+    assert len(records) == 2
+    assert records.first_offset == 1
+    assert records.next_offset == 3
+    assert records[0][0] == 1 and bytes(records[0][1]) == b"one"
+    assert bytes(records[-1][1]) == b"two"
+    assert isinstance(records.payload(0), memoryview)
+    assert [o for o, _ in records] == [1, 2] == list(records.offsets())
+    assert [bytes(p) for p in records.payloads()] == [b"one", b"two"]
+    assert records.payload_bytes == 6
+    with pytest.raises(IndexError):
+        records[2]
+    with pytest.raises(IndexError):
+        records[-3]
+    # The views own their memory: the log being closed does not affect them.
+    assert bytes(records[1][1]) == b"two"
+
+
+def test_read_limits(path: str) -> None:
+    with Log(path, fsync="never") as log:
+        for i in range(10):
+            log.append_batch([b"%02d" % i + b"-" + bytes([65 + j]) * 100 for j in range(10)])
+        assert len(log.read(0, 5)) == 5
+        assert len(log.read(3, 1)) == 1
+        middle = log.read(37, 25)
+        assert [o for o, _ in middle] == list(range(37, 62))
+        assert bytes(middle[0][1]).startswith(b"03-H")
+        # max_bytes stops after the batch that crosses it; at least one batch is taken.
+        assert len(log.read(0, 100, max_bytes=1)) == 10
+        assert len(log.read(0, 100, max_bytes=1500)) == 20
+        assert len(log.read(0, READ_RECORDS_MAX * 2)) == 100
+
+
+def test_read_out_of_range(path: str) -> None:
+    with Log(path, fsync="never") as log:
+        log.append_batch([b"a", b"b"])
+        assert len(log.read(2)) == 0
+        with pytest.raises(OffsetOutOfRangeError) as info:
+            log.read(3)
+        assert (info.value.offset, info.value.first_offset, info.value.next_offset) == (3, 0, 2)
+        assert isinstance(info.value, IndexError)
+
+
+def test_non_bytes_records_are_refused(path: str) -> None:
+    with Log(path, fsync="never") as log:
+        with pytest.raises(TypeError):
+            log.append("text")  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            log.append_batch([b"ok", "text"])  # type: ignore[list-item]
+        with pytest.raises(ValueError):
+            log.append_batch([])
+        assert log.next_offset == 0
+
+
+def test_oversized_records_and_batches_change_nothing(path: str) -> None:
+    with Log(path, fsync="never", record_bytes_max=1000, batch_bytes_max=4096) as log:
+        log.append(b"kept")
+        with pytest.raises(RecordTooLargeError) as info:
+            log.append(b"x" * 1001)
+        assert (info.value.what, info.value.size, info.value.limit) == ("record", 1001, 1000)
+        with pytest.raises(RecordTooLargeError) as batch_info:
+            log.append_batch([b"y" * 1000] * 5)
+        assert batch_info.value.what == "batch"
+        assert log.append(b"x" * 1000) == 1
+        assert log.read(0, 10).tolist() == [(0, b"kept"), (1, b"x" * 1000)]
+
+
+def test_segments_roll_at_the_limit_and_reads_cross_them(path: str) -> None:
+    with Log(path, fsync="never", segment_bytes_max=4096) as log:
+        for i in range(300):
+            log.append_batch([b"%04d" % i, b"." * 60])
+        assert log.segment_count == len(segment_files(path)) > 5
+        for name in segment_files(path):
+            assert os.path.getsize(os.path.join(path, name)) <= 4096
+        records = log.read(0, 600)
+        assert len(records) == 600
+        assert bytes(records[598][1]) == b"0299"
+        assert sum(1 for _ in log.iter_records()) == 600
+
+
+def test_reopen_restores_everything(path: str) -> None:
+    with Log(path, fsync="never", segment_bytes_max=4096) as log:
+        for i in range(500):
+            log.append(b"record %d" % i)
+        expected = log.read(0, 1000).tolist()
+    with Log(path, segment_bytes_max=4096) as log:
+        assert log.next_offset == 500
+        assert log.read(0, 1000).tolist() == expected
+        assert log.recovery.dropped_bytes == 0
+        assert log.recovery.indexes_rebuilt == 0
+        assert log.append(b"more") == 500
+
+
+def test_compression_round_trips_and_survives_reopen_without_it(path: str) -> None:
+    records = [b"%d " % i * 30 for i in range(200)]
+    with Log(path, fsync="never", compression="zstd", segment_bytes_max=8192) as log:
+        for start in range(0, 200, 20):
+            log.append_batch(records[start : start + 20])
+        assert log.size_bytes < len(b"".join(records))
+        assert [bytes(p) for _, p in log.read(5, 200)] == records[5:]
+    with Log(path, fsync="never") as log:
+        assert [bytes(p) for _, p in log.read(0, 200)] == records
+        assert log.verify() == 200
+
+
+def test_epoch_is_stamped_on_batches(path: str) -> None:
+    with Log(path, fsync="never") as log:
+        log.append(b"a")
+        log.epoch = 9
+        log.append(b"b")
+        raw = log.read_raw(0)
+    first = format.decode_batch_header(raw)
+    second = format.decode_batch_header(raw[format.BATCH_HEADER_BYTES + 5 :])
+    assert (first.epoch, second.epoch) == (0, 9)
+
+
+# --- durability ----------------------------------------------------------------------
+
+
+def file_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, n)) for n in segment_files(path))
+
+
+def test_never_buffers_until_flush(path: str) -> None:
+    with Log(path, fsync="never", flush_interval_ms=60_000) as log:
+        log.append(b"x" * 100)
+        assert file_bytes(path) == 0
+        assert log.durable_offset == 0
+        assert bytes(log.read(0)[0][1]) == b"x" * 100  # served from the buffer
+        log.flush()
+        assert file_bytes(path) == log.size_bytes > 0
+        assert log.durable_offset == 1
+
+
+def test_never_writes_out_on_its_interval(path: str) -> None:
+    with Log(path, fsync="never", flush_interval_ms=20) as log:
+        log.append(b"x" * 100)
+        assert wait_until(lambda: file_bytes(path) == log.size_bytes)
+
+
+def test_never_writes_out_by_size(path: str) -> None:
+    with Log(path, fsync="never", buffer_bytes=4096, flush_interval_ms=60_000) as log:
+        for _ in range(100):
+            log.append(b"y" * 100)
+        assert file_bytes(path) > 8000
+
+
+def test_interval_syncs_in_the_background(path: str) -> None:
+    with Log(path, fsync="interval:20") as log:
+        log.append(b"a")
+        assert file_bytes(path) > 0  # written at once, fsync'd later
+        assert wait_until(lambda: log.durable_offset == 1)
+        assert log.sync_count >= 1
+
+
+def test_always_is_durable_on_return(path: str) -> None:
+    with Log(path, fsync="always") as log:
+        for i in range(5):
+            log.append(b"a")
+            assert log.durable_offset == i + 1
+        log.append_batch([b"b", b"c"])
+        assert log.durable_offset == 7
+
+
+def test_always_without_wait_then_wait_durable(path: str) -> None:
+    with Log(path, fsync="always") as log:
+        first = log.append_batch([b"a", b"b"], wait=False)
+        log.wait_durable(first + 2)
+        assert log.durable_offset >= 2
+        with pytest.raises(OffsetOutOfRangeError):
+            log.wait_durable(10)
+
+
+def test_group_commit_shares_fsyncs_between_threads(path: str) -> None:
+    threads, per_thread = 8, 40
+    with Log(path, fsync="always") as log:
+
+        def work() -> None:
+            for _ in range(per_thread):
+                log.append(b"z" * 50)
+
+        workers = [threading.Thread(target=work) for _ in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert log.durable_offset == log.next_offset == threads * per_thread
+        # One fsync per append would be 320; sharing must cut that substantially.
+        assert log.sync_count < threads * per_thread * 0.75
+
+
+def test_durable_future_and_async_append(path: str) -> None:
+    with Log(path, fsync="always") as log:
+        first = log.append_batch([b"a"], wait=False)
+        log.durable_future(first + 1).result(timeout=5)
+        assert log.durable_offset >= 1
+        assert log.durable_future(0).done()
+
+        async def produce() -> list[int]:
+            return list(await asyncio.gather(
+                *(log.append_batch_async([b"%d" % i]) for i in range(50))
+            ))
+
+        offsets = asyncio.run(produce())
+        assert sorted(offsets) == list(range(1, 51))
+        assert log.durable_offset == 51
+        assert log.sync_count < 50
+
+
+def test_wait_durable_times_out_only_when_it_must(path: str) -> None:
+    with Log(path, fsync="always") as log:
+        log.append(b"a", wait=False)
+        log.wait_durable(1, timeout=5)  # it syncs itself: no timeout
+
+
+# --- raw batches ---------------------------------------------------------------------
+
+
+def test_raw_batches_copy_a_log_byte_for_byte(tmp_path: Path) -> None:
+    source, copy = str(tmp_path / "a"), str(tmp_path / "b")
+    with Log(source, fsync="never", segment_bytes_max=4096) as a, Log(
+        copy, fsync="never", segment_bytes_max=4096
+    ) as b:
+        for i in range(200):
+            a.append_batch([b"%d" % i] * (1 + i % 4))
+        offset = 0
+        while offset < a.next_offset:
+            offset = b.append_raw(a.read_raw(offset, 1000))
+        assert b.next_offset == a.next_offset
+    assert segment_files(source) == segment_files(copy)
+    for name in segment_files(source):
+        assert Path(source, name).read_bytes() == Path(copy, name).read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["base", "checksum", "truncated", "magic", "count"])
+def test_bad_raw_batches_are_refused(path: str, damage: str) -> None:
+    good = bytearray(format.encode_batch([b"abc", b"de"], 1, 5))
+    if damage == "base":
+        good = bytearray(format.encode_batch([b"abc", b"de"], 7, 5))
+    elif damage == "checksum":
+        good[-1] ^= 1
+    elif damage == "truncated":
+        good = good[:-1]
+    elif damage == "magic":
+        good[0] = ord("X")
+    elif damage == "count":
+        # A record area that disagrees with its count, under a valid checksum.
+        good = bytearray(format.encode_batch([b"abc", b"de"], 1, 5))
+        good[format.BATCH_RECORD_COUNT_AT] = 3
+        checksum = format.batch_checksum(good).to_bytes(8, "little")
+        good[format.BATCH_CHECKSUM_AT : format.BATCH_CHECKSUM_AT + 8] = checksum
+    with Log(path, fsync="never") as log:
+        log.append(b"first")
+        with pytest.raises(InvalidBatchError):
+            log.append_raw(bytes(good))
+        assert log.next_offset == 1
+        assert log.read(0, 10).tolist() == [(0, b"first")]
+
+
+# --- truncation ----------------------------------------------------------------------
+
+
+def fill(log: Log, batches: int) -> None:
+    for i in range(batches):
+        log.append_batch([b"%05d" % i, b"-" * 80])
+
+
+def test_truncate_before_deletes_whole_segments_only(path: str) -> None:
+    with Log(path, fsync="never", segment_bytes_max=4096) as log:
+        fill(log, 200)
+        before = segment_files(path)
+        first = log.truncate_before(150)
+        assert 0 < first <= 150
+        assert log.first_offset == first
+        assert len(segment_files(path)) < len(before)
+        assert bytes(log.read(150)[0][1]) == b"00075"
+        with pytest.raises(OffsetOutOfRangeError):
+            log.read(first - 1)
+        assert log.truncate_before(0) == first  # never moves backwards
+    with Log(path, segment_bytes_max=4096) as log:
+        assert log.first_offset == first
+        assert not [n for n in os.listdir(path) if n.endswith(".index")
+                    and n.replace(".index", ".log") not in os.listdir(path)]
+
+
+def test_truncate_before_everything_empties_the_log(path: str) -> None:
+    with Log(path, fsync="never", segment_bytes_max=1 << 20) as log:
+        fill(log, 2 * TRUNCATE_ROLL_BYTES // 100)
+        end = log.next_offset
+        assert log.truncate_before(end) == end
+        assert log.first_offset == log.next_offset == end
+        assert log.size_bytes == 0
+        assert log.append(b"again") == end
+    with Log(path) as log:
+        assert log.read(end).tolist() == [(end, b"again")]
+
+
+def test_truncate_before_keeps_a_small_active_segment(path: str) -> None:
+    # Rolling costs two fsyncs, so a little dead data is kept rather than rolled away.
+    with Log(path, fsync="never") as log:
+        fill(log, 10)
+        assert log.truncate_before(log.next_offset) == 0
+        assert log.size_bytes < TRUNCATE_ROLL_BYTES
+
+
+def test_truncate_after_drops_a_suffix(path: str) -> None:
+    with Log(path, fsync="never", segment_bytes_max=4096) as log:
+        fill(log, 100)  # batches of two records: 0-1, 2-3, ...
+        assert log.truncate_after(1000) == 200
+        assert log.truncate_after(151) == 150  # the batch holding 151 goes whole
+        assert log.next_offset == 150
+        assert log.append(b"new") == 150
+        assert log.truncate_after(60) == 60
+        expected = log.read(0, 100).tolist()
+        assert len(expected) == 60
+        with pytest.raises(OffsetOutOfRangeError):
+            log.read(61)
+    with Log(path, segment_bytes_max=4096) as log:
+        assert log.next_offset == 60
+        assert log.read(0, 100).tolist() == expected
+
+
+def test_truncate_after_below_first_offset_is_refused(path: str) -> None:
+    with Log(path, fsync="never", segment_bytes_max=4096) as log:
+        fill(log, 200)
+        first = log.truncate_before(300)
+        with pytest.raises(OffsetOutOfRangeError):
+            log.truncate_after(first - 1)
+        assert log.truncate_after(first) == first
+        assert log.next_offset == first
+
+
+# --- recovery ------------------------------------------------------------------------
+
+
+def test_torn_tail_is_cut_and_reported(path: str) -> None:
+    with Log(path, fsync="never") as log:
+        log.append_batch([b"a", b"b"])
+        log.append(b"c")
+        good = log.size_bytes
+    last = os.path.join(path, segment_files(path)[-1])
+    with open(last, "ab") as f:
+        f.write(b"\x00" * 10)
+    with Log(path) as log:
+        assert log.recovery.dropped_bytes == 10
+        assert log.recovery.segment == last
+        assert log.next_offset == 3
+        assert os.path.getsize(last) == good
+
+
+def test_missing_index_is_rebuilt_and_rewritten(path: str) -> None:
+    with Log(path, fsync="never", segment_bytes_max=4096) as log:
+        fill(log, 100)
+        expected = log.read(0, 300).tolist()
+    index = os.path.join(path, format.segment_file_name(0, format.INDEX_SUFFIX))
+    os.unlink(index)
+    Path(path, "junk.tmp").write_bytes(b"leftover")
+    Path(path, format.segment_file_name(999_999, ".index")).write_bytes(b"orphan")
+    with Log(path, segment_bytes_max=4096) as log:
+        assert log.recovery.indexes_rebuilt == 1
+        assert os.path.exists(index)
+        assert log.read(0, 300).tolist() == expected
+    assert not Path(path, "junk.tmp").exists()
+    assert not Path(path, format.segment_file_name(999_999, ".index")).exists()
+
+
+# --- lifecycle -----------------------------------------------------------------------
+
+
+def test_closed_log_refuses_everything(path: str) -> None:
+    log = Log(path)
+    log.append(b"a")
+    log.close()
+    log.close()  # idempotent
+    assert log.closed
+    for call in (lambda: log.append(b"b"), lambda: log.read(0), lambda: log.append_batch([b"c"]),
+                 lambda: log.truncate_before(0), lambda: log.flush()):
+        with pytest.raises(LogClosedError):
+            call()
+    assert log.durable_future(5).exception(timeout=1) is not None
+
+
+def test_release_handles_then_use_again(path: str) -> None:
+    with Log(path, fsync="never", segment_bytes_max=4096) as log:
+        fill(log, 100)
+        log.release_handles()
+        assert log.read(0, 5).tolist()[0] == (0, b"00000")
+        log.append(b"after")
+        assert log.read(200).tolist() == [(200, b"after")]
+
+
+def test_open_descriptors_stay_bounded(path: str) -> None:
+    with Log(path, fsync="never", segment_bytes_max=4096) as log:
+        fill(log, 1000)
+        for offset in range(0, 2000, 50):
+            log.read(offset, 1)
+        fds = len(os.listdir("/proc/self/fd"))
+        log.release_handles()
+        assert fds - len(os.listdir("/proc/self/fd")) <= 4  # active + 2 sealed + slack
+
+
+# --- fail-stop on a real full disk ----------------------------------------------------
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[str]:
+    """A 64 KiB tmpfs, so that writes fail with ENOSPC from the real kernel."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a tmpfs")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield str(mount)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_failed_write_stops_the_log(tiny_disk: str) -> None:
+    log = Log(os.path.join(tiny_disk, "log"), fsync="always")
+    acknowledged = 0
+    with pytest.raises(LogFailedError) as info:
+        for _ in range(1000):
+            log.append(b"x" * 1000)
+            acknowledged += 1
+    assert isinstance(info.value.cause, OSError)
+    assert log.failed
+    # Fail-stop: later writes are refused outright, even ones that would fit.
+    with pytest.raises(LogFailedError):
+        log.append(b"y")
+    with pytest.raises(LogFailedError):
+        log.flush()
+    log.close()
+    # Reopening recovers what really reached the disk: everything acknowledged.
+    with Log(os.path.join(tiny_disk, "log"), fsync="never") as reopened:
+        assert reopened.next_offset >= acknowledged
+        assert [bytes(p) for _, p in reopened.read(0, acknowledged)] == [b"x" * 1000] * (
+            acknowledged
+        )
