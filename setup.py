@@ -32,6 +32,13 @@ extensions = [
         extra_compile_args=compile_args,
     ),
     Extension(
+        "engine._queue",
+        ["engine/_queue.pyx"],
+        include_dirs=["engine"],
+        define_macros=macros,
+        extra_compile_args=compile_args,
+    ),
+    Extension(
         "engine._ring",
         ["engine/_ring.pyx"],
         include_dirs=["engine", numpy.get_include()],

@@ -130,3 +130,120 @@ class NodeNotFoundError(EngineError, KeyError):
 
     def __str__(self) -> str:
         return f"node {self.node!r} is not on the ring"
+
+
+# --- queues ---------------------------------------------------------------------------
+
+
+class QueueError(EngineError):
+    """Base for errors about one queue; ``queue`` is its name."""
+
+    def __init__(self, message: str, queue: str) -> None:
+        super().__init__(message)
+        self.queue = queue
+
+
+class QueueNotFoundError(QueueError, LookupError):
+    """No queue by that name exists."""
+
+    def __init__(self, queue: str) -> None:
+        super().__init__(f"queue {queue!r} does not exist", queue)
+
+
+class QueueExistsError(QueueError):
+    """A queue by that name exists with different attributes."""
+
+    def __init__(self, queue: str, differing: list[str]) -> None:
+        super().__init__(
+            f"queue {queue!r} already exists with different {', '.join(differing)}", queue
+        )
+        self.differing = differing
+
+
+class QueueUnavailableError(QueueError):
+    """The queue's log failed (fail-stop) or the broker is closed; nothing was changed."""
+
+    def __init__(self, queue: str, reason: str) -> None:
+        super().__init__(f"queue {queue!r} is unavailable: {reason}", queue)
+        self.reason = reason
+
+
+class InvalidParameterError(EngineError, ValueError):
+    """A parameter or attribute value is malformed or out of its documented range."""
+
+    def __init__(self, parameter: str, value: object, reason: str) -> None:
+        shown = value if not isinstance(value, (bytes, str)) or len(value) < 80 else "..."
+        super().__init__(f"invalid {parameter} {shown!r}: {reason}")
+        self.parameter = parameter
+        self.value = value
+        self.reason = reason
+
+
+class InvalidAttributeError(InvalidParameterError):
+    """A queue or message attribute is unknown or has a bad value."""
+
+
+class InvalidQueueNameError(InvalidParameterError):
+    """A queue name breaks the naming rules (1..80 of [A-Za-z0-9_-], .fifo for FIFO)."""
+
+
+class MissingParameterError(InvalidParameterError):
+    """A parameter the request needs was not given (for example a FIFO message group)."""
+
+    def __init__(self, parameter: str, reason: str) -> None:
+        super().__init__(parameter, None, reason)
+
+
+class MessageTooLargeError(InvalidParameterError):
+    """A message (body plus attributes) is larger than the queue's maximum."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__("message", f"{size} bytes", f"larger than the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class InvalidMessageContentsError(InvalidParameterError):
+    """A message body holds characters outside the allowed set."""
+
+
+class ReceiptInvalidError(EngineError, ValueError):
+    """A receipt handle is malformed, forged, for another queue, or from an older lease.
+
+    ``reason`` is one of "malformed", "forged", "other-queue" or "stale". The message it
+    names (if any) is left untouched.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"receipt handle is invalid ({reason})")
+        self.reason = reason
+
+
+class MessageNotInflightError(EngineError):
+    """A visibility change named a message that is not currently in flight."""
+
+    def __init__(self) -> None:
+        super().__init__("the message is not in flight")
+
+
+class BatchEntryError(EngineError, ValueError):
+    """A batch request is malformed as a whole (too many entries, repeated ids)."""
+
+    def __init__(self, reason: str, code: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class BrokerClosedError(EngineError):
+    """The broker was closed."""
+
+    def __init__(self) -> None:
+        super().__init__("the broker is closed")
+
+
+class DataDirectoryLockedError(EngineError):
+    """Another process holds the data directory."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"data directory {path} is in use by another process")
+        self.path = path

@@ -55,6 +55,35 @@ INDEX_SEGMENT_BYTES_AT = 32  # u64: size of the .log file the index describes
 INDEX_ENTRY_COUNT_AT = 40  # u32
 INDEX_CHECKSUMMED_FROM = 12
 
+# --- queue records (the payload of one log record in a queue's log) -----------------
+# Every change of queue state is one of these. All start with a u8 tag and an i64 "now"
+# (or sent_at): the leader's clock, so that apply never reads a clock. See FORMAT.md.
+QREC_SEND = 1
+QREC_LEASE = 2
+QREC_DELETE = 3
+QREC_CHANGE_VISIBILITY = 4
+QREC_PURGE = 5
+QREC_MOVING = 6
+QREC_MOVE_OUT = 7
+QREC_EXPIRE = 8
+QREC_CONFIG = 9
+
+# SEND flag bits: which optional fields follow the fixed part.
+SEND_HAS_GROUP = 0x01
+SEND_HAS_DEDUP = 0x02
+SEND_HAS_ATTRIBUTES = 0x04
+SEND_HAS_MESSAGE_ID = 0x08
+SEND_HAS_ORIGIN = 0x10
+SEND_FLAGS_KNOWN = 0x1F
+
+# Message attribute value kinds.
+ATTR_STRING = 0
+ATTR_BINARY = 1
+
+# --- snapshot file ------------------------------------------------------------------
+SNAPSHOT_MAGIC = b"CVYS"
+SNAPSHOT_VERSION = 1
+
 # --- file names ---------------------------------------------------------------------
 OFFSET_DIGITS = 20  # zero-padded so that `ls` sorts segments by offset
 LOG_SUFFIX = ".log"

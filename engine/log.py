@@ -188,6 +188,7 @@ class Log:
             self._release_everything()
             raise
         self._active = self._segments[-1]
+        self._sealed_bytes = sum(int(s.size) for s in self._segments[:-1])
         self._durable = self._active.next_offset
         self._timer: background.Timer | None = None
         if self.fsync_policy.mode == "interval":
@@ -293,9 +294,8 @@ class Log:
 
     @property
     def size_bytes(self) -> int:
-        """Bytes in all segment files, buffered appends included."""
-        with self._lock:
-            return sum(int(s.size) for s in self._segments)
+        """Bytes in all segment files, buffered appends included. O(1): read per batch."""
+        return self._sealed_bytes + int(self._active.size)
 
     @property
     def segment_count(self) -> int:
@@ -417,6 +417,7 @@ class Log:
         self._segments.append(new)
         self._bases.append(base)
         self._active = new
+        self._sealed_bytes += int(old.size)
         self._remember_sealed(old)
         if background_sync:
             fd = old.dup_fd()
@@ -717,10 +718,14 @@ class Log:
             self._active = reopened
         new_next = int(self._active.truncate_after(offset))
         _fsync_dir(self.path)
+        # Rare enough to recount rather than track through the branches above.
+        self._sealed_bytes = sum(int(s.size) for s in self._segments[:-1])
         return new_next
 
     def _forget(self, segment: Segment) -> None:
         index = self._segments.index(segment)
+        if segment is not self._active:
+            self._sealed_bytes -= int(segment.size)
         del self._segments[index]
         del self._bases[index]
         self._open_sealed.pop(int(segment.base_offset), None)

@@ -1,0 +1,1000 @@
+"""Hot parts of a queue: its state machine, and the leader's per-message work.
+
+engine/queue.py holds the policy (locking, durability waits, dead-letter moves,
+snapshots) and calls in here once per batch; what is done once per message is done here.
+
+The state machine is the one replay uses: a record the leader applies here and the same
+record decoded from the log on a restart (or on a follower) give the same state, because
+:meth:`State.apply` never reads a clock -- every time it needs is in the record.
+
+Byte layouts are those of engine/records.py, the readable reference codec, drawn in
+docs/FORMAT.md; tests/engine/test_queue_codec.py checks the two codecs agree.
+
+Not thread-safe: engine/queue.py serialises every call on one State under its lock.
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeASCII
+
+cdef extern from "Python.h":
+    object PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
+    void* PyUnicode_DATA(object o)
+    bint PyUnicode_IS_COMPACT_ASCII(object o)
+    Py_ssize_t PyUnicode_GET_LENGTH(object o)
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+from engine._segment cimport Records
+
+import heapq
+from collections import deque
+
+from engine import format as fmt
+from engine.errors import EngineError, MessageTooLargeError, ReceiptInvalidError
+from engine.records import (
+    Config,
+    MessageAttribute,
+    Origin,
+    Purge,
+    Receipts,
+    SendMeta,
+    SeqList,
+    decode_send,
+    encode_attributes,
+)
+from engine.results import Message, SendResult
+
+# Where a message stands. Only DELAYED and INFLIGHT wait on a timer. MOVING: being
+# moved to the dead-letter queue, hidden until the move completes.
+cdef enum:
+    DELAYED = 0
+    VISIBLE = 1
+    INFLIGHT = 2
+    MOVING = 3
+CATEGORIES = {"delayed": DELAYED, "visible": VISIBLE, "in_flight": INFLIGHT, "moving": MOVING}
+
+# The FIFO deduplication window (fixed by SQS at five minutes).
+DEDUP_WINDOW_MS = 5 * 60 * 1000
+cdef int64_t _DEDUP_WINDOW = DEDUP_WINDOW_MS
+
+# Copies of engine/format.py; test_queue_codec.py checks them.
+cdef enum:
+    QREC_SEND = 1
+    QREC_LEASE = 2
+    QREC_DELETE = 3
+    QREC_CHANGE_VISIBILITY = 4
+    QREC_MOVING = 6
+    QREC_MOVE_OUT = 7
+    QREC_EXPIRE = 8
+    SEND_HAS_GROUP = 0x01
+    SEND_HAS_DEDUP = 0x02
+    SEND_HAS_ATTRIBUTES = 0x04
+    SEND_HAS_MESSAGE_ID = 0x08
+    SEND_HAS_ORIGIN = 0x10
+    SEND_FLAGS_KNOWN = 0x1F
+    SEND_FIXED = 26  # tag u8, flags u8, seq u64, sent_at i64, visible_at i64
+    SEQS_FIXED = 19  # tag u8, now i64, until i64, count u16
+    RECEIPTS_FIXED = 11  # tag u8, now i64, count u16
+
+FORMAT_CONSTANTS = {
+    "QREC_SEND": QREC_SEND, "QREC_LEASE": QREC_LEASE, "QREC_DELETE": QREC_DELETE,
+    "QREC_CHANGE_VISIBILITY": QREC_CHANGE_VISIBILITY, "QREC_MOVING": QREC_MOVING,
+    "QREC_MOVE_OUT": QREC_MOVE_OUT, "QREC_EXPIRE": QREC_EXPIRE,
+    "SEND_HAS_GROUP": SEND_HAS_GROUP, "SEND_HAS_DEDUP": SEND_HAS_DEDUP,
+    "SEND_HAS_ATTRIBUTES": SEND_HAS_ATTRIBUTES, "SEND_HAS_MESSAGE_ID": SEND_HAS_MESSAGE_ID,
+    "SEND_HAS_ORIGIN": SEND_HAS_ORIGIN, "SEND_FLAGS_KNOWN": SEND_FLAGS_KNOWN,
+}
+
+cdef object _tuple_new = tuple.__new__
+cdef object _heappush = heapq.heappush
+cdef object _heappop = heapq.heappop
+
+
+# --- little-endian helpers ----------------------------------------------------------
+
+cdef inline void st16(unsigned char* p, uint16_t v) noexcept nogil:
+    p[0] = v & 0xFF
+    p[1] = v >> 8
+
+
+cdef inline void st64(unsigned char* p, uint64_t v) noexcept nogil:
+    cdef int i
+    for i in range(8):
+        p[i] = (v >> (8 * i)) & 0xFF
+
+
+cdef inline uint16_t ld16(const unsigned char* p) noexcept nogil:
+    return <uint16_t>p[0] | (<uint16_t>p[1] << 8)
+
+
+cdef inline uint32_t ld32(const unsigned char* p) noexcept nogil:
+    return (<uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16)
+            | (<uint32_t>p[3] << 24))
+
+
+cdef inline uint64_t ld64(const unsigned char* p) noexcept nogil:
+    return <uint64_t>ld32(p) | (<uint64_t>ld32(p + 4) << 32)
+
+
+# --- message ids ------------------------------------------------------------------------
+
+cdef const char* _HEX = b"0123456789abcdef"
+
+
+cdef inline void hex_into(char* out, uint64_t value, int digits) noexcept nogil:
+    cdef int i
+    for i in range(digits - 1, -1, -1):
+        out[i] = _HEX[value & 0xF]
+        value >>= 4
+
+
+cpdef str message_id_of(uint64_t queue_uid, uint64_t seq, bytes explicit=None):
+    """A message's id, shaped as a UUID: the queue's uid (unique in the broker, never
+    reused) and the message's seq (unique in the queue), so unique without a lookup.
+    Moved messages keep the id they were sent with, passed as ``explicit``."""
+    cdef str text = PyUnicode_New(36, 127)
+    cdef char* out = <char*>PyUnicode_DATA(text)
+    cdef const unsigned char* raw
+    cdef int i
+    cdef int j = 0
+    if explicit is not None:
+        if PyBytes_GET_SIZE(explicit) != 16:
+            raise ValueError("an explicit message id is 16 bytes")
+        raw = <const unsigned char*>PyBytes_AS_STRING(explicit)
+        for i in range(16):
+            if i in (4, 6, 8, 10):
+                out[j] = b'-'
+                j += 1
+            out[j] = _HEX[raw[i] >> 4]
+            out[j + 1] = _HEX[raw[i] & 0xF]
+            j += 2
+        return text
+    hex_into(out, queue_uid >> 32, 8)
+    out[8] = b'-'
+    hex_into(out + 9, (queue_uid >> 16) & 0xFFFF, 4)
+    out[13] = b'-'
+    hex_into(out + 14, queue_uid & 0xFFFF, 4)
+    out[18] = b'-'
+    out[19] = _HEX[8 | ((seq >> 48) & 3)]
+    hex_into(out + 20, (seq >> 50) & 0xFFF, 3)
+    out[23] = b'-'
+    hex_into(out + 24, seq & 0xFFFFFFFFFFFF, 12)
+    return text
+
+
+def message_id_bytes(uint64_t queue_uid, uint64_t seq):
+    """The 16 bytes of a derived message id (stored when a message moves queues)."""
+    return bytes.fromhex(message_id_of(queue_uid, seq).replace("-", ""))
+
+
+cpdef str sequence_number_of(uint64_t seq):
+    return f"{seq:020d}"
+
+
+# --- receipt handles --------------------------------------------------------------------
+#
+# A handle is the URL-safe base64 (padded) of 41 bytes:
+#     version (1) = 1 | queue uid (8) | seq (8) | lease (8) | mac (16)
+# where mac = keyed BLAKE2b-128 over the 25 bytes before it (engine/receipts.py). The mac
+# covers the seq, so a handle names exactly one lease of exactly one message: any edit is
+# refused as forged, rather than quietly naming another message.
+
+cdef enum:
+    RECEIPT_VERSION = 1
+    RECEIPT_RAW = 41
+    RECEIPT_CHARS = 56
+    MAC_BODY = 25
+RECEIPT_HANDLE_CHARS = RECEIPT_CHARS
+
+cdef const char* _B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+cdef signed char _B64_VALUE[256]
+
+
+cdef void _init_b64() noexcept:
+    cdef int i
+    for i in range(256):
+        _B64_VALUE[i] = -1
+    for i in range(64):
+        _B64_VALUE[<unsigned char>_B64[i]] = i
+
+
+_init_b64()
+
+
+cdef bytes mac_body(uint64_t queue_uid, uint64_t seq, uint64_t lease):
+    cdef unsigned char body[MAC_BODY]
+    body[0] = RECEIPT_VERSION
+    st64(body + 1, queue_uid)
+    st64(body + 9, seq)
+    st64(body + 17, lease)
+    return PyBytes_FromStringAndSize(<char*>body, MAC_BODY)
+
+
+cdef str encode_handle(uint64_t queue_uid, uint64_t seq, uint64_t lease,
+                       const unsigned char* mac):
+    cdef unsigned char raw[42]
+    cdef str text = PyUnicode_New(RECEIPT_CHARS, 127)
+    cdef char* out = <char*>PyUnicode_DATA(text)
+    cdef int i
+    cdef int j = 0
+    cdef uint32_t triple
+    raw[0] = RECEIPT_VERSION
+    st64(raw + 1, queue_uid)
+    st64(raw + 9, seq)
+    st64(raw + 17, lease)
+    memcpy(raw + MAC_BODY, mac, 16)
+    raw[41] = 0
+    for i in range(0, 42, 3):
+        triple = (<uint32_t>raw[i] << 16) | (<uint32_t>raw[i + 1] << 8) | raw[i + 2]
+        out[j] = _B64[(triple >> 18) & 63]
+        out[j + 1] = _B64[(triple >> 12) & 63]
+        out[j + 2] = _B64[(triple >> 6) & 63]
+        out[j + 3] = _B64[triple & 63]
+        j += 4
+    # 41 bytes: the last group holds two bytes, so one pad character.
+    out[RECEIPT_CHARS - 1] = b'='
+    return text
+
+
+cdef int decode_handle(object handle, unsigned char* raw) except -1:
+    """Fill raw[41] from a handle; ReceiptInvalidError("malformed") if it is not one."""
+    cdef const unsigned char* p
+    cdef int i
+    cdef int j = 0
+    cdef int a, b, c, d
+    cdef uint32_t triple
+    # A handle is pure ASCII, which CPython stores one byte per character: read it there.
+    if (not isinstance(handle, str) or not PyUnicode_IS_COMPACT_ASCII(handle)
+            or PyUnicode_GET_LENGTH(handle) != RECEIPT_CHARS):
+        raise ReceiptInvalidError("malformed")
+    p = <const unsigned char*>PyUnicode_DATA(handle)
+    if p[RECEIPT_CHARS - 1] != b'=':
+        raise ReceiptInvalidError("malformed")
+    for i in range(0, RECEIPT_CHARS, 4):
+        a = _B64_VALUE[p[i]]
+        b = _B64_VALUE[p[i + 1]]
+        c = _B64_VALUE[p[i + 2]]
+        d = 0 if i + 3 == RECEIPT_CHARS - 1 else _B64_VALUE[p[i + 3]]
+        if a < 0 or b < 0 or c < 0 or d < 0:
+            raise ReceiptInvalidError("malformed")
+        triple = (<uint32_t>a << 18) | (<uint32_t>b << 12) | (<uint32_t>c << 6) | <uint32_t>d
+        raw[j] = (triple >> 16) & 0xFF
+        if j + 1 < RECEIPT_RAW:
+            raw[j + 1] = (triple >> 8) & 0xFF
+        if j + 2 < RECEIPT_RAW:
+            raw[j + 2] = triple & 0xFF
+        elif (triple & 0xFF) != 0:
+            raise ReceiptInvalidError("malformed")  # non-canonical padding bits
+        j += 3
+    return 0
+
+
+cdef inline bint same_mac(const unsigned char* a, const unsigned char* b) noexcept nogil:
+    """Compare two macs in time independent of where they differ."""
+    cdef unsigned char diff = 0
+    cdef int i
+    for i in range(16):
+        diff |= a[i] ^ b[i]
+    return diff == 0
+
+
+cdef class ReceiptOpener:
+    """Checks handles against one queue."""
+
+    def __cinit__(self, object mac, uint64_t queue_uid):
+        self._mac = mac
+        self._uid = queue_uid
+
+    cpdef tuple open(self, object handle):
+        """(seq, lease) of a genuine handle for this queue, else ReceiptInvalidError."""
+        cdef unsigned char raw[RECEIPT_RAW]
+        cdef bytes expected
+        decode_handle(handle, raw)
+        if raw[0] != RECEIPT_VERSION:
+            raise ReceiptInvalidError("malformed")
+        expected = self._mac(PyBytes_FromStringAndSize(<char*>raw, MAC_BODY))
+        if not same_mac(raw + MAC_BODY, <const unsigned char*>PyBytes_AS_STRING(expected)):
+            raise ReceiptInvalidError("forged")
+        if ld64(raw + 1) != self._uid:
+            raise ReceiptInvalidError("other-queue")
+        return (<int64_t>ld64(raw + 9), <int64_t>ld64(raw + 17))
+
+
+def make_handle(object mac, uint64_t queue_uid, uint64_t seq, uint64_t lease):
+    """A receipt handle for one lease of one message."""
+    cdef bytes m = mac(mac_body(queue_uid, seq, lease))
+    return encode_handle(queue_uid, seq, lease, <const unsigned char*>PyBytes_AS_STRING(m))
+
+
+# --- record encoding --------------------------------------------------------------------
+
+cdef bytes encode_seqs(uint8_t tag, int64_t now, int64_t until, list seqs):
+    cdef Py_ssize_t n = len(seqs)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, SEQS_FIXED + 8 * n)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
+    cdef Py_ssize_t i
+    p[0] = tag
+    st64(p + 1, <uint64_t>now)
+    st64(p + 9, <uint64_t>until)
+    st16(p + 17, <uint16_t>n)
+    for i in range(n):
+        st64(p + SEQS_FIXED + 8 * i, <uint64_t><int64_t>seqs[i])
+    return out
+
+
+cdef bytes encode_pairs(int64_t now, list pairs):
+    cdef Py_ssize_t n = len(pairs)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, RECEIPTS_FIXED + 16 * n)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
+    cdef Py_ssize_t i
+    p[0] = QREC_DELETE
+    st64(p + 1, <uint64_t>now)
+    st16(p + 9, <uint16_t>n)
+    for i in range(n):
+        st64(p + RECEIPTS_FIXED + 16 * i, <uint64_t><int64_t>pairs[i][0])
+        st64(p + RECEIPTS_FIXED + 16 * i + 8, <uint64_t><int64_t>pairs[i][1])
+    return out
+
+
+cdef bytes _str16(object value):
+    cdef bytes data = (<str>value).encode()
+    if len(data) > 0xFFFF:
+        raise ValueError("string too long for a record")
+    return len(data).to_bytes(2, "little") + data
+
+
+cpdef bytes encode_send(int64_t seq, int64_t sent_at, int64_t visible_at, bytes body,
+                        object group=None, object dedup=None, bytes message_id=None,
+                        object origin=None, object attributes=None):
+    """The SEND record (same bytes as engine.records.encode_send)."""
+    cdef uint8_t flags = 0
+    cdef bytes out
+    cdef unsigned char* p
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(body)
+    cdef Py_ssize_t tail_len = 0
+    cdef bytes tail = b""
+    if group is not None or dedup is not None or message_id is not None or origin is not None or attributes:
+        parts = []
+        if group is not None:
+            flags |= SEND_HAS_GROUP
+            parts.append(_str16(group))
+        if dedup is not None:
+            flags |= SEND_HAS_DEDUP
+            parts.append(_str16(dedup))
+        if message_id is not None:
+            flags |= SEND_HAS_MESSAGE_ID
+            parts.append(message_id)
+        if origin is not None:
+            flags |= SEND_HAS_ORIGIN
+            parts.append(origin[0].to_bytes(8, "little") + origin[1].to_bytes(8, "little")
+                         + origin[2].to_bytes(4, "little"))
+        if attributes:
+            flags |= SEND_HAS_ATTRIBUTES
+            blob = encode_attributes(attributes)
+            parts.append(len(blob).to_bytes(4, "little") + blob)
+        tail = b"".join(parts)
+        tail_len = PyBytes_GET_SIZE(tail)
+    out = PyBytes_FromStringAndSize(NULL, SEND_FIXED + tail_len + n)
+    p = <unsigned char*>PyBytes_AS_STRING(out)
+    p[0] = QREC_SEND
+    p[1] = flags
+    st64(p + 2, <uint64_t>seq)
+    st64(p + 10, <uint64_t>sent_at)
+    st64(p + 18, <uint64_t>visible_at)
+    if tail_len:
+        memcpy(p + SEND_FIXED, PyBytes_AS_STRING(tail), tail_len)
+    memcpy(p + SEND_FIXED + tail_len, PyBytes_AS_STRING(body), n)
+    return out
+
+
+cdef inline bint plain_send(const unsigned char* p, Py_ssize_t n) noexcept:
+    """A SEND with no optional fields: the body starts right after the fixed part."""
+    return n >= SEND_FIXED and p[0] == QREC_SEND and p[1] == 0
+
+
+# --- one message's state -------------------------------------------------------------------
+
+@cython.no_gc
+cdef class Msg:
+    """One live message: where its body is and what has happened to it.
+
+    Fields (declared in _queue.pxd): seq; location, the log offset of the record holding
+    the body; sent_at and visible_at; lease, the offset of the LEASE (or MOVING) record
+    holding it (0: never leased); leased_at; first_received_at; receive_count; category;
+    group and dedup (FIFO); message_id (None: derived from queue uid and seq); origin
+    (where a dead-lettered message came from).
+    """
+
+
+cdef Msg new_msg(int64_t seq, int64_t location, int64_t sent_at, int64_t visible_at,
+                 object group, object dedup, object message_id, object origin):
+    cdef Msg m = Msg.__new__(Msg)
+    m.seq = seq
+    m.location = location
+    m.sent_at = sent_at
+    m.visible_at = visible_at
+    m.group = group
+    m.dedup = dedup
+    m.message_id = message_id
+    m.origin = origin
+    m.receive_count = origin[2] if origin is not None else 0
+    m.category = DELAYED
+    return m
+
+
+def restored_msg(int64_t seq, int64_t location, int64_t sent_at, int64_t visible_at,
+                 object group, object dedup, object message_id, object origin,
+                 int receive_count, int64_t lease, int64_t leased_at,
+                 int64_t first_received_at):
+    """A message as a snapshot recorded it (engine/snapshot.py)."""
+    cdef Msg m = new_msg(seq, location, sent_at, visible_at, group, dedup, message_id, origin)
+    m.receive_count = receive_count
+    m.lease = lease
+    m.leased_at = leased_at
+    m.first_received_at = first_received_at
+    return m
+
+
+# --- the state machine ---------------------------------------------------------------------
+
+cdef class State:
+    """The canonical state of one queue partition, and the leader's derived indexes.
+
+    Canonical (what digests and snapshots cover): messages, next_seq, last_time, config,
+    counters and the dedup window. Derived (rebuilt from those, advanced with the
+    leader's clock): each message's category, the ready heap, the timers, and for FIFO
+    queues the per-group order and locks.
+    """
+
+    # Fields are declared in _queue.pxd. dedup maps a dedup key to (seq, sent_at);
+    # origins maps (origin queue uid, origin seq) to seq; _dedup_order holds
+    # (sent_at, key) oldest first; _ready is a heap of seqs believed visible; _timers a
+    # heap of (due, seq); for FIFO queues _groups maps a group to its seqs in order,
+    # _inflight counts each group's messages in flight, and _candidates is a heap of
+    # (head seq, group) that may be free.
+
+    def __cinit__(self, bint fifo):
+        self.fifo = fifo
+        self.messages = {}
+        self.next_seq = 1
+        self.config = {}
+        self.dedup = {}
+        self.origins = {}
+        self._dedup_order = deque()
+        self._ready = []
+        self._timers = []
+        self._groups = {}
+        self._inflight = {}
+        self._candidates = []
+
+    # -- counters ---------------------------------------------------------------------
+
+    @property
+    def counters(self):
+        return {"sent": self._sent, "received": self._received, "deleted": self._deleted,
+                "expired": self._expired, "moved": self._moved, "purged": self._purged}
+
+    def set_counters(self, dict counters):
+        self._sent = counters["sent"]
+        self._received = counters["received"]
+        self._deleted = counters["deleted"]
+        self._expired = counters["expired"]
+        self._moved = counters["moved"]
+        self._purged = counters["purged"]
+
+    @property
+    def category_counts(self):
+        return [self._counts[0], self._counts[1], self._counts[2], self._counts[3]]
+
+    # -- apply --------------------------------------------------------------------------
+
+    def apply(self, int64_t offset, object record):
+        """Apply one decoded record (engine.records) found at log offset ``offset``."""
+        cdef int64_t now
+        cdef int tag
+        if isinstance(record, SendMeta):
+            self.apply_send(offset, record.seq, record.sent_at, record.visible_at,
+                            record.group, record.dedup, record.message_id, record.origin)
+            return
+        if isinstance(record, SeqList):
+            tag = record.tag
+            if tag == QREC_LEASE:
+                self.apply_lease(offset, record.now, record.until, record.seqs)
+            else:
+                self.apply_seqs(offset, tag, record.now, record.seqs)
+            return
+        if isinstance(record, Receipts):
+            now = record.now
+            if record.tag == QREC_DELETE:
+                self.apply_deletes(now, record.entries)
+            else:
+                for seq, lease, visible_at in record.entries:
+                    m = self.messages.get(seq)
+                    if m is not None and (<Msg>m).lease == lease:
+                        self._set_visible_at(<Msg>m, visible_at, now)
+                self._after(now)
+            return
+        if isinstance(record, Purge):
+            now = record.now
+            for m in [m for m in self.messages.values() if (<Msg>m).seq < record.below_seq]:
+                self._remove(<Msg>m, 5)
+            self._after(now)
+            return
+        if isinstance(record, Config):
+            self.config = dict(record.attributes)
+            self._after(record.now)
+            return
+        raise TypeError(f"not a queue record: {record!r}")
+
+    cpdef apply_send(self, int64_t offset, int64_t seq, int64_t sent_at, int64_t visible_at,
+                     object group, object dedup, object message_id, object origin):
+        cdef Msg m = new_msg(seq, offset, sent_at, visible_at, group, dedup, message_id, origin)
+        self.messages[seq] = m
+        if seq >= self.next_seq:
+            self.next_seq = seq + 1
+        self._sent += 1
+        if dedup is not None:
+            self.dedup[dedup] = (seq, sent_at)
+            self._dedup_order.append((sent_at, dedup))
+        if origin is not None:
+            self.origins[(origin[0], origin[1])] = seq
+        self._enter(m, VISIBLE if visible_at <= sent_at else DELAYED)
+        self._added(m)
+        self._after(sent_at)
+
+    cpdef apply_lease(self, int64_t offset, int64_t now, int64_t until, object seqs):
+        cdef Msg m
+        for seq in seqs:
+            found = self.messages.get(seq)
+            if found is None:
+                continue
+            m = <Msg>found
+            m.receive_count += 1
+            m.lease = offset
+            m.leased_at = now
+            if not m.first_received_at:
+                m.first_received_at = now
+            self._received += 1
+            self._set_visible_at(m, until, now)
+        self._after(now)
+
+    cpdef apply_seqs(self, int64_t offset, int tag, int64_t now, object seqs):
+        """MOVING, MOVE_OUT and EXPIRE."""
+        cdef Msg m
+        for seq in seqs:
+            found = self.messages.get(seq)
+            if found is None:
+                continue
+            m = <Msg>found
+            if tag == QREC_MOVING:
+                m.lease = offset
+                self._move_to(m, MOVING)
+            elif tag == QREC_MOVE_OUT:
+                self._remove(m, 4)
+            elif tag == QREC_EXPIRE:
+                self._remove(m, 3)
+        self._after(now)
+
+    cpdef apply_deletes(self, int64_t now, object pairs):
+        cdef Msg m
+        for seq, lease in pairs:
+            found = self.messages.get(seq)
+            if found is not None and (<Msg>found).lease == lease:
+                self._remove(<Msg>found, 2)
+        self._after(now)
+
+    cdef void _after(self, int64_t now):
+        """What every record does last: advance last_time, prune the dedup window."""
+        if now > self.last_time:
+            self.last_time = now
+        order = self._dedup_order
+        while order and (<int64_t>order[0][0]) + _DEDUP_WINDOW <= now:
+            sent_at, key = order.popleft()
+            entry = self.dedup.get(key)
+            if entry is not None and entry[1] == sent_at:
+                del self.dedup[key]
+
+    cdef void _set_visible_at(self, Msg m, int64_t visible_at, int64_t now):
+        m.visible_at = visible_at
+        if visible_at <= now:
+            self._move_to(m, VISIBLE)
+        else:
+            self._move_to(m, INFLIGHT)
+            _heappush(self._timers, (visible_at, m.seq))
+
+    cdef void _enter(self, Msg m, int category):
+        m.category = category
+        self._counts[category] += 1
+        if category == DELAYED:
+            _heappush(self._timers, (m.visible_at, m.seq))
+
+    cdef void _move_to(self, Msg m, int category):
+        cdef int old = m.category
+        self._counts[old] -= 1
+        self._counts[category] += 1
+        m.category = category
+        if not self.fifo:
+            if category == VISIBLE:
+                _heappush(self._ready, m.seq)
+            return
+        group = m.group or ""
+        if old == INFLIGHT or old == MOVING:
+            self._release(group)
+        if category == INFLIGHT or category == MOVING:
+            self._inflight[group] = self._inflight.get(group, 0) + 1
+        elif category == VISIBLE:
+            self._offer(group)
+
+    cdef void _remove(self, Msg m, int counter):
+        """counter: 2 deleted, 3 expired, 4 moved, 5 purged."""
+        del self.messages[m.seq]
+        self._counts[m.category] -= 1
+        if counter == 2:
+            self._deleted += 1
+        elif counter == 3:
+            self._expired += 1
+        elif counter == 4:
+            self._moved += 1
+        else:
+            self._purged += 1
+        if m.origin is not None:
+            self.origins.pop((m.origin[0], m.origin[1]), None)
+        if not self.fifo:
+            return  # its heap entries go stale and are skipped
+        group = m.group or ""
+        queue = self._groups[group]
+        if queue[0] == m.seq:
+            queue.popleft()
+        else:
+            queue.remove(m.seq)
+        if not queue:
+            del self._groups[group]
+        if m.category == INFLIGHT or m.category == MOVING:
+            self._release(group)
+        elif queue:
+            self._offer(group)
+
+    # -- derived indexes ------------------------------------------------------------------
+
+    cdef void _added(self, Msg m):
+        if not self.fifo:
+            if m.category == VISIBLE:
+                _heappush(self._ready, m.seq)
+            return
+        group = m.group or ""
+        queue = self._groups.get(group)
+        if queue is None:
+            queue = self._groups[group] = deque()
+        queue.append(m.seq)
+        if m.category == VISIBLE:
+            self._offer(group)
+
+    cdef void _offer(self, object group):
+        queue = self._groups.get(group)
+        if queue and not self._inflight.get(group):
+            _heappush(self._candidates, (queue[0], group))
+
+    cdef void _release(self, object group):
+        left = self._inflight.get(group, 0) - 1
+        if left > 0:
+            self._inflight[group] = left
+        else:
+            self._inflight.pop(group, None)
+            self._offer(group)
+
+    def restore(self, Msg m, bint moving):
+        """Put back a message a snapshot recorded (engine/snapshot.py), with the category
+        its times give at last_time."""
+        cdef int category
+        self.messages[m.seq] = m
+        if m.origin is not None:
+            self.origins[(m.origin[0], m.origin[1])] = m.seq
+        if moving:
+            category = MOVING
+        elif m.visible_at <= self.last_time:
+            category = VISIBLE
+        else:
+            category = INFLIGHT if m.lease else DELAYED
+        self._enter(m, category)
+        self._added(m)
+        if category == INFLIGHT:
+            _heappush(self._timers, (m.visible_at, m.seq))
+        if self.fifo and (category == INFLIGHT or category == MOVING):
+            group = m.group or ""
+            self._inflight[group] = self._inflight.get(group, 0) + 1
+
+    def restore_dedup(self, str key, int64_t seq, int64_t sent_at):
+        """Put back a dedup window entry (in oldest-first order)."""
+        self.dedup[key] = (seq, sent_at)
+        self._dedup_order.append((sent_at, key))
+
+    cdef void _compact(self):
+        """Rebuild a heap once its stale entries (for messages since deleted, leased or
+        re-timed) outnumber the live ones: a received-and-deleted message leaves a timer
+        entry behind until its lease would have ended, and at a high rate those pile up."""
+        cdef Msg m
+        cdef Py_ssize_t waiting = self._counts[DELAYED] + self._counts[INFLIGHT]
+        if len(self._timers) > 4 * waiting + 4096:
+            self._timers = [(m.visible_at, m.seq) for m in self.messages.values()
+                            if m.category == DELAYED or m.category == INFLIGHT]
+            heapq.heapify(self._timers)
+        if not self.fifo and len(self._ready) > 4 * self._counts[VISIBLE] + 4096:
+            self._ready = [m.seq for m in self.messages.values() if m.category == VISIBLE]
+            heapq.heapify(self._ready)
+        if self.fifo and len(self._candidates) > 4 * len(self._groups) + 4096:
+            self._candidates = []
+            for group in self._groups:
+                self._offer(group)
+
+    cpdef advance(self, int64_t now):
+        """Make every message whose time has come visible (derived state only)."""
+        cdef Msg m
+        self._compact()
+        timers = self._timers
+        messages = self.messages
+        while timers and (<int64_t>timers[0][0]) <= now:
+            due, seq = _heappop(timers)
+            found = messages.get(seq)
+            if found is None:
+                continue
+            m = <Msg>found
+            if m.visible_at == due and (m.category == DELAYED or m.category == INFLIGHT):
+                self._move_to(m, VISIBLE)
+
+    cpdef list take(self, int64_t now, int limit):
+        """Up to limit visible messages in delivery order (the leader then leases them)."""
+        cdef list out = []
+        cdef Msg m
+        self.advance(now)
+        if not self.fifo:
+            ready = self._ready
+            messages = self.messages
+            picked = set()
+            while ready and len(out) < limit:
+                seq = _heappop(ready)
+                found = messages.get(seq)
+                # A replica that applied leases without taking keeps older heap entries,
+                # so the same visible message can come up twice.
+                if found is not None and (<Msg>found).category == VISIBLE and seq not in picked:
+                    picked.add(seq)
+                    out.append(found)
+            return out
+        seen = set()
+        candidates = self._candidates
+        while candidates and len(out) < limit:
+            head, group = _heappop(candidates)
+            queue = self._groups.get(group)
+            if group in seen or not queue or queue[0] != head or self._inflight.get(group):
+                continue
+            seen.add(group)
+            # Consecutive visible messages from the head of the group, in order.
+            for seq in queue:
+                if len(out) >= limit:
+                    break
+                m = <Msg>self.messages[seq]
+                if m.category != VISIBLE:
+                    break
+                out.append(m)
+        return out
+
+    def next_timer(self):
+        """When the next delayed or in-flight message becomes visible, if any."""
+        return self._timers[0][0] if self._timers else None
+
+    def duplicate_of(self, str key, int64_t now):
+        """(seq, sent_at) of a send with this dedup key inside the window, if any."""
+        entry = self.dedup.get(key)
+        if entry is not None and entry[1] + _DEDUP_WINDOW > now:
+            return entry
+        return None
+
+    def oldest_sent_at(self):
+        for m in self.messages.values():
+            return (<Msg>m).sent_at
+        return None
+
+    def oldest_location(self):
+        """Lowest log offset a live message's body is stored at."""
+        if not self.messages:
+            return None
+        return min((<Msg>m).location for m in self.messages.values())
+
+    def dedup_entries(self):
+        """The dedup window, oldest first (the order pruning needs)."""
+        return sorted(self.dedup.items(), key=lambda item: (item[1][1], item[0]))
+
+    # -- the leader's per-message work ----------------------------------------------------
+
+    def lead_send(self, object log, uint64_t uid, int64_t now, object entries,
+                  Py_ssize_t max_bytes, int64_t delay_ms, object check_entry):
+        """Validate, append and apply sends; return per-entry results and the offset to
+        wait for (0 when nothing was appended).
+
+        A plain entry (bytes body, no attributes, group, dedup id or delay, on a standard
+        queue) is checked here; any other goes to check_entry, which returns
+        (body, attributes, delay_ms, group, dedup_key) or raises an EngineError.
+        """
+        cdef list results = []
+        cdef list payloads = []
+        cdef list pending = []
+        cdef dict batch_keys = None
+        cdef int64_t seq = self.next_seq
+        cdef int64_t visible_at
+        cdef int64_t first
+        cdef Py_ssize_t i
+        cdef object group
+        cdef object key
+        cdef object attributes
+        cdef int64_t entry_delay
+        for entry in entries:
+            body = entry.body
+            if (type(body) is bytes and not self.fifo and entry.attributes is None
+                    and entry.group_id is None and entry.dedup_id is None
+                    and entry.delay_seconds is None):
+                if PyBytes_GET_SIZE(body) > max_bytes:
+                    results.append(MessageTooLargeError(PyBytes_GET_SIZE(body), max_bytes))
+                    continue
+                attributes = group = key = None
+                entry_delay = delay_ms
+            else:
+                try:
+                    body, attributes, entry_delay, group, key = check_entry(entry)
+                except EngineError as exc:
+                    results.append(exc)
+                    continue
+            if key is not None:
+                if batch_keys is None:
+                    batch_keys = {}
+                earlier = batch_keys.get(key)
+                if earlier is None:
+                    found = self.duplicate_of(key, now)
+                    earlier = found[0] if found is not None else None
+                if earlier is not None:
+                    results.append(_tuple_new(SendResult, (
+                        message_id_of(uid, earlier), sequence_number_of(earlier), True)))
+                    continue
+                batch_keys[key] = seq
+            visible_at = now + entry_delay
+            payloads.append(encode_send(seq, now, visible_at, body, group, key, None, None,
+                                        attributes))
+            pending.append((seq, visible_at, group, key))
+            results.append(_tuple_new(SendResult, (
+                message_id_of(uid, seq), sequence_number_of(seq) if self.fifo else None,
+                False)))
+            seq += 1
+        if not payloads:
+            return results, 0
+        first = log.append_batch(payloads, wait=False)
+        for i in range(len(pending)):
+            s, visible_at, group, key = pending[i]
+            self.apply_send(first + i, s, now, visible_at, group, key, None, None)
+        return results, first + len(payloads)
+
+    def lead_receive(self, object log, uint64_t uid, int64_t now, int limit,
+                     int64_t visibility_ms, int max_receive_count, object mac):
+        """Lease up to limit visible messages.
+
+        Returns (messages, moving) where moving lists the Msgs that reached
+        max_receive_count (-1: no dead-letter queue) and are now marked MOVING, plus the
+        offset after the records appended.
+        """
+        cdef list taken = self.take(now, limit)
+        cdef list deliver = []
+        cdef list moving = []
+        cdef list payloads = []
+        cdef Msg m
+        cdef int64_t first
+        cdef int64_t lease = 0
+        cdef bytes mac_bytes
+        cdef list messages = []
+        cdef dict bodies
+        if not taken:
+            return messages, moving, 0
+        for found in taken:
+            m = <Msg>found
+            if max_receive_count >= 0 and m.receive_count >= max_receive_count:
+                moving.append(m)
+            else:
+                deliver.append(m)
+        deliver_seqs = [(<Msg>x).seq for x in deliver]
+        moving_seqs = [(<Msg>x).seq for x in moving]
+        if deliver:
+            payloads.append(encode_seqs(QREC_LEASE, now, now + visibility_ms, deliver_seqs))
+        if moving:
+            payloads.append(encode_seqs(QREC_MOVING, now, 0, moving_seqs))
+        first = log.append_batch(payloads, wait=False)
+        if deliver:
+            lease = first
+            self.apply_lease(first, now, now + visibility_ms, deliver_seqs)
+        if moving:
+            self.apply_seqs(first + len(payloads) - 1, QREC_MOVING, now, moving_seqs)
+        if deliver:
+            bodies = read_bodies(log, [(<Msg>x).location for x in deliver])
+            for found in deliver:
+                m = <Msg>found
+                mac_bytes = mac(mac_body(uid, <uint64_t>m.seq, <uint64_t>lease))
+                messages.append(self._message(m, bodies[m.location], uid, lease, mac_bytes))
+        return messages, moving, first + len(payloads)
+
+    cdef object _message(self, Msg m, object body_record, uint64_t uid, int64_t lease,
+                         bytes mac_bytes):
+        if isinstance(body_record, bytes):
+            body = body_record
+            attributes = {}
+        else:
+            body = body_record.body
+            attributes = dict(body_record.attributes or {})
+        return _tuple_new(Message, (
+            message_id_of(uid, m.seq, m.message_id), body,
+            encode_handle(uid, m.seq, lease, <const unsigned char*>PyBytes_AS_STRING(mac_bytes)),
+            m.receive_count, m.sent_at / 1000, m.first_received_at / 1000, attributes,
+            m.group, sequence_number_of(m.seq) if self.fifo else None,
+            m.dedup if self.fifo else None,
+        ))
+
+    def lead_delete(self, object log, ReceiptOpener opener, int64_t now, list handles):
+        """Delete by receipt. Returns per-handle errors (or None) and the offset to wait
+        for. A handle for a message already gone succeeds: deletes are idempotent."""
+        cdef list results = []
+        cdef dict entries = {}
+        cdef int64_t first
+        cdef Msg m
+        for handle in handles:
+            try:
+                seq, lease = opener.open(handle)
+            except ReceiptInvalidError as exc:
+                results.append(exc)
+                continue
+            found = self.messages.get(seq)
+            if found is not None and (<Msg>found).lease != lease:
+                results.append(ReceiptInvalidError("stale"))
+                continue
+            results.append(None)
+            if found is not None:
+                entries[seq] = (seq, lease)
+        if not entries:
+            return results, 0
+        pairs = list(entries.values())
+        first = log.append_batch([encode_pairs(now, pairs)], wait=False)
+        self.apply_deletes(now, pairs)
+        return results, first + 1
+
+
+cdef dict read_bodies(object log, list locations):
+    """Bodies of the SEND records at these offsets, reading each run of them once.
+
+    A plain SEND (no optional fields) maps to its body bytes, read straight out of the
+    log's buffer; any other maps to its full engine.records.Send.
+    """
+    cdef list wanted = sorted(set(locations))
+    cdef dict found = {}
+    cdef Py_ssize_t i = 0
+    cdef Py_ssize_t run
+    cdef Py_ssize_t k
+    cdef int64_t offset
+    cdef int64_t end
+    cdef Records records
+    cdef const unsigned char* base
+    cdef const unsigned char* p
+    cdef Py_ssize_t n
+    while i < len(wanted):
+        run = 1
+        while i + run < len(wanted) and wanted[i + run] == wanted[i] + run:
+            run += 1
+        offset = wanted[i]
+        end = offset + run
+        while offset < end:  # a read may stop short at its byte limit
+            records = log.read(offset, end - offset)
+            base = <const unsigned char*>PyBytes_AS_STRING(records._owner)
+            for k in range(records._count):
+                p = base + records._starts[k]
+                n = records._lengths[k]
+                if plain_send(p, n):
+                    found[offset + k] = PyBytes_FromStringAndSize(<char*>p + SEND_FIXED,
+                                                                  n - SEND_FIXED)
+                else:
+                    found[offset + k] = decode_send(records.payload_at(k))
+            offset = records.next_offset
+        i += run
+    return found

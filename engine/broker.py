@@ -1,0 +1,347 @@
+"""The library's entry point: a data directory holding any number of queues.
+
+::
+
+    with Broker("./data") as broker:
+        jobs = broker.create_queue("jobs", visibility_timeout=30)
+        jobs.send(b"hello")
+        for msg in jobs.receive(max_messages=10, wait_seconds=1):
+            jobs.delete(msg.receipt)
+
+Layout of the data directory::
+
+    LOCK              flock()ed while a broker has the directory open
+    receipt.key       32 random bytes (0600): the key receipt handles are signed with
+    catalog.sqlite3   which queues exist (engine/catalog.py)
+    queues/<uid>/     one directory per queue: log/ (its segment log) and snapshot
+
+Queues open lazily, on first use, and at most ``open_queues_max`` stay open: the least
+recently used idle ones are snapshotted and closed. That bounds memory and open files
+(about two descriptors per open queue) however many queues exist; a closed queue costs
+one catalog row and its files on disk. One shared timer, not a thread per queue, runs
+retention and snapshots for the open queues.
+
+Thread-safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from types import TracebackType
+from typing import Any
+
+from engine import background
+from engine.catalog import Catalog
+from engine.clock import Clock, SystemClock
+from engine.errors import (
+    BrokerClosedError,
+    DataDirectoryLockedError,
+    InvalidAttributeError,
+    QueueExistsError,
+    QueueNotFoundError,
+    QueueUnavailableError,
+)
+from engine.limits import QueueAttributes, check_queue_name
+from engine.log import FsyncPolicy
+from engine.queue import (
+    QUEUE_SEGMENT_BYTES,
+    SNAPSHOT_BYTES,
+    MovePlan,
+    Queue,
+    QueueCore,
+    create_queue_log,
+)
+from engine.receipts import ReceiptCodec, load_or_create_key
+
+_log = logging.getLogger("conveyor.broker")
+
+OPEN_QUEUES_MAX = 512
+MAINTENANCE_INTERVAL_MS = 1000
+# A queue is closed for being least recently used only once idle this long, so that a
+# caller holding it between two calls rarely finds it closed (and then just reopens it).
+IDLE_BEFORE_CLOSE_S = 5.0
+
+
+class Broker:
+    """Queues in one data directory. See the module docstring."""
+
+    def __init__(self, path: str | os.PathLike[str], fsync: str = "always", *,
+                 clock: Clock | None = None, open_queues_max: int = OPEN_QUEUES_MAX,
+                 segment_bytes_max: int = QUEUE_SEGMENT_BYTES,
+                 snapshot_bytes: int = SNAPSHOT_BYTES,
+                 maintenance_interval_ms: int = MAINTENANCE_INTERVAL_MS) -> None:
+        self.path = os.fspath(path)
+        self.fsync_policy = FsyncPolicy.parse(fsync)
+        self.clock: Clock = clock or SystemClock()
+        self.open_queues_max = open_queues_max
+        os.makedirs(os.path.join(self.path, "queues"), exist_ok=True)
+        self._lock_fd = _lock(self.path)
+        self._lock = threading.RLock()
+        self._closed = False
+        self._maintaining = False
+        self._cores: dict[str, QueueCore] = {}
+        try:
+            self._codec = ReceiptCodec(load_or_create_key(os.path.join(self.path,
+                                                                         "receipt.key")))
+            self.catalog = Catalog(os.path.join(self.path, "catalog.sqlite3"))
+            self._core_options: dict[str, Any] = {
+                "fsync": str(self.fsync_policy), "clock": self.clock, "codec": self._codec,
+                "segment_bytes_max": segment_bytes_max, "snapshot_bytes": snapshot_bytes,
+            }
+            self._remove_strays()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self._timer = background.every(self, maintenance_interval_ms)
+
+    def _queue_dir(self, uid: int) -> str:
+        return os.path.join(self.path, "queues", f"{uid:016x}")
+
+    def _remove_strays(self) -> None:
+        """Delete queue directories the catalog does not name: a create or delete that a
+        crash interrupted (the catalog row is the commit point of both)."""
+        known = {f"{uid:016x}" for uid in self.catalog.uids()}
+        root = os.path.join(self.path, "queues")
+        for name in os.listdir(root):
+            if name not in known:
+                _log.warning("removing %s: no queue in the catalog owns it", name)
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+    # -- queues ---------------------------------------------------------------------------
+
+    def create_queue(self, name: str, **attributes: Any) -> Queue:
+        """Create a queue, or return the existing one if its attributes are the same."""
+        attrs = QueueAttributes.from_dict(attributes)
+        check_queue_name(name, attrs.fifo)
+        with self._lock:
+            self._check_open()
+            existing = self.catalog.get(name)
+            if existing is not None:
+                current = QueueAttributes.from_dict(existing.attributes)
+                differing = [k for k, v in attrs.to_dict().items() if current.to_dict()[k] != v]
+                if differing:
+                    raise QueueExistsError(name, differing)
+                return self._queue(name)
+            self._check_dead_letter(name, attrs)
+            uid = self._new_uid()
+            directory = self._queue_dir(uid)
+            create_queue_log(directory, attrs, fsync=str(self.fsync_policy), clock=self.clock,
+                             segment_bytes_max=self._core_options["segment_bytes_max"])
+            self.catalog.add(name, uid, attrs.to_dict(), self.clock.now_ms())
+        return self._queue(name)
+
+    def _new_uid(self) -> int:
+        taken = self.catalog.uids()
+        while True:
+            uid = secrets.randbits(63) or 1
+            if uid not in taken and not os.path.exists(self._queue_dir(uid)):
+                return uid
+
+    def _check_dead_letter(self, name: str, attrs: QueueAttributes) -> None:
+        target = attrs.dead_letter_queue
+        if target is None:
+            return
+        if target == name:
+            raise InvalidAttributeError("dead_letter_queue", target,
+                                        "a queue cannot be its own dead-letter queue")
+        entry = self.catalog.get(target)
+        if entry is None:
+            raise InvalidAttributeError("dead_letter_queue", target, "no such queue")
+        if bool(entry.attributes.get("fifo")) != attrs.fifo:
+            raise InvalidAttributeError("dead_letter_queue", target,
+                                        "must be FIFO exactly when this queue is")
+
+    def _queue(self, name: str) -> Queue:
+        return Queue(name, self._core_of, self._complete_moves, self.set_queue_attributes)
+
+    def get_queue(self, name: str) -> Queue:
+        with self._lock:
+            self._check_open()
+            if self.catalog.get(name) is None:
+                raise QueueNotFoundError(name)
+        return self._queue(name)
+
+    def list_queues(self, prefix: str = "") -> list[str]:
+        self._check_open()
+        return self.catalog.names(prefix)
+
+    def set_queue_attributes(self, name: str, **changes: Any) -> QueueAttributes:
+        """Change some attributes of a queue; return the whole new set."""
+        core = self._core_of(name)
+        attrs = core.attributes.replace(**changes)
+        with self._lock:
+            self._check_dead_letter(name, attrs)
+            core.wait_durable(core.set_attributes(attrs))
+            self.catalog.update(name, attrs.to_dict(), self.clock.now_ms())
+        return attrs
+
+    def dead_letter_sources(self, name: str) -> list[str]:
+        """Queues whose dead-letter queue is name."""
+        self._check_open()
+        if self.catalog.get(name) is None:
+            raise QueueNotFoundError(name)
+        return [e.name for e in self.catalog.entries()
+                if e.attributes.get("dead_letter_queue") == name]
+
+    def delete_queue(self, name: str) -> None:
+        """Delete a queue and its messages. Receipts of the old queue stay invalid even if
+        a queue of the same name is created again."""
+        with self._lock:
+            self._check_open()
+            entry = self.catalog.get(name)
+            if entry is None:
+                raise QueueNotFoundError(name)
+            self.catalog.remove(name)
+            core = self._cores.pop(name, None)
+            if core is not None:
+                core.close()
+            directory = self._queue_dir(entry.uid)
+            doomed = directory + ".deleted"
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(directory, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    # -- the open-queue cache -----------------------------------------------------------------
+
+    def _core_of(self, name: str) -> QueueCore:
+        # The hot path: a dict lookup, atomic under the GIL. Recency for eviction comes
+        # from core.last_used, so nothing here needs the broker's lock.
+        core = self._cores.get(name)
+        if core is not None and not self._closed:
+            return core
+        with self._lock:
+            self._check_open()
+            core = self._cores.get(name)
+            if core is not None:
+                return core
+            entry = self.catalog.get(name)
+            if entry is None:
+                raise QueueNotFoundError(name)
+            core = QueueCore(name, entry.uid, self._queue_dir(entry.uid), **self._core_options)
+            self._cores[name] = core
+            if core.attributes.to_dict() != entry.attributes:
+                # The log is the authority on a queue's configuration.
+                self.catalog.update(name, core.attributes.to_dict(), self.clock.now_ms())
+            self._evict(keep=name)
+        plan = core.unfinished_moves()
+        if plan is not None:
+            self._complete_moves(core, plan)
+        return core
+
+    def open_core(self, name: str) -> QueueCore | None:
+        """The queue's core if it is open already (never opens: no replay, no blocking)."""
+        return None if self._closed else self._cores.get(name)
+
+    def _evict(self, keep: str | None = None) -> None:
+        """Close open queues beyond open_queues_max, least recently used first.
+
+        Queues idle for IDLE_BEFORE_CLOSE_S go first; if that is not enough, recently used
+        ones go too (a caller that held one simply reopens it). Only a queue with a long
+        poll waiting on it, and ``keep`` (the one being opened), stay open regardless.
+        """
+        excess = len(self._cores) - self.open_queues_max
+        if excess <= 0:
+            return
+        now = time.monotonic()
+        by_age = sorted(self._cores.items(), key=lambda item: item[1].last_used)
+        for idle_only in (True, False):
+            for name, core in by_age:
+                if excess <= 0:
+                    return
+                if name == keep or name not in self._cores or core.has_waiters:
+                    continue
+                if idle_only and now - core.last_used < IDLE_BEFORE_CLOSE_S:
+                    continue
+                del self._cores[name]
+                core.close()
+                excess -= 1
+
+    def _complete_moves(self, core: QueueCore, plan: MovePlan) -> None:
+        """Finish moving messages to the dead-letter queue: durably marked as moving,
+        durably enqueued there (idempotent per origin), then removed here."""
+        core.wait_durable(plan.durable_at)
+        target = core.attributes.dead_letter_queue
+        try:
+            if target is None:
+                raise QueueNotFoundError("")
+            dead_letter = self._core_of(target)
+        except QueueNotFoundError:
+            core.cancel_moves(plan.seqs)
+            return
+        dead_letter.wait_durable(dead_letter.accept_moved(plan.entries))
+        core.finish_moves(plan.seqs)
+
+    # -- maintenance ----------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Timer callback: start a maintenance pass unless one is running."""
+        with self._lock:
+            if self._closed or self._maintaining:
+                return
+            self._maintaining = True
+        background.submit(self._maintain)
+
+    def _maintain(self) -> None:
+        try:
+            with self._lock:
+                cores = list(self._cores.values())
+            for core in cores:
+                try:
+                    core.expire()
+                    core.maybe_snapshot()
+                except QueueUnavailableError:
+                    continue  # closed meanwhile, or failed: reported to its callers
+            with self._lock:
+                if not self._closed:
+                    self._evict()
+        except Exception:
+            _log.exception("broker maintenance failed")
+        finally:
+            self._maintaining = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BrokerClosedError()
+
+    def close(self) -> None:
+        """Snapshot and close every open queue and release the directory. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._timer.cancel()
+            cores = list(self._cores.values())
+            self._cores.clear()
+        for core in cores:
+            try:
+                core.close()
+            except Exception:
+                _log.exception("closing queue %s failed", core.name)
+        self.catalog.close()
+        os.close(self._lock_fd)
+
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _lock(path: str) -> int:
+    fd = os.open(os.path.join(path, "LOCK"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DataDirectoryLockedError(path) from None
+    return fd

@@ -1,0 +1,60 @@
+"""What queue operations take and return.
+
+Results are NamedTuples: one is built per message on the hot path, where a frozen
+dataclass's __init__ costs several times as much.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import NamedTuple
+
+from engine.records import MessageAttribute
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SendEntry:
+    """One message to send: the arguments of Queue.send, for send_batch."""
+
+    body: bytes
+    delay_seconds: int | None = None
+    attributes: Mapping[str, MessageAttribute] | None = None
+    group_id: str | None = None
+    dedup_id: str | None = None
+
+
+class SendResult(NamedTuple):
+    message_id: str
+    sequence_number: str | None = None
+    duplicate: bool = False
+    """True when a FIFO deduplication id matched an earlier send: nothing was enqueued."""
+
+
+class Message(NamedTuple):
+    """A received message. ``receipt`` deletes it or changes its visibility."""
+
+    message_id: str
+    body: bytes
+    receipt: str
+    receive_count: int
+    sent_at: float
+    first_received_at: float
+    attributes: dict[str, MessageAttribute]
+    group_id: str | None
+    sequence_number: str | None
+    dedup_id: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueStats:
+    visible: int
+    in_flight: int
+    delayed: int
+    oldest_age_s: float
+    sent: int
+    received: int
+    deleted: int
+    expired: int
+    moved_to_dead_letter: int
+    purged: int

@@ -1,0 +1,144 @@
+"""Snapshots of a queue's state, and its digest.
+
+A snapshot file is::
+
+    magic "CVYS" (4) | checksum (u64) | version (u8) | next_offset (u64) | zstd(state)
+
+where the checksum is xxh3-64 over everything after it, and next_offset is the log offset
+replay continues from. The state inside is the canonical encoding below (drawn in
+docs/FORMAT.md), which is also what :func:`state_digest` hashes: two replicas hold the
+same state exactly when their digests are equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+import xxhash
+import zstandard
+
+from engine import format as fmt
+from engine._queue import State, restored_msg
+from engine.records import Origin
+
+_STATE_HEAD = struct.Struct("<BQqI")  # fifo, next_seq, last_time, message count
+_COUNTERS = ("sent", "received", "deleted", "expired", "moved", "purged")
+_MESSAGE = struct.Struct("<QQqqIQqqB")  # seq ... first_received_at, moving
+_ORIGIN = struct.Struct("<BQQI")
+_SNAPSHOT_HEAD = struct.Struct("<4sQBQ")
+_NO_ID = b"\0" * 16
+MOVING = 3
+
+
+def _opt_str(value: str | None) -> bytes:
+    if value is None:
+        return b"\xff\xff"
+    data = value.encode()
+    return struct.pack("<H", len(data)) + data
+
+
+def encode_state(state: State) -> bytes:
+    """Canonical bytes of the state (the derived indexes are not part of it)."""
+    counters = state.counters
+    parts = [
+        _STATE_HEAD.pack(state.fifo, state.next_seq, state.last_time, len(state.messages)),
+        struct.pack("<6Q", *(counters[c] for c in _COUNTERS)),
+    ]
+    config = json.dumps(state.config, sort_keys=True, separators=(",", ":")).encode()
+    parts.append(struct.pack("<I", len(config)) + config)
+    # Messages in seq order: the order they were applied in, on every replica.
+    for m in state.messages.values():
+        parts.append(_MESSAGE.pack(m.seq, m.location, m.sent_at, m.visible_at,
+                                   m.receive_count, m.lease, m.leased_at, m.first_received_at,
+                                   m.category == MOVING))
+        parts.append(_opt_str(m.group))
+        parts.append(_opt_str(m.dedup))
+        parts.append(m.message_id if m.message_id is not None else _NO_ID)
+        origin = m.origin or Origin(0, 0, 0)
+        parts.append(_ORIGIN.pack(m.origin is not None, *origin))
+    entries = state.dedup_entries()
+    parts.append(struct.pack("<I", len(entries)))
+    for key, (seq, sent_at) in entries:
+        parts.append(_opt_str(key) + struct.pack("<Qq", seq, sent_at))
+    return b"".join(parts)
+
+
+def decode_state(data: bytes) -> State:
+    view = memoryview(data)
+    fifo, next_seq, last_time, count = _STATE_HEAD.unpack_from(view, 0)
+    pos = _STATE_HEAD.size
+    state = State(bool(fifo))
+    state.next_seq = next_seq
+    state.last_time = last_time
+    state.set_counters(dict(zip(_COUNTERS, struct.unpack_from("<6Q", view, pos), strict=True)))
+    pos += 48
+    (config_len,) = struct.unpack_from("<I", view, pos)
+    pos += 4
+    state.config = json.loads(bytes(view[pos : pos + config_len]))
+    pos += config_len
+
+    def read_str() -> str | None:
+        nonlocal pos
+        (n,) = struct.unpack_from("<H", view, pos)
+        pos += 2
+        if n == 0xFFFF:
+            return None
+        value = bytes(view[pos : pos + n]).decode()
+        pos += n
+        return value
+
+    for _ in range(count):
+        (seq, location, sent_at, visible_at, receive_count, lease, leased_at, first_received,
+         moving) = _MESSAGE.unpack_from(view, pos)
+        pos += _MESSAGE.size
+        group = read_str()
+        dedup = read_str()
+        raw_id = bytes(view[pos : pos + 16])
+        pos += 16
+        has_origin, o_uid, o_seq, o_count = _ORIGIN.unpack_from(view, pos)
+        pos += _ORIGIN.size
+        origin = Origin(o_uid, o_seq, o_count) if has_origin else None
+        message = restored_msg(seq, location, sent_at, visible_at, group, dedup,
+                               raw_id if raw_id != _NO_ID else None, origin, receive_count,
+                               lease, leased_at, first_received)
+        state.restore(message, bool(moving))
+    (dedup_count,) = struct.unpack_from("<I", view, pos)
+    pos += 4
+    for _ in range(dedup_count):
+        key = read_str()
+        seq, sent_at = struct.unpack_from("<Qq", view, pos)
+        pos += 16
+        if key is None:
+            raise ValueError("snapshot dedup entry without a key")
+        state.restore_dedup(key, seq, sent_at)
+    if pos != len(view):
+        raise ValueError("snapshot state has trailing bytes")
+    return state
+
+
+def state_digest(state: State) -> str:
+    """Hex digest of the canonical state: equal states, equal digests."""
+    return hashlib.sha256(encode_state(state)).hexdigest()
+
+
+def encode_snapshot(state: State, next_offset: int) -> bytes:
+    body = zstandard.ZstdCompressor(level=1).compress(encode_state(state))
+    tail = _SNAPSHOT_HEAD.pack(fmt.SNAPSHOT_MAGIC, 0, fmt.SNAPSHOT_VERSION, next_offset)[12:]
+    checksum = xxhash.xxh3_64_intdigest(tail + body)
+    return _SNAPSHOT_HEAD.pack(fmt.SNAPSHOT_MAGIC, checksum, fmt.SNAPSHOT_VERSION,
+                               next_offset) + body
+
+
+def decode_snapshot(data: bytes) -> tuple[State, int]:
+    """(state, offset to replay the log from). Raises ValueError if damaged."""
+    if len(data) < _SNAPSHOT_HEAD.size:
+        raise ValueError("snapshot shorter than its header")
+    magic, checksum, version, next_offset = _SNAPSHOT_HEAD.unpack_from(data, 0)
+    if magic != fmt.SNAPSHOT_MAGIC or version != fmt.SNAPSHOT_VERSION:
+        raise ValueError("not a snapshot of this version")
+    if xxhash.xxh3_64_intdigest(data[12:]) != checksum:
+        raise ValueError("snapshot checksum mismatch")
+    body = zstandard.ZstdDecompressor().decompress(data[_SNAPSHOT_HEAD.size :])
+    return decode_state(body), next_offset

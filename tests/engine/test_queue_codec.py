@@ -1,0 +1,176 @@
+"""engine/_queue.pyx against the readable reference codec in engine/records.py."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import given
+
+from engine import Broker, ManualClock, format
+from engine import records as rec
+from engine._queue import FORMAT_CONSTANTS, State, encode_send, message_id_of
+from engine.errors import ReceiptInvalidError
+from engine.receipts import HANDLE_CHARS, ReceiptCodec
+from engine.snapshot import decode_snapshot, encode_snapshot, state_digest
+
+tokens = st.text(alphabet="abcXYZ019-_!.", min_size=1, max_size=40)
+attribute_values = st.one_of(st.text(min_size=1, max_size=20).map(lambda s: ("String", s)),
+                             st.binary(min_size=1, max_size=20).map(lambda b: ("Binary", b)))
+
+
+def test_record_constants_match_format_module() -> None:
+    for name, value in FORMAT_CONSTANTS.items():
+        assert getattr(format, name) == value, name
+
+
+@given(
+    seq=st.integers(0, 2**62), sent_at=st.integers(0, 2**50), delay=st.integers(0, 900_000),
+    body=st.binary(max_size=300), group=st.none() | tokens, dedup=st.none() | tokens,
+    message_id=st.none() | st.binary(min_size=16, max_size=16),
+    origin=st.none() | st.tuples(st.integers(1, 2**63 - 1), st.integers(1, 2**62),
+                                 st.integers(0, 1000)),
+    attributes=st.none() | st.dictionaries(tokens, attribute_values, max_size=4),
+)
+def test_send_encoding_agrees_and_round_trips(
+    seq: int, sent_at: int, delay: int, body: bytes, group: str | None, dedup: str | None,
+    message_id: bytes | None, origin: tuple[int, int, int] | None,
+    attributes: dict[str, tuple[str, str | bytes]] | None,
+) -> None:
+    o = rec.Origin(*origin) if origin else None
+    attrs = {k: rec.MessageAttribute(*v) for k, v in attributes.items()} if attributes else None
+    reference = rec.encode_send(seq, sent_at, sent_at + delay, body, group=group, dedup=dedup,
+                                message_id=message_id, origin=o, attributes=attrs)
+    fast = encode_send(seq, sent_at, sent_at + delay, body, group, dedup, message_id, o, attrs)
+    assert fast == reference
+    decoded = rec.decode_send(fast)
+    assert (decoded.seq, decoded.sent_at, decoded.visible_at, decoded.body) == (
+        seq, sent_at, sent_at + delay, body)
+    assert (decoded.group, decoded.dedup, decoded.message_id, decoded.origin) == (
+        group, dedup, message_id, o)
+    assert (decoded.attributes or None) == attrs
+
+
+def test_message_ids_are_uuid_shaped_and_unique() -> None:
+    ids = {message_id_of(uid, seq) for uid in (1, 2**63 - 1, 77) for seq in range(1, 2000)}
+    assert len(ids) == 3 * 1999
+    for text in list(ids)[:100]:
+        assert uuid.UUID(text).variant == uuid.RFC_4122
+    # The id names the queue and the message: uid in front, seq at the end.
+    assert message_id_of(0x1234, 5).startswith("00000000-0000-1234-")
+    assert message_id_of(0x1234, 5).endswith("-000000000005")
+    raw = bytes(range(16))
+    assert message_id_of(1, 1, raw) == str(uuid.UUID(bytes=raw))
+
+
+def mac_of(key: bytes) -> ReceiptCodec:
+    return ReceiptCodec(key)
+
+
+def test_receipt_handles_round_trip() -> None:
+    codec = mac_of(b"k" * 32)
+    handle = codec.make(42, 7, 99)
+    assert len(handle) == HANDLE_CHARS
+    assert base64.urlsafe_b64decode(handle)[0] == 1  # version
+    assert codec.open(handle, 42) == (7, 99)
+
+
+@pytest.mark.parametrize("mutate", ["mac", "lease", "uid", "version", "padding", "char"])
+def test_tampered_handles_are_refused(mutate: str) -> None:
+    codec = mac_of(b"k" * 32)
+    raw = bytearray(base64.urlsafe_b64decode(codec.make(42, 7, 99)))
+    handle = None
+    if mutate == "mac":
+        raw[-1] ^= 1
+    elif mutate == "lease":
+        raw[17] ^= 1
+    elif mutate == "uid":
+        raw[1] ^= 1
+    elif mutate == "version":
+        raw[0] = 2
+    elif mutate == "padding":
+        good = codec.make(42, 7, 99)
+        handle = good[:-1] + "A"
+    elif mutate == "char":
+        good = codec.make(42, 7, 99)
+        handle = good[:10] + "*" + good[11:]
+    if handle is None:
+        handle = base64.urlsafe_b64encode(bytes(raw)).decode()
+    with pytest.raises(ReceiptInvalidError) as info:
+        codec.open(handle, 42)
+    assert info.value.reason in ("forged", "malformed")
+
+
+def test_other_key_and_other_queue_are_refused() -> None:
+    handle = mac_of(b"k" * 32).make(42, 7, 99)
+    with pytest.raises(ReceiptInvalidError) as forged:
+        mac_of(b"j" * 32).open(handle, 42)
+    assert forged.value.reason == "forged"
+    with pytest.raises(ReceiptInvalidError) as other:
+        mac_of(b"k" * 32).open(handle, 43)
+    assert other.value.reason == "other-queue"
+
+
+@pytest.mark.parametrize("junk", ["", "x" * HANDLE_CHARS, "é" * HANDLE_CHARS, "A" * 500])
+def test_junk_is_malformed(junk: str) -> None:
+    with pytest.raises(ReceiptInvalidError) as info:
+        mac_of(b"k" * 32).open(junk, 42)
+    assert info.value.reason == "malformed"
+
+
+def test_editing_the_seq_of_a_handle_is_forgery(tmp_path: object) -> None:
+    # The mac covers the seq: a handle names one message, and an edited one names none.
+    clock = ManualClock()
+    with Broker(str(tmp_path), fsync="never", clock=clock) as broker:
+        queue = broker.create_queue("q")
+        for i in range(4):
+            queue.send(b"%d" % i)
+        received = queue.receive(max_messages=4)
+        raw = bytearray(base64.urlsafe_b64decode(received[0].receipt))
+        other_seq = int.from_bytes(base64.urlsafe_b64decode(received[1].receipt)[9:17],
+                                   "little")
+        raw[9:17] = other_seq.to_bytes(8, "little")
+        with pytest.raises(ReceiptInvalidError) as info:
+            queue.delete(base64.urlsafe_b64encode(bytes(raw)).decode())
+        assert info.value.reason == "forged"
+        assert queue.stats().in_flight == 4
+
+
+def test_snapshot_round_trip_keeps_the_digest(tmp_path: object) -> None:
+    clock = ManualClock()
+    with Broker(str(tmp_path), fsync="never", clock=clock) as broker:
+        queue = broker.create_queue("s.fifo", fifo=True, content_based_dedup=True,
+                                    dead_letter_queue=None)
+        for i in range(20):
+            queue.send(b"m%d" % i, group_id=f"g{i % 3}",
+                       attributes={"n": rec.MessageAttribute("Number", str(i))})
+        received = queue.receive(max_messages=5)
+        queue.delete(received[0].receipt)
+        clock.advance(10)
+        core = broker._core_of("s.fifo")
+        data = encode_snapshot(core.state, 1234)
+        restored, offset = decode_snapshot(data)
+        assert offset == 1234
+        assert state_digest(restored) == state_digest(core.state)
+        assert restored.category_counts == core.state.category_counts
+        damaged = bytearray(data)
+        damaged[-1] ^= 1
+        with pytest.raises(ValueError):
+            decode_snapshot(bytes(damaged))
+
+
+def test_state_applies_reference_records_like_the_leader() -> None:
+    # Replay path: decoded records from engine.records drive the Cython state machine.
+    state = State(False)
+    state.apply(0, rec.Config(1000, {"fifo": False}))
+    state.apply(1, rec.decode(rec.encode_send(1, 1000, 1000, b"a")))
+    state.apply(2, rec.decode(rec.encode_send(2, 1000, 5000, b"b")))
+    assert state.category_counts == [1, 1, 0, 0]
+    state.apply(3, rec.decode(rec.encode_seqs(format.QREC_LEASE, 2000, [1], 9000)))
+    assert state.messages[1].lease == 3 and state.messages[1].receive_count == 1
+    state.apply(4, rec.decode(rec.encode_deletes(3000, [(1, 3)])))
+    assert 1 not in state.messages and state.counters["deleted"] == 1
+    state.apply(5, rec.decode(rec.encode_purge(4000, 3)))
+    assert not state.messages and state.counters["purged"] == 1
