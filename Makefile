@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SOURCES := $(wildcard engine/*.pyx engine/*.pxd engine/*.h) setup.py pyproject.toml
 
-.PHONY: all install test lint typecheck unit bench debug-build clean
+.PHONY: all install serve test lint typecheck unit bench debug-build clean
 
 all: test
 
@@ -26,6 +26,10 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 	touch $@
 
 install: $(VENV)/.built
+
+# The server on the embedded default: ./conveyor-data, http://127.0.0.1:9324.
+serve: install
+	$(BIN)/conveyor serve $(SERVE_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -26,6 +26,8 @@ def encode_send(
     message_id: bytes | None = None,
     origin: Origin | None = None,
     attributes: Mapping[str, MessageAttribute] | None = None,
+    sender: str | None = None,
+    system_attributes: Mapping[str, MessageAttribute] | None = None,
 ) -> bytes: ...
 def restored_msg(
     seq: int,

@@ -72,7 +72,9 @@ cdef enum:
     SEND_HAS_ATTRIBUTES = 0x04
     SEND_HAS_MESSAGE_ID = 0x08
     SEND_HAS_ORIGIN = 0x10
-    SEND_FLAGS_KNOWN = 0x1F
+    SEND_HAS_SENDER = 0x20
+    SEND_HAS_SYSTEM_ATTRIBUTES = 0x40
+    SEND_FLAGS_KNOWN = 0x7F
     SEND_FIXED = 26  # tag u8, flags u8, seq u64, sent_at i64, visible_at i64
     SEQS_FIXED = 19  # tag u8, now i64, until i64, count u16
     RECEIPTS_FIXED = 11  # tag u8, now i64, count u16
@@ -83,7 +85,9 @@ FORMAT_CONSTANTS = {
     "QREC_MOVE_OUT": QREC_MOVE_OUT, "QREC_EXPIRE": QREC_EXPIRE,
     "SEND_HAS_GROUP": SEND_HAS_GROUP, "SEND_HAS_DEDUP": SEND_HAS_DEDUP,
     "SEND_HAS_ATTRIBUTES": SEND_HAS_ATTRIBUTES, "SEND_HAS_MESSAGE_ID": SEND_HAS_MESSAGE_ID,
-    "SEND_HAS_ORIGIN": SEND_HAS_ORIGIN, "SEND_FLAGS_KNOWN": SEND_FLAGS_KNOWN,
+    "SEND_HAS_ORIGIN": SEND_HAS_ORIGIN, "SEND_HAS_SENDER": SEND_HAS_SENDER,
+    "SEND_HAS_SYSTEM_ATTRIBUTES": SEND_HAS_SYSTEM_ATTRIBUTES,
+    "SEND_FLAGS_KNOWN": SEND_FLAGS_KNOWN,
 }
 
 cdef object _tuple_new = tuple.__new__
@@ -346,7 +350,8 @@ cdef bytes _str16(object value):
 
 cpdef bytes encode_send(int64_t seq, int64_t sent_at, int64_t visible_at, bytes body,
                         object group=None, object dedup=None, bytes message_id=None,
-                        object origin=None, object attributes=None):
+                        object origin=None, object attributes=None, object sender=None,
+                        object system_attributes=None):
     """The SEND record (same bytes as engine.records.encode_send)."""
     cdef uint8_t flags = 0
     cdef bytes out
@@ -354,7 +359,8 @@ cpdef bytes encode_send(int64_t seq, int64_t sent_at, int64_t visible_at, bytes 
     cdef Py_ssize_t n = PyBytes_GET_SIZE(body)
     cdef Py_ssize_t tail_len = 0
     cdef bytes tail = b""
-    if group is not None or dedup is not None or message_id is not None or origin is not None or attributes:
+    if (group is not None or dedup is not None or message_id is not None
+            or origin is not None or attributes or sender is not None or system_attributes):
         parts = []
         if group is not None:
             flags |= SEND_HAS_GROUP
@@ -372,6 +378,13 @@ cpdef bytes encode_send(int64_t seq, int64_t sent_at, int64_t visible_at, bytes 
         if attributes:
             flags |= SEND_HAS_ATTRIBUTES
             blob = encode_attributes(attributes)
+            parts.append(len(blob).to_bytes(4, "little") + blob)
+        if sender is not None:
+            flags |= SEND_HAS_SENDER
+            parts.append(_str16(sender))
+        if system_attributes:
+            flags |= SEND_HAS_SYSTEM_ATTRIBUTES
+            blob = encode_attributes(system_attributes)
             parts.append(len(blob).to_bytes(4, "little") + blob)
         tail = b"".join(parts)
         tail_len = PyBytes_GET_SIZE(tail)
@@ -811,9 +824,9 @@ cdef class State:
         """Validate, append and apply sends; return per-entry results and the offset to
         wait for (0 when nothing was appended).
 
-        A plain entry (bytes body, no attributes, group, dedup id or delay, on a standard
-        queue) is checked here; any other goes to check_entry, which returns
-        (body, attributes, delay_ms, group, dedup_key) or raises an EngineError.
+        A plain entry (bytes body and nothing else, on a standard queue) is checked here;
+        any other goes to check_entry, which returns (body, attributes, delay_ms, group,
+        dedup_key, sender, system_attributes) or raises an EngineError.
         """
         cdef list results = []
         cdef list payloads = []
@@ -826,20 +839,24 @@ cdef class State:
         cdef object group
         cdef object key
         cdef object attributes
+        cdef object sender
+        cdef object system_attributes
         cdef int64_t entry_delay
         for entry in entries:
             body = entry.body
             if (type(body) is bytes and not self.fifo and entry.attributes is None
                     and entry.group_id is None and entry.dedup_id is None
-                    and entry.delay_seconds is None):
+                    and entry.delay_seconds is None and entry.sender is None
+                    and entry.system_attributes is None):
                 if PyBytes_GET_SIZE(body) > max_bytes:
                     results.append(MessageTooLargeError(PyBytes_GET_SIZE(body), max_bytes))
                     continue
-                attributes = group = key = None
+                attributes = group = key = sender = system_attributes = None
                 entry_delay = delay_ms
             else:
                 try:
-                    body, attributes, entry_delay, group, key = check_entry(entry)
+                    (body, attributes, entry_delay, group, key, sender,
+                     system_attributes) = check_entry(entry)
                 except EngineError as exc:
                     results.append(exc)
                     continue
@@ -857,7 +874,7 @@ cdef class State:
                 batch_keys[key] = seq
             visible_at = now + entry_delay
             payloads.append(encode_send(seq, now, visible_at, body, group, key, None, None,
-                                        attributes))
+                                        attributes, sender, system_attributes))
             pending.append((seq, visible_at, group, key))
             results.append(_tuple_new(SendResult, (
                 message_id_of(uid, seq), sequence_number_of(seq) if self.fifo else None,
@@ -922,15 +939,20 @@ cdef class State:
         if isinstance(body_record, bytes):
             body = body_record
             attributes = {}
+            sender = None
+            system_attributes = {}
         else:
             body = body_record.body
             attributes = dict(body_record.attributes or {})
+            sender = body_record.sender
+            system_attributes = dict(body_record.system_attributes or {})
         return _tuple_new(Message, (
             message_id_of(uid, m.seq, m.message_id), body,
             encode_handle(uid, m.seq, lease, <const unsigned char*>PyBytes_AS_STRING(mac_bytes)),
             m.receive_count, m.sent_at / 1000, m.first_received_at / 1000, attributes,
             m.group, sequence_number_of(m.seq) if self.fifo else None,
-            m.dedup if self.fifo else None,
+            m.dedup if self.fifo else None, sender, system_attributes,
+            m.origin[0] if m.origin is not None else None,
         ))
 
     def lead_delete(self, object log, ReceiptOpener opener, int64_t now, list handles):

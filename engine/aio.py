@@ -79,9 +79,12 @@ class AsyncQueue:
 
     async def send(self, body: bytes, delay_seconds: int | None = None,
                    attributes: Mapping[str, MessageAttribute] | None = None,
-                   group_id: str | None = None, dedup_id: str | None = None) -> SendResult:
-        result = (await self.send_batch(
-            [SendEntry(body, delay_seconds, attributes, group_id, dedup_id)]))[0]
+                   group_id: str | None = None, dedup_id: str | None = None,
+                   sender: str | None = None,
+                   system_attributes: Mapping[str, MessageAttribute] | None = None
+                   ) -> SendResult:
+        result = (await self.send_batch([SendEntry(body, delay_seconds, attributes, group_id,
+                                                   dedup_id, sender, system_attributes)]))[0]
         if isinstance(result, EngineError):
             raise result
         return result

@@ -34,6 +34,7 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -76,7 +77,8 @@ class Broker:
                  clock: Clock | None = None, open_queues_max: int = OPEN_QUEUES_MAX,
                  segment_bytes_max: int = QUEUE_SEGMENT_BYTES,
                  snapshot_bytes: int = SNAPSHOT_BYTES,
-                 maintenance_interval_ms: int = MAINTENANCE_INTERVAL_MS) -> None:
+                 maintenance_interval_ms: int = MAINTENANCE_INTERVAL_MS,
+                 on_sync: Callable[[float], None] | None = None) -> None:
         self.path = os.fspath(path)
         self.fsync_policy = FsyncPolicy.parse(fsync)
         self.clock: Clock = clock or SystemClock()
@@ -94,6 +96,7 @@ class Broker:
             self._core_options: dict[str, Any] = {
                 "fsync": str(self.fsync_policy), "clock": self.clock, "codec": self._codec,
                 "segment_bytes_max": segment_bytes_max, "snapshot_bytes": snapshot_bytes,
+                "name_of_uid": self.catalog.name_of, "on_sync": on_sync,
             }
             self._remove_strays()
         except BaseException:
@@ -235,6 +238,10 @@ class Broker:
             self._complete_moves(core, plan)
         return core
 
+    def open_cores(self) -> list[QueueCore]:
+        """The queues open now (for metrics: reading them opens nothing)."""
+        return list(self._cores.values())
+
     def open_core(self, name: str) -> QueueCore | None:
         """The queue's core if it is open already (never opens: no replay, no blocking)."""
         return None if self._closed else self._cores.get(name)
@@ -307,6 +314,10 @@ class Broker:
             self._maintaining = False
 
     # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def _check_open(self) -> None:
         if self._closed:

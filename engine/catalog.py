@@ -68,6 +68,12 @@ class Catalog:
                 "ORDER BY name").fetchall()
         return [_entry(row) for row in rows]
 
+    def name_of(self, uid: int) -> str | None:
+        """The name of the queue with this uid, if it still exists."""
+        with self._lock:
+            row = self._db.execute("SELECT name FROM queues WHERE uid = ?", (uid,)).fetchone()
+        return row[0] if row else None
+
     def uids(self) -> set[int]:
         with self._lock:
             return {row[0] for row in self._db.execute("SELECT uid FROM queues")}

@@ -22,6 +22,7 @@ from engine.errors import (
 from engine.records import MessageAttribute
 
 QUEUE_NAME_CHARS_MAX = 80
+NAMESPACE_CHARS_MAX = 64
 FIFO_SUFFIX = ".fifo"
 
 VISIBILITY_TIMEOUT_S_MAX = 12 * 60 * 60
@@ -40,6 +41,7 @@ ATTRIBUTE_NAME_CHARS_MAX = 256
 ATTRIBUTE_TYPE_CHARS_MAX = 256
 GROUP_ID_CHARS_MAX = 128
 DEDUP_ID_CHARS_MAX = 128
+SENDER_CHARS_MAX = 256
 
 # Patterns are used with fullmatch: "$" would also match before a trailing newline.
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -53,20 +55,35 @@ NUMBER_DIGITS_MAX = 38
 
 
 def check_queue_name(name: object, fifo: bool) -> str:
+    """A queue name by SQS's rules, optionally namespaced as ``namespace/name``.
+
+    The namespace (1..64 of A-Z a-z 0-9 _ -) lets one broker hold queues of several
+    owners, such as SQS accounts, that may each name a queue "jobs".
+    """
     if not isinstance(name, str):
         raise InvalidQueueNameError("queue name", name, "must be a string")
-    stem = name.removesuffix(FIFO_SUFFIX) if fifo else name
-    if not 1 <= len(name) <= QUEUE_NAME_CHARS_MAX or not stem or not _QUEUE_NAME.fullmatch(stem):
+    namespace, slash, base = name.rpartition("/")
+    if slash and (not 1 <= len(namespace) <= NAMESPACE_CHARS_MAX
+                  or not _QUEUE_NAME.fullmatch(namespace)):
+        raise InvalidQueueNameError(
+            "queue namespace", namespace,
+            f"must be 1..{NAMESPACE_CHARS_MAX} characters of A-Z a-z 0-9 _ -")
+    _check_base_name(name, base, fifo)
+    return name
+
+
+def _check_base_name(name: str, base: str, fifo: bool) -> None:
+    stem = base.removesuffix(FIFO_SUFFIX) if fifo else base
+    if not 1 <= len(base) <= QUEUE_NAME_CHARS_MAX or not stem or not _QUEUE_NAME.fullmatch(stem):
         raise InvalidQueueNameError(
             "queue name", name,
             f"must be 1..{QUEUE_NAME_CHARS_MAX} characters of A-Z a-z 0-9 _ -"
             + (" ending in .fifo" if fifo else ""),
         )
-    if fifo != name.endswith(FIFO_SUFFIX):
+    if fifo != base.endswith(FIFO_SUFFIX):
         raise InvalidQueueNameError(
             "queue name", name, "a FIFO queue's name ends in .fifo, and only a FIFO queue's"
         )
-    return name
 
 
 def check_int(parameter: str, value: object, low: int, high: int) -> int:

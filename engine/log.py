@@ -136,6 +136,7 @@ class Log:
         buffer_bytes: int = BUFFER_BYTES_DEFAULT,
         flush_interval_ms: int = FLUSH_INTERVAL_MS_DEFAULT,
         lock: bool = True,
+        on_sync: Callable[[float], None] | None = None,
     ) -> None:
         self.path = os.fspath(path)
         self.fsync_policy = FsyncPolicy.parse(fsync)
@@ -178,6 +179,7 @@ class Log:
         """fsyncs run by group commit, interval syncs and flush() (a monotonic counter)."""
         self.sync_seconds = 0.0
         """Total time spent in those fsyncs."""
+        self._on_sync = on_sync
 
         os.makedirs(self.path, exist_ok=True)
         if lock:
@@ -590,6 +592,8 @@ class Log:
                 self._lock.acquire()
             self.sync_count += 1
             self.sync_seconds += elapsed
+            if self._on_sync is not None:
+                self._on_sync(elapsed)
         self._syncing = False
         if error is not None:
             self._fail(error)

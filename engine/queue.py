@@ -47,6 +47,7 @@ from engine.limits import (
     DELAY_S_MAX,
     GROUP_ID_CHARS_MAX,
     RECEIVE_WAIT_S_MAX,
+    SENDER_CHARS_MAX,
     VISIBILITY_TIMEOUT_S_MAX,
     QueueAttributes,
     check_int,
@@ -108,8 +109,11 @@ class QueueCore:
 
     def __init__(self, name: str, uid: int, directory: str, *, fsync: str, clock: Clock,
                  codec: ReceiptCodec, segment_bytes_max: int = QUEUE_SEGMENT_BYTES,
-                 snapshot_bytes: int = SNAPSHOT_BYTES) -> None:
+                 snapshot_bytes: int = SNAPSHOT_BYTES,
+                 name_of_uid: Callable[[int], str | None] = lambda uid: None,
+                 on_sync: Callable[[float], None] | None = None) -> None:
         self.name = name
+        self._name_of_uid = name_of_uid
         self.uid = uid
         self.directory = directory
         self._clock = clock
@@ -125,7 +129,7 @@ class QueueCore:
         self._closed = False
         self.last_used = time.monotonic()
         self.log = Log(os.path.join(directory, "log"), fsync=fsync, lock=False,
-                       segment_bytes_max=segment_bytes_max)
+                       segment_bytes_max=segment_bytes_max, on_sync=on_sync)
         try:
             self.state, self._snapshot_offset = self._load()
         except BaseException:
@@ -260,6 +264,12 @@ class QueueCore:
                     self.log, self.uid, now, max_messages, vis * 1000, limit, self._mac)
             except (LogError, OSError) as exc:
                 raise self._fail(exc) from exc
+            if self.state.origins:
+                # Messages moved in from another queue name it, resolved from its uid.
+                messages = [
+                    m._replace(dead_letter_source=self._name_of_uid(m.dead_letter_source))
+                    if isinstance(m.dead_letter_source, int) else m for m in messages
+                ]
             plan = None
             if moving:
                 bodies = self._read_sends([m.location for m in moving])
@@ -334,7 +344,8 @@ class QueueCore:
                 payloads.append(rec.encode_send(
                     seq, send.sent_at, visible_at, send.body, group=send.group,
                     dedup=send.dedup, message_id=message_id, origin=origin,
-                    attributes=send.attributes))
+                    attributes=send.attributes, sender=send.sender,
+                    system_attributes=send.system_attributes))
                 metas.append(rec.SendMeta(seq, send.sent_at, visible_at, send.group,
                                           send.dedup, message_id, origin))
                 seq += 1
@@ -557,14 +568,19 @@ class QueueCore:
 
 
 def _check_entry(entry: SendEntry, attrs: QueueAttributes) -> tuple[Any, ...]:
-    """Full validation of one entry; (body, attributes, delay_ms, group, dedup key)."""
+    """Full validation of one entry: (body, attributes, delay_ms, group, dedup key, sender,
+    system attributes)."""
     body = entry.body
     if not isinstance(body, bytes):
         if not isinstance(body, (bytearray, memoryview)):
             raise InvalidParameterError("body", type(body).__name__, "must be bytes")
         body = bytes(body)
     attributes = check_message_attributes(entry.attributes)
+    system_attributes = check_message_attributes(entry.system_attributes)
     check_message_size(message_bytes(body, attributes), attrs.max_message_bytes)
+    sender = None
+    if entry.sender is not None:
+        sender = check_token("sender", entry.sender, SENDER_CHARS_MAX)
     if entry.delay_seconds is None:
         delay = attrs.delay_seconds
     elif attrs.fifo:
@@ -587,7 +603,7 @@ def _check_entry(entry: SendEntry, attrs: QueueAttributes) -> tuple[Any, ...]:
             key = hashlib.sha256(body).hexdigest()
     else:
         key = None  # standard queues do not deduplicate (yet)
-    return body, attributes, delay * 1000, group, key
+    return body, attributes, delay * 1000, group, key, sender, system_attributes
 
 
 def _wake(future: asyncio.Future[None]) -> None:
@@ -638,9 +654,11 @@ class Queue:
 
     def send(self, body: bytes, delay_seconds: int | None = None,
              attributes: Mapping[str, MessageAttribute] | None = None,
-             group_id: str | None = None, dedup_id: str | None = None) -> SendResult:
+             group_id: str | None = None, dedup_id: str | None = None,
+             sender: str | None = None,
+             system_attributes: Mapping[str, MessageAttribute] | None = None) -> SendResult:
         result = self.send_batch([SendEntry(body, delay_seconds, attributes, group_id,
-                                            dedup_id)])[0]
+                                            dedup_id, sender, system_attributes)])[0]
         if isinstance(result, EngineError):
             raise result
         return result

@@ -55,6 +55,8 @@ class Send(NamedTuple):
     message_id: bytes | None
     origin: Origin | None
     attributes: Mapping[str, MessageAttribute] | None
+    sender: str | None
+    system_attributes: Mapping[str, MessageAttribute] | None
     body: bytes
 
 
@@ -128,6 +130,8 @@ def encode_send(
     message_id: bytes | None = None,
     origin: Origin | None = None,
     attributes: Mapping[str, MessageAttribute] | None = None,
+    sender: str | None = None,
+    system_attributes: Mapping[str, MessageAttribute] | None = None,
 ) -> bytes:
     flags = 0
     tail = []
@@ -146,6 +150,13 @@ def encode_send(
     if attributes:
         flags |= fmt.SEND_HAS_ATTRIBUTES
         blob = encode_attributes(attributes)
+        tail.append(_U32.pack(len(blob)) + blob)
+    if sender is not None:
+        flags |= fmt.SEND_HAS_SENDER
+        tail.append(_str(sender))
+    if system_attributes:
+        flags |= fmt.SEND_HAS_SYSTEM_ATTRIBUTES
+        blob = encode_attributes(system_attributes)
         tail.append(_U32.pack(len(blob)) + blob)
     head = _SEND_FIXED.pack(fmt.QREC_SEND, flags, seq, sent_at, visible_at)
     if not tail:
@@ -220,14 +231,26 @@ def decode_send(data: bytes | memoryview) -> Send:
     """A SEND record in full: body and attributes included."""
     meta, flags, pos = _send_head(data)
     attributes: dict[str, MessageAttribute] | None = None
-    if flags & fmt.SEND_HAS_ATTRIBUTES:
-        (blob_len,) = _U32.unpack_from(data, pos)
-        pos += 4
-        attributes = _decode_attributes(data, pos, pos + blob_len)
-        pos += blob_len
+    system_attributes: dict[str, MessageAttribute] | None = None
+    sender = None
+    try:
+        if flags & fmt.SEND_HAS_ATTRIBUTES:
+            (blob_len,) = _U32.unpack_from(data, pos)
+            pos += 4
+            attributes = _decode_attributes(data, pos, pos + blob_len)
+            pos += blob_len
+        if flags & fmt.SEND_HAS_SENDER:
+            sender, pos = _read_str(data, pos)
+        if flags & fmt.SEND_HAS_SYSTEM_ATTRIBUTES:
+            (blob_len,) = _U32.unpack_from(data, pos)
+            pos += 4
+            system_attributes = _decode_attributes(data, pos, pos + blob_len)
+            pos += blob_len
+    except (struct.error, IndexError, UnicodeDecodeError) as exc:
+        raise RecordError(f"malformed SEND record: {exc}") from exc
     if pos > len(data):
-        raise RecordError("SEND attributes run past the record")
-    return Send(*meta, attributes, bytes(data[pos:]))
+        raise RecordError("SEND fields run past the record")
+    return Send(*meta, attributes, sender, system_attributes, bytes(data[pos:]))
 
 
 def _decode_attributes(data: bytes | memoryview, pos: int, end: int

@@ -22,6 +22,10 @@ class SendEntry:
     attributes: Mapping[str, MessageAttribute] | None = None
     group_id: str | None = None
     dedup_id: str | None = None
+    sender: str | None = None
+    """Who sent it (an SQS SenderId): returned with the message."""
+    system_attributes: Mapping[str, MessageAttribute] | None = None
+    """Attributes for other systems, such as SQS's AWSTraceHeader."""
 
 
 class SendResult(NamedTuple):
@@ -44,6 +48,10 @@ class Message(NamedTuple):
     group_id: str | None
     sequence_number: str | None
     dedup_id: str | None
+    sender: str | None
+    system_attributes: dict[str, MessageAttribute]
+    dead_letter_source: str | int | None
+    """For a message moved to a dead-letter queue: the queue it came from."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -1027,7 +1027,8 @@ def test_default_maximum_is_one_mebibyte(broker: Broker) -> None:
 
 
 @pytest.mark.parametrize("name", [
-    "", "a" * 81, "has space", "tab\tname", "jobs.fifo", "a.b", "a/b", "ünïcode", "名前",
+    "", "a" * 81, "has space", "tab\tname", "jobs.fifo", "a.b", "a/", "/b", "a b/c", "ünïcode",
+    "名前",
     "jobs\n", "\njobs", "star*",
 ])
 def test_bad_standard_queue_names_are_refused(broker: Broker, name: str) -> None:
@@ -1799,3 +1800,41 @@ def test_concurrent_receivers_never_share_a_message(broker: Broker) -> None:
     assert len(set(seen)) == 300
     s = q.stats()
     assert (s.deleted, s.received, *counts(s)) == (300, 300, 0, 0, 0)
+
+
+def test_namespaces_keep_same_named_queues_apart(broker: Broker) -> None:
+    # "owner/name": one broker serves several owners (SQS accounts) that may share names.
+    first = broker.create_queue("111111111111/jobs")
+    second = broker.create_queue("222222222222/jobs")
+    first.send(b"one")
+    assert second.receive() == []
+    assert [m.body for m in first.receive()] == [b"one"]
+    assert broker.list_queues("111111111111/") == ["111111111111/jobs"]
+    with pytest.raises(errors.InvalidQueueNameError):
+        broker.create_queue("a" * 65 + "/jobs")
+    with pytest.raises(errors.InvalidQueueNameError):
+        broker.create_queue("111111111111/" + "x" * 81)
+
+
+def test_sender_and_system_attributes_travel_with_the_message(broker: Broker) -> None:
+    q = broker.create_queue("q")
+    q.send_batch([SendEntry(b"with", sender="AIDAEXAMPLE",
+                            system_attributes={"AWSTraceHeader": ("String", "Root=1-abc")})])
+    q.send(b"plain")
+    got = {m.body: m for m in q.receive(max_messages=2)}
+    assert got[b"with"].sender == "AIDAEXAMPLE"
+    assert got[b"with"].system_attributes == {"AWSTraceHeader": ("String", "Root=1-abc")}
+    assert (got[b"plain"].sender, got[b"plain"].system_attributes) == (None, {})
+
+
+def test_a_dead_lettered_message_names_its_source_queue(broker: Broker, clock: ManualClock
+                                                        ) -> None:
+    broker.create_queue("dlq")
+    src = broker.create_queue("src", dead_letter_queue="dlq", max_receive_count=1,
+                              visibility_timeout=5)
+    src.send(b"poison", sender="s1")
+    assert src.receive()[0].dead_letter_source is None
+    clock.advance(6)
+    assert src.receive() == []  # moved instead of delivered a second time
+    [moved] = broker.get_queue("dlq").receive()
+    assert (moved.body, moved.dead_letter_source, moved.sender) == (b"poison", "src", "s1")

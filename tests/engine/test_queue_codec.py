@@ -33,17 +33,23 @@ def test_record_constants_match_format_module() -> None:
     origin=st.none() | st.tuples(st.integers(1, 2**63 - 1), st.integers(1, 2**62),
                                  st.integers(0, 1000)),
     attributes=st.none() | st.dictionaries(tokens, attribute_values, max_size=4),
+    sender=st.none() | tokens,
+    system=st.none() | st.dictionaries(tokens, attribute_values, max_size=2),
 )
 def test_send_encoding_agrees_and_round_trips(
     seq: int, sent_at: int, delay: int, body: bytes, group: str | None, dedup: str | None,
     message_id: bytes | None, origin: tuple[int, int, int] | None,
-    attributes: dict[str, tuple[str, str | bytes]] | None,
+    attributes: dict[str, tuple[str, str | bytes]] | None, sender: str | None,
+    system: dict[str, tuple[str, str | bytes]] | None,
 ) -> None:
     o = rec.Origin(*origin) if origin else None
     attrs = {k: rec.MessageAttribute(*v) for k, v in attributes.items()} if attributes else None
+    sys_attrs = {k: rec.MessageAttribute(*v) for k, v in system.items()} if system else None
     reference = rec.encode_send(seq, sent_at, sent_at + delay, body, group=group, dedup=dedup,
-                                message_id=message_id, origin=o, attributes=attrs)
-    fast = encode_send(seq, sent_at, sent_at + delay, body, group, dedup, message_id, o, attrs)
+                                message_id=message_id, origin=o, attributes=attrs,
+                                sender=sender, system_attributes=sys_attrs)
+    fast = encode_send(seq, sent_at, sent_at + delay, body, group, dedup, message_id, o, attrs,
+                       sender, sys_attrs)
     assert fast == reference
     decoded = rec.decode_send(fast)
     assert (decoded.seq, decoded.sent_at, decoded.visible_at, decoded.body) == (
@@ -51,6 +57,7 @@ def test_send_encoding_agrees_and_round_trips(
     assert (decoded.group, decoded.dedup, decoded.message_id, decoded.origin) == (
         group, dedup, message_id, o)
     assert (decoded.attributes or None) == attrs
+    assert (decoded.sender, decoded.system_attributes or None) == (sender, sys_attrs)
 
 
 def test_message_ids_are_uuid_shaped_and_unique() -> None:

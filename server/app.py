@@ -1,0 +1,92 @@
+"""The application factory: ``create_app(config)`` builds the whole FrontEnd.
+
+Resources (the engine, the metadata store, the queue service) are opened and closed in a
+``cleanup_ctx``: aiohttp stops accepting, lets requests in flight finish, and only then
+closes them, so a graceful shutdown loses nothing that was acknowledged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from engine import AsyncBroker
+from server import keys, native, openapi
+from server.config import HEADER_BYTES_MAX, HEADERS_MAX, REQUEST_BYTES_MAX, ServerConfig
+from server.metadata import CachedMetadata, SQLiteMetadataStore
+from server.metrics import Metrics
+from server.middleware import frontend
+from server.service import QueueService
+from server.sqs import handler as sqs
+
+METADATA_FILE = "metadata.sqlite3"
+
+
+def create_app(config: ServerConfig) -> web.Application:
+    app = web.Application(
+        middlewares=[frontend],
+        client_max_size=REQUEST_BYTES_MAX,
+        handler_args={"max_line_size": HEADER_BYTES_MAX, "max_field_size": HEADER_BYTES_MAX,
+                      "max_headers": HEADERS_MAX},
+    )
+    app[keys.CONFIG] = config
+    app[keys.METRICS] = Metrics()
+    app[keys.RECEIVE_ATTEMPTS] = {}
+    app.cleanup_ctx.append(_engine)
+    app.router.add_routes(native.routes)
+    app.router.add_get("/healthz", healthz, name="healthz")
+    app.router.add_get("/readyz", readyz, name="readyz")
+    app.router.add_get("/metrics", metrics, name="metrics")
+    app.router.add_get("/openapi.json", openapi_json, name="openapi")
+    # The SQS protocols: JSON and query at "/", and the query protocol at a queue's URL.
+    app.router.add_post("/", sqs.handle, name="sqs")
+    app.router.add_get("/", sqs.handle, name="sqs_get")
+    app.router.add_post("/{account}/{queue}", sqs.handle, name="sqs_queue")
+    return app
+
+
+async def _engine(app: web.Application) -> AsyncIterator[None]:
+    config = app[keys.CONFIG]
+    os.makedirs(config.data_dir, exist_ok=True)
+    broker = AsyncBroker(config.data_dir, config.fsync,
+                         open_queues_max=config.open_queues_max,
+                         on_sync=app[keys.METRICS].fsync.observe)
+    store = SQLiteMetadataStore(os.path.join(config.data_dir, METADATA_FILE))
+    service = QueueService(broker, CachedMetadata(store))
+    try:
+        await service.start()
+        app[keys.METRICS].watch(broker.broker)
+        app[keys.BROKER] = broker
+        app[keys.SERVICE] = service
+        yield
+    finally:
+        await service.close()
+        await store.close()
+        await broker.close()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is up and serving HTTP."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready for traffic: the engine is open and the metadata store answers."""
+    service = request.app[keys.SERVICE]
+    if service.broker.broker.closed:
+        return web.json_response({"error": {"code": "NotReady", "message": "engine closed"}},
+                                 status=503)
+    await service.metadata.store.ping()
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[keys.METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document())

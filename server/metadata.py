@@ -1,0 +1,161 @@
+"""The metadata service: which queues exist, for whom, and what else is known of them.
+
+A queue's record holds what the SQS protocol knows beyond the engine's queue: its owner
+account, creation and modification times, tags, and the SQS attributes that do not change
+how messages flow (Policy, KmsMasterKeyId, RedriveAllowPolicy ...). The engine holds the
+messages and the attributes that shape them.
+
+:class:`MetadataStore` is the interface; :class:`SQLiteMetadataStore` is the single-node
+store and a cluster store replaces it. :class:`CachedMetadata` fronts either with an
+in-process cache, so that the path of a send reads no store at all. SQLite calls run on a
+thread of their own (a bulkhead), so a slow metadata write never stalls the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueRecord:
+    account: str
+    name: str
+    created_ms: int
+    modified_ms: int
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+    extra: dict[str, str] = dataclasses.field(default_factory=dict)
+    """SQS attributes the engine does not use (Policy, KmsMasterKeyId, ...), as strings."""
+
+    @property
+    def engine_name(self) -> str:
+        """The name of the engine queue that holds the messages: namespaced by account."""
+        return f"{self.account}/{self.name}"
+
+
+class MetadataStore(Protocol):
+    async def get(self, account: str, name: str) -> QueueRecord | None: ...
+    async def put(self, record: QueueRecord) -> None: ...
+    async def delete(self, account: str, name: str) -> None: ...
+    async def names(self, account: str, prefix: str, after: str, limit: int) -> list[str]: ...
+    async def ping(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS queues (
+    account     TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    modified_ms INTEGER NOT NULL,
+    tags        TEXT NOT NULL,
+    extra       TEXT NOT NULL,
+    PRIMARY KEY (account, name)
+) WITHOUT ROWID;
+"""
+
+
+class SQLiteMetadataStore:
+    """Queue records in a SQLite file (WAL, synchronous=FULL), on one thread of its own."""
+
+    def __init__(self, path: str) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="conveyor-metadata")
+        self._db = self._pool.submit(self._connect, path).result()
+
+    @staticmethod
+    def _connect(path: str) -> sqlite3.Connection:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(_SCHEMA)
+        return db
+
+    async def _run(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._pool, lambda: self._db.execute(sql, args).fetchall())
+
+    async def get(self, account: str, name: str) -> QueueRecord | None:
+        rows = await self._run(
+            "SELECT account, name, created_ms, modified_ms, tags, extra FROM queues "
+            "WHERE account = ? AND name = ?", (account, name))
+        return _record(rows[0]) if rows else None
+
+    async def put(self, record: QueueRecord) -> None:
+        await self._run(
+            "INSERT OR REPLACE INTO queues (account, name, created_ms, modified_ms, tags, "
+            "extra) VALUES (?, ?, ?, ?, ?, ?)",
+            (record.account, record.name, record.created_ms, record.modified_ms,
+             json.dumps(record.tags, sort_keys=True), json.dumps(record.extra, sort_keys=True)))
+
+    async def delete(self, account: str, name: str) -> None:
+        await self._run("DELETE FROM queues WHERE account = ? AND name = ?", (account, name))
+
+    async def names(self, account: str, prefix: str, after: str, limit: int) -> list[str]:
+        # A literal, case-sensitive prefix, in name order after a page's last name.
+        rows = await self._run(
+            "SELECT name FROM queues WHERE account = ? AND substr(name, 1, ?) = ? AND name > ? "
+            "ORDER BY name LIMIT ?", (account, len(prefix), prefix, after, limit))
+        return [row[0] for row in rows]
+
+    async def all_records(self) -> list[QueueRecord]:
+        rows = await self._run(
+            "SELECT account, name, created_ms, modified_ms, tags, extra FROM queues", ())
+        return [_record(row) for row in rows]
+
+    async def ping(self) -> None:
+        await self._run("SELECT 1", ())
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._pool, self._db.close)
+        self._pool.shutdown(wait=True)
+
+
+def _record(row: tuple[Any, ...]) -> QueueRecord:
+    account, name, created_ms, modified_ms, tags, extra = row
+    return QueueRecord(account, name, created_ms, modified_ms, json.loads(tags),
+                       json.loads(extra))
+
+
+class CachedMetadata:
+    """A store behind an in-process cache of records, updated on every write through it.
+
+    Single node: this process is the only writer, so the cache is never stale. A cluster
+    store invalidates it from its watch (``invalidate``).
+    """
+
+    def __init__(self, store: MetadataStore) -> None:
+        self.store = store
+        self._cache: dict[tuple[str, str], QueueRecord | None] = {}
+
+    async def get(self, account: str, name: str) -> QueueRecord | None:
+        key = (account, name)
+        try:
+            return self._cache[key]
+        except KeyError:
+            record = await self.store.get(account, name)
+            self._cache[key] = record
+            return record
+
+    def cached(self, account: str, name: str) -> QueueRecord | None:
+        """The record if it is cached; None if absent or not cached (no I/O)."""
+        return self._cache.get((account, name))
+
+    async def put(self, record: QueueRecord) -> None:
+        await self.store.put(record)
+        self._cache[(record.account, record.name)] = record
+
+    async def delete(self, account: str, name: str) -> None:
+        await self.store.delete(account, name)
+        self._cache[(account, name)] = None
+
+    async def names(self, account: str, prefix: str, after: str, limit: int) -> list[str]:
+        return await self.store.names(account, prefix, after, limit)
+
+    def invalidate(self, account: str, name: str) -> None:
+        self._cache.pop((account, name), None)

@@ -1,0 +1,95 @@
+"""The request path's outer layers: request ids, body limits, errors, audit and metrics.
+
+:func:`frontend` wraps every request. It gives the request an id, refuses a declared body
+over REQUEST_BYTES_MAX before reading a byte of it, maps any exception to the response
+its protocol expects (the one place errors become HTTP), and writes one JSON audit line
+and the request metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from server import keys
+from server.config import REQUEST_BYTES_MAX
+from server.errors import NotFoundError, RequestTooLargeError, native_status, spec_for
+from server.sqs import json_protocol, query_protocol
+
+_audit = logging.getLogger("conveyor.audit")
+_log = logging.getLogger("conveyor.server")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def frontend(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request["request_id"] = str(uuid.uuid4())
+    started = time.perf_counter()
+    try:
+        declared = request.content_length
+        if declared is not None and declared > REQUEST_BYTES_MAX:
+            raise RequestTooLargeError(declared, REQUEST_BYTES_MAX)
+        response = await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        response = error_response(request, RequestTooLargeError(None, REQUEST_BYTES_MAX))
+    except web.HTTPNotFound:
+        response = error_response(request, NotFoundError(f"no route for {request.path}"))
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.text and "json" not in (exc.content_type or ""):
+            # aiohttp's own refusals (405, 400 from the parser): keep the status, use our body.
+            response = web.json_response(
+                {"error": {"code": exc.reason.replace(" ", ""), "message": exc.text}},
+                status=exc.status)
+        else:
+            raise
+    except Exception as exc:
+        response = error_response(request, exc)
+    _account(request, response, time.perf_counter() - started)
+    return response
+
+
+def error_response(request: web.Request, exc: BaseException) -> web.Response:
+    """The one mapping of an exception to an HTTP response, framed for the protocol."""
+    spec = spec_for(exc)
+    if spec.status >= 500:
+        _log.error("request %s failed", request["request_id"], exc_info=exc)
+    protocol = request.get("protocol", "native")
+    request_id = request["request_id"]
+    if protocol == "sqs-json":
+        return json_protocol.error(exc, spec, request_id)
+    if protocol == "sqs-query":
+        return query_protocol.error(exc, spec, request_id)
+    message = str(exc) if spec.status < 500 else "internal error"
+    return web.json_response({"error": {"code": spec.native_code, "message": message}},
+                             status=native_status(exc), headers={"X-Request-Id": request_id})
+
+
+def _account(request: web.Request, response: web.StreamResponse, elapsed: float) -> None:
+    protocol = request.get("protocol", "native")
+    action = request.get("action") or _route_name(request)
+    metrics = request.app[keys.METRICS]
+    metrics.requests.labels(protocol, action, str(response.status)).inc()
+    metrics.latency.labels(protocol, action).observe(elapsed)
+    received = request.content_length or 0
+    metrics.request_bytes.labels(protocol).inc(received)
+    if request.app[keys.CONFIG].access_log:
+        _audit.info(json.dumps({
+            "ts": round(time.time(), 3), "request_id": request["request_id"],
+            "principal": request.get("principal"), "remote": request.remote,
+            "protocol": protocol, "action": action, "queue": request.get("queue"),
+            "status": response.status, "bytes_in": received,
+            "bytes_out": len(body) if isinstance(body := getattr(response, "body", None),
+                                                  bytes) else None,
+            "latency_ms": round(elapsed * 1000, 3),
+        }, separators=(",", ":")))
+
+
+def _route_name(request: web.Request) -> str:
+    route = request.match_info.route
+    return route.name or f"{request.method} {getattr(route.resource, 'canonical', request.path)}"

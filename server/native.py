@@ -1,0 +1,353 @@
+"""The native REST/JSON API, version 1 (described by /openapi.json).
+
+Handlers are thin: parse, call the queue service, serialise. Bodies are binary-safe: a
+single send takes the raw request body; JSON carries bodies as ``body`` (UTF-8 text) or
+``body_base64``, and received messages always carry ``body_base64`` (and ``body`` when the
+bytes are valid UTF-8). Errors are ``{"error": {"code", "message"}}`` with REST statuses.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from engine import Message, MessageAttribute, SendEntry
+from engine.errors import EngineError, InvalidParameterError, MissingParameterError
+from engine.limits import (
+    RECEIVE_WAIT_S_MAX,
+    VISIBILITY_TIMEOUT_S_MAX,
+    QueueAttributes,
+)
+from server import keys
+from server.config import REQUEST_BYTES_MAX
+from server.errors import MalformedRequestError, RequestTooLargeError, spec_for
+from server.service import QueueService, QueueView
+
+routes = web.RouteTableDef()
+
+# Entries in one native batch call (SQS allows 10; the engine batches up to 1,000).
+NATIVE_BATCH_MAX = 100
+_ATTRIBUTE_NAMES = {f.name for f in QueueAttributes.__dataclass_fields__.values()}
+
+
+def _service(request: web.Request) -> QueueService:
+    return request.app[keys.SERVICE]
+
+
+def _account(request: web.Request) -> str:
+    account: str = request.get("account", request.app[keys.CONFIG].account_id)
+    return account
+
+
+def _name(request: web.Request) -> str:
+    name = request.match_info["name"]
+    request["queue"] = f"{_account(request)}/{name}"
+    return name
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    if not request.body_exists:
+        return {}
+    try:
+        data = await request.json()
+    except web.HTTPRequestEntityTooLarge:
+        raise RequestTooLargeError(None, REQUEST_BYTES_MAX) from None
+    except ValueError as exc:
+        raise MalformedRequestError(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise MalformedRequestError("the body must be a JSON object")
+    return data
+
+
+def _int(value: object, name: str, low: int, high: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.lstrip("-").isdigit() and len(value) < 12:
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidParameterError(name, value, f"must be an integer in {low}..{high}")
+    return value
+
+
+def _str(value: object, name: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise InvalidParameterError(name, value, "must be a string")
+
+
+def _queue_json(request: web.Request, view: QueueView) -> dict[str, Any]:
+    record, stats = view.record, view.stats
+    return {
+        "name": record.name,
+        "url": f"{request.scheme}://{request.host}/v1/queues/{record.name}",
+        "attributes": view.attributes.to_dict() | {
+            "dead_letter_queue": _local(view.attributes.dead_letter_queue)},
+        "stats": {
+            "visible": stats.visible, "in_flight": stats.in_flight, "delayed": stats.delayed,
+            "oldest_age_s": stats.oldest_age_s, "sent": stats.sent,
+            "received": stats.received, "deleted": stats.deleted, "expired": stats.expired,
+            "moved_to_dead_letter": stats.moved_to_dead_letter, "purged": stats.purged,
+        },
+        "tags": record.tags,
+        "created_at": record.created_ms / 1000,
+        "modified_at": record.modified_ms / 1000,
+    }
+
+
+def _local(engine_name: str | None) -> str | None:
+    return None if engine_name is None else engine_name.partition("/")[2]
+
+
+def _engine_attributes(request: web.Request, raw: object) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InvalidParameterError("attributes", raw, "must be an object")
+    unknown = set(raw) - _ATTRIBUTE_NAMES
+    if unknown:
+        name = sorted(unknown)[0]
+        raise InvalidParameterError(name, raw[name], "is not a queue attribute")
+    out = dict(raw)
+    if isinstance(out.get("dead_letter_queue"), str):
+        out["dead_letter_queue"] = f"{_account(request)}/{out['dead_letter_queue']}"
+    return out
+
+
+# --- queues --------------------------------------------------------------------------------
+
+
+@routes.get("/v1/queues", name="list_queues")
+async def list_queues(request: web.Request) -> web.Response:
+    limit = _int(request.query.get("limit"), "limit", 1, 1000) or 1000
+    names, after = await _service(request).list_queues(
+        _account(request), request.query.get("prefix", ""), limit,
+        request.query.get("after", ""))
+    base = f"{request.scheme}://{request.host}/v1/queues"
+    return web.json_response({"queues": [{"name": n, "url": f"{base}/{n}"} for n in names],
+                              "next": after})
+
+
+@routes.post("/v1/queues", name="create_queue")
+async def create_queue(request: web.Request) -> web.Response:
+    body = await _json(request)
+    name = body.get("name")
+    if not isinstance(name, str) or not name:
+        raise MissingParameterError("name", "a queue needs a name")
+    tags = body.get("tags") or {}
+    if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
+        raise InvalidParameterError("tags", tags, "must be an object of strings")
+    service = _service(request)
+    existed = await service.metadata.get(_account(request), name) is not None
+    await service.create_queue(_account(request), name,
+                               _engine_attributes(request, body.get("attributes")), {}, tags)
+    view = await service.view(_account(request), name)
+    return web.json_response(_queue_json(request, view), status=200 if existed else 201)
+
+
+@routes.get("/v1/queues/{name}", name="get_queue")
+async def get_queue(request: web.Request) -> web.Response:
+    view = await _service(request).view(_account(request), _name(request))
+    return web.json_response(_queue_json(request, view))
+
+
+@routes.patch("/v1/queues/{name}", name="update_queue")
+async def update_queue(request: web.Request) -> web.Response:
+    name = _name(request)
+    body = await _json(request)
+    view = await _service(request).set_attributes(
+        _account(request), name, _engine_attributes(request, body.get("attributes")), {})
+    return web.json_response(_queue_json(request, view))
+
+
+@routes.delete("/v1/queues/{name}", name="delete_queue")
+async def delete_queue(request: web.Request) -> web.Response:
+    await _service(request).delete_queue(_account(request), _name(request))
+    return web.Response(status=204)
+
+
+@routes.post("/v1/queues/{name}/purge", name="purge_queue")
+async def purge_queue(request: web.Request) -> web.Response:
+    await _service(request).purge(_account(request), _name(request))
+    return web.Response(status=204)
+
+
+# --- messages ------------------------------------------------------------------------------
+
+
+def _sent(result: object) -> dict[str, Any]:
+    if isinstance(result, EngineError):
+        return {"error": _error(result)}
+    return {"message_id": result.message_id,  # type: ignore[attr-defined]
+            "sequence_number": result.sequence_number,  # type: ignore[attr-defined]
+            "duplicate": result.duplicate}  # type: ignore[attr-defined]
+
+
+def _error(exc: BaseException) -> dict[str, str]:
+    return {"code": spec_for(exc).native_code, "message": str(exc)}
+
+
+@routes.post("/v1/queues/{name}/messages", name="send_message")
+async def send_message(request: web.Request) -> web.Response:
+    """The raw request body is the message; options come as query parameters."""
+    name = _name(request)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise RequestTooLargeError(None, REQUEST_BYTES_MAX) from None
+    entry = SendEntry(body,
+                      delay_seconds=_int(request.query.get("delay_seconds"), "delay_seconds",
+                                         -(2**31), 2**31),
+                      group_id=request.query.get("group_id"),
+                      dedup_id=request.query.get("dedup_id"),
+                      sender=request.get("principal"))
+    [result] = await _service(request).send(_account(request), name, [entry])
+    if isinstance(result, EngineError):
+        raise result
+    return web.json_response(_sent(result), status=201)
+
+
+def _entry(raw: object, sender: str | None) -> SendEntry:
+    if not isinstance(raw, dict):
+        raise InvalidParameterError("messages", raw, "each message must be an object")
+    if isinstance(raw.get("body_base64"), str):
+        try:
+            body = base64.b64decode(raw["body_base64"], validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidParameterError("body_base64", "...", "is not valid base64") from None
+    elif isinstance(raw.get("body"), str):
+        body = raw["body"].encode()
+    else:
+        raise MissingParameterError("body", "each message needs body or body_base64")
+    return SendEntry(body, delay_seconds=_int(raw.get("delay_seconds"), "delay_seconds",
+                                              -(2**31), 2**31),
+                     attributes=_attributes(raw.get("attributes")),
+                     group_id=_str(raw.get("group_id"), "group_id"),
+                     dedup_id=_str(raw.get("dedup_id"), "dedup_id"), sender=sender)
+
+
+def _attributes(raw: object) -> dict[str, MessageAttribute] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise InvalidParameterError("attributes", raw, "must be an object")
+    out = {}
+    for name, value in raw.items():
+        if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+            raise InvalidParameterError(f"attributes.{name}", value,
+                                        'must be {"type": ..., "value": ...}')
+        if isinstance(value.get("value_base64"), str):
+            try:
+                data: str | bytes = base64.b64decode(value["value_base64"], validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidParameterError(f"attributes.{name}", "...",
+                                            "value_base64 is not valid base64") from None
+        elif isinstance(value.get("value"), str):
+            data = value["value"]
+        else:
+            raise InvalidParameterError(f"attributes.{name}", value,
+                                        "needs a string value or value_base64")
+        out[name] = MessageAttribute(value["type"], data)
+    return out
+
+
+def _batch(body: Mapping[str, Any], field: str) -> list[Any]:
+    items = body.get(field)
+    if not isinstance(items, list) or not items:
+        raise MissingParameterError(field, f"the request needs a non-empty {field} list")
+    if len(items) > NATIVE_BATCH_MAX:
+        raise InvalidParameterError(field, len(items), f"at most {NATIVE_BATCH_MAX} entries")
+    return items
+
+
+@routes.post("/v1/queues/{name}/messages/batch", name="send_messages")
+async def send_messages(request: web.Request) -> web.Response:
+    name = _name(request)
+    raw = _batch(await _json(request), "messages")
+    entries: list[SendEntry | EngineError] = []
+    for item in raw:
+        try:
+            entries.append(_entry(item, request.get("principal")))
+        except EngineError as exc:
+            entries.append(exc)
+    valid = [e for e in entries if isinstance(e, SendEntry)]
+    results = iter(await _service(request).send(_account(request), name, valid) if valid
+                   else [])
+    out = [_sent(next(results) if isinstance(e, SendEntry) else e) for e in entries]
+    return web.json_response({"results": out})
+
+
+def _message_json(message: Message) -> dict[str, Any]:
+    try:
+        text: str | None = message.body.decode()
+    except UnicodeDecodeError:
+        text = None
+    return {
+        "message_id": message.message_id,
+        "body": text,
+        "body_base64": base64.b64encode(message.body).decode(),
+        "receipt": message.receipt,
+        "receive_count": message.receive_count,
+        "sent_at": message.sent_at,
+        "first_received_at": message.first_received_at,
+        "attributes": {
+            k: ({"type": t, "value_base64": base64.b64encode(v).decode()}
+                if isinstance(v, bytes) else {"type": t, "value": v})
+            for k, (t, v) in message.attributes.items()
+        },
+        "group_id": message.group_id,
+        "sequence_number": message.sequence_number,
+        "dedup_id": message.dedup_id,
+    }
+
+
+@routes.post("/v1/queues/{name}/messages/receive", name="receive_messages")
+async def receive_messages(request: web.Request) -> web.Response:
+    name = _name(request)
+    body = await _json(request)
+    count = _int(body.get("max_messages"), "max_messages", 1, NATIVE_BATCH_MAX) or 1
+    wait = _int(body.get("wait_seconds"), "wait_seconds", 0, RECEIVE_WAIT_S_MAX)
+    visibility = _int(body.get("visibility_timeout"), "visibility_timeout", 0,
+                      VISIBILITY_TIMEOUT_S_MAX)
+    messages = await _service(request).receive(_account(request), name, count, wait,
+                                               visibility)
+    return web.json_response({"messages": [_message_json(m) for m in messages]})
+
+
+@routes.post("/v1/queues/{name}/messages/delete", name="delete_messages")
+async def delete_messages(request: web.Request) -> web.Response:
+    name = _name(request)
+    receipts = _batch(await _json(request), "receipts")
+    if not all(isinstance(r, str) for r in receipts):
+        raise InvalidParameterError("receipts", "...", "must be strings")
+    results = await _service(request).delete(_account(request), name, receipts)
+    return web.json_response({"results": [None if r is None else _error(r) for r in results]})
+
+
+@routes.delete("/v1/queues/{name}/messages/{receipt}", name="delete_message")
+async def delete_message(request: web.Request) -> web.Response:
+    name = _name(request)
+    [error] = await _service(request).delete(_account(request), name,
+                                             [request.match_info["receipt"]])
+    if error is not None:
+        raise error
+    return web.Response(status=204)
+
+
+@routes.post("/v1/queues/{name}/messages/visibility", name="change_visibility")
+async def change_visibility(request: web.Request) -> web.Response:
+    name = _name(request)
+    entries = []
+    for item in _batch(await _json(request), "entries"):
+        if not isinstance(item, dict) or not isinstance(item.get("receipt"), str):
+            raise InvalidParameterError("entries", item, "each entry needs a receipt")
+        seconds = _int(item.get("visibility_timeout"), "visibility_timeout", 0,
+                       VISIBILITY_TIMEOUT_S_MAX)
+        if seconds is None:
+            raise MissingParameterError("visibility_timeout", "each entry needs one")
+        entries.append((item["receipt"], seconds))
+    results = await _service(request).change_visibility(_account(request), name, entries)
+    return web.json_response({"results": [None if r is None else _error(r) for r in results]})

@@ -1,0 +1,473 @@
+"""The SQS actions, one function each, over protocol-neutral parameters.
+
+Each action takes the request's parameters as the JSON protocol shapes them (the query
+protocol's parser produces the same shape) and returns its result the same way. The
+protocol modules frame both. Validation follows SQS: what it would refuse is refused here
+with the error it would give, before anything changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from engine import SendEntry
+from engine.errors import EngineError, InvalidParameterError, MissingParameterError
+from engine.limits import (
+    BATCH_ENTRIES_MAX,
+    MESSAGE_BYTES_MAX,
+    RECEIVE_MESSAGES_MAX,
+    RECEIVE_WAIT_S_MAX,
+    VISIBILITY_TIMEOUT_S_MAX,
+)
+from server.config import LIST_PAGE_MAX, TAG_KEY_CHARS_MAX, TAG_VALUE_CHARS_MAX
+from server.errors import (
+    BatchIdsNotDistinctError,
+    BatchTooLongError,
+    EmptyBatchError,
+    InvalidBatchEntryIdError,
+    TooManyEntriesError,
+    UnsupportedOperationError,
+    spec_for,
+)
+from server.service import QueueService
+from server.sqs import shapes
+
+# FIFO receive-attempt ids are remembered this long (SQS's five minutes).
+RECEIVE_ATTEMPT_WINDOW_S = 300
+_ENTRY_ID = re.compile(r"[A-Za-z0-9_-]{1,80}")
+
+
+@dataclasses.dataclass
+class Context:
+    service: QueueService
+    account: str
+    base_url: str
+    region: str
+    # FIFO ReceiveRequestAttemptId -> (when, result), per queue.
+    attempts: dict[tuple[str, str], tuple[float, dict[str, Any]]]
+    sender: str | None = None
+
+    def url(self, account: str, name: str) -> str:
+        return shapes.queue_url(self.base_url, account, name)
+
+
+Params = Mapping[str, Any]
+Action = Callable[[Context, Params], Awaitable[dict[str, Any]]]
+
+
+# --- parameter helpers -------------------------------------------------------------------
+
+
+def _text(params: Params, name: str) -> str:
+    value = params.get(name)
+    if value is None or value == "":
+        raise MissingParameterError(name, f"the request needs {name}")
+    if not isinstance(value, str):
+        raise InvalidParameterError(name, value, "must be a string")
+    return value
+
+
+def _int(params: Params, name: str, low: int, high: int) -> int | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, str) and re.fullmatch(r"-?\d{1,12}", value):
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidParameterError(name, value, f"must be an integer in {low}..{high}")
+    return value
+
+
+def _queue(params: Params) -> tuple[str, str]:
+    return shapes.parse_queue_url(params.get("QueueUrl"))
+
+
+def _entries(params: Params) -> list[Mapping[str, Any]]:
+    entries = params.get("Entries")
+    if entries is None:
+        raise MissingParameterError("Entries", "the request needs Entries")
+    if not isinstance(entries, list):
+        raise InvalidParameterError("Entries", entries, "must be a list")
+    if not entries:
+        raise EmptyBatchError()
+    if len(entries) > BATCH_ENTRIES_MAX:
+        raise TooManyEntriesError(len(entries), BATCH_ENTRIES_MAX)
+    seen: set[str] = set()
+    for entry in entries:
+        if not isinstance(entry, Mapping):
+            raise InvalidParameterError("Entries", entry, "each entry must be a map")
+        entry_id = entry.get("Id")
+        if not isinstance(entry_id, str) or not _ENTRY_ID.fullmatch(entry_id):
+            raise InvalidBatchEntryIdError(str(entry_id))
+        if entry_id in seen:
+            raise BatchIdsNotDistinctError(entry_id)
+        seen.add(entry_id)
+    return entries
+
+
+def _failure(entry_id: str, exc: BaseException) -> dict[str, Any]:
+    spec = spec_for(exc)
+    return {"Id": entry_id, "SenderFault": spec.sender_fault, "Code": spec.query_code,
+            "Message": str(exc)}
+
+
+def _page(params: Params) -> tuple[int | None, str]:
+    limit = _int(params, "MaxResults", 1, LIST_PAGE_MAX)
+    token = params.get("NextToken") or ""
+    if not isinstance(token, str):
+        raise InvalidParameterError("NextToken", token, "must be a string")
+    return limit, token
+
+
+# --- queues ------------------------------------------------------------------------------
+
+
+async def create_queue(ctx: Context, params: Params) -> dict[str, Any]:
+    name = _text(params, "QueueName")
+    engine, extra = shapes.engine_attributes(params.get("Attributes") or {}, creating=True)
+    tags = _tags(params.get("tags") or {})
+    # FifoQueue decides the queue type; the name must agree (checked by the engine).
+    record = await ctx.service.create_queue(ctx.account, name, engine, extra, tags)
+    return {"QueueUrl": ctx.url(record.account, record.name)}
+
+
+async def get_queue_url(ctx: Context, params: Params) -> dict[str, Any]:
+    name = _text(params, "QueueName")
+    account = params.get("QueueOwnerAWSAccountId") or ctx.account
+    record = await ctx.service.record(account, name)
+    return {"QueueUrl": ctx.url(record.account, record.name)}
+
+
+async def list_queues(ctx: Context, params: Params) -> dict[str, Any]:
+    prefix = params.get("QueueNamePrefix") or ""
+    if not isinstance(prefix, str):
+        raise InvalidParameterError("QueueNamePrefix", prefix, "must be a string")
+    limit, token = _page(params)
+    names, after = await ctx.service.list_queues(ctx.account, prefix,
+                                                 limit or LIST_PAGE_MAX, token)
+    out: dict[str, Any] = {"QueueUrls": [ctx.url(ctx.account, n) for n in names]}
+    if after is not None and limit is not None:
+        out["NextToken"] = after  # pagination only when asked for, as SQS does
+    return out
+
+
+async def delete_queue(ctx: Context, params: Params) -> dict[str, Any]:
+    await ctx.service.delete_queue(*_queue(params))
+    return {}
+
+
+async def get_queue_attributes(ctx: Context, params: Params) -> dict[str, Any]:
+    account, name = _queue(params)
+    wanted = shapes.check_attribute_names(params.get("AttributeNames"))
+    view = await ctx.service.view(account, name)
+    attributes = shapes.sqs_attributes(view.record, view.attributes, view.stats, ctx.region,
+                                       wanted)
+    return {"Attributes": attributes} if attributes else {}
+
+
+async def set_queue_attributes(ctx: Context, params: Params) -> dict[str, Any]:
+    account, name = _queue(params)
+    raw = params.get("Attributes")
+    if raw is None:
+        raise MissingParameterError("Attributes", "the request needs Attributes")
+    engine, extra = shapes.engine_attributes(raw, creating=False)
+    await ctx.service.set_attributes(account, name, engine, extra)
+    return {}
+
+
+def _tags(raw: object) -> dict[str, str]:
+    if not isinstance(raw, Mapping):
+        raise InvalidParameterError("Tags", raw, "must be a map")
+    for key, value in raw.items():
+        if not isinstance(key, str) or not 1 <= len(key) <= TAG_KEY_CHARS_MAX:
+            raise InvalidParameterError("Tags", key,
+                                        f"a tag key is 1..{TAG_KEY_CHARS_MAX} characters")
+        if not isinstance(value, str) or len(value) > TAG_VALUE_CHARS_MAX:
+            raise InvalidParameterError("Tags", value,
+                                        f"a tag value is 0..{TAG_VALUE_CHARS_MAX} characters")
+    return dict(raw)
+
+
+async def tag_queue(ctx: Context, params: Params) -> dict[str, Any]:
+    account, name = _queue(params)
+    tags = params.get("Tags")
+    if tags is None:
+        raise MissingParameterError("Tags", "the request needs Tags")
+    await ctx.service.tag(account, name, _tags(tags))
+    return {}
+
+
+async def untag_queue(ctx: Context, params: Params) -> dict[str, Any]:
+    account, name = _queue(params)
+    keys = params.get("TagKeys")
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise MissingParameterError("TagKeys", "the request needs TagKeys")
+    await ctx.service.untag(account, name, keys)
+    return {}
+
+
+async def list_queue_tags(ctx: Context, params: Params) -> dict[str, Any]:
+    record = await ctx.service.record(*_queue(params))
+    return {"Tags": dict(record.tags)} if record.tags else {}
+
+
+async def purge_queue(ctx: Context, params: Params) -> dict[str, Any]:
+    await ctx.service.purge(*_queue(params))
+    return {}
+
+
+async def list_dead_letter_source_queues(ctx: Context, params: Params) -> dict[str, Any]:
+    account, name = _queue(params)
+    limit, token = _page(params)
+    sources = [s for s in await ctx.service.dead_letter_sources(account, name)
+               if s[1] > token]
+    page = sources[: limit or LIST_PAGE_MAX]
+    out: dict[str, Any] = {"queueUrls": [ctx.url(a, n) for a, n in page]}
+    if limit is not None and len(sources) > limit:
+        out["NextToken"] = page[-1][1]
+    return out
+
+
+# --- messages -----------------------------------------------------------------------------
+
+
+def _send_entry(ctx: Context, params: Mapping[str, Any]) -> SendEntry:
+    body = shapes.body_bytes(params.get("MessageBody"))
+    delay = _int(params, "DelaySeconds", -(2**31), 2**31)
+    system = shapes.message_attributes(params.get("MessageSystemAttributes"),
+                                       "MessageSystemAttributes")
+    if system and set(system) != {"AWSTraceHeader"}:
+        raise InvalidParameterError("MessageSystemAttributes", sorted(system),
+                                    "only AWSTraceHeader may be sent")
+    return SendEntry(
+        body, delay_seconds=delay,
+        attributes=shapes.message_attributes(params.get("MessageAttributes")),
+        group_id=params.get("MessageGroupId"), dedup_id=params.get("MessageDeduplicationId"),
+        sender=ctx.sender, system_attributes=system,
+    )
+
+
+def _sent(entry: SendEntry, result: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"MessageId": result.message_id,
+                           "MD5OfMessageBody": shapes.md5_of_body(entry.body)}
+    if entry.attributes:
+        out["MD5OfMessageAttributes"] = shapes.md5_of_attributes(entry.attributes)
+    if entry.system_attributes:
+        out["MD5OfMessageSystemAttributes"] = shapes.md5_of_attributes(
+            entry.system_attributes)
+    if result.sequence_number is not None:
+        out["SequenceNumber"] = result.sequence_number
+    return out
+
+
+async def send_message(ctx: Context, params: Params) -> dict[str, Any]:
+    account, name = _queue(params)
+    entry = _send_entry(ctx, params)
+    [result] = await ctx.service.send(account, name, [entry])
+    if isinstance(result, EngineError):
+        raise result
+    return _sent(entry, result)
+
+
+async def send_message_batch(ctx: Context, params: Params) -> dict[str, Any]:
+    account, name = _queue(params)
+    entries = _entries(params)
+    successful: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    prepared: list[tuple[str, SendEntry]] = []
+    total = 0
+    for raw in entries:
+        try:
+            entry = _send_entry(ctx, raw)
+        except EngineError as exc:
+            failed.append(_failure(raw["Id"], exc))
+            continue
+        total += len(entry.body)
+        prepared.append((raw["Id"], entry))
+    if total > MESSAGE_BYTES_MAX:
+        raise BatchTooLongError(total, MESSAGE_BYTES_MAX)
+    if prepared:
+        results = await ctx.service.send(account, name, [e for _, e in prepared])
+        for (entry_id, entry), result in zip(prepared, results, strict=True):
+            if isinstance(result, EngineError):
+                failed.append(_failure(entry_id, result))
+            else:
+                successful.append({"Id": entry_id, **_sent(entry, result)})
+    return {"Successful": successful, "Failed": failed}
+
+
+async def receive_message(ctx: Context, params: Params) -> dict[str, Any]:
+    account, name = _queue(params)
+    count = _int(params, "MaxNumberOfMessages", 1, RECEIVE_MESSAGES_MAX) or 1
+    wait = _int(params, "WaitTimeSeconds", 0, RECEIVE_WAIT_S_MAX)
+    visibility = _int(params, "VisibilityTimeout", 0, VISIBILITY_TIMEOUT_S_MAX)
+    system = shapes.wanted_attribute_names(params.get("AttributeNames"), "AttributeNames")
+    system |= shapes.wanted_attribute_names(params.get("MessageSystemAttributeNames"),
+                                            "MessageSystemAttributeNames")
+    unknown = system - shapes.SYSTEM_ATTRIBUTE_NAMES
+    if unknown:
+        raise InvalidParameterError("MessageSystemAttributeNames", sorted(unknown)[0],
+                                    "is not a message system attribute")
+    names = shapes.wanted_attribute_names(params.get("MessageAttributeNames"),
+                                          "MessageAttributeNames")
+    attempt = params.get("ReceiveRequestAttemptId")
+    key = None
+    if attempt is not None and shapes.is_fifo_name(name):
+        if not isinstance(attempt, str) or not 1 <= len(attempt) <= 128:
+            raise InvalidParameterError("ReceiveRequestAttemptId", attempt,
+                                        "must be 1..128 characters")
+        key = (f"{account}/{name}", attempt)
+        remembered = ctx.attempts.get(key)
+        if remembered is not None and time.monotonic() - remembered[0] < RECEIVE_ATTEMPT_WINDOW_S:
+            # A retried receive gets the same messages and receipts back (SQS FIFO).
+            return remembered[1]
+    messages = await ctx.service.receive(account, name, count, wait, visibility)
+    result = {"Messages": [shapes.received(m, system, names, ctx.region, account)
+                           for m in messages]} if messages else {}
+    if key is not None:
+        ctx.attempts[key] = (time.monotonic(), result)
+    return result
+
+
+async def delete_message(ctx: Context, params: Params) -> dict[str, Any]:
+    account, name = _queue(params)
+    [error] = await ctx.service.delete(account, name, [_text(params, "ReceiptHandle")])
+    if error is not None:
+        raise error
+    return {}
+
+
+async def delete_message_batch(ctx: Context, params: Params) -> dict[str, Any]:
+    account, name = _queue(params)
+    entries = _entries(params)
+    handles = [e.get("ReceiptHandle") for e in entries]
+    failed = [_failure(e["Id"], MissingParameterError("ReceiptHandle", "each entry needs one"))
+              for e, h in zip(entries, handles, strict=True) if not isinstance(h, str)]
+    valid = [(e["Id"], h) for e, h in zip(entries, handles, strict=True)
+             if isinstance(h, str)]
+    results = await ctx.service.delete(account, name, [h for _, h in valid]) if valid else []
+    successful = []
+    for (entry_id, _), error in zip(valid, results, strict=True):
+        if error is None:
+            successful.append({"Id": entry_id})
+        else:
+            failed.append(_failure(entry_id, error))
+    return {"Successful": successful, "Failed": failed}
+
+
+async def change_message_visibility(ctx: Context, params: Params) -> dict[str, Any]:
+    account, name = _queue(params)
+    seconds = _int(params, "VisibilityTimeout", 0, VISIBILITY_TIMEOUT_S_MAX)
+    if seconds is None:
+        raise MissingParameterError("VisibilityTimeout", "the request needs VisibilityTimeout")
+    [error] = await ctx.service.change_visibility(
+        account, name, [(_text(params, "ReceiptHandle"), seconds)])
+    if error is not None:
+        raise error
+    return {}
+
+
+async def change_message_visibility_batch(ctx: Context, params: Params) -> dict[str, Any]:
+    account, name = _queue(params)
+    failed: list[dict[str, Any]] = []
+    valid: list[tuple[str, tuple[str, int]]] = []
+    for entry in _entries(params):
+        try:
+            seconds = _int(entry, "VisibilityTimeout", 0, VISIBILITY_TIMEOUT_S_MAX)
+            if seconds is None:
+                raise MissingParameterError("VisibilityTimeout", "each entry needs one")
+            valid.append((entry["Id"], (_text(entry, "ReceiptHandle"), seconds)))
+        except EngineError as exc:
+            failed.append(_failure(entry["Id"], exc))
+    results = (await ctx.service.change_visibility(account, name, [v for _, v in valid])
+               if valid else [])
+    successful = []
+    for (entry_id, _), error in zip(valid, results, strict=True):
+        if error is None:
+            successful.append({"Id": entry_id})
+        else:
+            failed.append(_failure(entry_id, error))
+    return {"Successful": successful, "Failed": failed}
+
+
+# --- dead-letter redrive --------------------------------------------------------------------
+
+
+async def start_message_move_task(ctx: Context, params: Params) -> dict[str, Any]:
+    source = shapes.parse_arn(params.get("SourceArn"), "SourceArn")
+    destination = None
+    if params.get("DestinationArn"):
+        destination = shapes.parse_arn(params.get("DestinationArn"), "DestinationArn")
+    rate = _int(params, "MaxNumberOfMessagesPerSecond", 1, 500)
+    return {"TaskHandle": await ctx.service.start_move(source, destination, rate)}
+
+
+async def list_message_move_tasks(ctx: Context, params: Params) -> dict[str, Any]:
+    account, name = shapes.parse_arn(params.get("SourceArn"), "SourceArn")
+    limit = _int(params, "MaxResults", 1, 10) or 1
+    record = await ctx.service.record(account, name)
+    results = []
+    for task in ctx.service.list_moves(record.engine_name, limit):
+        item: dict[str, Any] = {
+            "Status": task.status,
+            "SourceArn": shapes.queue_arn(ctx.region, account, name),
+            "MaxNumberOfMessagesPerSecond": task.rate,
+            "ApproximateNumberOfMessagesMoved": task.moved,
+            "ApproximateNumberOfMessagesToMove": task.to_move,
+            "StartedTimestamp": task.started_ms,
+        }
+        if task.status == "RUNNING":
+            item["TaskHandle"] = task.handle
+        if task.destination is not None:
+            dest_account, _, dest = task.destination.partition("/")
+            item["DestinationArn"] = shapes.queue_arn(ctx.region, dest_account, dest)
+        if task.failure is not None:
+            item["FailureReason"] = task.failure
+        results.append(item)
+    return {"Results": results}
+
+
+async def cancel_message_move_task(ctx: Context, params: Params) -> dict[str, Any]:
+    task = await ctx.service.cancel_move(_text(params, "TaskHandle"))
+    return {"ApproximateNumberOfMessagesMoved": task.moved}
+
+
+async def _not_supported(ctx: Context, params: Params) -> dict[str, Any]:
+    raise UnsupportedOperationError("queue permissions (AddPermission, RemovePermission)")
+
+
+ACTIONS: dict[str, Action] = {
+    "CreateQueue": create_queue,
+    "GetQueueUrl": get_queue_url,
+    "ListQueues": list_queues,
+    "DeleteQueue": delete_queue,
+    "GetQueueAttributes": get_queue_attributes,
+    "SetQueueAttributes": set_queue_attributes,
+    "TagQueue": tag_queue,
+    "UntagQueue": untag_queue,
+    "ListQueueTags": list_queue_tags,
+    "PurgeQueue": purge_queue,
+    "ListDeadLetterSourceQueues": list_dead_letter_source_queues,
+    "SendMessage": send_message,
+    "SendMessageBatch": send_message_batch,
+    "ReceiveMessage": receive_message,
+    "DeleteMessage": delete_message,
+    "DeleteMessageBatch": delete_message_batch,
+    "ChangeMessageVisibility": change_message_visibility,
+    "ChangeMessageVisibilityBatch": change_message_visibility_batch,
+    "StartMessageMoveTask": start_message_move_task,
+    "ListMessageMoveTasks": list_message_move_tasks,
+    "CancelMessageMoveTask": cancel_message_move_task,
+    "AddPermission": _not_supported,
+    "RemovePermission": _not_supported,
+}
+
+# Actions whose QueueUrl names the queue (for the audit log and metrics).
+QUEUE_FROM_URL = {name for name in ACTIONS if name not in (
+    "CreateQueue", "GetQueueUrl", "ListQueues", "StartMessageMoveTask",
+    "ListMessageMoveTasks", "CancelMessageMoveTask")}
+

@@ -1,0 +1,83 @@
+"""The SQS endpoint: one handler for ``POST /`` (and ``GET /`` for the query protocol).
+
+The protocol is chosen by Content-Type: ``application/x-amz-json-1.0`` is JSON 1.0, a
+form (or a GET query string) is the query protocol. Requests are accepted with or without
+a SigV4 signature; the FrontEnd's authentication decides what a signature must prove.
+Errors propagate to the error middleware, which frames them for the protocol recorded on
+the request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from engine.errors import EngineError
+from server import keys
+from server.errors import MalformedRequestError, UnknownActionError
+from server.sqs import json_protocol, query_protocol
+from server.sqs.actions import ACTIONS, QUEUE_FROM_URL, RECEIVE_ATTEMPT_WINDOW_S, Context
+from server.sqs.query_protocol import FIELDS_MAX
+from server.sqs.shapes import parse_queue_url
+
+# FIFO receive attempts kept before the ones older than their window are dropped.
+ATTEMPTS_KEPT_MAX = 100_000
+
+
+async def handle(request: web.Request) -> web.Response:
+    # The protocol is known from the headers, before the body is read: an error reading
+    # it (too large, say) is then framed as the client expects.
+    json_request = (request.content_type == json_protocol.CONTENT_TYPE
+                    or "X-Amz-Target" in request.headers)
+    request["protocol"] = "sqs-json" if json_request else "sqs-query"
+    body = await request.read()
+    if json_request:
+        action = json_protocol.action(request.headers.get("X-Amz-Target"))
+        request["action"] = action
+        params = json_protocol.parse(body)
+    else:
+        fields = _fields(request.query_string) + _fields(body.decode("latin-1"))
+        action = next((v for k, v in fields if k == "Action"), "")
+        request["action"] = action
+        params = query_protocol.parse(fields, action)
+        if "QueueUrl" not in params and request.path.count("/") == 2:
+            params["QueueUrl"] = request.path  # the query protocol may address the queue
+    handler = ACTIONS.get(action)
+    if handler is None:
+        raise UnknownActionError(action)
+    if action in QUEUE_FROM_URL:
+        with contextlib.suppress(EngineError):  # the action reports a bad QueueUrl itself
+            request["queue"] = "/".join(parse_queue_url(params.get("QueueUrl")))
+    service = request.app[keys.SERVICE]
+    config = request.app[keys.CONFIG]
+    attempts = request.app[keys.RECEIVE_ATTEMPTS]
+    if len(attempts) > ATTEMPTS_KEPT_MAX:
+        _forget_old(attempts)
+    ctx = Context(service, request.get("account", config.account_id),
+                  f"{request.scheme}://{request.host}", config.region, attempts,
+                  request.get("principal"))
+    result = await handler(ctx, params)
+    request_id = request["request_id"]
+    if request["protocol"] == "sqs-json":
+        return json_protocol.respond(result, request_id)
+    return query_protocol.respond(result, action, request_id)
+
+
+def _fields(text: str) -> list[tuple[str, str]]:
+    if not text:
+        return []
+    try:
+        return parse_qsl(text, keep_blank_values=True, strict_parsing=True,
+                         encoding="utf-8", errors="strict", max_num_fields=FIELDS_MAX)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedRequestError(f"the form is not valid: {exc}") from None
+
+
+def _forget_old(attempts: dict[tuple[str, str], tuple[float, dict[str, Any]]]) -> None:
+    cutoff = time.monotonic() - RECEIVE_ATTEMPT_WINDOW_S
+    for key in [k for k, (when, _) in attempts.items() if when < cutoff]:
+        del attempts[key]

@@ -1,0 +1,54 @@
+"""SQS's JSON 1.0 framing: ``POST /`` with ``X-Amz-Target: AmazonSQS.<Action>``.
+
+Errors are ``{"__type": "com.amazonaws.sqs#<Shape>", "message": ...}`` with the query
+protocol's code in the ``x-amzn-query-error`` header, as SQS sends them: current SDKs pick
+the exception class from the shape and report the code from the header.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from server.errors import ErrorSpec, MalformedRequestError, UnknownActionError
+
+CONTENT_TYPE = "application/x-amz-json-1.0"
+TARGET_PREFIX = "AmazonSQS."
+
+
+def action(target: str | None) -> str:
+    if not target:
+        raise UnknownActionError("")
+    if not target.startswith(TARGET_PREFIX):
+        raise UnknownActionError(target)
+    return target[len(TARGET_PREFIX):]
+
+
+def parse(body: bytes) -> dict[str, Any]:
+    if not body:
+        return {}
+    try:
+        params = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedRequestError(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise MalformedRequestError("the body must be a JSON object")
+    return params
+
+
+def respond(result: Mapping[str, Any], request_id: str) -> web.Response:
+    return web.Response(body=json.dumps(result, separators=(",", ":")).encode(),
+                        content_type=CONTENT_TYPE, headers={"x-amzn-RequestId": request_id})
+
+
+def error(exc: BaseException, spec: ErrorSpec, request_id: str) -> web.Response:
+    body = {"__type": f"com.amazonaws.sqs#{spec.sqs_type}", "message": str(exc)}
+    fault = "Sender" if spec.sender_fault else "Receiver"
+    return web.Response(
+        status=spec.status, body=json.dumps(body).encode(), content_type=CONTENT_TYPE,
+        headers={"x-amzn-RequestId": request_id,
+                 "x-amzn-query-error": f"{spec.query_code};{fault}"},
+    )
