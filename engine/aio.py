@@ -112,7 +112,8 @@ class AsyncQueue:
                 return messages
             if plan is not None:
                 # Only messages to move came up, and they are gone now: look again at
-                # once. Bounded: every such pass moves messages out of the queue.
+                # once. Bounded: a pass either moves messages out of the queue or finds
+                # the dead-letter queue gone, after which messages are delivered.
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -50,7 +50,7 @@ _ATTRIBUTE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _TOKEN = re.compile(r"""[A-Za-z0-9!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~]+""")
 _DATA_TYPE = re.compile(r"(String|Number|Binary)(\.[!-~]+)?")
 # SQS numbers: integers or decimals, optional exponent; at most 38 significant digits.
-_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+_NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
 NUMBER_DIGITS_MAX = 38
 
 
@@ -162,6 +162,15 @@ class QueueAttributes:
         return dataclasses.replace(self, **changes)
 
 
+def _encodable(parameter: str, value: str) -> str:
+    """A str that UTF-8 can encode (JSON can carry lone surrogates that it cannot)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidParameterError(parameter, value, "is not valid Unicode text") from None
+    return value
+
+
 def check_message_attributes(
     attributes: Mapping[str, MessageAttribute] | None,
 ) -> dict[str, MessageAttribute] | None:
@@ -180,6 +189,8 @@ def check_message_attributes(
             raise InvalidParameterError(f"attribute {name}", attribute,
                                         "must be a (data_type, value) pair")
         data_type, value = attribute
+        if isinstance(value, str):
+            _encodable(f"attribute {name}", value)
         if (not isinstance(data_type, str) or len(data_type) > ATTRIBUTE_TYPE_CHARS_MAX
                 or not _DATA_TYPE.fullmatch(data_type)):
             raise InvalidParameterError(f"attribute {name} data type", data_type,

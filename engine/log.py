@@ -171,6 +171,12 @@ class Log:
         self._syncing = False
         self._waiters: list[tuple[int, int, Future[None]]] = []
         self._waiter_seq = itertools.count()
+        # asyncio waiters, a heap per event loop: a sync round wakes each loop once and the
+        # loop resolves its own futures (one cross-thread wake-up per round, not per caller).
+        self._loop_waiters: dict[asyncio.AbstractEventLoop,
+                                 list[tuple[int, int, asyncio.Future[None]]]] = {}
+        self._loops_woken: set[asyncio.AbstractEventLoop] = set()
+        self._wanted = 0  # the highest offset any waiter asked to be durable
         self._segments: list[Segment] = []
         self._bases: list[int] = []
         self._open_sealed: OrderedDict[int, Segment] = OrderedDict()
@@ -364,7 +370,7 @@ class Log:
         """Like append_batch, but waits for the fsync without blocking the event loop."""
         first = self.append_batch(records, timestamp_ms=timestamp_ms, wait=False)
         if self._always:
-            await asyncio.wrap_future(self.durable_future(first + len(records)))
+            await self.durable_async(first + len(records))
         return first
 
     def append_raw(self, data: Buffer, *, wait: bool = True) -> int:
@@ -552,10 +558,70 @@ class Log:
                 future.set_exception(exc)
                 return future
             heapq.heappush(self._waiters, (offset, next(self._waiter_seq), future))
-            if not self._syncing:
-                self._syncing = True
-                background.submit(self._background_round)
+            self._want(offset)
         return future
+
+    def durable_async(self, offset: int) -> asyncio.Future[None]:
+        """Like durable_future, for the running asyncio event loop (call it there).
+
+        All of a loop's waiters covered by one fsync are woken together, by one callback
+        on that loop.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            if self._durable >= offset:
+                future.set_result(None)
+                return future
+            try:
+                self._check_waitable(offset)
+            except Exception as exc:
+                future.set_exception(exc)
+                return future
+            heap = self._loop_waiters.setdefault(loop, [])
+            heapq.heappush(heap, (offset, next(self._waiter_seq), future))
+            self._want(offset)
+        return future
+
+    def _want(self, offset: int) -> None:
+        """Note that a waiter needs offset durable, starting a sync if none runs (lock held)."""
+        if offset > self._wanted:
+            self._wanted = offset
+        if not self._syncing:
+            self._syncing = True
+            background.submit(self._background_round)
+
+    def _wake_loops(self, error: BaseException | None = None) -> None:
+        """Schedule each event loop with waiters to resolve them (lock held)."""
+        for loop, heap in list(self._loop_waiters.items()):
+            if not heap or loop in self._loops_woken:
+                continue
+            if error is None and heap[0][0] > self._durable:
+                continue
+            self._loops_woken.add(loop)
+            try:
+                loop.call_soon_threadsafe(self._resolve_loop, loop, error)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                del self._loop_waiters[loop]
+                self._loops_woken.discard(loop)
+
+    def _resolve_loop(self, loop: asyncio.AbstractEventLoop,
+                      error: BaseException | None) -> None:
+        """On the loop's thread: resolve its waiters that are durable (or all, on error)."""
+        with self._lock:
+            self._loops_woken.discard(loop)
+            heap = self._loop_waiters.get(loop, [])
+            ready = []
+            while heap and (error is not None or heap[0][0] <= self._durable):
+                ready.append(heapq.heappop(heap)[2])
+            if not heap:
+                self._loop_waiters.pop(loop, None)
+        for future in ready:
+            if not future.done():
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
 
     def _check_waitable(self, offset: int) -> None:
         self._check_writable()
@@ -600,7 +666,7 @@ class Log:
         else:
             self._mark_durable(target)
         self._cond.notify_all()
-        if self._waiters and self._failure is None and not self._closed:
+        if self._wanted > self._durable and self._failure is None and not self._closed:
             self._syncing = True
             background.submit(self._background_round)
         if error is not None:
@@ -622,6 +688,8 @@ class Log:
             _, _, future = heapq.heappop(self._waiters)
             if not future.done():
                 future.set_result(None)
+        if self._loop_waiters:
+            self._wake_loops()
 
     def _fail(self, cause: BaseException) -> LogFailedError:
         """Enter fail-stop. Returns the error to raise to the caller that hit it."""
@@ -638,6 +706,8 @@ class Log:
             _, _, future = heapq.heappop(self._waiters)
             if not future.done():
                 future.set_exception(error)
+        if self._loop_waiters:
+            self._wake_loops(error)
 
     def tick(self) -> None:
         """Timer callback: background flush ("never") or sync ("interval")."""

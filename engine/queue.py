@@ -73,9 +73,15 @@ QUEUE_SEGMENT_BYTES = 16 * 1024 * 1024
 # A snapshot is taken once this many bytes have been appended since the last one; it
 # bounds replay time and lets segments that hold only dead messages be deleted.
 SNAPSHOT_BYTES = 8 * 1024 * 1024
+# A snapshot encodes every live message, so with a long backlog the interval grows with
+# it (this many log bytes per live message), keeping snapshot work a fraction of appends.
+SNAPSHOT_BYTES_PER_LIVE_MESSAGE = 256
 SNAPSHOT_FILE = "snapshot"
 # Library callers may batch more than SQS's 10 per request; this bounds one call.
 ENGINE_BATCH_MAX = 1000
+# After a move fails because the dead-letter queue is gone, messages are delivered as if
+# the queue had none, for this long; then moving is tried again (the queue may be back).
+DEAD_LETTER_RETRY_S = 60.0
 # One retention sweep expires at most this many messages, to bound a request's latency.
 EXPIRE_PER_SWEEP_MAX = 10_000
 LEASE_MAX_MS = VISIBILITY_TIMEOUT_S_MAX * 1000
@@ -127,6 +133,7 @@ class QueueCore:
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._failed: str | None = None
         self._closed = False
+        self._dead_letter_missing_until = 0.0
         self.last_used = time.monotonic()
         self.log = Log(os.path.join(directory, "log"), fsync=fsync, lock=False,
                        segment_bytes_max=segment_bytes_max, on_sync=on_sync)
@@ -221,7 +228,7 @@ class QueueCore:
     async def wait_durable_async(self, offset: int) -> None:
         if not self._durable_already(offset):
             try:
-                await asyncio.wrap_future(self.log.durable_future(offset))
+                await self.log.durable_async(offset)
             except (LogError, OSError) as exc:
                 raise self._fail(exc) from exc
 
@@ -259,6 +266,8 @@ class QueueCore:
             vis = attrs.visibility_timeout if visibility_timeout is None else visibility_timeout
             self._expire(now)
             limit = -1 if attrs.max_receive_count is None else attrs.max_receive_count
+            if time.monotonic() < self._dead_letter_missing_until:
+                limit = -1  # its dead-letter queue is gone: deliver rather than move
             try:
                 messages, moving, end = self.state.lead_receive(
                     self.log, self.uid, now, max_messages, vis * 1000, limit, self._mac)
@@ -382,8 +391,11 @@ class QueueCore:
             )
 
     def cancel_moves(self, seqs: Sequence[int]) -> None:
-        """Put messages back (visible) when their dead-letter queue is gone."""
+        """Put messages back (visible) when their dead-letter queue is gone, and deliver
+        rather than move for DEAD_LETTER_RETRY_S (else every receive would move them again
+        and fail again)."""
         with self._lock:
+            self._dead_letter_missing_until = time.monotonic() + DEAD_LETTER_RETRY_S
             now = self._enter()
             entries = tuple((s, m.lease, now) for s in seqs
                             if (m := self.state.messages.get(s)) and m.category == MOVING)
@@ -486,6 +498,7 @@ class QueueCore:
 
     def set_attributes(self, attributes: QueueAttributes) -> int:
         with self._lock:
+            self._dead_letter_missing_until = 0.0  # a new redrive policy is tried at once
             now = self._enter()
             config = attributes.to_dict()
             offset = self._append([rec.encode_config(now, config)])
@@ -516,7 +529,9 @@ class QueueCore:
     # -- snapshots --------------------------------------------------------------------------
 
     def snapshot_due(self) -> bool:
-        return self.log.size_bytes - self._size_at_snapshot >= self._snapshot_bytes
+        interval = max(self._snapshot_bytes,
+                       SNAPSHOT_BYTES_PER_LIVE_MESSAGE * len(self.state.messages))
+        return self.log.size_bytes - self._size_at_snapshot >= interval
 
     def maybe_snapshot(self, force: bool = False) -> bool:
         """Snapshot the state and delete what the log no longer needs. True if it did."""
@@ -699,7 +714,8 @@ class Queue:
                 return messages
             if plan is not None:
                 # Only messages to move came up, and they are gone now: look again at
-                # once. Bounded: every such pass moves messages out of the queue.
+                # once. Bounded: a pass either moves messages out of the queue or finds
+                # the dead-letter queue gone, after which messages are delivered.
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:

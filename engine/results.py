@@ -13,8 +13,7 @@ from typing import NamedTuple
 from engine.records import MessageAttribute
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class SendEntry:
+class SendEntry(NamedTuple):
     """One message to send: the arguments of Queue.send, for send_batch."""
 
     body: bytes

@@ -44,7 +44,8 @@ def create_app(config: ServerConfig) -> web.Application:
     # The SQS protocols: JSON and query at "/", and the query protocol at a queue's URL.
     app.router.add_post("/", sqs.handle, name="sqs")
     app.router.add_get("/", sqs.handle, name="sqs_get")
-    app.router.add_post("/{account}/{queue}", sqs.handle, name="sqs_queue")
+    # Account ids are 12 digits, which keeps /v1/... and other paths out of this route.
+    app.router.add_post("/{account:[0-9]{12}}/{queue}", sqs.handle, name="sqs_queue")
     return app
 
 

@@ -30,8 +30,8 @@ class MalformedRequestError(ServerError):
 
 class RequestTooLargeError(ServerError):
     def __init__(self, size: int | None, limit: int) -> None:
-        shown = f"{size} bytes" if size is not None else "the body"
-        super().__init__(f"request body of {shown} exceeds the limit of {limit} bytes")
+        shown = f"of {size} bytes " if size is not None else ""
+        super().__init__(f"the request body {shown}exceeds the limit of {limit} bytes")
         self.size = size
         self.limit = limit
 

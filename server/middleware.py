@@ -29,7 +29,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def frontend(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request["request_id"] = str(uuid.uuid4())
+    request[keys.REQUEST_ID] = str(uuid.uuid4())
     started = time.perf_counter()
     try:
         declared = request.content_length
@@ -58,9 +58,9 @@ def error_response(request: web.Request, exc: BaseException) -> web.Response:
     """The one mapping of an exception to an HTTP response, framed for the protocol."""
     spec = spec_for(exc)
     if spec.status >= 500:
-        _log.error("request %s failed", request["request_id"], exc_info=exc)
-    protocol = request.get("protocol", "native")
-    request_id = request["request_id"]
+        _log.error("request %s failed", request[keys.REQUEST_ID], exc_info=exc)
+    protocol = request.get(keys.PROTOCOL, "native")
+    request_id = request[keys.REQUEST_ID]
     if protocol == "sqs-json":
         return json_protocol.error(exc, spec, request_id)
     if protocol == "sqs-query":
@@ -71,8 +71,8 @@ def error_response(request: web.Request, exc: BaseException) -> web.Response:
 
 
 def _account(request: web.Request, response: web.StreamResponse, elapsed: float) -> None:
-    protocol = request.get("protocol", "native")
-    action = request.get("action") or _route_name(request)
+    protocol = request.get(keys.PROTOCOL, "native")
+    action = request.get(keys.ACTION) or _route_name(request)
     metrics = request.app[keys.METRICS]
     metrics.requests.labels(protocol, action, str(response.status)).inc()
     metrics.latency.labels(protocol, action).observe(elapsed)
@@ -80,9 +80,9 @@ def _account(request: web.Request, response: web.StreamResponse, elapsed: float)
     metrics.request_bytes.labels(protocol).inc(received)
     if request.app[keys.CONFIG].access_log:
         _audit.info(json.dumps({
-            "ts": round(time.time(), 3), "request_id": request["request_id"],
-            "principal": request.get("principal"), "remote": request.remote,
-            "protocol": protocol, "action": action, "queue": request.get("queue"),
+            "ts": round(time.time(), 3), "request_id": request[keys.REQUEST_ID],
+            "principal": request.get(keys.PRINCIPAL), "remote": request.remote,
+            "protocol": protocol, "action": action, "queue": request.get(keys.QUEUE),
             "status": response.status, "bytes_in": received,
             "bytes_out": len(body) if isinstance(body := getattr(response, "body", None),
                                                   bytes) else None,

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
 from engine import Message, MessageAttribute, SendEntry
-from engine.errors import EngineError, InvalidParameterError, MissingParameterError
+from engine.errors import (
+    EngineError,
+    InvalidMessageContentsError,
+    InvalidParameterError,
+    MissingParameterError,
+)
 from engine.limits import (
     RECEIVE_WAIT_S_MAX,
     VISIBILITY_TIMEOUT_S_MAX,
@@ -39,13 +45,13 @@ def _service(request: web.Request) -> QueueService:
 
 
 def _account(request: web.Request) -> str:
-    account: str = request.get("account", request.app[keys.CONFIG].account_id)
+    account: str = request.get(keys.ACCOUNT, request.app[keys.CONFIG].account_id)
     return account
 
 
 def _name(request: web.Request) -> str:
     name = request.match_info["name"]
-    request["queue"] = f"{_account(request)}/{name}"
+    request[keys.QUEUE] = f"{_account(request)}/{name}"
     return name
 
 
@@ -58,6 +64,8 @@ async def _json(request: web.Request) -> dict[str, Any]:
         raise RequestTooLargeError(None, REQUEST_BYTES_MAX) from None
     except ValueError as exc:
         raise MalformedRequestError(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedRequestError("the body's JSON is nested too deeply") from None
     if not isinstance(data, dict):
         raise MalformedRequestError("the body must be a JSON object")
     return data
@@ -66,7 +74,7 @@ async def _json(request: web.Request) -> dict[str, Any]:
 def _int(value: object, name: str, low: int, high: int) -> int | None:
     if value is None:
         return None
-    if isinstance(value, str) and value.lstrip("-").isdigit() and len(value) < 12:
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,11}", value):
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise InvalidParameterError(name, value, f"must be an integer in {low}..{high}")
@@ -203,7 +211,7 @@ async def send_message(request: web.Request) -> web.Response:
                                          -(2**31), 2**31),
                       group_id=request.query.get("group_id"),
                       dedup_id=request.query.get("dedup_id"),
-                      sender=request.get("principal"))
+                      sender=request.get(keys.PRINCIPAL))
     [result] = await _service(request).send(_account(request), name, [entry])
     if isinstance(result, EngineError):
         raise result
@@ -219,7 +227,11 @@ def _entry(raw: object, sender: str | None) -> SendEntry:
         except (binascii.Error, ValueError):
             raise InvalidParameterError("body_base64", "...", "is not valid base64") from None
     elif isinstance(raw.get("body"), str):
-        body = raw["body"].encode()
+        try:
+            body = raw["body"].encode()
+        except UnicodeEncodeError:
+            raise InvalidMessageContentsError("body", "...",
+                                              "is not valid Unicode text") from None
     else:
         raise MissingParameterError("body", "each message needs body or body_base64")
     return SendEntry(body, delay_seconds=_int(raw.get("delay_seconds"), "delay_seconds",
@@ -267,10 +279,11 @@ def _batch(body: Mapping[str, Any], field: str) -> list[Any]:
 async def send_messages(request: web.Request) -> web.Response:
     name = _name(request)
     raw = _batch(await _json(request), "messages")
+    await _service(request).record(_account(request), name)  # an unknown queue is a 404
     entries: list[SendEntry | EngineError] = []
     for item in raw:
         try:
-            entries.append(_entry(item, request.get("principal")))
+            entries.append(_entry(item, request.get(keys.PRINCIPAL)))
         except EngineError as exc:
             entries.append(exc)
     valid = [e for e in entries if isinstance(e, SendEntry)]

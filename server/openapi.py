@@ -34,7 +34,10 @@ def _range(low: int, high: int) -> dict[str, Any]:
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"oneOf": [schema, {"type": "null"}]}
+    # OpenAPI 3.0 has no "null" type: it marks a schema nullable (a $ref goes in allOf).
+    if "$ref" in schema:
+        return {"allOf": [schema], "nullable": True}
+    return {**schema, "nullable": True}
 
 
 _ATTRIBUTES = {

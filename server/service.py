@@ -20,13 +20,20 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from engine import AsyncBroker, AsyncQueue, Message, QueueAttributes, QueueStats
 from engine.errors import EngineError, InvalidParameterError, QueueExistsError, QueueNotFoundError
+from engine.limits import FIFO_SUFFIX, check_queue_name
 from engine.results import SendEntry, SendResult
-from server.config import LIST_PAGE_MAX, PURGE_INTERVAL_S, TAGS_MAX
+from server.config import (
+    LIST_PAGE_MAX,
+    PURGE_INTERVAL_S,
+    TAG_KEY_CHARS_MAX,
+    TAG_VALUE_CHARS_MAX,
+    TAGS_MAX,
+)
 from server.errors import PurgeInProgressError, TaskNotFoundError
 from server.metadata import CachedMetadata, QueueRecord
 
@@ -91,6 +98,9 @@ class QueueService:
     async def create_queue(self, account: str, name: str, attributes: dict[str, Any],
                            extra: dict[str, str], tags: dict[str, str]) -> QueueRecord:
         """Create a queue, or return it if it exists with the same attributes."""
+        check_tags(tags)
+        # Attributes first: the name's rules depend on whether the queue is FIFO.
+        check_queue_name(name, QueueAttributes.from_dict(attributes).fifo)
         existing = await self.metadata.get(account, name)
         if existing is not None:
             queue = await self.broker.get_queue(existing.engine_name)
@@ -109,6 +119,7 @@ class QueueService:
         return record
 
     async def record(self, account: str, name: str) -> QueueRecord:
+        check_queue_name(name, name.endswith(FIFO_SUFFIX) if isinstance(name, str) else False)
         record = await self.metadata.get(account, name)
         if record is None:
             raise QueueNotFoundError(name)
@@ -128,6 +139,10 @@ class QueueService:
                           after: str = "") -> tuple[list[str], str | None]:
         """A page of queue names in name order, and the token for the next page."""
         limit = min(max(limit, 1), LIST_PAGE_MAX)
+        for value, parameter in ((prefix, "prefix"), (after, "after")):
+            if not isinstance(value, str) or not value.isascii():
+                # Names are ASCII, so a non-ASCII prefix or token matches nothing.
+                raise InvalidParameterError(parameter, value, "must be ASCII text")
         names = await self.metadata.names(account, prefix, after, limit + 1)
         if len(names) > limit:
             return names[:limit], names[limit - 1]
@@ -153,9 +168,8 @@ class QueueService:
 
     async def tag(self, account: str, name: str, tags: dict[str, str]) -> None:
         record = await self.record(account, name)
-        merged = {**record.tags, **tags}
-        if len(merged) > TAGS_MAX:
-            raise InvalidParameterError("tags", len(merged), f"a queue has at most {TAGS_MAX}")
+        merged = {**record.tags, **check_tags(tags)}
+        check_tags(merged)
         await self.metadata.put(dataclasses.replace(record, tags=merged))
 
     async def untag(self, account: str, name: str, keys: Sequence[str]) -> None:
@@ -239,11 +253,19 @@ class QueueService:
                     target = task.destination or message.dead_letter_source
                     if not isinstance(target, str):
                         raise QueueNotFoundError("original source queue")
-                    await AsyncQueue(self.broker.broker, target).send_batch([SendEntry(
-                        message.body, attributes=message.attributes or None,
-                        group_id=message.group_id, dedup_id=message.dedup_id,
-                        sender=message.sender,
-                        system_attributes=message.system_attributes or None)])
+                    # A fresh deduplication id: the original one may still be inside the
+                    # destination's window, which would drop the message as a duplicate.
+                    dedup = (f"redrive-{message.message_id}"
+                             if message.group_id is not None else None)
+                    [result] = await AsyncQueue(self.broker.broker, target).send_batch([
+                        SendEntry(message.body, attributes=message.attributes or None,
+                                  group_id=message.group_id, dedup_id=dedup,
+                                  sender=message.sender,
+                                  system_attributes=message.system_attributes or None)])
+                    if isinstance(result, EngineError):
+                        # The destination refused it: it stays in the dead-letter queue.
+                        await source.change_visibility(message.receipt, 0)
+                        raise result
                     await source.delete(message.receipt)
                     task.moved += 1
                 # Stay under the requested rate.
@@ -275,6 +297,20 @@ class QueueService:
                 await task.runner
         task.status = "CANCELLED"
         return task
+
+
+def check_tags(tags: Mapping[str, object]) -> dict[str, str]:
+    """Tags as SQS limits them: at most 50, keys 1..128 and values 0..256 characters."""
+    if len(tags) > TAGS_MAX:
+        raise InvalidParameterError("tags", len(tags), f"a queue has at most {TAGS_MAX}")
+    for key, value in tags.items():
+        if not isinstance(key, str) or not 1 <= len(key) <= TAG_KEY_CHARS_MAX:
+            raise InvalidParameterError("tags", key,
+                                        f"a tag key is 1..{TAG_KEY_CHARS_MAX} characters")
+        if not isinstance(value, str) or len(value) > TAG_VALUE_CHARS_MAX:
+            raise InvalidParameterError("tags", value,
+                                        f"a tag value is 0..{TAG_VALUE_CHARS_MAX} characters")
+    return dict(tags)  # type: ignore[arg-type]
 
 
 def _now_ms() -> int:

@@ -33,16 +33,20 @@ async def handle(request: web.Request) -> web.Response:
     # it (too large, say) is then framed as the client expects.
     json_request = (request.content_type == json_protocol.CONTENT_TYPE
                     or "X-Amz-Target" in request.headers)
-    request["protocol"] = "sqs-json" if json_request else "sqs-query"
+    request[keys.PROTOCOL] = "sqs-json" if json_request else "sqs-query"
     body = await request.read()
     if json_request:
         action = json_protocol.action(request.headers.get("X-Amz-Target"))
-        request["action"] = action
+        request[keys.ACTION] = action
         params = json_protocol.parse(body)
     else:
-        fields = _fields(request.query_string) + _fields(body.decode("latin-1"))
+        try:
+            text = body.decode()  # a form is ASCII; raw UTF-8 is taken, anything else refused
+        except UnicodeDecodeError:
+            raise MalformedRequestError("the form is not valid UTF-8") from None
+        fields = _fields(request.query_string) + _fields(text)
         action = next((v for k, v in fields if k == "Action"), "")
-        request["action"] = action
+        request[keys.ACTION] = action
         params = query_protocol.parse(fields, action)
         if "QueueUrl" not in params and request.path.count("/") == 2:
             params["QueueUrl"] = request.path  # the query protocol may address the queue
@@ -51,18 +55,18 @@ async def handle(request: web.Request) -> web.Response:
         raise UnknownActionError(action)
     if action in QUEUE_FROM_URL:
         with contextlib.suppress(EngineError):  # the action reports a bad QueueUrl itself
-            request["queue"] = "/".join(parse_queue_url(params.get("QueueUrl")))
+            request[keys.QUEUE] = "/".join(parse_queue_url(params.get("QueueUrl")))
     service = request.app[keys.SERVICE]
     config = request.app[keys.CONFIG]
     attempts = request.app[keys.RECEIVE_ATTEMPTS]
     if len(attempts) > ATTEMPTS_KEPT_MAX:
         _forget_old(attempts)
-    ctx = Context(service, request.get("account", config.account_id),
+    ctx = Context(service, request.get(keys.ACCOUNT, config.account_id),
                   f"{request.scheme}://{request.host}", config.region, attempts,
-                  request.get("principal"))
+                  request.get(keys.PRINCIPAL))
     result = await handler(ctx, params)
-    request_id = request["request_id"]
-    if request["protocol"] == "sqs-json":
+    request_id = request[keys.REQUEST_ID]
+    if request[keys.PROTOCOL] == "sqs-json":
         return json_protocol.respond(result, request_id)
     return query_protocol.respond(result, action, request_id)
 

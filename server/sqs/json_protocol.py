@@ -34,6 +34,8 @@ def parse(body: bytes) -> dict[str, Any]:
         params = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedRequestError(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedRequestError("the body's JSON is nested too deeply") from None
     if not isinstance(params, dict):
         raise MalformedRequestError("the body must be a JSON object")
     return params
@@ -45,7 +47,8 @@ def respond(result: Mapping[str, Any], request_id: str) -> web.Response:
 
 
 def error(exc: BaseException, spec: ErrorSpec, request_id: str) -> web.Response:
-    body = {"__type": f"com.amazonaws.sqs#{spec.sqs_type}", "message": str(exc)}
+    message = str(exc) if spec.status < 500 else "internal error"  # faults stay in the log
+    body = {"__type": f"com.amazonaws.sqs#{spec.sqs_type}", "message": message}
     fault = "Sender" if spec.sender_fault else "Receiver"
     return web.Response(
         status=spec.status, body=json.dumps(body).encode(), content_type=CONTENT_TYPE,

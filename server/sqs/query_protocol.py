@@ -158,9 +158,10 @@ def respond(result: Mapping[str, Any], action: str, request_id: str) -> web.Resp
 
 def error(exc: BaseException, spec: ErrorSpec, request_id: str) -> web.Response:
     fault = "Sender" if spec.sender_fault else "Receiver"
+    message = str(exc) if spec.status < 500 else "internal error"  # faults stay in the log
     body = (f'<?xml version="1.0"?><ErrorResponse xmlns="{NAMESPACE}"><Error>'
             f"<Type>{fault}</Type><Code>{_text(spec.query_code)}</Code>"
-            f"<Message>{_text(exc)}</Message><Detail/></Error>"
+            f"<Message>{_text(message)}</Message><Detail/></Error>"
             f"<RequestId>{request_id}</RequestId></ErrorResponse>")
     return web.Response(status=spec.status, text=body, content_type=CONTENT_TYPE,
                         headers={"x-amzn-RequestId": request_id})

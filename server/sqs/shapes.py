@@ -31,6 +31,8 @@ from server.metadata import QueueRecord
 # --- names, URLs and ARNs --------------------------------------------------------------
 
 _ACCOUNT = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# What a queue name may hold (the full rules are checked where the queue is looked up).
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,80}")
 
 
 def queue_url(base: str, account: str, name: str) -> str:
@@ -41,9 +43,12 @@ def parse_queue_url(url: object) -> tuple[str, str]:
     """(account, name) from a queue URL; the host part is not checked (any node serves)."""
     if not isinstance(url, str) or not url:
         raise MissingParameterError("QueueUrl", "the request needs a QueueUrl")
-    path = urlsplit(url).path if "://" in url else url
+    try:
+        path = urlsplit(url).path if "://" in url else url
+    except ValueError:
+        raise InvalidAddressError(url) from None
     parts = [p for p in path.split("/") if p]
-    if len(parts) != 2 or not _ACCOUNT.fullmatch(parts[0]):
+    if len(parts) != 2 or not _ACCOUNT.fullmatch(parts[0]) or not _NAME.fullmatch(parts[1]):
         raise InvalidAddressError(url)
     return parts[0], parts[1]
 
@@ -57,7 +62,8 @@ def parse_arn(arn: object, parameter: str) -> tuple[str, str]:
     if not isinstance(arn, str):
         raise InvalidParameterError(parameter, arn, "must be an SQS queue ARN")
     parts = arn.split(":")
-    if len(parts) != 6 or parts[:3] != ["arn", "aws", "sqs"] or not _ACCOUNT.fullmatch(parts[4]):
+    if (len(parts) != 6 or parts[:3] != ["arn", "aws", "sqs"]
+            or not _ACCOUNT.fullmatch(parts[4]) or not _NAME.fullmatch(parts[5])):
         raise InvalidParameterError(parameter, arn, "must be arn:aws:sqs:REGION:ACCOUNT:NAME")
     return parts[4], parts[5]
 
@@ -90,7 +96,7 @@ READABLE = SETTABLE | _READ_ONLY
 def _int(name: str, value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and re.fullmatch(r"-?\d{1,12}", value):
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,12}", value):
         return int(value)
     raise InvalidAttributeError(name, value, "must be an integer")
 
@@ -201,11 +207,11 @@ def sqs_attributes(view_record: QueueRecord, attrs: QueueAttributes, stats: Queu
 def check_attribute_names(names: object, allowed: frozenset[str] = READABLE) -> set[str]:
     if names is None:
         return set()
-    if not isinstance(names, list):
-        raise InvalidParameterError("AttributeNames", names, "must be a list")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise InvalidParameterError("AttributeNames", names, "must be a list of names")
     for name in names:
         if name != "All" and name not in allowed:
-            raise InvalidAttributeNameError(str(name))
+            raise InvalidAttributeNameError(name)
     return set(names)
 
 

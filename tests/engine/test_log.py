@@ -562,3 +562,41 @@ def test_a_failed_write_stops_the_log(tiny_disk: str) -> None:
         assert [bytes(p) for _, p in reopened.read(0, acknowledged)] == [b"x" * 1000] * (
             acknowledged
         )
+
+
+def test_durable_async_wakes_every_waiter_of_a_loop_once_durable(path: str) -> None:
+    with Log(path, fsync="always") as log:
+
+        async def many() -> tuple[int, int]:
+            offsets = [log.append(b"m", wait=False) for _ in range(200)]
+            await asyncio.gather(*(log.durable_async(o + 1) for o in offsets))
+            return log.durable_offset, log.sync_count
+
+        durable, syncs = asyncio.run(many())
+        assert durable == 200
+        assert syncs < 200  # the waiters shared fsyncs
+
+
+def test_durable_async_after_close(path: str) -> None:
+    log = Log(path, fsync="always")
+
+    async def run() -> None:
+        offset = log.append(b"x", wait=False)
+        pending = log.durable_async(offset + 1)
+        log.close()  # close fsyncs everything: the pending waiter is satisfied, not failed
+        await pending
+        # Waiting on a closed log for something not yet durable is an error, not a hang.
+        with pytest.raises(LogClosedError):
+            await log.durable_async(offset + 2)
+
+    asyncio.run(run())
+
+
+def test_durable_async_already_durable_is_done_at_once(path: str) -> None:
+    with Log(path, fsync="always") as log:
+        log.append(b"x")
+
+        async def check() -> bool:
+            return log.durable_async(1).done()
+
+        assert asyncio.run(check())

@@ -75,11 +75,12 @@ class Server:
         self.start()
 
     def sqs(self, **config: Any) -> Any:
-        """An unmodified boto3 SQS client pointed at this server (signed with dummy keys)."""
+        """An unmodified boto3 SQS client pointed at this server (signed with dummy keys),
+        with no retries: a retry could hide a failure or a hang."""
         return boto3.client(
             "sqs", endpoint_url=self.url, region_name="us-east-1",
             aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="secret",
-            config=Config(retries={"max_attempts": 1}, **config))
+            config=Config(retries={"total_max_attempts": 1}, **config))
 
 
 @pytest.fixture
