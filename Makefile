@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SOURCES := $(wildcard engine/*.pyx engine/*.pxd engine/*.h) setup.py pyproject.toml
 
-.PHONY: all install serve test lint typecheck unit bench debug-build clean
+.PHONY: all install serve test lint typecheck unit bench bench-http debug-build clean
 
 all: test
 
@@ -50,6 +50,11 @@ bench: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider bench/ --benchmark-columns=mean,ops,rounds \
 		--benchmark-sort=name --benchmark-json=.benchmarks/latest.json $(BENCH_ARGS)
 	$(BIN)/python -m bench.report .benchmarks/latest.json
+	$(BIN)/python -m bench.http_load $(BENCH_HTTP_ARGS)
+
+# The HTTP load generator alone: a server and a bare aiohttp baseline, driven in one run.
+bench-http: install
+	$(BIN)/python -m bench.http_load $(BENCH_HTTP_ARGS)
 
 # Line tracing and asserts in the Cython code (CONVEYOR_DEBUG=1).
 debug-build: install

@@ -28,6 +28,7 @@ cdef class State:
     cdef public bint fifo
     cdef public dict messages
     cdef public int64_t next_seq
+    cdef int64_t _low  # no live message has a lower seq (oldest_sent_at)
     cdef public int64_t last_time
     cdef public dict config
     cdef public dict dedup

@@ -544,6 +544,8 @@ cdef class State:
                      object group, object dedup, object message_id, object origin):
         cdef Msg m = new_msg(seq, offset, sent_at, visible_at, group, dedup, message_id, origin)
         self.messages[seq] = m
+        if seq < self._low:
+            self._low = seq
         if seq >= self.next_seq:
             self.next_seq = seq + 1
         self._sent += 1
@@ -701,6 +703,8 @@ cdef class State:
         its times give at last_time."""
         cdef int category
         self.messages[m.seq] = m
+        if m.seq < self._low:
+            self._low = m.seq
         if m.origin is not None:
             self.origins[(m.origin[0], m.origin[1])] = m.seq
         if moving:
@@ -803,8 +807,25 @@ cdef class State:
         return None
 
     def oldest_sent_at(self):
-        for m in self.messages.values():
+        """sent_at of the live message with the lowest seq, or None.
+
+        Called on every receive. Iterating the dict from its start passes over the slot
+        of every message deleted since the dict last resized, so a hint (_low, never above
+        the lowest live seq) walks forward instead, amortized O(1). Messages enter the
+        dict in seq order, so its first entry is the lowest seq when a walk gives up.
+        """
+        cdef int steps = 0
+        cdef object m
+        while self._low < self.next_seq and steps < 1024:
+            m = self.messages.get(self._low)
+            if m is not None:
+                return (<Msg>m).sent_at
+            self._low += 1
+            steps += 1
+        for m in self.messages.values():  # a long gap: after a purge or a restore
+            self._low = (<Msg>m).seq
             return (<Msg>m).sent_at
+        self._low = self.next_seq
         return None
 
     def oldest_location(self):

@@ -177,6 +177,7 @@ class Log:
                                  list[tuple[int, int, asyncio.Future[None]]]] = {}
         self._loops_woken: set[asyncio.AbstractEventLoop] = set()
         self._wanted = 0  # the highest offset any waiter asked to be durable
+        self._kicks: set[asyncio.AbstractEventLoop] = set()  # loops that will start a sync
         self._segments: list[Segment] = []
         self._bases: list[int] = []
         self._open_sealed: OrderedDict[int, Segment] = OrderedDict()
@@ -580,8 +581,22 @@ class Log:
                 return future
             heap = self._loop_waiters.setdefault(loop, [])
             heapq.heappush(heap, (offset, next(self._waiter_seq), future))
-            self._want(offset)
+            if offset > self._wanted:
+                self._wanted = offset
+            if not self._syncing and loop not in self._kicks:
+                # Start the fsync once the loop has run the callbacks already due: the
+                # other requests it is handling now append first and share the round.
+                self._kicks.add(loop)
+                loop.call_soon(self._kick, loop)
         return future
+
+    def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            self._kicks.discard(loop)
+            if (not self._syncing and self._wanted > self._durable and not self._closed
+                    and self._failure is None):
+                self._syncing = True
+                background.submit(self._background_round)
 
     def _want(self, offset: int) -> None:
         """Note that a waiter needs offset durable, starting a sync if none runs (lock held)."""

@@ -478,6 +478,36 @@ def test_oldest_age_follows_the_clock(broker: Broker, clock: ManualClock) -> Non
     assert q.stats().oldest_age_s == 12.5
 
 
+def test_oldest_age_after_deletes_out_of_order_and_long_gaps(
+        broker: Broker, clock: ManualClock) -> None:
+    q = broker.create_queue("q", visibility_timeout=600)
+    for i in range(3000):
+        q.send(b"%d" % i)
+        clock.advance(1)
+    received = q.receive(10)
+    while len(received) < 3000:
+        received += q.receive(10)
+    by_body = {int(m.body): m.receipt for m in received}
+    # Delete seqs 0..1999 newest first, then check at each step that the age is that of
+    # the oldest message left; then a gap longer than any forward walk.
+    for i in range(1999, 1499, -1):
+        q.delete(by_body[i])
+    assert q.stats().oldest_age_s == 3000
+    q.delete_batch([by_body[i] for i in range(0, 10)])
+    assert q.stats().oldest_age_s == 2990
+    for i in range(10, 1500):
+        q.delete(by_body[i])
+    assert q.stats().oldest_age_s == 1000  # message 2000, sent at t=2000, now t=3000
+    q.delete_batch([by_body[i] for i in range(2000, 2010)])
+    assert q.stats().oldest_age_s == 990
+    for i in range(2010, 3000):
+        q.delete(by_body[i])
+    assert q.stats().oldest_age_s == 0.0
+    q.send(b"after")
+    clock.advance(3)
+    assert q.stats().oldest_age_s == 3
+
+
 # --- 5. long polling -----------------------------------------------------------------------
 
 
