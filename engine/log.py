@@ -550,13 +550,7 @@ class Log:
         """
         future: Future[None] = Future()
         with self._lock:
-            if self._durable >= offset:
-                future.set_result(None)
-                return future
-            try:
-                self._check_waitable(offset)
-            except Exception as exc:
-                future.set_exception(exc)
+            if self._settled_now(future, offset):
                 return future
             heapq.heappush(self._waiters, (offset, next(self._waiter_seq), future))
             self._want(offset)
@@ -571,13 +565,7 @@ class Log:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         with self._lock:
-            if self._durable >= offset:
-                future.set_result(None)
-                return future
-            try:
-                self._check_waitable(offset)
-            except Exception as exc:
-                future.set_exception(exc)
+            if self._settled_now(future, offset):
                 return future
             heap = self._loop_waiters.setdefault(loop, [])
             heapq.heappush(heap, (offset, next(self._waiter_seq), future))
@@ -597,6 +585,19 @@ class Log:
                     and self._failure is None):
                 self._syncing = True
                 background.submit(self._background_round)
+
+    def _settled_now(self, future: Future[None] | asyncio.Future[None], offset: int) -> bool:
+        """Complete future at once if offset is durable already, or never can be (lock
+        held); say whether it was."""
+        if self._durable >= offset:
+            future.set_result(None)
+            return True
+        try:
+            self._check_waitable(offset)
+        except Exception as exc:
+            future.set_exception(exc)
+            return True
+        return False
 
     def _want(self, offset: int) -> None:
         """Note that a waiter needs offset durable, starting a sync if none runs (lock held)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,6 +30,7 @@ from engine.limits import (
 from server import keys
 from server.config import REQUEST_BYTES_MAX
 from server.errors import MalformedRequestError, RequestTooLargeError, spec_for
+from server.params import int_in_range as _int
 from server.service import QueueService, QueueView
 
 routes = web.RouteTableDef()
@@ -69,16 +69,6 @@ async def _json(request: web.Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise MalformedRequestError("the body must be a JSON object")
     return data
-
-
-def _int(value: object, name: str, low: int, high: int) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,11}", value):
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise InvalidParameterError(name, value, f"must be an integer in {low}..{high}")
-    return value
 
 
 def _str(value: object, name: str) -> str | None:

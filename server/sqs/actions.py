@@ -34,6 +34,7 @@ from server.errors import (
     UnsupportedOperationError,
     spec_for,
 )
+from server.params import int_in_range
 from server.service import QueueService
 from server.sqs import shapes
 
@@ -73,14 +74,7 @@ def _text(params: Params, name: str) -> str:
 
 
 def _int(params: Params, name: str, low: int, high: int) -> int | None:
-    value = params.get(name)
-    if value is None:
-        return None
-    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,12}", value):
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise InvalidParameterError(name, value, f"must be an integer in {low}..{high}")
-    return value
+    return int_in_range(params.get(name), name, low, high)
 
 
 def _queue(params: Params) -> tuple[str, str]:
@@ -114,6 +108,18 @@ def _failure(entry_id: str, exc: BaseException) -> dict[str, Any]:
     spec = spec_for(exc)
     return {"Id": entry_id, "SenderFault": spec.sender_fault, "Code": spec.query_code,
             "Message": str(exc)}
+
+
+def _outcome(entry_ids: list[str], errors: list[EngineError | None],
+             failed: list[dict[str, Any]]) -> dict[str, Any]:
+    """A batch answer for entries that carry nothing back but their id."""
+    successful = []
+    for entry_id, error in zip(entry_ids, errors, strict=True):
+        if error is None:
+            successful.append({"Id": entry_id})
+        else:
+            failed.append(_failure(entry_id, error))
+    return {"Successful": successful, "Failed": failed}
 
 
 def _page(params: Params) -> tuple[int | None, str]:
@@ -349,13 +355,7 @@ async def delete_message_batch(ctx: Context, params: Params) -> dict[str, Any]:
     valid = [(e["Id"], h) for e, h in zip(entries, handles, strict=True)
              if isinstance(h, str)]
     results = await ctx.service.delete(account, name, [h for _, h in valid]) if valid else []
-    successful = []
-    for (entry_id, _), error in zip(valid, results, strict=True):
-        if error is None:
-            successful.append({"Id": entry_id})
-        else:
-            failed.append(_failure(entry_id, error))
-    return {"Successful": successful, "Failed": failed}
+    return _outcome([entry_id for entry_id, _ in valid], results, failed)
 
 
 async def change_message_visibility(ctx: Context, params: Params) -> dict[str, Any]:
@@ -385,13 +385,7 @@ async def change_message_visibility_batch(ctx: Context, params: Params) -> dict[
             failed.append(_failure(entry["Id"], exc))
     results = (await ctx.service.change_visibility(account, name, [v for _, v in valid])
                if valid else [])
-    successful = []
-    for (entry_id, _), error in zip(valid, results, strict=True):
-        if error is None:
-            successful.append({"Id": entry_id})
-        else:
-            failed.append(_failure(entry_id, error))
-    return {"Successful": successful, "Failed": failed}
+    return _outcome([entry_id for entry_id, _ in valid], results, failed)
 
 
 # --- dead-letter redrive --------------------------------------------------------------------

@@ -27,6 +27,7 @@ from engine.errors import (
 from engine.limits import FIFO_SUFFIX
 from server.errors import InvalidAddressError, InvalidAttributeNameError
 from server.metadata import QueueRecord
+from server.params import as_int
 
 # --- names, URLs and ARNs --------------------------------------------------------------
 
@@ -94,11 +95,10 @@ READABLE = SETTABLE | _READ_ONLY
 
 
 def _int(name: str, value: object) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,12}", value):
-        return int(value)
-    raise InvalidAttributeError(name, value, "must be an integer")
+    number = as_int(value)
+    if number is None:
+        raise InvalidAttributeError(name, value, "must be an integer")
+    return number
 
 
 def _bool(name: str, value: object) -> bool:
