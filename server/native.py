@@ -135,6 +135,7 @@ async def create_queue(request: web.Request) -> web.Response:
     name = body.get("name")
     if not isinstance(name, str) or not name:
         raise MissingParameterError("name", "a queue needs a name")
+    request[keys.QUEUE] = f"{_account(request)}/{name}"
     tags = body.get("tags") or {}
     if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
         raise InvalidParameterError("tags", tags, "must be an object of strings")

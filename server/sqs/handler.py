@@ -64,6 +64,8 @@ async def handle(request: web.Request) -> web.Response:
     ctx = Context(service, request.get(keys.ACCOUNT, config.account_id),
                   f"{request.scheme}://{request.host}", config.region, attempts,
                   request.get(keys.PRINCIPAL))
+    if keys.QUEUE not in request and isinstance(params.get("QueueName"), str):
+        request[keys.QUEUE] = f"{ctx.account}/{params['QueueName']}"  # the audit line's
     result = await handler(ctx, params)
     request_id = request[keys.REQUEST_ID]
     if request[keys.PROTOCOL] == "sqs-json":

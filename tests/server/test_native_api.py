@@ -991,6 +991,30 @@ async def test_metrics_after_traffic(client: Client) -> None:
                  state="in_flight") == 1
 
 
+async def test_one_audit_line_per_request(aiohttp_client: Any, tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app(ServerConfig(data_dir=str(tmp_path / "data"), fsync="never"))
+    audited: Client = await aiohttp_client(app)
+    caplog.set_level("INFO", logger="conveyor.audit")
+    await create(audited, "a")
+    await send(audited, "a", b"12345")
+    await audited.post("/", data=json.dumps({"QueueName": "b"}), headers={
+        "Content-Type": "application/x-amz-json-1.0",
+        "X-Amz-Target": "AmazonSQS.CreateQueue"})
+    await audited.get("/v1/queues/missing")
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "conveyor.audit"]
+    assert [(line["protocol"], line["action"], line["queue"], line["status"])
+            for line in lines] == [
+        ("native", "create_queue", f"{DEFAULT_ACCOUNT}/a", 201),
+        ("native", "send_message", f"{DEFAULT_ACCOUNT}/a", 201),
+        ("sqs-json", "CreateQueue", f"{DEFAULT_ACCOUNT}/b", 200),
+        ("native", "get_queue", f"{DEFAULT_ACCOUNT}/missing", 404),
+    ]
+    assert lines[1]["bytes_in"] == 5
+    for line in lines:
+        assert line["request_id"] and line["latency_ms"] >= 0 and line["bytes_out"] > 0
+
+
 async def test_openapi_json_is_the_document(client: Client) -> None:
     served = await ok_json(await client.get("/openapi.json"))
     assert served == json.loads(json.dumps(openapi.document()))
