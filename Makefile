@@ -51,10 +51,13 @@ bench: install
 		--benchmark-sort=name --benchmark-json=.benchmarks/latest.json $(BENCH_ARGS)
 	$(BIN)/python -m bench.report .benchmarks/latest.json
 	$(BIN)/python -m bench.http_load $(BENCH_HTTP_ARGS)
+	$(BIN)/python -m bench.http_load --protection $(BENCH_HTTP_ARGS)
 
-# The HTTP load generator alone: a server and a bare aiohttp baseline, driven in one run.
+# The HTTP load generator alone: a server and a bare aiohttp baseline, driven in one run;
+# then authentication and encryption on against off.
 bench-http: install
 	$(BIN)/python -m bench.http_load $(BENCH_HTTP_ARGS)
+	$(BIN)/python -m bench.http_load --protection $(BENCH_HTTP_ARGS)
 
 # Line tracing and asserts in the Cython code (CONVEYOR_DEBUG=1).
 debug-build: install

@@ -32,6 +32,7 @@ from collections import deque
 
 from engine import format as fmt
 from engine.errors import EngineError, MessageTooLargeError, ReceiptInvalidError
+from engine.limits import ENVELOPE_BYTES_MAX, MESSAGE_ID_BYTES, SENDER_CHARS_MAX, check_token
 from engine.records import (
     Config,
     MessageAttribute,
@@ -406,6 +407,46 @@ cdef inline bint plain_send(const unsigned char* p, Py_ssize_t n) noexcept:
     return n >= SEND_FIXED and p[0] == QREC_SEND and p[1] == 0
 
 
+@cython.final
+cdef class LightSend:
+    """The body and sender of a SEND whose only optional fields are a message id and a
+    sender: what a sealed body (server-side encryption) or an authenticated send stores.
+    Decoded here because engine.records.decode_send costs microseconds per message."""
+    cdef readonly bytes body
+    cdef readonly object sender
+
+    def __cinit__(self, bytes body, object sender):
+        self.body = body
+        self.sender = sender
+
+
+cdef object light_send(const unsigned char* p, Py_ssize_t n):
+    """A LightSend, or None when the record has other fields or does not parse (the full
+    decoder then reads it, and reports a malformed one)."""
+    cdef Py_ssize_t pos = SEND_FIXED
+    cdef Py_ssize_t length
+    cdef object sender = None
+    if n < SEND_FIXED or p[0] != QREC_SEND or p[1] & ~(SEND_HAS_MESSAGE_ID | SEND_HAS_SENDER):
+        return None
+    if p[1] & SEND_HAS_MESSAGE_ID:
+        pos += 16
+    if p[1] & SEND_HAS_SENDER:
+        if pos + 2 > n:
+            return None
+        length = ld16(p + pos)
+        pos += 2
+        if pos + length > n:
+            return None
+        try:
+            sender = (<char*>p)[pos:pos + length].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        pos += length
+    if pos > n:
+        return None
+    return LightSend(PyBytes_FromStringAndSize(<char*>p + pos, n - pos), sender)
+
+
 # --- one message's state -------------------------------------------------------------------
 
 @cython.no_gc
@@ -460,7 +501,8 @@ cdef class State:
     queues the per-group order and locks.
     """
 
-    # Fields are declared in _queue.pxd. dedup maps a dedup key to (seq, sent_at);
+    # Fields are declared in _queue.pxd. dedup maps a dedup key to (seq, sent_at,
+    # message_id), message_id being the 16 explicit bytes or None for a derived id;
     # origins maps (origin queue uid, origin seq) to seq; _dedup_order holds
     # (sent_at, key) oldest first; _ready is a heap of seqs believed visible; _timers a
     # heap of (due, seq); for FIFO queues _groups maps a group to its seqs in order,
@@ -550,7 +592,7 @@ cdef class State:
             self.next_seq = seq + 1
         self._sent += 1
         if dedup is not None:
-            self.dedup[dedup] = (seq, sent_at)
+            self.dedup[dedup] = (seq, sent_at, message_id)
             self._dedup_order.append((sent_at, dedup))
         if origin is not None:
             self.origins[(origin[0], origin[1])] = seq
@@ -721,9 +763,9 @@ cdef class State:
             group = m.group or ""
             self._inflight[group] = self._inflight.get(group, 0) + 1
 
-    def restore_dedup(self, str key, int64_t seq, int64_t sent_at):
+    def restore_dedup(self, str key, int64_t seq, int64_t sent_at, bytes message_id=None):
         """Put back a dedup window entry (in oldest-first order)."""
-        self.dedup[key] = (seq, sent_at)
+        self.dedup[key] = (seq, sent_at, message_id)
         self._dedup_order.append((sent_at, key))
 
     cdef void _compact(self):
@@ -800,7 +842,7 @@ cdef class State:
         return self._timers[0][0] if self._timers else None
 
     def duplicate_of(self, str key, int64_t now):
-        """(seq, sent_at) of a send with this dedup key inside the window, if any."""
+        """(seq, sent_at, message_id) of a send with this dedup key inside the window."""
         entry = self.dedup.get(key)
         if entry is not None and entry[1] + _DEDUP_WINDOW > now:
             return entry
@@ -845,9 +887,11 @@ cdef class State:
         """Validate, append and apply sends; return per-entry results and the offset to
         wait for (0 when nothing was appended).
 
-        A plain entry (bytes body and nothing else, on a standard queue) is checked here;
-        any other goes to check_entry, which returns (body, attributes, delay_ms, group,
-        dedup_key, sender, system_attributes) or raises an EngineError.
+        A plain entry (bytes body and nothing else but a sender, a well-formed message_id
+        and an overhead, on a standard queue) is checked here; any other goes to check_entry, which returns (body, attributes, delay_ms, group,
+        dedup_key, sender, system_attributes, message_id) or raises an EngineError. An
+        explicit message_id (16 bytes) is the caller's: it is stored with the message and
+        returned for it, and for any duplicate of it, instead of one derived from the seq.
         """
         cdef list results = []
         cdef list payloads = []
@@ -862,22 +906,41 @@ cdef class State:
         cdef object attributes
         cdef object sender
         cdef object system_attributes
+        cdef object explicit_id
         cdef int64_t entry_delay
+        cdef object overhead
+        cdef Py_ssize_t size
+        cdef object checked_sender = None  # the entries of a request share one sender
         for entry in entries:
             body = entry.body
+            explicit_id = entry.message_id
+            overhead = entry.overhead
+            # Sealed bodies (server-side encryption) carry an id and an overhead and are
+            # otherwise plain: they stay on this path.
             if (type(body) is bytes and not self.fifo and entry.attributes is None
                     and entry.group_id is None and entry.dedup_id is None
-                    and entry.delay_seconds is None and entry.sender is None
-                    and entry.system_attributes is None):
-                if PyBytes_GET_SIZE(body) > max_bytes:
-                    results.append(MessageTooLargeError(PyBytes_GET_SIZE(body), max_bytes))
+                    and entry.delay_seconds is None and entry.system_attributes is None
+                    and (explicit_id is None or (type(explicit_id) is bytes and
+                         PyBytes_GET_SIZE(explicit_id) == MESSAGE_ID_BYTES))
+                    and type(overhead) is int and 0 <= overhead <= ENVELOPE_BYTES_MAX):
+                size = PyBytes_GET_SIZE(body) - <Py_ssize_t>overhead
+                if size > max_bytes:
+                    results.append(MessageTooLargeError(size, max_bytes))
                     continue
-                attributes = group = key = sender = system_attributes = None
+                sender = entry.sender
+                if sender is not None and sender is not checked_sender:
+                    try:
+                        sender = check_token("sender", sender, SENDER_CHARS_MAX)
+                    except EngineError as exc:
+                        results.append(exc)
+                        continue
+                    checked_sender = sender
+                attributes = group = key = system_attributes = None
                 entry_delay = delay_ms
             else:
                 try:
                     (body, attributes, entry_delay, group, key, sender,
-                     system_attributes) = check_entry(entry)
+                     system_attributes, explicit_id) = check_entry(entry)
                 except EngineError as exc:
                     results.append(exc)
                     continue
@@ -886,27 +949,27 @@ cdef class State:
                     batch_keys = {}
                 earlier = batch_keys.get(key)
                 if earlier is None:
-                    found = self.duplicate_of(key, now)
-                    earlier = found[0] if found is not None else None
+                    earlier = self.duplicate_of(key, now)
                 if earlier is not None:
                     results.append(_tuple_new(SendResult, (
-                        message_id_of(uid, earlier), sequence_number_of(earlier), True)))
+                        message_id_of(uid, earlier[0], earlier[2]),
+                        sequence_number_of(earlier[0]) if self.fifo else None, True)))
                     continue
-                batch_keys[key] = seq
+                batch_keys[key] = (seq, now, explicit_id)
             visible_at = now + entry_delay
-            payloads.append(encode_send(seq, now, visible_at, body, group, key, None, None,
-                                        attributes, sender, system_attributes))
-            pending.append((seq, visible_at, group, key))
+            payloads.append(encode_send(seq, now, visible_at, body, group, key, explicit_id,
+                                        None, attributes, sender, system_attributes))
+            pending.append((seq, visible_at, group, key, explicit_id))
             results.append(_tuple_new(SendResult, (
-                message_id_of(uid, seq), sequence_number_of(seq) if self.fifo else None,
-                False)))
+                message_id_of(uid, seq, explicit_id),
+                sequence_number_of(seq) if self.fifo else None, False)))
             seq += 1
         if not payloads:
             return results, 0
         first = log.append_batch(payloads, wait=False)
         for i in range(len(pending)):
-            s, visible_at, group, key = pending[i]
-            self.apply_send(first + i, s, now, visible_at, group, key, None, None)
+            s, visible_at, group, key, explicit_id = pending[i]
+            self.apply_send(first + i, s, now, visible_at, group, key, explicit_id, None)
         return results, first + len(payloads)
 
     def lead_receive(self, object log, uint64_t uid, int64_t now, int limit,
@@ -962,6 +1025,11 @@ cdef class State:
             attributes = {}
             sender = None
             system_attributes = {}
+        elif type(body_record) is LightSend:
+            body = (<LightSend>body_record).body
+            attributes = {}
+            sender = (<LightSend>body_record).sender
+            system_attributes = {}
         else:
             body = body_record.body
             attributes = dict(body_record.attributes or {})
@@ -1008,7 +1076,8 @@ cdef dict read_bodies(object log, list locations):
     """Bodies of the SEND records at these offsets, reading each run of them once.
 
     A plain SEND (no optional fields) maps to its body bytes, read straight out of the
-    log's buffer; any other maps to its full engine.records.Send.
+    log's buffer; one with only a message id and a sender to a LightSend; any other to its
+    full engine.records.Send.
     """
     cdef list wanted = sorted(set(locations))
     cdef dict found = {}
@@ -1037,7 +1106,9 @@ cdef dict read_bodies(object log, list locations):
                     found[offset + k] = PyBytes_FromStringAndSize(<char*>p + SEND_FIXED,
                                                                   n - SEND_FIXED)
                 else:
-                    found[offset + k] = decode_send(records.payload_at(k))
+                    light = light_send(p, n)
+                    found[offset + k] = (light if light is not None
+                                         else decode_send(records.payload_at(k)))
             offset = records.next_offset
         i += run
     return found

@@ -45,6 +45,7 @@ from engine.errors import (
     BrokerClosedError,
     DataDirectoryLockedError,
     InvalidAttributeError,
+    LogError,
     QueueExistsError,
     QueueNotFoundError,
     QueueUnavailableError,
@@ -227,7 +228,13 @@ class Broker:
             entry = self.catalog.get(name)
             if entry is None:
                 raise QueueNotFoundError(name)
-            core = QueueCore(name, entry.uid, self._queue_dir(entry.uid), **self._core_options)
+            try:
+                core = QueueCore(name, entry.uid, self._queue_dir(entry.uid),
+                                 **self._core_options)
+            except LogError as exc:
+                # A damaged log fails this queue alone, as a log failing later does: its
+                # callers get "unavailable", not an error of their own or of the server.
+                raise QueueUnavailableError(name, f"its log cannot be opened: {exc}") from exc
             self._cores[name] = core
             if core.attributes.to_dict() != entry.attributes:
                 # The log is the authority on a queue's configuration.

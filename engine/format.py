@@ -84,7 +84,9 @@ ATTR_BINARY = 1
 
 # --- snapshot file ------------------------------------------------------------------
 SNAPSHOT_MAGIC = b"CVYS"
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
+# Version 1 lacks the message id of dedup window entries; it is read, never written.
+SNAPSHOT_VERSIONS_READ = (1, 2)
 
 # --- file names ---------------------------------------------------------------------
 OFFSET_DIGITS = 20  # zero-padded so that `ls` sorts segments by offset

@@ -42,6 +42,9 @@ ATTRIBUTE_TYPE_CHARS_MAX = 256
 GROUP_ID_CHARS_MAX = 128
 DEDUP_ID_CHARS_MAX = 128
 SENDER_CHARS_MAX = 256
+# Bytes a caller may wrap a body in (an encryption envelope) beyond the size limit.
+ENVELOPE_BYTES_MAX = 64
+MESSAGE_ID_BYTES = 16
 
 # Patterns are used with fullmatch: "$" would also match before a trailing newline.
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]+")

@@ -45,7 +45,9 @@ from engine.errors import (
 from engine.limits import (
     DEDUP_ID_CHARS_MAX,
     DELAY_S_MAX,
+    ENVELOPE_BYTES_MAX,
     GROUP_ID_CHARS_MAX,
+    MESSAGE_ID_BYTES,
     RECEIVE_WAIT_S_MAX,
     SENDER_CHARS_MAX,
     VISIBILITY_TIMEOUT_S_MAX,
@@ -161,6 +163,15 @@ class QueueCore:
             fresh = True
         else:
             fresh = False
+            if start > self.log.next_offset:
+                # A snapshot is only taken of records already fsync'd, so a log that now
+                # ends before it lost records to damage (opening a log cuts a bad batch and
+                # all after it). The state still points at those offsets, which new records
+                # would reuse: their bytes would be read as other messages' bodies.
+                raise LogError(f"queue log {self.log.path} ends at offset "
+                               f"{self.log.next_offset}, before its snapshot's {start}: "
+                               "records the snapshot counts on were lost to damage",
+                               self.log.path)
         for offset, payload in self.log.iter_records(start):
             record = rec.decode(payload)
             if fresh and isinstance(record, rec.Config):
@@ -584,7 +595,7 @@ class QueueCore:
 
 def _check_entry(entry: SendEntry, attrs: QueueAttributes) -> tuple[Any, ...]:
     """Full validation of one entry: (body, attributes, delay_ms, group, dedup key, sender,
-    system attributes)."""
+    system attributes, explicit message id)."""
     body = entry.body
     if not isinstance(body, bytes):
         if not isinstance(body, (bytearray, memoryview)):
@@ -592,7 +603,13 @@ def _check_entry(entry: SendEntry, attrs: QueueAttributes) -> tuple[Any, ...]:
         body = bytes(body)
     attributes = check_message_attributes(entry.attributes)
     system_attributes = check_message_attributes(entry.system_attributes)
-    check_message_size(message_bytes(body, attributes), attrs.max_message_bytes)
+    overhead = check_int("overhead", entry.overhead, 0, ENVELOPE_BYTES_MAX)
+    check_message_size(message_bytes(body, attributes) - overhead, attrs.max_message_bytes)
+    message_id = entry.message_id
+    if message_id is not None and (type(message_id) is not bytes
+                                   or len(message_id) != MESSAGE_ID_BYTES):
+        raise InvalidParameterError("message_id", message_id,
+                                    f"must be {MESSAGE_ID_BYTES} bytes")
     sender = None
     if entry.sender is not None:
         sender = check_token("sender", entry.sender, SENDER_CHARS_MAX)
@@ -616,9 +633,8 @@ def _check_entry(entry: SendEntry, attrs: QueueAttributes) -> tuple[Any, ...]:
                 require("dedup_id", None, "this FIFO queue has no content-based "
                         "deduplication, so each message needs a dedup_id")
             key = hashlib.sha256(body).hexdigest()
-    else:
-        key = None  # standard queues do not deduplicate (yet)
-    return body, attributes, delay * 1000, group, key, sender, system_attributes
+    # A standard queue deduplicates only sends that carry a dedup id (an idempotency key).
+    return body, attributes, delay * 1000, group, key, sender, system_attributes, message_id
 
 
 def _wake(future: asyncio.Future[None]) -> None:

@@ -25,6 +25,12 @@ class SendEntry(NamedTuple):
     """Who sent it (an SQS SenderId): returned with the message."""
     system_attributes: Mapping[str, MessageAttribute] | None = None
     """Attributes for other systems, such as SQS's AWSTraceHeader."""
+    message_id: bytes | None = None
+    """16 bytes chosen by the caller (the server does for encrypted queues); None lets the
+    queue derive the id from the message's seq, which costs nothing to store."""
+    overhead: int = 0
+    """Bytes of framing the caller wrapped the body in (an encryption envelope) that do not
+    count toward the message size limit: at most ENVELOPE_BYTES_MAX."""
 
 
 class SendResult(NamedTuple):

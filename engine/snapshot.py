@@ -60,12 +60,13 @@ def encode_state(state: State) -> bytes:
         parts.append(_ORIGIN.pack(m.origin is not None, *origin))
     entries = state.dedup_entries()
     parts.append(struct.pack("<I", len(entries)))
-    for key, (seq, sent_at) in entries:
-        parts.append(_opt_str(key) + struct.pack("<Qq", seq, sent_at))
+    for key, (seq, sent_at, message_id) in entries:
+        parts.append(_opt_str(key) + struct.pack("<Qq", seq, sent_at)
+                     + (message_id if message_id is not None else _NO_ID))
     return b"".join(parts)
 
 
-def decode_state(data: bytes) -> State:
+def decode_state(data: bytes, version: int = fmt.SNAPSHOT_VERSION) -> State:
     view = memoryview(data)
     fifo, next_seq, last_time, count = _STATE_HEAD.unpack_from(view, 0)
     pos = _STATE_HEAD.size
@@ -110,9 +111,13 @@ def decode_state(data: bytes) -> State:
         key = read_str()
         seq, sent_at = struct.unpack_from("<Qq", view, pos)
         pos += 16
+        message_id = None
+        if version >= 2:  # version 1 kept no message ids in the dedup window
+            message_id = bytes(view[pos : pos + 16])
+            pos += 16
         if key is None:
             raise ValueError("snapshot dedup entry without a key")
-        state.restore_dedup(key, seq, sent_at)
+        state.restore_dedup(key, seq, sent_at, message_id if message_id != _NO_ID else None)
     if pos != len(view):
         raise ValueError("snapshot state has trailing bytes")
     return state
@@ -136,9 +141,9 @@ def decode_snapshot(data: bytes) -> tuple[State, int]:
     if len(data) < _SNAPSHOT_HEAD.size:
         raise ValueError("snapshot shorter than its header")
     magic, checksum, version, next_offset = _SNAPSHOT_HEAD.unpack_from(data, 0)
-    if magic != fmt.SNAPSHOT_MAGIC or version != fmt.SNAPSHOT_VERSION:
-        raise ValueError("not a snapshot of this version")
+    if magic != fmt.SNAPSHOT_MAGIC or version not in fmt.SNAPSHOT_VERSIONS_READ:
+        raise ValueError("not a snapshot of a version this build reads")
     if xxhash.xxh3_64_intdigest(data[12:]) != checksum:
         raise ValueError("snapshot checksum mismatch")
     body = zstandard.ZstdDecompressor().decompress(data[_SNAPSHOT_HEAD.size :])
-    return decode_state(body), next_offset
+    return decode_state(body, version), next_offset

@@ -14,26 +14,46 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine import AsyncBroker
-from server import keys, native, openapi
-from server.config import HEADER_BYTES_MAX, HEADERS_MAX, REQUEST_BYTES_MAX, ServerConfig
+from server import keys, keystore, masterkey, native, openapi
+from server.admission import Admission, protect
+from server.auth import Authenticator
+from server.breaker import Bulkhead, CircuitBreaker, Guard
+from server.config import (
+    BACKEND_CALLS_MAX,
+    BREAKER_FAILURES,
+    BREAKER_RESET_S,
+    HEADER_BYTES_MAX,
+    HEADERS_MAX,
+    METADATA_CALL_S,
+    METADATA_CALLS_MAX,
+    METADATA_QUEUE_S,
+    REQUEST_BYTES_MAX,
+    ServerConfig,
+)
+from server.keystore import KeyCache, KeyStore
 from server.metadata import CachedMetadata, SQLiteMetadataStore
 from server.metrics import Metrics
 from server.middleware import frontend
+from server.ratelimit import parse_rate
 from server.service import QueueService
 from server.sqs import handler as sqs
+from server.sse import Keyring
+from server.usage import Usage
 
 METADATA_FILE = "metadata.sqlite3"
+KEYRING_FILE = "sse-keys.sqlite3"
 
 
 def create_app(config: ServerConfig) -> web.Application:
     app = web.Application(
-        middlewares=[frontend],
+        middlewares=[frontend, protect],
         client_max_size=REQUEST_BYTES_MAX,
         handler_args={"max_line_size": HEADER_BYTES_MAX, "max_field_size": HEADER_BYTES_MAX,
                       "max_headers": HEADERS_MAX},
     )
     app[keys.CONFIG] = config
     app[keys.METRICS] = Metrics()
+    app[keys.USAGE] = Usage()
     app[keys.RECEIVE_ATTEMPTS] = {}
     app.cleanup_ctx.append(_engine)
     app.router.add_routes(native.routes)
@@ -52,21 +72,43 @@ def create_app(config: ServerConfig) -> web.Application:
 async def _engine(app: web.Application) -> AsyncIterator[None]:
     config = app[keys.CONFIG]
     os.makedirs(config.data_dir, exist_ok=True)
+    master = masterkey.load_or_create(config.master_key_path)
     broker = AsyncBroker(config.data_dir, config.fsync,
                          open_queues_max=config.open_queues_max,
                          on_sync=app[keys.METRICS].fsync.observe)
     store = SQLiteMetadataStore(os.path.join(config.data_dir, METADATA_FILE))
-    service = QueueService(broker, CachedMetadata(store))
+    keyring = Keyring(os.path.join(config.data_dir, KEYRING_FILE), master,
+                      rotate_period_s=config.sse_rotation_s)
+    access_keys = KeyStore(os.path.join(config.data_dir, keystore.FILE_NAME), master)
+    metadata = CachedMetadata(store, _guard("metadata", METADATA_CALLS_MAX, METADATA_QUEUE_S,
+                                            METADATA_CALL_S))
+    service = QueueService(broker, metadata, keyring,
+                           _guard("engine", BACKEND_CALLS_MAX, 0, None))
+    authenticator = Authenticator(KeyCache(access_keys) if config.auth == "required" else None,
+                                  config.account_id)
     try:
         await service.start()
         app[keys.METRICS].watch(broker.broker)
+        app[keys.METRICS].registry.register(app[keys.USAGE])
+        app[keys.METRICS].watch_protection((metadata.guard, service.backend),
+                                           lambda: service.unopened)
         app[keys.BROKER] = broker
         app[keys.SERVICE] = service
+        app[keys.ADMISSION] = Admission(authenticator, metadata,
+                                        parse_rate(config.principal_rate, "principal rate"),
+                                        parse_rate(config.queue_rate, "queue rate"))
         yield
     finally:
         await service.close()
         await store.close()
         await broker.close()
+        keyring.close()
+        access_keys.close()
+
+
+def _guard(name: str, calls: int, queue_s: float, call_s: float | None) -> Guard:
+    return Guard(Bulkhead(name, calls, queue_s),
+                 CircuitBreaker(name, BREAKER_FAILURES, BREAKER_RESET_S, call_s))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -80,7 +122,7 @@ async def readyz(request: web.Request) -> web.Response:
     if service.broker.broker.closed:
         return web.json_response({"error": {"code": "NotReady", "message": "engine closed"}},
                                  status=503)
-    await service.metadata.store.ping()
+    await service.metadata.ping()
     return web.json_response({"status": "ready"})
 
 

@@ -23,7 +23,7 @@ from engine import Log, format
 from engine.errors import EngineError
 from engine.log import FsyncPolicy
 from server.client import DEFAULT_ENDPOINT, ClientError, NativeClient
-from server.config import SHUTDOWN_GRACE_S, ServerConfig
+from server.config import CONNECTIONS_MAX, DEFAULT_ACCOUNT, ServerConfig
 
 _T = TypeVar("_T")
 
@@ -53,28 +53,83 @@ def _fsync(ctx: click.Context, param: click.Parameter, value: str) -> str:
               help="always | never | interval:<ms>: when appended data is fsync'd.")
 @click.option("--access-log/--no-access-log", default=True, show_default=True,
               help="One JSON audit line per request on stdout.")
-def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool) -> None:
+@click.option("--auth", type=click.Choice(["required", "none"]), default="none",
+              show_default=True,
+              help="required: every request must be signed (SigV4) or carry a bearer "
+                   "token of an access key; none: anyone may call, as the default account.")
+@click.option("--insecure", is_flag=True,
+              help="Allow --auth none on an address other than loopback.")
+@click.option("--master-key-file", type=click.Path(dir_okay=False),
+              help="The 32-byte master key (created 0600 if absent). "
+                   "Default: master.key in the data directory.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False),
+              help="PEM certificate chain: serve HTTPS (TLS 1.2 or later).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False),
+              help="PEM private key of --tls-cert.")
+@click.option("--rate-limit-principal", "principal_rate", default="", metavar="RATE",
+              help='Requests per principal, e.g. "100/s" or "100/s:200" (rate:burst).')
+@click.option("--rate-limit-queue", "queue_rate", default="", metavar="RATE",
+              help="Requests per queue, unless its ConveyorRateLimit attribute says other.")
+@click.option("--connections-max", default=CONNECTIONS_MAX, show_default=True,
+              type=click.IntRange(1, 1_000_000),
+              help="Connections served at once; more are closed as they arrive.")
+@click.option("--sse-key-rotation-days", default=30.0, show_default=True,
+              type=click.FloatRange(min=0),
+              help="Replace a queue's data key after this many days (0: by use count only).")
+def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, auth: str,
+          insecure: bool, master_key_file: str | None, tls_cert: str | None,
+          tls_key: str | None, principal_rate: str, queue_rate: str, connections_max: int,
+          sse_key_rotation_days: float) -> None:
     """Run the server: the SQS protocols and the native API on one port.
 
     SIGTERM and SIGINT stop it gracefully: it stops accepting, lets requests in flight
     finish, then flushes and fsyncs everything before exiting 0.
     """
-    from aiohttp import web
 
     from server.app import create_app
+    from server.listener import run
+    from server.ratelimit import parse_rate
 
+    if auth == "none" and not insecure and not _is_loopback(host):
+        raise click.UsageError(f"--auth none on {host} lets anyone on the network use every "
+                               "queue: use --auth required, or say --insecure")
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    for option, rate in (("--rate-limit-principal", principal_rate),
+                         ("--rate-limit-queue", queue_rate)):
+        try:
+            parse_rate(rate, option)
+        except EngineError as exc:
+            raise click.BadParameter(str(exc), param_hint=option) from None
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     config = ServerConfig(data_dir=data_dir, host=host, port=port, fsync=fsync,
-                          access_log=access_log)
+                          access_log=access_log, auth=auth, master_key_file=master_key_file,
+                          tls_cert=tls_cert, tls_key=tls_key, principal_rate=principal_rate,
+                          queue_rate=queue_rate, connections_max=connections_max,
+                          sse_rotation_s=sse_key_rotation_days * 24 * 60 * 60)
     loop = _event_loop()
-    url = f"http://{host}:{port}"
+    url = f"{'https' if tls_cert else 'http'}://{host}:{port}"
 
-    def announce(_: str) -> None:
+    def announce() -> None:
         click.echo(f"Conveyor serving {url} (data: {os.path.abspath(data_dir)}, "
-                   f"fsync={fsync}, loop={type(loop).__module__.split('.')[0]})", err=True)
+                   f"fsync={fsync}, auth={auth}, "
+                   f"loop={type(loop).__module__.split('.')[0]})", err=True)
 
-    web.run_app(create_app(config), host=host, port=port, print=announce,
-                shutdown_timeout=SHUTDOWN_GRACE_S, access_log=None, loop=loop)
+    try:
+        run(create_app(config), config, loop, announce)
+    except EngineError as exc:  # a bad master key file, say: a message, not a traceback
+        raise click.ClickException(str(exc)) from None
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:
@@ -274,6 +329,100 @@ def log_verify(path: str) -> None:
             click.echo(f"damaged: {exc}", err=True)
             sys.exit(1)
     click.echo(f"ok: {records} records verified")
+
+
+# --- access keys -----------------------------------------------------------------------------
+
+_data_dir = click.option("--data-dir", default="./conveyor-data", show_default=True,
+                         help="The server's data directory (it holds the key database).")
+_master_key = click.option("--master-key-file", type=click.Path(dir_okay=False),
+                           help="Default: master.key in the data directory.")
+
+
+@contextmanager
+def _keystore(data_dir: str, master_key_file: str | None) -> Iterator[Any]:
+    from server.keystore import KeyStore
+
+    try:
+        store = KeyStore.open(data_dir, master_key_file)
+    except EngineError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        yield store
+    except EngineError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        store.close()
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke access keys (run on the server's machine)."""
+
+
+@keys.command("create")
+@_data_dir
+@_master_key
+@click.option("--principal", default="default", show_default=True,
+              help="Who the key belongs to: named in audit lines and usage data.")
+@click.option("--account", default=DEFAULT_ACCOUNT, show_default=True,
+              help="The 12-digit account whose queues the key may use.")
+def keys_create(data_dir: str, master_key_file: str | None, principal: str,
+                account: str) -> None:
+    """Create a key and print it as JSON. The secret is shown this once."""
+    with _keystore(data_dir, master_key_file) as store:
+        key = store.create(principal, account)
+    click.echo(json.dumps({"access_key_id": key.access_key_id,
+                           "secret_access_key": key.secret, "principal": key.principal,
+                           "account": key.account}))
+
+
+@keys.command("list")
+@_data_dir
+@_master_key
+@_as_json
+def keys_list(data_dir: str, master_key_file: str | None, as_json: bool) -> None:
+    """List keys (never their secrets)."""
+    with _keystore(data_dir, master_key_file) as store:
+        listed = [{"access_key_id": k.access_key_id, "principal": k.principal,
+                   "account": k.account, "created_ms": k.created_ms,
+                   "revoked_ms": k.revoked_ms} for k in store.list()]
+    _emit(listed, as_json, lambda ks: "\n".join(
+        f"{k['access_key_id']}  {k['account']}  {k['principal']}"
+        f"{'  (revoked)' if k['revoked_ms'] else ''}" for k in ks) or "no keys")
+
+
+@keys.command("revoke")
+@click.argument("access_key_id")
+@_data_dir
+@_master_key
+def keys_revoke(access_key_id: str, data_dir: str, master_key_file: str | None) -> None:
+    """Revoke a key: the server refuses it within a few seconds (its cache's lifetime)."""
+    with _keystore(data_dir, master_key_file) as store:
+        if not store.revoke(access_key_id):
+            raise click.ClickException(f"no active key {access_key_id}")
+    click.echo(f"revoked {access_key_id}")
+
+
+@keys.command("token")
+@click.argument("access_key_id")
+@_data_dir
+@_master_key
+@click.option("--ttl", default=3600, show_default=True,
+              type=click.IntRange(1, 7 * 24 * 60 * 60), help="Seconds the token is valid.")
+def keys_token(access_key_id: str, data_dir: str, master_key_file: str | None,
+               ttl: int) -> None:
+    """Print a bearer token of a key for the native API (curl -H "Authorization: Bearer
+    ..."; the CLI's client verbs read it from CONVEYOR_TOKEN)."""
+    import time
+
+    from server.auth import bearer_token
+
+    with _keystore(data_dir, master_key_file) as store:
+        key = store.get(access_key_id)
+    if key is None:
+        raise click.ClickException(f"no active key {access_key_id}")
+    click.echo(bearer_token(key.access_key_id, key.secret, int(time.time()) + ttl))
 
 
 if __name__ == "__main__":

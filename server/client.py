@@ -6,6 +6,7 @@ Synchronous and standard-library only (urllib): a CLI call makes one or two requ
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,8 +26,11 @@ class ClientError(Exception):
 
 
 class NativeClient:
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT) -> None:
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, token: str | None = None) -> None:
+        """``token``: a bearer token (``conveyor keys token``) for a server that requires
+        authentication; by default CONVEYOR_TOKEN from the environment."""
         self.endpoint = endpoint.rstrip("/")
+        self.token = token if token is not None else os.environ.get("CONVEYOR_TOKEN")
 
     def _call(self, method: str, path: str, body: bytes | None = None,
               content_type: str = "application/json", query: dict[str, Any] | None = None,
@@ -35,8 +39,10 @@ class NativeClient:
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items()
                                                  if v is not None})
-        request = urllib.request.Request(url, data=body, method=method,
-                                         headers={"Content-Type": content_type})
+        headers = {"Content-Type": content_type}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(url, data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 raw = response.read()

@@ -95,6 +95,62 @@ class NotFoundError(ServerError):
     """No route for this method and path."""
 
 
+# --- authentication and authorization ------------------------------------------------------
+
+
+class AuthenticationError(ServerError):
+    """Base for a request whose caller cannot be established. Nothing has changed."""
+
+
+class MissingAuthenticationTokenError(AuthenticationError):
+    def __init__(self) -> None:
+        super().__init__("the request carries no signature or token, and this server "
+                         "requires one")
+
+
+class IncompleteSignatureError(AuthenticationError):
+    """An Authorization header or presigned query that is not a well-formed SigV4 one."""
+
+
+class InvalidClientTokenIdError(AuthenticationError):
+    def __init__(self, access_key_id: str) -> None:
+        super().__init__(f"the access key id {access_key_id!r} does not exist or was revoked")
+        self.access_key_id = access_key_id
+
+
+class SignatureDoesNotMatchError(AuthenticationError):
+    def __init__(self, reason: str = "") -> None:
+        super().__init__("the request signature does not match the one computed from the "
+                         "request and the secret key" + (f": {reason}" if reason else ""))
+
+
+class RequestExpiredError(AuthenticationError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the request has expired: {reason}")
+
+
+# --- protection of the server ---------------------------------------------------------------
+
+
+class ThrottledError(ServerError):
+    """Over a rate limit; ``retry_after_s`` is when a token will next be there."""
+
+    def __init__(self, scope: str, retry_after_s: float) -> None:
+        super().__init__(f"rate limit exceeded for {scope}; retry after "
+                         f"{retry_after_s:.3f} s")
+        self.scope = scope
+        self.retry_after_s = retry_after_s
+
+
+class DependencyUnavailableError(ServerError):
+    """A dependency (the metadata store, the engine) is failing or saturated, and the
+    request was refused at once rather than queued behind it."""
+
+    def __init__(self, dependency: str, reason: str) -> None:
+        super().__init__(f"the {dependency} is unavailable: {reason}")
+        self.dependency = dependency
+
+
 @dataclasses.dataclass(frozen=True)
 class ErrorSpec:
     status: int
@@ -161,6 +217,19 @@ _TABLE: list[tuple[type[BaseException], ErrorSpec]] = [
                                    "AWS.SimpleQueueService.UnsupportedOperation",
                                    "UnsupportedOperation")),
     (NotFoundError, _S(404, "NotFound", "NotFound", "NotFound")),
+    (MissingAuthenticationTokenError, _S(403, "MissingAuthenticationToken",
+                                         "MissingAuthenticationToken",
+                                         "MissingAuthenticationToken")),
+    (IncompleteSignatureError, _S(400, "IncompleteSignature", "IncompleteSignature",
+                                  "IncompleteSignature")),
+    (InvalidClientTokenIdError, _S(403, "InvalidClientTokenId", "InvalidClientTokenId",
+                                   "InvalidClientTokenId")),
+    (SignatureDoesNotMatchError, _S(403, "SignatureDoesNotMatch", "SignatureDoesNotMatch",
+                                    "SignatureDoesNotMatch")),
+    (RequestExpiredError, _S(400, "RequestExpired", "RequestExpired", "RequestExpired")),
+    (ThrottledError, _S(429, "ThrottlingException", "RequestThrottled", "Throttled")),
+    (DependencyUnavailableError, _S(503, "ServiceUnavailable", "ServiceUnavailable",
+                                    "Unavailable", sender_fault=False)),
 ]
 
 INTERNAL = ErrorSpec(500, "InternalError", "InternalError", "Internal", sender_fault=False)

@@ -20,6 +20,10 @@ import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
+from server.breaker import Bulkhead, CircuitBreaker, Guard
+from server.config import METADATA_LOCK_WAIT_S
+from server.errors import DependencyUnavailableError
+
 
 @dataclasses.dataclass(frozen=True)
 class QueueRecord:
@@ -68,7 +72,8 @@ class SQLiteMetadataStore:
 
     @staticmethod
     def _connect(path: str) -> sqlite3.Connection:
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                             timeout=METADATA_LOCK_WAIT_S)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(_SCHEMA)
@@ -76,8 +81,13 @@ class SQLiteMetadataStore:
 
     async def _run(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._pool, lambda: self._db.execute(sql, args).fetchall())
+        try:
+            return await loop.run_in_executor(
+                self._pool, lambda: self._db.execute(sql, args).fetchall())
+        except sqlite3.OperationalError as exc:
+            # Locked by another process, disk full, I/O error: the store failed, not the
+            # request. Unavailable (503, and counted by the breaker), not an internal error.
+            raise DependencyUnavailableError("metadata store", str(exc)) from exc
 
     async def get(self, account: str, name: str) -> QueueRecord | None:
         rows = await self._run(
@@ -126,20 +136,26 @@ class CachedMetadata:
     """A store behind an in-process cache of records, updated on every write through it.
 
     Single node: this process is the only writer, so the cache is never stale. A cluster
-    store invalidates it from its watch (``invalidate``).
+    store invalidates it from its watch (``invalidate``). Every call to the store goes
+    through ``guard`` (a bulkhead and circuit breaker): while the store is slow or down,
+    requests that need it fail fast with 503, and requests served from the cache, which
+    is every message operation on a queue already used, do not wait at all.
     """
 
-    def __init__(self, store: MetadataStore) -> None:
+    def __init__(self, store: MetadataStore, guard: Guard | None = None) -> None:
         self.store = store
-        self._cache: dict[tuple[str, str], QueueRecord | None] = {}
+        self.guard = guard or Guard(Bulkhead("metadata", 64, 1.0),
+                                    CircuitBreaker("metadata"))
+        self._cache: dict[tuple[str, str], QueueRecord] = {}
 
     async def get(self, account: str, name: str) -> QueueRecord | None:
         key = (account, name)
         try:
             return self._cache[key]
         except KeyError:
-            record = await self.store.get(account, name)
-            self._cache[key] = record
+            record = await self.guard.run(self.store.get, account, name)
+            if record is not None:  # absent names are not kept: any caller can make them up
+                self._cache[key] = record
             return record
 
     def cached(self, account: str, name: str) -> QueueRecord | None:
@@ -147,15 +163,21 @@ class CachedMetadata:
         return self._cache.get((account, name))
 
     async def put(self, record: QueueRecord) -> None:
-        await self.store.put(record)
+        # Forget first: if the write times out it may still land, and the next read must
+        # ask the store rather than trust the old record.
+        self._cache.pop((record.account, record.name), None)
+        await self.guard.run(self.store.put, record)
         self._cache[(record.account, record.name)] = record
 
     async def delete(self, account: str, name: str) -> None:
-        await self.store.delete(account, name)
-        self._cache[(account, name)] = None
+        self._cache.pop((account, name), None)
+        await self.guard.run(self.store.delete, account, name)
 
     async def names(self, account: str, prefix: str, after: str, limit: int) -> list[str]:
-        return await self.store.names(account, prefix, after, limit)
+        return await self.guard.run(self.store.names, account, prefix, after, limit)
+
+    async def ping(self) -> None:
+        await self.guard.run(self.store.ping)
 
     def invalidate(self, account: str, name: str) -> None:
         self._cache.pop((account, name), None)

@@ -7,7 +7,7 @@ that moment (closed queues are idle), so the message path pays nothing for them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from engine import Broker
 from engine.errors import EngineError
+from server.breaker import CLOSED, Guard
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                     5, 10, 25)
@@ -40,6 +41,40 @@ class Metrics:
 
     def watch(self, broker: Broker) -> None:
         self.registry.register(_QueueCollector(broker))
+
+    def watch_protection(self, guards: Sequence[Guard], unopened: Callable[[], int]) -> None:
+        """Export the dispatch guards' state and the count of bodies that did not open."""
+        self.registry.register(_ProtectionCollector(guards, unopened))
+
+
+class _ProtectionCollector(Collector):
+    def __init__(self, guards: Sequence[Guard], unopened: Callable[[], int]) -> None:
+        self._guards = guards
+        self._unopened = unopened
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        state = GaugeMetricFamily(
+            "conveyor_dependency_circuit_open",
+            "1 while a dependency's circuit breaker is open or half-open, 0 when closed",
+            labels=["dependency"])
+        in_flight = GaugeMetricFamily("conveyor_dependency_calls_in_flight",
+                                      "Calls to a dependency in flight", labels=["dependency"])
+        refused = CounterMetricFamily(
+            "conveyor_dependency_calls_refused",
+            "Calls refused by a dependency's bulkhead or open circuit, or timed out",
+            labels=["dependency", "reason"])
+        for guard in self._guards:
+            breaker, bulkhead = guard.breaker, guard.bulkhead
+            state.add_metric([guard.name], 0 if breaker.state == CLOSED else 1)
+            in_flight.add_metric([guard.name], bulkhead.in_flight)
+            refused.add_metric([guard.name, "bulkhead_full"], bulkhead.rejected)
+            refused.add_metric([guard.name, "circuit_open"], breaker.rejected)
+            refused.add_metric([guard.name, "timeout"], breaker.timeouts)
+        unopened = CounterMetricFamily(
+            "conveyor_sse_unopened_messages",
+            "Encrypted message bodies that failed to open (altered or misplaced): skipped")
+        unopened.add_metric([], self._unopened())
+        yield from (state, in_flight, refused, unopened)
 
 
 class _QueueCollector(Collector):

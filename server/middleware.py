@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -18,10 +20,18 @@ from aiohttp import web
 
 from server import keys
 from server.config import REQUEST_BYTES_MAX
-from server.errors import NotFoundError, RequestTooLargeError, native_status, spec_for
+from server.errors import (
+    NotFoundError,
+    RequestTooLargeError,
+    ThrottledError,
+    native_status,
+    spec_for,
+)
 from server.sqs import json_protocol, query_protocol
 
 _audit = logging.getLogger("conveyor.audit")
+# The SQS endpoint, and a queue's URL (the query protocol may post to it).
+_SQS_PATH = re.compile(r"/|/[0-9]{12}/[^/]+")
 _log = logging.getLogger("conveyor.server")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -31,6 +41,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def frontend(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[keys.REQUEST_ID] = str(uuid.uuid4())
     started = time.perf_counter()
+    if _SQS_PATH.fullmatch(request.path):
+        # Known from the headers alone, so that even a refusal before the SQS handler
+        # runs (a bad signature, a rate limit) is framed the way the client parses.
+        request[keys.PROTOCOL] = json_protocol.protocol_of(request)
     try:
         declared = request.content_length
         if declared is not None and declared > REQUEST_BYTES_MAX:
@@ -62,12 +76,18 @@ def error_response(request: web.Request, exc: BaseException) -> web.Response:
     protocol = request.get(keys.PROTOCOL, "native")
     request_id = request[keys.REQUEST_ID]
     if protocol == "sqs-json":
-        return json_protocol.error(exc, spec, request_id)
-    if protocol == "sqs-query":
-        return query_protocol.error(exc, spec, request_id)
-    message = str(exc) if spec.status < 500 else "internal error"
-    return web.json_response({"error": {"code": spec.native_code, "message": message}},
-                             status=native_status(exc), headers={"X-Request-Id": request_id})
+        response = json_protocol.error(exc, spec, request_id)
+    elif protocol == "sqs-query":
+        response = query_protocol.error(exc, spec, request_id)
+    else:
+        message = str(exc) if spec.status < 500 else "internal error"
+        response = web.json_response(
+            {"error": {"code": spec.native_code, "message": message}},
+            status=native_status(exc), headers={"X-Request-Id": request_id})
+    if isinstance(exc, ThrottledError):
+        # Whole seconds, rounded up, as RFC 9110 requires; at least 1.
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return response
 
 
 def _account(request: web.Request, response: web.StreamResponse, elapsed: float) -> None:
@@ -78,14 +98,19 @@ def _account(request: web.Request, response: web.StreamResponse, elapsed: float)
     metrics.latency.labels(protocol, action).observe(elapsed)
     received = request.content_length or 0
     metrics.request_bytes.labels(protocol).inc(received)
+    sent = len(body) if isinstance(body := getattr(response, "body", None), bytes) else 0
+    account = request.get(keys.ACCOUNT)
+    if account is not None:
+        request.app[keys.USAGE].record(account, request.get(keys.PRINCIPAL),
+                                       request.get(keys.QUEUE), request.get(keys.MESSAGES, 0),
+                                       received, sent, response.status == 429)
     if request.app[keys.CONFIG].access_log:
         _audit.info(json.dumps({
             "ts": round(time.time(), 3), "request_id": request[keys.REQUEST_ID],
             "principal": request.get(keys.PRINCIPAL), "remote": request.remote,
             "protocol": protocol, "action": action, "queue": request.get(keys.QUEUE),
             "status": response.status, "bytes_in": received,
-            "bytes_out": len(body) if isinstance(body := getattr(response, "body", None),
-                                                  bytes) else None,
+            "bytes_out": sent,
             "latency_ms": round(elapsed * 1000, 3),
         }, separators=(",", ":")))
 

@@ -27,11 +27,11 @@ from engine.limits import (
     VISIBILITY_TIMEOUT_S_MAX,
     QueueAttributes,
 )
-from server import keys
+from server import authz, keys
 from server.config import REQUEST_BYTES_MAX
 from server.errors import MalformedRequestError, RequestTooLargeError, spec_for
 from server.params import int_in_range as _int
-from server.service import QueueService, QueueView
+from server.service import RATE_LIMIT_ATTRIBUTE, QueueService, QueueView, sse_enabled
 
 routes = web.RouteTableDef()
 
@@ -45,7 +45,9 @@ def _service(request: web.Request) -> QueueService:
 
 
 def _account(request: web.Request) -> str:
-    account: str = request.get(keys.ACCOUNT, request.app[keys.CONFIG].account_id)
+    """The account of the queue named: the caller's, or ?owner= (admitted by policy)."""
+    account: str = (request.get(keys.OWNER) or
+                    request.get(keys.ACCOUNT, request.app[keys.CONFIG].account_id))
     return account
 
 
@@ -91,6 +93,8 @@ def _queue_json(request: web.Request, view: QueueView) -> dict[str, Any]:
             "moved_to_dead_letter": stats.moved_to_dead_letter, "purged": stats.purged,
         },
         "tags": record.tags,
+        "encrypted": sse_enabled(record.extra),
+        "rate_limit": record.extra.get(RATE_LIMIT_ATTRIBUTE),
         "created_at": record.created_ms / 1000,
         "modified_at": record.modified_ms / 1000,
     }
@@ -113,6 +117,22 @@ def _engine_attributes(request: web.Request, raw: object) -> dict[str, Any]:
     if isinstance(out.get("dead_letter_queue"), str):
         out["dead_letter_queue"] = f"{_account(request)}/{out['dead_letter_queue']}"
     return out
+
+
+def _extra(body: Mapping[str, Any]) -> dict[str, str]:
+    """The FrontEnd's queue settings: encryption at rest and a rate-limit override
+    (null clears it), kept as their SQS attributes are."""
+    extra = {}
+    if "encrypted" in body:
+        if not isinstance(body["encrypted"], bool):
+            raise InvalidParameterError("encrypted", body["encrypted"], "must be true or false")
+        extra["SqsManagedSseEnabled"] = "true" if body["encrypted"] else "false"
+    if "rate_limit" in body:
+        value = body["rate_limit"]
+        if value is not None and not isinstance(value, str):
+            raise InvalidParameterError("rate_limit", value, 'must be a string like "100/s"')
+        extra[RATE_LIMIT_ATTRIBUTE] = value or ""
+    return extra
 
 
 # --- queues --------------------------------------------------------------------------------
@@ -142,7 +162,8 @@ async def create_queue(request: web.Request) -> web.Response:
     service = _service(request)
     existed = await service.metadata.get(_account(request), name) is not None
     await service.create_queue(_account(request), name,
-                               _engine_attributes(request, body.get("attributes")), {}, tags)
+                               _engine_attributes(request, body.get("attributes")),
+                               _extra(body), tags)
     view = await service.view(_account(request), name)
     return web.json_response(_queue_json(request, view), status=200 if existed else 201)
 
@@ -158,7 +179,8 @@ async def update_queue(request: web.Request) -> web.Response:
     name = _name(request)
     body = await _json(request)
     view = await _service(request).set_attributes(
-        _account(request), name, _engine_attributes(request, body.get("attributes")), {})
+        _account(request), name, _engine_attributes(request, body.get("attributes")),
+        _extra(body))
     return web.json_response(_queue_json(request, view))
 
 
@@ -197,16 +219,24 @@ async def send_message(request: web.Request) -> web.Response:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise RequestTooLargeError(None, REQUEST_BYTES_MAX) from None
+    dedup_id = request.query.get("dedup_id")
+    idempotency_key = request.headers.get("Idempotency-Key")
+    if idempotency_key is not None:
+        if dedup_id is not None and dedup_id != idempotency_key:
+            raise InvalidParameterError("Idempotency-Key", idempotency_key,
+                                        "differs from the dedup_id parameter")
+        dedup_id = idempotency_key
     entry = SendEntry(body,
                       delay_seconds=_int(request.query.get("delay_seconds"), "delay_seconds",
                                          -(2**31), 2**31),
                       group_id=request.query.get("group_id"),
-                      dedup_id=request.query.get("dedup_id"),
-                      sender=request.get(keys.PRINCIPAL))
+                      dedup_id=dedup_id, sender=request.get(keys.SENDER))
     [result] = await _service(request).send(_account(request), name, [entry])
     if isinstance(result, EngineError):
         raise result
-    return web.json_response(_sent(result), status=201)
+    request[keys.MESSAGES] = 1
+    # A retried send answers 200 with the original id: nothing new was created.
+    return web.json_response(_sent(result), status=200 if result.duplicate else 201)
 
 
 def _entry(raw: object, sender: str | None) -> SendEntry:
@@ -274,13 +304,14 @@ async def send_messages(request: web.Request) -> web.Response:
     entries: list[SendEntry | EngineError] = []
     for item in raw:
         try:
-            entries.append(_entry(item, request.get(keys.PRINCIPAL)))
+            entries.append(_entry(item, request.get(keys.SENDER)))
         except EngineError as exc:
             entries.append(exc)
     valid = [e for e in entries if isinstance(e, SendEntry)]
     results = iter(await _service(request).send(_account(request), name, valid) if valid
                    else [])
     out = [_sent(next(results) if isinstance(e, SendEntry) else e) for e in entries]
+    request[keys.MESSAGES] = sum("error" not in r for r in out)
     return web.json_response({"results": out})
 
 
@@ -318,6 +349,7 @@ async def receive_messages(request: web.Request) -> web.Response:
                       VISIBILITY_TIMEOUT_S_MAX)
     messages = await _service(request).receive(_account(request), name, count, wait,
                                                visibility)
+    request[keys.MESSAGES] = len(messages)
     return web.json_response({"messages": [_message_json(m) for m in messages]})
 
 
@@ -328,6 +360,7 @@ async def delete_messages(request: web.Request) -> web.Response:
     if not all(isinstance(r, str) for r in receipts):
         raise InvalidParameterError("receipts", "...", "must be strings")
     results = await _service(request).delete(_account(request), name, receipts)
+    request[keys.MESSAGES] = sum(r is None for r in results)
     return web.json_response({"results": [None if r is None else _error(r) for r in results]})
 
 
@@ -338,6 +371,7 @@ async def delete_message(request: web.Request) -> web.Response:
                                              [request.match_info["receipt"]])
     if error is not None:
         raise error
+    request[keys.MESSAGES] = 1
     return web.Response(status=204)
 
 
@@ -354,4 +388,55 @@ async def change_visibility(request: web.Request) -> web.Response:
             raise MissingParameterError("visibility_timeout", "each entry needs one")
         entries.append((item["receipt"], seconds))
     results = await _service(request).change_visibility(_account(request), name, entries)
+    request[keys.MESSAGES] = sum(r is None for r in results)
     return web.json_response({"results": [None if r is None else _error(r) for r in results]})
+
+
+# --- permissions (SQS AddPermission / RemovePermission) -------------------------------------
+
+
+@routes.get("/v1/queues/{name}/permissions", name="list_permissions")
+async def list_permissions(request: web.Request) -> web.Response:
+    """The queue's policy statements, one per label."""
+    record = await _service(request).record(_account(request), _name(request))
+    policy = record.extra.get("Policy")
+    statements = authz.parse(policy)["Statement"] if policy else []
+    return web.json_response({"permissions": statements})
+
+
+@routes.put("/v1/queues/{name}/permissions/{label}", name="put_permission")
+async def put_permission(request: web.Request) -> web.Response:
+    """Grant ``actions`` on the queue to ``accounts`` under ``label``."""
+    name = _name(request)
+    body = await _json(request)
+    service = _service(request)
+    record = await service.record(_account(request), name)
+    accounts, actions = body.get("accounts"), body.get("actions")
+    for field, value in (("accounts", accounts), ("actions", actions)):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidParameterError(field, value, "must be a list of strings")
+    policy = authz.add_permission(record.extra.get("Policy"),
+                                  request.app[keys.CONFIG].region, record.account, name,
+                                  request.match_info["label"], accounts, actions)  # type: ignore[arg-type]
+    await service.set_attributes(record.account, name, {}, {"Policy": policy})
+    return web.Response(status=204)
+
+
+@routes.delete("/v1/queues/{name}/permissions/{label}", name="delete_permission")
+async def delete_permission(request: web.Request) -> web.Response:
+    name = _name(request)
+    service = _service(request)
+    record = await service.record(_account(request), name)
+    policy = authz.remove_permission(record.extra.get("Policy"), request.match_info["label"])
+    await service.set_attributes(record.account, name, {}, {"Policy": policy})
+    return web.Response(status=204)
+
+
+# --- usage -----------------------------------------------------------------------------------
+
+
+@routes.get("/v1/usage", name="usage")
+async def usage(request: web.Request) -> web.Response:
+    """The caller's account's usage counters, per principal and per queue."""
+    account = request.get(keys.ACCOUNT, request.app[keys.CONFIG].account_id)
+    return web.json_response(request.app[keys.USAGE].of_account(account))

@@ -25,6 +25,14 @@ _STR = {"type": "string"}
 _NUM = {"type": "number"}
 
 
+_PROTECTION: dict[str, Any] = {
+    "encrypted": {"type": "boolean"},
+    "rate_limit": {"type": "string", "nullable": True,
+                   "description": 'Requests per second to this queue, "100/s" or "100/s:200"'},
+}
+_COUNTS: dict[str, Any] = {"type": "object", "additionalProperties": {"type": "integer"}}
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -84,12 +92,13 @@ _SCHEMAS: dict[str, Any] = {
     "Tags": {"type": "object", "additionalProperties": _STR},
     "Queue": {
         "type": "object", "additionalProperties": False,
-        "required": ["name", "url", "attributes", "stats", "tags", "created_at",
-                     "modified_at"],
+        "required": ["name", "url", "attributes", "stats", "tags", "encrypted", "rate_limit",
+                     "created_at", "modified_at"],
         "properties": {
             "name": _STR, "url": _STR, "attributes": _ref("QueueAttributes"),
-            "stats": _ref("QueueStats"), "tags": _ref("Tags"), "created_at": _NUM,
-            "modified_at": _NUM,
+            "stats": _ref("QueueStats"), "tags": _ref("Tags"),
+            "encrypted": {"type": "boolean"}, "rate_limit": _nullable(_STR),
+            "created_at": _NUM, "modified_at": _NUM,
         },
     },
     "QueueList": {
@@ -104,7 +113,7 @@ _SCHEMAS: dict[str, Any] = {
     "NewQueue": {
         "type": "object", "required": ["name"],
         "properties": {"name": _STR, "attributes": _ref("QueueAttributeChangesOnCreate"),
-                       "tags": _ref("Tags")},
+                       "tags": _ref("Tags"), **_PROTECTION},
     },
     "QueueAttributeChangesOnCreate": {
         "type": "object", "additionalProperties": False, "properties": _ATTRIBUTES,
@@ -158,6 +167,21 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {"results": {"type": "array",
                                    "items": _nullable(_ref("EntryError"))}},
     },
+    "Permission": {
+        "type": "object", "required": ["accounts", "actions"],
+        "properties": {"accounts": {"type": "array", "minItems": 1, "items": _STR},
+                       "actions": {"type": "array", "minItems": 1, "items": _STR}},
+    },
+    "Permissions": {
+        "type": "object", "required": ["permissions"],
+        "properties": {"permissions": {"type": "array", "items": {"type": "object"}}},
+    },
+    "Usage": {
+        "type": "object", "required": ["account", "principals", "queues"],
+        "properties": {"account": _STR,
+                       "principals": {"type": "object", "additionalProperties": _COUNTS},
+                       "queues": {"type": "object", "additionalProperties": _COUNTS}},
+    },
     "Health": {
         "type": "object", "required": ["status"], "properties": {"status": _STR},
     },
@@ -182,6 +206,10 @@ def _ok(status: str, schema: str | None, description: str) -> dict[str, Any]:
 
 
 _NAME = {"name": "name", "in": "path", "required": True, "schema": _STR}
+# Another account's queue, used as its policy allows; the caller's own by default.
+_OWNER = {"name": "owner", "in": "query", "schema": {"type": "string",
+                                                     "pattern": "^[0-9]{12}$"}}
+_LABEL = {"name": "label", "in": "path", "required": True, "schema": _STR}
 _BATCH = {"type": "array", "minItems": 1, "maxItems": NATIVE_BATCH_MAX}
 
 
@@ -213,24 +241,24 @@ def document() -> dict[str, Any]:
                          "responses": created},
             },
             "/v1/queues/{name}": {
-                "parameters": [_NAME],
+                "parameters": [_NAME, _OWNER],
                 "get": {"operationId": "get_queue", "responses": queue_ok},
                 "patch": {
                     "operationId": "update_queue",
                     "requestBody": {"required": True, "content": {"application/json": {
                         "schema": {"type": "object", "properties": {
-                            "attributes": _ref("QueueAttributeChanges")}}}}},
+                            "attributes": _ref("QueueAttributeChanges"), **_PROTECTION}}}}},
                     "responses": queue_ok,
                 },
                 "delete": {"operationId": "delete_queue",
                            "responses": _ok("204", None, "Deleted")},
             },
             "/v1/queues/{name}/purge": {
-                "parameters": [_NAME],
+                "parameters": [_NAME, _OWNER],
                 "post": {"operationId": "purge_queue", "responses": _ok("204", None, "Purged")},
             },
             "/v1/queues/{name}/messages": {
-                "parameters": [_NAME],
+                "parameters": [_NAME, _OWNER],
                 "post": {
                     "operationId": "send_message",
                     "parameters": [
@@ -238,15 +266,18 @@ def document() -> dict[str, Any]:
                          "schema": _range(0, DELAY_S_MAX)},
                         {"name": "group_id", "in": "query", "schema": _STR},
                         {"name": "dedup_id", "in": "query", "schema": _STR},
+                        {"name": "Idempotency-Key", "in": "header", "schema": _STR},
                     ],
                     "requestBody": {"required": True, "content": {
                         "application/octet-stream": {
                             "schema": {"type": "string", "format": "binary"}}}},
-                    "responses": _ok("201", "SendResult", "Sent"),
+                    "responses": {**_ok("201", "SendResult", "Sent"), "200": {
+                        "description": "A retry within 5 minutes: the original message id",
+                        "content": {"application/json": {"schema": _ref("SendResult")}}}},
                 },
             },
             "/v1/queues/{name}/messages/batch": {
-                "parameters": [_NAME],
+                "parameters": [_NAME, _OWNER],
                 "post": {
                     "operationId": "send_messages",
                     "requestBody": {"required": True, "content": {"application/json": {
@@ -256,7 +287,7 @@ def document() -> dict[str, Any]:
                 },
             },
             "/v1/queues/{name}/messages/receive": {
-                "parameters": [_NAME],
+                "parameters": [_NAME, _OWNER],
                 "post": {
                     "operationId": "receive_messages",
                     "requestBody": {"content": {"application/json": {"schema": {
@@ -268,7 +299,7 @@ def document() -> dict[str, Any]:
                 },
             },
             "/v1/queues/{name}/messages/delete": {
-                "parameters": [_NAME],
+                "parameters": [_NAME, _OWNER],
                 "post": {
                     "operationId": "delete_messages",
                     "requestBody": {"required": True, "content": {"application/json": {
@@ -278,7 +309,7 @@ def document() -> dict[str, Any]:
                 },
             },
             "/v1/queues/{name}/messages/visibility": {
-                "parameters": [_NAME],
+                "parameters": [_NAME, _OWNER],
                 "post": {
                     "operationId": "change_visibility",
                     "requestBody": {"required": True, "content": {"application/json": {
@@ -294,10 +325,24 @@ def document() -> dict[str, Any]:
                 },
             },
             "/v1/queues/{name}/messages/{receipt}": {
-                "parameters": [_NAME, {"name": "receipt", "in": "path", "required": True,
-                                       "schema": _STR}],
+                "parameters": [_NAME, _OWNER, {"name": "receipt", "in": "path",
+                                               "required": True, "schema": _STR}],
                 "delete": {"operationId": "delete_message",
                            "responses": _ok("204", None, "Deleted")},
             },
+            "/v1/queues/{name}/permissions": {
+                "parameters": [_NAME, _OWNER],
+                "get": {"operationId": "list_permissions",
+                        "responses": _ok("200", "Permissions", "The policy's statements")},
+            },
+            "/v1/queues/{name}/permissions/{label}": {
+                "parameters": [_NAME, _OWNER, _LABEL],
+                "put": {"operationId": "put_permission", "requestBody": _json_body("Permission"),
+                        "responses": _ok("204", None, "Granted")},
+                "delete": {"operationId": "delete_permission",
+                           "responses": _ok("204", None, "Revoked")},
+            },
+            "/v1/usage": {"get": {"operationId": "usage",
+                                  "responses": _ok("200", "Usage", "The account's usage")}},
         },
     }

@@ -18,15 +18,25 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from engine import AsyncBroker, AsyncQueue, Message, QueueAttributes, QueueStats
-from engine.errors import EngineError, InvalidParameterError, QueueExistsError, QueueNotFoundError
+from engine.errors import (
+    EngineError,
+    InvalidAttributeError,
+    InvalidMessageContentsError,
+    InvalidParameterError,
+    QueueExistsError,
+    QueueNotFoundError,
+)
 from engine.limits import FIFO_SUFFIX, check_queue_name
 from engine.results import SendEntry, SendResult
+from server import authz
+from server.breaker import Guard
 from server.config import (
     LIST_PAGE_MAX,
     PURGE_INTERVAL_S,
@@ -36,6 +46,11 @@ from server.config import (
 )
 from server.errors import PurgeInProgressError, TaskNotFoundError
 from server.metadata import CachedMetadata, QueueRecord
+from server.ratelimit import parse_rate
+from server.sse import ENVELOPE_OVERHEAD, Keyring, SealError, is_sealed
+
+# Queue attribute (SQS name) that overrides the server's per-queue rate limit.
+RATE_LIMIT_ATTRIBUTE = "ConveyorRateLimit"
 
 _log = logging.getLogger("conveyor.service")
 
@@ -69,12 +84,40 @@ class MoveTask:
     runner: asyncio.Task[None] | None = None
 
 
+class _KeyedLocks:
+    """An asyncio lock per key, kept only while a task holds or awaits it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: tuple[str, str]) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
 class QueueService:
-    def __init__(self, broker: AsyncBroker, metadata: CachedMetadata) -> None:
+    def __init__(self, broker: AsyncBroker, metadata: CachedMetadata, keyring: Keyring,
+                 backend: Guard) -> None:
         self.broker = broker
         self.metadata = metadata
+        self.keyring = keyring
+        self.backend = backend
+        """Bulkhead and breaker around the engine calls of the message path."""
+        self.unopened = 0
+        """Sealed messages that failed to open (tampered or damaged), since start."""
         self._purged: dict[str, float] = {}
         self._tasks: dict[str, MoveTask] = {}
+        self._creating = _KeyedLocks()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -99,6 +142,8 @@ class QueueService:
                            extra: dict[str, str], tags: dict[str, str]) -> QueueRecord:
         """Create a queue, or return it if it exists with the same attributes."""
         check_tags(tags)
+        check_extra(extra)
+        _same_account(account, attributes)
         # Attributes first: the name's rules depend on whether the queue is FIFO.
         check_queue_name(name, QueueAttributes.from_dict(attributes).fifo)
         existing = await self.metadata.get(account, name)
@@ -111,12 +156,26 @@ class QueueService:
             if differing:
                 raise QueueExistsError(name, differing)
             return existing
-        engine_name = f"{account}/{name}"
-        await self.broker.create_queue(engine_name, **attributes)
-        now = _now_ms()
-        record = QueueRecord(account, name, now, now, dict(tags), dict(extra))
-        await self.metadata.put(record)
-        return record
+        # One create of a name at a time: an engine queue that no record owns is then
+        # known to be no other create's work in progress.
+        async with self._creating.hold((account, name)):
+            record = await self.metadata.get(account, name)
+            if record is not None:  # made while this create waited its turn
+                return await self.create_queue(account, name, attributes, extra, tags)
+            engine_name = f"{account}/{name}"
+            if engine_name in await self.broker.list_queues(engine_name):
+                # Left by a create whose record was never written, or a delete whose
+                # engine step never ran (the metadata store failed in between). Nobody
+                # can reach it; reusing it would refuse other attributes as "exists" and
+                # bring back a deleted queue's messages.
+                _log.warning("replacing engine queue %s: no queue record owns it",
+                             engine_name)
+                await self.broker.delete_queue(engine_name)
+            await self.broker.create_queue(engine_name, **attributes)
+            now = _now_ms()
+            record = QueueRecord(account, name, now, now, dict(tags), dict(extra))
+            await self.metadata.put(record)
+            return record
 
     async def record(self, account: str, name: str) -> QueueRecord:
         check_queue_name(name, name.endswith(FIFO_SUFFIX) if isinstance(name, str) else False)
@@ -151,6 +210,8 @@ class QueueService:
     async def set_attributes(self, account: str, name: str, changes: dict[str, Any],
                              extra: dict[str, str]) -> QueueView:
         record = await self.record(account, name)
+        check_extra(extra)
+        _same_account(account, changes)
         if changes:
             await self.broker.set_queue_attributes(record.engine_name, **changes)
         if extra or changes:
@@ -188,21 +249,85 @@ class QueueService:
 
     async def send(self, account: str, name: str, entries: Sequence[SendEntry]
                    ) -> list[SendResult | EngineError]:
-        return await (await self.queue(account, name)).send_batch(entries)
+        record = self.metadata.cached(account, name) or await self.record(account, name)
+        return await self._send(record, entries)
+
+    async def _send(self, record: QueueRecord, entries: Sequence[SendEntry]
+                    ) -> list[SendResult | EngineError]:
+        queue = AsyncQueue(self.broker.broker, record.engine_name)
+        encrypted = sse_enabled(record.extra)
+        if not encrypted and not any(is_sealed(e.body) for e in entries):
+            return await self.backend.run(queue.send_batch, entries)  # nothing to seal
+        refused: dict[int, EngineError] = {}
+        prepared: list[SendEntry] = []
+        for i, entry in enumerate(entries):
+            if is_sealed(entry.body):
+                # Only the server writes envelopes: one from a client would be opened,
+                # and fail, on its way back out.
+                refused[i] = InvalidMessageContentsError(
+                    "body", entry.body[:4], "may not begin with the bytes 00 43 56 45, which "
+                    "mark a body the server encrypted")
+            else:
+                prepared.append(entry)
+        if encrypted and prepared:
+            prepared = self._seal(record.engine_name, await queue.attributes(), prepared)
+        results = iter(await self.backend.run(queue.send_batch, prepared) if prepared else [])
+        return [refused[i] if i in refused else next(results) for i in range(len(entries))]
+
+    def _seal(self, queue_id: str, attributes: QueueAttributes,
+              entries: list[SendEntry]) -> list[SendEntry]:
+        """The entries with their bodies sealed, under ids chosen here because the seal
+        binds them; content-based deduplication keys on the plaintext, as the client
+        expects, through a keyed digest (a plain SHA-256 stored beside the envelope would
+        let a reader of the files confirm a guessed body)."""
+        ids = _message_ids(len(entries))
+        envelopes = self.keyring.seal_many(
+            queue_id, [(ids[i], e.body) for i, e in enumerate(entries)])
+        content_dedup = attributes.fifo and attributes.content_based_dedup
+        # Built field by field: NamedTuple._replace costs more than the encryption here.
+        return [SendEntry(envelopes[i], e.delay_seconds, e.attributes, e.group_id,
+                          self.keyring.dedup_key(queue_id, e.body)
+                          if e.dedup_id is None and content_dedup else e.dedup_id,
+                          e.sender, e.system_attributes, ids[i], ENVELOPE_OVERHEAD)
+                for i, e in enumerate(entries)]
+
+    def _open(self, queue_name: str, messages: list[Message]) -> list[Message]:
+        """Messages with sealed bodies opened; one that does not open is reported and left
+        in flight (its visibility timeout returns it, and a redrive policy moves it to
+        the dead-letter queue), never returned with a wrong body."""
+        if not any(is_sealed(m.body) for m in messages):
+            return messages
+        opened = []
+        for m in messages:
+            if is_sealed(m.body):
+                sealed_for = (m.dead_letter_source if isinstance(m.dead_letter_source, str)
+                              else queue_name)
+                try:
+                    m = m._replace(body=self.keyring.open(
+                        sealed_for, bytes.fromhex(m.message_id.replace("-", "")), m.body))
+                except SealError as exc:
+                    self.unopened += 1
+                    _log.error("message %s of queue %s does not open, skipped: %s",
+                               m.message_id, queue_name, exc)
+                    continue
+            opened.append(m)
+        return opened
 
     async def receive(self, account: str, name: str, max_messages: int,
                       wait_seconds: int | None, visibility_timeout: int | None
                       ) -> list[Message]:
         queue = await self.queue(account, name)
-        return await queue.receive(max_messages, wait_seconds, visibility_timeout)
+        return self._open(queue.name, await self.backend.run(
+            queue.receive, max_messages, wait_seconds, visibility_timeout))
 
     async def delete(self, account: str, name: str, receipts: Sequence[str]
                      ) -> list[EngineError | None]:
-        return await (await self.queue(account, name)).delete_batch(receipts)
+        return await self.backend.run((await self.queue(account, name)).delete_batch, receipts)
 
     async def change_visibility(self, account: str, name: str,
                                 entries: Sequence[tuple[str, int]]) -> list[EngineError | None]:
-        return await (await self.queue(account, name)).change_visibility_batch(entries)
+        return await self.backend.run(
+            (await self.queue(account, name)).change_visibility_batch, entries)
 
     async def purge(self, account: str, name: str) -> None:
         queue = await self.queue(account, name)
@@ -245,7 +370,8 @@ class QueueService:
         try:
             while task.status == "RUNNING":
                 started = time.monotonic()
-                batch = await source.receive(10, 0, MOVE_VISIBILITY_S)
+                batch = self._open(task.source,
+                                   await source.receive(10, 0, MOVE_VISIBILITY_S))
                 if not batch:
                     task.status = "COMPLETED"
                     return
@@ -257,7 +383,8 @@ class QueueService:
                     # destination's window, which would drop the message as a duplicate.
                     dedup = (f"redrive-{message.message_id}"
                              if message.group_id is not None else None)
-                    [result] = await AsyncQueue(self.broker.broker, target).send_batch([
+                    owner, _, target_name = target.partition("/")
+                    [result] = await self._send(await self.record(owner, target_name), [
                         SendEntry(message.body, attributes=message.attributes or None,
                                   group_id=message.group_id, dedup_id=dedup,
                                   sender=message.sender,
@@ -284,9 +411,9 @@ class QueueService:
         tasks = [t for t in self._tasks.values() if t.source == source_engine_name]
         return sorted(tasks, key=lambda t: t.started_ms, reverse=True)[:limit]
 
-    async def cancel_move(self, handle: str) -> MoveTask:
+    async def cancel_move(self, handle: str, account: str) -> MoveTask:
         task = self._tasks.get(handle)
-        if task is None:
+        if task is None or not task.source.startswith(f"{account}/"):
             raise TaskNotFoundError("the message move task")
         if task.status != "RUNNING":
             raise InvalidParameterError("TaskHandle", handle, f"the task is {task.status}")
@@ -297,6 +424,44 @@ class QueueService:
                 await task.runner
         task.status = "CANCELLED"
         return task
+
+
+def _message_ids(count: int) -> list[bytes]:
+    """``count`` random version-4 UUIDs as bytes, from one read of the random source."""
+    data = bytearray(os.urandom(16 * count))
+    for at in range(0, len(data), 16):
+        data[at + 6] = (data[at + 6] & 0x0F) | 0x40  # version 4
+        data[at + 8] = (data[at + 8] & 0x3F) | 0x80  # RFC 4122 variant
+    return [bytes(data[at:at + 16]) for at in range(0, len(data), 16)]
+
+
+def sse_enabled(extra: Mapping[str, str]) -> bool:
+    """Server-side encryption is on: SQS-managed, or a KMS key id given (served by the
+    server's own keyring; the id is kept only to be reported back)."""
+    return extra.get("SqsManagedSseEnabled") == "true" or bool(extra.get("KmsMasterKeyId"))
+
+
+def check_extra(extra: Mapping[str, str]) -> None:
+    """Values of the queue attributes the FrontEnd enforces, checked before any is kept."""
+    if extra.get("Policy"):
+        authz.parse(extra["Policy"])
+    if extra.get(RATE_LIMIT_ATTRIBUTE):
+        parse_rate(extra[RATE_LIMIT_ATTRIBUTE], RATE_LIMIT_ATTRIBUTE)
+    sse = extra.get("SqsManagedSseEnabled")
+    if sse is not None and sse not in ("true", "false", ""):
+        raise InvalidAttributeError("SqsManagedSseEnabled", sse, "must be true or false")
+    if sse == "true" and extra.get("KmsMasterKeyId"):
+        raise InvalidAttributeError("SqsManagedSseEnabled", sse,
+                                    "cannot be set together with KmsMasterKeyId")
+
+
+def _same_account(account: str, attributes: Mapping[str, Any]) -> None:
+    # A dead-letter queue of another account would let a redrive write into a queue its
+    # owner never granted anything on.
+    dead_letter = attributes.get("dead_letter_queue")
+    if isinstance(dead_letter, str) and not dead_letter.startswith(f"{account}/"):
+        raise InvalidAttributeError("RedrivePolicy", dead_letter,
+                                    "the dead-letter queue must belong to the same account")
 
 
 def check_tags(tags: Mapping[str, object]) -> dict[str, str]:

@@ -15,7 +15,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from engine import SendEntry
-from engine.errors import EngineError, InvalidParameterError, MissingParameterError
+from engine.errors import (
+    EngineError,
+    InvalidParameterError,
+    MissingParameterError,
+    QueueNotFoundError,
+)
 from engine.limits import (
     BATCH_ENTRIES_MAX,
     MESSAGE_BYTES_MAX,
@@ -24,6 +29,7 @@ from engine.limits import (
     VISIBILITY_TIMEOUT_S_MAX,
     message_bytes,
 )
+from server import authz
 from server.config import LIST_PAGE_MAX
 from server.errors import (
     BatchIdsNotDistinctError,
@@ -31,7 +37,6 @@ from server.errors import (
     EmptyBatchError,
     InvalidBatchEntryIdError,
     TooManyEntriesError,
-    UnsupportedOperationError,
     spec_for,
 )
 from server.params import int_in_range
@@ -393,15 +398,18 @@ async def change_message_visibility_batch(ctx: Context, params: Params) -> dict[
 
 async def start_message_move_task(ctx: Context, params: Params) -> dict[str, Any]:
     source = shapes.parse_arn(params.get("SourceArn"), "SourceArn")
+    _own(ctx, *source)
     destination = None
     if params.get("DestinationArn"):
         destination = shapes.parse_arn(params.get("DestinationArn"), "DestinationArn")
+        _own(ctx, *destination)
     rate = _int(params, "MaxNumberOfMessagesPerSecond", 1, 500)
     return {"TaskHandle": await ctx.service.start_move(source, destination, rate)}
 
 
 async def list_message_move_tasks(ctx: Context, params: Params) -> dict[str, Any]:
     account, name = shapes.parse_arn(params.get("SourceArn"), "SourceArn")
+    _own(ctx, account, name)
     limit = _int(params, "MaxResults", 1, 10) or 1
     record = await ctx.service.record(account, name)
     results = []
@@ -426,12 +434,44 @@ async def list_message_move_tasks(ctx: Context, params: Params) -> dict[str, Any
 
 
 async def cancel_message_move_task(ctx: Context, params: Params) -> dict[str, Any]:
-    task = await ctx.service.cancel_move(_text(params, "TaskHandle"))
+    task = await ctx.service.cancel_move(_text(params, "TaskHandle"), ctx.account)
     return {"ApproximateNumberOfMessagesMoved": task.moved}
 
 
-async def _not_supported(ctx: Context, params: Params) -> dict[str, Any]:
-    raise UnsupportedOperationError("queue permissions (AddPermission, RemovePermission)")
+def _own(ctx: Context, account: str, name: str) -> None:
+    # Move tasks are the owner's alone: another account learns nothing of the queue.
+    if account != ctx.account:
+        raise QueueNotFoundError(name)
+
+
+# --- permissions ----------------------------------------------------------------------------
+
+
+async def add_permission(ctx: Context, params: Params) -> dict[str, Any]:
+    account, name = _queue(params)
+    record = await ctx.service.record(account, name)
+    policy = authz.add_permission(
+        record.extra.get("Policy"), ctx.region, account, name, _text(params, "Label"),
+        _string_list(params, "AWSAccountIds"), _string_list(params, "Actions"))
+    await ctx.service.set_attributes(account, name, {}, {"Policy": policy})
+    return {}
+
+
+async def remove_permission(ctx: Context, params: Params) -> dict[str, Any]:
+    account, name = _queue(params)
+    record = await ctx.service.record(account, name)
+    policy = authz.remove_permission(record.extra.get("Policy"), _text(params, "Label"))
+    await ctx.service.set_attributes(account, name, {}, {"Policy": policy})
+    return {}
+
+
+def _string_list(params: Params, name: str) -> list[str]:
+    value = params.get(name)
+    if value is None:
+        raise MissingParameterError(name, f"the request needs {name}")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidParameterError(name, value, "must be a list of strings")
+    return value
 
 
 ACTIONS: dict[str, Action] = {
@@ -456,8 +496,8 @@ ACTIONS: dict[str, Action] = {
     "StartMessageMoveTask": start_message_move_task,
     "ListMessageMoveTasks": list_message_move_tasks,
     "CancelMessageMoveTask": cancel_message_move_task,
-    "AddPermission": _not_supported,
-    "RemovePermission": _not_supported,
+    "AddPermission": add_permission,
+    "RemovePermission": remove_permission,
 }
 
 # Actions whose QueueUrl names the queue (for the audit log and metrics).

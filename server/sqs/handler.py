@@ -29,11 +29,9 @@ ATTEMPTS_KEPT_MAX = 100_000
 
 
 async def handle(request: web.Request) -> web.Response:
-    # The protocol is known from the headers, before the body is read: an error reading
-    # it (too large, say) is then framed as the client expects.
-    json_request = (request.content_type == json_protocol.CONTENT_TYPE
-                    or "X-Amz-Target" in request.headers)
-    request[keys.PROTOCOL] = "sqs-json" if json_request else "sqs-query"
+    # The FrontEnd set the protocol from the headers before the body was read, so an
+    # error reading it (too large, say) is framed as the client expects.
+    json_request = request[keys.PROTOCOL] == "sqs-json"
     body = await request.read()
     if json_request:
         action = json_protocol.action(request.headers.get("X-Amz-Target"))
@@ -53,24 +51,44 @@ async def handle(request: web.Request) -> web.Response:
     handler = ACTIONS.get(action)
     if handler is None:
         raise UnknownActionError(action)
-    if action in QUEUE_FROM_URL:
-        with contextlib.suppress(EngineError):  # the action reports a bad QueueUrl itself
-            request[keys.QUEUE] = "/".join(parse_queue_url(params.get("QueueUrl")))
     service = request.app[keys.SERVICE]
     config = request.app[keys.CONFIG]
+    caller_account = request.get(keys.ACCOUNT, config.account_id)
+    target = None
+    if action in QUEUE_FROM_URL:
+        with contextlib.suppress(EngineError):  # the action reports a bad QueueUrl itself
+            target = parse_queue_url(params.get("QueueUrl"))
+    elif action == "GetQueueUrl" and isinstance(params.get("QueueName"), str):
+        owner = params.get("QueueOwnerAWSAccountId") or caller_account
+        if isinstance(owner, str):
+            target = (owner, params["QueueName"])
+    if target is not None:
+        await request.app[keys.ADMISSION].admit_queue(request, action, *target)
     attempts = request.app[keys.RECEIVE_ATTEMPTS]
     if len(attempts) > ATTEMPTS_KEPT_MAX:
         _forget_old(attempts)
-    ctx = Context(service, request.get(keys.ACCOUNT, config.account_id),
+    ctx = Context(service, caller_account,
                   f"{request.scheme}://{request.host}", config.region, attempts,
-                  request.get(keys.PRINCIPAL))
+                  request.get(keys.SENDER))
     if keys.QUEUE not in request and isinstance(params.get("QueueName"), str):
         request[keys.QUEUE] = f"{ctx.account}/{params['QueueName']}"  # the audit line's
     result = await handler(ctx, params)
+    request[keys.MESSAGES] = _messages(action, result)
     request_id = request[keys.REQUEST_ID]
     if request[keys.PROTOCOL] == "sqs-json":
         return json_protocol.respond(result, request_id)
     return query_protocol.respond(result, action, request_id)
+
+
+def _messages(action: str, result: dict[str, Any]) -> int:
+    """Messages a request moved, for usage data."""
+    if action in ("SendMessage", "DeleteMessage", "ChangeMessageVisibility"):
+        return 1
+    if action == "ReceiveMessage":
+        return len(result.get("Messages", ()))
+    if action in ("SendMessageBatch", "DeleteMessageBatch", "ChangeMessageVisibilityBatch"):
+        return len(result["Successful"])
+    return 0
 
 
 def _fields(text: str) -> list[tuple[str, str]]:

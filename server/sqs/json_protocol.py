@@ -19,6 +19,13 @@ CONTENT_TYPE = "application/x-amz-json-1.0"
 TARGET_PREFIX = "AmazonSQS."
 
 
+def protocol_of(request: web.Request) -> str:
+    """"sqs-json" or "sqs-query", from the headers alone (the body may not be read yet)."""
+    if request.content_type == CONTENT_TYPE or "X-Amz-Target" in request.headers:
+        return "sqs-json"
+    return "sqs-query"
+
+
 def action(target: str | None) -> str:
     if not target:
         raise UnknownActionError("")

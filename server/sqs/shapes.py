@@ -84,6 +84,7 @@ _ENGINE_BOOL = {"FifoQueue": "fifo", "ContentBasedDeduplication": "content_based
 EXTRA_ATTRIBUTES = frozenset({
     "Policy", "KmsMasterKeyId", "KmsDataKeyReusePeriodSeconds", "SqsManagedSseEnabled",
     "RedriveAllowPolicy", "DeduplicationScope", "FifoThroughputLimit",
+    "ConveyorRateLimit",  # this server's own: a per-queue rate limit, e.g. "100/s:200"
 })
 _READ_ONLY = frozenset({
     "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import os
 import random
+import shutil
 import string
 import threading
 import time
@@ -33,6 +34,7 @@ from engine import (
     SendResult,
     errors,
 )
+from engine import format as log_format
 from engine.broker import IDLE_BEFORE_CLOSE_S
 
 TWELVE_HOURS = 12 * 60 * 60
@@ -977,6 +979,75 @@ def test_content_based_dedup_is_for_fifo_queues_only(broker: Broker) -> None:
     assert q.attributes.content_based_dedup is False
 
 
+def test_standard_queue_deduplicates_sends_with_a_dedup_id(broker: Broker,
+                                                            clock: ManualClock) -> None:
+    q = broker.create_queue("idem")
+    original = q.send(b"order 1", dedup_id="key-1")
+    again = q.send(b"order 1 retried", dedup_id="key-1")
+    assert again == SendResult(original.message_id, None, True)
+    plain = [q.send(b"no key"), q.send(b"no key")]  # without a key nothing is deduplicated
+    assert plain[0].message_id != plain[1].message_id
+    [first, *_] = q.receive(max_messages=10)
+    q.delete(first.receipt)
+    assert q.send(b"x", dedup_id="key-1").message_id == original.message_id  # after delete
+    clock.advance(DEDUP_WINDOW_S)
+    fresh = q.send(b"order 1, much later", dedup_id="key-1")
+    assert not fresh.duplicate and fresh.message_id != original.message_id
+    assert q.stats().sent == 4
+
+
+def test_explicit_message_id_is_kept_and_returned_for_duplicates(broker: Broker) -> None:
+    q = broker.create_queue("ids")
+    chosen = bytes(range(16))
+    expected = "00010203-0405-0607-0809-0a0b0c0d0e0f"
+    [sent, dup] = q.send_batch([SendEntry(b"m", dedup_id="k", message_id=chosen),
+                                SendEntry(b"m", dedup_id="k", message_id=b"\xff" * 16)])
+    assert isinstance(sent, SendResult) and isinstance(dup, SendResult)
+    assert (sent.message_id, dup.message_id, dup.duplicate) == (expected, expected, True)
+    [m] = q.receive()
+    assert m.message_id == expected
+    q.delete(m.receipt)
+    assert q.send_batch([SendEntry(b"m", dedup_id="k")])[0] == SendResult(expected, None, True)
+
+
+@pytest.mark.parametrize("message_id", [b"short", b"x" * 17, "0" * 16])
+def test_malformed_explicit_message_id_is_refused(broker: Broker, message_id: Any) -> None:
+    q = broker.create_queue("ids")
+    [result] = q.send_batch([SendEntry(b"m", message_id=message_id)])
+    assert isinstance(result, errors.InvalidParameterError)
+    assert q.stats().sent == 0
+
+
+def test_envelope_overhead_does_not_count_toward_the_size_limit(broker: Broker) -> None:
+    q = broker.create_queue("sealed", max_message_bytes=1024)
+    at_limit = b"x" * (1024 + 37)
+    ok, over, too_much = q.send_batch([
+        SendEntry(at_limit, message_id=b"\1" * 16, overhead=37),
+        SendEntry(at_limit + b"x", message_id=b"\2" * 16, overhead=37),
+        SendEntry(at_limit, message_id=b"\3" * 16, overhead=65)])
+    assert isinstance(ok, SendResult)
+    assert isinstance(over, errors.MessageTooLargeError)
+    assert isinstance(too_much, errors.InvalidParameterError)
+
+
+def test_dedup_window_with_explicit_ids_survives_restart(tmp_path: Path,
+                                                         clock: ManualClock) -> None:
+    """Through a snapshot (clean close) and through log replay (a copy taken while open)."""
+    path, copy = tmp_path / "data", tmp_path / "copy"
+    with Broker(path, fsync="always", clock=clock) as broker:
+        q = broker.create_queue("q")
+        sent = q.send_batch([SendEntry(b"a", dedup_id="a", message_id=b"\xaa" * 16)])[0]
+        derived = q.send(b"b", dedup_id="b")
+        shutil.copytree(path, copy)
+    assert isinstance(sent, SendResult)
+    for directory in (path, copy):
+        with Broker(directory, fsync="always", clock=clock) as broker:
+            q = broker.get_queue("q")
+            assert q.send(b"a", dedup_id="a") == SendResult(sent.message_id, None, True)
+            assert q.send(b"b", dedup_id="b") == SendResult(derived.message_id, None, True)
+            assert q.stats().sent == 2
+
+
 @pytest.mark.parametrize("field", ["group_id", "dedup_id"])
 @pytest.mark.parametrize("value", ["", "x" * 129, "has space", "ünï", "tab\t", "line\n"])
 def test_fifo_bad_group_or_dedup_id_is_refused(fifo: Queue, field: str, value: str) -> None:
@@ -1478,6 +1549,29 @@ def test_state_survives_close_and_reopen(tmp_path: Path, clock: ManualClock) -> 
         assert a2.body == b"a2"
 
 
+def test_a_log_cut_short_of_its_snapshot_makes_the_queue_unavailable(
+        tmp_path: Path, clock: ManualClock) -> None:
+    # Opening a log cuts a damaged batch and everything after it. If a snapshot already
+    # counts on those records, the state points at offsets that new records would reuse:
+    # the queue must refuse to open rather than read other records as message bodies.
+    path = tmp_path / "data"
+    with Broker(path, fsync="always", clock=clock) as broker:
+        q = broker.create_queue("q")
+        for i in range(5):
+            q.send(f"m{i}".encode())
+        broker.create_queue("other").send(b"fine")
+        uid = broker.catalog.get("q").uid
+    # Closing took a snapshot at the end of the log; damage the last batch's body.
+    [segment] = (path / "queues" / f"{uid:016x}" / "log").glob(f"*{log_format.LOG_SUFFIX}")
+    data = bytearray(segment.read_bytes())
+    data[-1] ^= 0xFF
+    segment.write_bytes(data)
+    with Broker(path, fsync="always", clock=clock) as broker:
+        with pytest.raises(errors.QueueUnavailableError, match="before its snapshot"):
+            broker.get_queue("q").receive(max_messages=10)
+        assert bodies(broker.get_queue("other").receive()) == [b"fine"]
+
+
 def test_digest_is_equal_after_reopen_with_fsync_always(tmp_path: Path,
                                                          clock: ManualClock) -> None:
     path = tmp_path / "data"
@@ -1855,6 +1949,21 @@ def test_sender_and_system_attributes_travel_with_the_message(broker: Broker) ->
     assert got[b"with"].sender == "AIDAEXAMPLE"
     assert got[b"with"].system_attributes == {"AWSTraceHeader": ("String", "Root=1-abc")}
     assert (got[b"plain"].sender, got[b"plain"].system_attributes) == (None, {})
+
+
+def test_senders_are_checked_on_every_path(broker: Broker) -> None:
+    # Plain entries with a sender take the extension's fast path, which checks a sender
+    # once per batch when the entries share it: a bad one must still be refused, alone.
+    q = broker.create_queue("q")
+    shared = "s" * 256
+    results = q.send_batch([SendEntry(b"a", sender=shared), SendEntry(b"b", sender=shared),
+                            SendEntry(b"c", sender="s" * 257), SendEntry(b"d", sender="a b"),
+                            SendEntry(b"e", sender=""), SendEntry(b"f", sender=7),  # type: ignore[arg-type]
+                            SendEntry(b"g", sender=shared, message_id=b"x" * 16, overhead=3)])
+    refused = [type(r).__name__ for r in results if isinstance(r, errors.EngineError)]
+    assert refused == ["InvalidParameterError"] * 4
+    got = {m.body: m.sender for m in q.receive(max_messages=10)}
+    assert got == {b"a": shared, b"b": shared, b"g": shared}
 
 
 def test_a_dead_lettered_message_names_its_source_queue(broker: Broker, clock: ManualClock

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -31,12 +33,15 @@ class Server:
     """A `conveyor serve` child process; restartable on the same data directory."""
 
     def __init__(self, data_dir: Path, fsync: str = "always", port: int | None = None,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), cafile: Path | None = None) -> None:
+        """``cafile``: the server serves HTTPS (``extra`` names its --tls-cert and --tls-key)
+        with a certificate that this CA file verifies."""
         self.data_dir = data_dir
         self.fsync = fsync
         self.port = port or free_port()
         self.extra = extra
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.cafile = cafile
+        self.url = f"{'https' if cafile else 'http'}://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
         self.log = data_dir.parent / f"server-{self.port}.log"
         self.start()
@@ -53,8 +58,10 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited {self.process.returncode}: "
                                    f"{self.log.read_text()[-2000:]}")
+            context = ssl.create_default_context(cafile=self.cafile) if self.cafile else None
             with (contextlib.suppress(OSError),
-                  urllib.request.urlopen(self.url + "/readyz", timeout=1) as response):
+                  urllib.request.urlopen(self.url + "/readyz", timeout=1,
+                                         context=context) as response):
                 if response.status == 200:
                     return
             time.sleep(0.05)
@@ -74,13 +81,46 @@ class Server:
             self.stop()
         self.start()
 
-    def sqs(self, **config: Any) -> Any:
-        """An unmodified boto3 SQS client pointed at this server (signed with dummy keys),
-        with no retries: a retry could hide a failure or a hang."""
+    def create_key(self, principal: str = "tester", account: str | None = None) -> dict[str, str]:
+        """An access key made with the real CLI on this server's data directory."""
+        args = ["--principal", principal] + (["--account", account] if account else [])
+        output = subprocess.run(
+            [sys.executable, "-m", "server.cli", "keys", "create", "--data-dir",
+             str(self.data_dir), *args], check=True, capture_output=True).stdout
+        key: dict[str, str] = json.loads(output)
+        return key
+
+    def sqs(self, key: dict[str, str] | None = None, **config: Any) -> Any:
+        """An unmodified boto3 SQS client pointed at this server, signed with ``key`` (from
+        :meth:`create_key`; dummy credentials when the server does not check them), with no
+        retries: a retry could hide a failure or a hang."""
         return boto3.client(
             "sqs", endpoint_url=self.url, region_name="us-east-1",
-            aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="secret",
+            aws_access_key_id=key["access_key_id"] if key else "AKIDEXAMPLE",
+            aws_secret_access_key=key["secret_access_key"] if key else "secret",
+            verify=str(self.cafile) if self.cafile else None,
             config=Config(retries={"total_max_attempts": 1}, **config))
+
+
+@contextlib.contextmanager
+def module_server(factory: pytest.TempPathFactory, name: str, **options: Any
+                  ) -> Iterator[Server]:
+    """A server shared by one module's tests (for a module-scoped fixture); killed after."""
+    running = Server(factory.mktemp(name) / "data", **options)
+    try:
+        yield running
+    finally:
+        if running.process is not None and running.process.poll() is None:
+            running.kill()
+
+
+def restarted_if_dead(server: Server) -> Server:
+    """The shared server, started again if an earlier case crashed it: one crash fails
+    one case, not the rest of the module."""
+    assert server.process is not None
+    if server.process.poll() is not None:
+        server.start()
+    return server
 
 
 @pytest.fixture

@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 
 from server.config import HEADER_BYTES_MAX, REQUEST_BYTES_MAX
-from tests.server.conftest import Server
+from tests.server.conftest import Server, module_server, restarted_if_dead
+from tests.server.protection import Reply
 
 ACCOUNT = "000000000000"
 QUEUE = "q"
@@ -36,16 +37,6 @@ MIB = 1024 * 1024
 
 
 # --- raw HTTP ---------------------------------------------------------------------------
-
-
-class Reply:
-    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def __repr__(self) -> str:
-        return f"<{self.status} {self.body[:400]!r}>"
 
 
 def _read_reply(sock: socket.socket, deadline: float) -> Reply:
@@ -117,21 +108,13 @@ def sqs_form(server: Server, body: bytes, path: str = "/") -> Reply:
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = Server(tmp_path_factory.mktemp("hostile") / "data", fsync="never")
-    try:
+    with module_server(tmp_path_factory, "hostile", fsync="never") as running:
         yield running
-    finally:
-        if running.process is not None and running.process.poll() is None:
-            running.kill()
 
 
 @pytest.fixture
 def srv(shared: Server) -> Server:
-    # A server that died in an earlier case is restarted, so one crash fails one case.
-    assert shared.process is not None
-    if shared.process.poll() is not None:
-        shared.start()
-    return with_queues(shared)
+    return with_queues(restarted_if_dead(shared))
 
 
 def with_queues(server: Server) -> Server:

@@ -77,8 +77,13 @@ async def create(client: Client, name: str, status: int = 201, **attributes: Any
 
 
 async def send(client: Client, queue: str, body: bytes, **params: Any) -> Any:
-    return await ok_json(await client.post(f"/v1/queues/{queue}/messages", data=body,
-                                           params={k: str(v) for k, v in params.items()}), 201)
+    """Send one message: 201 when it is enqueued, 200 when it is a duplicate of one that was."""
+    response = await client.post(f"/v1/queues/{queue}/messages", data=body,
+                                 params={k: str(v) for k, v in params.items()})
+    text = await response.text()
+    data = json.loads(text)
+    assert response.status == (200 if data.get("duplicate") else 201), text
+    return data
 
 
 async def receive(client: Client, queue: str, **options: Any) -> list[dict[str, Any]]:
@@ -307,8 +312,8 @@ async def test_get_returns_attributes_stats_tags_and_times(client: Client) -> No
     await receive(client, "orders")
 
     queue = await ok_json(await client.get("/v1/queues/orders"))
-    assert set(queue) == {"name", "url", "attributes", "stats", "tags", "created_at",
-                          "modified_at"}
+    assert set(queue) == {"name", "url", "attributes", "stats", "tags", "encrypted",
+                          "rate_limit", "created_at", "modified_at"}
     assert queue["name"] == "orders"
     assert queue["url"] == f"http://{client.host}:{client.port}/v1/queues/orders"
     assert queue["attributes"] == DEFAULT_ATTRIBUTES | {"visibility_timeout": 60}

@@ -338,7 +338,47 @@ async def _change_visibility(c: Checker) -> None:
                  json={"entries": [{"receipt": receipt, "visibility_timeout": 1}]})
 
 
+GRANT = {"accounts": ["111122223333"], "actions": ["SendMessage", "ReceiveMessage"]}
+
+
+async def _list_permissions(c: Checker) -> None:
+    await c.call("create_queue", 201, json={"name": "lp"})
+    assert await c.call("list_permissions", 200, path={"name": "lp"}) == {"permissions": []}
+    await c.call("put_permission", 204, path={"name": "lp", "label": "share"}, json=GRANT)
+    data = await c.call("list_permissions", 200, path={"name": "lp"})
+    assert [p["Sid"] for p in data["permissions"]] == ["share"]
+    await c.call("list_permissions", 404, path={"name": "none"})
+    await c.call("list_permissions", 400, path={"name": "lp"}, params={"owner": "x"})
+
+
+async def _put_permission(c: Checker) -> None:
+    await c.call("create_queue", 201, json={"name": "pp"})
+    await c.call("put_permission", 204, path={"name": "pp", "label": "share"}, json=GRANT)
+    await c.call("put_permission", 400, path={"name": "pp", "label": "share"}, json=GRANT)
+    await c.call("put_permission", 400, path={"name": "pp", "label": "x"},
+                 json={"accounts": ["111122223333"], "actions": ["DeleteQueue"]})
+    await c.call("put_permission", 400, path={"name": "pp", "label": "y"}, json={})
+    await c.call("put_permission", 404, path={"name": "none", "label": "z"}, json=GRANT)
+
+
+async def _delete_permission(c: Checker) -> None:
+    await c.call("create_queue", 201, json={"name": "dp"})
+    await c.call("put_permission", 204, path={"name": "dp", "label": "share"}, json=GRANT)
+    await c.call("delete_permission", 204, path={"name": "dp", "label": "share"})
+    await c.call("delete_permission", 400, path={"name": "dp", "label": "share"})
+    await c.call("delete_permission", 404, path={"name": "none", "label": "share"})
+
+
+async def _usage(c: Checker) -> None:
+    await c.call("create_queue", 201, json={"name": "u"})
+    await c.call("send_message", 201, path={"name": "u"}, data=b"x")
+    data = await c.call("usage", 200)
+    assert data["queues"]["u"]["messages"] == 1, data
+
+
 SCENARIOS: dict[str, Callable[[Checker], Awaitable[None]]] = {
+    "list_permissions": _list_permissions, "put_permission": _put_permission,
+    "delete_permission": _delete_permission, "usage": _usage,
     "healthz": _healthz, "readyz": _readyz, "list_queues": _list_queues,
     "create_queue": _create_queue, "get_queue": _get_queue, "update_queue": _update_queue,
     "delete_queue": _delete_queue, "purge_queue": _purge_queue,
@@ -346,8 +386,8 @@ SCENARIOS: dict[str, Callable[[Checker], Awaitable[None]]] = {
     "receive_messages": _receive_messages, "delete_messages": _delete_messages,
     "delete_message": _delete_message, "change_visibility": _change_visibility,
 }
-# Health endpoints have no client-error path.
-NO_FAILING_CALL = {"healthz", "readyz"}
+# Health endpoints and the caller's own usage have no client-error path.
+NO_FAILING_CALL = {"healthz", "readyz", "usage"}
 
 
 def test_every_operation_has_a_scenario() -> None:

@@ -36,7 +36,6 @@ INVALID_ENTRY_ID = "AWS.SimpleQueueService.InvalidBatchEntryId"
 BATCH_TOO_LONG = "AWS.SimpleQueueService.BatchRequestTooLong"
 PURGE_IN_PROGRESS = "AWS.SimpleQueueService.PurgeQueueInProgress"
 NOT_INFLIGHT = "AWS.SimpleQueueService.MessageNotInflight"
-UNSUPPORTED = "AWS.SimpleQueueService.UnsupportedOperation"
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -321,7 +320,7 @@ def test_create_queue_tag_limits(sqs: Any) -> None:
 # --- GetQueueUrl, ListQueues ------------------------------------------------------------------
 
 
-def test_get_queue_url_and_unsupported_permissions(sqs: Any, server: Any) -> None:
+def test_get_queue_url(sqs: Any, server: Any) -> None:
     url = create(sqs, "lookup")
     assert sqs.get_queue_url(QueueName="lookup")["QueueUrl"] == url
     assert sqs.get_queue_url(QueueName="lookup", QueueOwnerAWSAccountId=ACCOUNT)[
@@ -333,11 +332,31 @@ def test_get_queue_url_and_unsupported_permissions(sqs: Any, server: Any) -> Non
     refused(sqs.get_queue_url, NON_EXISTENT_QUEUE, shape="QueueDoesNotExist",
             QueueName="LOOKUP")
 
+
+def test_add_and_remove_permission_write_the_policy(sqs: Any) -> None:
     url = create(sqs, "guarded")
-    refused(sqs.add_permission, UNSUPPORTED, shape="UnsupportedOperation", QueueUrl=url,
-            Label="share", AWSAccountIds=["111122223333"], Actions=["SendMessage"])
-    refused(sqs.remove_permission, UNSUPPORTED, shape="UnsupportedOperation", QueueUrl=url,
-            Label="share")
+    sqs.add_permission(QueueUrl=url, Label="share", AWSAccountIds=["111122223333"],
+                       Actions=["SendMessage", "ReceiveMessage"])
+    policy = json.loads(sqs.get_queue_attributes(
+        QueueUrl=url, AttributeNames=["Policy"])["Attributes"]["Policy"])
+    [statement] = policy["Statement"]
+    assert statement["Sid"] == "share" and statement["Effect"] == "Allow"
+    assert statement["Principal"] == {"AWS": "arn:aws:iam::111122223333:root"}
+    assert sorted(statement["Action"]) == ["SQS:ReceiveMessage", "SQS:SendMessage"]
+    # A label is unique; an unknown action or a bad account id is refused and changes nothing.
+    refused(sqs.add_permission, "InvalidParameterValue", QueueUrl=url, Label="share",
+            AWSAccountIds=["111122223333"], Actions=["SendMessage"])
+    refused(sqs.add_permission, "InvalidParameterValue", QueueUrl=url, Label="other",
+            AWSAccountIds=["111122223333"], Actions=["DeleteQueue"])
+    refused(sqs.add_permission, "InvalidParameterValue", QueueUrl=url, Label="other",
+            AWSAccountIds=["not-an-account"], Actions=["SendMessage"])
+    assert len(json.loads(sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["Policy"])[
+        "Attributes"]["Policy"])["Statement"]) == 1
+
+    sqs.remove_permission(QueueUrl=url, Label="share")
+    assert "Policy" not in sqs.get_queue_attributes(
+        QueueUrl=url, AttributeNames=["Policy"]).get("Attributes", {})
+    refused(sqs.remove_permission, "InvalidParameterValue", QueueUrl=url, Label="share")
 
 
 def test_list_queues_prefix_and_pagination(sqs: Any) -> None:
