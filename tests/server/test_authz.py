@@ -25,6 +25,7 @@ from server import authz
 from server.auth import bearer_token
 from tests.server.conftest import Server, module_server, restarted_if_dead
 from tests.server.protection import Reply, native
+from tests.server.test_auth import form_call
 
 ALICE, BOB, CAROL = "111111111111", "222222222222", "333333333333"
 REGION = "us-east-1"
@@ -197,8 +198,6 @@ def test_another_accounts_queue_looks_exactly_like_no_queue(srv: Server, alice: 
 
 def test_the_query_protocol_hides_another_accounts_queue_the_same_way(
         srv: Server, alice: Any, keys: dict[str, dict[str, str]]) -> None:
-    from tests.server.test_auth import form_call
-
     name, absent = fresh("query-private"), fresh("query-absent")
     alice.create_queue(QueueName=name)
     bodies = []
