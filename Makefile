@@ -6,7 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 SOURCES := $(wildcard engine/*.pyx engine/*.pxd engine/*.h) setup.py pyproject.toml
 
-.PHONY: all install serve test lint typecheck unit bench bench-http debug-build clean
+.PHONY: all install serve test lint typecheck unit bench bench-http debug-build clean etcd \
+	dev-cluster soak bench-cluster
 
 all: test
 
@@ -37,27 +38,49 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# The cluster tests run a real etcd: Debian's etcd-server, installed when it is missing
+# (apt-get needs root; elsewhere install the package by hand).
+etcd:
+	@command -v etcd >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q \
+			--no-install-recommends etcd-server; }
+
+# etcd and three nodes on loopback ports (http://127.0.0.1:9324-9326); Ctrl-C stops them.
+dev-cluster: install etcd
+	$(BIN)/conveyor dev-cluster --nodes 3 $(DEV_CLUSTER_ARGS)
+
 # pytest exits 5 when it collects nothing; a run without tests is not a pass.
-unit: install
+unit: install etcd
 	$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$rc
 
 test: lint typecheck unit
 
+# Long failure runs, not part of `make test`: the leader-kill loop for CONVEYOR_SOAK_S
+# seconds (default 150).
+soak: install etcd
+	CONVEYOR_SOAK=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m soak tests/cluster
+
 # Benchmarks are not part of `make test`; see docs/PERFORMANCE.md.
-bench: install
+bench: install etcd
 	mkdir -p .benchmarks
 	$(BIN)/python -m pytest -q -p no:cacheprovider bench/ --benchmark-columns=mean,ops,rounds \
 		--benchmark-sort=name --benchmark-json=.benchmarks/latest.json $(BENCH_ARGS)
 	$(BIN)/python -m bench.report .benchmarks/latest.json
 	$(BIN)/python -m bench.http_load $(BENCH_HTTP_ARGS)
 	$(BIN)/python -m bench.http_load --protection $(BENCH_HTTP_ARGS)
+	$(BIN)/python -m bench.cluster_load $(BENCH_CLUSTER_ARGS)
 
 # The HTTP load generator alone: a server and a bare aiohttp baseline, driven in one run;
 # then authentication and encryption on against off.
 bench-http: install
 	$(BIN)/python -m bench.http_load $(BENCH_HTTP_ARGS)
 	$(BIN)/python -m bench.http_load --protection $(BENCH_HTTP_ARGS)
+
+# A 3-node RF=3 cluster against one node, same settings, in one run (needs etcd).
+bench-cluster: install etcd
+	$(BIN)/python -m bench.cluster_load $(BENCH_CLUSTER_ARGS)
 
 # Line tracing and asserts in the Cython code (CONVEYOR_DEBUG=1).
 debug-build: install

@@ -116,8 +116,10 @@ class Result:
 Op = Callable[[aiohttp.ClientSession], Awaitable[int]]
 
 
-async def _drive(name: str, url: str, workers: list[Op], seconds: float, pid: int,
-                 concurrency: int) -> Result:
+async def _drive(name: str, url: str, workers: list[Op], seconds: float,
+                 pid: int | list[int], concurrency: int) -> Result:
+    """Run the workers for seconds; CPU is summed over pid (every node of a cluster)."""
+    pids = [pid] if isinstance(pid, int) else pid
     result = Result(name)
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -131,10 +133,10 @@ async def _drive(name: str, url: str, workers: list[Op], seconds: float, pid: in
                 result.requests += 1
                 result.messages += messages
 
-        cpu0, t0 = _cpu_seconds(pid), time.monotonic()
+        cpu0, t0 = sum(map(_cpu_seconds, pids)), time.monotonic()
         await asyncio.gather(*(loop(w) for w in workers))
         result.seconds = time.monotonic() - t0
-        result.cpu_s = _cpu_seconds(pid) - cpu0
+        result.cpu_s = sum(map(_cpu_seconds, pids)) - cpu0
     return result
 
 

@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from engine import background
 from engine.catalog import Catalog
@@ -51,7 +51,7 @@ from engine.errors import (
     QueueUnavailableError,
 )
 from engine.limits import QueueAttributes, check_queue_name
-from engine.log import FsyncPolicy
+from engine.log import FsyncPolicy, _fsync_dir
 from engine.queue import (
     QUEUE_SEGMENT_BYTES,
     SNAPSHOT_BYTES,
@@ -59,6 +59,7 @@ from engine.queue import (
     Queue,
     QueueCore,
     create_queue_log,
+    start_queue_log,
 )
 from engine.receipts import ReceiptCodec, load_or_create_key
 
@@ -71,6 +72,16 @@ MAINTENANCE_INTERVAL_MS = 1000
 IDLE_BEFORE_CLOSE_S = 5.0
 
 
+class Leadership(Protocol):
+    """Which queues this node may open for writing: in a cluster, those it leads."""
+
+    def check(self, name: str) -> None:
+        """Raise (an EngineError) unless this node leads the queue now."""
+
+    def opened(self, core: QueueCore) -> None:
+        """A led queue was opened: stamp its epoch, attach its replication."""
+
+
 class Broker:
     """Queues in one data directory. See the module docstring."""
 
@@ -79,7 +90,9 @@ class Broker:
                  segment_bytes_max: int = QUEUE_SEGMENT_BYTES,
                  snapshot_bytes: int = SNAPSHOT_BYTES,
                  maintenance_interval_ms: int = MAINTENANCE_INTERVAL_MS,
-                 on_sync: Callable[[float], None] | None = None) -> None:
+                 on_sync: Callable[[float], None] | None = None,
+                 leadership: Leadership | None = None,
+                 receipt_key: bytes | None = None) -> None:
         self.path = os.fspath(path)
         self.fsync_policy = FsyncPolicy.parse(fsync)
         self.clock: Clock = clock or SystemClock()
@@ -91,14 +104,18 @@ class Broker:
         self._maintaining = False
         self._cores: dict[str, QueueCore] = {}
         try:
-            self._codec = ReceiptCodec(load_or_create_key(os.path.join(self.path,
-                                                                         "receipt.key")))
+            # A cluster's nodes share one key (from etcd): a receipt handle made by one
+            # leader must open on the next.
+            self._codec = ReceiptCodec(receipt_key or load_or_create_key(
+                os.path.join(self.path, "receipt.key")))
             self.catalog = Catalog(os.path.join(self.path, "catalog.sqlite3"))
             self._core_options: dict[str, Any] = {
                 "fsync": str(self.fsync_policy), "clock": self.clock, "codec": self._codec,
                 "segment_bytes_max": segment_bytes_max, "snapshot_bytes": snapshot_bytes,
                 "name_of_uid": self.catalog.name_of, "on_sync": on_sync,
+                "keep_log": leadership is not None,
             }
+            self._leadership = leadership
             self._remove_strays()
         except BaseException:
             os.close(self._lock_fd)
@@ -107,6 +124,13 @@ class Broker:
 
     def _queue_dir(self, uid: int) -> str:
         return os.path.join(self.path, "queues", f"{uid:016x}")
+
+    def queue_dir(self, name: str) -> str:
+        """The directory of a queue in the catalog."""
+        entry = self.catalog.get(name)
+        if entry is None:
+            raise QueueNotFoundError(name)
+        return self._queue_dir(entry.uid)
 
     def _remove_strays(self) -> None:
         """Delete queue directories the catalog does not name: a create or delete that a
@@ -120,8 +144,12 @@ class Broker:
 
     # -- queues ---------------------------------------------------------------------------
 
-    def create_queue(self, name: str, **attributes: Any) -> Queue:
-        """Create a queue, or return the existing one if its attributes are the same."""
+    def create_queue(self, name: str, uid: int | None = None, **attributes: Any) -> Queue:
+        """Create a queue, or return the existing one if its attributes are the same.
+
+        uid: the queue's id, chosen by the caller (a cluster names a queue's replicas by
+        one id, which receipt handles carry); None picks a new one.
+        """
         attrs = QueueAttributes.from_dict(attributes)
         check_queue_name(name, attrs.fifo)
         with self._lock:
@@ -134,12 +162,46 @@ class Broker:
                     raise QueueExistsError(name, differing)
                 return self._queue(name)
             self._check_dead_letter(name, attrs)
-            uid = self._new_uid()
+            uid = self._new_uid() if uid is None else uid
             directory = self._queue_dir(uid)
             create_queue_log(directory, attrs, fsync=str(self.fsync_policy), clock=self.clock,
                              segment_bytes_max=self._core_options["segment_bytes_max"])
             self.catalog.add(name, uid, attrs.to_dict(), self.clock.now_ms())
         return self._queue(name)
+
+    def adopt_queue(self, name: str, uid: int, attributes: dict[str, Any],
+                    start_epoch: int = 0) -> str:
+        """Make a catalog entry and an empty log for a queue of a cluster.
+
+        A follower's log is filled by replication, byte for byte from the leader's first
+        record, so it writes no configuration record of its own. ``start_epoch``: this node
+        leads the queue in that epoch, and a log still empty gets its configuration
+        record now.
+        Returns the queue's directory.
+        """
+        with self._lock:
+            self._check_open()
+            entry = self.catalog.get(name)
+            if entry is not None and entry.uid != uid:
+                raise QueueExistsError(name, ["uid"])
+            directory = self._queue_dir(uid)
+            if entry is None:
+                os.makedirs(os.path.join(directory, "log"), exist_ok=True)
+                _fsync_dir(os.path.dirname(directory))
+                self.catalog.add(name, uid, attributes, self.clock.now_ms())
+            if start_epoch:
+                start_queue_log(directory, QueueAttributes.from_dict(attributes),
+                                fsync=str(self.fsync_policy), clock=self.clock,
+                                epoch=start_epoch)
+            return directory
+
+    def close_queue(self, name: str) -> None:
+        """Close a queue's open core, if any (a leader stepping down)."""
+        with self._lock:
+            core = self._cores.pop(name, None)
+        if core is not None:
+            # core.replication stays: writes still waiting on it must be refused by it.
+            core.close()
 
     def _new_uid(self) -> int:
         taken = self.catalog.uids()
@@ -225,6 +287,10 @@ class Broker:
             core = self._cores.get(name)
             if core is not None:
                 return core
+            if self._leadership is not None:
+                # Raises unless this node leads the queue, which a node that holds no
+                # copy of it may not know from its catalog.
+                self._leadership.check(name)
             entry = self.catalog.get(name)
             if entry is None:
                 raise QueueNotFoundError(name)
@@ -235,6 +301,8 @@ class Broker:
                 # A damaged log fails this queue alone, as a log failing later does: its
                 # callers get "unavailable", not an error of their own or of the server.
                 raise QueueUnavailableError(name, f"its log cannot be opened: {exc}") from exc
+            if self._leadership is not None:
+                self._leadership.opened(core)
             self._cores[name] = core
             if core.attributes.to_dict() != entry.attributes:
                 # The log is the authority on a queue's configuration.

@@ -28,7 +28,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from engine import format as fmt
 from engine import records as rec
@@ -103,6 +103,31 @@ def create_queue_log(directory: str, attributes: QueueAttributes, *, fsync: str,
         log.flush()
 
 
+class Replication(Protocol):
+    """What a cluster leader's queue waits on before it acknowledges (replication/)."""
+
+    async def committed(self, offset: int) -> None:
+        """Return once every record before offset is on all in-sync replicas."""
+
+    def wait_committed(self, offset: int) -> None:
+        """The same, from a thread that is not the event loop's."""
+
+
+def start_queue_log(directory: str, attributes: QueueAttributes, *, fsync: str,
+                    clock: Clock, epoch: int) -> None:
+    """Write the configuration record into a queue log that is still empty.
+
+    It carries the leader's epoch like every later batch: two nodes that each started the
+    log must not look, to replication, as if they share it.
+    """
+    with Log(os.path.join(directory, "log"), fsync=fsync, lock=False,
+             segment_bytes_max=QUEUE_SEGMENT_BYTES) as log:
+        if log.next_offset == 0:
+            log.epoch = epoch
+            log.append(rec.encode_config(clock.now_ms(), attributes.to_dict()), wait=False)
+            log.flush()
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class MovePlan:
     """Messages a receive marked for the dead-letter queue, and what they carry."""
@@ -119,8 +144,14 @@ class QueueCore:
                  codec: ReceiptCodec, segment_bytes_max: int = QUEUE_SEGMENT_BYTES,
                  snapshot_bytes: int = SNAPSHOT_BYTES,
                  name_of_uid: Callable[[int], str | None] = lambda uid: None,
-                 on_sync: Callable[[float], None] | None = None) -> None:
+                 on_sync: Callable[[float], None] | None = None,
+                 keep_log: bool = False) -> None:
         self.name = name
+        # A cluster replica keeps its whole log: a follower that joins later is copied
+        # from offset 0, and a snapshot may be dropped when a divergent suffix is cut.
+        self._keep_log = keep_log
+        self.replication: Replication | None = None
+        """Set while this queue leads in a cluster: acknowledgements wait for its commit."""
         self._name_of_uid = name_of_uid
         self.uid = uid
         self.directory = directory
@@ -229,19 +260,29 @@ class QueueCore:
         return (not offset or self.log.fsync_policy.mode != "always"
                 or (self.log.closed and not self.log.failed))
 
+    # In a cluster, the replication is read before the local wait: a leader that steps
+    # down meanwhile closes this core (fsyncing everything), and the write must then be
+    # refused by its replication, not acknowledged as merely durable here.
+
     def wait_durable(self, offset: int) -> None:
+        replication = self.replication
         if not self._durable_already(offset):
             try:
                 self.log.wait_durable(offset)
             except (LogError, OSError) as exc:
                 raise self._fail(exc) from exc
+        if replication is not None and offset:
+            replication.wait_committed(offset)
 
     async def wait_durable_async(self, offset: int) -> None:
+        replication = self.replication
         if not self._durable_already(offset):
             try:
                 await self.log.durable_async(offset)
             except (LogError, OSError) as exc:
                 raise self._fail(exc) from exc
+        if replication is not None and offset:
+            await replication.committed(offset)
 
     # -- send -----------------------------------------------------------------------------
 
@@ -571,8 +612,9 @@ class QueueCore:
                 os.close(fd)
             os.replace(tmp, path)
             _fsync_dir(self.directory)
-            oldest = self.state.oldest_location()
-            self.log.truncate_before(end if oldest is None else min(oldest, end))
+            if not self._keep_log:
+                oldest = self.state.oldest_location()
+                self.log.truncate_before(end if oldest is None else min(oldest, end))
         except (LogError, OSError) as exc:
             self._failed = f"snapshot failed: {exc}"
             raise QueueUnavailableError(self.name, self._failed) from exc

@@ -7,13 +7,17 @@ closes them, so a graceful shutdown loses nothing that was acknowledged.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine import AsyncBroker
+from replication.node import ClusterNode
 from server import keys, keystore, masterkey, native, openapi
 from server.admission import Admission, protect
 from server.auth import Authenticator
@@ -30,8 +34,10 @@ from server.config import (
     REQUEST_BYTES_MAX,
     ServerConfig,
 )
+from server.etcd_metadata import EtcdMetadataStore
+from server.forward import Forwarder
 from server.keystore import KeyCache, KeyStore
-from server.metadata import CachedMetadata, SQLiteMetadataStore
+from server.metadata import CachedMetadata, MetadataStore, SQLiteMetadataStore
 from server.metrics import Metrics
 from server.middleware import frontend
 from server.ratelimit import parse_rate
@@ -61,6 +67,7 @@ def create_app(config: ServerConfig) -> web.Application:
     app.router.add_get("/readyz", readyz, name="readyz")
     app.router.add_get("/metrics", metrics, name="metrics")
     app.router.add_get("/openapi.json", openapi_json, name="openapi")
+    app.router.add_get("/v1/cluster", cluster_state, name="cluster")
     # The SQS protocols: JSON and query at "/", and the query protocol at a queue's URL.
     app.router.add_post("/", sqs.handle, name="sqs")
     app.router.add_get("/", sqs.handle, name="sqs_get")
@@ -73,21 +80,37 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
     config = app[keys.CONFIG]
     os.makedirs(config.data_dir, exist_ok=True)
     master = masterkey.load_or_create(config.master_key_path)
+    node: ClusterNode | None = None
+    cluster_options: dict[str, Any] = {}
+    store: MetadataStore
+    if config.cluster is not None:
+        node = ClusterNode(config.cluster)
+        cluster_options = {"leadership": node, "receipt_key": await node.connect()}
     broker = AsyncBroker(config.data_dir, config.fsync,
                          open_queues_max=config.open_queues_max,
-                         on_sync=app[keys.METRICS].fsync.observe)
-    store = SQLiteMetadataStore(os.path.join(config.data_dir, METADATA_FILE))
+                         on_sync=app[keys.METRICS].fsync.observe, **cluster_options)
+    if node is not None:
+        store = EtcdMetadataStore(node.control.client, node.config.prefix.encode())
+    else:
+        store = SQLiteMetadataStore(os.path.join(config.data_dir, METADATA_FILE))
     keyring = Keyring(os.path.join(config.data_dir, KEYRING_FILE), master,
                       rotate_period_s=config.sse_rotation_s)
     access_keys = KeyStore(os.path.join(config.data_dir, keystore.FILE_NAME), master)
     metadata = CachedMetadata(store, _guard("metadata", METADATA_CALLS_MAX, METADATA_QUEUE_S,
                                             METADATA_CALL_S))
     service = QueueService(broker, metadata, keyring,
-                           _guard("engine", BACKEND_CALLS_MAX, 0, None))
+                           _guard("engine", BACKEND_CALLS_MAX, 0, None), cluster=node)
+    watch: asyncio.Task[None] | None = None
     authenticator = Authenticator(KeyCache(access_keys) if config.auth == "required" else None,
                                   config.account_id)
     try:
+        if node is not None:
+            await node.start(broker.broker)
+            assert isinstance(store, EtcdMetadataStore)
+            watch = asyncio.create_task(store.watch(metadata.invalidate, metadata.clear))
+            app[keys.FORWARDER] = Forwarder(node.node_id)
         await service.start()
+        app[keys.CLUSTER] = node
         app[keys.METRICS].watch(broker.broker)
         app[keys.METRICS].registry.register(app[keys.USAGE])
         app[keys.METRICS].watch_protection((metadata.guard, service.backend),
@@ -100,6 +123,14 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await service.close()
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+        if keys.FORWARDER in app:
+            await app[keys.FORWARDER].close()
+        if node is not None:
+            await node.close()
         await store.close()
         await broker.close()
         keyring.close()
@@ -129,6 +160,16 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[keys.METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def cluster_state(request: web.Request) -> web.Response:
+    """This node's view of the cluster: nodes, and each queue's replicas, ISR and leader."""
+    node = request.app[keys.CLUSTER]
+    if node is None:
+        return web.json_response({"error": {"code": "NotClustered",
+                                            "message": "this server is a single node"}},
+                                 status=404)
+    return web.json_response(node.describe())
 
 
 async def openapi_json(request: web.Request) -> web.Response:

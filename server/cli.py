@@ -76,10 +76,30 @@ def _fsync(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--sse-key-rotation-days", default=30.0, show_default=True,
               type=click.FloatRange(min=0),
               help="Replace a queue's data key after this many days (0: by use count only).")
+@click.option("--cluster", "etcd", metavar="etcd://HOST:PORT[,HOST:PORT...]",
+              help="Join the cluster coordinated by this etcd (default: a single node).")
+@click.option("--node-id", help="This node's name in the cluster (default: HOST:PORT).")
+@click.option("--advertise", metavar="HOST",
+              help="The address other nodes and forwarded requests reach this node at "
+                   "(default: --host).")
+@click.option("--replication-port", type=click.IntRange(1, 65535),
+              help="TCP port for log shipping between nodes (cluster mode).")
+@click.option("--replication-advertise", metavar="HOST:PORT", default="",
+              help="Where other nodes connect for log shipping, if not "
+                   "ADVERTISE:REPLICATION_PORT (a proxy in between, say).")
+@click.option("--lease-ttl", default=5, show_default=True, type=click.IntRange(2, 60),
+              help="Seconds of silence after which a node's leaderships pass to others.")
+@click.option("--replication-factor", default=3, show_default=True,
+              type=click.IntRange(1, 7), help="Replicas of each new queue (capped by nodes).")
+@click.option("--min-insync-replicas", default=2, show_default=True,
+              type=click.IntRange(1, 7),
+              help="Writes are refused (503) while fewer replicas are in sync.")
 def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, auth: str,
           insecure: bool, master_key_file: str | None, tls_cert: str | None,
           tls_key: str | None, principal_rate: str, queue_rate: str, connections_max: int,
-          sse_key_rotation_days: float) -> None:
+          sse_key_rotation_days: float, etcd: str | None, node_id: str | None,
+          advertise: str | None, replication_port: int | None, replication_advertise: str,
+          lease_ttl: int, replication_factor: int, min_insync_replicas: int) -> None:
     """Run the server: the SQS protocols and the native API on one port.
 
     SIGTERM and SIGINT stop it gracefully: it stops accepting, lets requests in flight
@@ -101,24 +121,73 @@ def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, aut
             parse_rate(rate, option)
         except EngineError as exc:
             raise click.BadParameter(str(exc), param_hint=option) from None
+    cluster = None
+    if etcd is not None:
+        cluster = _cluster_config(etcd, node_id, advertise or host, port, host,
+                                  replication_port, replication_advertise, lease_ttl,
+                                  replication_factor, min_insync_replicas, auth, tls_cert)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     config = ServerConfig(data_dir=data_dir, host=host, port=port, fsync=fsync,
                           access_log=access_log, auth=auth, master_key_file=master_key_file,
                           tls_cert=tls_cert, tls_key=tls_key, principal_rate=principal_rate,
                           queue_rate=queue_rate, connections_max=connections_max,
-                          sse_rotation_s=sse_key_rotation_days * 24 * 60 * 60)
+                          sse_rotation_s=sse_key_rotation_days * 24 * 60 * 60,
+                          cluster=cluster)
     loop = _event_loop()
     url = f"{'https' if tls_cert else 'http'}://{host}:{port}"
 
     def announce() -> None:
         click.echo(f"Conveyor serving {url} (data: {os.path.abspath(data_dir)}, "
                    f"fsync={fsync}, auth={auth}, "
-                   f"loop={type(loop).__module__.split('.')[0]})", err=True)
+                   f"loop={type(loop).__module__.split('.')[0]}"
+                   + (f", node={cluster.node_id} in {etcd}" if cluster else "") + ")",
+                   err=True)
 
     try:
         run(create_app(config), config, loop, announce)
     except EngineError as exc:  # a bad master key file, say: a message, not a traceback
         raise click.ClickException(str(exc)) from None
+
+
+@main.command("dev-cluster")
+@click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 9))
+@click.option("--base-port", default=9324, show_default=True, type=click.IntRange(1024, 65000),
+              help="Node i serves on BASE_PORT+i, replicates on BASE_PORT+100+i; "
+                   "etcd takes BASE_PORT+200 and +201.")
+@click.option("--data-dir", default="./conveyor-cluster", show_default=True,
+              help="etcd's and every node's data, and their logs.")
+@click.option("--fsync", default="always", show_default=True, callback=_fsync)
+def dev_cluster(nodes: int, base_port: int, data_dir: str, fsync: str) -> None:
+    """Start etcd and a cluster of NODES on loopback ports, until Ctrl-C."""
+    from server.devcluster import run as run_cluster
+
+    sys.exit(run_cluster(nodes, base_port, data_dir, fsync, lambda line: click.echo(line)))
+
+
+def _cluster_config(etcd: str, node_id: str | None, advertise: str, port: int, host: str,
+                    replication_port: int | None, replication_advertise: str,
+                    lease_ttl: int, replication_factor: int, min_insync_replicas: int,
+                    auth: str, tls_cert: str | None) -> Any:
+    from replication.control import parse_endpoints
+    from replication.node import ClusterConfig
+
+    try:
+        parse_endpoints(etcd)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--cluster") from None
+    if replication_port is None:
+        raise click.UsageError("--cluster needs --replication-port")
+    if auth == "required":
+        # Access keys and the master key live in each node's data directory; until they
+        # live in etcd, a key made on one node would be unknown to the others.
+        raise click.UsageError("--auth required is not yet supported with --cluster")
+    scheme = "https" if tls_cert else "http"
+    return ClusterConfig(
+        etcd=etcd, node_id=node_id or f"{advertise}:{port}",
+        http_url=f"{scheme}://{advertise}:{port}", replication_host=host,
+        replication_port=replication_port, replication_advertise=replication_advertise
+        or f"{advertise}:{replication_port}", lease_ttl_s=lease_ttl,
+        replication_factor=replication_factor, min_insync_replicas=min_insync_replicas)
 
 
 def _is_loopback(host: str) -> bool:

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from replication.node import ClusterConfig
 
 # Bytes of one request body. A 1 MiB message can grow in transit (JSON escapes up to six
 # bytes per character), and a batch of ten carries up to 1 MiB in all; bodies over this
@@ -77,6 +81,8 @@ class ServerConfig:
     connections_max: int = CONNECTIONS_MAX
     sse_rotation_s: float = 30 * 24 * 60 * 60
     """Age at which a queue's data key is replaced (0: only by use count)."""
+    cluster: ClusterConfig | None = None
+    """None: a single node. Else this node's place in a cluster coordinated by etcd."""
 
     @property
     def master_key_path(self) -> str:

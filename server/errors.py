@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from engine import errors as e
+from replication.errors import ClusterError
 
 
 class ServerError(e.EngineError):
@@ -230,6 +231,9 @@ _TABLE: list[tuple[type[BaseException], ErrorSpec]] = [
     (ThrottledError, _S(429, "ThrottlingException", "RequestThrottled", "Throttled")),
     (DependencyUnavailableError, _S(503, "ServiceUnavailable", "ServiceUnavailable",
                                     "Unavailable", sender_fault=False)),
+    # The cluster: a queue between leaders, too few in-sync replicas, etcd unreachable.
+    (ClusterError, _S(503, "ServiceUnavailable", "ServiceUnavailable", "Unavailable",
+                      sender_fault=False)),
 ]
 
 INTERNAL = ErrorSpec(500, "InternalError", "InternalError", "Internal", sender_fault=False)

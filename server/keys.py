@@ -8,8 +8,10 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from engine import AsyncBroker
+    from replication.node import ClusterNode
     from server.admission import Admission
     from server.config import ServerConfig
+    from server.forward import Forwarder
     from server.metrics import Metrics
     from server.service import QueueService
     from server.usage import Usage
@@ -20,6 +22,8 @@ SERVICE: web.AppKey[QueueService] = web.AppKey("service")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 ADMISSION: web.AppKey[Admission] = web.AppKey("admission")
 USAGE: web.AppKey[Usage] = web.AppKey("usage")
+CLUSTER: web.AppKey[ClusterNode | None] = web.AppKey("cluster")  # None: a single node
+FORWARDER: web.AppKey[Forwarder] = web.AppKey("forwarder")
 # Per request, set by the FrontEnd's layers and read by the audit log and handlers.
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
 PROTOCOL: web.RequestKey[str] = web.RequestKey("protocol")  # sqs-json, sqs-query, native

@@ -181,3 +181,7 @@ class CachedMetadata:
 
     def invalidate(self, account: str, name: str) -> None:
         self._cache.pop((account, name), None)
+
+    def clear(self) -> None:
+        """Forget every record (a cluster watch that may have missed changes)."""
+        self._cache.clear()

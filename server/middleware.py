@@ -18,9 +18,11 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from replication.errors import NotLeaderError
 from server import keys
 from server.config import REQUEST_BYTES_MAX
 from server.errors import (
+    INTERNAL,
     NotFoundError,
     RequestTooLargeError,
     ThrottledError,
@@ -49,7 +51,10 @@ async def frontend(request: web.Request, handler: Handler) -> web.StreamResponse
         declared = request.content_length
         if declared is not None and declared > REQUEST_BYTES_MAX:
             raise RequestTooLargeError(declared, REQUEST_BYTES_MAX)
-        response = await handler(request)
+        try:
+            response = await handler(request)
+        except NotLeaderError as refusal:
+            response = await request.app[keys.FORWARDER].forward(request, refusal)
     except web.HTTPRequestEntityTooLarge:
         response = error_response(request, RequestTooLargeError(None, REQUEST_BYTES_MAX))
     except web.HTTPNotFound:
@@ -71,8 +76,10 @@ async def frontend(request: web.Request, handler: Handler) -> web.StreamResponse
 def error_response(request: web.Request, exc: BaseException) -> web.Response:
     """The one mapping of an exception to an HTTP response, framed for the protocol."""
     spec = spec_for(exc)
-    if spec.status >= 500:
+    if spec is INTERNAL:
         _log.error("request %s failed", request[keys.REQUEST_ID], exc_info=exc)
+    elif spec.status >= 500:  # unavailable: expected at times, and said by the message
+        _log.warning("request %s refused: %s", request[keys.REQUEST_ID], exc)
     protocol = request.get(keys.PROTOCOL, "native")
     request_id = request[keys.REQUEST_ID]
     if protocol == "sqs-json":

@@ -182,6 +182,12 @@ _SCHEMAS: dict[str, Any] = {
                        "principals": {"type": "object", "additionalProperties": _COUNTS},
                        "queues": {"type": "object", "additionalProperties": _COUNTS}},
     },
+    "Cluster": {
+        "type": "object", "required": ["node", "lease_valid", "nodes", "queues", "leading"],
+        "properties": {"node": _STR, "lease_valid": {"type": "boolean"},
+                       "nodes": {"type": "object"}, "queues": {"type": "object"},
+                       "leading": {"type": "object"}},
+    },
     "Health": {
         "type": "object", "required": ["status"], "properties": {"status": _STR},
     },
@@ -344,5 +350,9 @@ def document() -> dict[str, Any]:
             },
             "/v1/usage": {"get": {"operationId": "usage",
                                   "responses": _ok("200", "Usage", "The account's usage")}},
+            "/v1/cluster": {"get": {"operationId": "cluster",
+                                    "responses": _ok("200", "Cluster",
+                                                     "This node's view of its cluster "
+                                                     "(404 on a single node)")}},
         },
     }

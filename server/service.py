@@ -22,7 +22,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import AsyncBroker, AsyncQueue, Message, QueueAttributes, QueueStats
 from engine.errors import (
@@ -44,10 +44,13 @@ from server.config import (
     TAG_VALUE_CHARS_MAX,
     TAGS_MAX,
 )
-from server.errors import PurgeInProgressError, TaskNotFoundError
+from server.errors import PurgeInProgressError, TaskNotFoundError, UnsupportedOperationError
 from server.metadata import CachedMetadata, QueueRecord
 from server.ratelimit import parse_rate
 from server.sse import ENVELOPE_OVERHEAD, Keyring, SealError, is_sealed
+
+if TYPE_CHECKING:
+    from replication.node import ClusterNode
 
 # Queue attribute (SQS name) that overrides the server's per-queue rate limit.
 RATE_LIMIT_ATTRIBUTE = "ConveyorRateLimit"
@@ -107,8 +110,10 @@ class _KeyedLocks:
 
 class QueueService:
     def __init__(self, broker: AsyncBroker, metadata: CachedMetadata, keyring: Keyring,
-                 backend: Guard) -> None:
+                 backend: Guard, cluster: ClusterNode | None = None) -> None:
         self.broker = broker
+        self.cluster = cluster
+        """None on a single node; else queues are placed, led and deleted through it."""
         self.metadata = metadata
         self.keyring = keyring
         self.backend = backend
@@ -123,6 +128,8 @@ class QueueService:
 
     async def start(self) -> None:
         """Remove engine queues that no metadata record owns (an interrupted create)."""
+        if self.cluster is not None:
+            return  # the cluster node drops local queues that etcd no longer has
         store = self.metadata.store
         records = await store.all_records()  # type: ignore[attr-defined]
         owned = {r.engine_name for r in records}
@@ -146,9 +153,11 @@ class QueueService:
         _same_account(account, attributes)
         # Attributes first: the name's rules depend on whether the queue is FIFO.
         check_queue_name(name, QueueAttributes.from_dict(attributes).fifo)
+        self._check_clusterable(attributes, extra)
         existing = await self.metadata.get(account, name)
         if existing is not None:
-            queue = await self.broker.get_queue(existing.engine_name)
+            queue = (AsyncQueue(self.broker.broker, existing.engine_name) if self.cluster
+                     else await self.broker.get_queue(existing.engine_name))
             current = (await queue.attributes()).to_dict()
             wanted = QueueAttributes.from_dict(attributes).to_dict()
             differing = [k for k, v in wanted.items() if current[k] != v]
@@ -163,6 +172,12 @@ class QueueService:
             if record is not None:  # made while this create waited its turn
                 return await self.create_queue(account, name, attributes, extra, tags)
             engine_name = f"{account}/{name}"
+            if self.cluster is not None:
+                await self.cluster.create_queue(engine_name, attributes)
+                now = _now_ms()
+                record = QueueRecord(account, name, now, now, dict(tags), dict(extra))
+                await self.metadata.put(record)
+                return record
             if engine_name in await self.broker.list_queues(engine_name):
                 # Left by a create whose record was never written, or a delete whose
                 # engine step never ran (the metadata store failed in between). Nobody
@@ -176,6 +191,21 @@ class QueueService:
             record = QueueRecord(account, name, now, now, dict(tags), dict(extra))
             await self.metadata.put(record)
             return record
+
+    def _check_clusterable(self, attributes: Mapping[str, Any],
+                           extra: Mapping[str, str]) -> None:
+        """Refuse what a cluster cannot do yet, rather than do it unsafely.
+
+        Dead-letter moves run inside one node's engine, and a queue's DLQ may lead on
+        another node; data keys are wrapped by each node's own master key, so a body
+        sealed by one leader would not open on the next.
+        """
+        if self.cluster is None:
+            return
+        if attributes.get("dead_letter_queue"):
+            raise UnsupportedOperationError("RedrivePolicy (a dead-letter queue) in a cluster")
+        if sse_enabled(extra) or attributes.get("encrypted"):
+            raise UnsupportedOperationError("encryption at rest in a cluster")
 
     async def record(self, account: str, name: str) -> QueueRecord:
         check_queue_name(name, name.endswith(FIFO_SUFFIX) if isinstance(name, str) else False)
@@ -212,6 +242,7 @@ class QueueService:
         record = await self.record(account, name)
         check_extra(extra)
         _same_account(account, changes)
+        self._check_clusterable(changes, extra)
         if changes:
             await self.broker.set_queue_attributes(record.engine_name, **changes)
         if extra or changes:
@@ -224,7 +255,10 @@ class QueueService:
     async def delete_queue(self, account: str, name: str) -> None:
         record = await self.record(account, name)
         await self.metadata.delete(account, name)
-        await self.broker.delete_queue(record.engine_name)
+        if self.cluster is not None:
+            await self.cluster.delete_queue(record.engine_name)
+        else:
+            await self.broker.delete_queue(record.engine_name)
         self._purged.pop(record.engine_name, None)
 
     async def tag(self, account: str, name: str, tags: dict[str, str]) -> None:

@@ -1,0 +1,195 @@
+"""Cluster load: a 3-node cluster (RF=3, acknowledgement after ISR commit) against one node.
+
+    python -m bench.cluster_load [--seconds 6] [--rounds 3] [--concurrency 16]
+
+In one invocation it starts etcd, three ``conveyor serve --cluster`` nodes and one
+single-node server, all with the same fsync policy, and creates a queue on each. Then,
+for --rounds rounds, it alternates between them:
+
+- ``send10``: SendMessageBatch of 10 bodies of --body bytes, to the queue's leader;
+- ``recv10``: ReceiveMessage of up to 10 and DeleteMessageBatch, at the leader (both
+  queues are filled, untimed, before each round);
+- ``send10-fwd``: send10 to a node that does not lead the queue, which forwards it.
+
+It prints messages/s of each, the cluster's as a fraction of the single node's, and the
+CPU microseconds per message summed over every node of the cluster. All the processes -
+etcd, four servers and this client - share this machine's cores, so the cluster's three
+nodes compete with each other for CPU: the ratio is a floor for separate machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+from typing import Any
+
+from bench.http_load import (
+    FILL_PER_S,
+    HEADERS,
+    TARGET,
+    _drive,
+    _fill,
+    _free_port,
+    _receive_delete,
+    _serve,
+    _sqs,
+    _wait_ready,
+)
+
+QUEUE = "bench"
+
+
+def _etcd(tmp: str) -> tuple[subprocess.Popen[bytes], str]:
+    binary = shutil.which("etcd")
+    if binary is None:
+        raise SystemExit("etcd is not installed: apt-get install etcd-server")
+    client, peer = _free_port(), _free_port()
+    url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+    process = subprocess.Popen(
+        [binary, "--name", "bench", "--data-dir", f"{tmp}/etcd", "--listen-client-urls", url,
+         "--advertise-client-urls", url, "--listen-peer-urls", peer_url,
+         "--initial-advertise-peer-urls", peer_url, "--initial-cluster", f"bench={peer_url}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_ready(url + "/health")
+    return process, f"etcd://127.0.0.1:{client}"
+
+
+async def _create(url: str) -> str:
+    import aiohttp
+
+    async with (aiohttp.ClientSession() as session,
+                session.post(url, data=json.dumps({"QueueName": QUEUE}),
+                             headers={**HEADERS, "X-Amz-Target": TARGET + "CreateQueue"})
+                as response):
+        return str((await response.json(content_type=None))["QueueUrl"])
+
+
+def _leader(urls: dict[str, str]) -> str:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(next(iter(urls.values())) + "v1/cluster") as reply:
+            queue = json.loads(reply.read())["queues"].get(f"000000000000/{QUEUE}", {})
+        if queue.get("leader") and len(queue.get("isr", [])) == 3:
+            return str(queue["leader"])
+        time.sleep(0.1)
+    raise RuntimeError("the cluster queue got no leader with 3 in sync")
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    tmp = tempfile.mkdtemp(prefix="conveyor-cluster-load-")
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        etcd, etcd_url = _etcd(tmp)
+        processes.append(etcd)
+        single_port = _free_port()
+        single = _serve(f"{tmp}/single", single_port, args.fsync)
+        processes.append(single)
+        nodes: dict[str, tuple[str, int]] = {}
+        for i in range(3):
+            port = _free_port()
+            node = _serve(f"{tmp}/n{i}", port, args.fsync, "--cluster", etcd_url,
+                          "--node-id", f"n{i}", "--replication-port", str(_free_port()))
+            processes.append(node)
+            nodes[f"n{i}"] = (f"http://127.0.0.1:{port}/", node.pid)
+        for url in [f"http://127.0.0.1:{single_port}/", *(u for u, _ in nodes.values())]:
+            _wait_ready(url + "readyz")
+        return asyncio.run(_rounds(args, f"http://127.0.0.1:{single_port}/", single.pid,
+                                   nodes))
+    finally:
+        for process in reversed(processes):
+            process.send_signal(signal.SIGTERM)
+            process.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _rounds(args: argparse.Namespace, single_url: str, single_pid: int,
+                  nodes: dict[str, tuple[str, int]]) -> list[dict[str, Any]]:
+    body = "x" * args.body
+    n = args.concurrency
+    single_queue = await _create(single_url)
+    cluster_queue = await _create(nodes["n0"][0])
+    leader = _leader({k: u for k, (u, _) in nodes.items()})
+    leader_url = nodes[leader][0]
+    follower_url = next(u for k, (u, _) in nodes.items() if k != leader)
+    pids = [pid for _, pid in nodes.values()]
+
+    def ten(queue_url: str) -> dict[str, Any]:
+        return {"QueueUrl": queue_url,
+                "Entries": [{"Id": str(i), "MessageBody": body} for i in range(10)]}
+
+    rows = []
+    for round_ in range(1, args.rounds + 1):
+        single_send = await _drive("send10", single_url,
+                                   [_sqs(single_url, "SendMessageBatch", ten(single_queue))] * n,
+                                   args.seconds, single_pid, n)
+        cluster_send = await _drive(
+            "send10", leader_url,
+            [_sqs(leader_url, "SendMessageBatch", ten(cluster_queue))] * n,
+            args.seconds, pids, n)
+        forwarded = await _drive(
+            "send10-fwd", follower_url,
+            [_sqs(follower_url, "SendMessageBatch", ten(cluster_queue))] * n,
+            args.seconds, pids, n)
+        depth = int(args.seconds * FILL_PER_S)
+        await _fill(single_url, None, single_queue,
+                    _sqs(single_url, "SendMessageBatch", ten(single_queue)), depth)
+        await _fill(leader_url, None, cluster_queue,
+                    _sqs(leader_url, "SendMessageBatch", ten(cluster_queue)), depth)
+        single_recv = await _drive("recv10", single_url,
+                                   [_receive_delete(single_url, single_queue)] * n,
+                                   args.seconds, single_pid, n)
+        cluster_recv = await _drive("recv10", leader_url,
+                                    [_receive_delete(leader_url, cluster_queue)] * n,
+                                    args.seconds, pids, n)
+        for name, one, many in (("send10", single_send, cluster_send),
+                                ("send10-fwd", single_send, forwarded),
+                                ("recv10", single_recv, cluster_recv)):
+            a, b = one.row(), many.row()
+            rows.append({"round": round_, "scenario": name,
+                         "single_messages_per_s": a["messages_per_s"],
+                         "cluster_messages_per_s": b["messages_per_s"],
+                         "single_cpu_us_per_message": a["server_cpu_us_per_message"],
+                         "cluster_cpu_us_per_message": b["server_cpu_us_per_message"],
+                         "cluster_p99_ms": b["p99_ms"]})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=6)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--body", type=int, default=100)
+    parser.add_argument("--fsync", default="always")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    rows = run(args)
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print(f"fsync={args.fsync} concurrency={args.concurrency} body={args.body} B "
+          f"seconds={args.seconds} rounds={args.rounds}; etcd, 4 servers and the client "
+          "share this machine")
+    print(f"{'round':<6}{'scenario':<11}{'single msgs/s':>14}{'RF=3':>9}{'ratio':>7}"
+          f"{'cpu us/msg single':>19}{'cluster':>9}{'p99 ms':>8}")
+    for row in rows:
+        print(f"{row['round']:<6}{row['scenario']:<11}{row['single_messages_per_s']:>14,.0f}"
+              f"{row['cluster_messages_per_s']:>9,.0f}"
+              f"{row['cluster_messages_per_s'] / row['single_messages_per_s']:>7.2f}"
+              f"{row['single_cpu_us_per_message']:>19.1f}"
+              f"{row['cluster_cpu_us_per_message']:>9.1f}{row['cluster_p99_ms']:>8.1f}")
+    for name in ("send10", "send10-fwd", "recv10"):
+        single = sum(r["single_messages_per_s"] for r in rows if r["scenario"] == name)
+        cluster = sum(r["cluster_messages_per_s"] for r in rows if r["scenario"] == name)
+        print(f"{name}: RF=3 cluster / single node over all rounds: {cluster / single:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""The cluster's state in etcd: nodes, queue partitions, leaders, and the changes to them.
+
+Keys, under one prefix (``/conveyor/`` by default)::
+
+    nodes/{node}           {"http": URL, "replication": "host:port"}   on the node's lease
+    partitions/{queue}     {"uid", "attributes", "replicas", "isr"}
+    leaders/{queue}        node id, on the leader's lease; its create revision is the epoch
+    receipt-key            the cluster's receipt-handle key (hex), written once
+
+Every change that safety rests on is one etcd transaction with a compare: a node becomes
+leader only if there is none and it is still in the ISR it read; a leader changes the ISR
+only while its own leader key (and so its epoch) is the current one. A leader whose lease
+lapsed - paused, partitioned, killed - can change nothing, and its epoch is stale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+from typing import Any
+
+import aetcd  # type: ignore[import-untyped]
+import grpc  # type: ignore[import-untyped]
+
+from replication.errors import ControlUnavailableError
+
+# One etcd call's time limit.
+ETCD_CALL_S = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    http: str
+    replication: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    name: str
+    uid: int
+    attributes: dict[str, Any]
+    replicas: tuple[str, ...]
+    isr: tuple[str, ...]
+    revision: int
+    """The key's mod revision: the compare of every change made from this reading."""
+
+    def value(self, **changes: Any) -> bytes:
+        fields = {"uid": self.uid, "attributes": self.attributes,
+                  "replicas": list(self.replicas), "isr": list(self.isr)}
+        fields.update(changes)
+        return json.dumps(fields, sort_keys=True).encode()
+
+
+@dataclasses.dataclass(frozen=True)
+class Leader:
+    node_id: str
+    epoch: int
+    lease: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterView:
+    """The whole cluster state at one etcd revision."""
+
+    revision: int
+    nodes: dict[str, NodeInfo]
+    partitions: dict[str, Partition]
+    leaders: dict[str, Leader]
+
+
+def parse_endpoints(url: str) -> list[tuple[str, int]]:
+    """``etcd://HOST:PORT[,HOST:PORT...]`` -> [(host, port), ...]."""
+    if not url.startswith("etcd://"):
+        raise ValueError(f"expected etcd://HOST:PORT[,HOST:PORT...], got {url!r}")
+    endpoints = []
+    for part in url[len("etcd://"):].split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"bad etcd endpoint {part!r} in {url!r}")
+        endpoints.append((host, int(port)))
+    return endpoints
+
+
+class Control:
+    """A node's connection to etcd, and the cluster's keys and transactions."""
+
+    def __init__(self, endpoints: list[tuple[str, int]], prefix: str = "/conveyor/") -> None:
+        self.endpoints = endpoints
+        self.prefix = prefix.encode()
+        self.client: Any = None
+
+    async def connect(self) -> None:
+        """Connect to the first endpoint that answers."""
+        last: BaseException | None = None
+        for host, port in self.endpoints:
+            client = aetcd.Client(host=host, port=port, timeout=ETCD_CALL_S)
+            try:
+                await client.connect()
+                await client.status()
+            except (aetcd.ClientError, grpc.RpcError, OSError) as exc:
+                last = exc
+                await client.close()
+                continue
+            self.client = client
+            return
+        raise ControlUnavailableError(f"no etcd endpoint answers: {last}")
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+    def key(self, *parts: str) -> bytes:
+        return self.prefix + "/".join(parts).encode()
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await getattr(self.client, method)(*args, **kwargs)
+        except (aetcd.ClientError, grpc.RpcError, OSError) as exc:
+            raise ControlUnavailableError(f"etcd {method}: {exc}") from exc
+
+    # -- leases and nodes ------------------------------------------------------------------
+
+    async def grant(self, ttl: int) -> Any:
+        return await self._call("lease", ttl)
+
+    async def refresh(self, lease: Any) -> int:
+        """Keep a lease alive; return the TTL left (0 or less: it has expired)."""
+        try:
+            responses = [r async for r in await self.client.refresh_lease(lease.id)]
+        except TypeError:  # an older client returns the response itself
+            responses = [await self.client.refresh_lease(lease.id)]
+        except (aetcd.ClientError, grpc.RpcError, OSError) as exc:
+            raise ControlUnavailableError(f"etcd lease refresh: {exc}") from exc
+        return int(getattr(responses[-1], "TTL", 0)) if responses else 0
+
+    async def revoke(self, lease: Any) -> None:
+        await self._call("revoke_lease", lease.id)
+
+    async def register(self, node: NodeInfo, lease: Any) -> None:
+        value = json.dumps({"http": node.http, "replication": node.replication}).encode()
+        await self._call("put", self.key("nodes", node.node_id), value, lease=lease)
+
+    async def receipt_key(self) -> bytes:
+        """The cluster's receipt key, made by whichever node asks first."""
+        key = self.key("receipt-key")
+        candidate = secrets.token_bytes(32).hex().encode()
+        t = self.client.transactions
+        await self._call("transaction", compare=[t.version(key) == 0],
+                         success=[t.put(key, candidate)], failure=[])
+        stored = await self._call("get", key)
+        return bytes.fromhex(stored.value.decode())
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def view(self) -> ClusterView:
+        """Nodes, partitions and leaders, read in one range at one revision."""
+        result = await self._call("get_prefix", self.prefix)
+        nodes: dict[str, NodeInfo] = {}
+        partitions: dict[str, Partition] = {}
+        leaders: dict[str, Leader] = {}
+        n = len(self.prefix)
+        for kv in result:
+            kind, _, rest = kv.key[n:].decode().partition("/")
+            if kind == "nodes":
+                info = json.loads(kv.value)
+                nodes[rest] = NodeInfo(rest, info["http"], info["replication"])
+            elif kind == "partitions":
+                p = json.loads(kv.value)
+                partitions[rest] = Partition(rest, int(p["uid"]), p["attributes"],
+                                             tuple(p["replicas"]), tuple(p["isr"]),
+                                             kv.mod_revision)
+            elif kind == "leaders":
+                leaders[rest] = Leader(kv.value.decode(), kv.create_revision, kv.lease)
+        return ClusterView(result.header.revision, nodes, partitions, leaders)
+
+    async def partition(self, name: str) -> Partition | None:
+        kv = await self._call("get", self.key("partitions", name))
+        if kv is None:
+            return None
+        p = json.loads(kv.value)
+        return Partition(name, int(p["uid"]), p["attributes"], tuple(p["replicas"]),
+                         tuple(p["isr"]), kv.mod_revision)
+
+    async def leader(self, name: str) -> Leader | None:
+        kv = await self._call("get", self.key("leaders", name))
+        return None if kv is None else Leader(kv.value.decode(), kv.create_revision, kv.lease)
+
+    # -- transactions ----------------------------------------------------------------------
+
+    async def create_partition(self, name: str, uid: int, attributes: dict[str, Any],
+                               replicas: list[str]) -> bool:
+        """Create a queue's partition record; False if one exists already."""
+        key = self.key("partitions", name)
+        value = json.dumps({"uid": uid, "attributes": attributes, "replicas": replicas,
+                            "isr": replicas}, sort_keys=True).encode()
+        t = self.client.transactions
+        ok, _ = await self._call("transaction", compare=[t.version(key) == 0],
+                                 success=[t.put(key, value)], failure=[])
+        return bool(ok)
+
+    async def delete_partition(self, name: str) -> None:
+        t = self.client.transactions
+        await self._call("transaction", compare=[],
+                         success=[t.delete(self.key("partitions", name)),
+                                  t.delete(self.key("leaders", name))], failure=[])
+
+    async def elect(self, partition: Partition, node_id: str, lease: Any) -> Leader | None:
+        """Become the queue's leader if it has none and the ISR read is still current."""
+        leader_key = self.key("leaders", partition.name)
+        t = self.client.transactions
+        ok, _ = await self._call(
+            "transaction",
+            compare=[t.version(leader_key) == 0,
+                     t.mod(self.key("partitions", partition.name)) == partition.revision],
+            success=[t.put(leader_key, node_id.encode(), lease)], failure=[])
+        if not ok:
+            return None
+        leader = await self.leader(partition.name)
+        return leader if leader is not None and leader.lease == lease.id else None
+
+    async def set_isr(self, partition: Partition, epoch: int,
+                      isr: tuple[str, ...]) -> Partition | None:
+        """Change the ISR while epoch is the current leader's; None if it is not."""
+        key = self.key("partitions", partition.name)
+        t = self.client.transactions
+        ok, _ = await self._call(
+            "transaction",
+            compare=[t.create(self.key("leaders", partition.name)) == epoch,
+                     t.mod(key) == partition.revision],
+            success=[t.put(key, partition.value(isr=list(isr)))], failure=[])
+        if not ok:
+            return None
+        return await self.partition(partition.name)
+
+    async def resign(self, name: str, epoch: int) -> None:
+        """Delete the leader key if it still carries epoch."""
+        key = self.key("leaders", name)
+        t = self.client.transactions
+        await self._call("transaction", compare=[t.create(key) == epoch],
+                         success=[t.delete(key)], failure=[])

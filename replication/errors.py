@@ -1,0 +1,32 @@
+"""Errors of the cluster layer: part of the one hierarchy rooted at EngineError."""
+
+from __future__ import annotations
+
+from engine.errors import EngineError
+
+
+class ClusterError(EngineError):
+    """Base for errors of replication and cluster control."""
+
+
+class ControlUnavailableError(ClusterError):
+    """etcd cannot be reached or did not answer in time."""
+
+
+class NotLeaderError(ClusterError):
+    """This node does not lead the queue; ``leader_url`` is the node that does, if known."""
+
+    def __init__(self, name: str, leader_url: str | None) -> None:
+        where = f"; its leader is {leader_url}" if leader_url else "; it has no leader now"
+        super().__init__(f"this node does not lead queue {name!r}{where}")
+        self.name = name
+        self.leader_url = leader_url
+
+
+class ReplicationUnavailableError(ClusterError):
+    """A write cannot be acknowledged safely: too few in-sync replicas, or fenced."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"queue {name!r} cannot acknowledge writes now: {reason}")
+        self.name = name
+        self.reason = reason

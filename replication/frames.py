@@ -1,0 +1,171 @@
+"""The replication protocol's frames (drawn in docs/FORMAT.md, "Replication frames").
+
+Every frame is ``u32 length | u8 type | body``, big-endian, where length counts the type
+byte and the body. A connection opens with the 4-byte magic ``CVR1`` from the leader.
+The leader sends OPEN, SYNC and APPEND; the follower answers POSITION, ACK or REFUSE.
+Every frame names the queue (uid) and carries the leader's epoch, the fencing token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import struct
+from typing import Any
+
+from engine.errors import EngineError
+
+MAGIC = b"CVR1"
+# Largest frame body: one APPEND carries at most this much log (whole batches), plus its
+# header. A longer length prefix is a protocol error, not an allocation.
+APPEND_BYTES_MAX = 4 * 1024 * 1024
+FRAME_BYTES_MAX = APPEND_BYTES_MAX + 64 * 1024
+# Epoch history entries one POSITION may carry.
+HISTORY_MAX = 65536
+
+OPEN, POSITION, SYNC, APPEND, ACK, REFUSE = 1, 2, 3, 4, 5, 6
+
+_LEN = struct.Struct(">IB")
+_U64x2 = struct.Struct(">QQ")
+_U64x3 = struct.Struct(">QQQ")
+_U64x4 = struct.Struct(">QQQQ")
+_POSITION = struct.Struct(">QQQI")
+_ENTRY = struct.Struct(">QQ")
+
+
+class ProtocolError(EngineError):
+    """A peer sent bytes that are not a valid frame: the connection is dropped."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Open:
+    """Leader -> follower: replicate queue ``uid`` (``name``) under ``epoch``."""
+
+    epoch: int
+    uid: int
+    name: str
+    attributes: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Position:
+    """Follower -> leader: where its log ends, and the epochs that wrote it."""
+
+    uid: int
+    epoch: int
+    next_offset: int
+    history: tuple[tuple[int, int], ...]  # (epoch, first offset), ascending
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Sync:
+    """Leader -> follower: drop every record at or after ``truncate_to``."""
+
+    uid: int
+    epoch: int
+    truncate_to: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Append:
+    """Leader -> follower: whole batches starting at ``base``; ``commit`` so far."""
+
+    uid: int
+    epoch: int
+    base: int
+    commit: int
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ack:
+    """Follower -> leader: every record before ``durable`` is on its disk."""
+
+    uid: int
+    epoch: int
+    durable: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refuse:
+    """Follower -> leader: not accepted; ``epoch`` is the newest the follower knows."""
+
+    uid: int
+    epoch: int
+    reason: str
+
+
+Frame = Open | Position | Sync | Append | Ack | Refuse
+
+
+def encode(frame: Frame) -> bytes:
+    body: bytes
+    if isinstance(frame, Append):
+        head = _U64x4.pack(frame.uid, frame.epoch, frame.base, frame.commit)
+        return _LEN.pack(1 + len(head) + len(frame.data), APPEND) + head + frame.data
+    if isinstance(frame, Ack):
+        kind, body = ACK, _U64x3.pack(frame.uid, frame.epoch, frame.durable)
+    elif isinstance(frame, Sync):
+        kind, body = SYNC, _U64x3.pack(frame.uid, frame.epoch, frame.truncate_to)
+    elif isinstance(frame, Position):
+        kind = POSITION
+        body = _POSITION.pack(frame.uid, frame.epoch, frame.next_offset, len(frame.history))
+        body += b"".join(_ENTRY.pack(e, o) for e, o in frame.history)
+    elif isinstance(frame, Open):
+        name = frame.name.encode()
+        attributes = json.dumps(frame.attributes, sort_keys=True).encode()
+        kind = OPEN
+        body = (_U64x2.pack(frame.epoch, frame.uid) + struct.pack(">H", len(name)) + name
+                + struct.pack(">I", len(attributes)) + attributes)
+    else:
+        reason = frame.reason.encode()[:1024]
+        kind = REFUSE
+        body = _U64x2.pack(frame.uid, frame.epoch) + struct.pack(">H", len(reason)) + reason
+    return _LEN.pack(1 + len(body), kind) + body
+
+
+def decode(kind: int, body: bytes) -> Frame:
+    try:
+        if kind == APPEND:
+            uid, epoch, base, commit = _U64x4.unpack_from(body)
+            return Append(uid, epoch, base, commit, body[_U64x4.size:])
+        if kind == ACK:
+            return Ack(*_U64x3.unpack(body))
+        if kind == SYNC:
+            return Sync(*_U64x3.unpack(body))
+        if kind == POSITION:
+            uid, epoch, next_offset, count = _POSITION.unpack_from(body)
+            if count > HISTORY_MAX or len(body) != _POSITION.size + count * _ENTRY.size:
+                raise ProtocolError("POSITION: bad history length")
+            history = tuple(_ENTRY.unpack_from(body, _POSITION.size + i * _ENTRY.size)
+                            for i in range(count))
+            return Position(uid, epoch, next_offset, history)
+        if kind == OPEN:
+            epoch, uid = _U64x2.unpack_from(body)
+            at = _U64x2.size
+            (name_len,) = struct.unpack_from(">H", body, at)
+            name = body[at + 2:at + 2 + name_len].decode()
+            at += 2 + name_len
+            (attributes_len,) = struct.unpack_from(">I", body, at)
+            attributes = json.loads(body[at + 4:at + 4 + attributes_len])
+            if not isinstance(attributes, dict) or at + 4 + attributes_len != len(body):
+                raise ProtocolError("OPEN: bad attributes")
+            return Open(epoch, uid, name, attributes)
+        if kind == REFUSE:
+            uid, epoch = _U64x2.unpack_from(body)
+            (reason_len,) = struct.unpack_from(">H", body, _U64x2.size)
+            reason = body[_U64x2.size + 2:_U64x2.size + 2 + reason_len].decode("utf-8",
+                                                                              "replace")
+            return Refuse(uid, epoch, reason)
+    except (struct.error, ValueError) as exc:  # UnicodeDecodeError and JSON errors too
+        raise ProtocolError(f"frame type {kind}: {exc}") from exc
+    raise ProtocolError(f"unknown frame type {kind}")
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Frame:
+    """The next frame; IncompleteReadError at a clean end of stream."""
+    length, kind = _LEN.unpack(await reader.readexactly(_LEN.size))
+    if length < 1 or length > FRAME_BYTES_MAX:
+        raise ProtocolError(f"frame of {length} bytes")
+    return decode(kind, await reader.readexactly(length - 1))

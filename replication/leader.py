@@ -1,0 +1,346 @@
+"""A queue this node leads: ship its log to the followers, and say what is committed.
+
+Each follower has one persistent TCP connection (a link). The link opens with the
+follower's position, cuts the follower's log back to where it agrees with ours
+(replication.history), then streams whole batches as they are appended, without waiting
+for acknowledgements (at most INFLIGHT_RECORDS_MAX records ahead). The follower appends,
+fsyncs and acknowledges its durable offset.
+
+The commit offset is the least durable offset over the in-sync replicas (ISR), this
+node's included. A client's write is acknowledged once the commit offset passes it
+(``committed``). A follower that falls REPLICA_LAG_S behind is taken out of the ISR by an
+etcd transaction *before* the commit offset stops counting it; one that catches up is put
+back. With fewer than min_insync replicas, writes are refused (503), never acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from engine.errors import EngineError
+from replication import frames as fr
+from replication.control import Partition
+from replication.errors import ReplicationUnavailableError
+from replication.history import EpochHistory, batch_end, divergence
+
+if TYPE_CHECKING:
+    from engine.queue import QueueCore
+    from replication.node import ClusterNode
+
+_log = logging.getLogger("conveyor.replication")
+
+# A follower whose durable offset stays behind what the leader had REPLICA_LAG_S ago
+# leaves the ISR. Longer tolerates slower disks; shorter stalls writes less on a failure.
+REPLICA_LAG_S = 2.0
+# Records sent to a follower and not yet acknowledged, at most.
+INFLIGHT_RECORDS_MAX = 100_000
+# How often an idle link looks for records that did not wake it (receives, visibility
+# changes: appended without a waiting client), and sends a heartbeat.
+POLL_S = 0.02
+HEARTBEAT_S = 0.5
+# How often the ISR is checked.
+MONITOR_S = 0.1
+# A write not committed in this long is answered 503: its outcome is unknown.
+COMMIT_WAIT_S = 10.0
+CONNECT_S = 2.0
+RETRY_S = 0.2
+# What a broken or refused link raises. uvloop raises RuntimeError, not an OSError, on a
+# write to a connection the peer has just reset.
+LINK_ERRORS = (OSError, TimeoutError, RuntimeError, asyncio.IncompleteReadError,
+               fr.ProtocolError, EngineError)
+
+
+class LeaderRole:
+    """This node's leadership of one queue, for one epoch."""
+
+    def __init__(self, node: ClusterNode, partition: Partition, epoch: int,
+                 min_insync: int) -> None:
+        self.node = node
+        self.name = partition.name
+        self.uid = partition.uid
+        self.epoch = epoch
+        self.partition = partition
+        self.min_insync = min(min_insync, len(partition.replicas))
+        self.core: QueueCore | None = None
+        self.acked: dict[str, int] = {}
+        self.closed = False
+        self.reason = ""
+        self._loop = asyncio.get_running_loop()
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+        self._wakes: list[asyncio.Event] = []
+        self._samples: collections.deque[tuple[float, int]] = collections.deque()
+        self._history = EpochHistory()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._isr_busy = False
+        self._connected: set[str] = set()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, open_core: Callable[[], QueueCore]) -> None:
+        """Open the queue (replaying its log) and start the links and the ISR monitor."""
+        await asyncio.to_thread(open_core)
+        for follower in self.partition.replicas:
+            if follower != self.node.node_id:
+                self._tasks.append(asyncio.create_task(self._link(follower)))
+        self._tasks.append(asyncio.create_task(self._monitor()))
+
+    def opened(self, core: QueueCore) -> None:
+        """The broker opened (or reopened) the queue: stamp our epoch on its batches."""
+        core.log.epoch = self.epoch
+        core.replication = self
+        self.core = core
+
+    def close(self, reason: str) -> None:
+        """Step down at once: refuse every waiting write (the links stop in ``stop``)."""
+        if not self.closed:
+            self.closed = True
+            self.reason = reason
+            self._fail_waiters(reason)
+
+    async def stop(self, reason: str) -> None:
+        """Step down: refuse every waiting write and stop shipping."""
+        self.close(reason)
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            if task is not current:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    # -- the commit offset ------------------------------------------------------------------
+
+    @property
+    def isr(self) -> tuple[str, ...]:
+        return self.partition.isr
+
+    def commit_offset(self) -> int:
+        core = self.core
+        if core is None:
+            return 0
+        log = core.log
+        offset = log.durable_offset if log.fsync_policy.mode == "always" else log.next_offset
+        for member in self.partition.isr:
+            if member != self.node.node_id:
+                offset = min(offset, self.acked.get(member, 0))
+        return offset
+
+    def _check_writable(self) -> None:
+        if self.closed:
+            raise ReplicationUnavailableError(self.name, f"no longer the leader: {self.reason}")
+        if len(self.partition.isr) < self.min_insync:
+            raise ReplicationUnavailableError(
+                self.name, f"{len(self.partition.isr)} in-sync replicas "
+                f"({', '.join(self.partition.isr)}), fewer than min_insync_replicas "
+                f"{self.min_insync}")
+        if not self.node.lease_valid():
+            raise ReplicationUnavailableError(self.name, "this node's etcd lease lapsed")
+
+    async def committed(self, offset: int) -> None:
+        self._check_writable()
+        if self.commit_offset() < offset:
+            future = self._loop.create_future()
+            heapq.heappush(self._waiters, (offset, next(self._seq), future))
+            self._kick()
+            try:
+                await asyncio.wait_for(asyncio.shield(future), COMMIT_WAIT_S)
+            except TimeoutError:
+                raise ReplicationUnavailableError(
+                    self.name, f"not committed on the ISR in {COMMIT_WAIT_S:g} s") from None
+        # Acknowledging needs leadership now, not only when the write was made.
+        self._check_writable()
+
+    def wait_committed(self, offset: int) -> None:
+        asyncio.run_coroutine_threadsafe(self.committed(offset), self._loop).result()
+
+    def _settle(self) -> None:
+        if not self._waiters:
+            return
+        commit = self.commit_offset()
+        while self._waiters and self._waiters[0][0] <= commit:
+            future = heapq.heappop(self._waiters)[2]
+            if not future.done():
+                future.set_result(None)
+
+    def _fail_waiters(self, reason: str) -> None:
+        waiters, self._waiters = self._waiters, []
+        for _, _, future in waiters:
+            if not future.done():
+                future.set_exception(ReplicationUnavailableError(self.name, reason))
+
+    def _kick(self) -> None:
+        for wake in self._wakes:
+            wake.set()
+
+    # -- the ISR ----------------------------------------------------------------------------
+
+    async def _monitor(self) -> None:
+        while not self.closed:
+            await asyncio.sleep(MONITOR_S)
+            core = self.core
+            if core is None:
+                continue
+            if not self.node.lease_valid():
+                self.node.step_down(self.name, "this node's etcd lease lapsed")
+                return
+            now = time.monotonic()
+            end = core.log.next_offset
+            self._samples.append((now, end))
+            threshold = 0
+            while self._samples and self._samples[0][0] <= now - REPLICA_LAG_S:
+                threshold = self._samples.popleft()[1]
+            if threshold:
+                self._samples.appendleft((now - REPLICA_LAG_S, threshold))
+            me = self.node.node_id
+            isr = self.partition.isr
+            live = self.node.live_nodes()
+            # A member with no node key (its lease ran out: dead or cut off) is out at
+            # once; one that is alive but behind gets REPLICA_LAG_S to catch up.
+            keep = tuple(m for m in isr if m == me or (
+                self.acked.get(m, 0) >= threshold and (live is None or m in live)))
+            # A follower rejoins once it holds everything committed: the commit offset
+            # then cannot go back when it starts counting again.
+            commit = self.commit_offset()
+            wanted = keep + tuple(m for m in self.partition.replicas
+                                  if m not in keep and self.acked.get(m, -1) >= commit
+                                  and m in self._connected)
+            if set(wanted) != set(isr) and not self._isr_busy:
+                await self._change_isr(wanted)
+            if len(self.partition.isr) < self.min_insync:
+                self._fail_waiters(f"{len(self.partition.isr)} in-sync replicas, fewer than "
+                                   f"min_insync_replicas {self.min_insync}")
+            self._settle()
+
+    async def _change_isr(self, isr: tuple[str, ...]) -> None:
+        """Record a new ISR in etcd; only then does the commit offset follow it."""
+        self._isr_busy = True
+        try:
+            ordered = tuple(m for m in self.partition.replicas if m in isr)
+            updated = await self.node.control.set_isr(self.partition, self.epoch, ordered)
+            if updated is None:
+                current = await self.node.control.leader(self.name)
+                if current is None or current.epoch != self.epoch:
+                    self.node.step_down(self.name, "another leader took over")
+                    return
+                fresh = await self.node.control.partition(self.name)
+                if fresh is not None:
+                    self.partition = fresh
+                return
+            _log.warning("queue %s: ISR %s -> %s", self.name, list(self.partition.isr),
+                         list(updated.isr))
+            self.partition = updated
+            self._settle()
+        except EngineError as exc:
+            _log.warning("queue %s: ISR change failed: %s", self.name, exc)
+        finally:
+            self._isr_busy = False
+
+    # -- links --------------------------------------------------------------------------------
+
+    async def _link(self, follower: str) -> None:
+        wake = asyncio.Event()
+        self._wakes.append(wake)
+        while not self.closed:
+            address = self.node.replication_address(follower)
+            if address is None:
+                await asyncio.sleep(RETRY_S)
+                continue
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(*address), CONNECT_S)
+                try:
+                    await self._stream(follower, reader, writer, wake)
+                finally:
+                    writer.close()
+            except LINK_ERRORS as exc:
+                _log.info("queue %s: link to %s: %s", self.name, follower, exc)
+            except Exception:  # a bug: say so, and keep the link trying
+                _log.exception("queue %s: link to %s failed", self.name, follower)
+            await asyncio.sleep(RETRY_S)
+
+    async def _stream(self, follower: str, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter, wake: asyncio.Event) -> None:
+        core = self.core
+        assert core is not None
+        writer.write(fr.MAGIC + fr.encode(fr.Open(self.epoch, self.uid, self.name,
+                                                  self.partition.attributes)))
+        position = await asyncio.wait_for(fr.read_frame(reader), CONNECT_S)
+        await self._check_refused(position)
+        if not isinstance(position, fr.Position):
+            raise fr.ProtocolError(f"expected POSITION, got {type(position).__name__}")
+        history = await asyncio.to_thread(self._history.update, core.log)
+        agreed = min(divergence(history, core.log.next_offset, position.history,
+                                position.next_offset), position.next_offset)
+        sent = position.next_offset
+        if agreed < position.next_offset:
+            writer.write(fr.encode(fr.Sync(self.uid, self.epoch, agreed)))
+            reply = await asyncio.wait_for(fr.read_frame(reader), CONNECT_S)
+            await self._check_refused(reply)
+            if not isinstance(reply, fr.Ack):
+                raise fr.ProtocolError(f"expected ACK, got {type(reply).__name__}")
+            sent = reply.durable
+        self.acked[follower] = sent
+        acks = asyncio.create_task(self._read_acks(follower, reader))
+        self._connected.add(follower)
+        try:
+            last_sent = time.monotonic()
+            while not self.closed and not acks.done():
+                core = self.core
+                assert core is not None
+                log = core.log
+                if sent < log.next_offset and sent - self.acked.get(follower, 0) \
+                        < INFLIGHT_RECORDS_MAX:
+                    data = log.read_raw(sent, fr.APPEND_BYTES_MAX)
+                    writer.write(fr.encode(fr.Append(self.uid, self.epoch, sent,
+                                                     self.commit_offset(), data)))
+                    sent = batch_end(data)
+                    last_sent = time.monotonic()
+                    await writer.drain()
+                    continue
+                if time.monotonic() - last_sent >= HEARTBEAT_S:
+                    writer.write(fr.encode(fr.Append(self.uid, self.epoch, sent,
+                                                     self.commit_offset(), b"")))
+                    last_sent = time.monotonic()
+                    await writer.drain()
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), POLL_S)
+        finally:
+            self._connected.discard(follower)
+            acks.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await acks
+
+    async def _read_acks(self, follower: str, reader: asyncio.StreamReader) -> None:
+        while True:
+            frame = await fr.read_frame(reader)
+            await self._check_refused(frame)
+            if isinstance(frame, fr.Ack) and frame.epoch == self.epoch \
+                    and frame.durable > self.acked.get(follower, 0):
+                self.acked[follower] = frame.durable
+                self._settle()
+
+    async def _check_refused(self, frame: fr.Frame) -> None:
+        if isinstance(frame, fr.Refuse):
+            if frame.epoch > self.epoch:
+                self.node.step_down(self.name, f"fenced by epoch {frame.epoch}")
+            raise fr.ProtocolError(f"refused: {frame.reason}")
+
+
+def describe(role: LeaderRole) -> dict[str, Any]:
+    """For /v1/cluster: the leader's view of one queue."""
+    return {"queue": role.name, "epoch": role.epoch, "replicas": list(role.partition.replicas),
+            "isr": list(role.partition.isr), "commit_offset": role.commit_offset(),
+            "acked": dict(role.acked), "connected": sorted(role._connected)}

@@ -1,0 +1,383 @@
+"""One node of a cluster: its etcd lease, the queues it leads, and those it follows.
+
+A reconcile loop reads the cluster state from etcd (one range read) every RECONCILE_S
+and brings this node in line with it:
+
+- a queue with no leader gets one from its ISR (the first live member in replica order
+  tries at once, the others after ELECTION_GRACE_S, so leadership spreads the way the
+  ring placed the replicas);
+- a leader whose key is gone, or carries another epoch, steps down;
+- queues deleted from etcd are deleted here.
+
+The node's lease is refreshed every third of its TTL. A node that cannot prove its lease
+alive (etcd unreachable, or the process was paused) stops acknowledging writes at once:
+``lease_valid`` is checked before every acknowledgement, not only by the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import secrets
+import time
+from typing import Any
+
+from engine import Broker
+from engine._ring import HashRing
+from engine.errors import EngineError, QueueNotFoundError
+from engine.limits import QueueAttributes, check_queue_name
+from engine.queue import QueueCore
+from replication.control import ClusterView, Control, NodeInfo, Partition, parse_endpoints
+from replication.errors import ControlUnavailableError, NotLeaderError
+from replication.follower import Replica, ReplicationServer
+from replication.leader import LeaderRole, describe
+
+_log = logging.getLogger("conveyor.cluster")
+
+RECONCILE_S = 0.2
+ELECTION_GRACE_S = 1.0
+# A lease counts as alive until this long before etcd would expire it: the margin covers
+# the time a refresh spends in flight.
+LEASE_MARGIN_S = 0.5
+LEASE_TTL_S = 5
+REPLICATION_FACTOR = 3
+MIN_INSYNC_REPLICAS = 2
+# How long CreateQueue waits for the new queue's first leader.
+CREATE_WAIT_S = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    etcd: str
+    """etcd://HOST:PORT[,HOST:PORT...]"""
+    node_id: str
+    http_url: str
+    """Where other nodes forward requests for queues this node leads."""
+    replication_host: str
+    replication_port: int
+    replication_advertise: str = ""
+    """host:port other nodes connect to ("" for replication_host:replication_port)."""
+    lease_ttl_s: int = LEASE_TTL_S
+    replication_factor: int = REPLICATION_FACTOR
+    min_insync_replicas: int = MIN_INSYNC_REPLICAS
+    prefix: str = "/conveyor/"
+
+
+class ClusterNode:
+    """See the module docstring. Also the broker's Leadership: it opens only led queues."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.control = Control(parse_endpoints(config.etcd), config.prefix)
+        self.broker: Broker | None = None
+        self.view: ClusterView | None = None
+        self.leading: dict[str, LeaderRole] = {}
+        self.replicas: dict[str, Replica] = {}
+        self._lease: Any = None
+        self._lease_deadline = 0.0
+        self._leaderless_since: dict[str, float] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping: set[asyncio.Task[None]] = set()
+        self._server = ReplicationServer(self)
+        self._closed = False
+
+    # -- start and stop ---------------------------------------------------------------------
+
+    async def connect(self) -> bytes:
+        """Connect to etcd; return the cluster's receipt key (the broker needs it)."""
+        await self.control.connect()
+        return await self.control.receipt_key()
+
+    async def start(self, broker: Broker) -> None:
+        """Serve the replication port, join the cluster, and start reconciling."""
+        self.broker = broker
+        await self._server.start(self.config.replication_host, self.config.replication_port)
+        await self._join()
+        self.view = await self.control.view()
+        await self._drop_deleted(self.view, None)
+        self._tasks = [asyncio.create_task(self._keep_lease()),
+                       asyncio.create_task(self._reconcile_loop())]
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for name in list(self.leading):
+            self.step_down(name, "shutting down")
+        for task in list(self._stopping):
+            with contextlib.suppress(Exception):
+                await task
+        await self._server.close()
+        for replica in self.replicas.values():
+            await asyncio.to_thread(replica.close)
+        self.replicas.clear()
+        if self._lease is not None:
+            # Leadership passes at once rather than when the lease runs out.
+            with contextlib.suppress(EngineError):
+                await self.control.revoke(self._lease)
+        await self.control.close()
+
+    async def _join(self) -> None:
+        lease = await self.control.grant(self.config.lease_ttl_s)
+        granted = time.monotonic()
+        advertise = self.config.replication_advertise or \
+            f"{self.config.replication_host}:{self.config.replication_port}"
+        await self.control.register(NodeInfo(self.node_id, self.config.http_url, advertise),
+                                    lease)
+        self._lease = lease
+        self._lease_deadline = granted + self.config.lease_ttl_s - LEASE_MARGIN_S
+
+    def lease_valid(self) -> bool:
+        return time.monotonic() < self._lease_deadline
+
+    async def _keep_lease(self) -> None:
+        interval = self.config.lease_ttl_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            sent = time.monotonic()
+            try:
+                left = await self.control.refresh(self._lease)
+            except ControlUnavailableError as exc:
+                _log.warning("lease refresh failed: %s", exc)
+                continue
+            if left > 0 and time.monotonic() < self._lease_deadline + LEASE_MARGIN_S:
+                self._lease_deadline = sent + left - LEASE_MARGIN_S
+                continue
+            # The lease expired (this process was paused, or etcd unreachable too long):
+            # everything it held is another node's now. Start over with a new lease.
+            _log.warning("node lease lost; stepping down everywhere and rejoining")
+            self._lease_deadline = 0.0
+            for name in list(self.leading):
+                self.step_down(name, "this node's etcd lease expired")
+            with contextlib.suppress(ControlUnavailableError):
+                await self._join()
+
+    # -- leadership as the broker sees it ---------------------------------------------------
+
+    def check(self, name: str) -> None:
+        role = self.leading.get(name)
+        if role is None or role.closed:
+            raise NotLeaderError(name, self.leader_url(name))
+
+    def opened(self, core: QueueCore) -> None:
+        self.leading[core.name].opened(core)
+
+    def leader_url(self, name: str) -> str | None:
+        view = self.view
+        if view is None:
+            return None
+        leader = view.leaders.get(name)
+        if leader is None or leader.node_id == self.node_id:
+            return None
+        node = view.nodes.get(leader.node_id)
+        return None if node is None else node.http
+
+    def live_nodes(self) -> set[str] | None:
+        """Nodes whose lease is alive, as of the last reading (None before the first)."""
+        return None if self.view is None else set(self.view.nodes)
+
+    def replication_address(self, node_id: str) -> tuple[str, int] | None:
+        node = self.view.nodes.get(node_id) if self.view is not None else None
+        if node is None:
+            return None
+        host, _, port = node.replication.rpartition(":")
+        return host, int(port)
+
+    def step_down(self, name: str, reason: str) -> None:
+        """Stop leading a queue: refuse its waiting writes now, close it in the background."""
+        role = self.leading.pop(name, None)
+        if role is None:
+            return
+        _log.warning("queue %s: stepping down from epoch %d: %s", name, role.epoch, reason)
+        role.close(reason)
+        task = asyncio.create_task(self._finish_step_down(role, reason))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def _finish_step_down(self, role: LeaderRole, reason: str) -> None:
+        await role.stop(reason)
+        assert self.broker is not None
+        await asyncio.to_thread(self.broker.close_queue, role.name)
+        # Give the leader key up at once if it is still ours, so that the next leader
+        # need not wait for the lease to run out.
+        with contextlib.suppress(EngineError):
+            current = await self.control.leader(role.name)
+            if current is not None and current.epoch == role.epoch:
+                await self.control.resign(role.name, role.epoch)
+
+    # -- the follower side ------------------------------------------------------------------
+
+    async def accept_leader(self, name: str, epoch: int) -> tuple[int, str] | None:
+        """None if epoch is the queue's current leader epoch; else (newest epoch, why)."""
+        leader = await self.control.leader(name)
+        if leader is None or leader.epoch != epoch:
+            return (leader.epoch if leader else 0), "not the current leader epoch"
+        if leader.node_id == self.node_id:
+            return leader.epoch, "this node is the leader"
+        role = self.leading.get(name)
+        if role is not None:
+            self.step_down(name, f"epoch {epoch} is newer")
+        for task in list(self._stopping):
+            with contextlib.suppress(Exception):
+                await task
+        return None
+
+    async def replica(self, name: str, uid: int, attributes: dict[str, Any]) -> Replica:
+        replica = self.replicas.get(name)
+        if replica is not None and replica.uid == uid:
+            return replica
+        if replica is not None:  # the name was deleted and made again
+            await asyncio.to_thread(replica.close)
+            del self.replicas[name]
+        broker = self.broker
+        assert broker is not None
+        directory = await asyncio.to_thread(broker.adopt_queue, name, uid, attributes)
+        replica = await asyncio.to_thread(Replica, name, uid, directory, str(broker.fsync_policy))
+        self.replicas[name] = replica
+        return replica
+
+    async def _release_replica(self, name: str) -> None:
+        replica = self.replicas.pop(name, None)
+        if replica is not None:
+            if replica.session is not None:
+                replica.session.close()
+            await asyncio.to_thread(replica.close)
+
+    # -- reconciling ----------------------------------------------------------------------
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RECONCILE_S)
+            try:
+                view = await self.control.view()
+            except ControlUnavailableError as exc:
+                _log.warning("cannot read the cluster state: %s", exc)
+                continue
+            previous, self.view = self.view, view
+            try:
+                await self._reconcile(view)
+                await self._drop_deleted(view, previous)
+            except EngineError as exc:
+                _log.warning("reconcile: %s", exc)
+
+    async def _reconcile(self, view: ClusterView) -> None:
+        now = time.monotonic()
+        for name, role in list(self.leading.items()):
+            leader = view.leaders.get(name)
+            if leader is None or leader.epoch != role.epoch:
+                self.step_down(name, "its leader key is gone or newer")
+        for name, partition in view.partitions.items():
+            if self.node_id not in partition.replicas:
+                continue
+            leader = view.leaders.get(name)
+            if leader is not None:
+                self._leaderless_since.pop(name, None)
+                if leader.node_id == self.node_id and name not in self.leading and \
+                        leader.lease != getattr(self._lease, "id", None):
+                    # A key of this node's previous run: its lease is dead; let go now.
+                    with contextlib.suppress(EngineError):
+                        await self.control.resign(name, leader.epoch)
+                continue
+            since = self._leaderless_since.setdefault(name, now)
+            if self.node_id not in partition.isr or not self.lease_valid():
+                continue
+            live = [m for m in partition.replicas if m in partition.isr and m in view.nodes]
+            if live and (live[0] == self.node_id or now - since >= ELECTION_GRACE_S):
+                await self._lead(partition)
+
+    async def _lead(self, partition: Partition) -> None:
+        leader = await self.control.elect(partition, self.node_id, self._lease)
+        if leader is None:
+            return
+        name = partition.name
+        _log.warning("queue %s: leading in epoch %d (ISR %s)", name, leader.epoch,
+                     list(partition.isr))
+        await self._release_replica(name)
+        broker = self.broker
+        assert broker is not None
+        role = LeaderRole(self, partition, leader.epoch, self.config.min_insync_replicas)
+        self.leading[name] = role
+        try:
+            await asyncio.to_thread(broker.adopt_queue, name, partition.uid,
+                                    partition.attributes, leader.epoch)
+            await role.start(lambda: broker._core_of(name))
+        except (EngineError, OSError) as exc:
+            _log.error("queue %s: cannot lead: %s", name, exc)
+            self.step_down(name, f"cannot open the queue: {exc}")
+
+    async def _drop_deleted(self, view: ClusterView, previous: ClusterView | None) -> None:
+        """Delete local copies of queues deleted from etcd (or made again under a new uid).
+
+        Only a deletion seen happen - a queue in the previous reading and not in this one
+        - deletes data. At start (no previous reading) local queues etcd does not know are
+        kept and reported: a node pointed at the wrong or an emptied etcd must not destroy
+        its data. A queue made again under the same name replaces its old copy.
+        """
+        broker = self.broker
+        assert broker is not None
+        for name in await asyncio.to_thread(broker.list_queues):
+            partition = view.partitions.get(name)
+            entry = broker.catalog.get(name)
+            if partition is None and previous is None:
+                _log.warning("queue %s is stored here but unknown to etcd: kept", name)
+                continue
+            gone = partition is None and previous is not None and name in previous.partitions
+            replaced = partition is not None and entry is not None and entry.uid != partition.uid
+            if gone or replaced:
+                self.step_down(name, "the queue was deleted")
+                for task in list(self._stopping):
+                    with contextlib.suppress(Exception):
+                        await task
+                await self._release_replica(name)
+                with contextlib.suppress(QueueNotFoundError):
+                    await asyncio.to_thread(broker.delete_queue, name)
+
+    # -- queues ---------------------------------------------------------------------------
+
+    async def create_queue(self, name: str, attributes: dict[str, Any]) -> None:
+        """Place a new queue on the ring and wait for its first leader."""
+        attrs = QueueAttributes.from_dict(attributes)
+        check_queue_name(name, attrs.fifo)
+        view = await self.control.view()  # fresh: a node that just joined gets replicas
+        ring = HashRing()
+        for node_id in sorted(view.nodes):
+            ring.add(node_id)
+        count = min(self.config.replication_factor, len(view.nodes))
+        replicas = ring.preference_list(name, count) if count else []
+        if not replicas:
+            raise ControlUnavailableError("no live nodes to place the queue on")
+        uid = secrets.randbits(63) or 1
+        await self.control.create_partition(name, uid, attrs.to_dict(), replicas)
+        deadline = time.monotonic() + CREATE_WAIT_S
+        while time.monotonic() < deadline:
+            if await self.control.leader(name) is not None:
+                return
+            await asyncio.sleep(0.05)
+        raise ControlUnavailableError(f"queue {name!r} got no leader in {CREATE_WAIT_S:g} s")
+
+    async def delete_queue(self, name: str) -> None:
+        await self.control.delete_partition(name)
+
+    def describe(self) -> dict[str, Any]:
+        """For /v1/cluster: this node's view."""
+        view = self.view
+        return {
+            "node": self.node_id,
+            "lease_valid": self.lease_valid(),
+            "nodes": {} if view is None else {
+                n.node_id: {"http": n.http, "replication": n.replication}
+                for n in view.nodes.values()},
+            "queues": {} if view is None else {
+                name: {"uid": p.uid, "replicas": list(p.replicas), "isr": list(p.isr),
+                       "leader": view.leaders[name].node_id if name in view.leaders else None,
+                       "epoch": view.leaders[name].epoch if name in view.leaders else None,
+                       "leading_here": name in self.leading}
+                for name, p in view.partitions.items()},
+            "leading": {name: describe(role) for name, role in self.leading.items()},
+        }

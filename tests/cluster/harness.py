@@ -1,0 +1,179 @@
+"""A real cluster for tests: one etcd and N `conveyor serve --cluster` processes.
+
+Every node listens on loopback ports of its own; a node can be killed, paused (SIGSTOP)
+and restarted on the same data directory and ports. ``follower_proxies`` puts a
+fault-injecting proxy (tests/faultproxy.py) in front of each node's replication port, and
+the node advertises the proxy: every byte shipped to that node passes through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tests.etcd import EtcdServer
+from tests.faultproxy import FaultProxy
+from tests.server.conftest import Server, free_port
+
+ACCOUNT = "000000000000"
+
+
+class Cluster:
+    def __init__(self, root: Path, nodes: int = 3, *, lease_ttl: int = 3,
+                 fsync: str = "always", proxies: bool = False,
+                 extra: tuple[str, ...] = ()) -> None:
+        self.root = root
+        self.etcd = EtcdServer(root / "etcd")
+        self.proxies: dict[str, FaultProxy] = {}
+        self.nodes: dict[str, Server] = {}
+        try:
+            for i in range(nodes):
+                node_id = f"n{i}"
+                replication_port = free_port()
+                args = ["--cluster", self.etcd.url, "--node-id", node_id,
+                        "--replication-port", str(replication_port),
+                        "--lease-ttl", str(lease_ttl), *extra]
+                if proxies:
+                    proxy = FaultProxy("127.0.0.1", replication_port)
+                    proxy.start()
+                    self.proxies[node_id] = proxy
+                    args += ["--replication-advertise", f"127.0.0.1:{proxy.port}"]
+                self.nodes[node_id] = Server(root / node_id, fsync, extra=tuple(args))
+        except BaseException:
+            self.close()
+            raise
+
+    # -- looking ------------------------------------------------------------------------------
+
+    def state(self, node_id: str | None = None) -> dict[str, Any]:
+        """A live node's /v1/cluster view."""
+        for candidate in [node_id] if node_id else self.live():
+            node = self.nodes[candidate]
+            with contextlib.suppress(OSError), \
+                    urllib.request.urlopen(node.url + "/v1/cluster", timeout=2) as reply:
+                state: dict[str, Any] = json.loads(reply.read())
+                return state
+        raise RuntimeError("no node answers /v1/cluster")
+
+    def live(self) -> list[str]:
+        return [n for n, s in self.nodes.items()
+                if s.process is not None and s.process.poll() is None]
+
+    def queue_state(self, queue: str, account: str = ACCOUNT) -> dict[str, Any]:
+        state: dict[str, Any] = self.state()["queues"][f"{account}/{queue}"]
+        return state
+
+    def leader(self, queue: str, timeout: float = 30, other_than: str | None = None) -> str:
+        """The queue's current leader, waiting until it has one (and not other_than)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(RuntimeError, KeyError):
+                leader = self.queue_state(queue)["leader"]
+                if leader is not None and leader != other_than and leader in self.live():
+                    return str(leader)
+            time.sleep(0.1)
+        raise TimeoutError(f"queue {queue} has no leader (other than {other_than})")
+
+    def wait_isr(self, queue: str, size: int, timeout: float = 30) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(RuntimeError, KeyError):
+                isr = self.queue_state(queue)["isr"]
+                if len(isr) == size:
+                    return list(isr)
+            time.sleep(0.1)
+        raise TimeoutError(f"queue {queue}: ISR never reached {size} members: "
+                           f"{[self.state(n).get('leading') for n in self.live()]}")
+
+    def sqs(self, node_id: str, **config: Any) -> Any:
+        return self.nodes[node_id].sqs(**config)
+
+    # -- acting ----------------------------------------------------------------------------
+
+    def kill(self, node_id: str) -> None:
+        self.nodes[node_id].kill()
+
+    def pause(self, node_id: str) -> None:
+        process = self.nodes[node_id].process
+        assert process is not None
+        process.send_signal(signal.SIGSTOP)
+
+    def resume(self, node_id: str) -> None:
+        process = self.nodes[node_id].process
+        assert process is not None
+        process.send_signal(signal.SIGCONT)
+
+    def restart(self, node_id: str) -> None:
+        node = self.nodes[node_id]
+        if node.process is not None and node.process.poll() is None:
+            node.kill()
+        node.start()
+
+    def stop_all(self) -> None:
+        """SIGTERM every node (a graceful stop: logs flushed, leases revoked)."""
+        for node in self.nodes.values():
+            if node.process is not None and node.process.poll() is None:
+                node.process.send_signal(signal.SIGCONT)
+                node.stop()
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            if node.process is not None and node.process.poll() is None:
+                node.process.send_signal(signal.SIGCONT)
+                node.kill()
+        for proxy in self.proxies.values():
+            proxy.close()
+        self.etcd.stop()
+
+    def logs(self) -> str:
+        """Every node's log tail, for a failing assertion's message."""
+        return "\n".join(f"--- {n}\n{s.log.read_text(errors='replace')[-3000:]}"
+                         for n, s in self.nodes.items() if s.log.exists())
+
+
+@contextlib.contextmanager
+def cluster(root: Path, **options: Any) -> Iterator[Cluster]:
+    running = Cluster(root, **options)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def read_log(data_dir: Path, queue: str, account: str = ACCOUNT) -> bytes:
+    """Every batch of a stopped node's copy of a queue's log, as stored."""
+    from engine.catalog import Catalog
+    from engine.log import Log
+    from replication.history import batch_end
+
+    catalog = Catalog(str(data_dir / "catalog.sqlite3"))
+    try:
+        entry = catalog.get(f"{account}/{queue}")
+    finally:
+        catalog.close()
+    assert entry is not None, f"{data_dir} holds no copy of {queue}"
+    log = Log(data_dir / "queues" / f"{entry.uid:016x}" / "log", fsync="never", lock=False)
+    try:
+        chunks, offset = [], log.first_offset
+        assert offset == 0, "a replica keeps its whole log"
+        while offset < log.next_offset:
+            chunk = log.read_raw(offset, 1 << 20)
+            chunks.append(chunk)
+            offset = batch_end(chunk)
+        return b"".join(chunks)
+    finally:
+        log.close()
+
+
+def state_digest(data_dir: Path, queue: str, account: str = ACCOUNT) -> str:
+    """The queue state a stopped node's copy replays to (engine.snapshot.state_digest)."""
+    from engine import Broker
+
+    with Broker(str(data_dir), fsync="never") as broker:
+        return broker.get_queue(f"{account}/{queue}").digest()

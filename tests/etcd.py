@@ -1,0 +1,72 @@
+"""A real etcd process for tests, on free loopback ports, restartable on its data."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.server.conftest import free_port
+
+READY_S = 20
+
+
+class EtcdServer:
+    def __init__(self, root: Path) -> None:
+        binary = shutil.which("etcd")
+        if binary is None:
+            raise RuntimeError("etcd is not installed: run `make test`, which installs "
+                               "Debian's etcd-server")
+        self.binary = binary
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.endpoint = f"127.0.0.1:{self.client_port}"
+        self.url = f"etcd://{self.endpoint}"
+        self.log = root / "etcd.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        client = f"http://{self.endpoint}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [self.binary, "--name", "test", "--data-dir", str(self.root / "data"),
+                 "--listen-client-urls", client, "--advertise-client-urls", client,
+                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                 "--initial-cluster", f"test={peer}"],
+                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + READY_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"etcd exited: {self.log.read_text()[-2000:]}")
+            with contextlib.suppress(OSError), \
+                    urllib.request.urlopen(client + "/health", timeout=1) as reply:
+                if b'"health":"true"' in reply.read():
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"etcd not healthy in {READY_S} s: {self.log.read_text()[-2000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(20)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> EtcdServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
