@@ -45,12 +45,20 @@ class Partition:
     isr: tuple[str, ...]
     revision: int
     """The key's mod revision: the compare of every change made from this reading."""
+    rf: int
+    """The replication factor asked for; replicas may be fewer while nodes are few."""
 
     def value(self, **changes: Any) -> bytes:
-        fields = {"uid": self.uid, "attributes": self.attributes,
+        fields = {"uid": self.uid, "attributes": self.attributes, "rf": self.rf,
                   "replicas": list(self.replicas), "isr": list(self.isr)}
         fields.update(changes)
         return json.dumps(fields, sort_keys=True).encode()
+
+
+def _partition(name: str, value: bytes, revision: int) -> Partition:
+    p = json.loads(value)
+    return Partition(name, int(p["uid"]), p["attributes"], tuple(p["replicas"]),
+                     tuple(p["isr"]), revision, int(p.get("rf", len(p["replicas"]))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,21 +175,14 @@ class Control:
                 info = json.loads(kv.value)
                 nodes[rest] = NodeInfo(rest, info["http"], info["replication"])
             elif kind == "partitions":
-                p = json.loads(kv.value)
-                partitions[rest] = Partition(rest, int(p["uid"]), p["attributes"],
-                                             tuple(p["replicas"]), tuple(p["isr"]),
-                                             kv.mod_revision)
+                partitions[rest] = _partition(rest, kv.value, kv.mod_revision)
             elif kind == "leaders":
                 leaders[rest] = Leader(kv.value.decode(), kv.create_revision, kv.lease)
         return ClusterView(result.header.revision, nodes, partitions, leaders)
 
     async def partition(self, name: str) -> Partition | None:
         kv = await self._call("get", self.key("partitions", name))
-        if kv is None:
-            return None
-        p = json.loads(kv.value)
-        return Partition(name, int(p["uid"]), p["attributes"], tuple(p["replicas"]),
-                         tuple(p["isr"]), kv.mod_revision)
+        return None if kv is None else _partition(name, kv.value, kv.mod_revision)
 
     async def leader(self, name: str) -> Leader | None:
         kv = await self._call("get", self.key("leaders", name))
@@ -190,11 +191,11 @@ class Control:
     # -- transactions ----------------------------------------------------------------------
 
     async def create_partition(self, name: str, uid: int, attributes: dict[str, Any],
-                               replicas: list[str]) -> bool:
+                               replicas: list[str], rf: int) -> bool:
         """Create a queue's partition record; False if one exists already."""
         key = self.key("partitions", name)
         value = json.dumps({"uid": uid, "attributes": attributes, "replicas": replicas,
-                            "isr": replicas}, sort_keys=True).encode()
+                            "isr": replicas, "rf": rf}, sort_keys=True).encode()
         t = self.client.transactions
         ok, _ = await self._call("transaction", compare=[t.version(key) == 0],
                                  success=[t.put(key, value)], failure=[])
@@ -223,13 +224,19 @@ class Control:
     async def set_isr(self, partition: Partition, epoch: int,
                       isr: tuple[str, ...]) -> Partition | None:
         """Change the ISR while epoch is the current leader's; None if it is not."""
+        return await self.set_members(partition, epoch, partition.replicas, isr)
+
+    async def set_members(self, partition: Partition, epoch: int, replicas: tuple[str, ...],
+                          isr: tuple[str, ...]) -> Partition | None:
+        """Change replicas and ISR while epoch is the current leader's; None if not."""
         key = self.key("partitions", partition.name)
         t = self.client.transactions
         ok, _ = await self._call(
             "transaction",
             compare=[t.create(self.key("leaders", partition.name)) == epoch,
                      t.mod(key) == partition.revision],
-            success=[t.put(key, partition.value(isr=list(isr)))], failure=[])
+            success=[t.put(key, partition.value(replicas=list(replicas), isr=list(isr)))],
+            failure=[])
         if not ok:
             return None
         return await self.partition(partition.name)

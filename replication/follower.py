@@ -70,6 +70,7 @@ class ReplicationServer:
     def __init__(self, node: ClusterNode) -> None:
         self.node = node
         self._server: asyncio.Server | None = None
+        self._sessions: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._serve, host, port)
@@ -77,11 +78,19 @@ class ReplicationServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        sessions = list(self._sessions)
+        for task in sessions:
+            task.cancel()
+        await asyncio.gather(*sessions, return_exceptions=True)
+        if self._server is not None:
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
         replica: Replica | None = None
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions.add(task)
         try:
             magic = await asyncio.wait_for(reader.readexactly(len(fr.MAGIC)), HANDSHAKE_S)
             if magic != fr.MAGIC:
@@ -107,7 +116,10 @@ class ReplicationServer:
             await self._follow(replica, opening.epoch, reader, writer)
         except LINK_ERRORS as exc:
             _log.info("replication session ended: %s", exc)
+        except asyncio.CancelledError:
+            pass  # the node is closing (the only canceller)
         finally:
+            self._sessions.discard(task)
             if replica is not None and replica.session is writer:
                 replica.session = None
             writer.close()

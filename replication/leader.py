@@ -46,8 +46,9 @@ INFLIGHT_RECORDS_MAX = 100_000
 # changes: appended without a waiting client), and sends a heartbeat.
 POLL_S = 0.02
 HEARTBEAT_S = 0.5
-# How often the ISR is checked.
+# How often the ISR is checked, and the placement.
 MONITOR_S = 0.1
+REBALANCE_S = 1.0
 # A write not committed in this long is answered 503: its outcome is unknown.
 COMMIT_WAIT_S = 10.0
 CONNECT_S = 2.0
@@ -68,7 +69,7 @@ class LeaderRole:
         self.uid = partition.uid
         self.epoch = epoch
         self.partition = partition
-        self.min_insync = min(min_insync, len(partition.replicas))
+        self._min_insync = min_insync
         self.core: QueueCore | None = None
         self.acked: dict[str, int] = {}
         self.closed = False
@@ -82,16 +83,28 @@ class LeaderRole:
         self._tasks: list[asyncio.Task[None]] = []
         self._isr_busy = False
         self._connected: set[str] = set()
+        self._linked: set[str] = set()
+        self._rebalanced_at = 0.0
+
+    @property
+    def min_insync(self) -> int:
+        """min_insync_replicas, capped by the replicas there are."""
+        return min(self._min_insync, len(self.partition.replicas))
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self, open_core: Callable[[], QueueCore]) -> None:
         """Open the queue (replaying its log) and start the links and the ISR monitor."""
         await asyncio.to_thread(open_core)
-        for follower in self.partition.replicas:
-            if follower != self.node.node_id:
-                self._tasks.append(asyncio.create_task(self._link(follower)))
+        self._ensure_links()
         self._tasks.append(asyncio.create_task(self._monitor()))
+
+    def _ensure_links(self) -> None:
+        """A link to every follower replica (new ones too, after a rebalance)."""
+        for follower in self.partition.replicas:
+            if follower != self.node.node_id and follower not in self._linked:
+                self._linked.add(follower)
+                self._tasks.append(asyncio.create_task(self._link(follower)))
 
     def opened(self, core: QueueCore) -> None:
         """The broker opened (or reopened) the queue: stamp our epoch on its batches."""
@@ -217,33 +230,68 @@ class LeaderRole:
                                   if m not in keep and self.acked.get(m, -1) >= commit
                                   and m in self._connected)
             if set(wanted) != set(isr) and not self._isr_busy:
-                await self._change_isr(wanted)
+                await self._change_members(self.partition.replicas, wanted)
+            elif now - self._rebalanced_at >= REBALANCE_S and not self._isr_busy:
+                self._rebalanced_at = now
+                await self._rebalance()
             if len(self.partition.isr) < self.min_insync:
                 self._fail_waiters(f"{len(self.partition.isr)} in-sync replicas, fewer than "
                                    f"min_insync_replicas {self.min_insync}")
             self._settle()
 
-    async def _change_isr(self, isr: tuple[str, ...]) -> None:
-        """Record a new ISR in etcd; only then does the commit offset follow it."""
+    async def _rebalance(self) -> None:
+        """Move the queue's replicas to where the ring over the cluster's members says.
+
+        New replicas are added first, outside the ISR: they are copied the whole log and
+        join the ISR once caught up. Only when every replica the ring wants is in the ISR
+        are the others let go - this node too, which then steps down so that the first
+        of the new replicas leads. Replicas the ring still wants never move.
+        """
+        me = self.node.node_id
+        if not self.node.knows_members():
+            return
+        target = self.node.placement(self.name, self.partition.rf)
+        replicas = self.partition.replicas
+        if not target or set(target) == set(replicas):
+            return
+        missing = tuple(n for n in target if n not in replicas)
+        if missing:
+            _log.warning("queue %s: adding replicas %s", self.name, list(missing))
+            await self._change_members(replicas + missing, self.partition.isr)
+            self._ensure_links()
+            return
+        if all(n in self.partition.isr for n in target):
+            _log.warning("queue %s: replicas %s -> %s", self.name, list(replicas), target)
+            isr = tuple(n for n in target if n in self.partition.isr)
+            if await self._change_members(tuple(target), isr) and me not in target:
+                self.node.step_down(self.name, "the ring placed this queue elsewhere")
+
+    async def _change_members(self, replicas: tuple[str, ...], isr: tuple[str, ...]) -> bool:
+        """Record new replicas and ISR in etcd; only then does the commit offset follow.
+        True if it was recorded."""
         self._isr_busy = True
         try:
-            ordered = tuple(m for m in self.partition.replicas if m in isr)
-            updated = await self.node.control.set_isr(self.partition, self.epoch, ordered)
+            ordered = tuple(m for m in replicas if m in isr)
+            updated = await self.node.control.set_members(self.partition, self.epoch,
+                                                          replicas, ordered)
             if updated is None:
                 current = await self.node.control.leader(self.name)
                 if current is None or current.epoch != self.epoch:
                     self.node.step_down(self.name, "another leader took over")
-                    return
+                    return False
                 fresh = await self.node.control.partition(self.name)
                 if fresh is not None:
                     self.partition = fresh
-                return
-            _log.warning("queue %s: ISR %s -> %s", self.name, list(self.partition.isr),
-                         list(updated.isr))
+                return False
+            if updated.isr != self.partition.isr:
+                _log.warning("queue %s: ISR %s -> %s", self.name, list(self.partition.isr),
+                             list(updated.isr))
             self.partition = updated
             self._settle()
+            return True
         except EngineError as exc:
             _log.warning("queue %s: ISR change failed: %s", self.name, exc)
+            return False
         finally:
             self._isr_busy = False
 
@@ -252,7 +300,14 @@ class LeaderRole:
     async def _link(self, follower: str) -> None:
         wake = asyncio.Event()
         self._wakes.append(wake)
-        while not self.closed:
+        try:
+            await self._keep_linked(follower, wake)
+        finally:
+            self._wakes.remove(wake)
+            self._linked.discard(follower)
+
+    async def _keep_linked(self, follower: str, wake: asyncio.Event) -> None:
+        while not self.closed and follower in self.partition.replicas:
             address = self.node.replication_address(follower)
             if address is None:
                 await asyncio.sleep(RETRY_S)
@@ -296,7 +351,7 @@ class LeaderRole:
         self._connected.add(follower)
         try:
             last_sent = time.monotonic()
-            while not self.closed and not acks.done():
+            while not self.closed and not acks.done() and follower in self.partition.replicas:
                 core = self.core
                 assert core is not None
                 log = core.log

@@ -46,6 +46,10 @@ REPLICATION_FACTOR = 3
 MIN_INSYNC_REPLICAS = 2
 # How long CreateQueue waits for the new queue's first leader.
 CREATE_WAIT_S = 10.0
+# A node whose lease has been gone this long counts as having left the cluster, and the
+# ring places its replicas on other nodes. Shorter than this is a restart, not a leave:
+# moving a queue's data for every restart would cost more than waiting.
+NODE_GONE_S = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +66,8 @@ class ClusterConfig:
     lease_ttl_s: int = LEASE_TTL_S
     replication_factor: int = REPLICATION_FACTOR
     min_insync_replicas: int = MIN_INSYNC_REPLICAS
+    node_gone_s: float = NODE_GONE_S
+    """A node unseen (no live lease) this long has left: its replicas move elsewhere."""
     prefix: str = "/conveyor/"
 
 
@@ -79,6 +85,10 @@ class ClusterNode:
         self._lease: Any = None
         self._lease_deadline = 0.0
         self._leaderless_since: dict[str, float] = {}
+        self._last_seen: dict[str, float] = {}
+        self._started = time.monotonic()
+        self._accepted: dict[str, int] = {}
+        """Per queue, the partition revision at which a leader's OPEN was last accepted."""
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping: set[asyncio.Task[None]] = set()
         self._server = ReplicationServer(self)
@@ -97,6 +107,7 @@ class ClusterNode:
         await self._server.start(self.config.replication_host, self.config.replication_port)
         await self._join()
         self.view = await self.control.view()
+        self._saw(self.view)
         await self._drop_deleted(self.view, None)
         self._tasks = [asyncio.create_task(self._keep_lease()),
                        asyncio.create_task(self._reconcile_loop())]
@@ -178,6 +189,48 @@ class ClusterNode:
         node = view.nodes.get(leader.node_id)
         return None if node is None else node.http
 
+    def knows_members(self) -> bool:
+        """Whether this node has watched the cluster for node_gone_s: until then a node
+        it has not seen may only be restarting, and nothing is moved off it."""
+        return time.monotonic() - self._started >= self.config.node_gone_s
+
+    def members(self) -> list[str]:
+        """The nodes the ring places replicas on: alive, or gone for less than
+        node_gone_s (sorted: every node builds the same ring)."""
+        now = time.monotonic()
+        return sorted(n for n, seen in self._last_seen.items()
+                      if now - seen < self.config.node_gone_s)
+
+    def placement(self, name: str, rf: int, members: list[str] | None = None) -> list[str]:
+        """The replicas the ring over members (default: self.members()) gives a queue, in
+        preference order."""
+        members = self.members() if members is None else sorted(members)
+        ring = HashRing()
+        for node_id in members:
+            ring.add(node_id)
+        count = min(rf, len(members))
+        return ring.preference_list(name, count) if count else []
+
+    def _saw(self, view: ClusterView) -> None:
+        now = time.monotonic()
+        for node_id in view.nodes:
+            self._last_seen[node_id] = now
+
+    async def locate(self, name: str) -> str | None:
+        """The HTTP URL of the queue's leader, read from etcd now (None: it has none,
+        or it is this node)."""
+        try:
+            leader = await self.control.leader(name)
+            if leader is None or leader.node_id == self.node_id:
+                return None
+            view = self.view
+            node = view.nodes.get(leader.node_id) if view is not None else None
+            if node is None:
+                node = (await self.control.view()).nodes.get(leader.node_id)
+        except ControlUnavailableError:
+            return None
+        return None if node is None else node.http
+
     def live_nodes(self) -> set[str] | None:
         """Nodes whose lease is alive, as of the last reading (None before the first)."""
         return None if self.view is None else set(self.view.nodes)
@@ -220,6 +273,10 @@ class ClusterNode:
             return (leader.epoch if leader else 0), "not the current leader epoch"
         if leader.node_id == self.node_id:
             return leader.epoch, "this node is the leader"
+        partition = await self.control.partition(name)
+        if partition is None or self.node_id not in partition.replicas:
+            return leader.epoch, "this node is not one of the queue's replicas"
+        self._accepted[name] = partition.revision
         role = self.leading.get(name)
         if role is not None:
             self.step_down(name, f"epoch {epoch} is newer")
@@ -260,6 +317,7 @@ class ClusterNode:
                 _log.warning("cannot read the cluster state: %s", exc)
                 continue
             previous, self.view = self.view, view
+            self._saw(view)
             try:
                 await self._reconcile(view)
                 await self._drop_deleted(view, previous)
@@ -272,8 +330,11 @@ class ClusterNode:
             leader = view.leaders.get(name)
             if leader is None or leader.epoch != role.epoch:
                 self.step_down(name, "its leader key is gone or newer")
+        held = await asyncio.to_thread(self._held, view)
         for name, partition in view.partitions.items():
             if self.node_id not in partition.replicas:
+                if name not in self.leading and name in held:
+                    await self._drop_copy(name, "this node is no longer one of its replicas")
                 continue
             leader = view.leaders.get(name)
             if leader is not None:
@@ -330,13 +391,28 @@ class ClusterNode:
             gone = partition is None and previous is not None and name in previous.partitions
             replaced = partition is not None and entry is not None and entry.uid != partition.uid
             if gone or replaced:
-                self.step_down(name, "the queue was deleted")
-                for task in list(self._stopping):
-                    with contextlib.suppress(Exception):
-                        await task
-                await self._release_replica(name)
-                with contextlib.suppress(QueueNotFoundError):
-                    await asyncio.to_thread(broker.delete_queue, name)
+                await self._drop_copy(name, "the queue was deleted")
+
+    def _held(self, view: ClusterView) -> set[str]:
+        """Queues with a copy here, as of a view no older than this node's last accepted
+        OPEN for them (an older view may not list this node among replicas yet)."""
+        assert self.broker is not None
+        return {name for name in self.broker.catalog.names()
+                if name in view.partitions
+                and view.partitions[name].revision >= self._accepted.get(name, 0)}
+
+    async def _drop_copy(self, name: str, reason: str) -> None:
+        """Delete this node's copy of a queue."""
+        broker = self.broker
+        assert broker is not None
+        _log.warning("queue %s: deleting this node's copy: %s", name, reason)
+        self.step_down(name, reason)
+        for task in list(self._stopping):
+            with contextlib.suppress(Exception):
+                await task
+        await self._release_replica(name)
+        with contextlib.suppress(QueueNotFoundError):
+            await asyncio.to_thread(broker.delete_queue, name)
 
     # -- queues ---------------------------------------------------------------------------
 
@@ -344,16 +420,16 @@ class ClusterNode:
         """Place a new queue on the ring and wait for its first leader."""
         attrs = QueueAttributes.from_dict(attributes)
         check_queue_name(name, attrs.fifo)
-        view = await self.control.view()  # fresh: a node that just joined gets replicas
-        ring = HashRing()
-        for node_id in sorted(view.nodes):
-            ring.add(node_id)
-        count = min(self.config.replication_factor, len(view.nodes))
-        replicas = ring.preference_list(name, count) if count else []
+        view = await self.control.view()  # fresh: a node that just joined counts
+        self._saw(view)
+        # Placed on the nodes alive now; the leader moves a replica to a node that comes
+        # back within node_gone_s, as the ring over all members says.
+        replicas = self.placement(name, self.config.replication_factor, list(view.nodes))
         if not replicas:
             raise ControlUnavailableError("no live nodes to place the queue on")
         uid = secrets.randbits(63) or 1
-        await self.control.create_partition(name, uid, attrs.to_dict(), replicas)
+        await self.control.create_partition(name, uid, attrs.to_dict(), replicas,
+                                            self.config.replication_factor)
         deadline = time.monotonic() + CREATE_WAIT_S
         while time.monotonic() < deadline:
             if await self.control.leader(name) is not None:

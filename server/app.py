@@ -108,7 +108,7 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
             await node.start(broker.broker)
             assert isinstance(store, EtcdMetadataStore)
             watch = asyncio.create_task(store.watch(metadata.invalidate, metadata.clear))
-            app[keys.FORWARDER] = Forwarder(node.node_id)
+            app[keys.FORWARDER] = Forwarder(node)
         await service.start()
         app[keys.CLUSTER] = node
         app[keys.METRICS].watch(broker.broker)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -94,12 +95,16 @@ def _fsync(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--min-insync-replicas", default=2, show_default=True,
               type=click.IntRange(1, 7),
               help="Writes are refused (503) while fewer replicas are in sync.")
+@click.option("--node-gone-after", default=60.0, show_default=True,
+              type=click.FloatRange(1, 86400),
+              help="Seconds a node may be down before its replicas move to other nodes.")
 def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, auth: str,
           insecure: bool, master_key_file: str | None, tls_cert: str | None,
           tls_key: str | None, principal_rate: str, queue_rate: str, connections_max: int,
           sse_key_rotation_days: float, etcd: str | None, node_id: str | None,
           advertise: str | None, replication_port: int | None, replication_advertise: str,
-          lease_ttl: int, replication_factor: int, min_insync_replicas: int) -> None:
+          lease_ttl: int, replication_factor: int, min_insync_replicas: int,
+          node_gone_after: float) -> None:
     """Run the server: the SQS protocols and the native API on one port.
 
     SIGTERM and SIGINT stop it gracefully: it stops accepting, lets requests in flight
@@ -126,6 +131,7 @@ def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, aut
         cluster = _cluster_config(etcd, node_id, advertise or host, port, host,
                                   replication_port, replication_advertise, lease_ttl,
                                   replication_factor, min_insync_replicas, auth, tls_cert)
+        cluster = dataclasses.replace(cluster, node_gone_s=node_gone_after)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     config = ServerConfig(data_dir=data_dir, host=host, port=port, fsync=fsync,
                           access_log=access_log, auth=auth, master_key_file=master_key_file,

@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from typing import BinaryIO
 
 READY_TIMEOUT_S = 30.0
 
@@ -31,6 +32,7 @@ def run(nodes: int, base_port: int, data_dir: str, fsync: str,
     client_port, peer_port = base_port + 200, base_port + 201
     etcd_url = f"http://127.0.0.1:{client_port}"
     children: list[subprocess.Popen[bytes]] = []
+    logs: list[BinaryIO] = []  # each child writes its own copy; closed here at the end
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
@@ -40,6 +42,7 @@ def run(nodes: int, base_port: int, data_dir: str, fsync: str,
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         etcd_log = open(os.path.join(data_dir, "etcd.log"), "ab")  # noqa: SIM115
+        logs.append(etcd_log)
         children.append(subprocess.Popen(
             [etcd_binary, "--name", "dev", "--data-dir", os.path.join(data_dir, "etcd"),
              "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
@@ -55,6 +58,7 @@ def run(nodes: int, base_port: int, data_dir: str, fsync: str,
             node_dir = os.path.join(data_dir, f"node{i}")
             os.makedirs(node_dir, exist_ok=True)
             log = open(os.path.join(data_dir, f"node{i}.log"), "ab")  # noqa: SIM115
+            logs.append(log)
             port = base_port + i
             children.append(subprocess.Popen(
                 [sys.executable, "-m", "server.cli", "serve", "--data-dir", node_dir,
@@ -94,6 +98,8 @@ def run(nodes: int, base_port: int, data_dir: str, fsync: str,
                 children[0].wait(10)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        for handle in logs:
+            handle.close()
         echo("stopped")
 
 

@@ -9,11 +9,19 @@ leadership change in flight costs a retry, never a loop.
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING
+
 import aiohttp
 from aiohttp import web
 
 from replication.errors import NotLeaderError
 from server.errors import DependencyUnavailableError
+
+if TYPE_CHECKING:
+    from replication.node import ClusterNode
+
+_log = logging.getLogger("conveyor.server")
 
 FORWARDED_HEADER = "X-Conveyor-Forwarded-By"
 # Longer than the longest long poll (20 s) plus a commit wait.
@@ -25,22 +33,26 @@ _RESPONSE_DROP = _HOP | {"date", "server", "content-encoding"}
 
 
 class Forwarder:
-    def __init__(self, node_id: str) -> None:
-        self.node_id = node_id
+    def __init__(self, node: ClusterNode) -> None:
+        self.node = node
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S),
             auto_decompress=False, connector=aiohttp.TCPConnector(limit=256))
 
     async def forward(self, request: web.Request, refusal: NotLeaderError) -> web.Response:
         """The leader's response to request; raises refusal if it cannot be forwarded."""
-        if refusal.leader_url is None or FORWARDED_HEADER in request.headers:
+        if FORWARDED_HEADER in request.headers:
+            raise refusal
+        # The node's view is up to RECONCILE_S old: a queue made or failed over since has
+        # a leader that only etcd knows yet.
+        leader_url = refusal.leader_url or await self.node.locate(refusal.name)
+        if leader_url is None:
             raise refusal
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
-        headers[FORWARDED_HEADER] = self.node_id
+        headers[FORWARDED_HEADER] = self.node.node_id
         body = await request.read()
         try:
-            async with self._session.request(request.method,
-                                             refusal.leader_url + request.path_qs,
+            async with self._session.request(request.method, leader_url + request.path_qs,
                                              headers=headers, data=body,
                                              allow_redirects=False) as reply:
                 payload = await reply.read()
@@ -51,8 +63,10 @@ class Forwarder:
                     response.headers.add(k, v)
                 return response
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise DependencyUnavailableError(
-                "queue leader", f"{refusal.leader_url}: {exc or type(exc).__name__}") from exc
+            # The address stays in the log, not in the client's message.
+            _log.warning("forwarding to %s failed: %s", leader_url, exc or type(exc).__name__)
+            raise DependencyUnavailableError("queue's leader node",
+                                             "it could not be reached; retry") from exc
 
     async def close(self) -> None:
         await self._session.close()

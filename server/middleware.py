@@ -87,7 +87,7 @@ def error_response(request: web.Request, exc: BaseException) -> web.Response:
     elif protocol == "sqs-query":
         response = query_protocol.error(exc, spec, request_id)
     else:
-        message = str(exc) if spec.status < 500 else "internal error"
+        message = "internal error" if spec is INTERNAL else str(exc)
         response = web.json_response(
             {"error": {"code": spec.native_code, "message": message}},
             status=native_status(exc), headers={"X-Request-Id": request_id})

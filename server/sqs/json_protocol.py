@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from server.errors import ErrorSpec, MalformedRequestError, UnknownActionError
+from server.errors import INTERNAL, ErrorSpec, MalformedRequestError, UnknownActionError
 
 CONTENT_TYPE = "application/x-amz-json-1.0"
 TARGET_PREFIX = "AmazonSQS."
@@ -54,7 +54,8 @@ def respond(result: Mapping[str, Any], request_id: str) -> web.Response:
 
 
 def error(exc: BaseException, spec: ErrorSpec, request_id: str) -> web.Response:
-    message = str(exc) if spec.status < 500 else "internal error"  # faults stay in the log
+    # Faults stay in the log; "unavailable" says why, so that operators and clients see it.
+    message = "internal error" if spec is INTERNAL else str(exc)
     body = {"__type": f"com.amazonaws.sqs#{spec.sqs_type}", "message": message}
     fault = "Sender" if spec.sender_fault else "Receiver"
     return web.Response(

@@ -16,7 +16,7 @@ from xml.sax.saxutils import escape
 
 from aiohttp import web
 
-from server.errors import ErrorSpec, MalformedRequestError
+from server.errors import INTERNAL, ErrorSpec, MalformedRequestError
 
 NAMESPACE = "http://queue.amazonaws.com/doc/2012-11-05/"
 CONTENT_TYPE = "text/xml"
@@ -158,7 +158,8 @@ def respond(result: Mapping[str, Any], action: str, request_id: str) -> web.Resp
 
 def error(exc: BaseException, spec: ErrorSpec, request_id: str) -> web.Response:
     fault = "Sender" if spec.sender_fault else "Receiver"
-    message = str(exc) if spec.status < 500 else "internal error"  # faults stay in the log
+    # Faults stay in the log; "unavailable" says why, so that operators and clients see it.
+    message = "internal error" if spec is INTERNAL else str(exc)
     body = (f'<?xml version="1.0"?><ErrorResponse xmlns="{NAMESPACE}"><Error>'
             f"<Type>{fault}</Type><Code>{_text(spec.query_code)}</Code>"
             f"<Message>{_text(message)}</Message><Detail/></Error>"

@@ -32,22 +32,28 @@ class Cluster:
         self.etcd = EtcdServer(root / "etcd")
         self.proxies: dict[str, FaultProxy] = {}
         self.nodes: dict[str, Server] = {}
+        self._options = (lease_ttl, fsync, proxies, extra)
         try:
             for i in range(nodes):
-                node_id = f"n{i}"
-                replication_port = free_port()
-                args = ["--cluster", self.etcd.url, "--node-id", node_id,
-                        "--replication-port", str(replication_port),
-                        "--lease-ttl", str(lease_ttl), *extra]
-                if proxies:
-                    proxy = FaultProxy("127.0.0.1", replication_port)
-                    proxy.start()
-                    self.proxies[node_id] = proxy
-                    args += ["--replication-advertise", f"127.0.0.1:{proxy.port}"]
-                self.nodes[node_id] = Server(root / node_id, fsync, extra=tuple(args))
+                self.add_node(f"n{i}")
         except BaseException:
             self.close()
             raise
+
+    def add_node(self, node_id: str) -> Server:
+        """Start another node (it joins the cluster)."""
+        lease_ttl, fsync, proxies, extra = self._options
+        replication_port = free_port()
+        args = ["--cluster", self.etcd.url, "--node-id", node_id,
+                "--replication-port", str(replication_port), "--lease-ttl", str(lease_ttl),
+                *extra]
+        if proxies:
+            proxy = FaultProxy("127.0.0.1", replication_port)
+            proxy.start()
+            self.proxies[node_id] = proxy
+            args += ["--replication-advertise", f"127.0.0.1:{proxy.port}"]
+        self.nodes[node_id] = Server(self.root / node_id, fsync, extra=tuple(args))
+        return self.nodes[node_id]
 
     # -- looking ------------------------------------------------------------------------------
 
@@ -144,6 +150,17 @@ def cluster(root: Path, **options: Any) -> Iterator[Cluster]:
         yield running
     finally:
         running.close()
+
+
+def local_queues(data_dir: Path) -> set[str]:
+    """The queues a stopped node holds a copy of (its catalog)."""
+    from engine.catalog import Catalog
+
+    catalog = Catalog(str(data_dir / "catalog.sqlite3"))
+    try:
+        return set(catalog.names())
+    finally:
+        catalog.close()
 
 
 def read_log(data_dir: Path, queue: str, account: str = ACCOUNT) -> bytes:

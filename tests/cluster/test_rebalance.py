@@ -1,0 +1,77 @@
+"""Rebalancing: a node that joins or leaves moves the replicas the ring says, and only
+those; a moved queue's data is copied before its old replicas let go, so nothing
+acknowledged is lost on the way."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from engine import HashRing
+from tests.cluster.harness import ACCOUNT, Cluster, cluster, local_queues
+from tests.cluster.workload import CLIENT, create_queue, drain
+from tests.history import History, check
+
+QUEUES = [f"r{i}" for i in range(8)]
+RF = 2
+
+
+def ring_replicas(queue: str, nodes: list[str]) -> set[str]:
+    ring = HashRing()
+    for node in sorted(nodes):
+        ring.add(node)
+    return set(ring.preference_list(f"{ACCOUNT}/{queue}", min(RF, len(nodes))))
+
+
+def placed(c: Cluster, nodes: list[str], timeout: float = 90) -> None:
+    """Wait until every queue's replicas, all in sync, are the ring's over nodes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queues = c.state()["queues"]
+        if all(set(queues[f"{ACCOUNT}/{q}"]["replicas"]) == ring_replicas(q, nodes)
+               and set(queues[f"{ACCOUNT}/{q}"]["isr"]) == ring_replicas(q, nodes)
+               and queues[f"{ACCOUNT}/{q}"]["leader"] in ring_replicas(q, nodes)
+               for q in QUEUES):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"replicas never matched the ring over {nodes}: {c.state()['queues']}")
+
+
+def send(c: Cluster, urls: dict[str, str], history: History, tag: str) -> None:
+    client = c.sqs(c.live()[0], **CLIENT)
+    for queue, url in urls.items():
+        for i in range(10):
+            body = f"{tag}-{queue}-{i}"
+            history.send_attempted(body)
+            history.send_acked(body, client.send_message(QueueUrl=url,
+                                                         MessageBody=body)["MessageId"])
+
+
+def test_join_and_leave_move_only_what_the_ring_moves(tmp_path: Path) -> None:
+    with cluster(tmp_path, extra=("--replication-factor", str(RF),
+                                  "--node-gone-after", "3")) as c:
+        urls = {q: create_queue(c, q) for q in QUEUES}
+        three, four = ["n0", "n1", "n2"], ["n0", "n1", "n2", "n3"]
+        moving = [q for q in QUEUES if ring_replicas(q, three) != ring_replicas(q, four)]
+        assert moving and len(moving) < len(QUEUES), "the queue names test nothing"
+        placed(c, three)
+        history = History()
+        send(c, urls, history, "before")
+
+        c.add_node("n3")
+        placed(c, four)
+        send(c, urls, history, "joined")
+        c.kill("n3")  # for good: after --node-gone-after its replicas move back
+        placed(c, three)
+        send(c, urls, history, "left")
+        for url in urls.values():
+            drain(c, url, history)
+        report = check(history)
+        assert report.ok, f"{report}\n{c.logs()}"
+        assert report.sends_acked == 3 * 10 * len(QUEUES)
+
+        # Each node holds copies of exactly the queues it is a replica of.
+        c.stop_all()
+        for node in three:
+            expected = {f"{ACCOUNT}/{q}" for q in QUEUES if node in ring_replicas(q, three)}
+            assert local_queues(c.root / node) == expected, node
