@@ -42,6 +42,7 @@ from bench.http_load import (
     _sqs,
     _wait_ready,
 )
+from server.devcluster import etcd_command
 
 QUEUE = "bench"
 
@@ -50,14 +51,11 @@ def _etcd(tmp: str) -> tuple[subprocess.Popen[bytes], str]:
     binary = shutil.which("etcd")
     if binary is None:
         raise SystemExit("etcd is not installed: apt-get install etcd-server")
-    client, peer = _free_port(), _free_port()
-    url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
-    process = subprocess.Popen(
-        [binary, "--name", "bench", "--data-dir", f"{tmp}/etcd", "--listen-client-urls", url,
-         "--advertise-client-urls", url, "--listen-peer-urls", peer_url,
-         "--initial-advertise-peer-urls", peer_url, "--initial-cluster", f"bench={peer_url}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_ready(url + "/health")
+    client = _free_port()
+    process = subprocess.Popen(etcd_command(binary, "bench", f"{tmp}/etcd", client,
+                                            _free_port()),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_ready(f"http://127.0.0.1:{client}/health")
     return process, f"etcd://127.0.0.1:{client}"
 
 

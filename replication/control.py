@@ -247,3 +247,11 @@ class Control:
         t = self.client.transactions
         await self._call("transaction", compare=[t.create(key) == epoch],
                          success=[t.delete(key)], failure=[])
+
+    async def set_rf(self, partition: Partition, rf: int) -> bool:
+        """Change the replication factor asked for; False if the record changed since."""
+        key = self.key("partitions", partition.name)
+        t = self.client.transactions
+        ok, _ = await self._call("transaction", compare=[t.mod(key) == partition.revision],
+                                 success=[t.put(key, partition.value(rf=rf))], failure=[])
+        return bool(ok)

@@ -208,6 +208,12 @@ class LeaderRole:
             if not self.node.lease_valid():
                 self.node.step_down(self.name, "this node's etcd lease lapsed")
                 return
+            # Only this leader changes replicas and ISR; a newer record was changed by an
+            # operator (the replication factor), and is taken as it is.
+            seen = self.node.view.partitions.get(self.name) if self.node.view else None
+            if seen is not None and seen.revision > self.partition.revision \
+                    and not self._isr_busy:
+                self.partition = seen
             now = time.monotonic()
             end = core.log.next_offset
             self._samples.append((now, end))

@@ -416,26 +416,41 @@ class ClusterNode:
 
     # -- queues ---------------------------------------------------------------------------
 
-    async def create_queue(self, name: str, attributes: dict[str, Any]) -> None:
-        """Place a new queue on the ring and wait for its first leader."""
+    async def create_queue(self, name: str, attributes: dict[str, Any],
+                           replication_factor: int | None = None) -> None:
+        """Place a new queue on the ring and wait for its first leader.
+
+        replication_factor: the queue's own (None: the node's --replication-factor).
+        """
+        rf = replication_factor or self.config.replication_factor
         attrs = QueueAttributes.from_dict(attributes)
         check_queue_name(name, attrs.fifo)
         view = await self.control.view()  # fresh: a node that just joined counts
         self._saw(view)
         # Placed on the nodes alive now; the leader moves a replica to a node that comes
         # back within node_gone_s, as the ring over all members says.
-        replicas = self.placement(name, self.config.replication_factor, list(view.nodes))
+        replicas = self.placement(name, rf, list(view.nodes))
         if not replicas:
             raise ControlUnavailableError("no live nodes to place the queue on")
         uid = secrets.randbits(63) or 1
-        await self.control.create_partition(name, uid, attrs.to_dict(), replicas,
-                                            self.config.replication_factor)
+        await self.control.create_partition(name, uid, attrs.to_dict(), replicas, rf)
         deadline = time.monotonic() + CREATE_WAIT_S
         while time.monotonic() < deadline:
             if await self.control.leader(name) is not None:
                 return
             await asyncio.sleep(0.05)
         raise ControlUnavailableError(f"queue {name!r} got no leader in {CREATE_WAIT_S:g} s")
+
+    async def set_replication_factor(self, name: str, replication_factor: int | None) -> None:
+        """Change a queue's replication factor; its leader moves replicas to match."""
+        rf = replication_factor or self.config.replication_factor
+        for _ in range(10):  # a leader changing the ISR meanwhile makes the compare fail
+            partition = await self.control.partition(name)
+            if partition is None or partition.rf == rf:
+                return
+            if await self.control.set_rf(partition, rf):
+                return
+        raise ControlUnavailableError(f"queue {name!r}: its record kept changing")
 
     async def delete_queue(self, name: str) -> None:
         await self.control.delete_partition(name)

@@ -53,6 +53,9 @@ BACKEND_CALLS_MAX = CONNECTIONS_MAX
 BREAKER_FAILURES = 5
 BREAKER_RESET_S = 5.0
 
+# Replicas of one queue in a cluster (ConveyorReplicationFactor, --replication-factor).
+REPLICATION_FACTOR_MAX = 7
+
 DEFAULT_ACCOUNT = "000000000000"
 DEFAULT_REGION = "us-east-1"
 

@@ -22,6 +22,15 @@ from typing import BinaryIO
 READY_TIMEOUT_S = 30.0
 
 
+def etcd_command(binary: str, name: str, data_dir: str, client_port: int,
+                 peer_port: int) -> list[str]:
+    """A single-member etcd on loopback ports (the dev cluster's, the tests', the bench's)."""
+    client, peer = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
+    return [binary, "--name", name, "--data-dir", data_dir, "--listen-client-urls", client,
+            "--advertise-client-urls", client, "--listen-peer-urls", peer,
+            "--initial-advertise-peer-urls", peer, "--initial-cluster", f"{name}={peer}"]
+
+
 def run(nodes: int, base_port: int, data_dir: str, fsync: str,
         echo: Callable[[str], None]) -> int:
     etcd_binary = shutil.which("etcd")
@@ -44,12 +53,8 @@ def run(nodes: int, base_port: int, data_dir: str, fsync: str,
         etcd_log = open(os.path.join(data_dir, "etcd.log"), "ab")  # noqa: SIM115
         logs.append(etcd_log)
         children.append(subprocess.Popen(
-            [etcd_binary, "--name", "dev", "--data-dir", os.path.join(data_dir, "etcd"),
-             "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
-             "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
-             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
-             "--initial-cluster", f"dev=http://127.0.0.1:{peer_port}"],
-            stdout=etcd_log, stderr=subprocess.STDOUT))
+            etcd_command(etcd_binary, "dev", os.path.join(data_dir, "etcd"), client_port,
+                         peer_port), stdout=etcd_log, stderr=subprocess.STDOUT))
         if not _wait(etcd_url + "/health", children[0]):
             echo(f"etcd did not start; see {etcd_log.name}")
             return 1

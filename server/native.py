@@ -31,7 +31,14 @@ from server import authz, keys
 from server.config import REQUEST_BYTES_MAX
 from server.errors import MalformedRequestError, RequestTooLargeError, spec_for
 from server.params import int_in_range as _int
-from server.service import RATE_LIMIT_ATTRIBUTE, QueueService, QueueView, sse_enabled
+from server.service import (
+    RATE_LIMIT_ATTRIBUTE,
+    REPLICATION_FACTOR_ATTRIBUTE,
+    QueueService,
+    QueueView,
+    replication_factor,
+    sse_enabled,
+)
 
 routes = web.RouteTableDef()
 
@@ -95,6 +102,7 @@ def _queue_json(request: web.Request, view: QueueView) -> dict[str, Any]:
         "tags": record.tags,
         "encrypted": sse_enabled(record.extra),
         "rate_limit": record.extra.get(RATE_LIMIT_ATTRIBUTE),
+        "replication_factor": replication_factor(record.extra),
         "created_at": record.created_ms / 1000,
         "modified_at": record.modified_ms / 1000,
     }
@@ -132,6 +140,12 @@ def _extra(body: Mapping[str, Any]) -> dict[str, str]:
         if value is not None and not isinstance(value, str):
             raise InvalidParameterError("rate_limit", value, 'must be a string like "100/s"')
         extra[RATE_LIMIT_ATTRIBUTE] = value or ""
+    if "replication_factor" in body:
+        value = body["replication_factor"]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise InvalidParameterError("replication_factor", value,
+                                        "must be a whole number or null")
+        extra[REPLICATION_FACTOR_ATTRIBUTE] = "" if value is None else str(value)
     return extra
 
 

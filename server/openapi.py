@@ -18,6 +18,7 @@ from engine.limits import (
     RETENTION_S_MIN,
     VISIBILITY_TIMEOUT_S_MAX,
 )
+from server.config import REPLICATION_FACTOR_MAX
 from server.native import NATIVE_BATCH_MAX
 
 _INT = {"type": "integer"}
@@ -29,6 +30,10 @@ _PROTECTION: dict[str, Any] = {
     "encrypted": {"type": "boolean"},
     "rate_limit": {"type": "string", "nullable": True,
                    "description": 'Requests per second to this queue, "100/s" or "100/s:200"'},
+    "replication_factor": {"type": "integer", "nullable": True, "minimum": 1,
+                           "maximum": REPLICATION_FACTOR_MAX,
+                           "description": "Replicas of the queue in a cluster (null: the "
+                                          "server's --replication-factor)"},
 }
 _COUNTS: dict[str, Any] = {"type": "object", "additionalProperties": {"type": "integer"}}
 
@@ -93,11 +98,12 @@ _SCHEMAS: dict[str, Any] = {
     "Queue": {
         "type": "object", "additionalProperties": False,
         "required": ["name", "url", "attributes", "stats", "tags", "encrypted", "rate_limit",
-                     "created_at", "modified_at"],
+                     "replication_factor", "created_at", "modified_at"],
         "properties": {
             "name": _STR, "url": _STR, "attributes": _ref("QueueAttributes"),
             "stats": _ref("QueueStats"), "tags": _ref("Tags"),
             "encrypted": {"type": "boolean"}, "rate_limit": _nullable(_STR),
+            "replication_factor": {"type": "integer", "nullable": True},
             "created_at": _NUM, "modified_at": _NUM,
         },
     },

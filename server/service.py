@@ -40,6 +40,7 @@ from server.breaker import Guard
 from server.config import (
     LIST_PAGE_MAX,
     PURGE_INTERVAL_S,
+    REPLICATION_FACTOR_MAX,
     TAG_KEY_CHARS_MAX,
     TAG_VALUE_CHARS_MAX,
     TAGS_MAX,
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 
 # Queue attribute (SQS name) that overrides the server's per-queue rate limit.
 RATE_LIMIT_ATTRIBUTE = "ConveyorRateLimit"
+REPLICATION_FACTOR_ATTRIBUTE = "ConveyorReplicationFactor"
 
 _log = logging.getLogger("conveyor.service")
 
@@ -173,7 +175,8 @@ class QueueService:
                 return await self.create_queue(account, name, attributes, extra, tags)
             engine_name = f"{account}/{name}"
             if self.cluster is not None:
-                await self.cluster.create_queue(engine_name, attributes)
+                await self.cluster.create_queue(engine_name, attributes,
+                                                replication_factor(extra))
                 now = _now_ms()
                 record = QueueRecord(account, name, now, now, dict(tags), dict(extra))
                 await self.metadata.put(record)
@@ -245,6 +248,9 @@ class QueueService:
         self._check_clusterable(changes, extra)
         if changes:
             await self.broker.set_queue_attributes(record.engine_name, **changes)
+        factor = replication_factor(extra)
+        if self.cluster is not None and REPLICATION_FACTOR_ATTRIBUTE in extra:
+            await self.cluster.set_replication_factor(record.engine_name, factor)
         if extra or changes:
             merged = {**record.extra, **extra}
             merged = {k: v for k, v in merged.items() if v != ""}
@@ -481,12 +487,24 @@ def check_extra(extra: Mapping[str, str]) -> None:
         authz.parse(extra["Policy"])
     if extra.get(RATE_LIMIT_ATTRIBUTE):
         parse_rate(extra[RATE_LIMIT_ATTRIBUTE], RATE_LIMIT_ATTRIBUTE)
+    factor = extra.get(REPLICATION_FACTOR_ATTRIBUTE)
+    if factor and replication_factor(extra) is None:
+        raise InvalidAttributeError(REPLICATION_FACTOR_ATTRIBUTE, factor,
+                                    f"must be a whole number from 1 to {REPLICATION_FACTOR_MAX}")
     sse = extra.get("SqsManagedSseEnabled")
     if sse is not None and sse not in ("true", "false", ""):
         raise InvalidAttributeError("SqsManagedSseEnabled", sse, "must be true or false")
     if sse == "true" and extra.get("KmsMasterKeyId"):
         raise InvalidAttributeError("SqsManagedSseEnabled", sse,
                                     "cannot be set together with KmsMasterKeyId")
+
+
+def replication_factor(extra: Mapping[str, str]) -> int | None:
+    """The queue's ConveyorReplicationFactor, if set and valid."""
+    value = extra.get(REPLICATION_FACTOR_ATTRIBUTE, "")
+    if not value.isdigit() or not 1 <= int(value) <= REPLICATION_FACTOR_MAX:
+        return None
+    return int(value)
 
 
 def _same_account(account: str, attributes: Mapping[str, Any]) -> None:

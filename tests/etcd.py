@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from server.devcluster import etcd_command
 from tests.server.conftest import free_port
 
 READY_S = 20
@@ -34,14 +35,10 @@ class EtcdServer:
 
     def start(self) -> None:
         client = f"http://{self.endpoint}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [self.binary, "--name", "test", "--data-dir", str(self.root / "data"),
-                 "--listen-client-urls", client, "--advertise-client-urls", client,
-                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                 "--initial-cluster", f"test={peer}"],
-                stdout=log, stderr=subprocess.STDOUT)
+                etcd_command(self.binary, "test", str(self.root / "data"), self.client_port,
+                             self.peer_port), stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + READY_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

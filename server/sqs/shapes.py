@@ -85,6 +85,7 @@ EXTRA_ATTRIBUTES = frozenset({
     "Policy", "KmsMasterKeyId", "KmsDataKeyReusePeriodSeconds", "SqsManagedSseEnabled",
     "RedriveAllowPolicy", "DeduplicationScope", "FifoThroughputLimit",
     "ConveyorRateLimit",  # this server's own: a per-queue rate limit, e.g. "100/s:200"
+    "ConveyorReplicationFactor",  # this server's own: replicas of the queue in a cluster
 })
 _READ_ONLY = frozenset({
     "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",

@@ -28,9 +28,10 @@ def placed(c: Cluster, nodes: list[str], timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         queues = c.state()["queues"]
-        if all(set(queues[f"{ACCOUNT}/{q}"]["replicas"]) == ring_replicas(q, nodes)
-               and set(queues[f"{ACCOUNT}/{q}"]["isr"]) == ring_replicas(q, nodes)
-               and queues[f"{ACCOUNT}/{q}"]["leader"] in ring_replicas(q, nodes)
+        none: dict[str, object] = {"replicas": [], "isr": [], "leader": None}
+        if all(set(queues.get(f"{ACCOUNT}/{q}", none)["replicas"]) == ring_replicas(q, nodes)
+               and set(queues.get(f"{ACCOUNT}/{q}", none)["isr"]) == ring_replicas(q, nodes)
+               and queues.get(f"{ACCOUNT}/{q}", none)["leader"] in ring_replicas(q, nodes)
                for q in QUEUES):
             return
         time.sleep(0.2)
@@ -58,6 +59,17 @@ def test_join_and_leave_move_only_what_the_ring_moves(tmp_path: Path) -> None:
         history = History()
         send(c, urls, history, "before")
 
+        # A queue's own replication factor, at creation and changed later.
+        own = create_queue(c, "own", attributes={"ConveyorReplicationFactor": "1"})
+        c.leader("own")  # every node's view of the cluster has it
+        assert len(c.queue_state("own")["replicas"]) == 1
+        c.sqs("n1").set_queue_attributes(QueueUrl=own,
+                                         Attributes={"ConveyorReplicationFactor": "3"})
+        assert c.wait_isr("own", 3, timeout=60)
+        assert c.sqs("n2").get_queue_attributes(
+            QueueUrl=own, AttributeNames=["ConveyorReplicationFactor"]
+        )["Attributes"] == {"ConveyorReplicationFactor": "3"}
+
         c.add_node("n3")
         placed(c, four)
         send(c, urls, history, "joined")
@@ -74,4 +86,4 @@ def test_join_and_leave_move_only_what_the_ring_moves(tmp_path: Path) -> None:
         c.stop_all()
         for node in three:
             expected = {f"{ACCOUNT}/{q}" for q in QUEUES if node in ring_replicas(q, three)}
-            assert local_queues(c.root / node) == expected, node
+            assert local_queues(c.root / node) == expected | {f"{ACCOUNT}/own"}, node
