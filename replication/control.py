@@ -1,11 +1,7 @@
 """The cluster's state in etcd: nodes, queue partitions, leaders, and the changes to them.
 
-Keys, under one prefix (``/conveyor/`` by default)::
-
-    nodes/{node}           {"http": URL, "replication": "host:port"}   on the node's lease
-    partitions/{queue}     {"uid", "attributes", "replicas", "isr"}
-    leaders/{queue}        node id, on the leader's lease; its create revision is the epoch
-    receipt-key            the cluster's receipt-handle key (hex), written once
+The keys (nodes, partitions, leaders, queue records, the receipt key) and their values
+are drawn in docs/FORMAT.md, "Cluster state in etcd".
 
 Every change that safety rests on is one etcd transaction with a compare: a node becomes
 leader only if there is none and it is still in the ISR it read; a leader changes the ISR
