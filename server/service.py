@@ -260,10 +260,14 @@ class QueueService:
 
     async def delete_queue(self, account: str, name: str) -> None:
         record = await self.record(account, name)
-        await self.metadata.delete(account, name)
         if self.cluster is not None:
+            # The messages go first: if the record's delete then fails, the queue answers
+            # 503 until DeleteQueue is retried, whereas a partition left behind would
+            # bring its old messages back to a queue made again under the name.
             await self.cluster.delete_queue(record.engine_name)
+            await self.metadata.delete(account, name)
         else:
+            await self.metadata.delete(account, name)
             await self.broker.delete_queue(record.engine_name)
         self._purged.pop(record.engine_name, None)
 

@@ -62,8 +62,15 @@ def test_dev_cluster_serves_through_every_node_and_stops_on_ctrl_c(tmp_path: Pat
         url = first.create_queue(QueueName="jobs")["QueueUrl"]  # type: ignore[attr-defined]
         second.send_message(QueueUrl=url, MessageBody="hello")  # type: ignore[attr-defined]
         got = third.receive_message(QueueUrl=url,  # type: ignore[attr-defined]
-                                    WaitTimeSeconds=5)["Messages"]
+                                    WaitTimeSeconds=5, VisibilityTimeout=1)["Messages"]
         assert [m["Body"] for m in got] == ["hello"]
+        # Deleted and made again, the queue is new: the old message does not come back.
+        second.delete_queue(QueueUrl=url)  # type: ignore[attr-defined]
+        url = third.create_queue(QueueName="jobs")["QueueUrl"]  # type: ignore[attr-defined]
+        time.sleep(1.5)
+        again = first.receive_message(QueueUrl=url,  # type: ignore[attr-defined]
+                                      WaitTimeSeconds=1)
+        assert again.get("Messages", []) == []
 
         process.send_signal(signal.SIGINT)
         assert process.wait(60) == 0
