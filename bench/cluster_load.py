@@ -9,7 +9,10 @@ for --rounds rounds, it alternates between them:
 - ``send10``: SendMessageBatch of 10 bodies of --body bytes, to the queue's leader;
 - ``recv10``: ReceiveMessage of up to 10 and DeleteMessageBatch, at the leader (both
   queues are filled, untimed, before each round);
-- ``send10-fwd``: send10 to a node that does not lead the queue, which forwards it.
+- ``send10-fwd``: send10 to a node that does not lead the queue, which passes the engine
+  call to the leader;
+- ``send10-p3`` and ``recv10-p3``: the same on a queue of three partitions (RF=3 each),
+  the requests spread over all three nodes in turn.
 
 It prints messages/s of each, the cluster's as a fraction of the single node's, and the
 CPU microseconds per message summed over every node of the cluster. All the processes -
@@ -59,11 +62,12 @@ def _etcd(tmp: str) -> tuple[subprocess.Popen[bytes], str]:
     return process, f"etcd://127.0.0.1:{client}"
 
 
-async def _create(url: str) -> str:
+async def _create(url: str, name: str = QUEUE, partitions: int = 1) -> str:
     import aiohttp
 
+    body = {"QueueName": name, "Attributes": {"ConveyorPartitions": str(partitions)}}
     async with (aiohttp.ClientSession() as session,
-                session.post(url, data=json.dumps({"QueueName": QUEUE}),
+                session.post(url, data=json.dumps(body),
                              headers={**HEADERS, "X-Amz-Target": TARGET + "CreateQueue"})
                 as response):
         return str((await response.json(content_type=None))["QueueUrl"])
@@ -113,6 +117,8 @@ async def _rounds(args: argparse.Namespace, single_url: str, single_pid: int,
     n = args.concurrency
     single_queue = await _create(single_url)
     cluster_queue = await _create(nodes["n0"][0])
+    partitioned_queue = await _create(nodes["n0"][0], QUEUE + "-p3", 3)
+    node_urls = [u for u, _ in nodes.values()]
     leader = _leader({k: u for k, (u, _) in nodes.items()})
     leader_url = nodes[leader][0]
     follower_url = next(u for k, (u, _) in nodes.items() if k != leader)
@@ -135,6 +141,10 @@ async def _rounds(args: argparse.Namespace, single_url: str, single_pid: int,
             "send10-fwd", follower_url,
             [_sqs(follower_url, "SendMessageBatch", ten(cluster_queue))] * n,
             args.seconds, pids, n)
+        spread_send = await _drive(
+            "send10-p3", node_urls[0],
+            [_sqs(node_urls[i % 3], "SendMessageBatch", ten(partitioned_queue))
+             for i in range(n)], args.seconds, pids, n)
         depth = int(args.seconds * FILL_PER_S)
         await _fill(single_url, None, single_queue,
                     _sqs(single_url, "SendMessageBatch", ten(single_queue)), depth)
@@ -146,9 +156,17 @@ async def _rounds(args: argparse.Namespace, single_url: str, single_pid: int,
         cluster_recv = await _drive("recv10", leader_url,
                                     [_receive_delete(leader_url, cluster_queue)] * n,
                                     args.seconds, pids, n)
+        await _fill(node_urls[0], None, partitioned_queue,
+                    _sqs(node_urls[0], "SendMessageBatch", ten(partitioned_queue)), depth)
+        spread_recv = await _drive(
+            "recv10-p3", node_urls[0],
+            [_receive_delete(node_urls[i % 3], partitioned_queue) for i in range(n)],
+            args.seconds, pids, n)
         for name, one, many in (("send10", single_send, cluster_send),
                                 ("send10-fwd", single_send, forwarded),
-                                ("recv10", single_recv, cluster_recv)):
+                                ("send10-p3", single_send, spread_send),
+                                ("recv10", single_recv, cluster_recv),
+                                ("recv10-p3", single_recv, spread_recv)):
             a, b = one.row(), many.row()
             rows.append({"round": round_, "scenario": name,
                          "single_messages_per_s": a["messages_per_s"],
@@ -183,7 +201,7 @@ def main() -> None:
               f"{row['cluster_messages_per_s'] / row['single_messages_per_s']:>7.2f}"
               f"{row['single_cpu_us_per_message']:>19.1f}"
               f"{row['cluster_cpu_us_per_message']:>9.1f}{row['cluster_p99_ms']:>8.1f}")
-    for name in ("send10", "send10-fwd", "recv10"):
+    for name in ("send10", "send10-fwd", "send10-p3", "recv10", "recv10-p3"):
         single = sum(r["single_messages_per_s"] for r in rows if r["scenario"] == name)
         cluster = sum(r["cluster_messages_per_s"] for r in rows if r["scenario"] == name)
         print(f"{name}: RF=3 cluster / single node over all rounds: {cluster / single:.2f}")

@@ -126,6 +126,28 @@ class AsyncQueue:
             finally:
                 waiter.cancel()
 
+    async def wait_receivable(self, seconds: float) -> bool:
+        """Wait up to seconds until a message is receivable, leasing nothing; whether one
+        is. For a caller that long-polls several queues at once and receives from the
+        first that has messages: cancelling this wait changes no state."""
+        deadline = time.monotonic() + seconds
+        while True:
+            core = await self._core()
+            # The version first: a send after the count below still completes the waiter.
+            version = core.version()
+            if core.stats().visible > 0:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            waiter = core.waiter(version)
+            try:
+                await asyncio.wait_for(waiter, min(remaining, core.seconds_to_next_timer()))
+            except TimeoutError:
+                pass
+            finally:
+                waiter.cancel()
+
     async def delete(self, receipt: str) -> None:
         error = (await self.delete_batch([receipt]))[0]
         if error is not None:

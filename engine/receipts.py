@@ -9,6 +9,8 @@ per message deleted.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import os
 
@@ -46,6 +48,24 @@ class ReceiptCodec:
         ReceiptInvalidError with reason "malformed", "forged" or "other-queue"."""
         seq, lease = self.opener(queue_uid).open(handle)
         return seq, lease
+
+
+def handle_queue_uid(handle: str) -> int | None:
+    """The queue uid a receipt handle names, unchecked (None if it is malformed): enough
+    to route the handle to the queue that will check it. Only the queue's opener tells a
+    genuine handle from a forged one."""
+    if len(handle) != HANDLE_CHARS or not handle.isascii():
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(handle)
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) != 1 + 8 * 3 + MAC_BYTES or raw[0] != _VERSION:
+        return None
+    return int.from_bytes(raw[1:9], "little")
+
+
+_VERSION = 1
 
 
 def load_or_create_key(path: str) -> bytes:

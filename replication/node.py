@@ -231,6 +231,20 @@ class ClusterNode:
             return None
         return None if node is None else node.http
 
+    async def partition_uids(self, names: list[str]) -> dict[int, int]:
+        """uid -> index in names, for the partitions of one queue (read from etcd for
+        those this node's view does not hold yet)."""
+        found: dict[int, int] = {}
+        view = self.view
+        for i, name in enumerate(names):
+            partition = view.partitions.get(name) if view is not None else None
+            if partition is None:
+                with contextlib.suppress(ControlUnavailableError):
+                    partition = await self.control.partition(name)
+            if partition is not None:
+                found[partition.uid] = i
+        return found
+
     def live_nodes(self) -> set[str] | None:
         """Nodes whose lease is alive, as of the last reading (None before the first)."""
         return None if self.view is None else set(self.view.nodes)

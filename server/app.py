@@ -34,13 +34,14 @@ from server.config import (
     REQUEST_BYTES_MAX,
     ServerConfig,
 )
+from server.errors import NotFoundError
 from server.etcd_metadata import EtcdMetadataStore
-from server.forward import Forwarder
 from server.keystore import KeyCache, KeyStore
 from server.metadata import CachedMetadata, MetadataStore, SQLiteMetadataStore
 from server.metrics import Metrics
 from server.middleware import frontend
 from server.ratelimit import parse_rate
+from server.rpc import RPC_PATH, PartitionCalls, serve
 from server.service import QueueService
 from server.sqs import handler as sqs
 from server.sse import Keyring
@@ -68,6 +69,7 @@ def create_app(config: ServerConfig) -> web.Application:
     app.router.add_get("/metrics", metrics, name="metrics")
     app.router.add_get("/openapi.json", openapi_json, name="openapi")
     app.router.add_get("/v1/cluster", cluster_state, name="cluster")
+    app.router.add_post(RPC_PATH, partition_call, name="internal_rpc")
     # The SQS protocols: JSON and query at "/", and the query protocol at a queue's URL.
     app.router.add_post("/", sqs.handle, name="sqs")
     app.router.add_get("/", sqs.handle, name="sqs_get")
@@ -86,6 +88,7 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
     if config.cluster is not None:
         node = ClusterNode(config.cluster)
         cluster_options = {"leadership": node, "receipt_key": await node.connect()}
+    calls: PartitionCalls | None = None
     broker = AsyncBroker(config.data_dir, config.fsync,
                          open_queues_max=config.open_queues_max,
                          on_sync=app[keys.METRICS].fsync.observe, **cluster_options)
@@ -98,8 +101,13 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
     access_keys = KeyStore(os.path.join(config.data_dir, keystore.FILE_NAME), master)
     metadata = CachedMetadata(store, _guard("metadata", METADATA_CALLS_MAX, METADATA_QUEUE_S,
                                             METADATA_CALL_S))
-    service = QueueService(broker, metadata, keyring,
-                           _guard("engine", BACKEND_CALLS_MAX, 0, None), cluster=node)
+    engine_guard = _guard("engine", BACKEND_CALLS_MAX, 0, None)
+    if node is not None:
+        # Nodes sign partition calls with a key derived from the cluster's shared secret.
+        calls = PartitionCalls(broker.broker, node, engine_guard,
+                               cluster_options["receipt_key"])
+        app[keys.PARTITION_CALLS] = calls
+    service = QueueService(broker, metadata, keyring, engine_guard, cluster=node, calls=calls)
     watch: asyncio.Task[None] | None = None
     authenticator = Authenticator(KeyCache(access_keys) if config.auth == "required" else None,
                                   config.account_id)
@@ -108,7 +116,6 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
             await node.start(broker.broker)
             assert isinstance(store, EtcdMetadataStore)
             watch = asyncio.create_task(store.watch(metadata.invalidate, metadata.clear))
-            app[keys.FORWARDER] = Forwarder(node)
         await service.start()
         app[keys.CLUSTER] = node
         app[keys.METRICS].watch(broker.broker)
@@ -127,8 +134,8 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
             watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watch
-        if keys.FORWARDER in app:
-            await app[keys.FORWARDER].close()
+        if calls is not None:
+            await calls.close()
         if node is not None:
             await node.close()
         await store.close()
@@ -170,6 +177,14 @@ async def cluster_state(request: web.Request) -> web.Response:
                                             "message": "this server is a single node"}},
                                  status=404)
     return web.json_response(node.describe())
+
+
+async def partition_call(request: web.Request) -> web.Response:
+    """A call on a partition this node leads, from another node's FrontEnd."""
+    calls = request.app.get(keys.PARTITION_CALLS)
+    if calls is None:
+        raise NotFoundError("this server is a single node: it takes no partition calls")
+    return await serve(calls, request)
 
 
 async def openapi_json(request: web.Request) -> web.Response:

@@ -55,6 +55,8 @@ BREAKER_RESET_S = 5.0
 
 # Replicas of one queue in a cluster (ConveyorReplicationFactor, --replication-factor).
 REPLICATION_FACTOR_MAX = 7
+# Partitions of one queue in a cluster (ConveyorPartitions), each led on its own node.
+PARTITIONS_MAX = 16
 
 DEFAULT_ACCOUNT = "000000000000"
 DEFAULT_REGION = "us-east-1"

@@ -152,6 +152,11 @@ class DependencyUnavailableError(ServerError):
         self.dependency = dependency
 
 
+class LeaderUnreachableError(DependencyUnavailableError):
+    """A partition's leader node refused the connection or did not take it in time: the
+    call was never sent, so nothing of it happened there."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ErrorSpec:
     status: int

@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from replication.errors import NotLeaderError
 from server import keys
 from server.config import REQUEST_BYTES_MAX
 from server.errors import (
@@ -51,10 +50,7 @@ async def frontend(request: web.Request, handler: Handler) -> web.StreamResponse
         declared = request.content_length
         if declared is not None and declared > REQUEST_BYTES_MAX:
             raise RequestTooLargeError(declared, REQUEST_BYTES_MAX)
-        try:
-            response = await handler(request)
-        except NotLeaderError as refusal:
-            response = await request.app[keys.FORWARDER].forward(request, refusal)
+        response = await handler(request)
     except web.HTTPRequestEntityTooLarge:
         response = error_response(request, RequestTooLargeError(None, REQUEST_BYTES_MAX))
     except web.HTTPNotFound:

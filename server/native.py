@@ -31,6 +31,7 @@ from server import authz, keys
 from server.config import REQUEST_BYTES_MAX
 from server.errors import MalformedRequestError, RequestTooLargeError, spec_for
 from server.params import int_in_range as _int
+from server.partitions import PARTITIONS_ATTRIBUTE, partition_count
 from server.service import (
     RATE_LIMIT_ATTRIBUTE,
     REPLICATION_FACTOR_ATTRIBUTE,
@@ -103,6 +104,7 @@ def _queue_json(request: web.Request, view: QueueView) -> dict[str, Any]:
         "encrypted": sse_enabled(record.extra),
         "rate_limit": record.extra.get(RATE_LIMIT_ATTRIBUTE),
         "replication_factor": replication_factor(record.extra),
+        "partitions": partition_count(record.extra),
         "created_at": record.created_ms / 1000,
         "modified_at": record.modified_ms / 1000,
     }
@@ -146,6 +148,11 @@ def _extra(body: Mapping[str, Any]) -> dict[str, str]:
             raise InvalidParameterError("replication_factor", value,
                                         "must be a whole number or null")
         extra[REPLICATION_FACTOR_ATTRIBUTE] = "" if value is None else str(value)
+    if "partitions" in body:
+        value = body["partitions"]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidParameterError("partitions", value, "must be a whole number")
+        extra[PARTITIONS_ATTRIBUTE] = str(value)
     return extra
 
 

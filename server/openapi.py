@@ -18,7 +18,7 @@ from engine.limits import (
     RETENTION_S_MIN,
     VISIBILITY_TIMEOUT_S_MAX,
 )
-from server.config import REPLICATION_FACTOR_MAX
+from server.config import PARTITIONS_MAX, REPLICATION_FACTOR_MAX
 from server.native import NATIVE_BATCH_MAX
 
 _INT = {"type": "integer"}
@@ -34,6 +34,9 @@ _PROTECTION: dict[str, Any] = {
                            "maximum": REPLICATION_FACTOR_MAX,
                            "description": "Replicas of the queue in a cluster (null: the "
                                           "server's --replication-factor)"},
+    "partitions": {"type": "integer", "minimum": 1, "maximum": PARTITIONS_MAX,
+                   "description": "Partitions of the queue in a cluster, each with its own "
+                                  "leader; fixed when the queue is created"},
 }
 _COUNTS: dict[str, Any] = {"type": "object", "additionalProperties": {"type": "integer"}}
 
@@ -98,12 +101,13 @@ _SCHEMAS: dict[str, Any] = {
     "Queue": {
         "type": "object", "additionalProperties": False,
         "required": ["name", "url", "attributes", "stats", "tags", "encrypted", "rate_limit",
-                     "replication_factor", "created_at", "modified_at"],
+                     "replication_factor", "partitions", "created_at", "modified_at"],
         "properties": {
             "name": _STR, "url": _STR, "attributes": _ref("QueueAttributes"),
             "stats": _ref("QueueStats"), "tags": _ref("Tags"),
             "encrypted": {"type": "boolean"}, "rate_limit": _nullable(_STR),
             "replication_factor": {"type": "integer", "nullable": True},
+            "partitions": _INT,
             "created_at": _NUM, "modified_at": _NUM,
         },
     },

@@ -21,8 +21,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from engine import AsyncBroker, AsyncQueue, Message, QueueAttributes, QueueStats
 from engine.errors import (
@@ -47,17 +47,26 @@ from server.config import (
 )
 from server.errors import PurgeInProgressError, TaskNotFoundError, UnsupportedOperationError
 from server.metadata import CachedMetadata, QueueRecord
+from server.partitions import (
+    PartitionedQueue,
+    check_partitions,
+    partition_count,
+    partition_names,
+)
 from server.ratelimit import parse_rate
 from server.sse import ENVELOPE_OVERHEAD, Keyring, SealError, is_sealed
 
 if TYPE_CHECKING:
     from replication.node import ClusterNode
+    from server.rpc import PartitionCalls
 
 # Queue attribute (SQS name) that overrides the server's per-queue rate limit.
 RATE_LIMIT_ATTRIBUTE = "ConveyorRateLimit"
 REPLICATION_FACTOR_ATTRIBUTE = "ConveyorReplicationFactor"
 
 _log = logging.getLogger("conveyor.service")
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 # A redrive moves at most this many messages per second unless the caller says fewer.
 MOVE_RATE_MAX = 500
@@ -112,10 +121,13 @@ class _KeyedLocks:
 
 class QueueService:
     def __init__(self, broker: AsyncBroker, metadata: CachedMetadata, keyring: Keyring,
-                 backend: Guard, cluster: ClusterNode | None = None) -> None:
+                 backend: Guard, cluster: ClusterNode | None = None,
+                 calls: PartitionCalls | None = None) -> None:
         self.broker = broker
         self.cluster = cluster
         """None on a single node; else queues are placed, led and deleted through it."""
+        self.calls = calls
+        """With cluster: engine calls on partitions, made where each is led."""
         self.metadata = metadata
         self.keyring = keyring
         self.backend = backend
@@ -152,13 +164,14 @@ class QueueService:
         """Create a queue, or return it if it exists with the same attributes."""
         check_tags(tags)
         check_extra(extra)
+        check_partitions(extra, None)
         _same_account(account, attributes)
         # Attributes first: the name's rules depend on whether the queue is FIFO.
         check_queue_name(name, QueueAttributes.from_dict(attributes).fifo)
         self._check_clusterable(attributes, extra)
         existing = await self.metadata.get(account, name)
         if existing is not None:
-            queue = (AsyncQueue(self.broker.broker, existing.engine_name) if self.cluster
+            queue = (self._queue_of(existing) if self.cluster
                      else await self.broker.get_queue(existing.engine_name))
             current = (await queue.attributes()).to_dict()
             wanted = QueueAttributes.from_dict(attributes).to_dict()
@@ -175,8 +188,10 @@ class QueueService:
                 return await self.create_queue(account, name, attributes, extra, tags)
             engine_name = f"{account}/{name}"
             if self.cluster is not None:
-                await self.cluster.create_queue(engine_name, attributes,
-                                                replication_factor(extra))
+                cluster = self.cluster
+                await asyncio.gather(*(
+                    cluster.create_queue(partition, attributes, replication_factor(extra))
+                    for partition in partition_names(engine_name, partition_count(extra))))
                 now = _now_ms()
                 record = QueueRecord(account, name, now, now, dict(tags), dict(extra))
                 await self.metadata.put(record)
@@ -217,14 +232,29 @@ class QueueService:
             raise QueueNotFoundError(name)
         return record
 
-    async def queue(self, account: str, name: str) -> AsyncQueue:
+    async def queue(self, account: str, name: str) -> AsyncQueue | PartitionedQueue:
         """The engine queue behind (account, name): the path every message takes."""
         record = self.metadata.cached(account, name) or await self.record(account, name)
-        return AsyncQueue(self.broker.broker, record.engine_name)
+        return self._queue_of(record)
+
+    def _queue_of(self, record: QueueRecord) -> AsyncQueue | PartitionedQueue:
+        if self.cluster is None:
+            return AsyncQueue(self.broker.broker, record.engine_name)
+        assert self.calls is not None
+        return PartitionedQueue(self.calls, self.cluster, record.engine_name,
+                                partition_count(record.extra))
+
+    async def _run(self, fn: Callable[_P, Awaitable[_T]], /,
+                   *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """An engine call on a queue: behind the engine's guard on a single node; in a
+        cluster the guard is on each partition's call where it is made."""
+        if self.cluster is None:
+            return await self.backend.run(fn, *args, **kwargs)
+        return await fn(*args, **kwargs)
 
     async def view(self, account: str, name: str) -> QueueView:
         record = await self.record(account, name)
-        queue = AsyncQueue(self.broker.broker, record.engine_name)
+        queue = self._queue_of(record)
         return QueueView(record, await queue.attributes(), await queue.stats())
 
     async def list_queues(self, account: str, prefix: str = "", limit: int = LIST_PAGE_MAX,
@@ -244,13 +274,21 @@ class QueueService:
                              extra: dict[str, str]) -> QueueView:
         record = await self.record(account, name)
         check_extra(extra)
+        check_partitions(extra, record.extra)
         _same_account(account, changes)
         self._check_clusterable(changes, extra)
         if changes:
-            await self.broker.set_queue_attributes(record.engine_name, **changes)
+            if self.cluster is None:
+                await self.broker.set_queue_attributes(record.engine_name, **changes)
+            else:
+                await self._queue_of(record).set_attributes(**changes)
         factor = replication_factor(extra)
         if self.cluster is not None and REPLICATION_FACTOR_ATTRIBUTE in extra:
-            await self.cluster.set_replication_factor(record.engine_name, factor)
+            cluster = self.cluster
+            await asyncio.gather(*(
+                cluster.set_replication_factor(partition, factor)
+                for partition in partition_names(record.engine_name,
+                                                 partition_count(record.extra))))
         if extra or changes:
             merged = {**record.extra, **extra}
             merged = {k: v for k, v in merged.items() if v != ""}
@@ -264,7 +302,11 @@ class QueueService:
             # The messages go first: if the record's delete then fails, the queue answers
             # 503 until DeleteQueue is retried, whereas a partition left behind would
             # bring its old messages back to a queue made again under the name.
-            await self.cluster.delete_queue(record.engine_name)
+            cluster = self.cluster
+            await asyncio.gather(*(
+                cluster.delete_queue(partition)
+                for partition in partition_names(record.engine_name,
+                                                 partition_count(record.extra))))
             await self.metadata.delete(account, name)
         else:
             await self.metadata.delete(account, name)
@@ -298,10 +340,10 @@ class QueueService:
 
     async def _send(self, record: QueueRecord, entries: Sequence[SendEntry]
                     ) -> list[SendResult | EngineError]:
-        queue = AsyncQueue(self.broker.broker, record.engine_name)
+        queue = self._queue_of(record)
         encrypted = sse_enabled(record.extra)
         if not encrypted and not any(is_sealed(e.body) for e in entries):
-            return await self.backend.run(queue.send_batch, entries)  # nothing to seal
+            return await self._run(queue.send_batch, entries)  # nothing to seal
         refused: dict[int, EngineError] = {}
         prepared: list[SendEntry] = []
         for i, entry in enumerate(entries):
@@ -315,7 +357,7 @@ class QueueService:
                 prepared.append(entry)
         if encrypted and prepared:
             prepared = self._seal(record.engine_name, await queue.attributes(), prepared)
-        results = iter(await self.backend.run(queue.send_batch, prepared) if prepared else [])
+        results = iter(await self._run(queue.send_batch, prepared) if prepared else [])
         return [refused[i] if i in refused else next(results) for i in range(len(entries))]
 
     def _seal(self, queue_id: str, attributes: QueueAttributes,
@@ -361,16 +403,16 @@ class QueueService:
                       wait_seconds: int | None, visibility_timeout: int | None
                       ) -> list[Message]:
         queue = await self.queue(account, name)
-        return self._open(queue.name, await self.backend.run(
+        return self._open(queue.name, await self._run(
             queue.receive, max_messages, wait_seconds, visibility_timeout))
 
     async def delete(self, account: str, name: str, receipts: Sequence[str]
                      ) -> list[EngineError | None]:
-        return await self.backend.run((await self.queue(account, name)).delete_batch, receipts)
+        return await self._run((await self.queue(account, name)).delete_batch, receipts)
 
     async def change_visibility(self, account: str, name: str,
                                 entries: Sequence[tuple[str, int]]) -> list[EngineError | None]:
-        return await self.backend.run(
+        return await self._run(
             (await self.queue(account, name)).change_visibility_batch, entries)
 
     async def purge(self, account: str, name: str) -> None:

@@ -86,6 +86,7 @@ EXTRA_ATTRIBUTES = frozenset({
     "RedriveAllowPolicy", "DeduplicationScope", "FifoThroughputLimit",
     "ConveyorRateLimit",  # this server's own: a per-queue rate limit, e.g. "100/s:200"
     "ConveyorReplicationFactor",  # this server's own: replicas of the queue in a cluster
+    "ConveyorPartitions",  # this server's own: partitions of the queue in a cluster
 })
 _READ_ONLY = frozenset({
     "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",

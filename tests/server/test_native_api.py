@@ -313,7 +313,8 @@ async def test_get_returns_attributes_stats_tags_and_times(client: Client) -> No
 
     queue = await ok_json(await client.get("/v1/queues/orders"))
     assert set(queue) == {"name", "url", "attributes", "stats", "tags", "encrypted",
-                          "rate_limit", "replication_factor", "created_at", "modified_at"}
+                          "rate_limit", "replication_factor", "partitions", "created_at",
+                          "modified_at"}
     assert queue["name"] == "orders"
     assert queue["url"] == f"http://{client.host}:{client.port}/v1/queues/orders"
     assert queue["attributes"] == DEFAULT_ATTRIBUTES | {"visibility_timeout": 60}
