@@ -35,6 +35,7 @@ from server.config import (
     ServerConfig,
 )
 from server.errors import NotFoundError
+from server.etcd_keystore import EtcdKeyStore
 from server.etcd_metadata import EtcdMetadataStore
 from server.keystore import KeyCache, KeyStore
 from server.metadata import CachedMetadata, MetadataStore, SQLiteMetadataStore
@@ -98,7 +99,11 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
         store = SQLiteMetadataStore(os.path.join(config.data_dir, METADATA_FILE))
     keyring = Keyring(os.path.join(config.data_dir, KEYRING_FILE), master,
                       rotate_period_s=config.sse_rotation_s)
+    # A single node keeps access keys in its data directory; a cluster keeps them in etcd,
+    # wrapped under the master key every node shares.
     access_keys = KeyStore(os.path.join(config.data_dir, keystore.FILE_NAME), master)
+    cluster_keys = (EtcdKeyStore(node.control.client, master, node.config.prefix.encode())
+                    if node is not None and config.auth == "required" else None)
     metadata = CachedMetadata(store, _guard("metadata", METADATA_CALLS_MAX, METADATA_QUEUE_S,
                                             METADATA_CALL_S))
     engine_guard = _guard("engine", BACKEND_CALLS_MAX, 0, None)
@@ -109,9 +114,13 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
         app[keys.PARTITION_CALLS] = calls
     service = QueueService(broker, metadata, keyring, engine_guard, cluster=node, calls=calls)
     watch: asyncio.Task[None] | None = None
-    authenticator = Authenticator(KeyCache(access_keys) if config.auth == "required" else None,
-                                  config.account_id)
+    key_cache = None
+    if config.auth == "required":
+        key_cache = KeyCache(cluster_keys.get if cluster_keys else access_keys.lookup)
+    authenticator = Authenticator(key_cache, config.account_id)
     try:
+        if cluster_keys is not None:
+            await cluster_keys.check_master_key()
         if node is not None:
             await node.start(broker.broker)
             assert isinstance(store, EtcdMetadataStore)

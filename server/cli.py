@@ -130,7 +130,7 @@ def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, aut
     if etcd is not None:
         cluster = _cluster_config(etcd, node_id, advertise or host, port, host,
                                   replication_port, replication_advertise, lease_ttl,
-                                  replication_factor, min_insync_replicas, auth, tls_cert)
+                                  replication_factor, min_insync_replicas, tls_cert)
         cluster = dataclasses.replace(cluster, node_gone_s=node_gone_after)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     config = ServerConfig(data_dir=data_dir, host=host, port=port, fsync=fsync,
@@ -173,7 +173,7 @@ def dev_cluster(nodes: int, base_port: int, data_dir: str, fsync: str) -> None:
 def _cluster_config(etcd: str, node_id: str | None, advertise: str, port: int, host: str,
                     replication_port: int | None, replication_advertise: str,
                     lease_ttl: int, replication_factor: int, min_insync_replicas: int,
-                    auth: str, tls_cert: str | None) -> Any:
+                    tls_cert: str | None) -> Any:
     from replication.control import parse_endpoints
     from replication.node import ClusterConfig
 
@@ -183,10 +183,6 @@ def _cluster_config(etcd: str, node_id: str | None, advertise: str, port: int, h
         raise click.BadParameter(str(exc), param_hint="--cluster") from None
     if replication_port is None:
         raise click.UsageError("--cluster needs --replication-port")
-    if auth == "required":
-        # Access keys and the master key live in each node's data directory; until they
-        # live in etcd, a key made on one node would be unknown to the others.
-        raise click.UsageError("--auth required is not yet supported with --cluster")
     scheme = "https" if tls_cert else "http"
     return ClusterConfig(
         etcd=etcd, node_id=node_id or f"{advertise}:{port}",
@@ -412,15 +408,66 @@ _data_dir = click.option("--data-dir", default="./conveyor-data", show_default=T
                          help="The server's data directory (it holds the key database).")
 _master_key = click.option("--master-key-file", type=click.Path(dir_okay=False),
                            help="Default: master.key in the data directory.")
+_key_cluster = click.option(
+    "--cluster", "etcd", metavar="etcd://HOST:PORT[,HOST:PORT...]",
+    help="The keys of this cluster, in its etcd, rather than of the data directory; the "
+         "master key must be the one every node was started with.")
+
+
+class _ClusterKeys:
+    """A cluster's key store (coroutines) for the command line: one event loop for the
+    whole command, on which the etcd client lives."""
+
+    def __init__(self, etcd: str, master_key: bytes) -> None:
+        from replication.control import Control, parse_endpoints
+        from server.etcd_keystore import EtcdKeyStore
+
+        self._loop = asyncio.new_event_loop()
+        self._control = Control(parse_endpoints(etcd))
+        try:
+            self._run(self._control.connect())
+        except BaseException:
+            self._loop.close()
+            raise
+        self._store = EtcdKeyStore(self._control.client, master_key, self._control.prefix)
+
+    def _run(self, work: Any) -> Any:
+        return self._loop.run_until_complete(work)
+
+    def create(self, principal: str, account: str) -> Any:
+        return self._run(self._store.create(principal, account))
+
+    def get(self, access_key_id: str) -> Any:
+        return self._run(self._store.get(access_key_id))
+
+    def list(self) -> Any:
+        return self._run(self._store.list())
+
+    def revoke(self, access_key_id: str) -> Any:
+        return self._run(self._store.revoke(access_key_id))
+
+    def close(self) -> None:
+        self._run(self._control.close())
+        self._loop.close()
 
 
 @contextmanager
-def _keystore(data_dir: str, master_key_file: str | None) -> Iterator[Any]:
+def _keystore(data_dir: str, master_key_file: str | None, etcd: str | None = None
+              ) -> Iterator[Any]:
+    from server import masterkey
     from server.keystore import KeyStore
 
+    store: KeyStore | _ClusterKeys
     try:
-        store = KeyStore.open(data_dir, master_key_file)
-    except EngineError as exc:
+        if etcd is None:
+            store = KeyStore.open(data_dir, master_key_file)
+        else:
+            path = master_key_file or os.path.join(data_dir, masterkey.FILE_NAME)
+            if not os.path.exists(path):
+                raise click.ClickException(f"no master key at {path}: name the cluster's "
+                                           "with --master-key-file")
+            store = _ClusterKeys(etcd, masterkey.load_or_create(path))
+    except (EngineError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     try:
         yield store
@@ -432,20 +479,22 @@ def _keystore(data_dir: str, master_key_file: str | None) -> Iterator[Any]:
 
 @main.group()
 def keys() -> None:
-    """Create, list and revoke access keys (run on the server's machine)."""
+    """Create, list and revoke access keys: of a data directory (run on the server's
+    machine), or with --cluster, of a cluster."""
 
 
 @keys.command("create")
 @_data_dir
 @_master_key
+@_key_cluster
 @click.option("--principal", default="default", show_default=True,
               help="Who the key belongs to: named in audit lines and usage data.")
 @click.option("--account", default=DEFAULT_ACCOUNT, show_default=True,
               help="The 12-digit account whose queues the key may use.")
 def keys_create(data_dir: str, master_key_file: str | None, principal: str,
-                account: str) -> None:
+                account: str, etcd: str | None) -> None:
     """Create a key and print it as JSON. The secret is shown this once."""
-    with _keystore(data_dir, master_key_file) as store:
+    with _keystore(data_dir, master_key_file, etcd) as store:
         key = store.create(principal, account)
     click.echo(json.dumps({"access_key_id": key.access_key_id,
                            "secret_access_key": key.secret, "principal": key.principal,
@@ -455,10 +504,12 @@ def keys_create(data_dir: str, master_key_file: str | None, principal: str,
 @keys.command("list")
 @_data_dir
 @_master_key
+@_key_cluster
 @_as_json
-def keys_list(data_dir: str, master_key_file: str | None, as_json: bool) -> None:
+def keys_list(data_dir: str, master_key_file: str | None, as_json: bool,
+              etcd: str | None) -> None:
     """List keys (never their secrets)."""
-    with _keystore(data_dir, master_key_file) as store:
+    with _keystore(data_dir, master_key_file, etcd) as store:
         listed = [{"access_key_id": k.access_key_id, "principal": k.principal,
                    "account": k.account, "created_ms": k.created_ms,
                    "revoked_ms": k.revoked_ms} for k in store.list()]
@@ -471,9 +522,11 @@ def keys_list(data_dir: str, master_key_file: str | None, as_json: bool) -> None
 @click.argument("access_key_id")
 @_data_dir
 @_master_key
-def keys_revoke(access_key_id: str, data_dir: str, master_key_file: str | None) -> None:
+@_key_cluster
+def keys_revoke(access_key_id: str, data_dir: str, master_key_file: str | None,
+                etcd: str | None) -> None:
     """Revoke a key: the server refuses it within a few seconds (its cache's lifetime)."""
-    with _keystore(data_dir, master_key_file) as store:
+    with _keystore(data_dir, master_key_file, etcd) as store:
         if not store.revoke(access_key_id):
             raise click.ClickException(f"no active key {access_key_id}")
     click.echo(f"revoked {access_key_id}")
@@ -483,17 +536,18 @@ def keys_revoke(access_key_id: str, data_dir: str, master_key_file: str | None) 
 @click.argument("access_key_id")
 @_data_dir
 @_master_key
+@_key_cluster
 @click.option("--ttl", default=3600, show_default=True,
               type=click.IntRange(1, 7 * 24 * 60 * 60), help="Seconds the token is valid.")
 def keys_token(access_key_id: str, data_dir: str, master_key_file: str | None,
-               ttl: int) -> None:
+               ttl: int, etcd: str | None) -> None:
     """Print a bearer token of a key for the native API (curl -H "Authorization: Bearer
     ..."; the CLI's client verbs read it from CONVEYOR_TOKEN)."""
     import time
 
     from server.auth import bearer_token
 
-    with _keystore(data_dir, master_key_file) as store:
+    with _keystore(data_dir, master_key_file, etcd) as store:
         key = store.get(access_key_id)
     if key is None:
         raise click.ClickException(f"no active key {access_key_id}")

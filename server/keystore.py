@@ -4,7 +4,8 @@ A key is an (access key id, secret access key) pair, used exactly as AWS credent
 clients sign requests with SigV4 (server/sigv4.py). The secret is stored wrapped with
 AES-256-GCM under a subkey of the master key, bound to its key id, so a copy of the
 database alone reveals no secret. Keys are created, listed and revoked with
-``conveyor keys`` against the data directory; the server reads them through
+``conveyor keys`` against the data directory (in a cluster, against etcd:
+server/etcd_keystore.py, with the same wrapping); the server reads them through
 :class:`KeyCache`, which remembers a lookup for ``KEY_CACHE_TTL_S`` so that the signature
 check costs no database read, and so a revocation takes effect within that time.
 """
@@ -21,6 +22,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -80,11 +82,37 @@ def is_key_id(value: str) -> bool:
     return _KEY_ID.fullmatch(value) is not None
 
 
+def new_key() -> tuple[str, str]:
+    """A fresh (access key id, secret access key)."""
+    key_id = "CVY" + base64.b32encode(secrets.token_bytes(11)).decode()[:17]
+    return key_id, secrets.token_urlsafe(30)  # 40 characters, like an AWS secret key
+
+
+class SecretWrap:
+    """Secrets sealed with AES-256-GCM under the master key's access-keys subkey, bound
+    to their key id."""
+
+    def __init__(self, master_key: bytes) -> None:
+        self._aead = AESGCM(masterkey.subkey(master_key, "access-keys"))
+
+    def seal(self, access_key_id: str, secret: str) -> bytes:
+        nonce = secrets.token_bytes(_NONCE_BYTES)
+        return nonce + self._aead.encrypt(nonce, secret.encode(), access_key_id.encode())
+
+    def open(self, access_key_id: str, wrapped: bytes) -> str:
+        try:
+            return self._aead.decrypt(wrapped[:_NONCE_BYTES], wrapped[_NONCE_BYTES:],
+                                      access_key_id.encode()).decode()
+        except InvalidTag:
+            raise ConfigError("access key", access_key_id,
+                              "its secret does not open under this master key") from None
+
+
 class KeyStore:
     """The access-key database. Blocking calls: the server runs them on a thread."""
 
     def __init__(self, path: str, master_key: bytes) -> None:
-        self._aead = AESGCM(masterkey.subkey(master_key, "access-keys"))
+        self._wrap = SecretWrap(master_key)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -101,10 +129,8 @@ class KeyStore:
 
     def create(self, principal: str, account: str) -> AccessKey:
         principal, account = check_principal(principal), check_account(account)
-        key_id = "CVY" + base64.b32encode(secrets.token_bytes(11)).decode()[:17]
-        secret = secrets.token_urlsafe(30)  # 40 characters, like an AWS secret key
-        nonce = secrets.token_bytes(_NONCE_BYTES)
-        wrapped = nonce + self._aead.encrypt(nonce, secret.encode(), key_id.encode())
+        key_id, secret = new_key()
+        wrapped = self._wrap.seal(key_id, secret)
         created = time.time_ns() // 1_000_000
         with self._lock:
             self._db.execute(
@@ -124,13 +150,12 @@ class KeyStore:
         if row is None:
             return None
         principal, account, wrapped, created = row
-        try:
-            secret = self._aead.decrypt(wrapped[:_NONCE_BYTES], wrapped[_NONCE_BYTES:],
-                                        access_key_id.encode()).decode()
-        except InvalidTag:
-            raise ConfigError("access key", access_key_id,
-                              "its secret does not open under this master key") from None
-        return AccessKey(access_key_id, principal, account, created, None, secret)
+        return AccessKey(access_key_id, principal, account, created, None,
+                         self._wrap.open(access_key_id, wrapped))
+
+    async def lookup(self, access_key_id: str) -> AccessKey | None:
+        """get, on a thread: the server's KeyCache fetch."""
+        return await asyncio.to_thread(self.get, access_key_id)
 
     def list(self) -> list[AccessKey]:
         with self._lock:
@@ -153,11 +178,13 @@ class KeyStore:
 
 
 class KeyCache:
-    """The server's view of the store: lookups remembered for KEY_CACHE_TTL_S."""
+    """The server's view of a store: lookups remembered for KEY_CACHE_TTL_S.
 
-    def __init__(self, store: KeyStore, ttl_s: float = KEY_CACHE_TTL_S,
-                 max_entries: int = KEY_CACHE_MAX) -> None:
-        self.store = store
+    fetch: the store's lookup, a coroutine (a KeyStore's runs on a thread)."""
+
+    def __init__(self, fetch: Callable[[str], Awaitable[AccessKey | None]],
+                 ttl_s: float = KEY_CACHE_TTL_S, max_entries: int = KEY_CACHE_MAX) -> None:
+        self._fetch = fetch
         self._ttl = ttl_s
         self._max = max_entries
         self._entries: OrderedDict[str, tuple[float, AccessKey | None]] = OrderedDict()
@@ -171,7 +198,7 @@ class KeyCache:
         entry = self._entries.get(access_key_id)
         if entry is not None and entry[0] > now:
             return entry[1]
-        key = await asyncio.to_thread(self.store.get, access_key_id)
+        key = await self._fetch(access_key_id)
         self._entries[access_key_id] = (now + self._ttl, key)
         self._entries.move_to_end(access_key_id)
         while len(self._entries) > self._max:

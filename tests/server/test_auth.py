@@ -1006,7 +1006,7 @@ def test_subkeys_differ_by_purpose_and_master() -> None:
 
 async def test_key_cache_remembers_for_its_ttl_then_sees_a_revocation(store: KeyStore) -> None:
     key = store.create("p", ALICE)
-    cache = KeyCache(store, ttl_s=0.2)
+    cache = KeyCache(store.lookup, ttl_s=0.2)
     first = await cache.lookup(key.access_key_id)
     assert first is not None and first.secret == key.secret
     store.revoke(key.access_key_id)
@@ -1038,7 +1038,7 @@ async def test_key_cache_is_bounded_and_evicts_the_oldest(tmp_path: Path) -> Non
     store = CountingStore(str(tmp_path / keystore.FILE_NAME),
                           masterkey.load_or_create(str(tmp_path / masterkey.FILE_NAME)))
     try:
-        cache = KeyCache(store, max_entries=50)
+        cache = KeyCache(store.lookup, max_entries=50)
         real = store.create("p", ALICE)
         got = await cache.lookup(real.access_key_id)
         assert got is not None and got.secret == real.secret
@@ -1065,7 +1065,7 @@ async def test_key_cache_is_bounded_and_evicts_the_oldest(tmp_path: Path) -> Non
 async def test_key_cache_memory_stays_small_under_made_up_key_ids(store: KeyStore) -> None:
     # Anyone can send an Authorization header naming a 16 KB "key id"; remembering each
     # one would let KEY_CACHE_MAX of them hold 160 MB.
-    cache = KeyCache(store)
+    cache = KeyCache(store.lookup)
     tracemalloc.start()
     try:
         before = tracemalloc.take_snapshot()

@@ -1,0 +1,123 @@
+"""Access keys in etcd: the cluster's key store, so a key made once works on every node.
+
+A key lives at ``{prefix}access-keys/{access key id}`` as JSON, its secret wrapped as in
+the single-node store (server/keystore.py: AES-256-GCM under the master key's subkey,
+bound to the key id). Every node must therefore hold the same master key
+(``--master-key-file``): ``{prefix}master-key-check``, written by the first node to start,
+holds a MAC of a fixed text under the master key, and a node whose key does not match
+refuses to start rather than refuse every request. etcd alone reveals no secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+
+from engine.errors import ConfigError
+from server import masterkey
+from server.errors import DependencyUnavailableError
+from server.keystore import AccessKey, SecretWrap, check_account, check_principal, is_key_id
+from server.keystore import new_key as _new_key
+
+_CHECK_TEXT = b"conveyor master key check v1"
+
+
+def master_check(master_key: bytes) -> str:
+    """What ``master-key-check`` holds for this master key: a MAC, not the key."""
+    return hmac.new(masterkey.subkey(master_key, "cluster-check"), _CHECK_TEXT,
+                    hashlib.sha256).hexdigest()
+
+
+class EtcdKeyStore:
+    """The access keys of a cluster. Coroutines: etcd is reached over the network."""
+
+    def __init__(self, client: Any, master_key: bytes, prefix: bytes = b"/conveyor/") -> None:
+        self._client = client
+        self._master = master_key
+        self._wrap = SecretWrap(master_key)
+        self._prefix = prefix + b"access-keys/"
+        self._check_key = prefix + b"master-key-check"
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await getattr(self._client, method)(*args, **kwargs)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # aetcd and grpc errors share no base class
+            raise DependencyUnavailableError("key store", f"etcd {method}: {exc}") from exc
+
+    async def check_master_key(self) -> None:
+        """Record this master key's check if the cluster has none; refuse a different one."""
+        mine = master_check(self._master).encode()
+        t = self._client.transactions
+        await self._call("transaction", compare=[t.version(self._check_key) == 0],
+                         success=[t.put(self._check_key, mine)], failure=[])
+        stored = await self._call("get", self._check_key)
+        if stored is None or not hmac.compare_digest(stored.value, mine):
+            raise ConfigError("master key", "(its check does not match)",
+                              "this node's master key is not the cluster's; start every "
+                              "node with the same --master-key-file")
+
+    async def create(self, principal: str, account: str) -> AccessKey:
+        principal, account = check_principal(principal), check_account(account)
+        await self.check_master_key()
+        key_id, secret = _new_key()
+        created = time.time_ns() // 1_000_000
+        value = {"principal": principal, "account": account, "created_ms": created,
+                 "revoked_ms": None,
+                 "wrapped_secret": base64.b64encode(self._wrap.seal(key_id, secret)).decode()}
+        key = self._prefix + key_id.encode()
+        t = self._client.transactions
+        ok, _ = await self._call("transaction", compare=[t.version(key) == 0],
+                                 success=[t.put(key, json.dumps(value).encode())], failure=[])
+        if not ok:  # 88 random bits met an existing id: vanishingly rare, never silent
+            raise ConfigError("access key id", key_id, "already exists; create again")
+        return AccessKey(key_id, principal, account, created, None, secret)
+
+    async def get(self, access_key_id: str) -> AccessKey | None:
+        """The key with its secret, or None if it does not exist or was revoked."""
+        if not is_key_id(access_key_id):
+            return None
+        kv = await self._call("get", self._prefix + access_key_id.encode())
+        if kv is None:
+            return None
+        value = json.loads(kv.value)
+        if value["revoked_ms"] is not None:
+            return None
+        return AccessKey(access_key_id, value["principal"], value["account"],
+                         value["created_ms"], None,
+                         self._wrap.open(access_key_id,
+                                         base64.b64decode(value["wrapped_secret"])))
+
+    async def list(self) -> list[AccessKey]:
+        listed = []
+        for kv in await self._call("get_prefix", self._prefix):
+            value = json.loads(kv.value)
+            listed.append(AccessKey(kv.key[len(self._prefix):].decode(), value["principal"],
+                                    value["account"], value["created_ms"],
+                                    value["revoked_ms"]))
+        return sorted(listed, key=lambda k: (k.created_ms, k.access_key_id))
+
+    async def revoke(self, access_key_id: str) -> bool:
+        """Revoke a key; False if there is no such key or it was already revoked."""
+        key = self._prefix + access_key_id.encode()
+        for _ in range(10):  # a concurrent revoke makes the compare fail: read again
+            kv = await self._call("get", key)
+            if kv is None:
+                return False
+            value = json.loads(kv.value)
+            if value["revoked_ms"] is not None:
+                return False
+            value["revoked_ms"] = time.time_ns() // 1_000_000
+            t = self._client.transactions
+            ok, _ = await self._call("transaction", compare=[t.mod(key) == kv.mod_revision],
+                                     success=[t.put(key, json.dumps(value).encode())],
+                                     failure=[])
+            if ok:
+                return True
+        raise DependencyUnavailableError("key store", f"key {access_key_id} kept changing")
