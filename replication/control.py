@@ -11,8 +11,10 @@ lapsed - paused, partitioned, killed - can change nothing, and its epoch is stal
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import logging
 import secrets
 from typing import Any
 
@@ -23,6 +25,11 @@ from replication.errors import ControlUnavailableError
 
 # One etcd call's time limit.
 ETCD_CALL_S = 2
+# Failures that say the endpoint itself is gone (down, or cut off), not the request.
+_ENDPOINT_FAILURES = (aetcd.exceptions.ConnectionFailedError,
+                      aetcd.exceptions.ConnectionTimeoutError)
+
+_log = logging.getLogger("conveyor.cluster")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,18 +94,44 @@ def parse_endpoints(url: str) -> list[tuple[str, int]]:
     return endpoints
 
 
+class SharedClient:
+    """The etcd client a node and its stores share: every call goes to the endpoint that
+    answered last, and Control.failover moves them all to another at once."""
+
+    def __init__(self, client: Any, index: int) -> None:
+        self.current = client
+        self.index = index
+        """Which of the endpoints ``current`` is connected to."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.current, name)
+
+
 class Control:
-    """A node's connection to etcd, and the cluster's keys and transactions."""
+    """A node's connection to etcd, and the cluster's keys and transactions.
+
+    Of several endpoints (the members of one etcd cluster), the first that answers is
+    used; when it stops answering, the next call that fails moves the connection to the
+    next member that does. The failed call is not repeated (a transaction may have been
+    applied before the connection broke): its caller retries as it would any failure.
+    """
 
     def __init__(self, endpoints: list[tuple[str, int]], prefix: str = "/conveyor/") -> None:
         self.endpoints = endpoints
         self.prefix = prefix.encode()
         self.client: Any = None
+        self._moving = asyncio.Lock()
 
     async def connect(self) -> None:
         """Connect to the first endpoint that answers."""
+        index, client = await self._connect_from(0)
+        self.client = SharedClient(client, index)
+
+    async def _connect_from(self, start: int) -> tuple[int, Any]:
         last: BaseException | None = None
-        for host, port in self.endpoints:
+        for step in range(len(self.endpoints)):
+            index = (start + step) % len(self.endpoints)
+            host, port = self.endpoints[index]
             client = aetcd.Client(host=host, port=port, timeout=ETCD_CALL_S)
             try:
                 await client.connect()
@@ -107,21 +140,41 @@ class Control:
                 last = exc
                 await client.close()
                 continue
-            self.client = client
-            return
+            return index, client
         raise ControlUnavailableError(f"no etcd endpoint answers: {last}")
+
+    async def failover(self, failed: Any) -> None:
+        """Move the shared client off ``failed`` (the connection a call just failed on)
+        to the next endpoint that answers; nothing if another call moved it already."""
+        async with self._moving:
+            shared = self.client
+            if shared is None or shared.current is not failed or len(self.endpoints) < 2:
+                return
+            try:
+                index, client = await self._connect_from(shared.index + 1)
+            except ControlUnavailableError as exc:
+                _log.warning("etcd endpoint %s:%d failed and no other answers: %s",
+                             *self.endpoints[shared.index], exc)
+                return
+            _log.warning("etcd endpoint %s:%d failed; now using %s:%d",
+                         *self.endpoints[shared.index], *self.endpoints[index])
+            shared.current, shared.index = client, index
+            await failed.close()
 
     async def close(self) -> None:
         if self.client is not None:
-            await self.client.close()
+            await self.client.current.close()
 
     def key(self, *parts: str) -> bytes:
         return self.prefix + "/".join(parts).encode()
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        client = self.client.current
         try:
-            return await getattr(self.client, method)(*args, **kwargs)
+            return await getattr(client, method)(*args, **kwargs)
         except (aetcd.ClientError, grpc.RpcError, OSError) as exc:
+            if isinstance(exc, _ENDPOINT_FAILURES):
+                await self.failover(client)
             raise ControlUnavailableError(f"etcd {method}: {exc}") from exc
 
     # -- leases and nodes ------------------------------------------------------------------
@@ -131,11 +184,14 @@ class Control:
 
     async def refresh(self, lease: Any) -> int:
         """Keep a lease alive; return the TTL left (0 or less: it has expired)."""
+        client = self.client.current
         try:
-            responses = [r async for r in await self.client.refresh_lease(lease.id)]
+            responses = [r async for r in await client.refresh_lease(lease.id)]
         except TypeError:  # an older client returns the response itself
-            responses = [await self.client.refresh_lease(lease.id)]
+            responses = [await client.refresh_lease(lease.id)]
         except (aetcd.ClientError, grpc.RpcError, OSError) as exc:
+            if isinstance(exc, _ENDPOINT_FAILURES):
+                await self.failover(client)
             raise ControlUnavailableError(f"etcd lease refresh: {exc}") from exc
         return int(getattr(responses[-1], "TTL", 0)) if responses else 0
 

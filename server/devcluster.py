@@ -23,12 +23,14 @@ READY_TIMEOUT_S = 30.0
 
 
 def etcd_command(binary: str, name: str, data_dir: str, client_port: int,
-                 peer_port: int) -> list[str]:
-    """A single-member etcd on loopback ports (the dev cluster's, the tests', the bench's)."""
+                 peer_port: int, initial_cluster: str | None = None) -> list[str]:
+    """An etcd member on loopback ports (the dev cluster's, the tests', the bench's): a
+    cluster of its own, or one of initial_cluster ("name=http://host:peer_port,...")."""
     client, peer = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
     return [binary, "--name", name, "--data-dir", data_dir, "--listen-client-urls", client,
             "--advertise-client-urls", client, "--listen-peer-urls", peer,
-            "--initial-advertise-peer-urls", peer, "--initial-cluster", f"{name}={peer}"]
+            "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", initial_cluster or f"{name}={peer}"]
 
 
 def run(nodes: int, base_port: int, data_dir: str, fsync: str,

@@ -17,28 +17,44 @@ READY_S = 20
 
 
 class EtcdServer:
-    def __init__(self, root: Path) -> None:
+    """One etcd member: a cluster of its own unless ``peers`` makes it one of several
+    (then nothing is started: EtcdCluster starts them together, since a member of a
+    cluster only becomes healthy once a quorum runs)."""
+
+    def __init__(self, root: Path, name: str = "test",
+                 peers: tuple[str, int] | None = None) -> None:
         binary = shutil.which("etcd")
         if binary is None:
             raise RuntimeError("etcd is not installed: run `make test`, which installs "
                                "Debian's etcd-server")
         self.binary = binary
         self.root = root
+        self.name = name
         root.mkdir(parents=True, exist_ok=True)
         self.client_port = free_port()
-        self.peer_port = free_port()
+        self.peer_port = peers[1] if peers else free_port()
+        self.initial_cluster = peers[0] if peers else None
         self.endpoint = f"127.0.0.1:{self.client_port}"
         self.url = f"etcd://{self.endpoint}"
         self.log = root / "etcd.log"
         self.process: subprocess.Popen[bytes] | None = None
-        self.start()
+        if peers is None:
+            self.start()
 
     def start(self) -> None:
-        client = f"http://{self.endpoint}"
+        self.launch()
+        self.wait_healthy()
+
+    def launch(self) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                etcd_command(self.binary, "test", str(self.root / "data"), self.client_port,
-                             self.peer_port), stdout=log, stderr=subprocess.STDOUT)
+                etcd_command(self.binary, self.name, str(self.root / "data"),
+                             self.client_port, self.peer_port, self.initial_cluster),
+                stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_healthy(self) -> None:
+        assert self.process is not None
+        client = f"http://{self.endpoint}"
         deadline = time.monotonic() + READY_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -67,3 +83,27 @@ class EtcdServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class EtcdCluster:
+    """Several etcd members forming one cluster; ``url`` names them all, in order."""
+
+    def __init__(self, root: Path, members: int = 3) -> None:
+        peer_ports = [free_port() for _ in range(members)]
+        initial = ",".join(f"m{i}=http://127.0.0.1:{port}" for i, port in enumerate(peer_ports))
+        self.members = [EtcdServer(root / f"m{i}", f"m{i}", (initial, port))
+                        for i, port in enumerate(peer_ports)]
+        try:
+            for member in self.members:
+                member.launch()
+            for member in self.members:
+                member.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        self.url = "etcd://" + ",".join(m.endpoint for m in self.members)
+
+    def stop(self) -> None:
+        for member in self.members:
+            member.stop()
+

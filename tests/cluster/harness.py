@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.etcd import EtcdServer
+from tests.etcd import EtcdCluster, EtcdServer
 from tests.faultproxy import FaultProxy
 from tests.server.conftest import Server, free_port
 
@@ -27,9 +27,11 @@ ACCOUNT = "000000000000"
 class Cluster:
     def __init__(self, root: Path, nodes: int = 3, *, lease_ttl: int = 3,
                  fsync: str = "always", proxies: bool = False,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), etcd_members: int = 1) -> None:
         self.root = root
-        self.etcd = EtcdServer(root / "etcd")
+        self.etcd: EtcdServer | EtcdCluster = (
+            EtcdServer(root / "etcd") if etcd_members == 1
+            else EtcdCluster(root / "etcd", etcd_members))
         self.proxies: dict[str, FaultProxy] = {}
         self.nodes: dict[str, Server] = {}
         self._options = (lease_ttl, fsync, proxies, extra)

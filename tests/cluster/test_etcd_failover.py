@@ -1,0 +1,50 @@
+"""etcd is itself a cluster: losing the member a node talks to must not stop the node."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tests.cluster.harness import cluster
+from tests.cluster.workload import create_queue
+from tests.etcd import EtcdCluster
+
+
+def test_nodes_move_to_another_etcd_member_when_theirs_dies(tmp_path: Path) -> None:
+    with cluster(tmp_path, etcd_members=3) as c:
+        assert isinstance(c.etcd, EtcdCluster)
+        url = create_queue(c, "steady")
+        leader = c.leader("steady")
+        client = c.sqs("n1", connect_timeout=2, read_timeout=15)
+        client.send_message(QueueUrl=url, MessageBody="before")
+        # Every node connected to the first member that answered: the first one.
+        c.etcd.members[0].kill()
+        killed_at = time.monotonic()
+        acked, failures = 0, 0
+        first_ack_after: float | None = None
+        while time.monotonic() - killed_at < 12:
+            try:
+                client.send_message(QueueUrl=url, MessageBody=f"after-{acked}")
+            except Exception:
+                failures += 1
+                time.sleep(0.1)
+                continue
+            acked += 1
+            if first_ack_after is None:
+                first_ack_after = time.monotonic() - killed_at
+            time.sleep(0.05)
+        print(f"\nafter the etcd member's kill: first acknowledged send in "
+              f"{first_ack_after} s, {acked} acknowledged, {failures} refused")
+        assert first_ack_after is not None and acked > 20, c.logs()
+        # The nodes kept their leases (a failover of etcd is not a failover of Conveyor):
+        # the leader is the one from before, and every node still counts as alive.
+        state = c.state("n2")
+        assert state["lease_valid"] and set(state["nodes"]) == {"n0", "n1", "n2"}, state
+        assert c.leader("steady") == leader
+        for node in c.nodes:
+            assert c.state(node)["lease_valid"], node
+        got = 0
+        while client.receive_message(QueueUrl=url, MaxNumberOfMessages=10,
+                                     WaitTimeSeconds=1).get("Messages"):
+            got += 1
+        assert got > 0
