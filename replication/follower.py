@@ -93,6 +93,9 @@ class ReplicationServer:
         self._sessions.add(task)
         try:
             magic = await asyncio.wait_for(reader.readexactly(len(fr.MAGIC)), HANDSHAKE_S)
+            if magic == fr.CALLS_MAGIC and self.node.call_handler is not None:
+                await self.node.call_handler(reader, writer)
+                return
             if magic != fr.MAGIC:
                 raise fr.ProtocolError("not a replication connection")
             opening = await asyncio.wait_for(fr.read_frame(reader), HANDSHAKE_S)

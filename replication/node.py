@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from engine import Broker
@@ -33,6 +34,8 @@ from replication.control import ClusterView, Control, NodeInfo, Partition, parse
 from replication.errors import ControlUnavailableError, NotLeaderError
 from replication.follower import Replica, ReplicationServer
 from replication.leader import LeaderRole, describe
+
+CallHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 _log = logging.getLogger("conveyor.cluster")
 
@@ -93,6 +96,8 @@ class ClusterNode:
         self._stopping: set[asyncio.Task[None]] = set()
         self._server = ReplicationServer(self)
         self._closed = False
+        self.call_handler: CallHandler | None = None
+        """Serves partition calls, which come to the replication port (server/rpc.py)."""
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -216,9 +221,18 @@ class ClusterNode:
         for node_id in view.nodes:
             self._last_seen[node_id] = now
 
-    async def locate(self, name: str) -> str | None:
-        """The HTTP URL of the queue's leader, read from etcd now (None: it has none,
-        or it is this node)."""
+    def leader_address(self, name: str) -> tuple[str, int] | None:
+        """Where partition calls for the queue go: its leader's replication address, as
+        this node's view says (None: no leader, or this node)."""
+        view = self.view
+        leader = view.leaders.get(name) if view is not None else None
+        if leader is None or leader.node_id == self.node_id:
+            return None
+        return self.replication_address(leader.node_id)
+
+    async def locate(self, name: str) -> tuple[str, int] | None:
+        """leader_address, read from etcd now: the view is up to RECONCILE_S old, and a
+        queue made or failed over since has a leader only etcd knows yet."""
         try:
             leader = await self.control.leader(name)
             if leader is None or leader.node_id == self.node_id:
@@ -229,7 +243,10 @@ class ClusterNode:
                 node = (await self.control.view()).nodes.get(leader.node_id)
         except ControlUnavailableError:
             return None
-        return None if node is None else node.http
+        if node is None:
+            return None
+        host, _, port = node.replication.rpartition(":")
+        return host, int(port)
 
     async def partition_uids(self, names: list[str]) -> dict[int, int]:
         """uid -> index in names, for the partitions of one queue (read from etcd for

@@ -22,12 +22,10 @@ from server.auth import Authenticator
 from server.metadata import CachedMetadata, QueueRecord
 from server.middleware import Handler
 from server.ratelimit import Limiter, Rate, parse_rate
-from server.rpc import RPC_PATH
 from server.service import RATE_LIMIT_ATTRIBUTE
 
 # Paths served to anyone: liveness and readiness probes, metrics scrapes, the API schema.
-# The partition-call path checks its own signature (server/rpc.py).
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", RPC_PATH})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
 
 # The SQS action each native route performs on its queue, for policies and metrics.
 NATIVE_ACTIONS = {

@@ -34,7 +34,6 @@ from server.config import (
     REQUEST_BYTES_MAX,
     ServerConfig,
 )
-from server.errors import NotFoundError
 from server.etcd_keystore import EtcdKeyStore
 from server.etcd_metadata import EtcdMetadataStore
 from server.keystore import KeyCache, KeyStore
@@ -42,7 +41,7 @@ from server.metadata import CachedMetadata, MetadataStore, SQLiteMetadataStore
 from server.metrics import Metrics
 from server.middleware import frontend
 from server.ratelimit import parse_rate
-from server.rpc import RPC_PATH, PartitionCalls, serve
+from server.rpc import PartitionCalls
 from server.service import QueueService
 from server.sqs import handler as sqs
 from server.sse import Keyring
@@ -70,7 +69,6 @@ def create_app(config: ServerConfig) -> web.Application:
     app.router.add_get("/metrics", metrics, name="metrics")
     app.router.add_get("/openapi.json", openapi_json, name="openapi")
     app.router.add_get("/v1/cluster", cluster_state, name="cluster")
-    app.router.add_post(RPC_PATH, partition_call, name="internal_rpc")
     # The SQS protocols: JSON and query at "/", and the query protocol at a queue's URL.
     app.router.add_post("/", sqs.handle, name="sqs")
     app.router.add_get("/", sqs.handle, name="sqs_get")
@@ -111,7 +109,6 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
         # Nodes sign partition calls with a key derived from the cluster's shared secret.
         calls = PartitionCalls(broker.broker, node, engine_guard,
                                cluster_options["receipt_key"])
-        app[keys.PARTITION_CALLS] = calls
     service = QueueService(broker, metadata, keyring, engine_guard, cluster=node, calls=calls)
     watch: asyncio.Task[None] | None = None
     key_cache = None
@@ -186,14 +183,6 @@ async def cluster_state(request: web.Request) -> web.Response:
                                             "message": "this server is a single node"}},
                                  status=404)
     return web.json_response(node.describe())
-
-
-async def partition_call(request: web.Request) -> web.Response:
-    """A call on a partition this node leads, from another node's FrontEnd."""
-    calls = request.app.get(keys.PARTITION_CALLS)
-    if calls is None:
-        raise NotFoundError("this server is a single node: it takes no partition calls")
-    return await serve(calls, request)
 
 
 async def openapi_json(request: web.Request) -> web.Response:

@@ -12,7 +12,6 @@ if TYPE_CHECKING:
     from server.admission import Admission
     from server.config import ServerConfig
     from server.metrics import Metrics
-    from server.rpc import PartitionCalls
     from server.service import QueueService
     from server.usage import Usage
 
@@ -23,7 +22,6 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 ADMISSION: web.AppKey[Admission] = web.AppKey("admission")
 USAGE: web.AppKey[Usage] = web.AppKey("usage")
 CLUSTER: web.AppKey[ClusterNode | None] = web.AppKey("cluster")  # None: a single node
-PARTITION_CALLS: web.AppKey[PartitionCalls] = web.AppKey("partition_calls")
 # Per request, set by the FrontEnd's layers and read by the audit log and handlers.
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
 PROTOCOL: web.RequestKey[str] = web.RequestKey("protocol")  # sqs-json, sqs-query, native

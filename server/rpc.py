@@ -1,187 +1,139 @@
-"""Calls on one queue partition, served where the partition is led.
+"""Calls on one queue partition, made where the partition is led.
 
 The FrontEnd that took a request has already authenticated, authorized and validated it;
 what remains is an engine call on a partition (send a batch, receive, delete ...). If this
-node leads the partition the call is made in process. Otherwise it goes to the leader as
-``POST /internal/v1/rpc``, and the leader makes it in process: never forwarded again, so a
-leadership change in flight costs the client a retry (503), never a loop.
+node leads the partition the call is made in process. Otherwise it goes to the leader
+over a persistent TCP connection to the leader's replication port, and the leader makes
+it in process: never passed on again, so a leadership change in flight costs the client
+a retry (503), never a loop.
 
-The call and its outcome travel as msgpack: ``[op, partition, args]`` out, and
-``[0, result]`` or ``[1, error]`` back. Engine errors keep their class and attributes, so
-the FrontEnd answers a remote refusal exactly as it would a local one. The request carries
-``X-Conveyor-Internal: <unix ms>.<mac>``, a keyed BLAKE2b over the time and the body under
-a key derived from the cluster's shared secret: a client on the public port cannot make an
-internal call, which would skip authentication. A call older than RPC_CLOCK_SKEW_S is
-refused. The byte layout is drawn in docs/FORMAT.md, "Partition calls".
+A connection opens with ``CVC1``; the leader answers a 16-byte challenge, and the caller
+proves the cluster's shared secret with a keyed BLAKE2b over it. A client on the network
+therefore cannot make a call, which would skip authentication. After that, length-framed
+msgpack (server/rpc_codec.py) both ways: calls ``[id, op, partition, args]``, replies
+``[id, 0, result]`` or ``[id, 1, error]``, and ``[id]`` to cancel a call whose caller no
+longer waits (a long poll another partition answered first). Many calls share one
+connection per leader node. The bytes are drawn in docs/FORMAT.md, "Partition calls".
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import hashlib
 import hmac
+import itertools
 import logging
-import time
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
-import msgpack  # type: ignore[import-untyped]
-from aiohttp import web
-
-import replication.errors
-import server.errors
-from engine import AsyncQueue, Broker, Message, QueueAttributes, QueueStats
+from engine import AsyncQueue, Broker
 from engine.errors import EngineError
-from engine.records import MessageAttribute
-from engine.results import SendEntry, SendResult
 from replication.errors import NotLeaderError
+from replication.frames import CALLS_MAGIC
 from server.breaker import Guard
 from server.errors import (
     DependencyUnavailableError,
     LeaderUnreachableError,
     MalformedRequestError,
-    SignatureDoesNotMatchError,
 )
+from server.rpc_codec import ARGUMENTS, RESULTS, pack, result_value, unpack
 
 if TYPE_CHECKING:
     from replication.node import ClusterNode
 
 _log = logging.getLogger("conveyor.server")
 
-RPC_PATH = "/internal/v1/rpc"
-AUTH_HEADER = "X-Conveyor-Internal"
-# A call signed longer ago than this (or this far in the future) is refused.
-RPC_CLOCK_SKEW_S = 30.0
 # Longer than the longest long poll (20 s) plus a commit wait (10 s).
-RPC_TIMEOUT_S = 45.0
-# A leader that does not take the connection this fast is treated as down.
-RPC_CONNECT_S = 2.0
+CALL_TIMEOUT_S = 45.0
+# A leader that does not take the connection and the handshake this fast is down.
+CONNECT_S = 2.0
+# A frame's largest body: a receive of ten 1 MiB messages with their attributes fits.
+CALL_FRAME_BYTES_MAX = 16 * 1024 * 1024
+CHALLENGE_BYTES = 16
 _MAC_BYTES = 16
-_ERROR_EXT = 1
-_CONTENT_TYPE = "application/x-msgpack"
+_LENGTH = 4
+_FAILED, _BUG = 1, 2
 
 
-# -- the codec ---------------------------------------------------------------------------
-
-def _error_classes() -> dict[str, type[EngineError]]:
-    """Every class of the one hierarchy, by qualified name."""
-    found: dict[str, type[EngineError]] = {}
-    pending: list[type[EngineError]] = [EngineError]
-    while pending:
-        cls = pending.pop()
-        found[f"{cls.__module__}.{cls.__qualname__}"] = cls
-        pending.extend(cls.__subclasses__())
-    return found
+def _frame(body: bytes) -> bytes:
+    return len(body).to_bytes(_LENGTH, "big") + body
 
 
-# The modules whose error classes must be known by the time the registry is built.
-assert server.errors and replication.errors
-_ERRORS = _error_classes()
-_PLAIN = (str, int, float, bool, bytes, type(None))
+async def _read_frame(reader: asyncio.StreamReader) -> Any:
+    length = int.from_bytes(await reader.readexactly(_LENGTH), "big")
+    if length > CALL_FRAME_BYTES_MAX:
+        raise MalformedRequestError(f"a partition call frame of {length} bytes is over "
+                                    f"the limit of {CALL_FRAME_BYTES_MAX}")
+    return unpack(await reader.readexactly(length))
 
 
-def _plain(value: Any) -> Any:
-    """An error attribute as msgpack carries it: scalars and lists of them as they are,
-    anything else as its text (an attribute is for the message and the error code)."""
-    if isinstance(value, _PLAIN):
-        return value
-    if isinstance(value, list | tuple) and all(isinstance(v, _PLAIN) for v in value):
-        return list(value)
-    return str(value)
+def _forget(running: dict[int, asyncio.Task[None]], call_id: int, _: object) -> None:
+    running.pop(call_id, None)
 
 
-def _default(obj: Any) -> Any:
-    if isinstance(obj, EngineError):
-        name = f"{type(obj).__module__}.{type(obj).__qualname__}"
-        fields = {k: _plain(v) for k, v in vars(obj).items()}
-        return msgpack.ExtType(_ERROR_EXT, msgpack.packb([name, str(obj), fields],
-                                                         use_bin_type=True))
-    if isinstance(obj, memoryview):
-        return bytes(obj)
-    raise TypeError(f"cannot send {type(obj).__name__} in a partition call")
+class _Link:
+    """One connection to a leader node, its calls told apart by id."""
 
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self._reading = asyncio.create_task(self._read(reader))
 
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code != _ERROR_EXT:
-        return msgpack.ExtType(code, data)
-    name, text, fields = msgpack.unpackb(data, raw=False)
-    cls = _ERRORS.get(name, EngineError)
-    # Built without its own __init__, whose arguments differ per class: the message and
-    # the attributes are what callers read.
-    error = cls.__new__(cls)
-    Exception.__init__(error, text)
-    vars(error).update(fields)
-    return error
+    @property
+    def open(self) -> bool:
+        return not self._reading.done()
 
+    async def call(self, op: str, partition: str, args: Sequence[Any]) -> Any:
+        call_id = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.pending[call_id] = future
+        try:
+            self.writer.write(_frame(pack([call_id, op, partition, list(args)])))
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                return await future
+        except TimeoutError:
+            raise DependencyUnavailableError(
+                "partition's leader node", f"no answer in {CALL_TIMEOUT_S:g} s") from None
+        finally:
+            if self.pending.pop(call_id, None) is not None and self.open:
+                # Unanswered (cancelled, or timed out): the leader may stop working on it.
+                self.writer.write(_frame(pack([call_id])))
 
-def pack(value: Any) -> bytes:
-    packed: bytes = msgpack.packb(value, default=_default, use_bin_type=True)
-    return packed
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        failure: BaseException | None = None
+        try:
+            while True:
+                call_id, outcome, value = await _read_frame(reader)
+                future = self.pending.pop(call_id, None)
+                if future is None or future.done():
+                    continue  # cancelled meanwhile
+                if outcome == 0:
+                    future.set_result(value)
+                elif outcome == _FAILED:
+                    future.set_exception(value)
+                else:
+                    future.set_exception(RuntimeError(f"the leader failed the call: {value}"))
+        except (OSError, asyncio.IncompleteReadError, ValueError, TypeError,
+                EngineError) as exc:
+            failure = exc
+        finally:
+            # Sent, perhaps made, answer lost: a caller cannot know what happened.
+            for future in self.pending.values():
+                if not future.done():
+                    future.set_exception(DependencyUnavailableError(
+                        "partition's leader node", "the connection to it broke; retry"))
+            self.pending.clear()
+            self.writer.close()
+            if failure is not None:
+                _log.info("partition call connection ended: %s", failure)
 
+    def close(self) -> None:
+        self._reading.cancel()
 
-def unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, ext_hook=_ext_hook, strict_map_key=False)
-
-
-def _attributes(raw: dict[str, list[Any]] | None) -> dict[str, MessageAttribute] | None:
-    if raw is None:
-        return None
-    return {k: MessageAttribute(t, v) for k, (t, v) in raw.items()}
-
-
-def _send_entry(raw: list[Any]) -> SendEntry:
-    body, delay, attributes, group, dedup, sender, system, message_id, overhead = raw
-    return SendEntry(body, delay, _attributes(attributes), group, dedup, sender,
-                     _attributes(system), message_id, overhead)
-
-
-def _message(raw: list[Any]) -> Message:
-    fields = list(raw)
-    fields[6] = _attributes(fields[6]) or {}
-    fields[11] = _attributes(fields[11]) or {}
-    return Message(*fields)
-
-
-def _send_results(raw: list[Any]) -> list[SendResult | EngineError]:
-    return [r if isinstance(r, EngineError) else SendResult(*r) for r in raw]
-
-
-# How each call's arguments arrive at the leader, and its result at the caller. Each op
-# is the AsyncQueue method of the same name.
-_ARGUMENTS: dict[str, Callable[[list[Any]], list[Any]]] = {
-    "send_batch": lambda a: [[_send_entry(e) for e in a[0]]],
-    "receive": lambda a: a,
-    "wait_receivable": lambda a: a,
-    "delete_batch": lambda a: a,
-    "change_visibility_batch": lambda a: [[(r, s) for r, s in a[0]]],
-    "purge": lambda a: a,
-    "attributes": lambda a: a,
-    "set_attributes": lambda a: a,
-    "stats": lambda a: a,
-}
-_RESULTS: dict[str, Callable[[Any], Any]] = {
-    "send_batch": _send_results,
-    "receive": lambda r: [_message(m) for m in r],
-    "wait_receivable": bool,
-    "delete_batch": list,
-    "change_visibility_batch": list,
-    "purge": lambda r: None,
-    "attributes": QueueAttributes.from_dict,
-    "set_attributes": QueueAttributes.from_dict,
-    "stats": lambda r: QueueStats(**r),
-}
-
-
-def _result_value(op: str, result: Any) -> Any:
-    """A result in the shape msgpack carries (NamedTuples go as arrays by themselves)."""
-    if isinstance(result, QueueAttributes):
-        return result.to_dict()
-    if isinstance(result, QueueStats):
-        return {f: getattr(result, f) for f in QueueStats.__dataclass_fields__}
-    return result
-
-
-# -- making calls ------------------------------------------------------------------------
 
 class PartitionCalls:
     """Engine calls on partitions: in process where this node leads, else at the leader."""
@@ -193,17 +145,26 @@ class PartitionCalls:
         """The engine's bulkhead and breaker: local calls only. A remote leader that
         fails must not open the circuit for the partitions this node leads."""
         self._key = hashlib.blake2b(secret, digest_size=32, person=b"conveyor-rpc").digest()
-        self._session: aiohttp.ClientSession | None = None
+        self._links: dict[tuple[str, int], _Link] = {}
+        self._connecting: dict[tuple[str, int], asyncio.Lock] = {}
+        node.call_handler = self.serve
+
+    # -- making calls --------------------------------------------------------------------
 
     async def call(self, partition: str, op: str, *args: Any) -> Any:
         """``AsyncQueue(partition).<op>(*args)`` wherever the partition is led."""
-        try:
-            return await self.local(partition, op, args)
-        except NotLeaderError as refusal:
-            url = refusal.leader_url or await self.node.locate(partition)
-            if url is None:
-                raise
-        return await self._remote(url, partition, op, args)
+        if partition in self.node.leading:
+            try:
+                return await self.local(partition, op, args)
+            except NotLeaderError:  # stepped down meanwhile
+                pass
+        # Not asking the broker first: a thread hop only to hear it is not the leader.
+        address = self.node.leader_address(partition) or await self.node.locate(partition)
+        if address is None:
+            raise NotLeaderError(partition, None)
+        link = await self._link(address)
+        value = await link.call(op, partition, args)
+        return RESULTS[op](value)
 
     async def local(self, partition: str, op: str, args: Sequence[Any]) -> Any:
         queue = AsyncQueue(self.broker, partition)
@@ -212,76 +173,92 @@ class PartitionCalls:
         method = getattr(queue, op)
         return await self.guard.run(method, *args)
 
-    async def _remote(self, url: str, partition: str, op: str, args: Sequence[Any]) -> Any:
-        body = pack([op, partition, list(args)])
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=RPC_TIMEOUT_S, connect=RPC_CONNECT_S),
-                connector=aiohttp.TCPConnector(limit=256))
-        headers = {AUTH_HEADER: self.sign(body), "Content-Type": _CONTENT_TYPE}
-        try:
-            async with self._session.post(url + RPC_PATH, data=body, headers=headers) as reply:
-                payload = await reply.read()
-                status = reply.status
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            _log.warning("partition call to %s not made: %s", url, exc or type(exc).__name__)
-            raise LeaderUnreachableError("partition's leader node",
-                                         "it could not be reached; retry") from exc
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            # Sent, perhaps made, answer lost: the caller cannot know what happened.
-            # The address stays in the log, not in the client's message.
-            _log.warning("partition call to %s failed: %s", url, exc or type(exc).__name__)
-            raise DependencyUnavailableError("partition's leader node",
+    async def _link(self, address: tuple[str, int]) -> _Link:
+        link = self._links.get(address)
+        if link is not None and link.open:
+            return link
+        lock = self._connecting.setdefault(address, asyncio.Lock())
+        async with lock:
+            link = self._links.get(address)
+            if link is not None and link.open:
+                return link
+            try:
+                async with asyncio.timeout(CONNECT_S):
+                    reader, writer = await asyncio.open_connection(*address)
+                    writer.write(CALLS_MAGIC)
+                    challenge = await reader.readexactly(CHALLENGE_BYTES)
+                    writer.write(self._mac(challenge))
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                # The address stays in the log, not in the client's message.
+                _log.warning("partition calls to %s:%d: cannot connect: %s", *address,
+                             exc or type(exc).__name__)
+                raise LeaderUnreachableError("partition's leader node",
                                              "it could not be reached; retry") from exc
-        if status != 200:
-            _log.error("partition call %s on %s at %s: HTTP %d: %s", op, partition, url,
-                       status, payload[:200])
-            raise DependencyUnavailableError("partition's leader node",
-                                             f"it answered HTTP {status}")
-        failed, value = unpack(payload)
-        if failed:
-            raise value
-        return _RESULTS[op](value)
+            link = self._links[address] = _Link(reader, writer)
+            return link
 
-    def sign(self, body: bytes, now_ms: int | None = None) -> str:
-        stamp = str(time.time_ns() // 1_000_000 if now_ms is None else now_ms)
-        return f"{stamp}.{self._mac(stamp, body)}"
-
-    def verify(self, header: str, body: bytes) -> bool:
-        stamp, _, mac = header.partition(".")
-        if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 16 and mac.isascii()):
-            return False
-        if abs(time.time() - int(stamp) / 1000) > RPC_CLOCK_SKEW_S:
-            return False
-        return hmac.compare_digest(mac, self._mac(stamp, body))
-
-    def _mac(self, stamp: str, body: bytes) -> str:
-        mac = hashlib.blake2b(key=self._key, digest_size=_MAC_BYTES)
-        mac.update(stamp.encode() + b"\n")
-        mac.update(body)
-        return mac.hexdigest()
+    def _mac(self, challenge: bytes) -> bytes:
+        return hashlib.blake2b(b"conveyor-calls\n" + challenge, key=self._key,
+                               digest_size=_MAC_BYTES).digest()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
 
+    # -- serving calls -------------------------------------------------------------------
 
-# -- serving calls -----------------------------------------------------------------------
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A connection of calls from another node (its CVC1 already read)."""
+        challenge = os.urandom(CHALLENGE_BYTES)
+        writer.write(challenge)
+        try:
+            proof = await asyncio.wait_for(reader.readexactly(_MAC_BYTES), CONNECT_S)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            return
+        if not hmac.compare_digest(proof, self._mac(challenge)):
+            _log.warning("refused partition calls from %s: not signed with the cluster's "
+                         "secret", writer.get_extra_info("peername"))
+            return
+        running: dict[int, asyncio.Task[None]] = {}
+        try:
+            while True:
+                frame = await _read_frame(reader)
+                if len(frame) == 1:  # the caller gave up on it
+                    task = running.pop(frame[0], None)
+                    if task is not None:
+                        task.cancel()
+                    continue
+                call_id, op, partition, args = frame
+                task = asyncio.create_task(self._answer(writer, call_id, op, partition, args))
+                running[call_id] = task
+                task.add_done_callback(functools.partial(_forget, running, call_id))
+        except (OSError, asyncio.IncompleteReadError, ValueError, TypeError,
+                EngineError) as exc:
+            _log.info("partition calls from %s ended: %s",
+                      writer.get_extra_info("peername"), exc or type(exc).__name__)
+        finally:
+            for task in list(running.values()):
+                task.cancel()
 
-async def serve(calls: PartitionCalls, request: web.Request) -> web.Response:
-    """The leader's side of a partition call: made here, in process, or refused."""
-    body = await request.read()
-    if not calls.verify(request.headers.get(AUTH_HEADER, ""), body):
-        raise SignatureDoesNotMatchError("internal calls are for the cluster's own nodes")
-    try:
-        op, partition, args = unpack(body)
-        arguments = _ARGUMENTS[op](args)
-    except (ValueError, KeyError, TypeError) as exc:
-        # Signed by a node, so a bug or a version skew: said plainly, not a 5xx.
-        raise MalformedRequestError(f"malformed partition call: {exc}") from exc
-    try:
-        result = await calls.local(partition, op, arguments)
-        reply = pack([0, _result_value(op, result)])
-    except EngineError as exc:
-        reply = pack([1, exc])
-    return web.Response(body=reply, content_type=_CONTENT_TYPE)
+    async def _answer(self, writer: asyncio.StreamWriter, call_id: int, op: str,
+                      partition: str, args: list[Any]) -> None:
+        try:
+            arguments = ARGUMENTS[op](args)
+        except (KeyError, ValueError, TypeError) as exc:
+            reply = pack([call_id, _FAILED,
+                          MalformedRequestError(f"malformed partition call {op!r}: {exc}")])
+        else:
+            try:
+                result = await self.local(partition, op, arguments)
+                reply = pack([call_id, 0, result_value(op, result)])
+            except EngineError as exc:
+                reply = pack([call_id, _FAILED, exc])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug: logged here, a 500 at the caller
+                _log.exception("partition call %s on %s failed", op, partition)
+                reply = pack([call_id, _BUG, type(exc).__name__])
+        with contextlib.suppress(OSError):
+            if not writer.is_closing():
+                writer.write(_frame(reply))

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import base64
+import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +13,7 @@ import botocore.exceptions
 import pytest
 
 from server.partitions import group_partition, partition_names
+from server.rpc_codec import pack
 from tests.cluster.harness import ACCOUNT, Cluster
 from tests.cluster.workload import Workload, create_queue, drain
 from tests.history import History, check
@@ -234,17 +234,29 @@ def test_partition_count_is_checked_and_fixed(c: Cluster) -> None:
     assert not _partition_states(c, "fixed", led=False)
 
 
-def test_partition_calls_need_the_cluster_signature(c: Cluster) -> None:
-    from server.rpc import RPC_PATH, pack
+def test_partition_calls_need_the_cluster_secret(c: Cluster) -> None:
+    """The replication port takes calls only from a node that proves the secret."""
+    from replication.control import parse_endpoints
+    from server.rpc import CHALLENGE_BYTES
 
-    body = pack(["purge", f"{ACCOUNT}/spread", []])
-    for header in ({}, {"X-Conveyor-Internal": f"{int(time.time() * 1000)}.{'0' * 32}"},
-                   {"X-Conveyor-Internal": "garbage"},
-                   {"X-Conveyor-Internal": "9" * 5000 + ".00"},
-                   {"X-Conveyor-Internal": f"{int(time.time() * 1000)}.\u00e9"}):
-        request = urllib.request.Request(c.nodes["n0"].url + RPC_PATH, data=body,
-                                         headers=header, method="POST")
-        with pytest.raises(urllib.error.HTTPError) as caught:
-            urllib.request.urlopen(request, timeout=5)
-        caught.value.close()
-        assert caught.value.code == 403
+    state = c.state("n0")
+    host, port = parse_endpoints("etcd://" + state["nodes"]["n0"]["replication"])[0]
+    url = c.sqs("n0").get_queue_url(QueueName="spread")["QueueUrl"]
+    c.sqs("n0").send_message(QueueUrl=url, MessageBody="keep-me")
+    call = pack([1, "purge", f"{ACCOUNT}/spread", []])
+    for proof in (b"\0" * 16, b"short", b""):
+        with socket.create_connection((host, port), timeout=5) as conn:
+            conn.sendall(b"CVC1")
+            challenge = conn.recv(CHALLENGE_BYTES)
+            assert len(challenge) == CHALLENGE_BYTES
+            conn.sendall(proof + len(call).to_bytes(4, "big") + call)
+            conn.settimeout(5)
+            try:
+                answer = conn.recv(100)
+            except ConnectionResetError:
+                answer = b""
+            assert answer == b"", "a call without the secret was answered"
+    # Nothing was purged.
+    attributes = c.sqs("n1").get_queue_attributes(
+        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]
+    assert int(attributes["ApproximateNumberOfMessages"]) >= 1

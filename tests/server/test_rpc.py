@@ -1,11 +1,8 @@
-"""Partition calls: the codec carries engine values and errors whole, and the signature
-keeps clients out. The cluster side runs in tests/cluster/test_partitions.py."""
+"""Partition calls: the codec carries engine values and errors whole. The calls
+themselves run in tests/cluster/test_partitions.py."""
 
 from __future__ import annotations
 
-import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 import pytest
@@ -15,22 +12,21 @@ from engine.errors import ReceiptInvalidError
 from engine.records import MessageAttribute
 from engine.results import SendEntry, SendResult
 from replication.errors import NotLeaderError, ReplicationUnavailableError
-from server.rpc import _ARGUMENTS, _RESULTS, RPC_PATH, _result_value, pack, unpack
-from tests.server.conftest import Server
+from server.rpc_codec import ARGUMENTS, RESULTS, pack, result_value, unpack
 
 ATTRIBUTES = {"a": MessageAttribute("String", "text"),
               "b": MessageAttribute("Binary.custom", b"\x00\xff")}
 
 
 def _round_trip(op: str, result: object) -> object:
-    return _RESULTS[op](unpack(pack(_result_value(op, result))))
+    return RESULTS[op](unpack(pack(result_value(op, result))))
 
 
 def test_send_entries_arrive_as_they_left() -> None:
     entries = [SendEntry(b"\x00body", 3, ATTRIBUTES, "g", "d", "sender",
                          {"AWSTraceHeader": MessageAttribute("String", "t")}, b"x" * 16, 9),
                SendEntry(b"plain")]
-    [arrived] = _ARGUMENTS["send_batch"](unpack(pack([entries])))
+    [arrived] = ARGUMENTS["send_batch"](unpack(pack([entries])))
     assert arrived == entries
 
 
@@ -56,17 +52,6 @@ def test_raised_errors_keep_their_class_and_attributes() -> None:
         failed, back = unpack(pack([1, error]))
         assert failed == 1 and type(back) is type(error)
         assert str(back) == str(error) and vars(back) == vars(error)
-
-
-def test_a_single_node_takes_no_partition_calls(server: Server) -> None:
-    body = pack(["stats", "000000000000/q", []])
-    request = urllib.request.Request(
-        server.url + RPC_PATH, data=body, method="POST",
-        headers={"X-Conveyor-Internal": f"{int(time.time() * 1000)}.{'0' * 32}"})
-    with pytest.raises(urllib.error.HTTPError) as caught:
-        urllib.request.urlopen(request, timeout=5)
-    caught.value.close()
-    assert caught.value.code == 404
 
 
 def test_a_single_node_keeps_the_partition_count_it_is_given(sqs: object) -> None:
