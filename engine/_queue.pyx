@@ -837,6 +837,18 @@ cdef class State:
                 out.append(m)
         return out
 
+    def takeable(self, int64_t now):
+        """Whether take would return a message now; takes nothing. A FIFO queue's visible
+        messages may all be behind a message of their group in flight."""
+        self.advance(now)
+        if not self.fifo:
+            return self._counts[VISIBLE] > 0
+        for group, queue in self._groups.items():
+            if queue and not self._inflight.get(group) and \
+                    (<Msg>self.messages[queue[0]]).category == VISIBLE:
+                return True
+        return False
+
     def next_timer(self):
         """When the next delayed or in-flight message becomes visible, if any."""
         return self._timers[0][0] if self._timers else None

@@ -58,6 +58,18 @@ class AsyncBroker:
         await self.close()
 
 
+async def _changed(core: QueueCore, version: int, seconds: float) -> None:
+    """Until a message may have become receivable since version (a send, or a timer of a
+    delayed or leased message), or seconds pass."""
+    waiter = core.waiter(version)
+    try:
+        await asyncio.wait_for(waiter, min(seconds, core.seconds_to_next_timer()))
+    except TimeoutError:
+        pass
+    finally:
+        waiter.cancel()
+
+
 class AsyncQueue:
     """One queue, for asyncio. Same semantics as :class:`~engine.queue.Queue`."""
 
@@ -118,13 +130,7 @@ class AsyncQueue:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return messages
-            waiter = core.waiter(version)
-            try:
-                await asyncio.wait_for(waiter, min(remaining, core.seconds_to_next_timer()))
-            except TimeoutError:
-                pass
-            finally:
-                waiter.cancel()
+            await _changed(core, version, remaining)
 
     async def wait_receivable(self, seconds: float) -> bool:
         """Wait up to seconds until a message is receivable, leasing nothing; whether one
@@ -133,20 +139,14 @@ class AsyncQueue:
         deadline = time.monotonic() + seconds
         while True:
             core = await self._core()
-            # The version first: a send after the count below still completes the waiter.
+            # The version first: a send after the check below still completes the waiter.
             version = core.version()
-            if core.stats().visible > 0:
+            if core.receivable():
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            waiter = core.waiter(version)
-            try:
-                await asyncio.wait_for(waiter, min(remaining, core.seconds_to_next_timer()))
-            except TimeoutError:
-                pass
-            finally:
-                waiter.cancel()
+            await _changed(core, version, remaining)
 
     async def delete(self, receipt: str) -> None:
         error = (await self.delete_batch([receipt]))[0]

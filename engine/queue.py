@@ -558,6 +558,13 @@ class QueueCore:
             self.attributes = attributes
             return offset + 1
 
+    def receivable(self) -> bool:
+        """Whether a receive now would get a message (nothing is leased)."""
+        with self._lock:
+            now = self._enter()
+            self._expire(now)
+            return bool(self.state.takeable(now))
+
     def stats(self) -> QueueStats:
         with self._lock:
             now = self._enter()

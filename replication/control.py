@@ -94,6 +94,18 @@ def parse_endpoints(url: str) -> list[tuple[str, int]]:
     return endpoints
 
 
+async def _close_later(client: Any) -> None:
+    await asyncio.sleep(ETCD_CALL_S + 1)
+    await client.close()
+
+
+def _cancelled_here() -> bool:
+    """Whether a CancelledError was meant for this task, rather than raised by a gRPC
+    channel closed under the call (a failure of etcd, to report as one)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class SharedClient:
     """The etcd client a node and its stores share: every call goes to the endpoint that
     answered last, and Control.failover moves them all to another at once."""
@@ -121,6 +133,7 @@ class Control:
         self.prefix = prefix.encode()
         self.client: Any = None
         self._moving = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def connect(self) -> None:
         """Connect to the first endpoint that answers."""
@@ -159,9 +172,16 @@ class Control:
             _log.warning("etcd endpoint %s:%d failed; now using %s:%d",
                          *self.endpoints[shared.index], *self.endpoints[index])
             shared.current, shared.index = client, index
-            await failed.close()
+            # Closed later, not now: closing a channel cancels the calls still on it, and
+            # their callers (the lease keeper, the reconcile loop) must see a failure they
+            # handle, not a cancellation that ends them.
+            task = asyncio.create_task(_close_later(failed))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
+        for task in list(self._closing):
+            task.cancel()
         if self.client is not None:
             await self.client.current.close()
 
@@ -172,6 +192,10 @@ class Control:
         client = self.client.current
         try:
             return await getattr(client, method)(*args, **kwargs)
+        except asyncio.CancelledError:
+            if _cancelled_here():
+                raise
+            raise ControlUnavailableError(f"etcd {method}: its connection was closed") from None
         except (aetcd.ClientError, grpc.RpcError, OSError) as exc:
             if isinstance(exc, _ENDPOINT_FAILURES):
                 await self.failover(client)
@@ -189,6 +213,11 @@ class Control:
             responses = [r async for r in await client.refresh_lease(lease.id)]
         except TypeError:  # an older client returns the response itself
             responses = [await client.refresh_lease(lease.id)]
+        except asyncio.CancelledError:
+            if _cancelled_here():
+                raise
+            raise ControlUnavailableError("etcd lease refresh: its connection was closed") \
+                from None
         except (aetcd.ClientError, grpc.RpcError, OSError) as exc:
             if isinstance(exc, _ENDPOINT_FAILURES):
                 await self.failover(client)

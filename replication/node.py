@@ -45,6 +45,8 @@ ELECTION_GRACE_S = 1.0
 # the time a refresh spends in flight.
 LEASE_MARGIN_S = 0.5
 LEASE_TTL_S = 5
+# After a failed lease refresh, the next try comes this soon.
+LEASE_RETRY_S = 0.2
 REPLICATION_FACTOR = 3
 MIN_INSYNC_REPLICAS = 2
 # How long CreateQueue waits for the new queue's first leader.
@@ -154,14 +156,19 @@ class ClusterNode:
 
     async def _keep_lease(self) -> None:
         interval = self.config.lease_ttl_s / 3
+        wait = interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(wait)
             sent = time.monotonic()
             try:
                 left = await self.control.refresh(self._lease)
             except ControlUnavailableError as exc:
+                # Again soon, not after a whole interval: the failure may have moved the
+                # client to another etcd member, and the lease is running out meanwhile.
                 _log.warning("lease refresh failed: %s", exc)
+                wait = LEASE_RETRY_S
                 continue
+            wait = interval
             if left > 0 and time.monotonic() < self._lease_deadline + LEASE_MARGIN_S:
                 self._lease_deadline = sent + left - LEASE_MARGIN_S
                 continue

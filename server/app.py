@@ -106,11 +106,16 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
                                             METADATA_CALL_S))
     engine_guard = _guard("engine", BACKEND_CALLS_MAX, 0, None)
     if node is not None:
-        # Nodes sign partition calls with a key derived from the cluster's shared secret.
-        calls = PartitionCalls(broker.broker, node, engine_guard,
-                               cluster_options["receipt_key"])
+        # A node proves itself to another with a key derived from the cluster's secret in
+        # etcd; with access keys on, from the master key too, so that a reader of etcd
+        # cannot make the calls that would skip authentication.
+        secret = cluster_options["receipt_key"]
+        if config.auth == "required":
+            secret += masterkey.subkey(master, "partition-calls")
+        calls = PartitionCalls(broker.broker, node, engine_guard, secret)
     service = QueueService(broker, metadata, keyring, engine_guard, cluster=node, calls=calls)
     watch: asyncio.Task[None] | None = None
+    key_watch: asyncio.Task[None] | None = None
     key_cache = None
     if config.auth == "required":
         key_cache = KeyCache(cluster_keys.get if cluster_keys else access_keys.lookup)
@@ -118,6 +123,7 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
     try:
         if cluster_keys is not None:
             await cluster_keys.check_master_key()
+            key_watch = asyncio.create_task(cluster_keys.mirror())
         if node is not None:
             await node.start(broker.broker)
             assert isinstance(store, EtcdMetadataStore)
@@ -136,10 +142,11 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await service.close()
-        if watch is not None:
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
+        for task in (watch, key_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if calls is not None:
             await calls.close()
         if node is not None:

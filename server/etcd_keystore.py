@@ -6,6 +6,11 @@ bound to the key id). Every node must therefore hold the same master key
 (``--master-key-file``): ``{prefix}master-key-check``, written by the first node to start,
 holds a MAC of a fixed text under the master key, and a node whose key does not match
 refuses to start rather than refuse every request. etcd alone reveals no secret.
+
+A server keeps a copy of the keys in memory (``mirror``: one read, then a watch), so that
+checking a request's key reads nothing from etcd: a flood of made-up key ids must not load
+the store that every node's lease depends on. A revocation reaches the copy as soon as
+etcd says so. While the watch is broken, lookups read etcd as the command line does.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import time
 from typing import Any
 
@@ -25,6 +31,9 @@ from server.keystore import AccessKey, SecretWrap, check_account, check_principa
 from server.keystore import new_key as _new_key
 
 _CHECK_TEXT = b"conveyor master key check v1"
+# How long a broken watch of the keys waits before it is opened again.
+MIRROR_RETRY_S = 0.5
+_log = logging.getLogger("conveyor.server")
 
 
 def master_check(master_key: bytes) -> str:
@@ -42,6 +51,8 @@ class EtcdKeyStore:
         self._wrap = SecretWrap(master_key)
         self._prefix = prefix + b"access-keys/"
         self._check_key = prefix + b"master-key-check"
+        self._copy: dict[str, bytes] | None = None
+        """Key id -> stored value, while the mirror's watch runs; else None."""
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -79,14 +90,41 @@ class EtcdKeyStore:
             raise ConfigError("access key id", key_id, "already exists; create again")
         return AccessKey(key_id, principal, account, created, None, secret)
 
+    async def mirror(self) -> None:
+        """Keep the in-memory copy of the keys current, until cancelled."""
+        while True:
+            try:
+                found = await self._client.get_prefix(self._prefix)
+                copy = {kv.key[len(self._prefix):].decode(): kv.value for kv in found}
+                events = await self._client.watch_prefix(
+                    self._prefix, start_revision=found.header.revision + 1)
+                self._copy = copy
+                async for event in events:
+                    key_id = event.kv.key[len(self._prefix):].decode()
+                    if event.kind == "DELETE":
+                        copy.pop(key_id, None)
+                    else:
+                        copy[key_id] = event.kv.value
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # aetcd and grpc errors share no base class
+                _log.warning("access key watch broke (%s); reopening", exc)
+            self._copy = None
+            await asyncio.sleep(MIRROR_RETRY_S)
+
     async def get(self, access_key_id: str) -> AccessKey | None:
         """The key with its secret, or None if it does not exist or was revoked."""
         if not is_key_id(access_key_id):
             return None
-        kv = await self._call("get", self._prefix + access_key_id.encode())
-        if kv is None:
+        copy = self._copy
+        if copy is not None:
+            stored = copy.get(access_key_id)
+        else:
+            kv = await self._call("get", self._prefix + access_key_id.encode())
+            stored = None if kv is None else kv.value
+        if stored is None:
             return None
-        value = json.loads(kv.value)
+        value = json.loads(stored)
         if value["revoked_ms"] is not None:
             return None
         return AccessKey(access_key_id, value["principal"], value["account"],

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -55,13 +56,15 @@ _UNAVAILABLE = (ClusterError, DependencyUnavailableError, QueueUnavailableError)
 # Of those, the ones that say the call was not made at all.
 _NOT_MADE = (NotLeaderError, LeaderUnreachableError)
 _DEFAULTS = QueueAttributes()
+_log = logging.getLogger("conveyor.service")
 _T = TypeVar("_T")
 
 
 def partition_count(extra: Mapping[str, str]) -> int:
     """The queue's ConveyorPartitions (1 when unset)."""
     value = extra.get(PARTITIONS_ATTRIBUTE, "")
-    return int(value) if value.isdigit() and 1 <= int(value) <= PARTITIONS_MAX else 1
+    valid = value.isascii() and value.isdigit() and 1 <= int(value) <= PARTITIONS_MAX
+    return int(value) if valid else 1
 
 
 def check_partitions(extra: Mapping[str, str], existing: Mapping[str, str] | None) -> None:
@@ -70,7 +73,8 @@ def check_partitions(extra: Mapping[str, str], existing: Mapping[str, str] | Non
     if PARTITIONS_ATTRIBUTE not in extra:
         return
     value = extra[PARTITIONS_ATTRIBUTE]
-    if not value.isdigit() or not 1 <= int(value) <= PARTITIONS_MAX:
+    # isascii: "²".isdigit() is true, and int("²") raises.
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= PARTITIONS_MAX:
         raise InvalidAttributeError(PARTITIONS_ATTRIBUTE, value,
                                     f"must be a whole number from 1 to {PARTITIONS_MAX}")
     if existing is not None and int(value) != partition_count(existing):
@@ -109,6 +113,18 @@ class PartitionedQueue:
     async def attributes(self) -> QueueAttributes:
         result: QueueAttributes = await self.calls.call(self.partitions[0], "attributes")
         return result
+
+    async def _any_attributes(self) -> QueueAttributes:
+        """The attributes from whichever partition answers (they are set on all)."""
+        refusal: EngineError | None = None
+        for partition in self.partitions:
+            try:
+                result: QueueAttributes = await self.calls.call(partition, "attributes")
+                return result
+            except _UNAVAILABLE as exc:
+                refusal = refusal or exc
+        assert refusal is not None
+        raise refusal
 
     async def set_attributes(self, **changes: Any) -> QueueAttributes:
         results = await _all([self.calls.call(p, "set_attributes", changes)
@@ -213,7 +229,7 @@ class PartitionedQueue:
                 visibility_timeout)
             return result
         if wait_seconds is None:  # the queue's ReceiveMessageWaitTimeSeconds
-            wait_seconds = (await self.attributes()).receive_wait_seconds
+            wait_seconds = (await self._any_attributes()).receive_wait_seconds
         wait = check_receive(max_messages, wait_seconds, visibility_timeout, _DEFAULTS)
         deadline = time.monotonic() + wait
         start = next(_turns)
@@ -239,6 +255,14 @@ class PartitionedQueue:
             except _UNAVAILABLE as exc:
                 refusals.append(exc)
                 continue
+            except Exception:
+                if not got:
+                    raise
+                # Messages leased from the partitions before go to the caller, rather
+                # than stay hidden for their visibility timeout.
+                _log.exception("receive from %s failed; returning what others gave",
+                               partition)
+                return got
             if len(got) >= max_messages:
                 break
         if len(refusals) == len(order):

@@ -548,7 +548,7 @@ def check_extra(extra: Mapping[str, str]) -> None:
 def replication_factor(extra: Mapping[str, str]) -> int | None:
     """The queue's ConveyorReplicationFactor, if set and valid."""
     value = extra.get(REPLICATION_FACTOR_ATTRIBUTE, "")
-    if not value.isdigit() or not 1 <= int(value) <= REPLICATION_FACTOR_MAX:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= REPLICATION_FACTOR_MAX:
         return None
     return int(value)
 

@@ -68,6 +68,7 @@ class EtcdServer:
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a paused member ends too
             self.process.send_signal(sig)
             self.process.wait(20)
 

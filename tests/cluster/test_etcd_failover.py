@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.cluster.harness import cluster
 from tests.cluster.workload import create_queue
 from tests.etcd import EtcdCluster
 
 
-def test_nodes_move_to_another_etcd_member_when_theirs_dies(tmp_path: Path) -> None:
-    with cluster(tmp_path, etcd_members=3) as c:
+@pytest.mark.parametrize("failure", ["killed", "hung"])
+def test_nodes_move_to_another_etcd_member_when_theirs_fails(tmp_path: Path,
+                                                            failure: str) -> None:
+    """Killed: the connection is reset and calls fail at once. Hung (SIGSTOP): calls time
+    out after 2 s, which the lease (TTL 5 s, the default) must outlast."""
+    with cluster(tmp_path, etcd_members=3, lease_ttl=5) as c:
         assert isinstance(c.etcd, EtcdCluster)
         url = create_queue(c, "steady")
         leader = c.leader("steady")
         client = c.sqs("n1", connect_timeout=2, read_timeout=15)
         client.send_message(QueueUrl=url, MessageBody="before")
         # Every node connected to the first member that answered: the first one.
-        c.etcd.members[0].kill()
+        member = c.etcd.members[0]
+        if failure == "killed":
+            member.kill()
+        else:
+            assert member.process is not None
+            member.process.send_signal(signal.SIGSTOP)
         killed_at = time.monotonic()
         acked, failures = 0, 0
         first_ack_after: float | None = None
@@ -33,7 +45,7 @@ def test_nodes_move_to_another_etcd_member_when_theirs_dies(tmp_path: Path) -> N
             if first_ack_after is None:
                 first_ack_after = time.monotonic() - killed_at
             time.sleep(0.05)
-        print(f"\nafter the etcd member's kill: first acknowledged send in "
+        print(f"\netcd member {failure}: first acknowledged send in "
               f"{first_ack_after} s, {acked} acknowledged, {failures} refused")
         assert first_ack_after is not None and acked > 20, c.logs()
         # The nodes kept their leases (a failover of etcd is not a failover of Conveyor):
@@ -48,3 +60,6 @@ def test_nodes_move_to_another_etcd_member_when_theirs_dies(tmp_path: Path) -> N
                                      WaitTimeSeconds=1).get("Messages"):
             got += 1
         assert got > 0
+        if failure == "hung":
+            assert member.process is not None
+            member.process.send_signal(signal.SIGCONT)
