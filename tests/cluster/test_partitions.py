@@ -210,7 +210,7 @@ def test_stats_and_attribute_changes_cover_every_partition(c: Cluster) -> None:
 
 def test_partition_count_is_checked_and_fixed(c: Cluster) -> None:
     client = c.sqs("n0")
-    for bad in ("0", "17", "two", "-1"):
+    for bad in ("0", "17", "two", "-1", "\u00b2"):
         with pytest.raises(botocore.exceptions.ClientError) as caught:
             client.create_queue(QueueName="bad-partitions",
                                 Attributes={"ConveyorPartitions": bad})

@@ -64,6 +64,8 @@ def test_a_single_node_keeps_the_partition_count_it_is_given(sqs: object) -> Non
                               Attributes={"ConveyorPartitions": "4"})["QueueUrl"]
     attributes = client.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])
     assert attributes["Attributes"]["ConveyorPartitions"] == "4"
-    with pytest.raises(botocore.exceptions.ClientError) as caught:
-        client.create_queue(QueueName="miscounted", Attributes={"ConveyorPartitions": "0"})
-    assert caught.value.response["Error"]["Code"] == "InvalidAttributeValue"
+    for name, bad in (("ConveyorPartitions", "0"), ("ConveyorPartitions", "\u00b2"),
+                      ("ConveyorReplicationFactor", "\u00b2")):
+        with pytest.raises(botocore.exceptions.ClientError) as caught:
+            client.create_queue(QueueName="miscounted", Attributes={name: bad})
+        assert caught.value.response["Error"]["Code"] == "InvalidAttributeValue", (name, bad)
