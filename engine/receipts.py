@@ -9,12 +9,13 @@ per message deleted.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import os
 
 from engine._queue import RECEIPT_HANDLE_CHARS, ReceiptOpener, make_handle
+
+# Routing a handle to its queue (server/partitions.py) reads its uid, unchecked.
+from engine._queue import handle_queue_uid as handle_queue_uid
 
 KEY_BYTES = 32
 MAC_BYTES = 16
@@ -48,24 +49,6 @@ class ReceiptCodec:
         ReceiptInvalidError with reason "malformed", "forged" or "other-queue"."""
         seq, lease = self.opener(queue_uid).open(handle)
         return seq, lease
-
-
-def handle_queue_uid(handle: str) -> int | None:
-    """The queue uid a receipt handle names, unchecked (None if it is malformed): enough
-    to route the handle to the queue that will check it. Only the queue's opener tells a
-    genuine handle from a forged one."""
-    if len(handle) != HANDLE_CHARS or not handle.isascii():
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(handle)
-    except (binascii.Error, ValueError):
-        return None
-    if len(raw) != 1 + 8 * 3 + MAC_BYTES or raw[0] != _VERSION:
-        return None
-    return int.from_bytes(raw[1:9], "little")
-
-
-_VERSION = 1
 
 
 def load_or_create_key(path: str) -> bytes:

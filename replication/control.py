@@ -38,6 +38,10 @@ class NodeInfo:
     http: str
     replication: str
 
+    def replication_address(self) -> tuple[str, int]:
+        host, _, port = self.replication.rpartition(":")
+        return host, int(port)
+
 
 @dataclasses.dataclass(frozen=True)
 class Partition:

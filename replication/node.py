@@ -250,10 +250,7 @@ class ClusterNode:
                 node = (await self.control.view()).nodes.get(leader.node_id)
         except ControlUnavailableError:
             return None
-        if node is None:
-            return None
-        host, _, port = node.replication.rpartition(":")
-        return host, int(port)
+        return None if node is None else node.replication_address()
 
     async def partition_uids(self, names: list[str]) -> dict[int, int]:
         """uid -> index in names, for the partitions of one queue (read from etcd for
@@ -275,10 +272,7 @@ class ClusterNode:
 
     def replication_address(self, node_id: str) -> tuple[str, int] | None:
         node = self.view.nodes.get(node_id) if self.view is not None else None
-        if node is None:
-            return None
-        host, _, port = node.replication.rpartition(":")
-        return host, int(port)
+        return None if node is None else node.replication_address()
 
     def step_down(self, name: str, reason: str) -> None:
         """Stop leading a queue: refuse its waiting writes now, close it in the background."""

@@ -27,8 +27,15 @@ from typing import Any
 from engine.errors import ConfigError
 from server import masterkey
 from server.errors import DependencyUnavailableError
-from server.keystore import AccessKey, SecretWrap, check_account, check_principal, is_key_id
-from server.keystore import new_key as _new_key
+from server.etcd_metadata import etcd_call
+from server.keystore import (
+    AccessKey,
+    SecretWrap,
+    check_account,
+    check_principal,
+    is_key_id,
+    new_key,
+)
 
 _CHECK_TEXT = b"conveyor master key check v1"
 # How long a broken watch of the keys waits before it is opened again.
@@ -55,12 +62,7 @@ class EtcdKeyStore:
         """Key id -> stored value, while the mirror's watch runs; else None."""
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await getattr(self._client, method)(*args, **kwargs)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # aetcd and grpc errors share no base class
-            raise DependencyUnavailableError("key store", f"etcd {method}: {exc}") from exc
+        return await etcd_call(self._client, "key store", method, *args, **kwargs)
 
     async def check_master_key(self) -> None:
         """Record this master key's check if the cluster has none; refuse a different one."""
@@ -77,7 +79,7 @@ class EtcdKeyStore:
     async def create(self, principal: str, account: str) -> AccessKey:
         principal, account = check_principal(principal), check_account(account)
         await self.check_master_key()
-        key_id, secret = _new_key()
+        key_id, secret = new_key()
         created = time.time_ns() // 1_000_000
         value = {"principal": principal, "account": account, "created_ms": created,
                  "revoked_ms": None,

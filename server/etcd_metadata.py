@@ -24,6 +24,18 @@ _log = logging.getLogger("conveyor.metadata")
 WATCH_RETRY_S = 0.5
 
 
+async def etcd_call(client: Any, dependency: str, method: str, *args: Any,
+                    **kwargs: Any) -> Any:
+    """``client.<method>(...)``, any failure of etcd raised as the dependency being
+    unavailable (503) for the server's stores."""
+    try:
+        return await getattr(client, method)(*args, **kwargs)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # aetcd and grpc errors share no base class
+        raise DependencyUnavailableError(dependency, f"etcd {method}: {exc}") from exc
+
+
 class EtcdMetadataStore:
     def __init__(self, client: Any, prefix: bytes = b"/conveyor/") -> None:
         self._client = client
@@ -33,12 +45,7 @@ class EtcdMetadataStore:
         return self._prefix + f"{account}/{name}".encode()
 
     async def _call(self, method: str, *args: Any) -> Any:
-        try:
-            return await getattr(self._client, method)(*args)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # aetcd and grpc errors share no base class
-            raise DependencyUnavailableError("metadata store", f"etcd {method}: {exc}") from exc
+        return await etcd_call(self._client, "metadata store", method, *args)
 
     async def get(self, account: str, name: str) -> QueueRecord | None:
         kv = await self._call("get", self._key(account, name))

@@ -87,6 +87,11 @@ def partition_names(engine_name: str, count: int) -> list[str]:
     return [engine_name] + [f"{account}-p{p}/{name}" for p in range(1, count)]
 
 
+def queue_partitions(engine_name: str, extra: Mapping[str, str]) -> list[str]:
+    """The partition names of a queue with these extra attributes."""
+    return partition_names(engine_name, partition_count(extra))
+
+
 def group_partition(group_id: str | None, count: int) -> int:
     """The partition of a FIFO message group: the same on every node and every release."""
     if group_id is None or count == 1:

@@ -51,7 +51,7 @@ from server.partitions import (
     PartitionedQueue,
     check_partitions,
     partition_count,
-    partition_names,
+    queue_partitions,
 )
 from server.ratelimit import parse_rate
 from server.sse import ENVELOPE_OVERHEAD, Keyring, SealError, is_sealed
@@ -191,7 +191,7 @@ class QueueService:
                 cluster = self.cluster
                 await asyncio.gather(*(
                     cluster.create_queue(partition, attributes, replication_factor(extra))
-                    for partition in partition_names(engine_name, partition_count(extra))))
+                    for partition in queue_partitions(engine_name, extra)))
                 now = _now_ms()
                 record = QueueRecord(account, name, now, now, dict(tags), dict(extra))
                 await self.metadata.put(record)
@@ -287,8 +287,7 @@ class QueueService:
             cluster = self.cluster
             await asyncio.gather(*(
                 cluster.set_replication_factor(partition, factor)
-                for partition in partition_names(record.engine_name,
-                                                 partition_count(record.extra))))
+                for partition in queue_partitions(record.engine_name, record.extra)))
         if extra or changes:
             merged = {**record.extra, **extra}
             merged = {k: v for k, v in merged.items() if v != ""}
@@ -305,8 +304,7 @@ class QueueService:
             cluster = self.cluster
             await asyncio.gather(*(
                 cluster.delete_queue(partition)
-                for partition in partition_names(record.engine_name,
-                                                 partition_count(record.extra))))
+                for partition in queue_partitions(record.engine_name, record.extra)))
             await self.metadata.delete(account, name)
         else:
             await self.metadata.delete(account, name)
