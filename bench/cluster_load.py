@@ -45,7 +45,7 @@ from bench.http_load import (
     _sqs,
     _wait_ready,
 )
-from server.devcluster import etcd_command
+from server.cluster.devcluster import etcd_command
 
 QUEUE = "bench"
 

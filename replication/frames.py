@@ -17,7 +17,7 @@ from typing import Any
 from engine.errors import EngineError
 
 MAGIC = b"CVR1"
-# Opens a connection of partition calls (server/rpc.py), which share the replication port.
+# Opens a connection of partition calls (server/cluster/calls.py), which share the replication port.
 CALLS_MAGIC = b"CVC1"
 # Largest frame body: one APPEND carries at most this much log (whole batches), plus its
 # header. A longer length prefix is a protocol error, not an allocation.

@@ -99,7 +99,7 @@ class ClusterNode:
         self._server = ReplicationServer(self)
         self._closed = False
         self.call_handler: CallHandler | None = None
-        """Serves partition calls, which come to the replication port (server/rpc.py)."""
+        """Serves partition calls, which come to the replication port (server/cluster/calls.py)."""
 
     # -- start and stop ---------------------------------------------------------------------
 

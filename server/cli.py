@@ -111,9 +111,9 @@ def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, aut
     finish, then flushes and fsyncs everything before exiting 0.
     """
 
-    from server.app import create_app
-    from server.listener import run
-    from server.ratelimit import parse_rate
+    from server.protection.ratelimit import parse_rate
+    from server.web.app import create_app
+    from server.web.listener import run
 
     if auth == "none" and not insecure and not _is_loopback(host):
         raise click.UsageError(f"--auth none on {host} lets anyone on the network use every "
@@ -165,7 +165,7 @@ def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, aut
 @click.option("--fsync", default="always", show_default=True, callback=_fsync)
 def dev_cluster(nodes: int, base_port: int, data_dir: str, fsync: str) -> None:
     """Start etcd and a cluster of NODES on loopback ports, until Ctrl-C."""
-    from server.devcluster import run as run_cluster
+    from server.cluster.devcluster import run as run_cluster
 
     sys.exit(run_cluster(nodes, base_port, data_dir, fsync, lambda line: click.echo(line)))
 
@@ -420,7 +420,7 @@ class _ClusterKeys:
 
     def __init__(self, etcd: str, master_key: bytes) -> None:
         from replication.control import Control, parse_endpoints
-        from server.etcd_keystore import EtcdKeyStore
+        from server.cluster.etcd_keystore import EtcdKeyStore
 
         self._loop = asyncio.new_event_loop()
         self._control = Control(parse_endpoints(etcd))
@@ -454,8 +454,8 @@ class _ClusterKeys:
 @contextmanager
 def _keystore(data_dir: str, master_key_file: str | None, etcd: str | None = None
               ) -> Iterator[Any]:
-    from server import masterkey
-    from server.keystore import KeyStore
+    from server.protection import masterkey
+    from server.protection.keystore import KeyStore
 
     store: KeyStore | _ClusterKeys
     try:
@@ -545,7 +545,7 @@ def keys_token(access_key_id: str, data_dir: str, master_key_file: str | None,
     ..."; the CLI's client verbs read it from CONVEYOR_TOKEN)."""
     import time
 
-    from server.auth import bearer_token
+    from server.protection.auth import bearer_token
 
     with _keystore(data_dir, master_key_file, etcd) as store:
         key = store.get(access_key_id)

@@ -37,7 +37,7 @@ REQUEST_TIMEOUT_S = 60
 # How long a graceful shutdown waits for requests in flight (long polls end sooner).
 SHUTDOWN_GRACE_S = 25
 
-# Dispatch isolation (server/breaker.py). The metadata store: calls in flight, how long a
+# Dispatch isolation (server/protection/breaker.py). The metadata store: calls in flight, how long a
 # call waits for a slot, how long a call may take; the engine: calls in flight (long polls
 # hold one each, so it is as large as the connection limit) and no time limit (a long
 # poll is slow on purpose). Either circuit opens after BREAKER_FAILURES failures in a row

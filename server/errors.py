@@ -1,18 +1,11 @@
-"""Errors of the server, and the one table that maps every error to HTTP.
+"""Errors of the server: part of the one hierarchy rooted at :class:`engine.errors.EngineError`.
 
-Server errors subclass :class:`engine.errors.EngineError`: one hierarchy for the whole
-project. :func:`spec_for` gives, for any exception, the HTTP status, the SQS error shape
-(the JSON protocol's ``__type``), the SQS query-protocol code (also sent to JSON clients in
-the ``x-amzn-query-error`` header, as SQS does) and the native API's code. Anything not in
-the table is a server fault: 500, reported as InternalError, and logged.
+What each becomes on the wire is decided in one table, :mod:`server.web.errors`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 from engine import errors as e
-from replication.errors import ClusterError
 
 
 class ServerError(e.EngineError):
@@ -155,106 +148,3 @@ class DependencyUnavailableError(ServerError):
 class LeaderUnreachableError(DependencyUnavailableError):
     """A partition's leader node refused the connection or did not take it in time: the
     call was never sent, so nothing of it happened there."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ErrorSpec:
-    status: int
-    sqs_type: str
-    query_code: str
-    native_code: str
-    sender_fault: bool = True
-
-
-_S = ErrorSpec
-# Most specific first: the first class an exception is an instance of wins.
-_TABLE: list[tuple[type[BaseException], ErrorSpec]] = [
-    (e.QueueNotFoundError, _S(400, "QueueDoesNotExist",
-                              "AWS.SimpleQueueService.NonExistentQueue", "QueueNotFound")),
-    (e.QueueExistsError, _S(400, "QueueNameExists", "QueueAlreadyExists", "QueueExists")),
-    (e.ReceiptInvalidError, _S(400, "ReceiptHandleIsInvalid", "ReceiptHandleIsInvalid",
-                               "ReceiptInvalid")),
-    (e.MessageNotInflightError, _S(400, "MessageNotInflight",
-                                   "AWS.SimpleQueueService.MessageNotInflight",
-                                   "MessageNotInFlight")),
-    (e.MessageTooLargeError, _S(400, "InvalidParameterValue", "InvalidParameterValue",
-                                "MessageTooLarge")),
-    (e.InvalidMessageContentsError, _S(400, "InvalidMessageContents",
-                                       "InvalidMessageContents", "InvalidMessageContents")),
-    (e.InvalidQueueNameError, _S(400, "InvalidParameterValue", "InvalidParameterValue",
-                                 "InvalidQueueName")),
-    (e.InvalidAttributeError, _S(400, "InvalidAttributeValue", "InvalidAttributeValue",
-                                 "InvalidAttribute")),
-    (e.MissingParameterError, _S(400, "MissingParameter", "MissingParameter",
-                                 "MissingParameter")),
-    (e.InvalidParameterError, _S(400, "InvalidParameterValue", "InvalidParameterValue",
-                                 "InvalidParameter")),
-    (e.QueueUnavailableError, _S(503, "ServiceUnavailable", "ServiceUnavailable",
-                                 "Unavailable", sender_fault=False)),
-    (e.BrokerClosedError, _S(503, "ServiceUnavailable", "ServiceUnavailable",
-                             "Unavailable", sender_fault=False)),
-    (UnknownActionError, _S(400, "InvalidAction", "InvalidAction", "UnknownAction")),
-    (MalformedRequestError, _S(400, "MalformedQueryString", "MalformedQueryString",
-                               "MalformedRequest")),
-    (RequestTooLargeError, _S(413, "RequestEntityTooLarge", "RequestEntityTooLarge",
-                              "RequestTooLarge")),
-    (InvalidAttributeNameError, _S(400, "InvalidAttributeName", "InvalidAttributeName",
-                                   "InvalidAttributeName")),
-    (InvalidAddressError, _S(404, "InvalidAddress", "InvalidAddress", "InvalidAddress")),
-    (TooManyEntriesError, _S(400, "TooManyEntriesInBatchRequest",
-                             "AWS.SimpleQueueService.TooManyEntriesInBatchRequest",
-                             "TooManyEntries")),
-    (EmptyBatchError, _S(400, "EmptyBatchRequest",
-                         "AWS.SimpleQueueService.EmptyBatchRequest", "EmptyBatch")),
-    (BatchIdsNotDistinctError, _S(400, "BatchEntryIdsNotDistinct",
-                                  "AWS.SimpleQueueService.BatchEntryIdsNotDistinct",
-                                  "BatchEntryIdsNotDistinct")),
-    (InvalidBatchEntryIdError, _S(400, "InvalidBatchEntryId",
-                                  "AWS.SimpleQueueService.InvalidBatchEntryId",
-                                  "InvalidBatchEntryId")),
-    (BatchTooLongError, _S(400, "BatchRequestTooLong",
-                           "AWS.SimpleQueueService.BatchRequestTooLong", "BatchTooLong")),
-    (PurgeInProgressError, _S(403, "PurgeQueueInProgress",
-                              "AWS.SimpleQueueService.PurgeQueueInProgress",
-                              "PurgeInProgress")),
-    (TaskNotFoundError, _S(404, "ResourceNotFoundException", "ResourceNotFoundException",
-                           "NotFound")),
-    (UnsupportedOperationError, _S(400, "UnsupportedOperation",
-                                   "AWS.SimpleQueueService.UnsupportedOperation",
-                                   "UnsupportedOperation")),
-    (NotFoundError, _S(404, "NotFound", "NotFound", "NotFound")),
-    (MissingAuthenticationTokenError, _S(403, "MissingAuthenticationToken",
-                                         "MissingAuthenticationToken",
-                                         "MissingAuthenticationToken")),
-    (IncompleteSignatureError, _S(400, "IncompleteSignature", "IncompleteSignature",
-                                  "IncompleteSignature")),
-    (InvalidClientTokenIdError, _S(403, "InvalidClientTokenId", "InvalidClientTokenId",
-                                   "InvalidClientTokenId")),
-    (SignatureDoesNotMatchError, _S(403, "SignatureDoesNotMatch", "SignatureDoesNotMatch",
-                                    "SignatureDoesNotMatch")),
-    (RequestExpiredError, _S(400, "RequestExpired", "RequestExpired", "RequestExpired")),
-    (ThrottledError, _S(429, "ThrottlingException", "RequestThrottled", "Throttled")),
-    (DependencyUnavailableError, _S(503, "ServiceUnavailable", "ServiceUnavailable",
-                                    "Unavailable", sender_fault=False)),
-    # The cluster: a queue between leaders, too few in-sync replicas, etcd unreachable.
-    (ClusterError, _S(503, "ServiceUnavailable", "ServiceUnavailable", "Unavailable",
-                      sender_fault=False)),
-]
-
-INTERNAL = ErrorSpec(500, "InternalError", "InternalError", "Internal", sender_fault=False)
-
-
-def spec_for(exc: BaseException) -> ErrorSpec:
-    for cls, spec in _TABLE:
-        if isinstance(exc, cls):
-            return spec
-    return INTERNAL
-
-
-def native_status(exc: BaseException) -> int:
-    """The native API's status: REST-style where SQS uses 400 for everything."""
-    if isinstance(exc, e.QueueNotFoundError | TaskNotFoundError | NotFoundError):
-        return 404
-    if isinstance(exc, e.QueueExistsError):
-        return 409
-    return spec_for(exc).status

@@ -20,9 +20,9 @@ import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
-from server.breaker import Bulkhead, CircuitBreaker, Guard
 from server.config import METADATA_LOCK_WAIT_S
 from server.errors import DependencyUnavailableError
+from server.protection.breaker import Bulkhead, CircuitBreaker, Guard
 
 
 @dataclasses.dataclass(frozen=True)

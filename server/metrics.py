@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 
 from engine import Broker
 from engine.errors import EngineError
-from server.breaker import CLOSED, Guard
+from server.protection.breaker import CLOSED, Guard
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                     5, 10, 25)

@@ -35,8 +35,12 @@ from engine.errors import (
 )
 from engine.limits import FIFO_SUFFIX, check_queue_name
 from engine.results import SendEntry, SendResult
-from server import authz
-from server.breaker import Guard
+from server.cluster.partitions import (
+    PartitionedQueue,
+    check_partitions,
+    partition_count,
+    queue_partitions,
+)
 from server.config import (
     LIST_PAGE_MAX,
     PURGE_INTERVAL_S,
@@ -47,18 +51,14 @@ from server.config import (
 )
 from server.errors import PurgeInProgressError, TaskNotFoundError, UnsupportedOperationError
 from server.metadata import CachedMetadata, QueueRecord
-from server.partitions import (
-    PartitionedQueue,
-    check_partitions,
-    partition_count,
-    queue_partitions,
-)
-from server.ratelimit import parse_rate
-from server.sse import ENVELOPE_OVERHEAD, Keyring, SealError, is_sealed
+from server.protection import authz
+from server.protection.breaker import Guard
+from server.protection.ratelimit import parse_rate
+from server.protection.sse import ENVELOPE_OVERHEAD, Keyring, SealError, is_sealed
 
 if TYPE_CHECKING:
     from replication.node import ClusterNode
-    from server.rpc import PartitionCalls
+    from server.cluster.calls import PartitionCalls
 
 # Queue attribute (SQS name) that overrides the server's per-queue rate limit.
 RATE_LIMIT_ATTRIBUTE = "ConveyorRateLimit"

@@ -29,7 +29,6 @@ from engine.limits import (
     VISIBILITY_TIMEOUT_S_MAX,
     message_bytes,
 )
-from server import authz
 from server.config import LIST_PAGE_MAX
 from server.errors import (
     BatchIdsNotDistinctError,
@@ -37,11 +36,12 @@ from server.errors import (
     EmptyBatchError,
     InvalidBatchEntryIdError,
     TooManyEntriesError,
-    spec_for,
 )
-from server.params import int_in_range
+from server.protection import authz
 from server.service import QueueService
 from server.sqs import shapes
+from server.web.errors import spec_for
+from server.web.params import int_in_range
 
 # FIFO receive-attempt ids are remembered this long (SQS's five minutes).
 RECEIVE_ATTEMPT_WINDOW_S = 300

@@ -17,12 +17,12 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from engine.errors import EngineError
-from server import keys
 from server.errors import MalformedRequestError, UnknownActionError
 from server.sqs import json_protocol, query_protocol
 from server.sqs.actions import ACTIONS, QUEUE_FROM_URL, RECEIVE_ATTEMPT_WINDOW_S, Context
 from server.sqs.query_protocol import FIELDS_MAX
 from server.sqs.shapes import parse_queue_url
+from server.web import appkeys
 
 # FIFO receive attempts kept before the ones older than their window are dropped.
 ATTEMPTS_KEPT_MAX = 100_000
@@ -31,11 +31,11 @@ ATTEMPTS_KEPT_MAX = 100_000
 async def handle(request: web.Request) -> web.Response:
     # The FrontEnd set the protocol from the headers before the body was read, so an
     # error reading it (too large, say) is framed as the client expects.
-    json_request = request[keys.PROTOCOL] == "sqs-json"
+    json_request = request[appkeys.PROTOCOL] == "sqs-json"
     body = await request.read()
     if json_request:
         action = json_protocol.action(request.headers.get("X-Amz-Target"))
-        request[keys.ACTION] = action
+        request[appkeys.ACTION] = action
         params = json_protocol.parse(body)
     else:
         try:
@@ -44,16 +44,16 @@ async def handle(request: web.Request) -> web.Response:
             raise MalformedRequestError("the form is not valid UTF-8") from None
         fields = _fields(request.query_string) + _fields(text)
         action = next((v for k, v in fields if k == "Action"), "")
-        request[keys.ACTION] = action
+        request[appkeys.ACTION] = action
         params = query_protocol.parse(fields, action)
         if "QueueUrl" not in params and request.path.count("/") == 2:
             params["QueueUrl"] = request.path  # the query protocol may address the queue
     handler = ACTIONS.get(action)
     if handler is None:
         raise UnknownActionError(action)
-    service = request.app[keys.SERVICE]
-    config = request.app[keys.CONFIG]
-    caller_account = request.get(keys.ACCOUNT, config.account_id)
+    service = request.app[appkeys.SERVICE]
+    config = request.app[appkeys.CONFIG]
+    caller_account = request.get(appkeys.ACCOUNT, config.account_id)
     target = None
     if action in QUEUE_FROM_URL:
         with contextlib.suppress(EngineError):  # the action reports a bad QueueUrl itself
@@ -63,19 +63,19 @@ async def handle(request: web.Request) -> web.Response:
         if isinstance(owner, str):
             target = (owner, params["QueueName"])
     if target is not None:
-        await request.app[keys.ADMISSION].admit_queue(request, action, *target)
-    attempts = request.app[keys.RECEIVE_ATTEMPTS]
+        await request.app[appkeys.ADMISSION].admit_queue(request, action, *target)
+    attempts = request.app[appkeys.RECEIVE_ATTEMPTS]
     if len(attempts) > ATTEMPTS_KEPT_MAX:
         _forget_old(attempts)
     ctx = Context(service, caller_account,
                   f"{request.scheme}://{request.host}", config.region, attempts,
-                  request.get(keys.SENDER))
-    if keys.QUEUE not in request and isinstance(params.get("QueueName"), str):
-        request[keys.QUEUE] = f"{ctx.account}/{params['QueueName']}"  # the audit line's
+                  request.get(appkeys.SENDER))
+    if appkeys.QUEUE not in request and isinstance(params.get("QueueName"), str):
+        request[appkeys.QUEUE] = f"{ctx.account}/{params['QueueName']}"  # the audit line's
     result = await handler(ctx, params)
-    request[keys.MESSAGES] = _messages(action, result)
-    request_id = request[keys.REQUEST_ID]
-    if request[keys.PROTOCOL] == "sqs-json":
+    request[appkeys.MESSAGES] = _messages(action, result)
+    request_id = request[appkeys.REQUEST_ID]
+    if request[appkeys.PROTOCOL] == "sqs-json":
         return json_protocol.respond(result, request_id)
     return query_protocol.respond(result, action, request_id)
 

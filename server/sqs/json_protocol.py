@@ -13,7 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
-from server.errors import INTERNAL, ErrorSpec, MalformedRequestError, UnknownActionError
+from server.errors import MalformedRequestError, UnknownActionError
+from server.web.errors import INTERNAL, ErrorSpec
 
 CONTENT_TYPE = "application/x-amz-json-1.0"
 TARGET_PREFIX = "AmazonSQS."

@@ -16,7 +16,8 @@ from xml.sax.saxutils import escape
 
 from aiohttp import web
 
-from server.errors import INTERNAL, ErrorSpec, MalformedRequestError
+from server.errors import MalformedRequestError
+from server.web.errors import INTERNAL, ErrorSpec
 
 NAMESPACE = "http://queue.amazonaws.com/doc/2012-11-05/"
 CONTENT_TYPE = "text/xml"

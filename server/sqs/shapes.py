@@ -27,7 +27,7 @@ from engine.errors import (
 from engine.limits import FIFO_SUFFIX
 from server.errors import InvalidAddressError, InvalidAttributeNameError
 from server.metadata import QueueRecord
-from server.params import as_int
+from server.web.params import as_int
 
 # --- names, URLs and ARNs --------------------------------------------------------------
 

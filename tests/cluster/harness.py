@@ -2,7 +2,7 @@
 
 Every node listens on loopback ports of its own; a node can be killed, paused (SIGSTOP)
 and restarted on the same data directory and ports. ``follower_proxies`` puts a
-fault-injecting proxy (tests/faultproxy.py) in front of each node's replication port, and
+fault-injecting proxy (tests/support/faultproxy.py) in front of each node's replication port, and
 the node advertises the proxy: every byte shipped to that node passes through it.
 """
 
@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.etcd import EtcdCluster, EtcdServer
-from tests.faultproxy import FaultProxy
-from tests.server.conftest import Server, free_port
+from tests.support.etcd import EtcdCluster, EtcdServer
+from tests.support.faultproxy import FaultProxy
+from tests.support.server import Server, free_port
 
 ACCOUNT = "000000000000"
 

@@ -17,7 +17,7 @@ import pytest
 
 from tests.cluster.harness import cluster
 from tests.cluster.workload import Workload, create_queue, drain
-from tests.history import History, Report, check
+from tests.support.consistency import History, Report, check
 
 ATTEMPTS = 3
 

@@ -15,7 +15,7 @@ import botocore.exceptions
 import pytest
 
 from tests.cluster.harness import cluster
-from tests.server.conftest import Server, free_port
+from tests.support.server import Server, free_port
 
 
 def _master_key(path: Path) -> Path:

@@ -10,7 +10,7 @@ import pytest
 
 from tests.cluster.harness import cluster
 from tests.cluster.workload import create_queue
-from tests.etcd import EtcdCluster
+from tests.support.etcd import EtcdCluster
 
 
 @pytest.mark.parametrize("failure", ["killed", "hung"])

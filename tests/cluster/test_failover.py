@@ -17,7 +17,7 @@ import pytest
 
 from tests.cluster.harness import Cluster, cluster
 from tests.cluster.workload import Workload, create_queue, drain
-from tests.history import History, check
+from tests.support.consistency import History, check
 
 LEASE_TTL_S = 3
 FAILOVER_WAIT_S = 30

@@ -15,7 +15,7 @@ from typing import Any
 
 from tests.cluster.harness import cluster, read_log
 from tests.cluster.workload import CLIENT, create_queue, drain
-from tests.history import History, check
+from tests.support.consistency import History, check
 
 LEASE_TTL_S = 2
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tests.cluster.harness import cluster
 from tests.cluster.workload import Workload, create_queue, drain
-from tests.history import History, check
+from tests.support.consistency import History, check
 
 
 def _grows(load: Workload, seconds: float) -> bool:

@@ -12,11 +12,11 @@ from typing import Any
 import botocore.exceptions
 import pytest
 
-from server.partitions import group_partition, partition_names
-from server.rpc_codec import pack
+from server.cluster.codec import pack
+from server.cluster.partitions import group_partition, partition_names
 from tests.cluster.harness import ACCOUNT, Cluster
 from tests.cluster.workload import Workload, create_queue, drain
-from tests.history import History, check
+from tests.support.consistency import History, check
 
 PARTITIONS = 3
 
@@ -237,7 +237,7 @@ def test_partition_count_is_checked_and_fixed(c: Cluster) -> None:
 def test_partition_calls_need_the_cluster_secret(c: Cluster) -> None:
     """The replication port takes calls only from a node that proves the secret."""
     from replication.control import parse_endpoints
-    from server.rpc import CHALLENGE_BYTES
+    from server.cluster.calls import CHALLENGE_BYTES
 
     state = c.state("n0")
     host, port = parse_endpoints("etcd://" + state["nodes"]["n0"]["replication"])[0]

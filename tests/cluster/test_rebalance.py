@@ -10,7 +10,7 @@ from pathlib import Path
 from engine import HashRing
 from tests.cluster.harness import ACCOUNT, Cluster, cluster, local_queues
 from tests.cluster.workload import CLIENT, create_queue, drain
-from tests.history import History, check
+from tests.support.consistency import History, check
 
 QUEUES = [f"r{i}" for i in range(8)]
 RF = 2

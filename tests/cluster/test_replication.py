@@ -7,10 +7,10 @@ from pathlib import Path
 
 import jsonschema
 
-from server.openapi import document
+from server.web.openapi import document
 from tests.cluster.harness import cluster, read_log, state_digest
 from tests.cluster.workload import Workload, create_queue, drain
-from tests.history import History, check
+from tests.support.consistency import History, check
 
 DOCUMENT = document()
 

@@ -2,7 +2,7 @@
 
 Sends go in batches of ten unique bodies, each node in turn; the consumer receives with a
 short visibility timeout (so a message received before a crash comes back soon) and
-deletes what it got. Every outcome is recorded in a tests.history.History, which the
+deletes what it got. Every outcome is recorded in a tests.support.consistency.History, which the
 tests check once the queue is drained.
 """
 
@@ -16,7 +16,7 @@ import uuid
 from typing import Any
 
 from tests.cluster.harness import Cluster
-from tests.history import History
+from tests.support.consistency import History
 
 VISIBILITY_S = 5
 CLIENT = {"connect_timeout": 2, "read_timeout": 20}

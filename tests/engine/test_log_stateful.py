@@ -11,7 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from engine import Log, format
 from engine.errors import OffsetOutOfRangeError, RecordTooLargeError
-from tests.reference import ReferenceLog
+from tests.support.reference import ReferenceLog
 
 SEGMENT_BYTES_MAX = 1024
 records_strategy = st.lists(st.binary(max_size=120), min_size=1, max_size=8)

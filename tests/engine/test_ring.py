@@ -22,7 +22,7 @@ from engine.errors import (
     EngineError,
     NodeNotFoundError,
 )
-from tests.reference import ReferenceRing
+from tests.support.reference import ReferenceRing
 
 # Shared by the statistical tests. The keys are fixed, so those tests are deterministic:
 # a pass or a failure reproduces exactly.

@@ -1,126 +1,16 @@
-"""Real server processes for the server tests: `conveyor serve` on a free loopback port."""
+"""Fixtures of the server tests: a fresh `conveyor serve` per test, and no proxies."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
-import socket
-import ssl
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from botocore.config import Config
 
-STARTUP_TIMEOUT_S = 30
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """A `conveyor serve` child process; restartable on the same data directory."""
-
-    def __init__(self, data_dir: Path, fsync: str = "always", port: int | None = None,
-                 extra: tuple[str, ...] = (), cafile: Path | None = None) -> None:
-        """``cafile``: the server serves HTTPS (``extra`` names its --tls-cert and --tls-key)
-        with a certificate that this CA file verifies."""
-        self.data_dir = data_dir
-        self.fsync = fsync
-        self.port = port or free_port()
-        self.extra = extra
-        self.cafile = cafile
-        self.url = f"{'https' if cafile else 'http'}://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log = data_dir.parent / f"server-{self.port}.log"
-        self.start()
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(self.data_dir),
-                 "--port", str(self.port), "--fsync", self.fsync, "--no-access-log",
-                 *self.extra],
-                stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited {self.process.returncode}: "
-                                   f"{self.log.read_text()[-2000:]}")
-            context = ssl.create_default_context(cafile=self.cafile) if self.cafile else None
-            with (contextlib.suppress(OSError),
-                  urllib.request.urlopen(self.url + "/readyz", timeout=1,
-                                         context=context) as response):
-                if response.status == 200:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"server not ready in time: {self.log.read_text()[-2000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        return self.process.wait(timeout)
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
-
-    def restart(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.stop()
-        self.start()
-
-    def create_key(self, principal: str = "tester", account: str | None = None) -> dict[str, str]:
-        """An access key made with the real CLI on this server's data directory."""
-        args = ["--principal", principal] + (["--account", account] if account else [])
-        output = subprocess.run(
-            [sys.executable, "-m", "server.cli", "keys", "create", "--data-dir",
-             str(self.data_dir), *args], check=True, capture_output=True).stdout
-        key: dict[str, str] = json.loads(output)
-        return key
-
-    def sqs(self, key: dict[str, str] | None = None, **config: Any) -> Any:
-        """An unmodified boto3 SQS client pointed at this server, signed with ``key`` (from
-        :meth:`create_key`; dummy credentials when the server does not check them), with no
-        retries: a retry could hide a failure or a hang."""
-        return boto3.client(
-            "sqs", endpoint_url=self.url, region_name="us-east-1",
-            aws_access_key_id=key["access_key_id"] if key else "AKIDEXAMPLE",
-            aws_secret_access_key=key["secret_access_key"] if key else "secret",
-            verify=str(self.cafile) if self.cafile else None,
-            config=Config(retries={"total_max_attempts": 1}, **config))
-
-
-@contextlib.contextmanager
-def module_server(factory: pytest.TempPathFactory, name: str, **options: Any
-                  ) -> Iterator[Server]:
-    """A server shared by one module's tests (for a module-scoped fixture); killed after."""
-    running = Server(factory.mktemp(name) / "data", **options)
-    try:
-        yield running
-    finally:
-        if running.process is not None and running.process.poll() is None:
-            running.kill()
-
-
-def restarted_if_dead(server: Server) -> Server:
-    """The shared server, started again if an earlier case crashed it: one crash fails
-    one case, not the rest of the module."""
-    assert server.process is not None
-    if server.process.poll() is not None:
-        server.start()
-    return server
+from tests.support.server import Server
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from server.config import SHUTDOWN_GRACE_S
-from tests.server.conftest import Server
+from tests.support.server import Server
 
 WORKLOAD = Path(__file__).with_name("sqs_workload.py")
 KILLS = 12

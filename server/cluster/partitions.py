@@ -1,0 +1,305 @@
+"""A cluster queue of one or more partitions, each its own replicated log with its own
+leader, seen as one queue.
+
+Partition 0 is stored under the queue's engine name (``account/name``), partition p > 0
+under ``account-p{p}/name``: a namespace no account can have (accounts are 12 digits), with
+the name kept whole so that a FIFO partition's name still ends in ``.fifo``. The ring
+places each partition by its own name, so the partitions of one queue spread over nodes.
+
+- A standard queue's send goes whole to one partition, taken in turn. One that certainly
+  did not take it (no leader; its leader's node refused the connection) passes it to the
+  next. A refusal that leaves the outcome open (too few in-sync replicas, a lost answer)
+  goes back to the client: the batch may yet be committed there, and sending it again
+  elsewhere would deliver it twice, which only a retrying client may cause.
+- A FIFO queue's send goes by message group: a group always maps to the same partition,
+  which keeps the group's order and its lock. Deduplication is per partition, so a
+  deduplication id repeated in groups of different partitions is not caught (SQS's
+  DeduplicationScope=messageGroup, which high-throughput FIFO queues use, promises no more).
+- A receive drains the partitions in turn, starting at a different one each time; with
+  nothing anywhere it long-polls all of them at once and receives from the first that has
+  messages.
+- A receipt handle names its partition's uid, which routes deletes and visibility changes;
+  the partition then checks the handle's mac.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import xxhash
+
+from engine import Message, QueueAttributes, QueueStats
+from engine.errors import EngineError, InvalidAttributeError, QueueUnavailableError
+from engine.queue import check_receive
+from engine.receipts import handle_queue_uid
+from engine.results import SendEntry, SendResult
+from replication.errors import ClusterError, NotLeaderError
+from server.config import PARTITIONS_MAX
+from server.errors import DependencyUnavailableError, LeaderUnreachableError
+
+if TYPE_CHECKING:
+    from replication.node import ClusterNode
+    from server.cluster.calls import PartitionCalls
+
+PARTITIONS_ATTRIBUTE = "ConveyorPartitions"
+# A long poll over several partitions waits on each in slices this long: a wait the
+# caller no longer needs (another partition had messages first) ends by itself soon.
+WAIT_SLICE_S = 2.0
+# Refusals that say a partition cannot serve now, not that the request is wrong: a send
+# or receive may go to the queue's other partitions instead.
+_UNAVAILABLE = (ClusterError, DependencyUnavailableError, QueueUnavailableError)
+# Of those, the ones that say the call was not made at all.
+_NOT_MADE = (NotLeaderError, LeaderUnreachableError)
+_DEFAULTS = QueueAttributes()
+_log = logging.getLogger("conveyor.service")
+_T = TypeVar("_T")
+
+
+def partition_count(extra: Mapping[str, str]) -> int:
+    """The queue's ConveyorPartitions (1 when unset)."""
+    value = extra.get(PARTITIONS_ATTRIBUTE, "")
+    valid = value.isascii() and value.isdigit() and 1 <= int(value) <= PARTITIONS_MAX
+    return int(value) if valid else 1
+
+
+def check_partitions(extra: Mapping[str, str], existing: Mapping[str, str] | None) -> None:
+    """A valid ConveyorPartitions, and unchanged on an existing queue: a new count would
+    map FIFO message groups to other partitions, out of order."""
+    if PARTITIONS_ATTRIBUTE not in extra:
+        return
+    value = extra[PARTITIONS_ATTRIBUTE]
+    # isascii: "²".isdigit() is true, and int("²") raises.
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= PARTITIONS_MAX:
+        raise InvalidAttributeError(PARTITIONS_ATTRIBUTE, value,
+                                    f"must be a whole number from 1 to {PARTITIONS_MAX}")
+    if existing is not None and int(value) != partition_count(existing):
+        raise InvalidAttributeError(PARTITIONS_ATTRIBUTE, value,
+                                    "is fixed when the queue is created")
+
+
+def partition_names(engine_name: str, count: int) -> list[str]:
+    account, _, name = engine_name.partition("/")
+    return [engine_name] + [f"{account}-p{p}/{name}" for p in range(1, count)]
+
+
+def queue_partitions(engine_name: str, extra: Mapping[str, str]) -> list[str]:
+    """The partition names of a queue with these extra attributes."""
+    return partition_names(engine_name, partition_count(extra))
+
+
+def group_partition(group_id: str | None, count: int) -> int:
+    """The partition of a FIFO message group: the same on every node and every release."""
+    if group_id is None or count == 1:
+        return 0
+    return xxhash.xxh3_64_intdigest(group_id.encode()) % count
+
+
+_turns = itertools.count()
+
+
+class PartitionedQueue:
+    """One cluster queue; the methods the service uses, as on AsyncQueue."""
+
+    def __init__(self, calls: PartitionCalls, node: ClusterNode, engine_name: str,
+                 count: int) -> None:
+        self.calls = calls
+        self.node = node
+        self.name = engine_name
+        self.partitions = partition_names(engine_name, count)
+        self.fifo = engine_name.endswith(".fifo")
+
+    # -- queue-wide ----------------------------------------------------------------------
+
+    async def attributes(self) -> QueueAttributes:
+        result: QueueAttributes = await self.calls.call(self.partitions[0], "attributes")
+        return result
+
+    async def _any_attributes(self) -> QueueAttributes:
+        """The attributes from whichever partition answers (they are set on all)."""
+        refusal: EngineError | None = None
+        for partition in self.partitions:
+            try:
+                result: QueueAttributes = await self.calls.call(partition, "attributes")
+                return result
+            except _UNAVAILABLE as exc:
+                refusal = refusal or exc
+        assert refusal is not None
+        raise refusal
+
+    async def set_attributes(self, **changes: Any) -> QueueAttributes:
+        results = await _all([self.calls.call(p, "set_attributes", changes)
+                              for p in self.partitions])
+        return results[0]  # type: ignore[no-any-return]
+
+    async def stats(self) -> QueueStats:
+        parts: list[QueueStats] = await _all([self.calls.call(p, "stats")
+                                              for p in self.partitions])
+        if len(parts) == 1:
+            return parts[0]
+        fields = {f: sum(getattr(s, f) for s in parts) for f in QueueStats.__dataclass_fields__}
+        fields["oldest_age_s"] = max(s.oldest_age_s for s in parts)
+        return QueueStats(**fields)
+
+    async def purge(self) -> None:
+        await _all([self.calls.call(p, "purge") for p in self.partitions])
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def send_batch(self, entries: Sequence[SendEntry]) -> list[SendResult | EngineError]:
+        if len(self.partitions) == 1:
+            result: list[SendResult | EngineError] = await self.calls.call(
+                self.partitions[0], "send_batch", list(entries))
+            return result
+        if not self.fifo:
+            return await self._send_anywhere(entries)
+        by_partition: dict[int, list[int]] = {}
+        for i, entry in enumerate(entries):
+            p = group_partition(entry.group_id, len(self.partitions))
+            by_partition.setdefault(p, []).append(i)
+        return await self._scatter(by_partition, entries, "send_batch")
+
+    async def _send_anywhere(self, entries: Sequence[SendEntry]
+                             ) -> list[SendResult | EngineError]:
+        start = next(_turns)
+        refusal: EngineError | None = None
+        for i in range(len(self.partitions)):
+            partition = self.partitions[(start + i) % len(self.partitions)]
+            try:
+                result: list[SendResult | EngineError] = await self.calls.call(
+                    partition, "send_batch", list(entries))
+                return result
+            except _NOT_MADE as exc:
+                refusal = refusal or exc
+        assert refusal is not None
+        raise refusal
+
+    # -- receipts ------------------------------------------------------------------------
+
+    async def delete_batch(self, receipts: Sequence[str]) -> list[EngineError | None]:
+        return await self._by_receipt(list(receipts), list(receipts), "delete_batch")
+
+    async def change_visibility_batch(self, entries: Sequence[tuple[str, int]]
+                                      ) -> list[EngineError | None]:
+        return await self._by_receipt([r for r, _ in entries], list(entries),
+                                      "change_visibility_batch")
+
+    async def _by_receipt(self, receipts: list[str], items: list[Any], op: str
+                          ) -> list[EngineError | None]:
+        if len(self.partitions) == 1:
+            result: list[EngineError | None] = await self.calls.call(
+                self.partitions[0], op, items)
+            return result
+        uids = await self.node.partition_uids(self.partitions)
+        by_partition: dict[int, list[int]] = {}
+        for i, receipt in enumerate(receipts):
+            # A handle of no partition of this queue goes to partition 0, which refuses
+            # it for what it is: malformed, forged or another queue's.
+            p = uids.get(handle_queue_uid(receipt) or 0, 0) if isinstance(receipt, str) else 0
+            by_partition.setdefault(p, []).append(i)
+        return await self._scatter(by_partition, items, op)
+
+    async def _scatter(self, by_partition: dict[int, list[int]], items: Sequence[Any],
+                       op: str) -> list[Any]:
+        """op on each partition's share of items, the results back in items' order. A
+        share whose call failed gets the failure as each of its results, unless all
+        failed: then the request fails as a whole."""
+        shares = list(by_partition.items())
+        outcomes = await asyncio.gather(
+            *(self.calls.call(self.partitions[p], op, [items[i] for i in indexes])
+              for p, indexes in shares), return_exceptions=True)
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        for error in errors:
+            if not isinstance(error, EngineError):
+                raise error
+        if len(errors) == len(outcomes):
+            raise errors[0]
+        results: list[Any] = [None] * len(items)
+        for (_, indexes), outcome in zip(shares, outcomes, strict=True):
+            for n, i in enumerate(indexes):
+                results[i] = outcome if isinstance(outcome, BaseException) else outcome[n]
+        return results
+
+    # -- receiving -----------------------------------------------------------------------
+
+    async def receive(self, max_messages: int = 1, wait_seconds: int | None = None,
+                      visibility_timeout: int | None = None) -> list[Message]:
+        if len(self.partitions) == 1:
+            result: list[Message] = await self.calls.call(
+                self.partitions[0], "receive", max_messages, wait_seconds,
+                visibility_timeout)
+            return result
+        if wait_seconds is None:  # the queue's ReceiveMessageWaitTimeSeconds
+            wait_seconds = (await self._any_attributes()).receive_wait_seconds
+        wait = check_receive(max_messages, wait_seconds, visibility_timeout, _DEFAULTS)
+        deadline = time.monotonic() + wait
+        start = next(_turns)
+        order = [self.partitions[(start + i) % len(self.partitions)]
+                 for i in range(len(self.partitions))]
+        while True:
+            got = await self._drain(order, max_messages, visibility_timeout)
+            remaining = deadline - time.monotonic()
+            if got or remaining <= 0:
+                return got
+            await self._wait_any(order, min(remaining, WAIT_SLICE_S))
+
+    async def _drain(self, order: list[str], max_messages: int,
+                     visibility_timeout: int | None) -> list[Message]:
+        """Receive from the partitions in order until max_messages. Partitions that cannot
+        serve now are passed over; only if none can does the receive fail."""
+        got: list[Message] = []
+        refusals: list[EngineError] = []
+        for partition in order:
+            try:
+                got += await self.calls.call(partition, "receive", max_messages - len(got),
+                                             0, visibility_timeout)
+            except _UNAVAILABLE as exc:
+                refusals.append(exc)
+                continue
+            except Exception:
+                if not got:
+                    raise
+                # Messages leased from the partitions before go to the caller, rather
+                # than stay hidden for their visibility timeout.
+                _log.exception("receive from %s failed; returning what others gave",
+                               partition)
+                return got
+            if len(got) >= max_messages:
+                break
+        if len(refusals) == len(order):
+            raise refusals[0]
+        return got
+
+    async def _wait_any(self, order: list[str], seconds: float) -> None:
+        """Until a partition may have messages, or seconds pass."""
+        waits = [asyncio.ensure_future(self.calls.call(p, "wait_receivable", seconds))
+                 for p in order]
+        try:
+            pending = set(waits)
+            while pending:
+                done, pending = await asyncio.wait(pending,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                if any(w.exception() is None and w.result() for w in done):
+                    return
+            if all(w.exception() is not None for w in waits):
+                # Every partition refused at once: pause rather than spin; the next
+                # drain reports the refusal.
+                await asyncio.sleep(min(seconds, 0.2))
+        finally:
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+
+
+async def _all(calls: Sequence[Awaitable[_T]]) -> list[_T]:
+    """Every call's result; the first failure once all have finished (a partial change
+    is completed by retrying the request, which every caller of this may)."""
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return outcomes  # type: ignore[return-value]

@@ -1,0 +1,102 @@
+"""Admission: the FrontEnd layers a request passes before it reaches a queue.
+
+:func:`protect` (a middleware, inside :func:`server.web.middleware.frontend`) authenticates the
+caller and applies the per-principal rate limit. :meth:`Admission.admit_queue` runs once
+the queue a request names is known (from the path on the native API, from the parameters
+on the SQS protocols): the queue's policy is checked, and the per-queue rate limit. Both
+refuse before anything changes.
+
+The queue's record, which holds its policy and rate override, comes from the metadata
+cache, so admitting a request to a known queue costs dictionary lookups only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from aiohttp import web
+
+from engine.errors import InvalidParameterError, QueueNotFoundError
+from server.metadata import CachedMetadata, QueueRecord
+from server.protection import authz
+from server.protection.auth import Authenticator
+from server.protection.ratelimit import Limiter, Rate, parse_rate
+from server.service import RATE_LIMIT_ATTRIBUTE
+from server.web import appkeys
+from server.web.middleware import Handler
+
+# Paths served to anyone: liveness and readiness probes, metrics scrapes, the API schema.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+
+# The SQS action each native route performs on its queue, for policies and metrics.
+NATIVE_ACTIONS = {
+    "get_queue": "GetQueueAttributes", "update_queue": "SetQueueAttributes",
+    "delete_queue": "DeleteQueue", "purge_queue": "PurgeQueue",
+    "send_message": "SendMessage", "send_messages": "SendMessage",
+    "receive_messages": "ReceiveMessage", "delete_messages": "DeleteMessage",
+    "delete_message": "DeleteMessage", "change_visibility": "ChangeMessageVisibility",
+    "list_permissions": "GetQueueAttributes", "put_permission": "AddPermission",
+    "delete_permission": "RemovePermission",
+}
+
+
+@functools.lru_cache(maxsize=1024)
+def queue_rate(text: str) -> Rate | None:
+    return parse_rate(text, RATE_LIMIT_ATTRIBUTE)
+
+
+class Admission:
+    def __init__(self, authenticator: Authenticator, metadata: CachedMetadata,
+                 principal_rate: Rate | None, queue_rate: Rate | None) -> None:
+        self.authenticator = authenticator
+        self.metadata = metadata
+        self.principal_rate = principal_rate
+        self.queue_rate = queue_rate
+        self.principals = Limiter()
+        self.queues = Limiter()
+
+    async def admit_queue(self, request: web.Request, action: str, owner: str,
+                          name: str) -> QueueRecord | None:
+        """Check the caller may do ``action`` on the queue, within its rate; return the
+        queue's record (None when the caller's own queue does not exist: the action
+        reports that itself, as it would without authentication)."""
+        request[appkeys.QUEUE] = f"{owner}/{name}"
+        caller_account = request.get(appkeys.ACCOUNT)
+        if not isinstance(caller_account, str):
+            caller_account = request.app[appkeys.CONFIG].account_id
+        record = self.metadata.cached(owner, name)
+        if record is None:
+            if not isinstance(name, str) or not name.isascii() or len(name) > 256:
+                return None  # not a queue name: the action refuses it
+            record = await self.metadata.get(owner, name)
+        if record is None:
+            if owner != caller_account:
+                raise QueueNotFoundError(name)
+            return None
+        authz.check(owner, name, caller_account, action, record.extra.get("Policy"))
+        override = record.extra.get(RATE_LIMIT_ATTRIBUTE)
+        rate = queue_rate(override) if override else self.queue_rate
+        self.queues.check(record.engine_name, rate, f"queue {name}")
+        return record
+
+
+@web.middleware
+async def protect(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in OPEN_PATHS:
+        return await handler(request)
+    admission = request.app[appkeys.ADMISSION]
+    caller = await admission.authenticator.authenticate(request)
+    request[appkeys.PRINCIPAL] = caller.principal
+    request[appkeys.ACCOUNT] = caller.account
+    request[appkeys.SENDER] = caller.principal if caller.access_key_id is not None else None
+    admission.principals.check(f"{caller.account}/{caller.principal}",
+                               admission.principal_rate, f"principal {caller.principal}")
+    route = request.match_info.route.name
+    if route in NATIVE_ACTIONS:
+        owner = request.query.get("owner", caller.account)
+        if not authz.is_account(owner):
+            raise InvalidParameterError("owner", owner, "must be a 12-digit account id")
+        request[appkeys.OWNER] = owner
+        await admission.admit_queue(request, NATIVE_ACTIONS[route], owner,
+                                    request.match_info["name"])
+    return await handler(request)

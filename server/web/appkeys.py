@@ -1,0 +1,40 @@
+"""Typed keys of the aiohttp application's state: one place for all of them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from engine import AsyncBroker
+    from replication.node import ClusterNode
+    from server.config import ServerConfig
+    from server.metrics import Metrics
+    from server.protection.admission import Admission
+    from server.protection.usage import Usage
+    from server.service import QueueService
+
+CONFIG: web.AppKey[ServerConfig] = web.AppKey("config")
+BROKER: web.AppKey[AsyncBroker] = web.AppKey("broker")
+SERVICE: web.AppKey[QueueService] = web.AppKey("service")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+ADMISSION: web.AppKey[Admission] = web.AppKey("admission")
+USAGE: web.AppKey[Usage] = web.AppKey("usage")
+CLUSTER: web.AppKey[ClusterNode | None] = web.AppKey("cluster")  # None: a single node
+# Per request, set by the FrontEnd's layers and read by the audit log and handlers.
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
+PROTOCOL: web.RequestKey[str] = web.RequestKey("protocol")  # sqs-json, sqs-query, native
+ACTION: web.RequestKey[str] = web.RequestKey("action")
+QUEUE: web.RequestKey[str] = web.RequestKey("queue")  # account/name, when one is named
+ACCOUNT: web.RequestKey[str] = web.RequestKey("account")  # the caller's
+OWNER: web.RequestKey[str] = web.RequestKey("owner")  # the named queue's (native API)
+MESSAGES: web.RequestKey[int] = web.RequestKey("messages")  # sent, received or deleted
+PRINCIPAL: web.RequestKey[str] = web.RequestKey("principal")
+# The SenderId stored with a sent message: the principal, or None when unauthenticated
+# (SQS then reports the owning account, as it does for an account's root).
+SENDER: web.RequestKey[str | None] = web.RequestKey("sender")
+
+# FIFO ReceiveRequestAttemptId results, shared by every request of the app.
+RECEIVE_ATTEMPTS: web.AppKey[dict[tuple[str, str], tuple[float, dict[str, Any]]]] = (
+    web.AppKey("receive_attempts"))

@@ -1,0 +1,117 @@
+"""The request path's outer layers: request ids, body limits, errors, audit and metrics.
+
+:func:`frontend` wraps every request. It gives the request an id, refuses a declared body
+over REQUEST_BYTES_MAX before reading a byte of it, maps any exception to the response
+its protocol expects (the one place errors become HTTP), and writes one JSON audit line
+and the request metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from server.config import REQUEST_BYTES_MAX
+from server.errors import NotFoundError, RequestTooLargeError, ThrottledError
+from server.sqs import json_protocol, query_protocol
+from server.web import appkeys
+from server.web.errors import INTERNAL, native_status, spec_for
+
+_audit = logging.getLogger("conveyor.audit")
+# The SQS endpoint, and a queue's URL (the query protocol may post to it).
+_SQS_PATH = re.compile(r"/|/[0-9]{12}/[^/]+")
+_log = logging.getLogger("conveyor.server")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def frontend(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request[appkeys.REQUEST_ID] = str(uuid.uuid4())
+    started = time.perf_counter()
+    if _SQS_PATH.fullmatch(request.path):
+        # Known from the headers alone, so that even a refusal before the SQS handler
+        # runs (a bad signature, a rate limit) is framed the way the client parses.
+        request[appkeys.PROTOCOL] = json_protocol.protocol_of(request)
+    try:
+        declared = request.content_length
+        if declared is not None and declared > REQUEST_BYTES_MAX:
+            raise RequestTooLargeError(declared, REQUEST_BYTES_MAX)
+        response = await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        response = error_response(request, RequestTooLargeError(None, REQUEST_BYTES_MAX))
+    except web.HTTPNotFound:
+        response = error_response(request, NotFoundError(f"no route for {request.path}"))
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.text and "json" not in (exc.content_type or ""):
+            # aiohttp's own refusals (405, 400 from the parser): keep the status, use our body.
+            response = web.json_response(
+                {"error": {"code": exc.reason.replace(" ", ""), "message": exc.text}},
+                status=exc.status)
+        else:
+            raise
+    except Exception as exc:
+        response = error_response(request, exc)
+    _account(request, response, time.perf_counter() - started)
+    return response
+
+
+def error_response(request: web.Request, exc: BaseException) -> web.Response:
+    """The one mapping of an exception to an HTTP response, framed for the protocol."""
+    spec = spec_for(exc)
+    if spec is INTERNAL:
+        _log.error("request %s failed", request[appkeys.REQUEST_ID], exc_info=exc)
+    elif spec.status >= 500:  # unavailable: expected at times, and said by the message
+        _log.warning("request %s refused: %s", request[appkeys.REQUEST_ID], exc)
+    protocol = request.get(appkeys.PROTOCOL, "native")
+    request_id = request[appkeys.REQUEST_ID]
+    if protocol == "sqs-json":
+        response = json_protocol.error(exc, spec, request_id)
+    elif protocol == "sqs-query":
+        response = query_protocol.error(exc, spec, request_id)
+    else:
+        message = "internal error" if spec is INTERNAL else str(exc)
+        response = web.json_response(
+            {"error": {"code": spec.native_code, "message": message}},
+            status=native_status(exc), headers={"X-Request-Id": request_id})
+    if isinstance(exc, ThrottledError):
+        # Whole seconds, rounded up, as RFC 9110 requires; at least 1.
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return response
+
+
+def _account(request: web.Request, response: web.StreamResponse, elapsed: float) -> None:
+    protocol = request.get(appkeys.PROTOCOL, "native")
+    action = request.get(appkeys.ACTION) or _route_name(request)
+    metrics = request.app[appkeys.METRICS]
+    metrics.requests.labels(protocol, action, str(response.status)).inc()
+    metrics.latency.labels(protocol, action).observe(elapsed)
+    received = request.content_length or 0
+    metrics.request_bytes.labels(protocol).inc(received)
+    sent = len(body) if isinstance(body := getattr(response, "body", None), bytes) else 0
+    account = request.get(appkeys.ACCOUNT)
+    if account is not None:
+        request.app[appkeys.USAGE].record(account, request.get(appkeys.PRINCIPAL),
+                                       request.get(appkeys.QUEUE), request.get(appkeys.MESSAGES, 0),
+                                       received, sent, response.status == 429)
+    if request.app[appkeys.CONFIG].access_log:
+        _audit.info(json.dumps({
+            "ts": round(time.time(), 3), "request_id": request[appkeys.REQUEST_ID],
+            "principal": request.get(appkeys.PRINCIPAL), "remote": request.remote,
+            "protocol": protocol, "action": action, "queue": request.get(appkeys.QUEUE),
+            "status": response.status, "bytes_in": received,
+            "bytes_out": sent,
+            "latency_ms": round(elapsed * 1000, 3),
+        }, separators=(",", ":")))
+
+
+def _route_name(request: web.Request) -> str:
+    route = request.match_info.route
+    return route.name or f"{request.method} {getattr(route.resource, 'canonical', request.path)}"
