@@ -18,7 +18,7 @@ from typing import Any
 from engine.broker import Broker
 from engine.errors import EngineError
 from engine.limits import QueueAttributes
-from engine.queue import QueueCore, check_batch, check_receive
+from engine.queue import QueueCore, check_batch, check_receive, send_entries
 from engine.records import MessageAttribute
 from engine.results import Message, QueueStats, SendEntry, SendResult
 
@@ -101,11 +101,14 @@ class AsyncQueue:
             raise result
         return result
 
-    async def send_batch(self, entries: Sequence[SendEntry]
+    async def send_batch(self, entries: Sequence[SendEntry | bytes]
                          ) -> list[SendResult | EngineError]:
-        check_batch(entries)
+        """Send several messages in one log write; each entry succeeds or fails alone.
+
+        An entry is a :class:`SendEntry`, or the body alone as bytes."""
+        sends = send_entries(entries)
         core = await self._core()
-        results, durable_at = core.send(entries)
+        results, durable_at = core.send(sends)
         await core.wait_durable_async(durable_at)
         await self._maybe_snapshot(core)
         return results

@@ -743,10 +743,13 @@ class Queue:
             raise result
         return result
 
-    def send_batch(self, entries: Sequence[SendEntry]) -> list[SendResult | EngineError]:
-        """Send several messages in one log write; each entry succeeds or fails alone."""
-        check_batch(entries)
-        core, (results, durable_at) = self._on_core(QueueCore.send, entries)
+    def send_batch(self, entries: Sequence[SendEntry | bytes]
+                   ) -> list[SendResult | EngineError]:
+        """Send several messages in one log write; each entry succeeds or fails alone.
+
+        An entry is a :class:`SendEntry`, or the body alone as bytes."""
+        sends = send_entries(entries)
+        core, (results, durable_at) = self._on_core(QueueCore.send, sends)
         core.wait_durable(durable_at)
         core.maybe_snapshot()
         return results
@@ -821,6 +824,25 @@ class Queue:
 
     def __repr__(self) -> str:
         return f"<Queue {self.name}>"
+
+
+def send_entries(entries: Sequence[SendEntry | bytes]) -> Sequence[SendEntry]:
+    """The entries of a send_batch as SendEntry, a checked batch: bytes stand for a body
+    with nothing else; anything else is a TypeError that names it (not an AttributeError
+    from the extension, which reads the fields of a SendEntry)."""
+    check_batch(entries)
+    if all(type(entry) is SendEntry for entry in entries):
+        return entries  # type: ignore[return-value]
+    sends = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, SendEntry):
+            sends.append(entry)
+        elif isinstance(entry, bytes | bytearray | memoryview):
+            sends.append(SendEntry(bytes(entry)))
+        else:
+            raise TypeError(f"entries[{i}] must be bytes or a SendEntry, not "
+                            f"{type(entry).__name__}")
+    return sends
 
 
 def check_batch(entries: Sequence[object]) -> None:

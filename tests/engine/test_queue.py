@@ -1335,6 +1335,40 @@ def test_fifo_send_batch_with_a_bad_entry_keeps_order_of_the_good_ones(fifo: Que
     assert drain(fifo) == [b"1", b"3"]
 
 
+def test_send_batch_takes_plain_bodies_beside_entries(broker: Broker) -> None:
+    # What a user tries first, as with Log.append_batch.
+    q = broker.create_queue("q")
+    results = q.send_batch([b"a", SendEntry(b"b", delay_seconds=0), bytearray(b"c")])
+    assert all(isinstance(r, SendResult) for r in results)
+    assert sorted(bodies(q.receive(max_messages=10))) == [b"a", b"b", b"c"]
+
+
+@pytest.mark.parametrize("entries", [["text"], [b"ok", 7], [None], [(b"body",)]],
+                         ids=["str", "int", "none", "tuple"])
+def test_send_batch_of_something_else_is_a_type_error_naming_it(
+        broker: Broker, clock: ManualClock, tmp_path: Path, entries: list[Any]) -> None:
+    q = seeded(broker, "q")
+    before = state(q)
+    index = next(i for i, e in enumerate(entries) if not isinstance(e, bytes))
+    with pytest.raises(TypeError, match=rf"entries\[{index}\] must be bytes or a SendEntry"):
+        q.send_batch(entries)
+    assert state(q) == before
+
+    async def async_send() -> None:
+        async with AsyncBroker(str(tmp_path / "async"), fsync="never", clock=clock) as aio:
+            queue = await aio.create_queue("q")
+            assert [m.body for m in await _async_bodies(queue, [b"x", b"y"])] == [b"x", b"y"]
+            with pytest.raises(TypeError, match=rf"entries\[{index}\]"):
+                await queue.send_batch(entries)
+
+    asyncio.run(async_send())
+
+
+async def _async_bodies(queue: Any, sends: list[bytes]) -> list[Any]:
+    await queue.send_batch(sends)
+    return sorted(await queue.receive(max_messages=10), key=lambda m: m.body)
+
+
 @pytest.mark.parametrize("call", [
     lambda q: q.send_batch([]),
     lambda q: q.send_batch([SendEntry(b"x")] * 1001),
