@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 from server.config import METADATA_LOCK_WAIT_S
 from server.errors import DependencyUnavailableError
 from server.protection.breaker import Bulkhead, CircuitBreaker, Guard
+from server.settings import QueueSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +42,18 @@ class QueueRecord:
         """The name of the engine queue that holds the messages: namespaced by account."""
         return f"{self.account}/{self.name}"
 
+    @functools.cached_property
+    def settings(self) -> QueueSettings:
+        """The attributes among extra that the server acts on, parsed once per record."""
+        return QueueSettings.of(self.extra)
+
 
 class MetadataStore(Protocol):
     async def get(self, account: str, name: str) -> QueueRecord | None: ...
     async def put(self, record: QueueRecord) -> None: ...
     async def delete(self, account: str, name: str) -> None: ...
     async def names(self, account: str, prefix: str, after: str, limit: int) -> list[str]: ...
+    async def all_records(self) -> list[QueueRecord]: ...
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
 

@@ -28,25 +28,23 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import xxhash
 
 from engine import Message, QueueAttributes, QueueStats
-from engine.errors import EngineError, InvalidAttributeError, QueueUnavailableError
+from engine.errors import EngineError, QueueUnavailableError
 from engine.queue import check_receive
 from engine.receipts import handle_queue_uid
 from engine.results import SendEntry, SendResult
 from replication.errors import ClusterError, NotLeaderError
-from server.config import PARTITIONS_MAX
 from server.errors import DependencyUnavailableError, LeaderUnreachableError
 
 if TYPE_CHECKING:
     from replication.node import ClusterNode
     from server.cluster.calls import PartitionCalls
 
-PARTITIONS_ATTRIBUTE = "ConveyorPartitions"
 # A long poll over several partitions waits on each in slices this long: a wait the
 # caller no longer needs (another partition had messages first) ends by itself soon.
 WAIT_SLICE_S = 2.0
@@ -60,36 +58,10 @@ _log = logging.getLogger("conveyor.service")
 _T = TypeVar("_T")
 
 
-def partition_count(extra: Mapping[str, str]) -> int:
-    """The queue's ConveyorPartitions (1 when unset)."""
-    value = extra.get(PARTITIONS_ATTRIBUTE, "")
-    valid = value.isascii() and value.isdigit() and 1 <= int(value) <= PARTITIONS_MAX
-    return int(value) if valid else 1
-
-
-def check_partitions(extra: Mapping[str, str], existing: Mapping[str, str] | None) -> None:
-    """A valid ConveyorPartitions, and unchanged on an existing queue: a new count would
-    map FIFO message groups to other partitions, out of order."""
-    if PARTITIONS_ATTRIBUTE not in extra:
-        return
-    value = extra[PARTITIONS_ATTRIBUTE]
-    # isascii: "²".isdigit() is true, and int("²") raises.
-    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= PARTITIONS_MAX:
-        raise InvalidAttributeError(PARTITIONS_ATTRIBUTE, value,
-                                    f"must be a whole number from 1 to {PARTITIONS_MAX}")
-    if existing is not None and int(value) != partition_count(existing):
-        raise InvalidAttributeError(PARTITIONS_ATTRIBUTE, value,
-                                    "is fixed when the queue is created")
-
-
 def partition_names(engine_name: str, count: int) -> list[str]:
+    """The names of a queue's partitions, partition 0 first."""
     account, _, name = engine_name.partition("/")
     return [engine_name] + [f"{account}-p{p}/{name}" for p in range(1, count)]
-
-
-def queue_partitions(engine_name: str, extra: Mapping[str, str]) -> list[str]:
-    """The partition names of a queue with these extra attributes."""
-    return partition_names(engine_name, partition_count(extra))
 
 
 def group_partition(group_id: str | None, count: int) -> int:

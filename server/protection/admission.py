@@ -12,16 +12,13 @@ cache, so admitting a request to a known queue costs dictionary lookups only.
 
 from __future__ import annotations
 
-import functools
-
 from aiohttp import web
 
 from engine.errors import InvalidParameterError, QueueNotFoundError
 from server.metadata import CachedMetadata, QueueRecord
 from server.protection import authz
 from server.protection.auth import Authenticator
-from server.protection.ratelimit import Limiter, Rate, parse_rate
-from server.service import RATE_LIMIT_ATTRIBUTE
+from server.protection.ratelimit import Limiter, Rate
 from server.web import appkeys
 from server.web.middleware import Handler
 
@@ -38,11 +35,6 @@ NATIVE_ACTIONS = {
     "list_permissions": "GetQueueAttributes", "put_permission": "AddPermission",
     "delete_permission": "RemovePermission",
 }
-
-
-@functools.lru_cache(maxsize=1024)
-def queue_rate(text: str) -> Rate | None:
-    return parse_rate(text, RATE_LIMIT_ATTRIBUTE)
 
 
 class Admission:
@@ -74,9 +66,8 @@ class Admission:
                 raise QueueNotFoundError(name)
             return None
         authz.check(owner, name, caller_account, action, record.extra.get("Policy"))
-        override = record.extra.get(RATE_LIMIT_ATTRIBUTE)
-        rate = queue_rate(override) if override else self.queue_rate
-        self.queues.check(record.engine_name, rate, f"queue {name}")
+        self.queues.check(record.engine_name, record.settings.rate_or(self.queue_rate),
+                          f"queue {name}")
         return record
 
 

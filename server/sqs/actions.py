@@ -37,7 +37,6 @@ from server.errors import (
     InvalidBatchEntryIdError,
     TooManyEntriesError,
 )
-from server.protection import authz
 from server.service import QueueService
 from server.sqs import shapes
 from server.web.errors import spec_for
@@ -115,11 +114,12 @@ def _failure(entry_id: str, exc: BaseException) -> dict[str, Any]:
             "Message": str(exc)}
 
 
-def _outcome(entry_ids: list[str], errors: list[EngineError | None],
-             failed: list[dict[str, Any]]) -> dict[str, Any]:
+def _outcome(entries: list[Mapping[str, Any]], errors: list[EngineError | None]
+             ) -> dict[str, Any]:
     """A batch answer for entries that carry nothing back but their id."""
     successful = []
-    for entry_id, error in zip(entry_ids, errors, strict=True):
+    failed = []
+    for entry_id, error in zip((e["Id"] for e in entries), errors, strict=True):
         if error is None:
             successful.append({"Id": entry_id})
         else:
@@ -284,28 +284,26 @@ async def send_message_batch(ctx: Context, params: Params) -> dict[str, Any]:
     account, name = _queue(params)
     entries = _entries(params)
     await ctx.service.record(account, name)  # an unknown queue fails the whole request
-    successful: list[dict[str, Any]] = []
-    failed: list[dict[str, Any]] = []
-    prepared: list[tuple[str, SendEntry]] = []
-    total = 0
+    prepared: list[SendEntry | EngineError] = []
     for raw in entries:
         try:
-            entry = _send_entry(ctx, raw)
+            prepared.append(_send_entry(ctx, raw))
         except EngineError as exc:
-            failed.append(_failure(raw["Id"], exc))
-            continue
-        # SQS limits the batch by its messages' sizes, attributes included.
-        total += message_bytes(entry.body, entry.attributes)
-        prepared.append((raw["Id"], entry))
+            prepared.append(exc)
+    # SQS limits the batch by its messages' sizes, attributes included.
+    total = sum(message_bytes(e.body, e.attributes) for e in prepared
+                if isinstance(e, SendEntry))
     if total > MESSAGE_BYTES_MAX:
         raise BatchTooLongError(total, MESSAGE_BYTES_MAX)
-    if prepared:
-        results = await ctx.service.send(account, name, [e for _, e in prepared])
-        for (entry_id, entry), result in zip(prepared, results, strict=True):
-            if isinstance(result, EngineError):
-                failed.append(_failure(entry_id, result))
-            else:
-                successful.append({"Id": entry_id, **_sent(entry, result)})
+    successful: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    results = await ctx.service.send(account, name, prepared)
+    for raw, entry, result in zip(entries, prepared, results, strict=True):
+        if isinstance(result, EngineError):
+            failed.append(_failure(raw["Id"], result))
+        else:
+            assert isinstance(entry, SendEntry)
+            successful.append({"Id": raw["Id"], **_sent(entry, result)})
     return {"Successful": successful, "Failed": failed}
 
 
@@ -354,13 +352,10 @@ async def delete_message_batch(ctx: Context, params: Params) -> dict[str, Any]:
     account, name = _queue(params)
     entries = _entries(params)
     await ctx.service.record(account, name)
-    handles = [e.get("ReceiptHandle") for e in entries]
-    failed = [_failure(e["Id"], MissingParameterError("ReceiptHandle", "each entry needs one"))
-              for e, h in zip(entries, handles, strict=True) if not isinstance(h, str)]
-    valid = [(e["Id"], h) for e, h in zip(entries, handles, strict=True)
-             if isinstance(h, str)]
-    results = await ctx.service.delete(account, name, [h for _, h in valid]) if valid else []
-    return _outcome([entry_id for entry_id, _ in valid], results, failed)
+    handles = [h if isinstance(h := e.get("ReceiptHandle"), str)
+               else MissingParameterError("ReceiptHandle", "each entry needs one")
+               for e in entries]
+    return _outcome(entries, await ctx.service.delete(account, name, handles))
 
 
 async def change_message_visibility(ctx: Context, params: Params) -> dict[str, Any]:
@@ -378,19 +373,17 @@ async def change_message_visibility(ctx: Context, params: Params) -> dict[str, A
 async def change_message_visibility_batch(ctx: Context, params: Params) -> dict[str, Any]:
     account, name = _queue(params)
     await ctx.service.record(account, name)
-    failed: list[dict[str, Any]] = []
-    valid: list[tuple[str, tuple[str, int]]] = []
-    for entry in _entries(params):
+    entries = _entries(params)
+    changes: list[tuple[str, int] | EngineError] = []
+    for entry in entries:
         try:
             seconds = _int(entry, "VisibilityTimeout", 0, VISIBILITY_TIMEOUT_S_MAX)
             if seconds is None:
                 raise MissingParameterError("VisibilityTimeout", "each entry needs one")
-            valid.append((entry["Id"], (_text(entry, "ReceiptHandle"), seconds)))
+            changes.append((_text(entry, "ReceiptHandle"), seconds))
         except EngineError as exc:
-            failed.append(_failure(entry["Id"], exc))
-    results = (await ctx.service.change_visibility(account, name, [v for _, v in valid])
-               if valid else [])
-    return _outcome([entry_id for entry_id, _ in valid], results, failed)
+            changes.append(exc)
+    return _outcome(entries, await ctx.service.change_visibility(account, name, changes))
 
 
 # --- dead-letter redrive --------------------------------------------------------------------
@@ -404,7 +397,7 @@ async def start_message_move_task(ctx: Context, params: Params) -> dict[str, Any
         destination = shapes.parse_arn(params.get("DestinationArn"), "DestinationArn")
         _own(ctx, *destination)
     rate = _int(params, "MaxNumberOfMessagesPerSecond", 1, 500)
-    return {"TaskHandle": await ctx.service.start_move(source, destination, rate)}
+    return {"TaskHandle": await ctx.service.moves.start(source, destination, rate)}
 
 
 async def list_message_move_tasks(ctx: Context, params: Params) -> dict[str, Any]:
@@ -413,7 +406,7 @@ async def list_message_move_tasks(ctx: Context, params: Params) -> dict[str, Any
     limit = _int(params, "MaxResults", 1, 10) or 1
     record = await ctx.service.record(account, name)
     results = []
-    for task in ctx.service.list_moves(record.engine_name, limit):
+    for task in ctx.service.moves.list(record.engine_name, limit):
         item: dict[str, Any] = {
             "Status": task.status,
             "SourceArn": shapes.queue_arn(ctx.region, account, name),
@@ -434,7 +427,7 @@ async def list_message_move_tasks(ctx: Context, params: Params) -> dict[str, Any
 
 
 async def cancel_message_move_task(ctx: Context, params: Params) -> dict[str, Any]:
-    task = await ctx.service.cancel_move(_text(params, "TaskHandle"), ctx.account)
+    task = await ctx.service.moves.cancel(_text(params, "TaskHandle"), ctx.account)
     return {"ApproximateNumberOfMessagesMoved": task.moved}
 
 
@@ -449,19 +442,17 @@ def _own(ctx: Context, account: str, name: str) -> None:
 
 async def add_permission(ctx: Context, params: Params) -> dict[str, Any]:
     account, name = _queue(params)
-    record = await ctx.service.record(account, name)
-    policy = authz.add_permission(
-        record.extra.get("Policy"), ctx.region, account, name, _text(params, "Label"),
-        _string_list(params, "AWSAccountIds"), _string_list(params, "Actions"))
-    await ctx.service.set_attributes(account, name, {}, {"Policy": policy})
+    await ctx.service.record(account, name)  # an unknown queue is refused first
+    await ctx.service.add_permission(account, name, ctx.region, _text(params, "Label"),
+                                     _string_list(params, "AWSAccountIds"),
+                                     _string_list(params, "Actions"))
     return {}
 
 
 async def remove_permission(ctx: Context, params: Params) -> dict[str, Any]:
     account, name = _queue(params)
-    record = await ctx.service.record(account, name)
-    policy = authz.remove_permission(record.extra.get("Policy"), _text(params, "Label"))
-    await ctx.service.set_attributes(account, name, {}, {"Policy": policy})
+    await ctx.service.record(account, name)  # an unknown queue is refused first
+    await ctx.service.remove_permission(account, name, _text(params, "Label"))
     return {}
 
 

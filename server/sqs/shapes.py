@@ -27,6 +27,7 @@ from engine.errors import (
 from engine.limits import FIFO_SUFFIX
 from server.errors import InvalidAddressError, InvalidAttributeNameError
 from server.metadata import QueueRecord
+from server.settings import KMS_KEY, PARTITIONS, RATE_LIMIT, REPLICATION_FACTOR, SSE_MANAGED
 from server.web.params import as_int
 
 # --- names, URLs and ARNs --------------------------------------------------------------
@@ -82,11 +83,9 @@ _ENGINE_INT = {
 _ENGINE_BOOL = {"FifoQueue": "fifo", "ContentBasedDeduplication": "content_based_dedup"}
 # Kept as given (in the metadata store): they describe the queue, not message flow.
 EXTRA_ATTRIBUTES = frozenset({
-    "Policy", "KmsMasterKeyId", "KmsDataKeyReusePeriodSeconds", "SqsManagedSseEnabled",
+    "Policy", KMS_KEY, "KmsDataKeyReusePeriodSeconds", SSE_MANAGED,
     "RedriveAllowPolicy", "DeduplicationScope", "FifoThroughputLimit",
-    "ConveyorRateLimit",  # this server's own: a per-queue rate limit, e.g. "100/s:200"
-    "ConveyorReplicationFactor",  # this server's own: replicas of the queue in a cluster
-    "ConveyorPartitions",  # this server's own: partitions of the queue in a cluster
+    RATE_LIMIT, REPLICATION_FACTOR, PARTITIONS,  # this server's own (server/settings.py)
 })
 _READ_ONLY = frozenset({
     "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",

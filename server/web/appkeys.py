@@ -7,21 +7,19 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from engine import AsyncBroker
-    from replication.node import ClusterNode
     from server.config import ServerConfig
+    from server.deployment import Deployment
     from server.metrics import Metrics
     from server.protection.admission import Admission
     from server.protection.usage import Usage
     from server.service import QueueService
 
 CONFIG: web.AppKey[ServerConfig] = web.AppKey("config")
-BROKER: web.AppKey[AsyncBroker] = web.AppKey("broker")
+DEPLOYMENT: web.AppKey[Deployment] = web.AppKey("deployment")
 SERVICE: web.AppKey[QueueService] = web.AppKey("service")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 ADMISSION: web.AppKey[Admission] = web.AppKey("admission")
 USAGE: web.AppKey[Usage] = web.AppKey("usage")
-CLUSTER: web.AppKey[ClusterNode | None] = web.AppKey("cluster")  # None: a single node
 # Per request, set by the FrontEnd's layers and read by the audit log and handlers.
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
 PROTOCOL: web.RequestKey[str] = web.RequestKey("protocol")  # sqs-json, sqs-query, native

@@ -27,18 +27,11 @@ from engine.limits import (
     VISIBILITY_TIMEOUT_S_MAX,
     QueueAttributes,
 )
-from server.cluster.partitions import PARTITIONS_ATTRIBUTE, partition_count
 from server.config import REQUEST_BYTES_MAX
 from server.errors import MalformedRequestError, RequestTooLargeError
 from server.protection import authz
-from server.service import (
-    RATE_LIMIT_ATTRIBUTE,
-    REPLICATION_FACTOR_ATTRIBUTE,
-    QueueService,
-    QueueView,
-    replication_factor,
-    sse_enabled,
-)
+from server.service import QueueService, QueueView
+from server.settings import PARTITIONS, RATE_LIMIT, REPLICATION_FACTOR, SSE_MANAGED
 from server.web import appkeys
 from server.web.errors import spec_for
 from server.web.params import int_in_range as _int
@@ -103,10 +96,10 @@ def _queue_json(request: web.Request, view: QueueView) -> dict[str, Any]:
             "moved_to_dead_letter": stats.moved_to_dead_letter, "purged": stats.purged,
         },
         "tags": record.tags,
-        "encrypted": sse_enabled(record.extra),
-        "rate_limit": record.extra.get(RATE_LIMIT_ATTRIBUTE),
-        "replication_factor": replication_factor(record.extra),
-        "partitions": partition_count(record.extra),
+        "encrypted": record.settings.encrypted,
+        "rate_limit": record.extra.get(RATE_LIMIT),
+        "replication_factor": record.settings.replication_factor,
+        "partitions": record.settings.partitions,
         "created_at": record.created_ms / 1000,
         "modified_at": record.modified_ms / 1000,
     }
@@ -138,23 +131,23 @@ def _extra(body: Mapping[str, Any]) -> dict[str, str]:
     if "encrypted" in body:
         if not isinstance(body["encrypted"], bool):
             raise InvalidParameterError("encrypted", body["encrypted"], "must be true or false")
-        extra["SqsManagedSseEnabled"] = "true" if body["encrypted"] else "false"
+        extra[SSE_MANAGED] = "true" if body["encrypted"] else "false"
     if "rate_limit" in body:
         value = body["rate_limit"]
         if value is not None and not isinstance(value, str):
             raise InvalidParameterError("rate_limit", value, 'must be a string like "100/s"')
-        extra[RATE_LIMIT_ATTRIBUTE] = value or ""
+        extra[RATE_LIMIT] = value or ""
     if "replication_factor" in body:
         value = body["replication_factor"]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise InvalidParameterError("replication_factor", value,
                                         "must be a whole number or null")
-        extra[REPLICATION_FACTOR_ATTRIBUTE] = "" if value is None else str(value)
+        extra[REPLICATION_FACTOR] = "" if value is None else str(value)
     if "partitions" in body:
         value = body["partitions"]
         if not isinstance(value, int) or isinstance(value, bool):
             raise InvalidParameterError("partitions", value, "must be a whole number")
-        extra[PARTITIONS_ATTRIBUTE] = str(value)
+        extra[PARTITIONS] = str(value)
     return extra
 
 
@@ -330,10 +323,7 @@ async def send_messages(request: web.Request) -> web.Response:
             entries.append(_entry(item, request.get(appkeys.SENDER)))
         except EngineError as exc:
             entries.append(exc)
-    valid = [e for e in entries if isinstance(e, SendEntry)]
-    results = iter(await _service(request).send(_account(request), name, valid) if valid
-                   else [])
-    out = [_sent(next(results) if isinstance(e, SendEntry) else e) for e in entries]
+    out = [_sent(r) for r in await _service(request).send(_account(request), name, entries)]
     request[appkeys.MESSAGES] = sum("error" not in r for r in out)
     return web.json_response({"results": out})
 
@@ -433,25 +423,24 @@ async def put_permission(request: web.Request) -> web.Response:
     name = _name(request)
     body = await _json(request)
     service = _service(request)
-    record = await service.record(_account(request), name)
-    accounts, actions = body.get("accounts"), body.get("actions")
-    for field, value in (("accounts", accounts), ("actions", actions)):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise InvalidParameterError(field, value, "must be a list of strings")
-    policy = authz.add_permission(record.extra.get("Policy"),
-                                  request.app[appkeys.CONFIG].region, record.account, name,
-                                  request.match_info["label"], accounts, actions)  # type: ignore[arg-type]
-    await service.set_attributes(record.account, name, {}, {"Policy": policy})
+    await service.record(_account(request), name)  # an unknown queue is a 404 first
+    accounts, actions = _strings(body, "accounts"), _strings(body, "actions")
+    await service.add_permission(_account(request), name, request.app[appkeys.CONFIG].region,
+                                 request.match_info["label"], accounts, actions)
     return web.Response(status=204)
+
+
+def _strings(body: Mapping[str, Any], field: str) -> list[str]:
+    value = body.get(field)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidParameterError(field, value, "must be a list of strings")
+    return value
 
 
 @routes.delete("/v1/queues/{name}/permissions/{label}", name="delete_permission")
 async def delete_permission(request: web.Request) -> web.Response:
-    name = _name(request)
-    service = _service(request)
-    record = await service.record(_account(request), name)
-    policy = authz.remove_permission(record.extra.get("Policy"), request.match_info["label"])
-    await service.set_attributes(record.account, name, {}, {"Policy": policy})
+    await _service(request).remove_permission(_account(request), _name(request),
+                                               request.match_info["label"])
     return web.Response(status=204)
 
 

@@ -25,7 +25,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from server.config import HEADER_BYTES_MAX, HEADERS_MAX
-from server.web.app import METADATA_FILE
+from server.deployment import METADATA_FILE
 from tests.server.web.test_hostile_input import (
     FORM_TYPE,
     JSON_TYPE,

@@ -1,0 +1,160 @@
+"""Where a queue's messages live: the one seam between the queue service and the engine.
+
+:class:`~server.service.QueueService` asks a :class:`QueueBackend` for a queue's handle
+and makes its engine calls there; it never asks whether it runs on one node or in a
+cluster. That is answered once, where the server is assembled (server/deployment.py):
+
+- :class:`LocalBackend`: each queue is an engine queue of this process's broker;
+- :class:`server.cluster.backend.PartitionedBackend`: each queue is one or more
+  partitions, each a replicated log led on some node of the cluster, called in process
+  where this node leads it and over the inter-node port where another does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+from engine import AsyncBroker, AsyncQueue, Message, QueueAttributes, QueueStats
+from engine.errors import EngineError
+from engine.results import SendEntry, SendResult
+from server.metadata import MetadataStore, QueueRecord
+from server.protection.breaker import Guard
+from server.settings import QueueSettings
+
+_log = logging.getLogger("conveyor.service")
+
+
+class QueueHandle(Protocol):
+    """One queue's engine calls, as :class:`engine.AsyncQueue` has them."""
+
+    @property
+    def name(self) -> str: ...
+    async def attributes(self) -> QueueAttributes: ...
+    async def set_attributes(self, **changes: Any) -> QueueAttributes: ...
+    async def stats(self) -> QueueStats: ...
+    async def purge(self) -> None: ...
+    async def send_batch(self, entries: list[SendEntry]) -> list[SendResult | EngineError]: ...
+    async def receive(self, max_messages: int = 1, wait_seconds: int | None = None,
+                      visibility_timeout: int | None = None) -> list[Message]: ...
+    async def delete_batch(self, receipts: list[str]) -> list[EngineError | None]: ...
+    async def change_visibility_batch(self, entries: list[tuple[str, int]]
+                                      ) -> list[EngineError | None]: ...
+
+
+class QueueBackend(Protocol):
+    """Where queues are made, found and removed. The service has checked every argument
+    and holds the queue's lock around create, update and delete."""
+
+    def check_supported(self, attributes: Mapping[str, Any], settings: QueueSettings) -> None:
+        """Refuse (UnsupportedOperationError) what this backend cannot do safely."""
+
+    def queue(self, record: QueueRecord) -> QueueHandle:
+        """The handle of the queue the record names: no I/O."""
+
+    async def create_queue(self, engine_name: str, attributes: dict[str, Any],
+                           settings: QueueSettings) -> None:
+        """Make the queue's storage; the service then writes its record."""
+
+    async def update_queue(self, record: QueueRecord, changes: dict[str, Any],
+                           extra: Mapping[str, str]) -> None:
+        """Apply changed engine attributes and server settings (``extra``, as given)."""
+
+    async def delete_queue(self, record: QueueRecord,
+                           forget: Callable[[], Awaitable[None]]) -> None:
+        """Remove the queue's storage, and its record with ``forget``, in whichever order
+        leaves nothing reachable if the process dies between the two."""
+
+    async def dead_letter_sources(self, engine_name: str) -> list[str]:
+        """Engine names of the queues whose dead-letter queue this one is."""
+
+
+class LocalBackend:
+    """Every queue is an engine queue in this process's broker, its calls behind the
+    engine's guard (bulkhead and circuit breaker)."""
+
+    def __init__(self, broker: AsyncBroker, guard: Guard) -> None:
+        self.broker = broker
+        self.guard = guard
+
+    async def remove_orphans(self, store: MetadataStore) -> None:
+        """Delete engine queues that no record owns: a create interrupted between its two
+        steps. This process is the store's only writer, so none is a create under way."""
+        owned = {r.engine_name for r in await store.all_records()}
+        for name in await self.broker.list_queues():
+            if name not in owned:
+                _log.warning("deleting engine queue %s: no queue record owns it", name)
+                await self.broker.delete_queue(name)
+
+    def check_supported(self, attributes: Mapping[str, Any], settings: QueueSettings) -> None:
+        pass  # one node does everything the service accepts
+
+    def queue(self, record: QueueRecord) -> QueueHandle:
+        return GuardedQueue(AsyncQueue(self.broker.broker, record.engine_name), self.guard)
+
+    async def create_queue(self, engine_name: str, attributes: dict[str, Any],
+                           settings: QueueSettings) -> None:
+        if engine_name in await self.broker.list_queues(engine_name):
+            # Left by a create whose record was never written, or a delete whose engine
+            # step never ran (the metadata store failed in between). Nobody can reach it;
+            # reusing it would refuse other attributes as "exists" and bring back a deleted
+            # queue's messages.
+            _log.warning("replacing engine queue %s: no queue record owns it", engine_name)
+            await self.broker.delete_queue(engine_name)
+        await self.broker.create_queue(engine_name, **attributes)
+
+    async def update_queue(self, record: QueueRecord, changes: dict[str, Any],
+                           extra: Mapping[str, str]) -> None:
+        if changes:
+            await self.broker.set_queue_attributes(record.engine_name, **changes)
+
+    async def delete_queue(self, record: QueueRecord,
+                           forget: Callable[[], Awaitable[None]]) -> None:
+        # The record first: an engine queue left behind is an orphan, removed at the next
+        # start or replaced by the next create of the name.
+        await forget()
+        await self.broker.delete_queue(record.engine_name)
+
+    async def dead_letter_sources(self, engine_name: str) -> list[str]:
+        return sorted(await asyncio.to_thread(self.broker.broker.dead_letter_sources,
+                                              engine_name))
+
+
+class GuardedQueue:
+    """An engine queue whose calls pass the engine's guard."""
+
+    __slots__ = ("_guard", "_queue", "name")
+
+    def __init__(self, queue: AsyncQueue, guard: Guard) -> None:
+        self._queue = queue
+        self._guard = guard
+        self.name = queue.name
+
+    async def attributes(self) -> QueueAttributes:
+        return await self._guard.run(self._queue.attributes)
+
+    async def set_attributes(self, **changes: Any) -> QueueAttributes:
+        return await self._guard.run(self._queue.set_attributes, **changes)
+
+    async def stats(self) -> QueueStats:
+        return await self._guard.run(self._queue.stats)
+
+    async def purge(self) -> None:
+        await self._guard.run(self._queue.purge)
+
+    async def send_batch(self, entries: list[SendEntry]) -> list[SendResult | EngineError]:
+        return await self._guard.run(self._queue.send_batch, entries)
+
+    async def receive(self, max_messages: int = 1, wait_seconds: int | None = None,
+                      visibility_timeout: int | None = None) -> list[Message]:
+        return await self._guard.run(self._queue.receive, max_messages, wait_seconds,
+                                     visibility_timeout)
+
+    async def delete_batch(self, receipts: list[str]) -> list[EngineError | None]:
+        return await self._guard.run(self._queue.delete_batch, receipts)
+
+    async def change_visibility_batch(self, entries: list[tuple[str, int]]
+                                      ) -> list[EngineError | None]:
+        return await self._guard.run(self._queue.change_visibility_batch, entries)

@@ -1,0 +1,114 @@
+"""What a server runs on, assembled in one place: the one answer to "one node or a cluster?".
+
+:func:`open_deployment` gives a :class:`Deployment`: this process's engine, the metadata
+service, the queue backend and where access keys are found. Everything above it (the queue
+service, the FrontEnd) is the same for both:
+
+- one node: queues in the local broker, records in SQLite, access keys in the data
+  directory (this module);
+- a cluster: queues of partitions replicated over TCP, records and access keys in etcd
+  (server/cluster/deployment.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
+
+from engine import AsyncBroker
+from server.backend import LocalBackend, QueueBackend
+from server.config import (
+    BACKEND_CALLS_MAX,
+    BREAKER_FAILURES,
+    BREAKER_RESET_S,
+    METADATA_CALL_S,
+    METADATA_CALLS_MAX,
+    METADATA_QUEUE_S,
+    ServerConfig,
+)
+from server.metadata import CachedMetadata, SQLiteMetadataStore
+from server.protection import keystore
+from server.protection.breaker import Bulkhead, CircuitBreaker, Guard
+from server.protection.keystore import AccessKey, KeyStore
+
+METADATA_FILE = "metadata.sqlite3"
+
+KeyLookup = Callable[[str], Awaitable[AccessKey | None]]
+OnSync = Callable[[float], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Deployment:
+    broker: AsyncBroker
+    """This process's engine (its queues are what /metrics shows and /readyz checks)."""
+    metadata: CachedMetadata
+    backend: QueueBackend
+    engine_guard: Guard
+    """The bulkhead and breaker around this process's engine calls."""
+    access_keys: KeyLookup | None
+    """Where access keys are found; None while authentication is off."""
+    cluster_view: Callable[[], dict[str, Any]] | None = None
+    """This node's view of the cluster (for /v1/cluster); None on a single node."""
+
+
+def open_deployment(config: ServerConfig, master: bytes, on_sync: OnSync
+                    ) -> contextlib.AbstractAsyncContextManager[Deployment]:
+    """The deployment ``config`` describes, open until the context ends.
+
+    master: the master key; on_sync: told the duration of every log fsync.
+    """
+    if config.cluster is None:
+        return open_single_node(config, master, on_sync)
+    # Imported here: a single node never loads the cluster's code and its etcd client.
+    from server.cluster.deployment import open_cluster
+
+    return open_cluster(config, config.cluster, master, on_sync)
+
+
+@contextlib.asynccontextmanager
+async def open_single_node(config: ServerConfig, master: bytes, on_sync: OnSync
+                           ) -> AsyncIterator[Deployment]:
+    async with contextlib.AsyncExitStack() as stack:
+        broker = AsyncBroker(config.data_dir, config.fsync,
+                             open_queues_max=config.open_queues_max, on_sync=on_sync)
+        stack.push_async_callback(broker.close)
+        store = SQLiteMetadataStore(os.path.join(config.data_dir, METADATA_FILE))
+        stack.push_async_callback(store.close)
+        access_keys = KeyStore(os.path.join(config.data_dir, keystore.FILE_NAME), master)
+        stack.callback(access_keys.close)
+        guard = engine_guard()
+        backend = LocalBackend(broker, guard)
+        await backend.remove_orphans(store)
+        yield Deployment(broker, CachedMetadata(store, metadata_guard()), backend, guard,
+                         access_keys.lookup if config.auth == "required" else None)
+
+
+def engine_guard() -> Guard:
+    """The engine's: calls in flight up to the connection limit (long polls hold one each),
+    no time limit (a long poll is slow on purpose)."""
+    return _guard("engine", BACKEND_CALLS_MAX, 0, None)
+
+
+def metadata_guard() -> Guard:
+    return _guard("metadata", METADATA_CALLS_MAX, METADATA_QUEUE_S, METADATA_CALL_S)
+
+
+def _guard(name: str, calls: int, queue_s: float, call_s: float | None) -> Guard:
+    return Guard(Bulkhead(name, calls, queue_s),
+                 CircuitBreaker(name, BREAKER_FAILURES, BREAKER_RESET_S, call_s))
+
+
+def background(stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` as a task until the stack closes, then cancel it and wait for it."""
+    task = asyncio.create_task(work)
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(stop)
