@@ -8,7 +8,9 @@ record decoded from the log on a restart (or on a follower) give the same state,
 :meth:`State.apply` never reads a clock -- every time it needs is in the record.
 
 Byte layouts are those of engine/records.py, the readable reference codec, drawn in
-docs/FORMAT.md; tests/engine/test_queue_codec.py checks the two codecs agree.
+docs/FORMAT.md; tests/engine/test_queue_codec.py checks the two codecs agree. Tags, flags
+and fixed-part sizes come from engine/_format.pxd, the same constants engine/format.py
+holds for Python code (tests/engine/test_format.py checks the two agree).
 
 Not thread-safe: engine/queue.py serialises every call on one State under its lock.
 """
@@ -25,6 +27,27 @@ cdef extern from "Python.h":
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
+from engine._format cimport (
+    QREC_CHANGE_VISIBILITY,
+    QREC_DELETE,
+    QREC_EXPIRE,
+    QREC_LEASE,
+    QREC_MOVE_OUT,
+    QREC_MOVING,
+    QREC_SEND,
+    RECEIPTS_FIXED_BYTES,
+    SEND_FIXED_BYTES,
+    SEND_HAS_ATTRIBUTES,
+    SEND_HAS_DEDUP,
+    SEND_HAS_GROUP,
+    SEND_HAS_MESSAGE_ID,
+    SEND_HAS_ORIGIN,
+    SEND_HAS_SENDER,
+    SEND_HAS_SYSTEM_ATTRIBUTES,
+    SEND_MESSAGE_ID_BYTES,
+    SEQS_FIXED_BYTES,
+    format_constants,
+)
 from engine._segment cimport Records
 
 import heapq
@@ -59,37 +82,8 @@ CATEGORIES = {"delayed": DELAYED, "visible": VISIBLE, "in_flight": INFLIGHT, "mo
 DEDUP_WINDOW_MS = 5 * 60 * 1000
 cdef int64_t _DEDUP_WINDOW = DEDUP_WINDOW_MS
 
-# Copies of engine/format.py; test_queue_codec.py checks them.
-cdef enum:
-    QREC_SEND = 1
-    QREC_LEASE = 2
-    QREC_DELETE = 3
-    QREC_CHANGE_VISIBILITY = 4
-    QREC_MOVING = 6
-    QREC_MOVE_OUT = 7
-    QREC_EXPIRE = 8
-    SEND_HAS_GROUP = 0x01
-    SEND_HAS_DEDUP = 0x02
-    SEND_HAS_ATTRIBUTES = 0x04
-    SEND_HAS_MESSAGE_ID = 0x08
-    SEND_HAS_ORIGIN = 0x10
-    SEND_HAS_SENDER = 0x20
-    SEND_HAS_SYSTEM_ATTRIBUTES = 0x40
-    SEND_FLAGS_KNOWN = 0x7F
-    SEND_FIXED = 26  # tag u8, flags u8, seq u64, sent_at i64, visible_at i64
-    SEQS_FIXED = 19  # tag u8, now i64, until i64, count u16
-    RECEIPTS_FIXED = 11  # tag u8, now i64, count u16
-
-FORMAT_CONSTANTS = {
-    "QREC_SEND": QREC_SEND, "QREC_LEASE": QREC_LEASE, "QREC_DELETE": QREC_DELETE,
-    "QREC_CHANGE_VISIBILITY": QREC_CHANGE_VISIBILITY, "QREC_MOVING": QREC_MOVING,
-    "QREC_MOVE_OUT": QREC_MOVE_OUT, "QREC_EXPIRE": QREC_EXPIRE,
-    "SEND_HAS_GROUP": SEND_HAS_GROUP, "SEND_HAS_DEDUP": SEND_HAS_DEDUP,
-    "SEND_HAS_ATTRIBUTES": SEND_HAS_ATTRIBUTES, "SEND_HAS_MESSAGE_ID": SEND_HAS_MESSAGE_ID,
-    "SEND_HAS_ORIGIN": SEND_HAS_ORIGIN, "SEND_HAS_SENDER": SEND_HAS_SENDER,
-    "SEND_HAS_SYSTEM_ATTRIBUTES": SEND_HAS_SYSTEM_ATTRIBUTES,
-    "SEND_FLAGS_KNOWN": SEND_FLAGS_KNOWN,
-}
+# The constants as compiled here, for test_format.py to compare with engine/format.py.
+FORMAT_CONSTANTS = format_constants()
 
 cdef object _tuple_new = tuple.__new__
 cdef object _heappush = heapq.heappush
@@ -330,7 +324,7 @@ def make_handle(object mac, uint64_t queue_uid, uint64_t seq, uint64_t lease):
 
 cdef bytes encode_seqs(uint8_t tag, int64_t now, int64_t until, list seqs):
     cdef Py_ssize_t n = len(seqs)
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, SEQS_FIXED + 8 * n)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, SEQS_FIXED_BYTES + 8 * n)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
     cdef Py_ssize_t i
     p[0] = tag
@@ -338,21 +332,21 @@ cdef bytes encode_seqs(uint8_t tag, int64_t now, int64_t until, list seqs):
     st64(p + 9, <uint64_t>until)
     st16(p + 17, <uint16_t>n)
     for i in range(n):
-        st64(p + SEQS_FIXED + 8 * i, <uint64_t><int64_t>seqs[i])
+        st64(p + SEQS_FIXED_BYTES + 8 * i, <uint64_t><int64_t>seqs[i])
     return out
 
 
 cdef bytes encode_pairs(int64_t now, list pairs):
     cdef Py_ssize_t n = len(pairs)
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, RECEIPTS_FIXED + 16 * n)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, RECEIPTS_FIXED_BYTES + 16 * n)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
     cdef Py_ssize_t i
     p[0] = QREC_DELETE
     st64(p + 1, <uint64_t>now)
     st16(p + 9, <uint16_t>n)
     for i in range(n):
-        st64(p + RECEIPTS_FIXED + 16 * i, <uint64_t><int64_t>pairs[i][0])
-        st64(p + RECEIPTS_FIXED + 16 * i + 8, <uint64_t><int64_t>pairs[i][1])
+        st64(p + RECEIPTS_FIXED_BYTES + 16 * i, <uint64_t><int64_t>pairs[i][0])
+        st64(p + RECEIPTS_FIXED_BYTES + 16 * i + 8, <uint64_t><int64_t>pairs[i][1])
     return out
 
 
@@ -403,7 +397,7 @@ cpdef bytes encode_send(int64_t seq, int64_t sent_at, int64_t visible_at, bytes 
             parts.append(len(blob).to_bytes(4, "little") + blob)
         tail = b"".join(parts)
         tail_len = PyBytes_GET_SIZE(tail)
-    out = PyBytes_FromStringAndSize(NULL, SEND_FIXED + tail_len + n)
+    out = PyBytes_FromStringAndSize(NULL, SEND_FIXED_BYTES + tail_len + n)
     p = <unsigned char*>PyBytes_AS_STRING(out)
     p[0] = QREC_SEND
     p[1] = flags
@@ -411,14 +405,14 @@ cpdef bytes encode_send(int64_t seq, int64_t sent_at, int64_t visible_at, bytes 
     st64(p + 10, <uint64_t>sent_at)
     st64(p + 18, <uint64_t>visible_at)
     if tail_len:
-        memcpy(p + SEND_FIXED, PyBytes_AS_STRING(tail), tail_len)
-    memcpy(p + SEND_FIXED + tail_len, PyBytes_AS_STRING(body), n)
+        memcpy(p + SEND_FIXED_BYTES, PyBytes_AS_STRING(tail), tail_len)
+    memcpy(p + SEND_FIXED_BYTES + tail_len, PyBytes_AS_STRING(body), n)
     return out
 
 
 cdef inline bint plain_send(const unsigned char* p, Py_ssize_t n) noexcept:
     """A SEND with no optional fields: the body starts right after the fixed part."""
-    return n >= SEND_FIXED and p[0] == QREC_SEND and p[1] == 0
+    return n >= SEND_FIXED_BYTES and p[0] == QREC_SEND and p[1] == 0
 
 
 @cython.final
@@ -437,13 +431,13 @@ cdef class LightSend:
 cdef object light_send(const unsigned char* p, Py_ssize_t n):
     """A LightSend, or None when the record has other fields or does not parse (the full
     decoder then reads it, and reports a malformed one)."""
-    cdef Py_ssize_t pos = SEND_FIXED
+    cdef Py_ssize_t pos = SEND_FIXED_BYTES
     cdef Py_ssize_t length
     cdef object sender = None
-    if n < SEND_FIXED or p[0] != QREC_SEND or p[1] & ~(SEND_HAS_MESSAGE_ID | SEND_HAS_SENDER):
+    if n < SEND_FIXED_BYTES or p[0] != QREC_SEND or p[1] & ~(SEND_HAS_MESSAGE_ID | SEND_HAS_SENDER):
         return None
     if p[1] & SEND_HAS_MESSAGE_ID:
-        pos += 16
+        pos += SEND_MESSAGE_ID_BYTES
     if p[1] & SEND_HAS_SENDER:
         if pos + 2 > n:
             return None
@@ -1129,8 +1123,8 @@ cdef dict read_bodies(object log, list locations):
                 p = base + records._starts[k]
                 n = records._lengths[k]
                 if plain_send(p, n):
-                    found[offset + k] = PyBytes_FromStringAndSize(<char*>p + SEND_FIXED,
-                                                                  n - SEND_FIXED)
+                    found[offset + k] = PyBytes_FromStringAndSize(<char*>p + SEND_FIXED_BYTES,
+                                                                  n - SEND_FIXED_BYTES)
                 else:
                     light = light_send(p, n)
                     found[offset + k] = (light if light is not None

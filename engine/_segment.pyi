@@ -4,7 +4,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from typing_extensions import Buffer
 
-FORMAT_CONSTANTS: dict[str, int | bytes]
+FORMAT_CONSTANTS: dict[str, int]
 
 def batch_spans(data: Buffer) -> list[tuple[int, int]]: ...
 def concat(first: Records, second: Records) -> Records: ...

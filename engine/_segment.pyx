@@ -1,8 +1,9 @@
 """Segment files of a partition log: append, read, flush, sync, recover, truncate.
 
 Policy (rolling, retention, fsync scheduling, configuration) lives in engine/log.py; this
-module is about bytes and offsets. docs/FORMAT.md draws the layouts, engine/format.py
-defines their constants, and tests/engine/test_format.py checks that the copies here agree.
+module is about bytes and offsets. docs/FORMAT.md draws the layouts; their constants come
+from engine/_format.pxd, which engine/format.py mirrors for Python code, and
+tests/engine/test_format.py checks that the two agree.
 
 Concurrency: not thread-safe; the caller serialises every call on one Segment. The one
 exception is sync(), which may run in another thread while appends continue, because it
@@ -19,6 +20,38 @@ from libc.string cimport memcpy, memset
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 from posix.types cimport off_t
 
+from engine._format cimport (
+    BATCH_BASE_OFFSET_AT,
+    BATCH_CHECKSUM_AT,
+    BATCH_CHECKSUMMED_FROM,
+    BATCH_EPOCH_AT,
+    BATCH_FLAGS_AT,
+    BATCH_HEADER_BYTES,
+    BATCH_MAGIC_AT,
+    BATCH_MAGIC_U32,
+    BATCH_PAYLOAD_BYTES_AT,
+    BATCH_RECORD_COUNT_AT,
+    BATCH_RESERVED_AT,
+    BATCH_TIMESTAMP_AT,
+    BATCH_VERSION,
+    BATCH_VERSION_AT,
+    FLAG_ZSTD,
+    FLAGS_KNOWN,
+    INDEX_BASE_OFFSET_AT,
+    INDEX_CHECKSUM_AT,
+    INDEX_CHECKSUMMED_FROM,
+    INDEX_ENTRY_BYTES,
+    INDEX_ENTRY_COUNT_AT,
+    INDEX_HEADER_BYTES,
+    INDEX_MAGIC_AT,
+    INDEX_MAGIC_U32,
+    INDEX_NEXT_OFFSET_AT,
+    INDEX_SEGMENT_BYTES_AT,
+    INDEX_VERSION,
+    INDEX_VERSION_AT,
+    RECORD_LENGTH_BYTES,
+    format_constants,
+)
 from engine._xxh cimport XXH3_64bits
 
 import os
@@ -39,31 +72,6 @@ cdef extern from "<unistd.h>" nogil:
     int c_close "close"(int fd)
 
 
-# Copies of engine/format.py; test_format.py checks them.
-cdef enum:
-    HEADER_BYTES = 48
-    CHECKSUM_AT = 4
-    VERSION_AT = 12
-    FLAGS_AT = 13
-    RESERVED_AT = 14
-    BASE_OFFSET_AT = 16
-    EPOCH_AT = 24
-    TIMESTAMP_AT = 32
-    RECORD_COUNT_AT = 40
-    PAYLOAD_BYTES_AT = 44
-    CHECKSUMMED_FROM = 12
-    VERSION = 1
-    FLAG_ZSTD = 0x01
-    FLAGS_KNOWN = 0x01
-    LEN_BYTES = 4
-    INDEX_HEADER_BYTES = 48
-    INDEX_ENTRY_BYTES = 8
-    INDEX_VERSION = 1
-
-# "CVYB" and "CVYI" read as little-endian u32.
-cdef uint32_t BATCH_MAGIC_U32 = 0x42595643
-cdef uint32_t INDEX_MAGIC_U32 = 0x49595643
-
 # A read fetches at least this much when it must look past the first batch, so that a
 # run of small batches costs one pread.
 cdef size_t READ_AHEAD_BYTES = 32 * 1024
@@ -72,29 +80,8 @@ cdef size_t SCAN_CHUNK_BYTES = 1024 * 1024
 # After a flush, a write buffer grown past this (by a large batch) is given back.
 cdef size_t BUFFER_KEEP_BYTES = 1024 * 1024
 
-FORMAT_CONSTANTS = {
-    "BATCH_MAGIC": BATCH_MAGIC_U32.to_bytes(4, "little"),
-    "BATCH_VERSION": VERSION,
-    "BATCH_HEADER_BYTES": HEADER_BYTES,
-    "BATCH_CHECKSUM_AT": CHECKSUM_AT,
-    "BATCH_VERSION_AT": VERSION_AT,
-    "BATCH_FLAGS_AT": FLAGS_AT,
-    "BATCH_RESERVED_AT": RESERVED_AT,
-    "BATCH_BASE_OFFSET_AT": BASE_OFFSET_AT,
-    "BATCH_EPOCH_AT": EPOCH_AT,
-    "BATCH_TIMESTAMP_AT": TIMESTAMP_AT,
-    "BATCH_RECORD_COUNT_AT": RECORD_COUNT_AT,
-    "BATCH_PAYLOAD_BYTES_AT": PAYLOAD_BYTES_AT,
-    "BATCH_CHECKSUMMED_FROM": CHECKSUMMED_FROM,
-    "FLAG_ZSTD": FLAG_ZSTD,
-    "FLAGS_KNOWN": FLAGS_KNOWN,
-    "RECORD_LENGTH_BYTES": LEN_BYTES,
-    "INDEX_MAGIC": INDEX_MAGIC_U32.to_bytes(4, "little"),
-    "INDEX_VERSION": INDEX_VERSION,
-    "INDEX_HEADER_BYTES": INDEX_HEADER_BYTES,
-    "INDEX_ENTRY_BYTES": INDEX_ENTRY_BYTES,
-    "INDEX_CHECKSUMMED_FROM": CHECKSUMMED_FROM,
-}
+# The constants as compiled here, for test_format.py to compare with engine/format.py.
+FORMAT_CONSTANTS = format_constants()
 
 
 # --- little-endian loads and stores (compile to plain moves on x86) ----------------
@@ -131,48 +118,49 @@ cdef inline int64_t now_ms() noexcept nogil:
 cdef inline void seal_header(unsigned char* p, uint8_t flags, uint64_t base, uint64_t epoch,
                              int64_t ts, uint32_t count, uint32_t payload) noexcept nogil:
     """Fill the header in front of an already written payload, checksum last."""
-    st32(p, BATCH_MAGIC_U32)
-    p[VERSION_AT] = VERSION
-    p[FLAGS_AT] = flags
-    p[RESERVED_AT] = 0
-    p[RESERVED_AT + 1] = 0
-    st64(p + BASE_OFFSET_AT, base)
-    st64(p + EPOCH_AT, epoch)
-    st64(p + TIMESTAMP_AT, <uint64_t>ts)
-    st32(p + RECORD_COUNT_AT, count)
-    st32(p + PAYLOAD_BYTES_AT, payload)
-    st64(p + CHECKSUM_AT, XXH3_64bits(p + CHECKSUMMED_FROM,
-                                      HEADER_BYTES - CHECKSUMMED_FROM + payload))
+    st32(p + BATCH_MAGIC_AT, BATCH_MAGIC_U32)
+    p[BATCH_VERSION_AT] = BATCH_VERSION
+    p[BATCH_FLAGS_AT] = flags
+    p[BATCH_RESERVED_AT] = 0
+    p[BATCH_RESERVED_AT + 1] = 0
+    st64(p + BATCH_BASE_OFFSET_AT, base)
+    st64(p + BATCH_EPOCH_AT, epoch)
+    st64(p + BATCH_TIMESTAMP_AT, <uint64_t>ts)
+    st32(p + BATCH_RECORD_COUNT_AT, count)
+    st32(p + BATCH_PAYLOAD_BYTES_AT, payload)
+    st64(p + BATCH_CHECKSUM_AT, XXH3_64bits(p + BATCH_CHECKSUMMED_FROM,
+                                            BATCH_HEADER_BYTES - BATCH_CHECKSUMMED_FROM + payload))
 
 
 cdef inline const char* check_header(const unsigned char* p, uint64_t expected_base,
                                      uint32_t batch_bytes_max) noexcept nogil:
     """Why the header cannot start a valid batch at expected_base, or NULL if it can."""
-    cdef uint32_t count = ld32(p + RECORD_COUNT_AT)
-    cdef uint32_t payload = ld32(p + PAYLOAD_BYTES_AT)
-    if ld32(p) != BATCH_MAGIC_U32:
+    cdef uint32_t count = ld32(p + BATCH_RECORD_COUNT_AT)
+    cdef uint32_t payload = ld32(p + BATCH_PAYLOAD_BYTES_AT)
+    if ld32(p + BATCH_MAGIC_AT) != BATCH_MAGIC_U32:
         return "bad magic"
-    if p[VERSION_AT] != VERSION:
+    if p[BATCH_VERSION_AT] != BATCH_VERSION:
         return "unknown batch version"
-    if p[FLAGS_AT] & ~FLAGS_KNOWN:
+    if p[BATCH_FLAGS_AT] & ~FLAGS_KNOWN:
         return "unknown flag bits"
-    if p[RESERVED_AT] or p[RESERVED_AT + 1]:
+    if p[BATCH_RESERVED_AT] or p[BATCH_RESERVED_AT + 1]:
         return "reserved bytes are not zero"
     if count == 0:
         return "empty batch"
-    if payload > batch_bytes_max - HEADER_BYTES:
+    if payload > batch_bytes_max - BATCH_HEADER_BYTES:
         return "batch larger than the batch limit"
-    if not (p[FLAGS_AT] & FLAG_ZSTD) and count > payload // LEN_BYTES:
+    if not (p[BATCH_FLAGS_AT] & FLAG_ZSTD) and count > payload // RECORD_LENGTH_BYTES:
         return "record count does not fit the payload"
-    if ld64(p + BASE_OFFSET_AT) != expected_base:
+    if ld64(p + BATCH_BASE_OFFSET_AT) != expected_base:
         return "base offset out of sequence"
     return NULL
 
 
 cdef inline bint checksum_ok(const unsigned char* p) noexcept nogil:
-    cdef uint32_t payload = ld32(p + PAYLOAD_BYTES_AT)
-    return XXH3_64bits(p + CHECKSUMMED_FROM,
-                       HEADER_BYTES - CHECKSUMMED_FROM + payload) == ld64(p + CHECKSUM_AT)
+    cdef uint32_t payload = ld32(p + BATCH_PAYLOAD_BYTES_AT)
+    return (XXH3_64bits(p + BATCH_CHECKSUMMED_FROM,
+                        BATCH_HEADER_BYTES - BATCH_CHECKSUMMED_FROM + payload)
+            == ld64(p + BATCH_CHECKSUM_AT))
 
 
 cdef int walk_records(const unsigned char* area, uint32_t nbytes, uint32_t count,
@@ -182,10 +170,10 @@ cdef int walk_records(const unsigned char* area, uint32_t nbytes, uint32_t count
     cdef uint32_t n
     cdef uint32_t i
     for i in range(count):
-        if nbytes - pos < LEN_BYTES:
+        if nbytes - pos < RECORD_LENGTH_BYTES:
             return -1
         n = ld32(area + pos)
-        pos += LEN_BYTES
+        pos += RECORD_LENGTH_BYTES
         if n > nbytes - pos:
             return -1
         if starts != NULL:
@@ -254,11 +242,11 @@ cdef int copy_record(object obj, unsigned char* dst) except -1:
     if type(obj) is bytes:
         n = PyBytes_GET_SIZE(obj)
         st32(dst, <uint32_t>n)
-        memcpy(dst + LEN_BYTES, PyBytes_AS_STRING(obj), n)
+        memcpy(dst + RECORD_LENGTH_BYTES, PyBytes_AS_STRING(obj), n)
         return 0
     PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE)
     st32(dst, <uint32_t>view.len)
-    memcpy(dst + LEN_BYTES, view.buf, view.len)
+    memcpy(dst + RECORD_LENGTH_BYTES, view.buf, view.len)
     PyBuffer_Release(&view)
     return 0
 
@@ -279,11 +267,11 @@ def batch_spans(data):
         p = <const unsigned char*>view.buf
         n = <size_t>view.len
         while pos < n:
-            if n - pos < HEADER_BYTES:
+            if n - pos < BATCH_HEADER_BYTES:
                 raise InvalidBatchError("data ends inside a batch header")
-            if ld32(p + pos) != BATCH_MAGIC_U32:
+            if ld32(p + pos + BATCH_MAGIC_AT) != BATCH_MAGIC_U32:
                 raise InvalidBatchError(f"bad magic at byte {pos}")
-            total = HEADER_BYTES + <size_t>ld32(p + pos + PAYLOAD_BYTES_AT)
+            total = BATCH_HEADER_BYTES + <size_t>ld32(p + pos + BATCH_PAYLOAD_BYTES_AT)
             if total > n - pos:
                 raise InvalidBatchError(f"batch at byte {pos} runs past the end of the data")
             spans.append((pos, pos + total))
@@ -625,21 +613,21 @@ cdef class Segment:
         try:
             if <size_t>n > self._record_bytes_max:
                 raise RecordTooLargeError("record", n, self._record_bytes_max)
-            total = HEADER_BYTES + LEN_BYTES + <size_t>n
+            total = BATCH_HEADER_BYTES + RECORD_LENGTH_BYTES + <size_t>n
             self._check_append(total)
             if self.size and self.size + total > self._segment_bytes_max:
                 return -1
             self._ensure_fd()
             self._reserve_buf(total)
             q = self._buf + self._buf_len
-            st32(q + HEADER_BYTES, <uint32_t>n)
-            memcpy(q + HEADER_BYTES + LEN_BYTES, p, n)
+            st32(q + BATCH_HEADER_BYTES, <uint32_t>n)
+            memcpy(q + BATCH_HEADER_BYTES + RECORD_LENGTH_BYTES, p, n)
         finally:
             if release:
                 PyBuffer_Release(&view)
         if timestamp_ms < 0:
             timestamp_ms = now_ms()
-        seal_header(q, 0, base, epoch, timestamp_ms, 1, <uint32_t>(total - HEADER_BYTES))
+        seal_header(q, 0, base, epoch, timestamp_ms, 1, <uint32_t>(total - BATCH_HEADER_BYTES))
         self._commit_batch(self._buf_len, base, 1, timestamp_ms, epoch, total)
         return base
 
@@ -664,27 +652,27 @@ cdef class Segment:
             n = buffer_length(r)
             if <size_t>n > self._record_bytes_max:
                 raise RecordTooLargeError("record", n, self._record_bytes_max)
-            area += LEN_BYTES + <size_t>n
-        total = HEADER_BYTES + area
+            area += RECORD_LENGTH_BYTES + <size_t>n
+        total = BATCH_HEADER_BYTES + area
         self._check_append(total)
         if compress is not None:
             packed = self._pack(seq, area, compress)
             if PyBytes_GET_SIZE(packed) < <Py_ssize_t>area:
                 flags = FLAG_ZSTD
                 area = <size_t>PyBytes_GET_SIZE(packed)
-                total = HEADER_BYTES + area
+                total = BATCH_HEADER_BYTES + area
         if self.size and self.size + total > self._segment_bytes_max:
             return -1
         self._ensure_fd()
         self._reserve_buf(total)
         q = self._buf + self._buf_len
         if flags & FLAG_ZSTD:
-            memcpy(q + HEADER_BYTES, PyBytes_AS_STRING(packed), area)
+            memcpy(q + BATCH_HEADER_BYTES, PyBytes_AS_STRING(packed), area)
         else:
-            pos = HEADER_BYTES
+            pos = BATCH_HEADER_BYTES
             for r in seq:
                 copy_record(r, q + pos)
-                pos += LEN_BYTES + ld32(q + pos)
+                pos += RECORD_LENGTH_BYTES + ld32(q + pos)
         if timestamp_ms < 0:
             timestamp_ms = now_ms()
         seal_header(q, flags, base, epoch, timestamp_ms, <uint32_t>count, <uint32_t>area)
@@ -697,7 +685,7 @@ cdef class Segment:
         cdef size_t pos = 0
         for r in seq:
             copy_record(r, q + pos)
-            pos += LEN_BYTES + ld32(q + pos)
+            pos += RECORD_LENGTH_BYTES + ld32(q + pos)
         packed = compress(plain)
         if type(packed) is not bytes:
             packed = bytes(packed)
@@ -719,18 +707,19 @@ cdef class Segment:
         try:
             p = <const unsigned char*>view.buf
             n = <size_t>view.len
-            if n < HEADER_BYTES:
+            if n < BATCH_HEADER_BYTES:
                 raise InvalidBatchError("shorter than a batch header")
             reason = check_header(p, self.next_offset, self._batch_bytes_max)
             if reason != NULL:
                 raise InvalidBatchError(reason.decode())
-            payload = ld32(p + PAYLOAD_BYTES_AT)
-            if HEADER_BYTES + <size_t>payload != n:
+            payload = ld32(p + BATCH_PAYLOAD_BYTES_AT)
+            if BATCH_HEADER_BYTES + <size_t>payload != n:
                 raise InvalidBatchError("length does not match the header")
             if not checksum_ok(p):
                 raise InvalidBatchError("checksum mismatch")
-            if not (p[FLAGS_AT] & FLAG_ZSTD) and walk_records(
-                    p + HEADER_BYTES, payload, ld32(p + RECORD_COUNT_AT), NULL, NULL, 0):
+            if not (p[BATCH_FLAGS_AT] & FLAG_ZSTD) and walk_records(
+                    p + BATCH_HEADER_BYTES, payload, ld32(p + BATCH_RECORD_COUNT_AT),
+                    NULL, NULL, 0):
                 raise InvalidBatchError("record lengths do not match the payload")
             self._check_append(n)
             if self.size and self.size + n > self._segment_bytes_max:
@@ -738,9 +727,9 @@ cdef class Segment:
             self._ensure_fd()
             self._reserve_buf(n)
             memcpy(self._buf + self._buf_len, p, n)
-            base = ld64(p + BASE_OFFSET_AT)
-            self._commit_batch(self._buf_len, base, ld32(p + RECORD_COUNT_AT),
-                               <int64_t>ld64(p + TIMESTAMP_AT), ld64(p + EPOCH_AT), n)
+            base = ld64(p + BATCH_BASE_OFFSET_AT)
+            self._commit_batch(self._buf_len, base, ld32(p + BATCH_RECORD_COUNT_AT),
+                               <int64_t>ld64(p + BATCH_TIMESTAMP_AT), ld64(p + BATCH_EPOCH_AT), n)
             return base
         finally:
             PyBuffer_Release(&view)
@@ -797,16 +786,17 @@ cdef class Segment:
         cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
         cdef size_t i
         memset(p, 0, INDEX_HEADER_BYTES)
-        st32(p, INDEX_MAGIC_U32)
-        p[12] = INDEX_VERSION
-        st64(p + 16, self.base_offset)
-        st64(p + 24, self.next_offset)
-        st64(p + 32, self.size)
-        st32(p + 40, <uint32_t>self._idx_len)
+        st32(p + INDEX_MAGIC_AT, INDEX_MAGIC_U32)
+        p[INDEX_VERSION_AT] = INDEX_VERSION
+        st64(p + INDEX_BASE_OFFSET_AT, self.base_offset)
+        st64(p + INDEX_NEXT_OFFSET_AT, self.next_offset)
+        st64(p + INDEX_SEGMENT_BYTES_AT, self.size)
+        st32(p + INDEX_ENTRY_COUNT_AT, <uint32_t>self._idx_len)
         for i in range(self._idx_len):
             st32(p + INDEX_HEADER_BYTES + i * INDEX_ENTRY_BYTES, self._idx_rel[i])
             st32(p + INDEX_HEADER_BYTES + i * INDEX_ENTRY_BYTES + 4, self._idx_pos[i])
-        st64(p + CHECKSUM_AT, XXH3_64bits(p + CHECKSUMMED_FROM, n - CHECKSUMMED_FROM))
+        st64(p + INDEX_CHECKSUM_AT,
+             XXH3_64bits(p + INDEX_CHECKSUMMED_FROM, n - INDEX_CHECKSUMMED_FROM))
         return out
 
     def load_index(self, bytes data, uint64_t expected_next_offset):
@@ -819,21 +809,24 @@ cdef class Segment:
         """
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
         cdef size_t n = <size_t>PyBytes_GET_SIZE(data)
-        cdef unsigned char h[HEADER_BYTES]
+        cdef unsigned char h[BATCH_HEADER_BYTES]
         cdef uint32_t entries
         cdef size_t i
         cdef uint32_t rel
         cdef uint32_t at
         cdef const unsigned char* entry
-        if n < INDEX_HEADER_BYTES or ld32(p) != INDEX_MAGIC_U32 or p[12] != INDEX_VERSION:
+        if (n < INDEX_HEADER_BYTES or ld32(p + INDEX_MAGIC_AT) != INDEX_MAGIC_U32
+                or p[INDEX_VERSION_AT] != INDEX_VERSION):
             return False
-        entries = ld32(p + 40)
+        entries = ld32(p + INDEX_ENTRY_COUNT_AT)
         if n != INDEX_HEADER_BYTES + <size_t>entries * INDEX_ENTRY_BYTES:
             return False
-        if XXH3_64bits(p + CHECKSUMMED_FROM, n - CHECKSUMMED_FROM) != ld64(p + CHECKSUM_AT):
+        if (XXH3_64bits(p + INDEX_CHECKSUMMED_FROM, n - INDEX_CHECKSUMMED_FROM)
+                != ld64(p + INDEX_CHECKSUM_AT)):
             return False
-        if (ld64(p + 16) != self.base_offset or ld64(p + 24) != expected_next_offset
-                or ld64(p + 32) != self._written or self._buf_len):
+        if (ld64(p + INDEX_BASE_OFFSET_AT) != self.base_offset
+                or ld64(p + INDEX_NEXT_OFFSET_AT) != expected_next_offset
+                or ld64(p + INDEX_SEGMENT_BYTES_AT) != self._written or self._buf_len):
             return False
         # The first batch is always indexed, so an index of a non-empty segment starts
         # at (0, 0); the rest must increase strictly and name real batch headers.
@@ -850,12 +843,12 @@ cdef class Segment:
                 return False
             if rel >= expected_next_offset - self.base_offset:
                 return False
-            if <uint64_t>at + HEADER_BYTES > self._written:
+            if <uint64_t>at + BATCH_HEADER_BYTES > self._written:
                 return False
-            self._pread_into(h, at, HEADER_BYTES)
+            self._pread_into(h, at, BATCH_HEADER_BYTES)
             if check_header(h, self.base_offset + rel, self._batch_bytes_max) != NULL:
                 return False
-            if <uint64_t>at + HEADER_BYTES + ld32(h + PAYLOAD_BYTES_AT) > self._written:
+            if <uint64_t>at + BATCH_HEADER_BYTES + ld32(h + BATCH_PAYLOAD_BYTES_AT) > self._written:
                 return False
         self._idx_len = 0
         for i in range(entries):
@@ -901,10 +894,10 @@ cdef class Segment:
             raise MemoryError()
         try:
             while pos < file_size:
-                if file_size - pos < HEADER_BYTES:
+                if file_size - pos < BATCH_HEADER_BYTES:
                     reason = "torn batch header"
                     break
-                if pos + HEADER_BYTES > chunk_at + chunk_len:
+                if pos + BATCH_HEADER_BYTES > chunk_at + chunk_len:
                     chunk_at = pos
                     chunk_len = <size_t>min(<uint64_t>cap, file_size - pos)
                     with nogil:
@@ -915,8 +908,8 @@ cdef class Segment:
                 reason = check_header(h, expected, self._batch_bytes_max)
                 if reason != NULL:
                     break
-                payload = ld32(h + PAYLOAD_BYTES_AT)
-                total = HEADER_BYTES + <size_t>payload
+                payload = ld32(h + BATCH_PAYLOAD_BYTES_AT)
+                total = BATCH_HEADER_BYTES + <size_t>payload
                 if total > file_size - pos:
                     reason = "torn batch"
                     break
@@ -937,14 +930,15 @@ cdef class Segment:
                 if not checksum_ok(h):
                     reason = "checksum mismatch"
                     break
-                if not (h[FLAGS_AT] & FLAG_ZSTD) and walk_records(
-                        h + HEADER_BYTES, payload, ld32(h + RECORD_COUNT_AT), NULL, NULL, 0):
+                if not (h[BATCH_FLAGS_AT] & FLAG_ZSTD) and walk_records(
+                        h + BATCH_HEADER_BYTES, payload, ld32(h + BATCH_RECORD_COUNT_AT),
+                        NULL, NULL, 0):
                     reason = "record lengths do not match the payload"
                     break
                 self._index_add(expected, pos)
-                self.last_timestamp_ms = <int64_t>ld64(h + TIMESTAMP_AT)
-                self.last_epoch = ld64(h + EPOCH_AT)
-                expected += ld32(h + RECORD_COUNT_AT)
+                self.last_timestamp_ms = <int64_t>ld64(h + BATCH_TIMESTAMP_AT)
+                self.last_epoch = ld64(h + BATCH_EPOCH_AT)
+                expected += ld32(h + BATCH_RECORD_COUNT_AT)
                 pos += total
         finally:
             PyMem_Free(chunk)
@@ -1000,20 +994,20 @@ cdef class Segment:
 
     cdef int64_t _find_batch(self, uint64_t offset, uint64_t* base_out) except -1:
         """Byte position of the batch holding offset; its base offset goes to base_out."""
-        cdef unsigned char h[HEADER_BYTES]
+        cdef unsigned char h[BATCH_HEADER_BYTES]
         cdef uint64_t base
         cdef uint64_t pos = self._index_lookup(offset, &base)
         cdef const char* reason
         while pos < self.size:
-            self._pread_into(h, pos, HEADER_BYTES)
+            self._pread_into(h, pos, BATCH_HEADER_BYTES)
             reason = check_header(h, base, self._batch_bytes_max)
             if reason != NULL:
                 raise CorruptSegmentError(self.path, base, pos, reason.decode())
-            if offset < base + ld32(h + RECORD_COUNT_AT):
+            if offset < base + ld32(h + BATCH_RECORD_COUNT_AT):
                 base_out[0] = base
                 return <int64_t>pos
-            base += ld32(h + RECORD_COUNT_AT)
-            pos += HEADER_BYTES + <uint64_t>ld32(h + PAYLOAD_BYTES_AT)
+            base += ld32(h + BATCH_RECORD_COUNT_AT)
+            pos += BATCH_HEADER_BYTES + <uint64_t>ld32(h + BATCH_PAYLOAD_BYTES_AT)
         raise CorruptSegmentError(self.path, base, pos, f"offset {offset} not found")
 
     cdef bytes _collect(self, uint64_t offset, uint64_t want, size_t max_bytes,
@@ -1027,7 +1021,7 @@ cdef class Segment:
         cdef uint64_t base0
         cdef uint64_t pos0 = <uint64_t>self._find_batch(offset, &base0)
         cdef uint64_t avail = self.size - pos0
-        cdef unsigned char h[HEADER_BYTES]
+        cdef unsigned char h[BATCH_HEADER_BYTES]
         cdef size_t first_total
         cdef size_t win_len
         cdef size_t cursor = 0
@@ -1043,9 +1037,9 @@ cdef class Segment:
         if refs == NULL:
             raise MemoryError()
         try:
-            self._pread_into(h, pos0, HEADER_BYTES)
-            first_total = HEADER_BYTES + ld32(h + PAYLOAD_BYTES_AT)
-            if base0 + ld32(h + RECORD_COUNT_AT) - offset >= want or first_total >= max_bytes:
+            self._pread_into(h, pos0, BATCH_HEADER_BYTES)
+            first_total = BATCH_HEADER_BYTES + ld32(h + BATCH_PAYLOAD_BYTES_AT)
+            if base0 + ld32(h + BATCH_RECORD_COUNT_AT) - offset >= want or first_total >= max_bytes:
                 win_len = <size_t>min(<uint64_t>first_total, avail)
             else:
                 win_len = <size_t>min(avail, <uint64_t>max(first_total,
@@ -1053,14 +1047,14 @@ cdef class Segment:
             window = self._read_span(pos0, win_len)
             while True:
                 w = <const unsigned char*>PyBytes_AS_STRING(window)
-                if win_len - cursor < HEADER_BYTES:
-                    total = HEADER_BYTES
+                if win_len - cursor < BATCH_HEADER_BYTES:
+                    total = BATCH_HEADER_BYTES
                 else:
                     reason = check_header(w + cursor, base, self._batch_bytes_max)
                     if reason != NULL:
                         raise CorruptSegmentError(self.path, base, pos0 + cursor,
                                                   reason.decode())
-                    total = HEADER_BYTES + ld32(w + cursor + PAYLOAD_BYTES_AT)
+                    total = BATCH_HEADER_BYTES + ld32(w + cursor + BATCH_PAYLOAD_BYTES_AT)
                 if cursor + total > win_len:
                     # The next batch is not all in the window: read a larger one.
                     win_len = <size_t>min(avail, <uint64_t>max(cursor + total, 2 * win_len))
@@ -1079,9 +1073,9 @@ cdef class Segment:
                         raise MemoryError()
                     refs = grown
                 refs[n].at = <uint32_t>cursor
-                refs[n].count = ld32(w + cursor + RECORD_COUNT_AT)
-                refs[n].payload = ld32(w + cursor + PAYLOAD_BYTES_AT)
-                refs[n].flags = w[cursor + FLAGS_AT]
+                refs[n].count = ld32(w + cursor + BATCH_RECORD_COUNT_AT)
+                refs[n].payload = ld32(w + cursor + BATCH_PAYLOAD_BYTES_AT)
+                refs[n].flags = w[cursor + BATCH_FLAGS_AT]
                 n += 1
                 base += refs[n - 1].count
                 covered = base - offset
@@ -1140,7 +1134,7 @@ cdef class Segment:
             for b in range(nrefs):
                 count = refs[b].count
                 if not packed:
-                    area_at = refs[b].at + HEADER_BYTES
+                    area_at = refs[b].at + BATCH_HEADER_BYTES
                 if walk_records(w + area_at, refs[b].payload, count,
                                 out._starts + filled, out._lengths + filled, area_at):
                     raise CorruptSegmentError(self.path, base0, refs[b].at,
@@ -1170,7 +1164,8 @@ cdef class Segment:
         cdef Py_ssize_t b
         parts = []
         for b in range(nrefs):
-            area = w[refs[b].at + HEADER_BYTES:refs[b].at + HEADER_BYTES + refs[b].payload]
+            area = w[refs[b].at + BATCH_HEADER_BYTES
+                     :refs[b].at + BATCH_HEADER_BYTES + refs[b].payload]
             if refs[b].flags & FLAG_ZSTD:
                 try:
                     area = decompress(area)
@@ -1199,7 +1194,7 @@ cdef class Segment:
         if offset < self.base_offset or offset > self.next_offset:
             raise OffsetOutOfRangeError(self.path, offset, self.base_offset, self.next_offset)
         window = self._collect(offset, <uint64_t>-1, max_bytes, &refs, &nrefs, &base0)
-        end = refs[nrefs - 1].at + HEADER_BYTES + refs[nrefs - 1].payload
+        end = refs[nrefs - 1].at + BATCH_HEADER_BYTES + refs[nrefs - 1].payload
         PyMem_Free(refs)
         return window if end == <size_t>PyBytes_GET_SIZE(window) else window[:end]
 

@@ -1,9 +1,10 @@
 """Byte layouts of the on-disk log, defined once.
 
 docs/FORMAT.md draws these layouts; this module holds their constants and a plain-Python
-codec. The Cython segment code keeps its own copies of the constants for speed, and
-``tests/engine/test_format.py`` checks that the two agree and that both codecs produce
-the same bytes.
+codec. The Cython extensions take the same constants, under the same names, from
+engine/_format.pxd (compile-time constants, so they cost nothing there), and
+``tests/engine/test_format.py`` checks that every constant in that file has the same value
+here and that both codecs produce the same bytes.
 
 All integers are little-endian.
 """
@@ -18,6 +19,7 @@ import xxhash
 # --- record batch -------------------------------------------------------------------
 # One batch is one write(). Offsets below are byte positions within the batch header.
 BATCH_MAGIC = b"CVYB"
+BATCH_MAGIC_U32 = int.from_bytes(BATCH_MAGIC, "little")  # how the Cython code compares it
 BATCH_VERSION = 1
 BATCH_HEADER_BYTES = 48
 
@@ -42,6 +44,7 @@ RECORD_LENGTH_BYTES = 4
 
 # --- sparse offset index ------------------------------------------------------------
 INDEX_MAGIC = b"CVYI"
+INDEX_MAGIC_U32 = int.from_bytes(INDEX_MAGIC, "little")
 INDEX_VERSION = 1
 INDEX_HEADER_BYTES = 48
 INDEX_ENTRY_BYTES = 8  # u32 offset relative to the segment base, u32 byte position
@@ -77,6 +80,15 @@ SEND_HAS_ORIGIN = 0x10
 SEND_HAS_SENDER = 0x20
 SEND_HAS_SYSTEM_ATTRIBUTES = 0x40
 SEND_FLAGS_KNOWN = 0x7F
+
+# Sizes of the fixed parts, what precedes a record's variable fields; engine/records.py
+# checks its struct layouts against them.
+SEND_FIXED_BYTES = 26  # tag u8, flags u8, seq u64, sent_at i64, visible_at i64
+SEND_MESSAGE_ID_BYTES = 16  # the optional message id field of a SEND
+SEQS_FIXED_BYTES = 19  # LEASE, MOVING, MOVE_OUT, EXPIRE: tag u8, now i64, until i64, count u16
+RECEIPTS_FIXED_BYTES = 11  # DELETE, CHANGE_VISIBILITY: tag u8, now i64, count u16
+PURGE_BYTES = 17  # tag u8, now i64, below_seq u64
+CONFIG_FIXED_BYTES = 9  # tag u8, now i64; the JSON follows
 
 # Message attribute value kinds.
 ATTR_STRING = 0
@@ -188,29 +200,3 @@ def encode_index(
     tail = _INDEX_HEADER.pack(INDEX_MAGIC, 0, *fields)[INDEX_CHECKSUMMED_FROM:]
     checksum = xxhash.xxh3_64_intdigest(tail + body)
     return _INDEX_HEADER.pack(INDEX_MAGIC, checksum, *fields) + body
-
-
-# The constants the Cython side must agree with; see test_format.py.
-SHARED_CONSTANTS = {
-    "BATCH_MAGIC": BATCH_MAGIC,
-    "BATCH_VERSION": BATCH_VERSION,
-    "BATCH_HEADER_BYTES": BATCH_HEADER_BYTES,
-    "BATCH_CHECKSUM_AT": BATCH_CHECKSUM_AT,
-    "BATCH_VERSION_AT": BATCH_VERSION_AT,
-    "BATCH_FLAGS_AT": BATCH_FLAGS_AT,
-    "BATCH_RESERVED_AT": BATCH_RESERVED_AT,
-    "BATCH_BASE_OFFSET_AT": BATCH_BASE_OFFSET_AT,
-    "BATCH_EPOCH_AT": BATCH_EPOCH_AT,
-    "BATCH_TIMESTAMP_AT": BATCH_TIMESTAMP_AT,
-    "BATCH_RECORD_COUNT_AT": BATCH_RECORD_COUNT_AT,
-    "BATCH_PAYLOAD_BYTES_AT": BATCH_PAYLOAD_BYTES_AT,
-    "BATCH_CHECKSUMMED_FROM": BATCH_CHECKSUMMED_FROM,
-    "FLAG_ZSTD": FLAG_ZSTD,
-    "FLAGS_KNOWN": FLAGS_KNOWN,
-    "RECORD_LENGTH_BYTES": RECORD_LENGTH_BYTES,
-    "INDEX_MAGIC": INDEX_MAGIC,
-    "INDEX_VERSION": INDEX_VERSION,
-    "INDEX_HEADER_BYTES": INDEX_HEADER_BYTES,
-    "INDEX_ENTRY_BYTES": INDEX_ENTRY_BYTES,
-    "INDEX_CHECKSUMMED_FROM": INDEX_CHECKSUMMED_FROM,
-}

@@ -19,6 +19,7 @@ from engine.errors import (
     MessageTooLargeError,
     MissingParameterError,
 )
+from engine.format import SEND_MESSAGE_ID_BYTES
 from engine.records import MessageAttribute
 
 QUEUE_NAME_CHARS_MAX = 80
@@ -44,7 +45,8 @@ DEDUP_ID_CHARS_MAX = 128
 SENDER_CHARS_MAX = 256
 # Bytes a caller may wrap a body in (an encryption envelope) beyond the size limit.
 ENVELOPE_BYTES_MAX = 64
-MESSAGE_ID_BYTES = 16
+# A message id is stored in its SEND record, so its size is the format's.
+MESSAGE_ID_BYTES = SEND_MESSAGE_ID_BYTES
 
 # Patterns are used with fullmatch: "$" would also match before a trailing newline.
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]+")

@@ -2,7 +2,8 @@
 
 The leader decides (reading the clock and the queue's configuration) and writes what it
 decided; applying a record is then a pure function, the same on a restart, on a follower
-and in a test. docs/FORMAT.md draws each layout; the tags are in engine/format.py.
+and in a test. docs/FORMAT.md draws each layout; the tags, flags and fixed-part sizes are
+in engine/format.py.
 
 All integers are little-endian; strings are UTF-8 with a u16 length prefix.
 """
@@ -16,18 +17,27 @@ from typing import NamedTuple
 
 from engine import format as fmt
 
-_TAG_NOW = struct.Struct("<Bq")
+_TAG_NOW = struct.Struct("<Bq")  # tag, now: how every record but SEND starts
 _SEND_FIXED = struct.Struct("<BBQqq")  # tag, flags, seq, sent_at_ms, visible_at_ms
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _ORIGIN = struct.Struct("<QQI")  # origin queue uid, origin seq, receive count so far
 _SEQ = struct.Struct("<Q")
-_LEASE_FIXED = struct.Struct("<BqqH")  # tag, now, until, count
+_SEQS_FIXED = struct.Struct("<BqqH")  # tag, now, until, count
 _PAIR = struct.Struct("<QQ")
 _TRIPLE = struct.Struct("<QQq")
 _PURGE = struct.Struct("<BqQ")
 
-MESSAGE_ID_BYTES = 16
+MESSAGE_ID_BYTES = fmt.SEND_MESSAGE_ID_BYTES
+
+# The structs restate the fixed-part sizes that format.py names and the Cython codec
+# compiles in from engine/_format.pxd: a layout edited on one side only fails on import
+# (and in tests/engine/test_format.py).
+assert _SEND_FIXED.size == fmt.SEND_FIXED_BYTES
+assert _SEQS_FIXED.size == fmt.SEQS_FIXED_BYTES
+assert _TAG_NOW.size + _U16.size == fmt.RECEIPTS_FIXED_BYTES  # tag, now, count
+assert _PURGE.size == fmt.PURGE_BYTES
+assert _TAG_NOW.size == fmt.CONFIG_FIXED_BYTES
 
 
 class MessageAttribute(NamedTuple):
@@ -166,7 +176,7 @@ def encode_send(
 
 def encode_seqs(tag: int, now: int, seqs: Sequence[int], until: int = 0) -> bytes:
     """LEASE (with until), MOVING, MOVE_OUT, EXPIRE."""
-    return _LEASE_FIXED.pack(tag, now, until, len(seqs)) + b"".join(_SEQ.pack(s) for s in seqs)
+    return _SEQS_FIXED.pack(tag, now, until, len(seqs)) + b"".join(_SEQ.pack(s) for s in seqs)
 
 
 def encode_deletes(now: int, entries: Sequence[tuple[int, int]]) -> bytes:
@@ -281,9 +291,9 @@ def decode(data: bytes | memoryview) -> Record:
         if tag == fmt.QREC_SEND:
             return _send_head(data)[0]
         if tag in (fmt.QREC_LEASE, fmt.QREC_MOVING, fmt.QREC_MOVE_OUT, fmt.QREC_EXPIRE):
-            _, now, until, count = _LEASE_FIXED.unpack_from(data, 0)
-            seqs = struct.unpack_from(f"<{count}Q", data, _LEASE_FIXED.size)
-            _check_length(data, _LEASE_FIXED.size + 8 * count)
+            _, now, until, count = _SEQS_FIXED.unpack_from(data, 0)
+            seqs = struct.unpack_from(f"<{count}Q", data, _SEQS_FIXED.size)
+            _check_length(data, _SEQS_FIXED.size + 8 * count)
             return SeqList(tag, now, until, seqs)
         if tag == fmt.QREC_DELETE:
             return _decode_receipts(data, tag, 2)
@@ -304,7 +314,7 @@ def decode(data: bytes | memoryview) -> Record:
 def _decode_receipts(data: bytes | memoryview, tag: int, width: int) -> Receipts:
     _, now = _TAG_NOW.unpack_from(data, 0)
     (count,) = _U16.unpack_from(data, _TAG_NOW.size)
-    start = _TAG_NOW.size + 2
+    start = fmt.RECEIPTS_FIXED_BYTES
     _check_length(data, start + 8 * width * count)
     flat = struct.unpack_from(f"<{width * count}q", data, start)
     entries = tuple(tuple(flat[i : i + width]) for i in range(0, len(flat), width))

@@ -3,18 +3,78 @@
 from __future__ import annotations
 
 import os
+import re
 import struct
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import xxhash
 import zstandard
 
-from engine import Log, format
-from engine._segment import FORMAT_CONSTANTS, batch_spans
+import engine
+from engine import Log, _queue, _segment, format
+from engine import records as rec
+from engine._segment import batch_spans
+
+FORMAT_PXD = Path(engine.__file__).with_name("_format.pxd")
 
 
-def test_cython_constants_match_format_module() -> None:
-    assert FORMAT_CONSTANTS == format.SHARED_CONSTANTS
+def pxd_constant_names() -> list[str]:
+    """The members of the enum in engine/_format.pxd: every constant it declares."""
+    names: list[str] = []
+    in_enum = False
+    for line in FORMAT_PXD.read_text().splitlines():
+        if line.startswith("cdef enum:"):
+            in_enum = True
+        elif in_enum and line.strip() and not line[0].isspace():
+            in_enum = False
+        elif in_enum and (member := re.match(r"\s+([A-Z][A-Z0-9_]*)\s*=", line)):
+            names.append(member.group(1))
+    return names
+
+
+def test_pxd_declares_the_shared_constants() -> None:
+    # Guards the parser above: an empty list would make the next test pass vacuously.
+    names = pxd_constant_names()
+    assert len(names) == len(set(names))
+    assert {"BATCH_HEADER_BYTES", "INDEX_MAGIC_U32", "QREC_CONFIG", "SEND_FIXED_BYTES"} <= set(
+        names
+    )
+
+
+@pytest.mark.parametrize("extension", [_segment, _queue], ids=lambda m: m.__name__)
+def test_cython_constants_match_format_module(extension: ModuleType) -> None:
+    # Each extension exports the constants as compiled into it from _format.pxd, all of
+    # them (a member missing from format_constants() fails too), and each must have the
+    # same value under the same name in format.py.
+    compiled = extension.FORMAT_CONSTANTS
+    assert compiled == {name: getattr(format, name, None) for name in pxd_constant_names()}
+
+
+def test_magic_numbers_are_the_magic_bytes() -> None:
+    assert format.BATCH_MAGIC_U32.to_bytes(4, "little") == format.BATCH_MAGIC
+    assert format.INDEX_MAGIC_U32.to_bytes(4, "little") == format.INDEX_MAGIC
+
+
+def test_record_structs_match_fixed_part_sizes() -> None:
+    # records.py spells the layouts as structs; they must add up to the named sizes.
+    assert rec._SEND_FIXED.size == format.SEND_FIXED_BYTES
+    assert rec._SEQS_FIXED.size == format.SEQS_FIXED_BYTES
+    assert rec._TAG_NOW.size + rec._U16.size == format.RECEIPTS_FIXED_BYTES
+    assert rec._PURGE.size == format.PURGE_BYTES
+    assert rec._TAG_NOW.size == format.CONFIG_FIXED_BYTES
+    assert rec.MESSAGE_ID_BYTES == format.SEND_MESSAGE_ID_BYTES
+    # And the records both codecs write have those fixed parts.
+    assert len(rec.encode_send(1, 2, 3, b"")) == format.SEND_FIXED_BYTES
+    assert len(_queue.encode_send(1, 2, 3, b"")) == format.SEND_FIXED_BYTES
+    with_id = rec.encode_send(1, 2, 3, b"", message_id=bytes(format.SEND_MESSAGE_ID_BYTES))
+    assert len(with_id) == format.SEND_FIXED_BYTES + format.SEND_MESSAGE_ID_BYTES
+    assert len(rec.encode_seqs(format.QREC_LEASE, 1, [], 2)) == format.SEQS_FIXED_BYTES
+    assert len(rec.encode_deletes(1, [])) == format.RECEIPTS_FIXED_BYTES
+    assert len(rec.encode_visibility(1, [])) == format.RECEIPTS_FIXED_BYTES
+    assert len(rec.encode_purge(1, 2)) == format.PURGE_BYTES
+    assert len(rec.encode_config(1, {})) == format.CONFIG_FIXED_BYTES + len(b"{}")
 
 
 def test_header_struct_matches_drawn_offsets() -> None:

@@ -11,7 +11,7 @@ from hypothesis import given
 
 from engine import Broker, ManualClock, format
 from engine import records as rec
-from engine._queue import FORMAT_CONSTANTS, State, encode_send, message_id_of
+from engine._queue import State, encode_send, message_id_of
 from engine.errors import ReceiptInvalidError
 from engine.receipts import HANDLE_CHARS, ReceiptCodec
 from engine.snapshot import decode_snapshot, encode_snapshot, state_digest
@@ -19,11 +19,6 @@ from engine.snapshot import decode_snapshot, encode_snapshot, state_digest
 tokens = st.text(alphabet="abcXYZ019-_!.", min_size=1, max_size=40)
 attribute_values = st.one_of(st.text(min_size=1, max_size=20).map(lambda s: ("String", s)),
                              st.binary(min_size=1, max_size=20).map(lambda b: ("Binary", b)))
-
-
-def test_record_constants_match_format_module() -> None:
-    for name, value in FORMAT_CONSTANTS.items():
-        assert getattr(format, name) == value, name
 
 
 @given(
