@@ -1,4 +1,4 @@
-"""The replication port: where this node's followers take in their leaders' logs.
+"""The follower side of replication: where this node's replicas take in their leaders' logs.
 
 A leader connects once per queue and sends OPEN. The follower checks the epoch against
 etcd (a leader whose epoch is not the queue's current leader key is refused), answers
@@ -6,6 +6,9 @@ with its log's end and epoch history, cuts its log where the leader says (SYNC),
 appends each APPEND exactly as sent and acknowledges once it is durable. One fsync
 covers every APPEND that arrived while the previous fsync ran. A newer leader's OPEN ends
 an older leader's session, and the older one's frames are refused from then on.
+
+The node is reached only through ``FollowerNode``; the connection comes from the
+inter-node listener (replication.listener), which has read its ``CVR1``.
 """
 
 from __future__ import annotations
@@ -14,20 +17,15 @@ import asyncio
 import contextlib
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from engine.log import Log
 from engine.queue import QUEUE_SEGMENT_BYTES, SNAPSHOT_FILE
 from replication import frames as fr
 from replication.history import EpochHistory
-from replication.leader import LINK_ERRORS
-
-if TYPE_CHECKING:
-    from replication.node import ClusterNode
 
 _log = logging.getLogger("conveyor.replication")
 
-HANDSHAKE_S = 5.0
 # A session that hears nothing (not even a heartbeat) for this long is dropped.
 IDLE_S = 10.0
 
@@ -64,41 +62,28 @@ class Replica:
         self.log.close()
 
 
+class FollowerNode(Protocol):
+    """What the replication port needs of its node (replication.node.ClusterNode)."""
+
+    async def accept_leader(self, name: str, epoch: int) -> tuple[int, str] | None:
+        """None if epoch is the queue's current leader epoch and this node one of its
+        followers; else (the newest epoch known, why not)."""
+
+    async def replica(self, name: str, uid: int, attributes: dict[str, Any]) -> Replica:
+        """This node's copy of the queue, made empty if it has none."""
+
+
 class ReplicationServer:
-    """The TCP listener of the replication port, and a session per leader connection."""
+    """A session per leader connection: the handler of ``CVR1`` on the inter-node port."""
 
-    def __init__(self, node: ClusterNode) -> None:
+    def __init__(self, node: FollowerNode) -> None:
         self.node = node
-        self._server: asyncio.Server | None = None
-        self._sessions: set[asyncio.Task[None]] = set()
 
-    async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._serve, host, port)
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        sessions = list(self._sessions)
-        for task in sessions:
-            task.cancel()
-        await asyncio.gather(*sessions, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One leader's session; the listener has read its magic and closes it after."""
         replica: Replica | None = None
-        task = asyncio.current_task()
-        assert task is not None
-        self._sessions.add(task)
         try:
-            magic = await asyncio.wait_for(reader.readexactly(len(fr.MAGIC)), HANDSHAKE_S)
-            if magic == fr.CALLS_MAGIC and self.node.call_handler is not None:
-                await self.node.call_handler(reader, writer)
-                return
-            if magic != fr.MAGIC:
-                raise fr.ProtocolError("not a replication connection")
-            opening = await asyncio.wait_for(fr.read_frame(reader), HANDSHAKE_S)
+            opening = await asyncio.wait_for(fr.read_frame(reader), fr.HANDSHAKE_S)
             if not isinstance(opening, fr.Open):
                 raise fr.ProtocolError(f"expected OPEN, got {type(opening).__name__}")
             refusal = await self.node.accept_leader(opening.name, opening.epoch)
@@ -117,15 +102,11 @@ class ReplicationServer:
             if previous is not None:
                 previous.close()
             await self._follow(replica, opening.epoch, reader, writer)
-        except LINK_ERRORS as exc:
+        except fr.LINK_ERRORS as exc:
             _log.info("replication session ended: %s", exc)
-        except asyncio.CancelledError:
-            pass  # the node is closing (the only canceller)
         finally:
-            self._sessions.discard(task)
             if replica is not None and replica.session is writer:
                 replica.session = None
-            writer.close()
 
     async def _follow(self, replica: Replica, epoch: int, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:

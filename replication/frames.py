@@ -17,8 +17,12 @@ from typing import Any
 from engine.errors import EngineError
 
 MAGIC = b"CVR1"
-# Opens a connection of partition calls (server/cluster/calls.py), which share the replication port.
+# Opens a connection of partition calls (server/cluster/calls.py), which share the
+# replication port: replication/listener.py routes each connection by its magic.
 CALLS_MAGIC = b"CVC1"
+# A peer must send its magic this soon after connecting, and a leader its OPEN as soon
+# again, or be dropped: even an idle connection holds a task and a descriptor.
+HANDSHAKE_S = 5.0
 # Largest frame body: one APPEND carries at most this much log (whole batches), plus its
 # header. A longer length prefix is a protocol error, not an allocation.
 APPEND_BYTES_MAX = 4 * 1024 * 1024
@@ -38,6 +42,12 @@ _ENTRY = struct.Struct(">QQ")
 
 class ProtocolError(EngineError):
     """A peer sent bytes that are not a valid frame: the connection is dropped."""
+
+
+# What a broken or refused link raises. uvloop raises RuntimeError, not an OSError, on a
+# write to a connection the peer has just reset.
+LINK_ERRORS = (OSError, TimeoutError, RuntimeError, asyncio.IncompleteReadError,
+               ProtocolError, EngineError)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -11,6 +11,9 @@ node's included. A client's write is acknowledged once the commit offset passes 
 (``committed``). A follower that falls REPLICA_LAG_S behind is taken out of the ISR by an
 etcd transaction *before* the commit offset stops counting it; one that catches up is put
 back. With fewer than min_insync replicas, writes are refused (503), never acknowledged.
+
+The node is reached only through ``LeaderNode`` and etcd only through ``LeaderControl``,
+so a leader runs in a test against a control plane held in memory.
 """
 
 from __future__ import annotations
@@ -23,17 +26,16 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.errors import EngineError
 from replication import frames as fr
-from replication.control import Partition
+from replication.control import Leader, Partition
 from replication.errors import ReplicationUnavailableError
 from replication.history import EpochHistory, batch_end, divergence
 
 if TYPE_CHECKING:
     from engine.queue import QueueCore
-    from replication.node import ClusterNode
 
 _log = logging.getLogger("conveyor.replication")
 
@@ -53,18 +55,58 @@ REBALANCE_S = 1.0
 COMMIT_WAIT_S = 10.0
 CONNECT_S = 2.0
 RETRY_S = 0.2
-# What a broken or refused link raises. uvloop raises RuntimeError, not an OSError, on a
-# write to a connection the peer has just reset.
-LINK_ERRORS = (OSError, TimeoutError, RuntimeError, asyncio.IncompleteReadError,
-               fr.ProtocolError, EngineError)
+
+
+class LeaderNode(Protocol):
+    """What a leader needs of its node (replication.node.ClusterNode)."""
+
+    @property
+    def node_id(self) -> str:
+        """This node's id in the cluster."""
+
+    def lease_valid(self) -> bool:
+        """Whether the node's etcd lease is alive now: no acknowledgement without it."""
+
+    def seen_partition(self, name: str) -> Partition | None:
+        """The queue's partition record as the node last read it (None: not read)."""
+
+    def live_nodes(self) -> set[str] | None:
+        """Nodes whose lease is alive, as last read (None: not read yet)."""
+
+    def replication_address(self, node_id: str) -> tuple[str, int] | None:
+        """Where a node's inter-node port listens (None: not known)."""
+
+    def step_down(self, name: str, reason: str) -> None:
+        """Stop leading the queue: close this role now, and the queue soon after."""
+
+    def knows_members(self) -> bool:
+        """Whether the node has watched the cluster long enough to move replicas."""
+
+    def placement(self, name: str, rf: int) -> list[str]:
+        """The replicas the ring over the cluster's members gives the queue."""
+
+
+class LeaderControl(Protocol):
+    """What a leader changes and reads in etcd (replication.control.Control)."""
+
+    async def set_members(self, partition: Partition, epoch: int, replicas: tuple[str, ...],
+                          isr: tuple[str, ...]) -> Partition | None:
+        """Change replicas and ISR while epoch is the current leader's; None if not."""
+
+    async def leader(self, name: str) -> Leader | None:
+        """The queue's leader key."""
+
+    async def partition(self, name: str) -> Partition | None:
+        """The queue's partition record."""
 
 
 class LeaderRole:
     """This node's leadership of one queue, for one epoch."""
 
-    def __init__(self, node: ClusterNode, partition: Partition, epoch: int,
-                 min_insync: int) -> None:
+    def __init__(self, node: LeaderNode, control: LeaderControl, partition: Partition,
+                 epoch: int, min_insync: int) -> None:
         self.node = node
+        self.control = control
         self.name = partition.name
         self.uid = partition.uid
         self.epoch = epoch
@@ -210,7 +252,7 @@ class LeaderRole:
                 return
             # Only this leader changes replicas and ISR; a newer record was changed by an
             # operator (the replication factor), and is taken as it is.
-            seen = self.node.view.partitions.get(self.name) if self.node.view else None
+            seen = self.node.seen_partition(self.name)
             if seen is not None and seen.revision > self.partition.revision \
                     and not self._isr_busy:
                 self.partition = seen
@@ -278,14 +320,14 @@ class LeaderRole:
         self._isr_busy = True
         try:
             ordered = tuple(m for m in replicas if m in isr)
-            updated = await self.node.control.set_members(self.partition, self.epoch,
-                                                          replicas, ordered)
+            updated = await self.control.set_members(self.partition, self.epoch, replicas,
+                                                     ordered)
             if updated is None:
-                current = await self.node.control.leader(self.name)
+                current = await self.control.leader(self.name)
                 if current is None or current.epoch != self.epoch:
                     self.node.step_down(self.name, "another leader took over")
                     return False
-                fresh = await self.node.control.partition(self.name)
+                fresh = await self.control.partition(self.name)
                 if fresh is not None:
                     self.partition = fresh
                 return False
@@ -325,7 +367,7 @@ class LeaderRole:
                     await self._stream(follower, reader, writer, wake)
                 finally:
                     writer.close()
-            except LINK_ERRORS as exc:
+            except fr.LINK_ERRORS as exc:
                 _log.info("queue %s: link to %s: %s", self.name, follower, exc)
             except Exception:  # a bug: say so, and keep the link trying
                 _log.exception("queue %s: link to %s failed", self.name, follower)

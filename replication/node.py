@@ -12,6 +12,9 @@ and brings this node in line with it:
 The node's lease is refreshed every third of its TTL. A node that cannot prove its lease
 alive (etcd unreachable, or the process was paused) stops acknowledging writes at once:
 ``lease_valid`` is checked before every acknowledgement, not only by the loop.
+
+The node owns the inter-node port (replication.listener) and serves replication on it;
+the roles reach the node only through their protocols (``LeaderNode``, ``FollowerNode``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from engine import Broker
@@ -30,12 +32,12 @@ from engine._ring import HashRing
 from engine.errors import EngineError, QueueNotFoundError
 from engine.limits import QueueAttributes, check_queue_name
 from engine.queue import QueueCore
+from replication import frames as fr
 from replication.control import ClusterView, Control, NodeInfo, Partition, parse_endpoints
 from replication.errors import ControlUnavailableError, NotLeaderError
 from replication.follower import Replica, ReplicationServer
 from replication.leader import LeaderRole, describe
-
-CallHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+from replication.listener import Listener
 
 _log = logging.getLogger("conveyor.cluster")
 
@@ -96,10 +98,10 @@ class ClusterNode:
         """Per queue, the partition revision at which a leader's OPEN was last accepted."""
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping: set[asyncio.Task[None]] = set()
-        self._server = ReplicationServer(self)
         self._closed = False
-        self.call_handler: CallHandler | None = None
-        """Serves partition calls, which come to the replication port (server/cluster/calls.py)."""
+        self.listener = Listener()
+        """The inter-node port; partition calls add their route (server/cluster/calls.py)."""
+        self.listener.route(fr.MAGIC, ReplicationServer(self).serve)
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -111,7 +113,7 @@ class ClusterNode:
     async def start(self, broker: Broker) -> None:
         """Serve the replication port, join the cluster, and start reconciling."""
         self.broker = broker
-        await self._server.start(self.config.replication_host, self.config.replication_port)
+        await self.listener.start(self.config.replication_host, self.config.replication_port)
         await self._join()
         self.view = await self.control.view()
         self._saw(self.view)
@@ -131,7 +133,7 @@ class ClusterNode:
         for task in list(self._stopping):
             with contextlib.suppress(Exception):
                 await task
-        await self._server.close()
+        await self.listener.close()
         for replica in self.replicas.values():
             await asyncio.to_thread(replica.close)
         self.replicas.clear()
@@ -266,6 +268,11 @@ class ClusterNode:
                 found[partition.uid] = i
         return found
 
+    def seen_partition(self, name: str) -> Partition | None:
+        """The queue's partition record, as of the last reading (None before it)."""
+        view = self.view
+        return None if view is None else view.partitions.get(name)
+
     def live_nodes(self) -> set[str] | None:
         """Nodes whose lease is alive, as of the last reading (None before the first)."""
         return None if self.view is None else set(self.view.nodes)
@@ -394,7 +401,8 @@ class ClusterNode:
         await self._release_replica(name)
         broker = self.broker
         assert broker is not None
-        role = LeaderRole(self, partition, leader.epoch, self.config.min_insync_replicas)
+        role = LeaderRole(self, self.control, partition, leader.epoch,
+                          self.config.min_insync_replicas)
         self.leading[name] = role
         try:
             await asyncio.to_thread(broker.adopt_queue, name, partition.uid,

@@ -163,7 +163,7 @@ class PartitionCalls:
         self._key = hashlib.blake2b(secret, digest_size=32, person=b"conveyor-rpc").digest()
         self._links: dict[tuple[str, int], _Link] = {}
         self._connecting: dict[tuple[str, int], asyncio.Lock] = {}
-        node.call_handler = self.serve
+        node.listener.route(CALLS_MAGIC, self.serve)
 
     # -- making calls --------------------------------------------------------------------
 
