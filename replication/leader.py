@@ -181,13 +181,14 @@ class LeaderRole:
     def isr(self) -> tuple[str, ...]:
         return self.partition.isr
 
-    def commit_offset(self) -> int:
+    def commit_offset(self, members: tuple[str, ...] | None = None) -> int:
+        """The least durable offset over members (default: the ISR), this node's included."""
         core = self.core
         if core is None:
             return 0
         log = core.log
         offset = log.durable_offset if log.fsync_policy.mode == "always" else log.next_offset
-        for member in self.partition.isr:
+        for member in self.partition.isr if members is None else members:
             if member != self.node.node_id:
                 offset = min(offset, self.acked.get(member, 0))
         return offset
@@ -214,6 +215,10 @@ class LeaderRole:
             except TimeoutError:
                 raise ReplicationUnavailableError(
                     self.name, f"not committed on the ISR in {COMMIT_WAIT_S:g} s") from None
+            finally:
+                # Nobody waits on it any more: failing it later (a step-down) would log
+                # "Future exception was never retrieved".
+                future.cancel()
         # Acknowledging needs leadership now, not only when the write was made.
         self._check_writable()
 
@@ -271,9 +276,12 @@ class LeaderRole:
             # once; one that is alive but behind gets REPLICA_LAG_S to catch up.
             keep = tuple(m for m in isr if m == me or (
                 self.acked.get(m, 0) >= threshold and (live is None or m in live)))
-            # A follower rejoins once it holds everything committed: the commit offset
-            # then cannot go back when it starts counting again.
-            commit = self.commit_offset()
+            # A follower rejoins once it holds everything the members kept have made
+            # durable: the commit offset then cannot go back when it starts counting again.
+            # Over the kept members, not the ISR: a laggard still in the ISR holds the ISR's
+            # commit back to its own offset, so it would always qualify, and a follower
+            # that stays connected but stops acknowledging would never leave.
+            commit = self.commit_offset(keep)
             wanted = keep + tuple(m for m in self.partition.replicas
                                   if m not in keep and self.acked.get(m, -1) >= commit
                                   and m in self._connected)

@@ -314,8 +314,11 @@ async def test_a_divergent_follower_is_cut_back_and_then_holds_the_leaders_log(
     assert a.replicas[QUEUE].history.entries == [(old, 0), (new, agreed)]
 
 
+@pytest.mark.parametrize("fault", ["cut", "blackhole"])
 async def test_a_follower_that_stops_acknowledging_leaves_the_isr_then_rejoins(
-        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
+    """cut: f's link is reset and new ones refused. blackhole: the link stays open and
+    nothing comes back on it, so only the lag tells the leader."""
     lag_s = 0.3
     leader, follower = await cluster.add("l"), await cluster.add("f")
     with FaultProxy(*follower.address) as proxy:
@@ -330,7 +333,7 @@ async def test_a_follower_that_stops_acknowledging_leaves_the_isr_then_rejoins(
 
         # Set only now: the link's first connection must not count as lagging.
         monkeypatch.setattr(leader_module, "REPLICA_LAG_S", lag_s)
-        proxy.cut()  # f's link is reset and new ones refused: f acknowledges nothing more
+        proxy.cut() if fault == "cut" else proxy.blackhole()  # f acknowledges nothing more
         sent_at = time.monotonic()
         await queue.send(b"leader only")
         acknowledged_at = time.monotonic()
@@ -341,6 +344,8 @@ async def test_a_follower_that_stops_acknowledging_leaves_the_isr_then_rejoins(
         assert b"leader only" not in log_bytes(follower.log(QUEUE))
 
         # The link connects again; f catches up, and only then is back in.
+        if fault == "blackhole":
+            proxy.cut()  # the open link's bytes are lost: it must break to start over
         proxy.heal()
         await eventually(lambda: cluster.control.isr(QUEUE) == ("l", "f"), "f rejoins")
         assert [isr for _, isr in cluster.control.isr_changes] == [("l",), ("l", "f")]
