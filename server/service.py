@@ -99,7 +99,7 @@ class QueueService:
                            extra: dict[str, str], tags: dict[str, str]) -> QueueRecord:
         """Create a queue, or return it if it exists with the same attributes."""
         check_tags(tags)
-        check_extra(extra, None)
+        _check_extra(extra, None)
         _same_account(account, attributes)
         # Attributes first: the name's rules depend on whether the queue is FIFO.
         check_queue_name(name, QueueAttributes.from_dict(attributes).fifo)
@@ -160,7 +160,7 @@ class QueueService:
                              extra: dict[str, str]) -> QueueView:
         async with self._locks.hold((account, name)):
             record = await self.record(account, name)
-            check_extra(extra, record.extra)
+            _check_extra(extra, record.extra)
             _same_account(account, changes)
             self.backend.check_supported(changes, QueueSettings.of(extra))
             await self._update(record, changes, extra)
@@ -278,7 +278,7 @@ async def each_valid(items: Sequence[_T | EngineError],
     return [item if isinstance(item, EngineError) else next(results) for item in items]
 
 
-def check_extra(extra: Mapping[str, str], existing: Mapping[str, str] | None) -> None:
+def _check_extra(extra: Mapping[str, str], existing: Mapping[str, str] | None) -> None:
     """Values of the queue attributes the FrontEnd enforces, checked before any is kept
     (``existing``: the queue's attributes when it is changed, None when it is created)."""
     if extra.get("Policy"):
