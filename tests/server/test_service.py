@@ -11,6 +11,7 @@ import pytest
 
 from server.config import ServerConfig
 from server.deployment import open_single_node
+from server.moves import FINISHED_KEPT_PER_QUEUE
 from server.protection import authz
 from server.protection.sse import Keyring
 from server.sealing import Sealer
@@ -92,3 +93,19 @@ async def test_a_delete_is_not_undone_by_a_change_in_flight(service: QueueServic
         return_exceptions=True)
     assert outcomes[1] is None
     assert await service.metadata.get(ACCOUNT, "gone") is None
+
+
+async def test_finished_move_tasks_are_bounded_per_queue(service: QueueService) -> None:
+    await service.create_queue(ACCOUNT, "dlq", {}, {}, {})
+    await service.create_queue(ACCOUNT, "work", {"dead_letter_queue": f"{ACCOUNT}/dlq",
+                                                 "max_receive_count": 3}, {}, {})
+    handles = []
+    for _ in range(FINISHED_KEPT_PER_QUEUE + 5):
+        handles.append(await service.moves.start((ACCOUNT, "dlq"), None, None))
+        for task in service.moves.list(f"{ACCOUNT}/dlq", 100):
+            if task.runner is not None:
+                await task.runner  # an empty dead-letter queue: done at once
+    kept = service.moves.list(f"{ACCOUNT}/dlq", 100)
+    assert len(kept) == FINISHED_KEPT_PER_QUEUE
+    assert {t.handle for t in kept} == set(handles[-FINISHED_KEPT_PER_QUEUE:])
+    assert all(t.status == "COMPLETED" for t in kept)
