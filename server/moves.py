@@ -128,9 +128,10 @@ class MoveTasks:
             _log.warning("message move task from %s failed: %s", task.source, exc)
 
     def list(self, source_engine_name: str, limit: int) -> list[MoveTask]:
-        """The source's tasks, newest first."""
-        tasks = [t for t in self._tasks.values() if t.source == source_engine_name]
-        return sorted(tasks, key=lambda t: t.started_ms, reverse=True)[:limit]
+        """The source's tasks, newest first: in reverse order of start (their start times
+        are milliseconds, which two tasks can share)."""
+        tasks = [t for t in reversed(self._tasks.values()) if t.source == source_engine_name]
+        return tasks[:limit]
 
     async def cancel(self, handle: str, account: str) -> MoveTask:
         task = self._tasks.get(handle)
