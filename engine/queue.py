@@ -28,6 +28,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import repeat
 from typing import Any, Protocol, TypeVar
 
 from engine import format as fmt
@@ -831,7 +832,7 @@ def send_entries(entries: Sequence[SendEntry | bytes]) -> Sequence[SendEntry]:
     with nothing else; anything else is a TypeError that names it (not an AttributeError
     from the extension, which reads the fields of a SendEntry)."""
     check_batch(entries)
-    if all(type(entry) is SendEntry for entry in entries):
+    if all(map(isinstance, entries, repeat(SendEntry))):  # the usual case, at C speed
         return entries  # type: ignore[return-value]
     sends = []
     for i, entry in enumerate(entries):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
 from engine import AsyncBroker, AsyncQueue, Message, QueueAttributes, QueueStats
@@ -123,7 +123,10 @@ class LocalBackend:
 
 
 class GuardedQueue:
-    """An engine queue whose calls pass the engine's guard."""
+    """An engine queue whose calls pass the engine's guard.
+
+    Each method returns the guard's coroutine rather than awaiting it in one of its own:
+    one coroutine frame fewer on the message path, for the same awaitable."""
 
     __slots__ = ("_guard", "_queue", "name")
 
@@ -132,29 +135,31 @@ class GuardedQueue:
         self._guard = guard
         self.name = queue.name
 
-    async def attributes(self) -> QueueAttributes:
-        return await self._guard.run(self._queue.attributes)
+    def attributes(self) -> Coroutine[Any, Any, QueueAttributes]:
+        return self._guard.run(self._queue.attributes)
 
-    async def set_attributes(self, **changes: Any) -> QueueAttributes:
-        return await self._guard.run(self._queue.set_attributes, **changes)
+    def set_attributes(self, **changes: Any) -> Coroutine[Any, Any, QueueAttributes]:
+        return self._guard.run(self._queue.set_attributes, **changes)
 
-    async def stats(self) -> QueueStats:
-        return await self._guard.run(self._queue.stats)
+    def stats(self) -> Coroutine[Any, Any, QueueStats]:
+        return self._guard.run(self._queue.stats)
 
-    async def purge(self) -> None:
-        await self._guard.run(self._queue.purge)
+    def purge(self) -> Coroutine[Any, Any, None]:
+        return self._guard.run(self._queue.purge)
 
-    async def send_batch(self, entries: list[SendEntry]) -> list[SendResult | EngineError]:
-        return await self._guard.run(self._queue.send_batch, entries)
+    def send_batch(self, entries: list[SendEntry]
+                   ) -> Coroutine[Any, Any, list[SendResult | EngineError]]:
+        return self._guard.run(self._queue.send_batch, entries)
 
-    async def receive(self, max_messages: int = 1, wait_seconds: int | None = None,
-                      visibility_timeout: int | None = None) -> list[Message]:
-        return await self._guard.run(self._queue.receive, max_messages, wait_seconds,
-                                     visibility_timeout)
+    def receive(self, max_messages: int = 1, wait_seconds: int | None = None,
+                visibility_timeout: int | None = None) -> Coroutine[Any, Any, list[Message]]:
+        return self._guard.run(self._queue.receive, max_messages, wait_seconds,
+                               visibility_timeout)
 
-    async def delete_batch(self, receipts: list[str]) -> list[EngineError | None]:
-        return await self._guard.run(self._queue.delete_batch, receipts)
+    def delete_batch(self, receipts: list[str]
+                     ) -> Coroutine[Any, Any, list[EngineError | None]]:
+        return self._guard.run(self._queue.delete_batch, receipts)
 
-    async def change_visibility_batch(self, entries: list[tuple[str, int]]
-                                      ) -> list[EngineError | None]:
-        return await self._guard.run(self._queue.change_visibility_batch, entries)
+    def change_visibility_batch(self, entries: list[tuple[str, int]]
+                                ) -> Coroutine[Any, Any, list[EngineError | None]]:
+        return self._guard.run(self._queue.change_visibility_batch, entries)

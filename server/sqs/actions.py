@@ -12,7 +12,7 @@ import dataclasses
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from engine import SendEntry
 from engine.errors import (
@@ -285,25 +285,26 @@ async def send_message_batch(ctx: Context, params: Params) -> dict[str, Any]:
     entries = _entries(params)
     await ctx.service.record(account, name)  # an unknown queue fails the whole request
     prepared: list[SendEntry | EngineError] = []
+    total = 0
     for raw in entries:
         try:
-            prepared.append(_send_entry(ctx, raw))
+            entry = _send_entry(ctx, raw)
         except EngineError as exc:
             prepared.append(exc)
-    # SQS limits the batch by its messages' sizes, attributes included.
-    total = sum(message_bytes(e.body, e.attributes) for e in prepared
-                if isinstance(e, SendEntry))
+            continue
+        # SQS limits the batch by its messages' sizes, attributes included.
+        total += message_bytes(entry.body, entry.attributes)
+        prepared.append(entry)
     if total > MESSAGE_BYTES_MAX:
         raise BatchTooLongError(total, MESSAGE_BYTES_MAX)
     successful: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     results = await ctx.service.send(account, name, prepared)
-    for raw, entry, result in zip(entries, prepared, results, strict=True):
+    for raw, item, result in zip(entries, prepared, results, strict=True):
         if isinstance(result, EngineError):
             failed.append(_failure(raw["Id"], result))
-        else:
-            assert isinstance(entry, SendEntry)
-            successful.append({"Id": raw["Id"], **_sent(entry, result)})
+        else:  # a result, so the entry was sent
+            successful.append({"Id": raw["Id"], **_sent(cast(SendEntry, item), result)})
     return {"Successful": successful, "Failed": failed}
 
 
