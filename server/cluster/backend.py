@@ -58,10 +58,8 @@ class PartitionedBackend:
         if REPLICATION_FACTOR in extra:
             factor = QueueSettings.of(extra).replication_factor
             node = self.node
-            await asyncio.gather(*(
-                node.set_replication_factor(partition, factor)
-                for partition in partition_names(record.engine_name,
-                                                 record.settings.partitions)))
+            await asyncio.gather(*(node.set_replication_factor(partition, factor)
+                                   for partition in _partitions(record)))
 
     async def delete_queue(self, record: QueueRecord,
                            forget: Callable[[], Awaitable[None]]) -> None:
@@ -69,9 +67,13 @@ class PartitionedBackend:
         # until DeleteQueue is retried, whereas a partition left behind would bring its old
         # messages back to a queue made again under the name.
         node = self.node
-        await asyncio.gather(*(node.delete_queue(partition) for partition in
-                               partition_names(record.engine_name, record.settings.partitions)))
+        await asyncio.gather(*(node.delete_queue(partition)
+                               for partition in _partitions(record)))
         await forget()
 
     async def dead_letter_sources(self, engine_name: str) -> list[str]:
         return []  # check_supported refuses dead-letter queues in a cluster
+
+
+def _partitions(record: QueueRecord) -> list[str]:
+    return partition_names(record.engine_name, record.settings.partitions)

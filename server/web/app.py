@@ -73,14 +73,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         stack.callback(keyring.close)
         service = QueueService(deployment.backend, deployment.metadata, Sealer(keyring))
         stack.push_async_callback(service.close)
-        keys = KeyCache(deployment.access_keys) if deployment.access_keys else None
+        key_cache = KeyCache(deployment.access_keys) if deployment.access_keys else None
         metrics.watch(deployment.broker.broker)
         metrics.registry.register(app[appkeys.USAGE])
         metrics.watch_protection((deployment.metadata.guard, deployment.engine_guard),
                                  lambda: service.sealer.unopened)
         app[appkeys.DEPLOYMENT] = deployment
         app[appkeys.SERVICE] = service
-        app[appkeys.ADMISSION] = Admission(Authenticator(keys, config.account_id),
+        app[appkeys.ADMISSION] = Admission(Authenticator(key_cache, config.account_id),
                                            deployment.metadata,
                                            parse_rate(config.principal_rate, "principal rate"),
                                            parse_rate(config.queue_rate, "queue rate"))
