@@ -15,7 +15,11 @@ for --rounds rounds, it alternates between them:
   the requests spread over all three nodes in turn.
 
 It prints messages/s of each, the cluster's as a fraction of the single node's, and the
-CPU microseconds per message summed over every node of the cluster. All the processes -
+CPU microseconds per message summed over every node of the cluster.
+
+A second 3-node cluster, its nodes started with peer authentication off, runs ``send10``
+and ``send10-fwd`` in the same rounds: the cost of authenticating and sealing every
+frame between nodes is the first cluster's rate as a fraction of the second's. All the processes -
 etcd, four servers and this client - share this machine's cores, so the cluster's three
 nodes compete with each other for CPU: the ratio is a floor for separate machines.
 """
@@ -46,6 +50,7 @@ from bench.http_load import (
     _wait_ready,
 )
 from server.cluster.devcluster import etcd_command
+from server.protection import masterkey
 
 QUEUE = "bench"
 
@@ -93,17 +98,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         single_port = _free_port()
         single = _serve(f"{tmp}/single", single_port, args.fsync)
         processes.append(single)
-        nodes: dict[str, tuple[str, int]] = {}
-        for i in range(3):
-            port = _free_port()
-            node = _serve(f"{tmp}/n{i}", port, args.fsync, "--cluster", etcd_url,
-                          "--node-id", f"n{i}", "--replication-port", str(_free_port()))
-            processes.append(node)
-            nodes[f"n{i}"] = (f"http://127.0.0.1:{port}/", node.pid)
-        for url in [f"http://127.0.0.1:{single_port}/", *(u for u, _ in nodes.values())]:
+        secret = f"{tmp}/cluster.secret"
+        masterkey.load_or_create(secret)
+        nodes = _cluster(tmp, "n", etcd_url, args.fsync, processes,
+                         "--cluster-secret-file", secret)
+        open_etcd, open_etcd_url = _etcd(f"{tmp}/open")
+        processes.append(open_etcd)
+        open_nodes = _cluster(tmp, "open", open_etcd_url, args.fsync, processes,
+                              "--unsafe-no-peer-auth")
+        for url in [f"http://127.0.0.1:{single_port}/",
+                    *(u for u, _ in [*nodes.values(), *open_nodes.values()])]:
             _wait_ready(url + "readyz")
         return asyncio.run(_rounds(args, f"http://127.0.0.1:{single_port}/", single.pid,
-                                   nodes))
+                                   nodes, open_nodes))
     finally:
         for process in reversed(processes):
             process.send_signal(signal.SIGTERM)
@@ -111,8 +118,23 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _cluster(tmp: str, prefix: str, etcd_url: str, fsync: str,
+             processes: list[subprocess.Popen[bytes]], *extra: str
+             ) -> dict[str, tuple[str, int]]:
+    """Three nodes joined to etcd_url: node id -> (URL, pid)."""
+    nodes: dict[str, tuple[str, int]] = {}
+    for i in range(3):
+        port = _free_port()
+        node = _serve(f"{tmp}/{prefix}{i}", port, fsync, "--cluster", etcd_url,
+                      "--node-id", f"n{i}", "--replication-port", str(_free_port()), *extra)
+        processes.append(node)
+        nodes[f"n{i}"] = (f"http://127.0.0.1:{port}/", node.pid)
+    return nodes
+
+
 async def _rounds(args: argparse.Namespace, single_url: str, single_pid: int,
-                  nodes: dict[str, tuple[str, int]]) -> list[dict[str, Any]]:
+                  nodes: dict[str, tuple[str, int]], open_nodes: dict[str, tuple[str, int]]
+                  ) -> list[dict[str, Any]]:
     body = "x" * args.body
     n = args.concurrency
     single_queue = await _create(single_url)
@@ -123,6 +145,11 @@ async def _rounds(args: argparse.Namespace, single_url: str, single_pid: int,
     leader_url = nodes[leader][0]
     follower_url = next(u for k, (u, _) in nodes.items() if k != leader)
     pids = [pid for _, pid in nodes.values()]
+    open_queue = await _create(open_nodes["n0"][0])
+    open_leader = _leader({k: u for k, (u, _) in open_nodes.items()})
+    open_leader_url = open_nodes[open_leader][0]
+    open_follower_url = next(u for k, (u, _) in open_nodes.items() if k != open_leader)
+    open_pids = [pid for _, pid in open_nodes.values()]
 
     def ten(queue_url: str) -> dict[str, Any]:
         return {"QueueUrl": queue_url,
@@ -162,6 +189,22 @@ async def _rounds(args: argparse.Namespace, single_url: str, single_pid: int,
             "recv10-p3", node_urls[0],
             [_receive_delete(node_urls[i % 3], partitioned_queue) for i in range(n)],
             args.seconds, pids, n)
+        open_send = await _drive(
+            "send10", open_leader_url,
+            [_sqs(open_leader_url, "SendMessageBatch", ten(open_queue))] * n,
+            args.seconds, open_pids, n)
+        open_forwarded = await _drive(
+            "send10-fwd", open_follower_url,
+            [_sqs(open_follower_url, "SendMessageBatch", ten(open_queue))] * n,
+            args.seconds, open_pids, n)
+        for name, off, on in (("auth-send10", open_send, cluster_send),
+                              ("auth-send10-fwd", open_forwarded, forwarded)):
+            a, b = off.row(), on.row()
+            rows.append({"round": round_, "scenario": name,
+                         "off_messages_per_s": a["messages_per_s"],
+                         "on_messages_per_s": b["messages_per_s"],
+                         "off_cpu_us_per_message": a["server_cpu_us_per_message"],
+                         "on_cpu_us_per_message": b["server_cpu_us_per_message"]})
         for name, one, many in (("send10", single_send, cluster_send),
                                 ("send10-fwd", single_send, forwarded),
                                 ("send10-p3", single_send, spread_send),
@@ -196,6 +239,8 @@ def main() -> None:
     print(f"{'round':<6}{'scenario':<11}{'single msgs/s':>14}{'RF=3':>9}{'ratio':>7}"
           f"{'cpu us/msg single':>19}{'cluster':>9}{'p99 ms':>8}")
     for row in rows:
+        if row["scenario"].startswith("auth-"):
+            continue
         print(f"{row['round']:<6}{row['scenario']:<11}{row['single_messages_per_s']:>14,.0f}"
               f"{row['cluster_messages_per_s']:>9,.0f}"
               f"{row['cluster_messages_per_s'] / row['single_messages_per_s']:>7.2f}"
@@ -205,6 +250,19 @@ def main() -> None:
         single = sum(r["single_messages_per_s"] for r in rows if r["scenario"] == name)
         cluster = sum(r["cluster_messages_per_s"] for r in rows if r["scenario"] == name)
         print(f"{name}: RF=3 cluster / single node over all rounds: {cluster / single:.2f}")
+    print(f"\nPeer authentication on against off (two RF=3 clusters, same rounds)\n"
+          f"{'round':<6}{'scenario':<17}{'off msgs/s':>11}{'on':>9}{'ratio':>7}"
+          f"{'cpu us/msg off':>16}{'on':>7}")
+    for row in rows:
+        if row["scenario"].startswith("auth-"):
+            print(f"{row['round']:<6}{row['scenario']:<17}{row['off_messages_per_s']:>11,.0f}"
+                  f"{row['on_messages_per_s']:>9,.0f}"
+                  f"{row['on_messages_per_s'] / row['off_messages_per_s']:>7.2f}"
+                  f"{row['off_cpu_us_per_message']:>16.1f}{row['on_cpu_us_per_message']:>7.1f}")
+    for name in ("auth-send10", "auth-send10-fwd"):
+        off = sum(r["off_messages_per_s"] for r in rows if r["scenario"] == name)
+        on = sum(r["on_messages_per_s"] for r in rows if r["scenario"] == name)
+        print(f"{name}: peer authentication on / off over all rounds: {on / off:.2f}")
 
 
 if __name__ == "__main__":

@@ -237,13 +237,17 @@ class Control:
 
     async def receipt_key(self) -> bytes:
         """The cluster's receipt key, made by whichever node asks first."""
-        key = self.key("receipt-key")
-        candidate = secrets.token_bytes(32).hex().encode()
+        stored = await self.agreed("receipt-key", secrets.token_bytes(32).hex().encode())
+        return bytes.fromhex(stored.decode())
+
+    async def agreed(self, name: str, candidate: bytes) -> bytes:
+        """The cluster-wide value of key name: candidate if no node has set it yet."""
+        key = self.key(name)
         t = self.client.transactions
         await self._call("transaction", compare=[t.version(key) == 0],
                          success=[t.put(key, candidate)], failure=[])
         stored = await self._call("get", key)
-        return bytes.fromhex(stored.value.decode())
+        return bytes(stored.value)
 
     # -- reading ---------------------------------------------------------------------------
 

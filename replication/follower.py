@@ -8,7 +8,9 @@ covers every APPEND that arrived while the previous fsync ran. A newer leader's 
 an older leader's session, and the older one's frames are refused from then on.
 
 The node is reached only through ``FollowerNode``; the connection comes from the
-inter-node listener (replication.listener), which has read its ``CVR1``.
+inter-node listener (replication.listener), which has read its ``CVR2`` and
+authenticated the peer (replication.peer). The OPEN must come from the node the control
+plane names leader, for the queue's current uid.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from typing import Any, Protocol
 from engine.log import Log
 from engine.queue import QUEUE_SEGMENT_BYTES, SNAPSHOT_FILE
 from replication import frames as fr
+from replication.control import Leader, Partition
 from replication.history import EpochHistory
+from replication.peer import Channel
 
 _log = logging.getLogger("conveyor.replication")
 
@@ -43,7 +47,7 @@ class Replica:
         self.history.update(self.log)
         self.epoch = 0
         """The newest leader epoch this replica has accepted."""
-        self.session: asyncio.StreamWriter | None = None
+        self.session: Channel | None = None
         """The current leader's connection; a newer leader's OPEN closes it."""
 
     def truncate(self, offset: int) -> int:
@@ -62,70 +66,94 @@ class Replica:
         self.log.close()
 
 
+def refusal(me: str, leader: Leader | None, partition: Partition | None, uid: int,
+            epoch: int, node_id: str) -> tuple[int, str] | None:
+    """Why this node (me) refuses an OPEN from node_id for queue uid in epoch, given the
+    queue's leader key and partition record; None if it follows. (The newest epoch known
+    goes back with the reason: a fenced leader learns from it that it is fenced.)"""
+    if leader is None or leader.epoch != epoch:
+        return (leader.epoch if leader else 0), "not the current leader epoch"
+    if leader.node_id == me:
+        return leader.epoch, "this node is the leader"
+    if leader.node_id != node_id:
+        return leader.epoch, f"{node_id} is not the queue's leader"
+    if partition is None or me not in partition.replicas:
+        return leader.epoch, "this node is not one of the queue's replicas"
+    if partition.uid != uid:
+        # Another queue of the name (deleted and made again): this node's copy of the
+        # current one must not be dropped for it.
+        return leader.epoch, "not the queue's current uid"
+    return None
+
+
 class FollowerNode(Protocol):
     """What the replication port needs of its node (replication.node.ClusterNode)."""
 
-    async def accept_leader(self, name: str, epoch: int) -> tuple[int, str] | None:
-        """None if epoch is the queue's current leader epoch and this node one of its
-        followers; else (the newest epoch known, why not)."""
+    async def accept_leader(self, name: str, uid: int, epoch: int, node_id: str
+                            ) -> tuple[int, str] | None:
+        """None if node_id leads the queue ``uid`` in epoch, by the control plane, and
+        this node is one of its followers; else (the newest epoch known, why not)."""
 
     async def replica(self, name: str, uid: int, attributes: dict[str, Any]) -> Replica:
         """This node's copy of the queue, made empty if it has none."""
 
 
 class ReplicationServer:
-    """A session per leader connection: the handler of ``CVR1`` on the inter-node port."""
+    """A session per leader connection: the handler of ``CVR2`` on the inter-node port."""
 
     def __init__(self, node: FollowerNode) -> None:
         self.node = node
 
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One leader's session; the listener has read its magic and closes it after."""
+    async def serve(self, channel: Channel) -> None:
+        """One leader's session; the listener has authenticated it and closes it after."""
         replica: Replica | None = None
         try:
-            opening = await asyncio.wait_for(fr.read_frame(reader), fr.HANDSHAKE_S)
+            opening = await asyncio.wait_for(fr.read_frame(channel), fr.HANDSHAKE_S)
             if not isinstance(opening, fr.Open):
                 raise fr.ProtocolError(f"expected OPEN, got {type(opening).__name__}")
-            refusal = await self.node.accept_leader(opening.name, opening.epoch)
+            # Checked before the replica is touched: an OPEN that names another queue
+            # (an old uid, say) changes nothing here, not even an open session.
+            refusal = await self.node.accept_leader(opening.name, opening.uid, opening.epoch,
+                                                    channel.peer)
             if refusal is not None:
-                writer.write(fr.encode(fr.Refuse(opening.uid, refusal[0], refusal[1])))
-                await writer.drain()
+                channel.send(fr.encode(fr.Refuse(opening.uid, refusal[0], refusal[1])))
+                await channel.drain()
                 return
             replica = await self.node.replica(opening.name, opening.uid, opening.attributes)
             if opening.epoch < replica.epoch:
-                writer.write(fr.encode(fr.Refuse(opening.uid, replica.epoch, "stale epoch")))
-                await writer.drain()
+                channel.send(fr.encode(fr.Refuse(opening.uid, replica.epoch, "stale epoch")))
+                await channel.drain()
                 return
             previous = replica.session
             replica.epoch = opening.epoch
-            replica.session = writer
+            replica.session = channel
             if previous is not None:
                 previous.close()
-            await self._follow(replica, opening.epoch, reader, writer)
+            await self._follow(replica, opening.epoch, channel)
         except fr.LINK_ERRORS as exc:
             _log.info("replication session ended: %s", exc)
         finally:
-            if replica is not None and replica.session is writer:
+            if replica is not None and replica.session is channel:
                 replica.session = None
 
-    async def _follow(self, replica: Replica, epoch: int, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
+    async def _follow(self, replica: Replica, epoch: int, channel: Channel) -> None:
         log = replica.log
-        writer.write(fr.encode(fr.Position(replica.uid, epoch, log.next_offset,
+        channel.send(fr.encode(fr.Position(replica.uid, epoch, log.next_offset,
                                            tuple(replica.history.entries))))
         always = log.fsync_policy.mode == "always"
         appended = asyncio.Event()
-        acks = asyncio.create_task(self._acknowledge(replica, epoch, writer, appended, always))
+        acks = asyncio.create_task(self._acknowledge(replica, epoch, channel, appended,
+                                                     always))
         try:
             while not acks.done():
-                frame = await asyncio.wait_for(fr.read_frame(reader), IDLE_S)
+                frame = await asyncio.wait_for(fr.read_frame(channel), IDLE_S)
                 if getattr(frame, "epoch", None) != epoch or replica.epoch != epoch:
-                    writer.write(fr.encode(fr.Refuse(replica.uid, replica.epoch,
+                    channel.send(fr.encode(fr.Refuse(replica.uid, replica.epoch,
                                                      "stale epoch")))
                     return
                 if isinstance(frame, fr.Sync):
                     end = await asyncio.to_thread(replica.truncate, frame.truncate_to)
-                    writer.write(fr.encode(fr.Ack(replica.uid, epoch, end)))
+                    channel.send(fr.encode(fr.Ack(replica.uid, epoch, end)))
                 elif isinstance(frame, fr.Append):
                     if frame.base != log.next_offset:
                         raise fr.ProtocolError(f"APPEND at {frame.base}, log ends at "
@@ -142,15 +170,23 @@ class ReplicationServer:
                 await acks
 
     @staticmethod
-    async def _acknowledge(replica: Replica, epoch: int, writer: asyncio.StreamWriter,
+    async def _acknowledge(replica: Replica, epoch: int, channel: Channel,
                            appended: asyncio.Event, always: bool) -> None:
-        """Acknowledge the durable end, one fsync for everything appended meanwhile."""
+        """Acknowledge what is durable, one fsync for everything appended meanwhile.
+
+        Durable means what the node's fsync policy promises, as the leader counts its own
+        log: with fsync always, fsync'd (the log's durable offset, read after the fsync,
+        never the end it asked for); otherwise written.
+        """
         while True:
             await appended.wait()
             appended.clear()
-            end = replica.log.next_offset
-            if always and end:
-                await replica.log.durable_async(end)
+            log = replica.log
+            end = log.next_offset
+            if always:
+                if end:
+                    await log.durable_async(end)
+                end = log.durable_offset
             # Heartbeats are answered too, so the leader sees the link alive.
-            writer.write(fr.encode(fr.Ack(replica.uid, epoch, end)))
-            await writer.drain()
+            channel.send(fr.encode(fr.Ack(replica.uid, epoch, end)))
+            await channel.drain()

@@ -1,7 +1,8 @@
 """The replication protocol's frames (drawn in docs/FORMAT.md, "Replication frames").
 
-Every frame is ``u32 length | u8 type | body``, big-endian, where length counts the type
-byte and the body. A connection opens with the 4-byte magic ``CVR1`` from the leader.
+Every frame is ``u8 type | body``, big-endian, carried whole by the connection's peer
+channel (replication.peer), which authenticates it. A connection opens with the 4-byte
+magic ``CVR2`` from the leader and the peer handshake.
 The leader sends OPEN, SYNC and APPEND; the follower answers POSITION, ACK or REFUSE.
 Every frame names the queue (uid) and carries the leader's epoch, the fencing token.
 """
@@ -12,19 +13,24 @@ import asyncio
 import dataclasses
 import json
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import EngineError
 
-MAGIC = b"CVR1"
+if TYPE_CHECKING:
+    from replication.peer import Channel
+
+# The 2 is the protocol's version: a node that speaks an older one is refused at the magic.
+MAGIC = b"CVR2"
 # Opens a connection of partition calls (server/cluster/calls.py), which share the
 # replication port: replication/listener.py routes each connection by its magic.
-CALLS_MAGIC = b"CVC1"
-# A peer must send its magic this soon after connecting, and a leader its OPEN as soon
-# again, or be dropped: even an idle connection holds a task and a descriptor.
+CALLS_MAGIC = b"CVC2"
+# A peer must send its magic and finish the handshake this soon after connecting, and a
+# leader its OPEN as soon again, or be dropped: even an idle connection holds a task and
+# a descriptor.
 HANDSHAKE_S = 5.0
 # Largest frame body: one APPEND carries at most this much log (whole batches), plus its
-# header. A longer length prefix is a protocol error, not an allocation.
+# header. A longer frame is a protocol error, not an allocation.
 APPEND_BYTES_MAX = 4 * 1024 * 1024
 FRAME_BYTES_MAX = APPEND_BYTES_MAX + 64 * 1024
 # Epoch history entries one POSITION may carry.
@@ -32,10 +38,10 @@ HISTORY_MAX = 65536
 
 OPEN, POSITION, SYNC, APPEND, ACK, REFUSE = 1, 2, 3, 4, 5, 6
 
-_LEN = struct.Struct(">IB")
 _U64x2 = struct.Struct(">QQ")
 _U64x3 = struct.Struct(">QQQ")
 _U64x4 = struct.Struct(">QQQQ")
+_APPEND_HEAD = struct.Struct(">BQQQQ")
 _POSITION = struct.Struct(">QQQI")
 _ENTRY = struct.Struct(">QQ")
 
@@ -114,8 +120,8 @@ Frame = Open | Position | Sync | Append | Ack | Refuse
 def encode(frame: Frame) -> bytes:
     body: bytes
     if isinstance(frame, Append):
-        head = _U64x4.pack(frame.uid, frame.epoch, frame.base, frame.commit)
-        return _LEN.pack(1 + len(head) + len(frame.data), APPEND) + head + frame.data
+        return b"".join((_APPEND_HEAD.pack(APPEND, frame.uid, frame.epoch, frame.base,
+                                           frame.commit), frame.data))
     if isinstance(frame, Ack):
         kind, body = ACK, _U64x3.pack(frame.uid, frame.epoch, frame.durable)
     elif isinstance(frame, Sync):
@@ -134,14 +140,18 @@ def encode(frame: Frame) -> bytes:
         reason = frame.reason.encode()[:1024]
         kind = REFUSE
         body = _U64x2.pack(frame.uid, frame.epoch) + struct.pack(">H", len(reason)) + reason
-    return _LEN.pack(1 + len(body), kind) + body
+    return bytes((kind,)) + body
 
 
-def decode(kind: int, body: bytes) -> Frame:
+def decode(frame: bytes) -> Frame:
+    if not frame:
+        raise ProtocolError("an empty frame")
+    kind = frame[0]
     try:
         if kind == APPEND:
-            uid, epoch, base, commit = _U64x4.unpack_from(body)
-            return Append(uid, epoch, base, commit, body[_U64x4.size:])
+            _, uid, epoch, base, commit = _APPEND_HEAD.unpack_from(frame)
+            return Append(uid, epoch, base, commit, frame[_APPEND_HEAD.size:])
+        body = frame[1:]
         if kind == ACK:
             return Ack(*_U64x3.unpack(body))
         if kind == SYNC:
@@ -170,14 +180,12 @@ def decode(kind: int, body: bytes) -> Frame:
             reason = body[_U64x2.size + 2:_U64x2.size + 2 + reason_len].decode("utf-8",
                                                                               "replace")
             return Refuse(uid, epoch, reason)
-    except (struct.error, ValueError) as exc:  # UnicodeDecodeError and JSON errors too
+    # UnicodeDecodeError and JSON errors are ValueErrors; RecursionError is deep JSON.
+    except (struct.error, ValueError, RecursionError) as exc:
         raise ProtocolError(f"frame type {kind}: {exc}") from exc
     raise ProtocolError(f"unknown frame type {kind}")
 
 
-async def read_frame(reader: asyncio.StreamReader) -> Frame:
+async def read_frame(channel: Channel) -> Frame:
     """The next frame; IncompleteReadError at a clean end of stream."""
-    length, kind = _LEN.unpack(await reader.readexactly(_LEN.size))
-    if length < 1 or length > FRAME_BYTES_MAX:
-        raise ProtocolError(f"frame of {length} bytes")
-    return decode(kind, await reader.readexactly(length - 1))
+    return decode(await channel.receive())

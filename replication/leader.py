@@ -33,6 +33,7 @@ from replication import frames as fr
 from replication.control import Leader, Partition
 from replication.errors import ReplicationUnavailableError
 from replication.history import EpochHistory, batch_end, divergence
+from replication.peer import Channel, Peers
 
 if TYPE_CHECKING:
     from engine.queue import QueueCore
@@ -76,6 +77,10 @@ class LeaderNode(Protocol):
     def replication_address(self, node_id: str) -> tuple[str, int] | None:
         """Where a node's inter-node port listens (None: not known)."""
 
+    @property
+    def peers(self) -> Peers:
+        """This node's credentials on the inter-node port."""
+
     def step_down(self, name: str, reason: str) -> None:
         """Stop leading the queue: close this role now, and the queue soon after."""
 
@@ -114,6 +119,8 @@ class LeaderRole:
         self._min_insync = min_insync
         self.core: QueueCore | None = None
         self.acked: dict[str, int] = {}
+        self._sent: dict[str, int] = {}
+        """Per follower, the end of what this link has sent it: no ACK may pass it."""
         self.closed = False
         self.reason = ""
         self._loop = asyncio.get_running_loop()
@@ -369,25 +376,24 @@ class LeaderRole:
                 await asyncio.sleep(RETRY_S)
                 continue
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(*address), CONNECT_S)
+                channel = await self.node.peers.connect(address, follower, fr.MAGIC,
+                                                        fr.FRAME_BYTES_MAX, CONNECT_S)
                 try:
-                    await self._stream(follower, reader, writer, wake)
+                    await self._stream(follower, channel, wake)
                 finally:
-                    writer.close()
+                    channel.close()
             except fr.LINK_ERRORS as exc:
                 _log.info("queue %s: link to %s: %s", self.name, follower, exc)
             except Exception:  # a bug: say so, and keep the link trying
                 _log.exception("queue %s: link to %s failed", self.name, follower)
             await asyncio.sleep(RETRY_S)
 
-    async def _stream(self, follower: str, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter, wake: asyncio.Event) -> None:
+    async def _stream(self, follower: str, channel: Channel, wake: asyncio.Event) -> None:
         core = self.core
         assert core is not None
-        writer.write(fr.MAGIC + fr.encode(fr.Open(self.epoch, self.uid, self.name,
-                                                  self.partition.attributes)))
-        position = await asyncio.wait_for(fr.read_frame(reader), CONNECT_S)
+        channel.send(fr.encode(fr.Open(self.epoch, self.uid, self.name,
+                                       self.partition.attributes)))
+        position = await asyncio.wait_for(fr.read_frame(channel), CONNECT_S)
         await self._check_refused(position)
         if not isinstance(position, fr.Position):
             raise fr.ProtocolError(f"expected POSITION, got {type(position).__name__}")
@@ -396,14 +402,18 @@ class LeaderRole:
                                 position.next_offset), position.next_offset)
         sent = position.next_offset
         if agreed < position.next_offset:
-            writer.write(fr.encode(fr.Sync(self.uid, self.epoch, agreed)))
-            reply = await asyncio.wait_for(fr.read_frame(reader), CONNECT_S)
+            channel.send(fr.encode(fr.Sync(self.uid, self.epoch, agreed)))
+            reply = await asyncio.wait_for(fr.read_frame(channel), CONNECT_S)
             await self._check_refused(reply)
             if not isinstance(reply, fr.Ack):
                 raise fr.ProtocolError(f"expected ACK, got {type(reply).__name__}")
+            if reply.durable > agreed:
+                raise fr.ProtocolError(f"cut to {agreed}, the follower's log ends at "
+                                       f"{reply.durable}")
             sent = reply.durable
         self.acked[follower] = sent
-        acks = asyncio.create_task(self._read_acks(follower, reader))
+        self._sent[follower] = sent
+        acks = asyncio.create_task(self._read_acks(follower, channel))
         self._connected.add(follower)
         try:
             last_sent = time.monotonic()
@@ -414,17 +424,17 @@ class LeaderRole:
                 if sent < log.next_offset and sent - self.acked.get(follower, 0) \
                         < INFLIGHT_RECORDS_MAX:
                     data = log.read_raw(sent, fr.APPEND_BYTES_MAX)
-                    writer.write(fr.encode(fr.Append(self.uid, self.epoch, sent,
+                    channel.send(fr.encode(fr.Append(self.uid, self.epoch, sent,
                                                      self.commit_offset(), data)))
-                    sent = batch_end(data)
+                    sent = self._sent[follower] = batch_end(data)
                     last_sent = time.monotonic()
-                    await writer.drain()
+                    await channel.drain()
                     continue
                 if time.monotonic() - last_sent >= HEARTBEAT_S:
-                    writer.write(fr.encode(fr.Append(self.uid, self.epoch, sent,
+                    channel.send(fr.encode(fr.Append(self.uid, self.epoch, sent,
                                                      self.commit_offset(), b"")))
                     last_sent = time.monotonic()
-                    await writer.drain()
+                    await channel.drain()
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), POLL_S)
@@ -434,12 +444,18 @@ class LeaderRole:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await acks
 
-    async def _read_acks(self, follower: str, reader: asyncio.StreamReader) -> None:
+    async def _read_acks(self, follower: str, channel: Channel) -> None:
         while True:
-            frame = await fr.read_frame(reader)
+            frame = await fr.read_frame(channel)
             await self._check_refused(frame)
-            if isinstance(frame, fr.Ack) and frame.epoch == self.epoch \
-                    and frame.durable > self.acked.get(follower, 0):
+            if not isinstance(frame, fr.Ack) or frame.epoch != self.epoch:
+                continue
+            # A follower cannot have made durable what it was never sent: such an ACK
+            # would count records the follower lacks toward the commit offset.
+            if frame.durable > self._sent.get(follower, 0):
+                raise fr.ProtocolError(f"{follower} acknowledged {frame.durable}, past "
+                                       f"the {self._sent.get(follower, 0)} it was sent")
+            if frame.durable > self.acked.get(follower, 0):
                 self.acked[follower] = frame.durable
                 self._settle()
 

@@ -29,15 +29,16 @@ from typing import Any
 
 from engine import Broker
 from engine._ring import HashRing
-from engine.errors import EngineError, QueueNotFoundError
+from engine.errors import ConfigError, EngineError, QueueNotFoundError
 from engine.limits import QueueAttributes, check_queue_name
 from engine.queue import QueueCore
 from replication import frames as fr
 from replication.control import ClusterView, Control, NodeInfo, Partition, parse_endpoints
 from replication.errors import ControlUnavailableError, NotLeaderError
-from replication.follower import Replica, ReplicationServer
+from replication.follower import Replica, ReplicationServer, refusal
 from replication.leader import LeaderRole, describe
 from replication.listener import Listener
+from replication.peer import Peers
 
 _log = logging.getLogger("conveyor.cluster")
 
@@ -76,13 +77,19 @@ class ClusterConfig:
     node_gone_s: float = NODE_GONE_S
     """A node unseen (no live lease) this long has left: its replicas move elsewhere."""
     prefix: str = "/conveyor/"
+    peer_secret_file: str | None = None
+    """The cluster secret every node proves to the others (replication.peer); None: a
+    subkey of the master key, which every node then shares."""
+    peer_auth: bool = True
+    """False only in tests that show an attack peer authentication stops."""
 
 
 class ClusterNode:
     """See the module docstring. Also the broker's Leadership: it opens only led queues."""
 
-    def __init__(self, config: ClusterConfig) -> None:
+    def __init__(self, config: ClusterConfig, peers: Peers) -> None:
         self.config = config
+        self.peers = peers
         self.node_id = config.node_id
         self.control = Control(parse_endpoints(config.etcd), config.prefix)
         self.broker: Broker | None = None
@@ -99,9 +106,9 @@ class ClusterNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping: set[asyncio.Task[None]] = set()
         self._closed = False
-        self.listener = Listener()
+        self.listener = Listener(peers)
         """The inter-node port; partition calls add their route (server/cluster/calls.py)."""
-        self.listener.route(fr.MAGIC, ReplicationServer(self).serve)
+        self.listener.route(fr.MAGIC, ReplicationServer(self).serve, fr.FRAME_BYTES_MAX)
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -113,6 +120,7 @@ class ClusterNode:
     async def start(self, broker: Broker) -> None:
         """Serve the replication port, join the cluster, and start reconciling."""
         self.broker = broker
+        await self._check_peer_key()
         await self.listener.start(self.config.replication_host, self.config.replication_port)
         await self._join()
         self.view = await self.control.view()
@@ -120,6 +128,18 @@ class ClusterNode:
         await self._drop_deleted(self.view, None)
         self._tasks = [asyncio.create_task(self._keep_lease()),
                        asyncio.create_task(self._reconcile_loop())]
+
+    async def _check_peer_key(self) -> None:
+        """Refuse to start with another peer key than the cluster's: every link to and
+        from this node would fail its handshake, one by one, far from the cause."""
+        fingerprint = self.peers.fingerprint()
+        agreed = await self.control.agreed("peer-key-fingerprint", fingerprint.encode())
+        if agreed.decode() != fingerprint:
+            raise ConfigError(
+                "cluster secret", self.config.peer_secret_file or "from the master key",
+                "it is not the one the cluster's other nodes prove (its fingerprint in etcd "
+                "differs): start every node with the same --cluster-secret-file, or the "
+                "same --master-key-file")
 
     async def close(self) -> None:
         self._closed = True
@@ -230,17 +250,17 @@ class ClusterNode:
         for node_id in view.nodes:
             self._last_seen[node_id] = now
 
-    def leader_address(self, name: str) -> tuple[str, int] | None:
-        """Where partition calls for the queue go: its leader's replication address, as
-        this node's view says (None: no leader, or this node)."""
+    def leader_node(self, name: str) -> NodeInfo | None:
+        """Where partition calls for the queue go: its leader, as this node's view says
+        (None: no leader, or this node)."""
         view = self.view
         leader = view.leaders.get(name) if view is not None else None
-        if leader is None or leader.node_id == self.node_id:
+        if view is None or leader is None or leader.node_id == self.node_id:
             return None
-        return self.replication_address(leader.node_id)
+        return view.nodes.get(leader.node_id)
 
-    async def locate(self, name: str) -> tuple[str, int] | None:
-        """leader_address, read from etcd now: the view is up to RECONCILE_S old, and a
+    async def locate(self, name: str) -> NodeInfo | None:
+        """leader_node, read from etcd now: the view is up to RECONCILE_S old, and a
         queue made or failed over since has a leader only etcd knows yet."""
         try:
             leader = await self.control.leader(name)
@@ -252,7 +272,7 @@ class ClusterNode:
                 node = (await self.control.view()).nodes.get(leader.node_id)
         except ControlUnavailableError:
             return None
-        return None if node is None else node.replication_address()
+        return node
 
     async def partition_uids(self, names: list[str]) -> dict[int, int]:
         """uid -> index in names, for the partitions of one queue (read from etcd for
@@ -305,16 +325,15 @@ class ClusterNode:
 
     # -- the follower side ------------------------------------------------------------------
 
-    async def accept_leader(self, name: str, epoch: int) -> tuple[int, str] | None:
-        """None if epoch is the queue's current leader epoch; else (newest epoch, why)."""
+    async def accept_leader(self, name: str, uid: int, epoch: int, node_id: str
+                            ) -> tuple[int, str] | None:
+        """None if node_id leads queue uid in epoch; else (newest epoch, why)."""
         leader = await self.control.leader(name)
-        if leader is None or leader.epoch != epoch:
-            return (leader.epoch if leader else 0), "not the current leader epoch"
-        if leader.node_id == self.node_id:
-            return leader.epoch, "this node is the leader"
         partition = await self.control.partition(name)
-        if partition is None or self.node_id not in partition.replicas:
-            return leader.epoch, "this node is not one of the queue's replicas"
+        refused = refusal(self.node_id, leader, partition, uid, epoch, node_id)
+        if refused is not None:
+            return refused
+        assert partition is not None
         self._accepted[name] = partition.revision
         role = self.leading.get(name)
         if role is not None:

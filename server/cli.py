@@ -98,13 +98,20 @@ def _fsync(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--node-gone-after", default=60.0, show_default=True,
               type=click.FloatRange(1, 86400),
               help="Seconds a node may be down before its replicas move to other nodes.")
+@click.option("--cluster-secret-file", type=click.Path(exists=True, dir_okay=False),
+              help="32 random bytes (mode 0600), the same on every node, that nodes prove "
+                   "to each other on the replication port (default: derived from the "
+                   "master key, which every node must then share).")
+# Test-only: the negative control of the hostile-peer tests runs a node without it.
+@click.option("--unsafe-no-peer-auth", "no_peer_auth", is_flag=True, hidden=True)
 def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, auth: str,
           insecure: bool, master_key_file: str | None, tls_cert: str | None,
           tls_key: str | None, principal_rate: str, queue_rate: str, connections_max: int,
           sse_key_rotation_days: float, etcd: str | None, node_id: str | None,
           advertise: str | None, replication_port: int | None, replication_advertise: str,
           lease_ttl: int, replication_factor: int, min_insync_replicas: int,
-          node_gone_after: float) -> None:
+          node_gone_after: float, cluster_secret_file: str | None,
+          no_peer_auth: bool) -> None:
     """Run the server: the SQS protocols and the native API on one port.
 
     SIGTERM and SIGINT stop it gracefully: it stops accepting, lets requests in flight
@@ -131,7 +138,9 @@ def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, aut
         cluster = _cluster_config(etcd, node_id, advertise or host, port, host,
                                   replication_port, replication_advertise, lease_ttl,
                                   replication_factor, min_insync_replicas, tls_cert)
-        cluster = dataclasses.replace(cluster, node_gone_s=node_gone_after)
+        cluster = dataclasses.replace(cluster, node_gone_s=node_gone_after,
+                                      peer_secret_file=cluster_secret_file,
+                                      peer_auth=not no_peer_auth)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     config = ServerConfig(data_dir=data_dir, host=host, port=port, fsync=fsync,
                           access_log=access_log, auth=auth, master_key_file=master_key_file,

@@ -7,13 +7,14 @@ over a persistent TCP connection to the leader's replication port, and the leade
 it in process: never passed on again, so a leadership change in flight costs the client
 a retry (503), never a loop.
 
-A connection opens with ``CVC1``; the leader answers a 16-byte challenge, and the caller
-proves the cluster's shared secret with a keyed BLAKE2b over it. A client on the network
-therefore cannot make a call, which would skip authentication. After that, length-framed
-msgpack (server/cluster/codec.py) both ways: calls ``[id, op, partition, args]``, replies
-``[id, 0, result]`` or ``[id, 1, error]``, and ``[id]`` to cancel a call whose caller no
-longer waits (a long poll another partition answered first). Many calls share one
-connection per leader node. The bytes are drawn in docs/FORMAT.md, "Partition calls".
+A connection opens with ``CVC2`` and the peer handshake (replication.peer): both nodes
+prove the cluster's peer key, and every frame after it is sealed. A client on the
+network therefore cannot make a call, which would skip authentication, nor answer one.
+The frames are msgpack (server/cluster/codec.py) both ways: calls
+``[id, op, partition, args]``, replies ``[id, 0, result]`` or ``[id, 1, error]``, and
+``[id]`` to cancel a call whose caller no longer waits (a long poll another partition
+answered first). Many calls share one connection per leader node. The bytes are drawn
+in docs/FORMAT.md, "Partition calls".
 """
 
 from __future__ import annotations
@@ -21,24 +22,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
-import hmac
 import itertools
 import logging
-import os
 import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from engine import AsyncQueue, Broker
 from engine.errors import EngineError
+from replication import frames as fr
+from replication.control import NodeInfo
 from replication.errors import NotLeaderError
 from replication.frames import CALLS_MAGIC
+from replication.peer import Channel
 from server.cluster.codec import ARGUMENTS, RESULTS, pack, result_value, unpack
 from server.errors import (
     DependencyUnavailableError,
     LeaderUnreachableError,
-    MalformedRequestError,
 )
 from server.protection.breaker import Guard
 
@@ -53,22 +53,13 @@ CALL_TIMEOUT_S = 45.0
 CONNECT_S = 2.0
 # A frame's largest body: a receive of ten 1 MiB messages with their attributes fits.
 CALL_FRAME_BYTES_MAX = 16 * 1024 * 1024
-CHALLENGE_BYTES = 16
-_MAC_BYTES = 16
-_LENGTH = 4
 _FAILED, _BUG = 1, 2
+# What ends a connection of calls: the link, or a frame that is not a call.
+_CONNECTION_ERRORS = (*fr.LINK_ERRORS, ValueError, TypeError)
 
 
-def _frame(body: bytes) -> bytes:
-    return len(body).to_bytes(_LENGTH, "big") + body
-
-
-async def _read_frame(reader: asyncio.StreamReader) -> Any:
-    length = int.from_bytes(await reader.readexactly(_LENGTH), "big")
-    if length > CALL_FRAME_BYTES_MAX:
-        raise MalformedRequestError(f"a partition call frame of {length} bytes is over "
-                                    f"the limit of {CALL_FRAME_BYTES_MAX}")
-    return unpack(await reader.readexactly(length))
+async def _read_frame(channel: Channel) -> Any:
+    return unpack(await channel.receive())
 
 
 def _keep_alive(writer: asyncio.StreamWriter) -> None:
@@ -90,11 +81,11 @@ def _forget(running: dict[int, asyncio.Task[None]], call_id: int, _: object) -> 
 class _Link:
     """One connection to a leader node, its calls told apart by id."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
-        self._reading = asyncio.create_task(self._read(reader))
+        self._reading = asyncio.create_task(self._read())
 
     @property
     def open(self) -> bool:
@@ -105,7 +96,7 @@ class _Link:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.pending[call_id] = future
         try:
-            self.writer.write(_frame(pack([call_id, op, partition, list(args)])))
+            self.channel.send(pack([call_id, op, partition, list(args)]))
             async with asyncio.timeout(CALL_TIMEOUT_S):
                 return await future
         except TimeoutError:
@@ -117,13 +108,13 @@ class _Link:
         finally:
             if self.pending.pop(call_id, None) is not None and self.open:
                 # Unanswered (cancelled, or timed out): the leader may stop working on it.
-                self.writer.write(_frame(pack([call_id])))
+                self.channel.send(pack([call_id]))
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
+    async def _read(self) -> None:
         failure: BaseException | None = None
         try:
             while True:
-                call_id, outcome, value = await _read_frame(reader)
+                call_id, outcome, value = await _read_frame(self.channel)
                 future = self.pending.pop(call_id, None)
                 if future is None or future.done():
                     continue  # cancelled meanwhile
@@ -133,8 +124,7 @@ class _Link:
                     future.set_exception(value)
                 else:
                     future.set_exception(RuntimeError(f"the leader failed the call: {value}"))
-        except (OSError, asyncio.IncompleteReadError, ValueError, TypeError,
-                EngineError) as exc:
+        except _CONNECTION_ERRORS as exc:
             failure = exc
         finally:
             # Sent, perhaps made, answer lost: a caller cannot know what happened.
@@ -143,7 +133,7 @@ class _Link:
                     future.set_exception(DependencyUnavailableError(
                         "partition's leader node", "the connection to it broke; retry"))
             self.pending.clear()
-            self.writer.close()
+            self.channel.close()
             if failure is not None:
                 _log.info("partition call connection ended: %s", failure)
 
@@ -154,16 +144,16 @@ class _Link:
 class PartitionCalls:
     """Engine calls on partitions: in process where this node leads, else at the leader."""
 
-    def __init__(self, broker: Broker, node: ClusterNode, guard: Guard, secret: bytes) -> None:
+    def __init__(self, broker: Broker, node: ClusterNode, guard: Guard) -> None:
         self.broker = broker
         self.node = node
         self.guard = guard
         """The engine's bulkhead and breaker: local calls only. A remote leader that
         fails must not open the circuit for the partitions this node leads."""
-        self._key = hashlib.blake2b(secret, digest_size=32, person=b"conveyor-rpc").digest()
-        self._links: dict[tuple[str, int], _Link] = {}
-        self._connecting: dict[tuple[str, int], asyncio.Lock] = {}
-        node.listener.route(CALLS_MAGIC, self.serve)
+        self._links: dict[str, _Link] = {}
+        """Per leader node id, the connection its calls share."""
+        self._connecting: dict[str, asyncio.Lock] = {}
+        node.listener.route(CALLS_MAGIC, self.serve, CALL_FRAME_BYTES_MAX)
 
     # -- making calls --------------------------------------------------------------------
 
@@ -175,10 +165,10 @@ class PartitionCalls:
             except NotLeaderError:  # stepped down meanwhile
                 pass
         # Not asking the broker first: a thread hop only to hear it is not the leader.
-        address = self.node.leader_address(partition) or await self.node.locate(partition)
-        if address is None:
+        leader = self.node.leader_node(partition) or await self.node.locate(partition)
+        if leader is None:
             raise NotLeaderError(partition, None)
-        link = await self._link(address)
+        link = await self._link(leader)
         value = await link.call(op, partition, args)
         return RESULTS[op](value)
 
@@ -189,34 +179,28 @@ class PartitionCalls:
         method = getattr(queue, op)
         return await self.guard.run(method, *args)
 
-    async def _link(self, address: tuple[str, int]) -> _Link:
-        link = self._links.get(address)
+    async def _link(self, leader: NodeInfo) -> _Link:
+        link = self._links.get(leader.node_id)
         if link is not None and link.open:
             return link
-        lock = self._connecting.setdefault(address, asyncio.Lock())
+        lock = self._connecting.setdefault(leader.node_id, asyncio.Lock())
         async with lock:
-            link = self._links.get(address)
+            link = self._links.get(leader.node_id)
             if link is not None and link.open:
                 return link
             try:
-                async with asyncio.timeout(CONNECT_S):
-                    reader, writer = await asyncio.open_connection(*address)
-                    _keep_alive(writer)
-                    writer.write(CALLS_MAGIC)
-                    challenge = await reader.readexactly(CHALLENGE_BYTES)
-                    writer.write(self._mac(challenge))
-            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                channel = await self.node.peers.connect(
+                    leader.replication_address(), leader.node_id, CALLS_MAGIC,
+                    CALL_FRAME_BYTES_MAX, CONNECT_S)
+            except fr.LINK_ERRORS as exc:
                 # The address stays in the log, not in the client's message.
-                _log.warning("partition calls to %s:%d: cannot connect: %s", *address,
-                             exc or type(exc).__name__)
+                _log.warning("partition calls to %s at %s: cannot connect: %s",
+                             leader.node_id, leader.replication, exc or type(exc).__name__)
                 raise LeaderUnreachableError("partition's leader node",
                                              "it could not be reached; retry") from exc
-            link = self._links[address] = _Link(reader, writer)
+            _keep_alive(channel.writer)
+            link = self._links[leader.node_id] = _Link(channel)
             return link
-
-    def _mac(self, challenge: bytes) -> bytes:
-        return hashlib.blake2b(b"conveyor-calls\n" + challenge, key=self._key,
-                               digest_size=_MAC_BYTES).digest()
 
     async def close(self) -> None:
         for link in self._links.values():
@@ -225,40 +209,30 @@ class PartitionCalls:
 
     # -- serving calls -------------------------------------------------------------------
 
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """A connection of calls from another node (its CVC1 already read)."""
-        challenge = os.urandom(CHALLENGE_BYTES)
-        writer.write(challenge)
-        try:
-            proof = await asyncio.wait_for(reader.readexactly(_MAC_BYTES), CONNECT_S)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError):
-            return
-        if not hmac.compare_digest(proof, self._mac(challenge)):
-            _log.warning("refused partition calls from %s: not signed with the cluster's "
-                         "secret", writer.get_extra_info("peername"))
-            return
+    async def serve(self, channel: Channel) -> None:
+        """A connection of calls from another node, authenticated by the listener."""
         running: dict[int, asyncio.Task[None]] = {}
         try:
             while True:
-                frame = await _read_frame(reader)
+                frame = await _read_frame(channel)
                 if len(frame) == 1:  # the caller gave up on it
                     task = running.pop(frame[0], None)
                     if task is not None:
                         task.cancel()
                     continue
                 call_id, op, partition, args = frame
-                task = asyncio.create_task(self._answer(writer, call_id, op, partition, args))
+                task = asyncio.create_task(self._answer(channel, call_id, op, partition,
+                                                        args))
                 running[call_id] = task
                 task.add_done_callback(functools.partial(_forget, running, call_id))
-        except (OSError, asyncio.IncompleteReadError, ValueError, TypeError,
-                EngineError) as exc:
-            _log.info("partition calls from %s ended: %s",
-                      writer.get_extra_info("peername"), exc or type(exc).__name__)
+        except _CONNECTION_ERRORS as exc:
+            _log.info("partition calls from %s ended: %s", channel.peer,
+                      exc or type(exc).__name__)
         finally:
             for task in list(running.values()):
                 task.cancel()
 
-    async def _answer(self, writer: asyncio.StreamWriter, call_id: int, op: str,
+    async def _answer(self, channel: Channel, call_id: int, op: str,
                       partition: str, args: list[Any]) -> None:
         try:
             arguments = ARGUMENTS[op](args)
@@ -280,5 +254,5 @@ class PartitionCalls:
                 _log.exception("partition call %s on %s failed", op, partition)
                 reply = pack([call_id, _BUG, type(exc).__name__])
         with contextlib.suppress(OSError):
-            if not writer.is_closing():
-                writer.write(_frame(reply))
+            if not channel.is_closing():
+                channel.send(reply)

@@ -4,10 +4,12 @@ and queue records and access keys in etcd (see server/deployment.py for the othe
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 from engine import AsyncBroker
 from replication.node import ClusterConfig, ClusterNode
+from replication.peer import Peers, peer_key
 from server.cluster.backend import PartitionedBackend
 from server.cluster.calls import PartitionCalls
 from server.cluster.etcd_keystore import EtcdKeyStore
@@ -17,12 +19,14 @@ from server.deployment import Deployment, OnSync, background, engine_guard, meta
 from server.metadata import CachedMetadata
 from server.protection import masterkey
 
+_log = logging.getLogger("conveyor.cluster")
+
 
 @contextlib.asynccontextmanager
 async def open_cluster(config: ServerConfig, cluster: ClusterConfig, master: bytes,
                        on_sync: OnSync) -> AsyncIterator[Deployment]:
     async with contextlib.AsyncExitStack() as stack:
-        node = ClusterNode(cluster)
+        node = ClusterNode(cluster, Peers(cluster.node_id, _peer_key(cluster, master)))
         receipt_key = await node.connect()  # receipts must verify on every node alike
         broker = AsyncBroker(config.data_dir, config.fsync,
                              open_queues_max=config.open_queues_max, on_sync=on_sync,
@@ -38,13 +42,7 @@ async def open_cluster(config: ServerConfig, cluster: ClusterConfig, master: byt
         access_keys = (EtcdKeyStore(node.control.client, master, prefix)
                        if config.auth == "required" else None)
         guard = engine_guard()
-        # A node proves itself to another with a key derived from the cluster's secret in
-        # etcd; with access keys on, from the master key too, so that a reader of etcd
-        # cannot make the calls that would skip authentication.
-        secret = receipt_key
-        if config.auth == "required":
-            secret += masterkey.subkey(master, "partition-calls")
-        calls = PartitionCalls(broker.broker, node, guard, secret)
+        calls = PartitionCalls(broker.broker, node, guard)
         stack.push_async_callback(calls.close)
         if access_keys is not None:
             await access_keys.check_master_key()
@@ -53,3 +51,16 @@ async def open_cluster(config: ServerConfig, cluster: ClusterConfig, master: byt
         background(stack, store.watch(metadata.invalidate, metadata.clear))
         yield Deployment(broker, metadata, PartitionedBackend(node, calls), guard,
                          access_keys.get if access_keys is not None else None, node.describe)
+
+
+def _peer_key(cluster: ClusterConfig, master: bytes) -> bytes | None:
+    """The key this node proves to the others: from --cluster-secret-file, else from the
+    master key (never from etcd, whose readers are not all nodes). None: authentication
+    off, which only a test asks for."""
+    if not cluster.peer_auth:
+        _log.warning("peer authentication is OFF: anyone who reaches the replication port "
+                     "can replicate into and call on this node")
+        return None
+    if cluster.peer_secret_file is not None:
+        return peer_key(masterkey.load(cluster.peer_secret_file, "cluster secret file"))
+    return peer_key(masterkey.subkey(master, "cluster-peers"))

@@ -19,6 +19,8 @@ import urllib.request
 from collections.abc import Callable
 from typing import BinaryIO
 
+from server.protection import masterkey
+
 READY_TIMEOUT_S = 30.0
 
 
@@ -40,6 +42,10 @@ def run(nodes: int, base_port: int, data_dir: str, fsync: str,
         echo("etcd is not installed: apt-get install etcd-server (make test does this)")
         return 1
     os.makedirs(data_dir, exist_ok=True)
+    # One cluster secret for every node, made on the first run: the nodes prove it to
+    # each other on the replication port.
+    secret = os.path.join(data_dir, "cluster.secret")
+    masterkey.load_or_create(secret)
     client_port, peer_port = base_port + 200, base_port + 201
     etcd_url = f"http://127.0.0.1:{client_port}"
     children: list[subprocess.Popen[bytes]] = []
@@ -71,7 +77,8 @@ def run(nodes: int, base_port: int, data_dir: str, fsync: str,
                 [sys.executable, "-m", "server.cli", "serve", "--data-dir", node_dir,
                  "--port", str(port), "--fsync", fsync, "--no-access-log",
                  "--cluster", f"etcd://127.0.0.1:{client_port}", "--node-id", f"node{i}",
-                 "--replication-port", str(base_port + 100 + i)],
+                 "--replication-port", str(base_port + 100 + i),
+                 "--cluster-secret-file", secret],
                 stdout=log, stderr=subprocess.STDOUT))
             urls.append(f"http://127.0.0.1:{port}")
         for url, child in zip(urls, children[1:], strict=True):

@@ -29,7 +29,7 @@ def load_or_create(path: str) -> bytes:
     key. The create is exclusive, so two servers starting at once agree on one key.
     """
     try:
-        return _load(path)
+        return load(path)
     except FileNotFoundError:
         pass
     # The key is written to a temporary file and hard-linked into place: the link is
@@ -47,7 +47,7 @@ def load_or_create(path: str) -> bytes:
         try:
             os.link(temporary, path)
         except FileExistsError:
-            return _load(path)  # another process made it first: use that one
+            return load(path)  # another process made it first: use that one
     finally:
         os.unlink(temporary)
     directory_fd = os.open(directory, os.O_RDONLY)
@@ -55,18 +55,20 @@ def load_or_create(path: str) -> bytes:
         os.fsync(directory_fd)
     finally:
         os.close(directory_fd)
-    return _load(path)
+    return load(path)
 
 
-def _load(path: str) -> bytes:
+def load(path: str, what: str = "master key file") -> bytes:
+    """The key in an existing file of KEY_BYTES bytes that only its owner can read (the
+    master key's, or the cluster secret's: the same format)."""
     mode = os.stat(path).st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError("master key file", path,
+        raise ConfigError(what, path,
                           f"its mode is {stat.S_IMODE(mode):o}; it must be 0600 or stricter")
     with open(path, "rb") as f:
         key = f.read(KEY_BYTES + 1)
     if len(key) != KEY_BYTES:
-        raise ConfigError("master key file", path, f"it must hold exactly {KEY_BYTES} bytes")
+        raise ConfigError(what, path, f"it must hold exactly {KEY_BYTES} bytes")
     return key
 
 

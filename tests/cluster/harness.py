@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from server.protection import masterkey
 from tests.support.etcd import EtcdCluster, EtcdServer
 from tests.support.faultproxy import FaultProxy
 from tests.support.server import Server, free_port
@@ -49,6 +50,11 @@ class Cluster:
         args = ["--cluster", self.etcd.url, "--node-id", node_id,
                 "--replication-port", str(replication_port), "--lease-ttl", str(lease_ttl),
                 *extra]
+        if "--master-key-file" not in extra:
+            # Nodes prove one secret to each other; with a shared master key, its subkey.
+            secret = self.root / "cluster.secret"
+            masterkey.load_or_create(str(secret))
+            args += ["--cluster-secret-file", str(secret)]
         if proxies:
             proxy = FaultProxy("127.0.0.1", replication_port)
             proxy.start()

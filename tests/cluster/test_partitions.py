@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +11,6 @@ from typing import Any
 import botocore.exceptions
 import pytest
 
-from server.cluster.codec import pack
 from server.cluster.partitions import group_partition, partition_names
 from tests.cluster.harness import ACCOUNT, Cluster
 from tests.cluster.workload import Workload, create_queue, drain
@@ -232,31 +230,3 @@ def test_partition_count_is_checked_and_fixed(c: Cluster) -> None:
     while _partition_states(c, "fixed", led=False) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _partition_states(c, "fixed", led=False)
-
-
-def test_partition_calls_need_the_cluster_secret(c: Cluster) -> None:
-    """The replication port takes calls only from a node that proves the secret."""
-    from replication.control import parse_endpoints
-    from server.cluster.calls import CHALLENGE_BYTES
-
-    state = c.state("n0")
-    host, port = parse_endpoints("etcd://" + state["nodes"]["n0"]["replication"])[0]
-    url = c.sqs("n0").get_queue_url(QueueName="spread")["QueueUrl"]
-    c.sqs("n0").send_message(QueueUrl=url, MessageBody="keep-me")
-    call = pack([1, "purge", f"{ACCOUNT}/spread", []])
-    for proof in (b"\0" * 16, b"short", b""):
-        with socket.create_connection((host, port), timeout=5) as conn:
-            conn.sendall(b"CVC1")
-            challenge = conn.recv(CHALLENGE_BYTES)
-            assert len(challenge) == CHALLENGE_BYTES
-            conn.sendall(proof + len(call).to_bytes(4, "big") + call)
-            conn.settimeout(5)
-            try:
-                answer = conn.recv(100)
-            except ConnectionResetError:
-                answer = b""
-            assert answer == b"", "a call without the secret was answered"
-    # Nothing was purged.
-    attributes = c.sqs("n1").get_queue_attributes(
-        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]
-    assert int(attributes["ApproximateNumberOfMessages"]) >= 1

@@ -25,15 +25,17 @@ from replication import frames as fr
 from replication import leader as leader_module
 from replication.control import Leader, Partition
 from replication.errors import NotLeaderError, ReplicationUnavailableError
-from replication.follower import Replica, ReplicationServer
+from replication.follower import Replica, ReplicationServer, refusal
 from replication.history import batch_end
 from replication.leader import LeaderRole
 from replication.listener import Listener
+from replication.peer import Channel, Peers, peer_key
 from tests.support.faultproxy import FaultProxy
 
 QUEUE = "000000000000/roles"
 UID = 0x5EED
 ATTRIBUTES = QueueAttributes().to_dict()
+PEER_KEY = peer_key(b"the cluster secret of these tests")
 # Long enough for loopback and a thread hop under load; every wait ends far sooner.
 WAIT_S = 10.0
 
@@ -105,8 +107,9 @@ class FakeNode:
         self.broker = Broker(root / node_id, fsync="always", leadership=self)
         self.leading: dict[str, LeaderRole] = {}
         self.replicas: dict[str, Replica] = {}
-        self.listener = Listener()
-        self.listener.route(fr.MAGIC, ReplicationServer(self).serve)
+        self.peers = Peers(node_id, PEER_KEY)
+        self.listener = Listener(self.peers)
+        self.listener.route(fr.MAGIC, ReplicationServer(self).serve, fr.FRAME_BYTES_MAX)
         self.address = ("127.0.0.1", 0)
         self.advertised = self.address
         """Where leaders connect: the listener, or a proxy in front of it."""
@@ -203,17 +206,13 @@ class FakeNode:
 
     # -- FollowerNode ---------------------------------------------------------------------
 
-    async def accept_leader(self, name: str, epoch: int) -> tuple[int, str] | None:
-        leader = self.control.leaders.get(name)
-        partition = self.control.partitions.get(name)
-        refusal: tuple[int, str] | None = None
-        if leader is None or leader.epoch != epoch:
-            refusal = (leader.epoch if leader else 0), "not the current leader epoch"
-        elif partition is None or self.node_id not in partition.replicas:
-            refusal = leader.epoch, "this node is not one of the queue's replicas"
-        if refusal is not None:
-            self.refused.append(refusal)
-            return refusal
+    async def accept_leader(self, name: str, uid: int, epoch: int, node_id: str
+                            ) -> tuple[int, str] | None:
+        refused = refusal(self.node_id, self.control.leaders.get(name),
+                          self.control.partitions.get(name), uid, epoch, node_id)
+        if refused is not None:
+            self.refused.append(refused)
+            return refused
         self.step_down(name, f"epoch {epoch} is newer")
         await self.settled()
         # ClusterNode waits here too (for its own step-down), after it read etcd: a newer
@@ -352,12 +351,13 @@ async def test_a_follower_that_stops_acknowledging_leaves_the_isr_then_rejoins(
         assert log_bytes(follower.log(QUEUE)) == log_bytes(leader.log(QUEUE))
 
 
-async def _open(address: tuple[str, int], epoch: int
-                ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, fr.Frame]:
+async def _open(address: tuple[str, int], epoch: int, leader: str, follower: str
+                ) -> tuple[Channel, fr.Frame]:
     """A leader's connection, by hand: OPEN, and the follower's answer."""
-    reader, writer = await asyncio.open_connection(*address)
-    writer.write(fr.MAGIC + fr.encode(fr.Open(epoch, UID, QUEUE, ATTRIBUTES)))
-    return reader, writer, await asyncio.wait_for(fr.read_frame(reader), WAIT_S)
+    channel = await Peers(leader, PEER_KEY).connect(address, follower, fr.MAGIC,
+                                                    fr.FRAME_BYTES_MAX, WAIT_S)
+    channel.send(fr.encode(fr.Open(epoch, UID, QUEUE, ATTRIBUTES)))
+    return channel, await asyncio.wait_for(fr.read_frame(channel), WAIT_S)
 
 
 async def test_a_follower_refuses_a_stale_epoch_and_its_leader_steps_down(
@@ -374,7 +374,7 @@ async def test_a_follower_refuses_a_stale_epoch_and_its_leader_steps_down(
     await old_leader.lead(QUEUE, old, min_insync=1)
     await asyncio.wait_for(follower.holding.wait(), WAIT_S)
     new = cluster.control.elect(QUEUE, "new")
-    reader, writer, position = await _open(follower.address, new)
+    channel, position = await _open(follower.address, new, "new", "f")
     try:
         assert position == fr.Position(UID, new, 0, ())
         release.set()
@@ -387,19 +387,93 @@ async def test_a_follower_refuses_a_stale_epoch_and_its_leader_steps_down(
         assert replica.epoch == new
 
         # The newer leader's session goes on ...
-        writer.write(fr.encode(fr.Append(UID, new, 0, 0, b"")))
-        reply = await asyncio.wait_for(fr.read_frame(reader), WAIT_S)
+        channel.send(fr.encode(fr.Append(UID, new, 0, 0, b"")))
+        reply = await asyncio.wait_for(fr.read_frame(channel), WAIT_S)
         assert reply == fr.Ack(UID, new, 0)
         # ... and a frame on it that carries the old epoch is refused, not appended.
         with Log(tmp_path / "stale", fsync="never") as scratch:
             scratch.epoch = old
             scratch.append_batch([b"stale"], wait=False)
             batch = scratch.read_raw(0, 1 << 20)
-        writer.write(fr.encode(fr.Append(UID, old, 0, 0, batch)))
-        reply = await asyncio.wait_for(fr.read_frame(reader), WAIT_S)
+        channel.send(fr.encode(fr.Append(UID, old, 0, 0, batch)))
+        reply = await asyncio.wait_for(fr.read_frame(channel), WAIT_S)
         assert reply == fr.Refuse(UID, new, "stale epoch")
         assert replica.log.next_offset == 0
     finally:
-        writer.close()
+        channel.close()
         with contextlib.suppress(OSError):
-            await writer.wait_closed()
+            await channel.writer.wait_closed()
+
+
+class LyingFollower:
+    """A follower, by hand, that holds the peer key but acknowledges more than it was
+    sent: POSITION at 0, then an ACK far ahead."""
+
+    def __init__(self, node_id: str, claim: int) -> None:
+        self.claim = claim
+        self.listener = Listener(Peers(node_id, PEER_KEY))
+        self.listener.route(fr.MAGIC, self._serve, fr.FRAME_BYTES_MAX)
+        self.advertised = ("127.0.0.1", 0)
+        self.sessions = 0
+
+    async def start(self) -> None:
+        self.advertised = await self.listener.start("127.0.0.1", 0)
+
+    async def close(self) -> None:
+        await self.listener.close()
+
+    async def _serve(self, channel: Channel) -> None:
+        opening = await fr.read_frame(channel)
+        assert isinstance(opening, fr.Open)
+        self.sessions += 1
+        channel.send(fr.encode(fr.Position(opening.uid, opening.epoch, 0, ())))
+        channel.send(fr.encode(fr.Ack(opening.uid, opening.epoch, self.claim)))
+        await channel.drain()
+        with contextlib.suppress(*fr.LINK_ERRORS):
+            while True:
+                await fr.read_frame(channel)
+
+
+async def test_an_ack_past_what_was_sent_counts_for_nothing(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records a follower was never sent cannot be durable there: its link is dropped,
+    and the commit offset does not count the claim."""
+    monkeypatch.setattr(leader_module, "REPLICA_LAG_S", 60.0)
+    leader = await cluster.add("l")
+    liar = LyingFollower("f", claim=1 << 40)
+    await liar.start()
+    cluster.nodes["f"] = liar  # type: ignore[assignment]
+    cluster.control.create(QUEUE, ("l", "f"))
+    role = await leader.lead(QUEUE, cluster.control.elect(QUEUE, "l"), min_insync=2)
+    await eventually(lambda: liar.sessions >= 2, "the leader drops the link and retries")
+    assert role.acked.get("f", 0) == 0
+    monkeypatch.setattr(leader_module, "COMMIT_WAIT_S", 0.5)
+    with pytest.raises(ReplicationUnavailableError):
+        await AsyncQueue(leader.broker, QUEUE).send(b"on one disk only")
+    assert role.commit_offset() == 0
+
+
+async def test_an_open_for_another_uid_leaves_the_replica_alone(cluster: Cluster) -> None:
+    """A queue deleted and made again has a new uid: an OPEN that names the old one (a
+    leader of the deleted queue, or a peer replaying it) is refused, and the follower
+    keeps its copy of the current queue and its session with the current leader."""
+    leader, follower = await cluster.add("l"), await cluster.add("f")
+    cluster.control.create(QUEUE, ("l", "f"))
+    epoch = cluster.control.elect(QUEUE, "l")
+    await leader.lead(QUEUE, epoch, min_insync=2)
+    await AsyncQueue(leader.broker, QUEUE).send(b"kept")
+    replica = follower.replicas[QUEUE]
+    session = replica.session
+    assert session is not None
+
+    channel = await Peers("l", PEER_KEY).connect(follower.address, "f", fr.MAGIC,
+                                                 fr.FRAME_BYTES_MAX, WAIT_S)
+    try:
+        channel.send(fr.encode(fr.Open(epoch, UID ^ 1, QUEUE, ATTRIBUTES)))
+        reply = await asyncio.wait_for(fr.read_frame(channel), WAIT_S)
+    finally:
+        channel.close()
+    assert reply == fr.Refuse(UID ^ 1, epoch, "not the queue's current uid")
+    assert follower.replicas[QUEUE] is replica and replica.session is session
+    await AsyncQueue(leader.broker, QUEUE).send(b"still replicated")
+    assert log_bytes(follower.log(QUEUE)) == log_bytes(leader.log(QUEUE))
