@@ -106,6 +106,20 @@ class IncompleteSignatureError(AuthenticationError):
     """An Authorization header or presigned query that is not a well-formed SigV4 one."""
 
 
+class UnsignedHeaderError(IncompleteSignatureError):
+    """A well-formed signature that leaves out a header the server acts on.
+
+    A header outside SignedHeaders can be changed in flight and the signature still
+    verifies, so a signature that does not cover the host, its own signing time, or the
+    headers an SQS JSON request takes its action and protocol from proves nothing about
+    what the server would do. Nothing has changed.
+    """
+
+    def __init__(self, header: str, why: str) -> None:
+        super().__init__(f"the {header} header must be signed (named in SignedHeaders): {why}")
+        self.header = header
+
+
 class InvalidClientTokenIdError(AuthenticationError):
     def __init__(self, access_key_id: str) -> None:
         super().__init__(f"the access key id {access_key_id!r} does not exist or was revoked")

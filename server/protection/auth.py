@@ -32,6 +32,8 @@ from server.errors import (
 )
 from server.protection import sigv4
 from server.protection.keystore import KeyCache
+from server.sqs import json_protocol
+from server.web import appkeys
 
 ANONYMOUS = "anonymous"
 # The longest a bearer token may live: it cannot be revoked alone, only with its key.
@@ -65,7 +67,9 @@ class Authenticator:
         """``keys`` None: authentication is off (``--auth none``)."""
         self.keys = keys
         self._anonymous = Caller(ANONYMOUS, default_account, None)
-        self._verifier = sigv4.Verifier()
+        # Never UNSIGNED-PAYLOAD: the body would then be bound by nothing, and both SQS
+        # protocols carry the action's parameters there (the query protocol its Action too).
+        self._verifier = sigv4.Verifier(allow_unsigned_payload=False)
 
     @property
     def required(self) -> bool:
@@ -83,6 +87,9 @@ class Authenticator:
         signed = sigv4.parse(request.headers, request.rel_url.raw_query_string)
         if signed is None:
             raise MissingAuthenticationTokenError()
+        if request.get(appkeys.PROTOCOL) == "sqs-json":
+            sigv4.require_signed(signed, json_protocol.SIGNED_HEADERS,
+                                 "an SQS JSON request's action and protocol are read from it")
         key = await self.keys.lookup(signed.access_key_id)
         if key is None:
             raise InvalidClientTokenIdError(signed.access_key_id)

@@ -35,6 +35,16 @@ view of the request before sending it. What botocore does, and what that asks of
 The string to sign names the timestamp and the scope, so a signature is worth nothing
 outside a few minutes (:data:`SKEW_S_MAX`) or past a presigned URL's expiry.
 
+A signature covers only the headers it names in SignedHeaders; any other header can be
+changed in flight and the signature still verifies. So a verifier must also insist that
+the headers it acts on are named: here, always ``host`` and the header the signing time
+was read from (``x-amz-date``, or ``date`` when botocore signed with the Date header; a
+presigned URL carries X-Amz-Date in its signed query), and whatever else the caller
+names with :func:`require_signed` (the SQS JSON protocol's ``x-amz-target`` and
+``content-type``: server/protection/auth.py). botocore signs every header the request
+holds when it is signed, bar ``user-agent``, ``expect``, tracing and hop-by-hop headers,
+so an AWS SDK's requests always pass; a refusal is :class:`~server.errors.UnsignedHeaderError`.
+
 :func:`parse` does everything that needs neither the secret nor the clock, so that a
 malformed request is refused before the access key is looked up; :meth:`Verifier.verify`
 does the rest. Both run on the event loop for every request: their patterns are compiled
@@ -51,7 +61,7 @@ import hashlib
 import hmac
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from email.utils import parsedate_tz
 from urllib.parse import quote, unquote_plus, unquote_to_bytes
 
@@ -62,6 +72,7 @@ from server.errors import (
     InvalidClientTokenIdError,
     RequestExpiredError,
     SignatureDoesNotMatchError,
+    UnsignedHeaderError,
 )
 
 ALGORITHM = "AWS4-HMAC-SHA256"
@@ -130,9 +141,10 @@ def parse(headers: Headers, query_string: str) -> SignedRequest | None:
     An Authorization header of another scheme (``Bearer``, SigV2's ``AWS``) is not SigV4
     and gives None; one of the AWS4 family that is not AWS4-HMAC-SHA256, or any SigV4
     that is not well formed, raises IncompleteSignatureError. Raises also
-    InvalidClientTokenIdError for a session token (this server issues none), and
+    InvalidClientTokenIdError for a session token (this server issues none),
     SignatureDoesNotMatchError for a scope that cannot be right (its date not that of the
-    signing time, a service other than :data:`SERVICES`).
+    signing time, a service other than :data:`SERVICES`), and UnsignedHeaderError when
+    ``host`` or the header of the signing time is not signed.
     """
     ci = _case_insensitive(headers)
     authorizations = ci.getall("Authorization", ())
@@ -175,6 +187,9 @@ def _parse_header(authorization: str, headers: CIMultiDictProxy[str] | CIMultiDi
     amz_date = headers.get("X-Amz-Date")
     if amz_date is not None:
         timestamp = _parse_amz_date(amz_date)
+        # The string to sign repeats the time, so a changed header fails anyway; but
+        # SigV4 (and AWS) require the header signed, and botocore always signs it.
+        _require(signed_headers, "x-amz-date", "it holds the signing time")
     else:
         # botocore signs with the Date header instead when the request already had one.
         http_date = headers.get("Date")
@@ -188,6 +203,7 @@ def _parse_header(authorization: str, headers: CIMultiDictProxy[str] | CIMultiDi
         # A date without a zone is GMT, as HTTP dates are (mktime_tz would take local time).
         timestamp = calendar.timegm((*parsed[:6], 0, 0, 0)) - (parsed[9] or 0)
         amz_date = time.strftime(_AMZ_DATE_FORMAT, time.gmtime(timestamp))
+        _require(signed_headers, "date", "it holds the signing time (there is no X-Amz-Date)")
     return _checked(akid, date, region, service, amz_date, timestamp, signed_headers,
                     signature, presigned=False, expires_s=None)
 
@@ -261,10 +277,25 @@ def _signed_headers(value: str) -> tuple[str, ...]:
     names = value.split(";")
     if len(set(names)) != len(names):
         raise IncompleteSignatureError("SignedHeaders names a header twice")
-    if "host" not in names:
-        # Without the host a signature could be replayed against another server.
-        raise IncompleteSignatureError("the host header must be signed")
+    # Without the host a signature could be replayed against another server.
+    _require(names, "host", "a signature must name the server it is for")
     return tuple(sorted(names))
+
+
+def require_signed(signed: SignedRequest, names: Iterable[str], why: str) -> None:
+    """Raise UnsignedHeaderError unless every header of ``names`` (lowercase) is signed.
+
+    For the headers a protocol reads to decide what a request does: the signature must
+    cover them, or they could be changed in flight. Needs neither the secret nor the body,
+    so it can run before the access key is looked up.
+    """
+    for name in names:
+        _require(signed.signed_headers, name, why)
+
+
+def _require(signed_headers: Collection[str], name: str, why: str) -> None:
+    if name not in signed_headers:
+        raise UnsignedHeaderError(name, why)
 
 
 def _signature(value: str) -> str:

@@ -3,6 +3,10 @@
 The protocol is chosen by Content-Type: ``application/x-amz-json-1.0`` is JSON 1.0, a
 form (or a GET query string) is the query protocol. Requests are accepted with or without
 a SigV4 signature; the FrontEnd's authentication decides what a signature must prove.
+Everything read here to choose the action is covered by it when one is required: the path
+and the query string are in the canonical request, the body is bound by its SHA-256
+(UNSIGNED-PAYLOAD is refused), and a JSON request must sign X-Amz-Target and Content-Type
+(server/protection/auth.py).
 Errors propagate to the error middleware, which frames them for the protocol recorded on
 the request.
 """
@@ -42,7 +46,12 @@ async def handle(request: web.Request) -> web.Response:
             text = body.decode()  # a form is ASCII; raw UTF-8 is taken, anything else refused
         except UnicodeDecodeError:
             raise MalformedRequestError("the form is not valid UTF-8") from None
-        fields = _fields(request.query_string) + _fields(text)
+        # The raw query: request.query_string is already percent-decoded (by yarl), and
+        # parse_qsl decodes again, which would store a MessageBody=%2541 as "A", not the
+        # "%41" that was sent and signed.
+        fields = _fields(request.rel_url.raw_query_string) + _fields(text)
+        # The query protocol's Action comes from the query string or the form, both signed:
+        # the first in the canonical request, the second by the payload hash.
         action = next((v for k, v in fields if k == "Action"), "")
         request[appkeys.ACTION] = action
         params = query_protocol.parse(fields, action)

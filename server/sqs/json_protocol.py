@@ -18,6 +18,11 @@ from server.web.errors import INTERNAL, ErrorSpec
 
 CONTENT_TYPE = "application/x-amz-json-1.0"
 TARGET_PREFIX = "AmazonSQS."
+# The headers a JSON request's action and protocol are read from (:func:`action`,
+# :func:`protocol_of`). The body is bound by its hash, but these are only if signed: a
+# signed request must name them in SignedHeaders, or its SendMessage could be resent as a
+# DeleteQueue under the same signature. botocore always signs both.
+SIGNED_HEADERS = ("content-type", "x-amz-target")
 
 
 def protocol_of(request: web.Request) -> str:

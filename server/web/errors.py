@@ -33,6 +33,7 @@ from server.errors import (
     ThrottledError,
     TooManyEntriesError,
     UnknownActionError,
+    UnsignedHeaderError,
     UnsupportedOperationError,
 )
 
@@ -106,6 +107,12 @@ _TABLE: list[tuple[type[BaseException], ErrorSpec]] = [
     (MissingAuthenticationTokenError, _S(403, "MissingAuthenticationToken",
                                          "MissingAuthenticationToken",
                                          "MissingAuthenticationToken")),
+    # A signature that leaves out a header it must cover: the code is the one AWS gives for
+    # "'Host' must be a 'SignedHeader'", but the status is 403, not a malformed header's
+    # 400: the request is well formed and fails only to prove what it asks, as a wrong
+    # signature does. Before IncompleteSignatureError, of which it is a kind.
+    (UnsignedHeaderError, _S(403, "IncompleteSignature", "IncompleteSignature",
+                             "IncompleteSignature")),
     (IncompleteSignatureError, _S(400, "IncompleteSignature", "IncompleteSignature",
                                   "IncompleteSignature")),
     (InvalidClientTokenIdError, _S(403, "InvalidClientTokenId", "InvalidClientTokenId",

@@ -44,9 +44,11 @@ from server.errors import (
     InvalidClientTokenIdError,
     RequestExpiredError,
     SignatureDoesNotMatchError,
+    UnsignedHeaderError,
 )
 from server.protection import sigv4
 from server.web.errors import spec_for
+from tests.support.signing import SelectiveSigV4Auth, SelectiveSigV4QueryAuth
 
 AKID = "AKIDCONVEYOREXAMPLE"
 SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
@@ -87,14 +89,20 @@ def sign(method: str = "POST", url: str = URL, *, data: Any = b"",
          headers: dict[str, str] | None = None, params: Any = None, secret: str = SECRET,
          token: str | None = None, at: datetime.datetime = T0, service: str = "sqs",
          region: str = "us-east-1", expires: int | None = None,
-         context: dict[str, Any] | None = None) -> Wire:
-    """Sign with botocore at the time ``at``; ``expires`` set: a presigned URL."""
+         context: dict[str, Any] | None = None, only: tuple[str, ...] | None = None) -> Wire:
+    """Sign with botocore at the time ``at``; ``expires`` set: a presigned URL; ``only``:
+    sign those headers alone (botocore signs all)."""
     request = AWSRequest(method=method, url=url, data=data, headers=headers or {},
                          params=params or {})
     request.context.update(context or {})
     credentials = Credentials(AKID, secret, token)
-    signer = (SigV4Auth(credentials, service, region) if expires is None
-              else SigV4QueryAuth(credentials, service, region, expires=expires))
+    signer: SigV4Auth
+    if only is not None:
+        signer = (SelectiveSigV4Auth(credentials, service, region, only) if expires is None
+                  else SelectiveSigV4QueryAuth(credentials, service, region, expires, only))
+    else:
+        signer = (SigV4Auth(credentials, service, region) if expires is None
+                  else SigV4QueryAuth(credentials, service, region, expires=expires))
     with mock.patch.object(botocore.auth, "get_current_datetime", return_value=at):
         signer.add_auth(request)
     return wire(request.prepare())
@@ -420,6 +428,63 @@ def test_signed_header_missing_from_request() -> None:
     assert signed is not None
     with pytest.raises(IncompleteSignatureError, match="'x-amz-target'"):
         verify(w)
+
+
+# --- what a signature must cover -------------------------------------------------------------
+
+
+def test_host_must_be_signed() -> None:
+    w = sign(data=b"{}", only=("x-amz-date",))
+    with pytest.raises(UnsignedHeaderError, match="host") as caught:
+        sigv4.parse(w.headers, "")
+    assert caught.value.header == "host"
+
+
+def test_x_amz_date_must_be_signed() -> None:
+    w = sign(data=JSON_BODY, headers=JSON_HEADERS,
+             only=("content-type", "host", "x-amz-target"))
+    assert "X-Amz-Date" in w.headers
+    with pytest.raises(UnsignedHeaderError, match="x-amz-date") as caught:
+        sigv4.parse(w.headers, "")
+    assert caught.value.header == "x-amz-date"
+
+
+def test_the_date_header_must_be_signed_when_it_gives_the_time() -> None:
+    w = sign(data=b"{}", headers={"Date": "Thu, 01 Jan 1970 00:00:00 GMT"}, only=("host",))
+    with pytest.raises(UnsignedHeaderError, match="the date header") as caught:
+        sigv4.parse(w.headers, "")
+    assert caught.value.header == "date"
+    # With an X-Amz-Date as well, that one gives the time, and it is the one to sign.
+    w.headers["X-Amz-Date"] = "20261128T043000Z"
+    with pytest.raises(UnsignedHeaderError) as caught:
+        sigv4.parse(w.headers, "")
+    assert caught.value.header == "x-amz-date"
+
+
+def test_a_presigned_url_carries_its_time_in_the_signed_query() -> None:
+    # X-Amz-Date is a query parameter, in the canonical query: nothing more to sign.
+    w = sign("GET", URL, params={"Action": "ListQueues"}, expires=60, only=("host",))
+    assert verify(w).signed_headers == ("host",)
+
+
+def test_require_signed() -> None:
+    w = sign(data=JSON_BODY, headers=JSON_HEADERS, only=("host", "x-amz-date"))
+    signed = verify(w)  # the signature is good for what it covers
+    sigv4.require_signed(signed, ("host",), "why")
+    with pytest.raises(UnsignedHeaderError, match=r"x-amz-target.*: the reason") as caught:
+        sigv4.require_signed(signed, ("x-amz-target", "content-type"), "the reason")
+    assert caught.value.header == "x-amz-target"
+    # What botocore signs passes.
+    sigv4.require_signed(verify(sign(data=JSON_BODY, headers=JSON_HEADERS)),
+                         ("content-type", "x-amz-target"), "why")
+
+
+def test_an_unsigned_header_is_a_403_incomplete_signature() -> None:
+    spec = spec_for(UnsignedHeaderError("x-amz-target", "why"))
+    assert (spec.status, spec.sqs_type, spec.query_code) == (
+        403, "IncompleteSignature", "IncompleteSignature")
+    # A malformed signature stays a 400.
+    assert spec_for(IncompleteSignatureError("bad")).status == 400
 
 
 def test_signed_in_header_and_query_at_once() -> None:
