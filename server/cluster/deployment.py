@@ -47,9 +47,9 @@ async def open_cluster(config: ServerConfig, cluster: ClusterConfig, master: byt
         calls = PartitionCalls(broker.broker, node, guard, secret)
         stack.push_async_callback(calls.close)
         if access_keys is not None:
-            await access_keys.check_master_key()
+            await access_keys.upgrade()  # checks the master key; rewraps old keys once
             background(stack, access_keys.mirror())
         await node.start(broker.broker)
         background(stack, store.watch(metadata.invalidate, metadata.clear))
         yield Deployment(broker, metadata, PartitionedBackend(node, calls), guard,
-                         access_keys.get if access_keys is not None else None, node.describe)
+                         access_keys.lookup if access_keys is not None else None, node.describe)
