@@ -12,6 +12,7 @@ lapsed - paused, partitioned, killed - can change nothing, and its epoch is stal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -22,6 +23,7 @@ import aetcd  # type: ignore[import-untyped]
 import grpc  # type: ignore[import-untyped]
 
 from replication.errors import ControlUnavailableError
+from replication.etcd_access import EtcdAccess, parse_url
 
 # One etcd call's time limit.
 ETCD_CALL_S = 2
@@ -86,16 +88,17 @@ class ClusterView:
 
 
 def parse_endpoints(url: str) -> list[tuple[str, int]]:
-    """``etcd://HOST:PORT[,HOST:PORT...]`` -> [(host, port), ...]."""
-    if not url.startswith("etcd://"):
-        raise ValueError(f"expected etcd://HOST:PORT[,HOST:PORT...], got {url!r}")
-    endpoints = []
-    for part in url[len("etcd://"):].split(","):
-        host, sep, port = part.strip().rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"bad etcd endpoint {part!r} in {url!r}")
-        endpoints.append((host, int(port)))
-    return endpoints
+    """``etcd[s]://HOST:PORT[,HOST:PORT...]`` -> [(host, port), ...]."""
+    return list(parse_url(url)[1])
+
+
+def _reason(exc: BaseException | None) -> str:
+    """A failure in a line: a grpc error's details, not its multi-line repr."""
+    details = getattr(exc, "details", None)
+    if callable(details):
+        with contextlib.suppress(Exception):
+            return str(details())
+    return str(exc)
 
 
 async def _close_later(client: Any) -> None:
@@ -132,8 +135,9 @@ class Control:
     applied before the connection broke): its caller retries as it would any failure.
     """
 
-    def __init__(self, endpoints: list[tuple[str, int]], prefix: str = "/conveyor/") -> None:
-        self.endpoints = endpoints
+    def __init__(self, access: EtcdAccess, prefix: str = "/conveyor/") -> None:
+        self.access = access
+        self.endpoints = list(access.endpoints)
         self.prefix = prefix.encode()
         self.client: Any = None
         self._moving = asyncio.Lock()
@@ -141,15 +145,23 @@ class Control:
 
     async def connect(self) -> None:
         """Connect to the first endpoint that answers."""
-        index, client = await self._connect_from(0)
+        try:
+            index, client = await self._connect_from(0)
+        except ControlUnavailableError as exc:
+            if not self.access.tls:
+                raise
+            # grpc's reasons for a failed handshake name TLS internals, not the cause.
+            raise ControlUnavailableError(
+                f"{exc} (over TLS, etcd's certificate must chain to --etcd-ca and name the "
+                "host of the URL, and an etcd run with --client-cert-auth needs "
+                "--etcd-cert and --etcd-key)") from None
         self.client = SharedClient(client, index)
 
     async def _connect_from(self, start: int) -> tuple[int, Any]:
         last: BaseException | None = None
         for step in range(len(self.endpoints)):
             index = (start + step) % len(self.endpoints)
-            host, port = self.endpoints[index]
-            client = aetcd.Client(host=host, port=port, timeout=ETCD_CALL_S)
+            client = self.access.client(index, ETCD_CALL_S)
             try:
                 await client.connect()
                 await client.status()
@@ -158,23 +170,38 @@ class Control:
                 await client.close()
                 continue
             return index, client
-        raise ControlUnavailableError(f"no etcd endpoint answers: {last}")
+        raise ControlUnavailableError(
+            f"no etcd endpoint of {self.access.url} answers: {_reason(last)}")
 
     async def failover(self, failed: Any) -> None:
         """Move the shared client off ``failed`` (the connection a call just failed on)
         to the next endpoint that answers; nothing if another call moved it already."""
+        if len(self.endpoints) > 1:
+            await self._replace(failed, 1, "failed")
+
+    async def reauthenticate(self, failed: Any) -> None:
+        """Replace ``failed``, whose etcd auth token was refused, by a new connection
+        (one that authenticates again), to the same endpoint if it answers.
+
+        etcd's tokens live in the member's memory: a restarted member, or a token unused
+        for --auth-token-ttl, refuses every later call made with the old one, and aetcd
+        never asks for a new token by itself."""
+        if self.access.user is not None:
+            await self._replace(failed, 0, "refused this node's auth token")
+
+    async def _replace(self, failed: Any, step: int, why: str) -> None:
         async with self._moving:
             shared = self.client
-            if shared is None or shared.current is not failed or len(self.endpoints) < 2:
+            if shared is None or shared.current is not failed:
                 return
             try:
-                index, client = await self._connect_from(shared.index + 1)
+                index, client = await self._connect_from(shared.index + step)
             except ControlUnavailableError as exc:
-                _log.warning("etcd endpoint %s:%d failed and no other answers: %s",
-                             *self.endpoints[shared.index], exc)
+                _log.warning("etcd endpoint %s:%d %s, and no endpoint answers: %s",
+                             *self.endpoints[shared.index], why, exc)
                 return
-            _log.warning("etcd endpoint %s:%d failed; now using %s:%d",
-                         *self.endpoints[shared.index], *self.endpoints[index])
+            _log.warning("etcd endpoint %s:%d %s; now using %s:%d",
+                         *self.endpoints[shared.index], why, *self.endpoints[index])
             shared.current, shared.index = client, index
             # Closed later, not now: closing a channel cancels the calls still on it, and
             # their callers (the lease keeper, the reconcile loop) must see a failure they
@@ -189,6 +216,12 @@ class Control:
         if self.client is not None:
             await self.client.current.close()
 
+    async def _after_failure(self, client: Any, exc: BaseException) -> None:
+        if isinstance(exc, _ENDPOINT_FAILURES):
+            await self.failover(client)
+        elif isinstance(exc, aetcd.exceptions.UnauthenticatedError):
+            await self.reauthenticate(client)
+
     def key(self, *parts: str) -> bytes:
         return self.prefix + "/".join(parts).encode()
 
@@ -201,8 +234,7 @@ class Control:
                 raise
             raise ControlUnavailableError(f"etcd {method}: its connection was closed") from None
         except (aetcd.ClientError, grpc.RpcError, OSError) as exc:
-            if isinstance(exc, _ENDPOINT_FAILURES):
-                await self.failover(client)
+            await self._after_failure(client, exc)
             raise ControlUnavailableError(f"etcd {method}: {exc}") from exc
 
     # -- leases and nodes ------------------------------------------------------------------
@@ -223,8 +255,7 @@ class Control:
             raise ControlUnavailableError("etcd lease refresh: its connection was closed") \
                 from None
         except (aetcd.ClientError, grpc.RpcError, OSError) as exc:
-            if isinstance(exc, _ENDPOINT_FAILURES):
-                await self.failover(client)
+            await self._after_failure(client, exc)
             raise ControlUnavailableError(f"etcd lease refresh: {exc}") from exc
         return int(getattr(responses[-1], "TTL", 0)) if responses else 0
 

@@ -33,8 +33,9 @@ from engine.errors import ConfigError, EngineError, QueueNotFoundError
 from engine.limits import QueueAttributes, check_queue_name
 from engine.queue import QueueCore
 from replication import frames as fr
-from replication.control import ClusterView, Control, NodeInfo, Partition, parse_endpoints
+from replication.control import ClusterView, Control, NodeInfo, Partition
 from replication.errors import ControlUnavailableError, NotLeaderError
+from replication.etcd_access import EtcdAccess
 from replication.follower import Replica, ReplicationServer, refusal
 from replication.leader import LeaderRole, describe
 from replication.listener import Listener
@@ -62,8 +63,8 @@ NODE_GONE_S = 60.0
 
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
-    etcd: str
-    """etcd://HOST:PORT[,HOST:PORT...]"""
+    etcd: EtcdAccess
+    """The etcd members, and how to reach them (TLS, credentials)."""
     node_id: str
     http_url: str
     """Where other nodes forward requests for queues this node leads."""
@@ -91,7 +92,7 @@ class ClusterNode:
         self.config = config
         self.peers = peers
         self.node_id = config.node_id
-        self.control = Control(parse_endpoints(config.etcd), config.prefix)
+        self.control = Control(config.etcd, config.prefix)
         self.broker: Broker | None = None
         self.view: ClusterView | None = None
         self.leading: dict[str, LeaderRole] = {}

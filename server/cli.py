@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -45,6 +46,96 @@ def _fsync(ctx: click.Context, param: click.Parameter, value: str) -> str:
         raise click.BadParameter(str(exc)) from None
 
 
+# --- reaching etcd -----------------------------------------------------------------------
+
+ETCD_PASSWORD_ENV = "CONVEYOR_ETCD_PASSWORD"
+
+
+@dataclasses.dataclass(frozen=True)
+class _EtcdFlags:
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    user: str | None = None
+    password_file: str | None = None
+
+    def given(self) -> bool:
+        return any(dataclasses.astuple(self))
+
+
+_file = click.Path(exists=True, dir_okay=False)
+_ETCD_OPTIONS = (
+    click.option("--etcd-ca", type=_file,
+                 help="PEM CA bundle that etcd's certificate must chain to (etcds:// only; "
+                      "default: the system's trusted roots)."),
+    click.option("--etcd-cert", type=_file,
+                 help="PEM client certificate for etcd's --client-cert-auth (etcds:// only)."),
+    click.option("--etcd-key", type=_file, help="PEM private key of --etcd-cert."),
+    click.option("--etcd-user", metavar="NAME",
+                 help="etcd user, when etcd's authentication is on. Its password comes from "
+                      f"--etcd-password-file or ${ETCD_PASSWORD_ENV}, never the command line."),
+    click.option("--etcd-password-file", type=_file,
+                 help="File holding the --etcd-user password (mode 0600; one line)."),
+)
+
+
+def _etcd_options(command: Callable[..., _T]) -> Callable[..., _T]:
+    """Add the options of how to reach etcd, handed to ``command`` as one ``etcd_flags``."""
+
+    @functools.wraps(command)
+    def collected(*args: Any, etcd_ca: str | None, etcd_cert: str | None,
+                  etcd_key: str | None, etcd_user: str | None,
+                  etcd_password_file: str | None, **kwargs: Any) -> _T:
+        flags = _EtcdFlags(etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password_file)
+        return command(*args, etcd_flags=flags, **kwargs)
+
+    for option in reversed(_ETCD_OPTIONS):
+        collected = option(collected)
+    return collected
+
+
+def _etcd_access(url: str, flags: _EtcdFlags) -> Any:
+    """The EtcdAccess the URL and flags describe, or a usage error that says what is wrong.
+
+    The password is read from a file or the environment, not taken as an option: the
+    command line of every process is readable by every local user (ps, /proc/PID/cmdline)
+    and is kept in shell histories and service managers' logs, while a 0600 file or the
+    process's own environment is readable only by its user."""
+    from replication.etcd_access import EtcdAccess, parse_url
+
+    try:
+        tls, endpoints = parse_url(url)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--cluster") from None
+    password = None
+    if flags.user is not None:
+        password = (_read_password(flags.password_file) if flags.password_file
+                    else os.environ.get(ETCD_PASSWORD_ENV))
+        if not password:
+            raise click.UsageError(f"--etcd-user {flags.user} needs its password: "
+                                   f"--etcd-password-file PATH or ${ETCD_PASSWORD_ENV}")
+        if not tls and not all(_is_loopback(host) for host, _ in endpoints):
+            click.echo(f"warning: the etcd password of {flags.user} crosses the network "
+                       f"in clear text to {url}: use etcds://", err=True)
+    elif flags.password_file is not None:
+        raise click.UsageError("--etcd-password-file needs --etcd-user")
+    try:
+        return EtcdAccess(endpoints, tls, flags.ca, flags.cert, flags.key, flags.user,
+                          password)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _read_password(path: str) -> str:
+    if os.stat(path).st_mode & 0o077:
+        raise click.UsageError(f"{path}: an etcd password file must be readable by its "
+                               "owner only (chmod 600)")
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    # One line, as `echo secret > file` writes it: the line ending is not the password's.
+    return text.removesuffix("\n").removesuffix("\r")
+
+
 @main.command()
 @click.option("--data-dir", default="./conveyor-data", show_default=True,
               help="Where queues and metadata are stored (created if absent).")
@@ -77,8 +168,9 @@ def _fsync(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--sse-key-rotation-days", default=30.0, show_default=True,
               type=click.FloatRange(min=0),
               help="Replace a queue's data key after this many days (0: by use count only).")
-@click.option("--cluster", "etcd", metavar="etcd://HOST:PORT[,HOST:PORT...]",
-              help="Join the cluster coordinated by this etcd (default: a single node).")
+@click.option("--cluster", "etcd", metavar="etcd[s]://HOST:PORT[,HOST:PORT...]",
+              help="Join the cluster coordinated by this etcd (default: a single node); "
+                   "etcds:// reaches it over TLS.")
 @click.option("--node-id", help="This node's name in the cluster (default: HOST:PORT).")
 @click.option("--advertise", metavar="HOST",
               help="The address other nodes and forwarded requests reach this node at "
@@ -104,6 +196,7 @@ def _fsync(ctx: click.Context, param: click.Parameter, value: str) -> str:
                    "master key, which every node must then share).")
 # Test-only: the negative control of the hostile-peer tests runs a node without it.
 @click.option("--unsafe-no-peer-auth", "no_peer_auth", is_flag=True, hidden=True)
+@_etcd_options
 def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, auth: str,
           insecure: bool, master_key_file: str | None, tls_cert: str | None,
           tls_key: str | None, principal_rate: str, queue_rate: str, connections_max: int,
@@ -111,7 +204,7 @@ def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, aut
           advertise: str | None, replication_port: int | None, replication_advertise: str,
           lease_ttl: int, replication_factor: int, min_insync_replicas: int,
           node_gone_after: float, cluster_secret_file: str | None,
-          no_peer_auth: bool) -> None:
+          no_peer_auth: bool, etcd_flags: _EtcdFlags) -> None:
     """Run the server: the SQS protocols and the native API on one port.
 
     SIGTERM and SIGINT stop it gracefully: it stops accepting, lets requests in flight
@@ -134,10 +227,13 @@ def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, aut
         except EngineError as exc:
             raise click.BadParameter(str(exc), param_hint=option) from None
     cluster = None
+    if etcd is None and etcd_flags.given():
+        raise click.UsageError("the --etcd-* options need --cluster")
     if etcd is not None:
-        cluster = _cluster_config(etcd, node_id, advertise or host, port, host,
-                                  replication_port, replication_advertise, lease_ttl,
-                                  replication_factor, min_insync_replicas, tls_cert)
+        cluster = _cluster_config(_etcd_access(etcd, etcd_flags), node_id,
+                                  advertise or host, port, host, replication_port,
+                                  replication_advertise, lease_ttl, replication_factor,
+                                  min_insync_replicas, tls_cert)
         cluster = dataclasses.replace(cluster, node_gone_s=node_gone_after,
                                       peer_secret_file=cluster_secret_file,
                                       peer_auth=not no_peer_auth)
@@ -179,17 +275,12 @@ def dev_cluster(nodes: int, base_port: int, data_dir: str, fsync: str) -> None:
     sys.exit(run_cluster(nodes, base_port, data_dir, fsync, lambda line: click.echo(line)))
 
 
-def _cluster_config(etcd: str, node_id: str | None, advertise: str, port: int, host: str,
+def _cluster_config(etcd: Any, node_id: str | None, advertise: str, port: int, host: str,
                     replication_port: int | None, replication_advertise: str,
                     lease_ttl: int, replication_factor: int, min_insync_replicas: int,
                     tls_cert: str | None) -> Any:
-    from replication.control import parse_endpoints
     from replication.node import ClusterConfig
 
-    try:
-        parse_endpoints(etcd)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--cluster") from None
     if replication_port is None:
         raise click.UsageError("--cluster needs --replication-port")
     scheme = "https" if tls_cert else "http"
@@ -418,7 +509,7 @@ _data_dir = click.option("--data-dir", default="./conveyor-data", show_default=T
 _master_key = click.option("--master-key-file", type=click.Path(dir_okay=False),
                            help="Default: master.key in the data directory.")
 _key_cluster = click.option(
-    "--cluster", "etcd", metavar="etcd://HOST:PORT[,HOST:PORT...]",
+    "--cluster", "etcd", metavar="etcd[s]://HOST:PORT[,HOST:PORT...]",
     help="The keys of this cluster, in its etcd, rather than of the data directory; the "
          "master key must be the one every node was started with.")
 
@@ -427,12 +518,13 @@ class _ClusterKeys:
     """A cluster's key store (coroutines) for the command line: one event loop for the
     whole command, on which the etcd client lives."""
 
-    def __init__(self, etcd: str, master_key: bytes) -> None:
-        from replication.control import Control, parse_endpoints
+    def __init__(self, etcd: Any, master_key: bytes) -> None:
+        """etcd: the EtcdAccess to reach it by."""
+        from replication.control import Control
         from server.cluster.etcd_keystore import EtcdKeyStore
 
         self._loop = asyncio.new_event_loop()
-        self._control = Control(parse_endpoints(etcd))
+        self._control = Control(etcd)
         try:
             self._run(self._control.connect())
         except BaseException:
@@ -461,11 +553,15 @@ class _ClusterKeys:
 
 
 @contextmanager
-def _keystore(data_dir: str, master_key_file: str | None, etcd: str | None = None
-              ) -> Iterator[Any]:
+def _keystore(data_dir: str, master_key_file: str | None, etcd: str | None = None,
+              etcd_flags: _EtcdFlags | None = None) -> Iterator[Any]:
     from server.protection import masterkey
     from server.protection.keystore import KeyStore
 
+    flags = etcd_flags or _EtcdFlags()
+    if etcd is None and flags.given():
+        raise click.UsageError("the --etcd-* options need --cluster")
+    access = _etcd_access(etcd, flags) if etcd is not None else None
     store: KeyStore | _ClusterKeys
     try:
         if etcd is None:
@@ -475,7 +571,7 @@ def _keystore(data_dir: str, master_key_file: str | None, etcd: str | None = Non
             if not os.path.exists(path):
                 raise click.ClickException(f"no master key at {path}: name the cluster's "
                                            "with --master-key-file")
-            store = _ClusterKeys(etcd, masterkey.load_or_create(path))
+            store = _ClusterKeys(access, masterkey.load_or_create(path))
     except (EngineError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     try:
@@ -496,14 +592,15 @@ def keys() -> None:
 @_data_dir
 @_master_key
 @_key_cluster
+@_etcd_options
 @click.option("--principal", default="default", show_default=True,
               help="Who the key belongs to: named in audit lines and usage data.")
 @click.option("--account", default=DEFAULT_ACCOUNT, show_default=True,
               help="The 12-digit account whose queues the key may use.")
 def keys_create(data_dir: str, master_key_file: str | None, principal: str,
-                account: str, etcd: str | None) -> None:
+                account: str, etcd: str | None, etcd_flags: _EtcdFlags) -> None:
     """Create a key and print it as JSON. The secret is shown this once."""
-    with _keystore(data_dir, master_key_file, etcd) as store:
+    with _keystore(data_dir, master_key_file, etcd, etcd_flags) as store:
         key = store.create(principal, account)
     click.echo(json.dumps({"access_key_id": key.access_key_id,
                            "secret_access_key": key.secret, "principal": key.principal,
@@ -514,11 +611,12 @@ def keys_create(data_dir: str, master_key_file: str | None, principal: str,
 @_data_dir
 @_master_key
 @_key_cluster
+@_etcd_options
 @_as_json
 def keys_list(data_dir: str, master_key_file: str | None, as_json: bool,
-              etcd: str | None) -> None:
+              etcd: str | None, etcd_flags: _EtcdFlags) -> None:
     """List keys (never their secrets)."""
-    with _keystore(data_dir, master_key_file, etcd) as store:
+    with _keystore(data_dir, master_key_file, etcd, etcd_flags) as store:
         listed = [{"access_key_id": k.access_key_id, "principal": k.principal,
                    "account": k.account, "created_ms": k.created_ms,
                    "revoked_ms": k.revoked_ms} for k in store.list()]
@@ -532,10 +630,11 @@ def keys_list(data_dir: str, master_key_file: str | None, as_json: bool,
 @_data_dir
 @_master_key
 @_key_cluster
+@_etcd_options
 def keys_revoke(access_key_id: str, data_dir: str, master_key_file: str | None,
-                etcd: str | None) -> None:
+                etcd: str | None, etcd_flags: _EtcdFlags) -> None:
     """Revoke a key: the server refuses it within a few seconds (its cache's lifetime)."""
-    with _keystore(data_dir, master_key_file, etcd) as store:
+    with _keystore(data_dir, master_key_file, etcd, etcd_flags) as store:
         if not store.revoke(access_key_id):
             raise click.ClickException(f"no active key {access_key_id}")
     click.echo(f"revoked {access_key_id}")
@@ -546,17 +645,18 @@ def keys_revoke(access_key_id: str, data_dir: str, master_key_file: str | None,
 @_data_dir
 @_master_key
 @_key_cluster
+@_etcd_options
 @click.option("--ttl", default=3600, show_default=True,
               type=click.IntRange(1, 7 * 24 * 60 * 60), help="Seconds the token is valid.")
 def keys_token(access_key_id: str, data_dir: str, master_key_file: str | None,
-               ttl: int, etcd: str | None) -> None:
+               ttl: int, etcd: str | None, etcd_flags: _EtcdFlags) -> None:
     """Print a bearer token of a key for the native API (curl -H "Authorization: Bearer
     ..."; the CLI's client verbs read it from CONVEYOR_TOKEN)."""
     import time
 
     from server.protection.auth import bearer_token
 
-    with _keystore(data_dir, master_key_file, etcd) as store:
+    with _keystore(data_dir, master_key_file, etcd, etcd_flags) as store:
         key = store.get(access_key_id)
     if key is None:
         raise click.ClickException(f"no active key {access_key_id}")

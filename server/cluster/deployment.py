@@ -45,12 +45,12 @@ async def open_cluster(config: ServerConfig, cluster: ClusterConfig, master: byt
         calls = PartitionCalls(broker.broker, node, guard)
         stack.push_async_callback(calls.close)
         if access_keys is not None:
-            await access_keys.check_master_key()
+            await access_keys.upgrade()  # checks the master key; rewraps old keys once
             background(stack, access_keys.mirror())
         await node.start(broker.broker)
         background(stack, store.watch(metadata.invalidate, metadata.clear))
         yield Deployment(broker, metadata, PartitionedBackend(node, calls), guard,
-                         access_keys.get if access_keys is not None else None, node.describe)
+                         access_keys.lookup if access_keys is not None else None, node.describe)
 
 
 def _peer_key(cluster: ClusterConfig, master: bytes) -> bytes | None:

@@ -4,6 +4,11 @@ Node i serves HTTP on BASE_PORT + i and replicates on BASE_PORT + 100 + i; etcd 
 on BASE_PORT + 200 (clients) and BASE_PORT + 201 (peers). Everything lives under one
 directory, so a second run picks up where the first stopped. Ctrl-C (or SIGTERM) stops
 the nodes gracefully, then etcd.
+
+It takes none of the --etcd-* options (TLS, client certificates, etcd users): the etcd it
+reaches is the one it starts, on loopback, for trying a cluster on one machine, where
+they would protect nothing. A secured etcd is run by its operator; see
+docs/OPERATIONS.md.
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ READY_TIMEOUT_S = 30.0
 
 
 def etcd_command(binary: str, name: str, data_dir: str, client_port: int,
-                 peer_port: int, initial_cluster: str | None = None) -> list[str]:
+                 peer_port: int, initial_cluster: str | None = None,
+                 client_scheme: str = "http") -> list[str]:
     """An etcd member on loopback ports (the dev cluster's, the tests', the bench's): a
-    cluster of its own, or one of initial_cluster ("name=http://host:peer_port,...")."""
-    client, peer = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
+    cluster of its own, or one of initial_cluster ("name=http://host:peer_port,...").
+    client_scheme "https" serves clients over TLS (the caller adds the certificate flags)."""
+    client = f"{client_scheme}://127.0.0.1:{client_port}"
+    peer = f"http://127.0.0.1:{peer_port}"
     return [binary, "--name", name, "--data-dir", data_dir, "--listen-client-urls", client,
             "--advertise-client-urls", client, "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer,

@@ -2,12 +2,19 @@
 
 A key is an (access key id, secret access key) pair, used exactly as AWS credentials are:
 clients sign requests with SigV4 (server/protection/sigv4.py). The secret is stored wrapped with
-AES-256-GCM under a subkey of the master key, bound to its key id, so a copy of the
-database alone reveals no secret. Keys are created, listed and revoked with
+AES-256-GCM under a subkey of the master key, bound to its key id, account and principal,
+so a copy of the database alone reveals no secret, and a row changed to name another
+account or principal no longer opens: the server refuses the key (logged) rather than
+serve it as whoever the row now names. Keys are created, listed and revoked with
 ``conveyor keys`` against the data directory (in a cluster, against etcd:
 server/cluster/etcd_keystore.py, with the same wrapping); the server reads them through
 :class:`KeyCache`, which remembers a lookup for ``KEY_CACHE_TTL_S`` so that the signature
 check costs no database read, and so a revocation takes effect within that time.
+
+Format 1 bound the wrapped secret to the key id alone. Such rows (from an older version)
+are rewrapped in format 2 when the store is first opened by this version, each with a log
+line naming its account and principal; after that (``PRAGMA user_version`` 2) a format-1
+row is refused, never rewrapped, so the rewrap happens once. docs/FORMAT.md draws both.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import logging
 import os
 import re
 import secrets
@@ -42,7 +50,15 @@ _PRINCIPAL = re.compile(r"[A-Za-z0-9_.@+=,-]{1,64}")
 _ACCOUNT = re.compile(r"[0-9]{12}")
 _KEY_ID = re.compile(r"CVY[A-Z2-7]{17}")
 _NONCE_BYTES = 12
+# How a secret is wrapped: 1 binds it to the key id alone (read only to rewrap it), 2 to
+# the key id, account and principal.
+WRAP_LEGACY = 1
+WRAP_VERSION = 2
+_AD_LABEL = b"conveyor-access-key/v2"
+_log = logging.getLogger("conveyor.server")
 
+# wrap_version: its default is 1 because a version that predates the column inserts rows
+# without it, and those are wrapped in format 1.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS access_keys (
     access_key_id  TEXT PRIMARY KEY,
@@ -50,7 +66,8 @@ CREATE TABLE IF NOT EXISTS access_keys (
     account        TEXT NOT NULL,
     wrapped_secret BLOB NOT NULL,
     created_ms     INTEGER NOT NULL,
-    revoked_ms     INTEGER
+    revoked_ms     INTEGER,
+    wrap_version   INTEGER NOT NULL DEFAULT 1
 ) WITHOUT ROWID;
 """
 
@@ -88,24 +105,71 @@ def new_key() -> tuple[str, str]:
     return key_id, secrets.token_urlsafe(30)  # 40 characters, like an AWS secret key
 
 
+def associated_data(version: int, access_key_id: str, account: str, principal: str
+                    ) -> bytes:
+    """What a wrapped secret is bound to. Fields are joined with NUL, which none of them
+    may hold (key ids, accounts and principals are checked), so the join is unambiguous."""
+    if version == WRAP_LEGACY:
+        return access_key_id.encode()
+    return b"\0".join((_AD_LABEL, access_key_id.encode(), account.encode(),
+                       principal.encode()))
+
+
 class SecretWrap:
     """Secrets sealed with AES-256-GCM under the master key's access-keys subkey, bound
-    to their key id."""
+    to their key id, account and principal."""
 
     def __init__(self, master_key: bytes) -> None:
         self._aead = AESGCM(masterkey.subkey(master_key, "access-keys"))
 
-    def seal(self, access_key_id: str, secret: str) -> bytes:
+    def seal(self, access_key_id: str, account: str, principal: str, secret: str) -> bytes:
+        """``secret`` wrapped in format WRAP_VERSION."""
         nonce = secrets.token_bytes(_NONCE_BYTES)
-        return nonce + self._aead.encrypt(nonce, secret.encode(), access_key_id.encode())
+        ad = associated_data(WRAP_VERSION, access_key_id, account, principal)
+        return nonce + self._aead.encrypt(nonce, secret.encode(), ad)
 
-    def open(self, access_key_id: str, wrapped: bytes) -> str:
+    def open(self, access_key_id: str, account: str, principal: str, wrapped: bytes,
+             version: int = WRAP_VERSION) -> str:
+        """The secret; ConfigError if it was not wrapped under this master key for this
+        key id, account and principal (in format ``version``)."""
+        if not (isinstance(account, str) and isinstance(principal, str)
+                and isinstance(wrapped, bytes)):  # a record written by hand, say
+            raise ConfigError("access key", access_key_id, "its record is malformed")
         try:
-            return self._aead.decrypt(wrapped[:_NONCE_BYTES], wrapped[_NONCE_BYTES:],
-                                      access_key_id.encode()).decode()
+            return self._aead.decrypt(
+                wrapped[:_NONCE_BYTES], wrapped[_NONCE_BYTES:],
+                associated_data(version, access_key_id, account, principal)).decode()
         except InvalidTag:
             raise ConfigError("access key", access_key_id,
-                              "its secret does not open under this master key") from None
+                              "its secret does not open under this master key for its id, "
+                              "account and principal (another master key, or a record "
+                              "changed outside Conveyor)") from None
+
+    def open_stored(self, access_key_id: str, account: str, principal: str, wrapped: bytes,
+                    version: int) -> str:
+        """The secret of a stored key, which must be in format 2: a format-1 record left
+        after the rewrap binds no account, so whoever wrote it chose its account."""
+        if version == WRAP_LEGACY:
+            raise ConfigError("access key", access_key_id,
+                              "it is wrapped in format 1 (bound to its id only), and format "
+                              "1 keys were rewrapped when this version first started: "
+                              "refused; create the key again")
+        if version != WRAP_VERSION:
+            raise ConfigError("access key", access_key_id,
+                              f"its wrap format {version} is not one this version reads")
+        return self.open(access_key_id, account, principal, wrapped)
+
+
+def refuse(access_key_id: str, exc: ConfigError) -> None:
+    """Log a stored key that does not open: the request it came with is then answered as
+    for an unknown key (403), not with a server error, and nothing is served under it."""
+    _log.warning("access key %s refused: %s", access_key_id, exc.reason)
+
+
+def rewrapped(access_key_id: str, account: str, principal: str) -> None:
+    _log.warning("access key %s rewrapped from format 1 to 2 as account %s, principal %s: "
+                 "format 1 did not bind these, so check them (conveyor keys list)",
+                 access_key_id, account, principal)
 
 
 class KeyStore:
@@ -119,6 +183,50 @@ class KeyStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         os.chmod(path, 0o600)
+        self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Rewrap format-1 rows in format 2, once (see the module docstring).
+
+        The store is marked done only if every row opened: with no check value to prove
+        the master key, rows that all fail may mean a wrong --master-key-file, and
+        marking them done would refuse them for good once the right key is back."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")  # one process rewraps; the others wait
+            try:
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                if version < WRAP_VERSION and self._rewrap_legacy():
+                    self._db.execute(f"PRAGMA user_version = {WRAP_VERSION}")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _rewrap_legacy(self) -> bool:
+        """Rewrap every format-1 row; whether all of them opened. Under the lock, in a
+        transaction."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(access_keys)")}
+        if "wrap_version" not in columns:  # a store made by a version without it
+            self._db.execute("ALTER TABLE access_keys ADD COLUMN wrap_version INTEGER "
+                             "NOT NULL DEFAULT 1")
+        rows = self._db.execute(
+            "SELECT access_key_id, principal, account, wrapped_secret FROM access_keys "
+            "WHERE wrap_version = ?", (WRAP_LEGACY,)).fetchall()
+        all_opened = True
+        for key_id, principal, account, wrapped in rows:
+            try:
+                secret = self._wrap.open(key_id, account, principal, wrapped, WRAP_LEGACY)
+            except ConfigError as exc:
+                _log.error("access key %s: not rewrapped (%s); it is refused until it "
+                           "opens", key_id, exc.reason)
+                all_opened = False
+                continue
+            self._db.execute(
+                "UPDATE access_keys SET wrapped_secret = ?, wrap_version = ? "
+                "WHERE access_key_id = ?",
+                (self._wrap.seal(key_id, account, principal, secret), WRAP_VERSION, key_id))
+            rewrapped(key_id, account, principal)
+        return all_opened
 
     @classmethod
     def open(cls, data_dir: str, master_key_file: str | None = None) -> KeyStore:
@@ -130,32 +238,40 @@ class KeyStore:
     def create(self, principal: str, account: str) -> AccessKey:
         principal, account = check_principal(principal), check_account(account)
         key_id, secret = new_key()
-        wrapped = self._wrap.seal(key_id, secret)
+        wrapped = self._wrap.seal(key_id, account, principal, secret)
         created = time.time_ns() // 1_000_000
         with self._lock:
             self._db.execute(
                 "INSERT INTO access_keys (access_key_id, principal, account, wrapped_secret, "
-                "created_ms) VALUES (?, ?, ?, ?, ?)", (key_id, principal, account, wrapped,
-                                                       created))
+                "created_ms, wrap_version) VALUES (?, ?, ?, ?, ?, ?)",
+                (key_id, principal, account, wrapped, created, WRAP_VERSION))
         return AccessKey(key_id, principal, account, created, None, secret)
 
     def get(self, access_key_id: str) -> AccessKey | None:
-        """The key with its secret, or None if it does not exist or was revoked."""
+        """The key with its secret, or None if it does not exist or was revoked;
+        ConfigError if its secret does not open (see SecretWrap.open_stored)."""
         if not is_key_id(access_key_id):
             return None
         with self._lock:
             row = self._db.execute(
-                "SELECT principal, account, wrapped_secret, created_ms FROM access_keys "
-                "WHERE access_key_id = ? AND revoked_ms IS NULL", (access_key_id,)).fetchone()
+                "SELECT principal, account, wrapped_secret, created_ms, wrap_version "
+                "FROM access_keys WHERE access_key_id = ? AND revoked_ms IS NULL",
+                (access_key_id,)).fetchone()
         if row is None:
             return None
-        principal, account, wrapped, created = row
+        principal, account, wrapped, created, version = row
         return AccessKey(access_key_id, principal, account, created, None,
-                         self._wrap.open(access_key_id, wrapped))
+                         self._wrap.open_stored(access_key_id, account, principal, wrapped,
+                                                version))
 
     async def lookup(self, access_key_id: str) -> AccessKey | None:
-        """get, on a thread: the server's KeyCache fetch."""
-        return await asyncio.to_thread(self.get, access_key_id)
+        """get, on a thread: the server's KeyCache fetch. A key that does not open is
+        logged and answered as absent."""
+        try:
+            return await asyncio.to_thread(self.get, access_key_id)
+        except ConfigError as exc:
+            refuse(access_key_id, exc)
+            return None
 
     def list(self) -> list[AccessKey]:
         with self._lock:

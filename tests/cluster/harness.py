@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from server.protection import masterkey
+from tests.support.certs import Pki
 from tests.support.etcd import EtcdCluster, EtcdServer
 from tests.support.faultproxy import FaultProxy
 from tests.support.server import Server, free_port
@@ -28,10 +29,13 @@ ACCOUNT = "000000000000"
 class Cluster:
     def __init__(self, root: Path, nodes: int = 3, *, lease_ttl: int = 3,
                  fsync: str = "always", proxies: bool = False,
-                 extra: tuple[str, ...] = (), etcd_members: int = 1) -> None:
+                 extra: tuple[str, ...] = (), etcd_members: int = 1,
+                 etcd_tls: Pki | None = None) -> None:
+        """etcd_tls: etcd serves TLS and requires client certificates, which every node
+        is given (one etcd member only)."""
         self.root = root
         self.etcd: EtcdServer | EtcdCluster = (
-            EtcdServer(root / "etcd") if etcd_members == 1
+            EtcdServer(root / "etcd", tls=etcd_tls) if etcd_members == 1
             else EtcdCluster(root / "etcd", etcd_members))
         self.proxies: dict[str, FaultProxy] = {}
         self.nodes: dict[str, Server] = {}
@@ -47,7 +51,7 @@ class Cluster:
         """Start another node (it joins the cluster)."""
         lease_ttl, fsync, proxies, extra = self._options
         replication_port = free_port()
-        args = ["--cluster", self.etcd.url, "--node-id", node_id,
+        args = [*self.etcd.client_options(), "--node-id", node_id,
                 "--replication-port", str(replication_port), "--lease-ttl", str(lease_ttl),
                 *extra]
         if "--master-key-file" not in extra:

@@ -1,9 +1,13 @@
-"""Access keys in a cluster: made once in etcd, honoured and revoked on every node."""
+"""Access keys in a cluster: made once in etcd, honoured and revoked on every node, and
+bound to their account and principal, so that a record moved in etcd is refused."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -13,8 +17,13 @@ from pathlib import Path
 
 import botocore.exceptions
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from server.cluster.etcd_keystore import EtcdKeyStore, master_check
+from server.protection import masterkey
+from server.protection.keystore import WRAP_LEGACY, new_key
 from tests.cluster.harness import cluster
+from tests.support.etcd import EtcdServer, kv_get, kv_put
 from tests.support.server import Server, free_port
 
 
@@ -98,3 +107,124 @@ def test_a_node_with_another_master_key_refuses_to_start(tmp_path: Path) -> None
         with urllib.request.urlopen(c.nodes["n0"].url + "/readyz", timeout=5) as reply:
             assert reply.status == 200
 
+
+
+# --- a key record is bound to its id, account and principal -----------------------------------
+
+ALICE, BOB = "111111111111", "222222222222"
+
+
+def test_a_key_record_moved_to_another_account_in_etcd_is_refused(tmp_path: Path) -> None:
+    master = _master_key(tmp_path / "cluster.key")
+    with cluster(tmp_path, nodes=1, extra=("--auth", "required", "--master-key-file",
+                                           str(master), "--min-insync-replicas", "1")) as c:
+        assert isinstance(c.etcd, EtcdServer)
+        where = ("--cluster", c.etcd.url, "--master-key-file", str(master))
+        made = [_keys("create", *where, "--principal", p, "--account", a)
+                for p, a in (("alice", ALICE), ("bob", BOB))]
+        assert all(m.returncode == 0 for m in made), [m.stderr for m in made]
+        alice, bob = (json.loads(m.stdout) for m in made)
+        node = c.nodes["n0"]
+        url = node.sqs(bob).create_queue(QueueName="bobs-only")["QueueUrl"]
+
+        # Someone who can write etcd gives alice's key to bob's account.
+        record = f"/conveyor/access-keys/{alice['access_key_id']}".encode()
+        stored = kv_get(c.etcd, record)
+        assert stored is not None
+        moved = json.loads(stored) | {"account": BOB}
+        kv_put(c.etcd, record, json.dumps(moved).encode())
+
+        deadline = time.monotonic() + 15  # the node's copy follows etcd at once; a lookup
+        outcome = None                    # made before that is cached for 5 s
+        while time.monotonic() < deadline:
+            try:
+                listed = node.sqs(alice).list_queues().get("QueueUrls", [])
+                assert url not in listed, "the moved key acted for bob's account"
+                outcome = "served as alice"
+            except botocore.exceptions.ClientError as exc:
+                status = exc.response["ResponseMetadata"]["HTTPStatusCode"]
+                outcome = f"{status} {_code(exc)}"
+                if outcome == "403 InvalidClientTokenId":
+                    break
+            time.sleep(0.2)
+        assert outcome == "403 InvalidClientTokenId", outcome
+        with pytest.raises(botocore.exceptions.ClientError):
+            node.sqs(alice).send_message(QueueUrl=url, MessageBody="as bob")
+        assert node.sqs(bob).receive_message(QueueUrl=url).get("Messages") is None
+        assert f"access key {alice['access_key_id']} refused" in node.log.read_text()
+        # A record that is not one at all is refused the same way, not answered with a 500.
+        garbage = {"access_key_id": new_key()[0], "secret_access_key": "x" * 40}
+        kv_put(c.etcd, f"/conveyor/access-keys/{garbage['access_key_id']}".encode(),
+               b'{"account": 1, "principal": [], "revoked_ms": null}')
+        deadline = time.monotonic() + 10
+        while f"access key {garbage['access_key_id']} refused" not in node.log.read_text():
+            assert time.monotonic() < deadline, node.log.read_text()[-2000:]
+            with pytest.raises(botocore.exceptions.ClientError) as caught:
+                node.sqs(garbage).list_queues()
+            assert _code(caught.value) == "InvalidClientTokenId"
+            time.sleep(0.2)
+        # The command line says why rather than print a token for the moved key.
+        token = _keys("token", alice["access_key_id"], *where)
+        assert token.returncode != 0 and "account and principal" in token.stderr
+        assert "Traceback" not in token.stderr
+
+
+def test_format_1_keys_in_etcd_are_rewrapped_once_by_the_first_node(tmp_path: Path) -> None:
+    master_path = _master_key(tmp_path / "cluster.key")
+    master = master_path.read_bytes()
+    etcd = EtcdServer(tmp_path / "etcd")
+    try:
+        def legacy(principal: str, account: str) -> tuple[str, str]:
+            """A key as an older version stored it: bound to its id alone, no version."""
+            key_id, secret = new_key()
+            nonce = secrets.token_bytes(12)
+            wrapped = nonce + AESGCM(masterkey.subkey(master, "access-keys")).encrypt(
+                nonce, secret.encode(), key_id.encode())
+            kv_put(etcd, f"/conveyor/access-keys/{key_id}".encode(), json.dumps(
+                {"principal": principal, "account": account, "created_ms": 1,
+                 "revoked_ms": None, "wrapped_secret": base64.b64encode(wrapped).decode()}
+            ).encode())
+            return key_id, secret
+
+        kv_put(etcd, b"/conveyor/master-key-check",
+               master_check(master, WRAP_LEGACY).encode())
+        key_id, secret = legacy("alice", ALICE)
+        node = Server(tmp_path / "n0", extra=(
+            "--cluster", etcd.url, "--node-id", "n0", "--replication-port", str(free_port()),
+            "--auth", "required", "--master-key-file", str(master_path),
+            "--min-insync-replicas", "1"))
+        try:
+            key = {"access_key_id": key_id, "secret_access_key": secret}
+            node.sqs(key).create_queue(QueueName="kept")  # the old key works on
+            stored = kv_get(etcd, f"/conveyor/access-keys/{key_id}".encode())
+            assert stored is not None and json.loads(stored)["version"] == 2
+            assert kv_get(etcd, b"/conveyor/master-key-check") == master_check(master).encode()
+            log = node.log.read_text()
+            assert f"access key {key_id} rewrapped from format 1 to 2 as account {ALICE}" in log
+
+            # A format-1 record written now (a replay, or an older `conveyor keys`) is
+            # neither served nor rewrapped by a later start.
+            late_id, late_secret = legacy("mallory", ALICE)
+            late = {"access_key_id": late_id, "secret_access_key": late_secret}
+            deadline = time.monotonic() + 10
+            while f"access key {late_id} refused" not in node.log.read_text():
+                assert time.monotonic() < deadline, node.log.read_text()[-2000:]
+                with pytest.raises(botocore.exceptions.ClientError) as caught:
+                    node.sqs(late).list_queues()
+                assert _code(caught.value) == "InvalidClientTokenId"
+                time.sleep(0.2)
+
+            async def start_again() -> None:
+                client = etcd.access().client(0, 5)
+                try:
+                    await EtcdKeyStore(client, master).upgrade()
+                finally:
+                    await client.close()
+
+            asyncio.run(start_again())
+            stored = kv_get(etcd, f"/conveyor/access-keys/{late_id}".encode())
+            assert stored is not None and "version" not in json.loads(stored)
+        finally:
+            node.kill()
+    finally:
+        etcd.stop()
