@@ -26,8 +26,10 @@ import pytest
 
 from replication import frames as fr
 from server.cluster.codec import pack
+from server.protection import masterkey
 from tests.cluster.harness import ACCOUNT, Cluster, cluster, read_log
 from tests.cluster.workload import create_queue
+from tests.support.server import Server, free_port
 
 QUEUE = "target"
 NAME = f"{ACCOUNT}/{QUEUE}"
@@ -218,6 +220,17 @@ class _Flood:
         finally:
             for conn in held:
                 conn.close()
+
+
+def test_a_node_with_another_cluster_secret_refuses_to_start(guarded: Cluster) -> None:
+    """Rather than start and fail every link's handshake, one by one, far from the
+    cause: the fingerprint of its key is not the one in etcd."""
+    stranger = guarded.root / "stranger.secret"
+    masterkey.load_or_create(str(stranger))
+    with pytest.raises(RuntimeError, match="cluster secret"):
+        Server(guarded.root / "stranger", extra=(
+            "--cluster", guarded.etcd.url, "--node-id", "stranger", "--replication-port",
+            str(free_port()), "--cluster-secret-file", str(stranger)))
 
 
 def test_a_flood_of_unauthenticated_connections_keeps_no_node_out(tmp_path: Path) -> None:
