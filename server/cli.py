@@ -154,6 +154,10 @@ def _read_password(path: str) -> str:
 @click.option("--master-key-file", type=click.Path(dir_okay=False),
               help="The 32-byte master key (created 0600 if absent). "
                    "Default: master.key in the data directory.")
+@click.option("--metrics-token-file", type=click.Path(dir_okay=False),
+              help="A file (mode 0600) of one line, 32 to 1024 visible ASCII characters: "
+                   "/metrics then requires 'Authorization: Bearer <that line>'. Without "
+                   "it /metrics is refused under --auth required.")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False),
               help="PEM certificate chain: serve HTTPS (TLS 1.2 or later).")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False),
@@ -198,8 +202,9 @@ def _read_password(path: str) -> str:
 @click.option("--unsafe-no-peer-auth", "no_peer_auth", is_flag=True, hidden=True)
 @_etcd_options
 def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, auth: str,
-          insecure: bool, master_key_file: str | None, tls_cert: str | None,
-          tls_key: str | None, principal_rate: str, queue_rate: str, connections_max: int,
+          insecure: bool, master_key_file: str | None, metrics_token_file: str | None,
+          tls_cert: str | None, tls_key: str | None, principal_rate: str, queue_rate: str,
+          connections_max: int,
           sse_key_rotation_days: float, etcd: str | None, node_id: str | None,
           advertise: str | None, replication_port: int | None, replication_advertise: str,
           lease_ttl: int, replication_factor: int, min_insync_replicas: int,
@@ -218,6 +223,13 @@ def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, aut
     if auth == "none" and not insecure and not _is_loopback(host):
         raise click.UsageError(f"--auth none on {host} lets anyone on the network use every "
                                "queue: use --auth required, or say --insecure")
+    if metrics_token_file is not None:
+        from server.protection.operator import load_metrics_token
+
+        try:
+            load_metrics_token(metrics_token_file)
+        except EngineError as exc:
+            raise click.BadParameter(str(exc), param_hint="--metrics-token-file") from None
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
     for option, rate in (("--rate-limit-principal", principal_rate),
@@ -240,6 +252,7 @@ def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, aut
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     config = ServerConfig(data_dir=data_dir, host=host, port=port, fsync=fsync,
                           access_log=access_log, auth=auth, master_key_file=master_key_file,
+                          metrics_token_file=metrics_token_file,
                           tls_cert=tls_cert, tls_key=tls_key, principal_rate=principal_rate,
                           queue_rate=queue_rate, connections_max=connections_max,
                           sse_rotation_s=sse_key_rotation_days * 24 * 60 * 60,

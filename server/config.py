@@ -86,6 +86,9 @@ class ServerConfig:
     connections_max: int = CONNECTIONS_MAX
     sse_rotation_s: float = 30 * 24 * 60 * 60
     """Age at which a queue's data key is replaced (0: only by use count)."""
+    metrics_token_file: str | None = None
+    """The bearer token /metrics requires (server/protection/operator.py); None: /metrics
+    is open under --auth none and refused under --auth required."""
     cluster: ClusterConfig | None = None
     """None: a single node. Else this node's place in a cluster coordinated by etcd."""
 

@@ -51,8 +51,10 @@ class Deployment:
     """The bulkhead and breaker around this process's engine calls."""
     access_keys: KeyLookup | None
     """Where access keys are found; None while authentication is off."""
-    cluster_view: Callable[[], dict[str, Any]] | None = None
-    """This node's view of the cluster (for /v1/cluster); None on a single node."""
+    cluster_view: Callable[[str | None], dict[str, Any]] | None = None
+    """This node's view of the cluster (for /v1/cluster): given None, all of it (an
+    admin's); given an account, what that account may see (server/cluster/view.py). None
+    on a single node."""
 
 
 def open_deployment(config: ServerConfig, master: bytes, on_sync: OnSync

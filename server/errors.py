@@ -102,6 +102,10 @@ class MissingAuthenticationTokenError(AuthenticationError):
                          "requires one")
 
 
+class MetricsUnauthorizedError(AuthenticationError):
+    """A scrape of /metrics without the metrics token (server/protection/operator.py)."""
+
+
 class IncompleteSignatureError(AuthenticationError):
     """An Authorization header or presigned query that is not a well-formed SigV4 one."""
 

@@ -64,6 +64,11 @@ def partition_names(engine_name: str, count: int) -> list[str]:
     return [engine_name] + [f"{account}-p{p}/{name}" for p in range(1, count)]
 
 
+def partition_account(partition: str) -> str:
+    """The account whose queue a partition is part of (partition_names, inverted)."""
+    return partition.partition("/")[0].partition("-p")[0]
+
+
 def group_partition(group_id: str | None, count: int) -> int:
     """The partition of a FIFO message group: the same on every node and every release."""
     if group_id is None or count == 1:

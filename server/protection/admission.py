@@ -1,9 +1,10 @@
 """Admission: the FrontEnd layers a request passes before it reaches a queue.
 
 :func:`protect` (a middleware, inside :func:`server.web.middleware.frontend`) authenticates the
-caller and applies the per-principal rate limit. :meth:`Admission.admit_queue` runs once
-the queue a request names is known (from the path on the native API, from the parameters
-on the SQS protocols): the queue's policy is checked, and the per-queue rate limit. Both
+caller and applies the per-principal rate limit; a scrape of /metrics proves the metrics
+token instead (server/protection/operator.py). :meth:`Admission.admit_queue` runs once the
+queue a request names is known (from the path on the native API, from the parameters on
+the SQS protocols): the queue's policy is checked, and the per-queue rate limit. Both
 refuse before anything changes.
 
 The queue's record, which holds its policy and rate override, comes from the metadata
@@ -18,12 +19,15 @@ from engine.errors import InvalidParameterError, QueueNotFoundError
 from server.metadata import CachedMetadata, QueueRecord
 from server.protection import authz
 from server.protection.auth import Authenticator
+from server.protection.operator import MetricsGate
 from server.protection.ratelimit import Limiter, Rate
 from server.web import appkeys
 from server.web.middleware import Handler
 
-# Paths served to anyone: liveness and readiness probes, metrics scrapes, the API schema.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+# Paths served to anyone: liveness and readiness probes, the API schema.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
+# Scrapes prove the metrics token, not an access key (server/protection/operator.py).
+METRICS_PATH = "/metrics"
 
 # The SQS action each native route performs on its queue, for policies and metrics.
 NATIVE_ACTIONS = {
@@ -39,8 +43,10 @@ NATIVE_ACTIONS = {
 
 class Admission:
     def __init__(self, authenticator: Authenticator, metadata: CachedMetadata,
-                 principal_rate: Rate | None, queue_rate: Rate | None) -> None:
+                 principal_rate: Rate | None, queue_rate: Rate | None,
+                 metrics_gate: MetricsGate) -> None:
         self.authenticator = authenticator
+        self.metrics_gate = metrics_gate
         self.metadata = metadata
         self.principal_rate = principal_rate
         self.queue_rate = queue_rate
@@ -76,6 +82,9 @@ async def protect(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path in OPEN_PATHS:
         return await handler(request)
     admission = request.app[appkeys.ADMISSION]
+    if request.path == METRICS_PATH:
+        admission.metrics_gate.check(request)
+        return await handler(request)
     caller = await admission.authenticator.authenticate(request)
     request[appkeys.PRINCIPAL] = caller.principal
     request[appkeys.ACCOUNT] = caller.account

@@ -10,11 +10,10 @@ names cannot grow them without end.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily
-from prometheus_client.registry import Collector
 
 FIELDS = ("requests", "messages", "bytes_in", "bytes_out", "throttled")
 # Distinct principals and queues counted; beyond it, new ones are counted under "other".
@@ -22,7 +21,7 @@ KEYS_MAX = 100_000
 OTHER = "other"
 
 
-class Usage(Collector):
+class Usage:
     def __init__(self, keys_max: int = KEYS_MAX) -> None:
         self._keys_max = keys_max
         # (account, principal) and (account, queue name) -> [requests, messages, ...]
@@ -49,16 +48,23 @@ class Usage(Collector):
                        for (a, q), c in sorted(self.queues.items()) if a == account},
         }
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        for scope, table in (("principal", self.principals), ("queue", self.queues)):
-            for field in FIELDS:
-                family = CounterMetricFamily(
-                    f"conveyor_usage_{scope}_{field}", f"{field.replace('_', ' ')} by {scope}",
-                    labels=["account", scope])
-                index = FIELDS.index(field)
-                for (account, key), counts in table.items():
-                    family.add_metric([account, key], counts[index])
-                yield family
+    def snapshot(self) -> Callable[[], Iterator[CounterMetricFamily]]:
+        """For /metrics (server/metrics.py), on the event loop: a copy of which keys there
+        are, whose counters are read on the render thread. A count may move on meanwhile
+        (an int read is atomic); the tables may not grow under an iteration."""
+        tables = (("principal", dict(self.principals)), ("queue", dict(self.queues)))
+
+        def render() -> Iterator[CounterMetricFamily]:
+            for scope, table in tables:
+                for index, field in enumerate(FIELDS):
+                    family = CounterMetricFamily(
+                        f"conveyor_usage_{scope}_{field}",
+                        f"{field.replace('_', ' ')} by {scope}", labels=["account", scope])
+                    for (account, key), counts in table.items():
+                        family.add_metric([account, key], counts[index])
+                    yield family
+
+        return render
 
 
 def _add(table: dict[tuple[str, str], list[int]], key: tuple[str, str], keys_max: int,

@@ -13,15 +13,16 @@ import os
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.config import HEADER_BYTES_MAX, HEADERS_MAX, REQUEST_BYTES_MAX, ServerConfig
 from server.deployment import open_deployment
-from server.metrics import Metrics
+from server.metrics import Exposition, Metrics
 from server.protection import masterkey
 from server.protection.admission import Admission, protect
 from server.protection.auth import Authenticator
 from server.protection.keystore import KeyCache
+from server.protection.operator import MetricsGate, load_metrics_token
 from server.protection.ratelimit import parse_rate
 from server.protection.sse import Keyring
 from server.protection.usage import Usage
@@ -51,7 +52,6 @@ def create_app(config: ServerConfig) -> web.Application:
     app.router.add_get("/readyz", readyz, name="readyz")
     app.router.add_get("/metrics", metrics, name="metrics")
     app.router.add_get("/openapi.json", openapi_json, name="openapi")
-    app.router.add_get("/v1/cluster", cluster_state, name="cluster")
     # The SQS protocols: JSON and query at "/", and the query protocol at a queue's URL.
     app.router.add_post("/", sqs.handle, name="sqs")
     app.router.add_get("/", sqs.handle, name="sqs_get")
@@ -65,6 +65,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     metrics = app[appkeys.METRICS]
     os.makedirs(config.data_dir, exist_ok=True)
     master = masterkey.load_or_create(config.master_key_path)
+    metrics_token = (load_metrics_token(config.metrics_token_file)
+                     if config.metrics_token_file else None)
     async with contextlib.AsyncExitStack() as stack:
         deployment = await stack.enter_async_context(
             open_deployment(config, master, metrics.fsync.observe))
@@ -75,15 +77,20 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(service.close)
         key_cache = KeyCache(deployment.access_keys) if deployment.access_keys else None
         metrics.watch(deployment.broker.broker)
-        metrics.registry.register(app[appkeys.USAGE])
+        metrics.watch_source(app[appkeys.USAGE])
         metrics.watch_protection((deployment.metadata.guard, deployment.engine_guard),
                                  lambda: service.sealer.unopened)
+        # Closed first (the stack unwinds in reverse): no render reads a closing engine.
+        exposition = Exposition(metrics)
+        stack.push_async_callback(exposition.close)
+        app[appkeys.EXPOSITION] = exposition
         app[appkeys.DEPLOYMENT] = deployment
         app[appkeys.SERVICE] = service
         app[appkeys.ADMISSION] = Admission(Authenticator(key_cache, config.account_id),
                                            deployment.metadata,
                                            parse_rate(config.principal_rate, "principal rate"),
-                                           parse_rate(config.queue_rate, "queue rate"))
+                                           parse_rate(config.queue_rate, "queue rate"),
+                                           MetricsGate(metrics_token, config.auth == "required"))
         yield
 
 
@@ -103,18 +110,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[appkeys.METRICS].registry)
+    """The Prometheus text, rendered off the event loop (server/metrics.py)."""
+    body = await request.app[appkeys.EXPOSITION].text()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-async def cluster_state(request: web.Request) -> web.Response:
-    """This node's view of the cluster: nodes, and each queue's replicas, ISR and leader."""
-    view = request.app[appkeys.DEPLOYMENT].cluster_view
-    if view is None:
-        return web.json_response({"error": {"code": "NotClustered",
-                                            "message": "this server is a single node"}},
-                                 status=404)
-    return web.json_response(view())
 
 
 async def openapi_json(request: web.Request) -> web.Response:

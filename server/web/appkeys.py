@@ -9,7 +9,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from server.config import ServerConfig
     from server.deployment import Deployment
-    from server.metrics import Metrics
+    from server.metrics import Exposition, Metrics
     from server.protection.admission import Admission
     from server.protection.usage import Usage
     from server.service import QueueService
@@ -18,6 +18,7 @@ CONFIG: web.AppKey[ServerConfig] = web.AppKey("config")
 DEPLOYMENT: web.AppKey[Deployment] = web.AppKey("deployment")
 SERVICE: web.AppKey[QueueService] = web.AppKey("service")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+EXPOSITION: web.AppKey[Exposition] = web.AppKey("exposition")
 ADMISSION: web.AppKey[Admission] = web.AppKey("admission")
 USAGE: web.AppKey[Usage] = web.AppKey("usage")
 # Per request, set by the FrontEnd's layers and read by the audit log and handlers.

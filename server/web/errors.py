@@ -23,6 +23,7 @@ from server.errors import (
     InvalidBatchEntryIdError,
     InvalidClientTokenIdError,
     MalformedRequestError,
+    MetricsUnauthorizedError,
     MissingAuthenticationTokenError,
     NotFoundError,
     PurgeInProgressError,
@@ -113,6 +114,8 @@ _TABLE: list[tuple[type[BaseException], ErrorSpec]] = [
     # signature does. Before IncompleteSignatureError, of which it is a kind.
     (UnsignedHeaderError, _S(403, "IncompleteSignature", "IncompleteSignature",
                              "IncompleteSignature")),
+    # Only /metrics raises it, so no SQS client sees it; 401 asks for the bearer token.
+    (MetricsUnauthorizedError, _S(401, "Unauthorized", "Unauthorized", "Unauthorized")),
     (IncompleteSignatureError, _S(400, "IncompleteSignature", "IncompleteSignature",
                                   "IncompleteSignature")),
     (InvalidClientTokenIdError, _S(403, "InvalidClientTokenId", "InvalidClientTokenId",

@@ -19,7 +19,12 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from server.config import REQUEST_BYTES_MAX
-from server.errors import NotFoundError, RequestTooLargeError, ThrottledError
+from server.errors import (
+    MetricsUnauthorizedError,
+    NotFoundError,
+    RequestTooLargeError,
+    ThrottledError,
+)
 from server.sqs import json_protocol, query_protocol
 from server.web import appkeys
 from server.web.errors import INTERNAL, native_status, spec_for
@@ -84,6 +89,8 @@ def error_response(request: web.Request, exc: BaseException) -> web.Response:
     if isinstance(exc, ThrottledError):
         # Whole seconds, rounded up, as RFC 9110 requires; at least 1.
         response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    elif isinstance(exc, MetricsUnauthorizedError):
+        response.headers["WWW-Authenticate"] = 'Bearer realm="conveyor-metrics"'
     return response
 
 

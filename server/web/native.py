@@ -29,7 +29,7 @@ from engine.limits import (
 )
 from server.config import REQUEST_BYTES_MAX
 from server.errors import MalformedRequestError, RequestTooLargeError
-from server.protection import authz
+from server.protection import authz, operator
 from server.service import QueueService, QueueView
 from server.settings import PARTITIONS, RATE_LIMIT, REPLICATION_FACTOR, SSE_MANAGED
 from server.web import appkeys
@@ -452,3 +452,21 @@ async def usage(request: web.Request) -> web.Response:
     """The caller's account's usage counters, per principal and per queue."""
     account = request.get(appkeys.ACCOUNT, request.app[appkeys.CONFIG].account_id)
     return web.json_response(request.app[appkeys.USAGE].of_account(account))
+
+
+# --- the cluster -----------------------------------------------------------------------------
+
+
+@routes.get("/v1/cluster", name="cluster")
+async def cluster(request: web.Request) -> web.Response:
+    """This node's view of the cluster: all of it for an admin; for anyone else, its own
+    account's queues and nodes by alias (server/cluster/view.py)."""
+    view = request.app[appkeys.DEPLOYMENT].cluster_view
+    if view is None:
+        return web.json_response({"error": {"code": "NotClustered",
+                                            "message": "this server is a single node"}},
+                                 status=404)
+    server_account = request.app[appkeys.CONFIG].account_id
+    account = request.get(appkeys.ACCOUNT, server_account)
+    return web.json_response(view(None if operator.is_admin(account, server_account)
+                                  else account))

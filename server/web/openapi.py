@@ -363,6 +363,8 @@ def document() -> dict[str, Any]:
             "/v1/cluster": {"get": {"operationId": "cluster",
                                     "responses": _ok("200", "Cluster",
                                                      "This node's view of its cluster "
-                                                     "(404 on a single node)")}},
+                                                     "(404 on a single node): all of it "
+                                                     "for an admin; for anyone else its "
+                                                     "account's queues, nodes by alias")}},
         },
     }

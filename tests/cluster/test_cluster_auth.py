@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import botocore.exceptions
 import pytest
@@ -228,3 +229,91 @@ def test_format_1_keys_in_etcd_are_rewrapped_once_by_the_first_node(tmp_path: Pa
             node.kill()
     finally:
         etcd.stop()
+
+
+def _call(url: str, token: str | None = None, payload: dict[str, Any] | None = None
+          ) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = None
+    if payload is not None:
+        data = json.dumps(payload).encode()
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_the_cluster_view_shows_a_tenant_only_its_own_queues(tmp_path: Path) -> None:
+    master = _master_key(tmp_path / "cluster.key")
+    alice_account, bob_account = "111111111111", "222222222222"
+    with cluster(tmp_path, nodes=2,
+                 extra=("--auth", "required", "--master-key-file", str(master))) as c:
+        where = ("--cluster", c.etcd.url, "--master-key-file", str(master))
+        tokens = {}
+        for name, account in (("operator", None), ("alice", alice_account),
+                              ("bob", bob_account)):
+            made = _keys("create", *where, "--principal", name,
+                         *(("--account", account) if account else ()))
+            assert made.returncode == 0, made.stderr
+            token = _keys("token", json.loads(made.stdout)["access_key_id"], *where)
+            assert token.returncode == 0, token.stderr
+            tokens[name] = token.stdout.strip()
+        n0 = c.nodes["n0"].url
+        assert _call(n0 + "/v1/queues", tokens["alice"],
+                     {"name": "alice-orders", "partitions": 2})[0] == 201
+        assert _call(n0 + "/v1/queues", tokens["bob"], {"name": "bob-payroll"})[0] == 201
+        alices = {f"{alice_account}/alice-orders", f"{alice_account}-p1/alice-orders"}
+        bobs = {f"{bob_account}/bob-payroll"}
+
+        def view(node: str, who: str) -> tuple[dict[str, Any], bytes]:
+            status, body = _call(c.nodes[node].url + "/v1/cluster", tokens[who])
+            assert status == 200, body
+            return json.loads(body), body
+
+        deadline = time.monotonic() + 30  # until every node knows every leader
+        while True:
+            whole = {node: view(node, "operator")[0] for node in c.nodes}
+            if all(state["queues"].get(q, {}).get("leader") in c.nodes
+                   for state in whole.values() for q in alices | bobs):
+                break
+            assert time.monotonic() < deadline, whole
+            time.sleep(0.2)
+
+        seen_leading: set[str] = set()
+        for node in c.nodes:
+            # The operator (the server's own account) sees everything, addresses too.
+            admin = whole[node]
+            assert alices | bobs <= set(admin["queues"])
+            assert {n: v["http"] for n, v in admin["nodes"].items()} == {
+                n: s.url for n, s in c.nodes.items()}
+            bob_uid = admin["queues"][f"{bob_account}/bob-payroll"]["uid"]
+
+            alice, raw = view(node, "alice")
+            assert set(alice["queues"]) == alices, alice
+            assert set(alice["leading"]) <= alices, alice
+            seen_leading |= set(alice["leading"])
+            for name in alices:
+                mine, theirs = alice["queues"][name], admin["queues"][name]
+                assert (mine["uid"], mine["epoch"]) == (theirs["uid"], theirs["epoch"])
+                assert mine["leader"].startswith("node-") and len(mine["isr"]) == 2
+            # Nothing of Bob's, and no node's address or id: nodes go by alias.
+            for secret in (b"bob-payroll", bob_account.encode(), str(bob_uid).encode(),
+                           b"127.0.0.1", b'"n0"', b'"n1"', b"http"):
+                assert secret not in raw, (secret, raw)
+            assert alice["node"] in alice["nodes"] and all(
+                v == {} for v in alice["nodes"].values())
+
+            bob, raw = view(node, "bob")
+            assert set(bob["queues"]) == bobs and set(bob["leading"]) <= bobs, bob
+            assert b"alice" not in raw and alice_account.encode() not in raw
+
+            # Every node names a node by the same alias.
+            other = next(n for n in c.nodes if n != node)
+            assert view(other, "alice")[0]["nodes"].keys() == alice["nodes"].keys()
+
+            status, _ = _call(c.nodes[node].url + "/v1/cluster")
+            assert status == 403  # no credentials, no view
+        assert seen_leading == alices  # each partition's leader shows it to its owner

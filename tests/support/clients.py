@@ -5,6 +5,8 @@ server left in its data directory."""
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import time
 import urllib.error
 import urllib.request
@@ -97,15 +99,30 @@ def files_holding(data_dir: Path, needles: Iterable[bytes]) -> dict[bytes, list[
     return found
 
 
-def metrics(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of /metrics, by name and sorted labels."""
-    reply = http(server, "GET", "/metrics")
+def metrics(server: Server, token: str | None = None
+            ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics, by name and sorted labels; ``token``: the metrics token
+    the server was started with (--metrics-token-file)."""
+    reply = http(server, "GET", "/metrics",
+                 headers={"Authorization": f"Bearer {token}"} if token else None)
     assert reply.status == 200, reply
     samples = {}
     for family in text_string_to_metric_families(reply.body.decode()):
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
+
+
+def metrics_token_file(path: Path, token: str | None = None) -> tuple[Path, str]:
+    """A metrics token file (mode 0600, one line), as an operator makes one, and its
+    token (``token``, or a random one)."""
+    token = token or secrets.token_hex(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, f"{token}\n".encode())
+    finally:
+        os.close(fd)
+    return path, token
 
 
 def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.05) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import subprocess
 import sys
 import threading
@@ -25,7 +26,14 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
-from tests.support.clients import ACCOUNT, http, metrics, native, sqs_query
+from tests.support.clients import (
+    ACCOUNT,
+    http,
+    metrics,
+    metrics_token_file,
+    native,
+    sqs_query,
+)
 from tests.support.server import Server
 
 RATE, BURST = 20, 20
@@ -252,14 +260,18 @@ def test_a_queue_attribute_overrides_the_limit_for_that_queue_only(limited: Serv
 # --- usage by principal and queue, with authentication --------------------------------------
 
 ALICE_ACCOUNT, BOB_ACCOUNT, DAVE_ACCOUNT = "111111111111", "222222222222", "333333333333"
+# /metrics needs it under --auth required (server/protection/operator.py).
+METRICS_TOKEN = secrets.token_hex(32)
 
 
 @pytest.fixture(scope="module")
 def authed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     # The audit log is on: conftest turns it off, and the later flag wins.
-    running = Server(tmp_path_factory.mktemp("usage") / "data", fsync="never",
+    root = tmp_path_factory.mktemp("usage")
+    token_file, _ = metrics_token_file(root / "metrics.token", METRICS_TOKEN)
+    running = Server(root / "data", fsync="never",
                      extra=("--auth", "required", "--rate-limit-principal", "5/s:40",
-                            "--access-log"))
+                            "--access-log", "--metrics-token-file", str(token_file)))
     try:
         yield running
     finally:
@@ -326,7 +338,7 @@ def test_usage_by_principal_and_queue(authed: Server) -> None:
     for _ in range(2):
         bob.send_message(QueueUrl=bob_url, MessageBody="bob's")
 
-    samples = metrics(authed)
+    samples = metrics(authed, METRICS_TOKEN)
     assert usage_of(samples, "principal", ALICE_ACCOUNT, "alice")["requests"] == alice_requests
     assert usage_of(samples, "principal", ALICE_ACCOUNT, "alice")["messages"] == alice_messages
     assert usage_of(samples, "principal", ALICE_ACCOUNT, "carol")["requests"] == 1
@@ -398,7 +410,7 @@ def test_throttled_requests_are_counted_for_their_principal(authed: Server) -> N
     assert dave_usage["requests"] == len(statuses)
     assert dave_usage["throttled"] == throttled, (dave_usage, statuses)
     assert dave_usage["messages"] == 0
-    samples = metrics(authed)
+    samples = metrics(authed, METRICS_TOKEN)
     assert usage_of(samples, "principal", DAVE_ACCOUNT, "dave")["throttled"] == throttled
     refused = [line for line in audit_lines(authed)
                if line["principal"] == "dave" and line["status"] == 429]

@@ -1,0 +1,67 @@
+"""What GET /v1/cluster shows a caller.
+
+An admin (server/protection/operator.py) sees this node's whole view, as
+replication/node.py describes it: every node's addresses, every queue's partitions with
+their uids, replicas, ISR, leader and epoch. Anyone else sees only its own account's
+partitions, and each node by an alias: unless ``--node-id`` names it, a node's id is its
+address (ADVERTISE:PORT), as telling as the addresses an admin sees. The alias is
+a MAC of the id under a key every node derives from the cluster's secret, so it is the
+same on every node and cannot be turned back into the id.
+
+Fields are copied by name, never passed through: a field that the replication layer adds
+to its description later reaches admins only, until someone decides a tenant may see it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+from server.cluster.partitions import partition_account
+
+# Hex digits of an alias: 48 bits, so that two nodes of one cluster never share one.
+_ALIAS_HEX = 12
+
+View = dict[str, Any]
+
+
+def cluster_view(describe: Callable[[], View], alias_key: bytes
+                 ) -> Callable[[str | None], View]:
+    """/v1/cluster's data: ``describe()`` whole for None (an admin), else for an account."""
+
+    def alias(node_id: str) -> str:
+        mac = hmac.new(alias_key, node_id.encode(), hashlib.sha256).hexdigest()
+        return f"node-{mac[:_ALIAS_HEX]}"
+
+    def view(account: str | None) -> View:
+        whole = describe()
+        return whole if account is None else account_view(whole, account, alias)
+
+    return view
+
+
+def account_view(whole: View, account: str, alias: Callable[[str], str]) -> View:
+    """The part of ``whole`` an account may see: its own partitions, nodes by alias."""
+
+    def aliases(node_ids: list[str]) -> list[str]:
+        return [alias(n) for n in node_ids]
+
+    def maybe(node_id: str | None) -> str | None:
+        return None if node_id is None else alias(node_id)
+
+    queues = {
+        name: {"uid": q["uid"], "replicas": aliases(q["replicas"]), "isr": aliases(q["isr"]),
+               "leader": maybe(q["leader"]), "epoch": q["epoch"],
+               "leading_here": q["leading_here"]}
+        for name, q in whole["queues"].items() if partition_account(name) == account}
+    leading = {
+        name: {"queue": r["queue"], "epoch": r["epoch"], "replicas": aliases(r["replicas"]),
+               "isr": aliases(r["isr"]), "commit_offset": r["commit_offset"],
+               "acked": {alias(n): offset for n, offset in r["acked"].items()},
+               "connected": aliases(r["connected"])}
+        for name, r in whole["leading"].items() if partition_account(name) == account}
+    return {"node": alias(whole["node"]), "lease_valid": whole["lease_valid"],
+            "nodes": {alias(n): {} for n in whole["nodes"]}, "queues": queues,
+            "leading": leading}
