@@ -165,7 +165,7 @@ def _read_password(path: str) -> str:
 @click.option("--rate-limit-principal", "principal_rate", default="", metavar="RATE",
               help='Requests per principal, e.g. "100/s" or "100/s:200" (rate:burst).')
 @click.option("--rate-limit-queue", "queue_rate", default="", metavar="RATE",
-              help="Requests per queue, unless its ConveyorRateLimit attribute says other.")
+              help="Requests per queue; a queue's ConveyorRateLimit may only lower it.")
 @click.option("--connections-max", default=CONNECTIONS_MAX, show_default=True,
               type=click.IntRange(1, 1_000_000),
               help="Connections served at once; more are closed as they arrive.")

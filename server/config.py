@@ -21,6 +21,14 @@ REQUEST_BYTES_MAX = 8 * 1024 * 1024
 HEADER_BYTES_MAX = 16 * 1024
 # Headers in one request.
 HEADERS_MAX = 100
+# Nesting of a JSON document a client sends (a request body, a Policy, a RedrivePolicy):
+# no SQS or native request needs more than six levels. Deeper documents are refused with
+# 400 before any code walks them, so nothing recursive ever meets client nesting.
+JSON_DEPTH_MAX = 32
+# Bytes of one queue attribute the server keeps as given (RedriveAllowPolicy,
+# KmsMasterKeyId, DeduplicationScope ...): kept in every cached queue record, so it is
+# bounded as SQS's largest attribute, the 8 KiB Policy (server/protection/authz.py), is.
+STORED_ATTRIBUTE_BYTES_MAX = 8 * 1024
 # Concurrent connections the server serves; a connection beyond it is closed at once
 # (the client sees a reset and retries), so a flood cannot exhaust descriptors or memory.
 CONNECTIONS_MAX = 4096

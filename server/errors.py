@@ -14,7 +14,9 @@ class ServerError(e.EngineError):
 
 class UnknownActionError(ServerError):
     def __init__(self, action: str) -> None:
-        super().__init__(f"unknown action {action!r}")
+        # A made-up action can be megabytes long: the answer echoes only its start.
+        shown = action if len(action) <= 80 else action[:80] + "..."
+        super().__init__(f"unknown action {shown!r}")
         self.action = action
 
 
@@ -83,6 +85,15 @@ class TaskNotFoundError(ServerError):
 class UnsupportedOperationError(ServerError):
     def __init__(self, what: str) -> None:
         super().__init__(f"{what} is not supported")
+
+
+class OverLimitError(ServerError):
+    """A change would take something past a limit SQS answers with OverLimit (a queue
+    policy grown by AddPermission past its statements, principals or bytes)."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        super().__init__(f"{what}: {reason}")
+        self.reason = reason
 
 
 class NotFoundError(ServerError):

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from server.config import METADATA_LOCK_WAIT_S
 from server.errors import DependencyUnavailableError
+from server.protection import authz
 from server.protection.breaker import Bulkhead, CircuitBreaker, Guard
 from server.settings import QueueSettings
 
@@ -46,6 +47,12 @@ class QueueRecord:
     def settings(self) -> QueueSettings:
         """The attributes among extra that the server acts on, parsed once per record."""
         return QueueSettings.of(self.extra)
+
+    @functools.cached_property
+    def policy(self) -> authz.CompiledPolicy | None:
+        """The queue's Policy compiled for this queue, once per record (a change of the
+        policy is a new record): cross-account requests never parse or match it again."""
+        return authz.compile_policy(self.extra.get("Policy"), self.account, self.name)
 
 
 class MetadataStore(Protocol):

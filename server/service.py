@@ -44,6 +44,7 @@ from server.errors import PurgeInProgressError
 from server.metadata import CachedMetadata, QueueRecord
 from server.moves import MoveTasks
 from server.protection import authz
+from server.protection.ratelimit import Rate
 from server.sealing import Sealer
 from server.settings import QueueSettings, check_settings
 
@@ -82,10 +83,14 @@ class _KeyedLocks:
 
 
 class QueueService:
-    def __init__(self, backend: QueueBackend, metadata: CachedMetadata, sealer: Sealer) -> None:
+    def __init__(self, backend: QueueBackend, metadata: CachedMetadata, sealer: Sealer,
+                 queue_rate: Rate | None = None) -> None:
         self.backend = backend
         self.metadata = metadata
         self.sealer = sealer
+        self.queue_rate = queue_rate
+        """The server's per-queue rate limit, which a queue's ConveyorRateLimit may only
+        tighten."""
         self.moves = MoveTasks(self)
         self._purged: dict[str, float] = {}
         self._locks = _KeyedLocks()
@@ -100,7 +105,7 @@ class QueueService:
                            extra: dict[str, str], tags: dict[str, str]) -> QueueRecord:
         """Create a queue, or return it if it exists with the same attributes."""
         check_tags(tags)
-        _check_extra(extra, None)
+        _check_extra(extra, None, self.queue_rate)
         _same_account(account, attributes)
         # Attributes first: the name's rules depend on whether the queue is FIFO.
         check_queue_name(name, QueueAttributes.from_dict(attributes).fifo)
@@ -161,7 +166,7 @@ class QueueService:
                              extra: dict[str, str]) -> QueueView:
         async with self._locks.hold((account, name)):
             record = await self.record(account, name)
-            _check_extra(extra, record.extra)
+            _check_extra(extra, record.extra, self.queue_rate)
             _same_account(account, changes)
             self.backend.check_supported(changes, QueueSettings.of(extra))
             await self._update(record, changes, extra)
@@ -279,12 +284,14 @@ async def each_valid(items: Sequence[_T | EngineError],
     return [item if isinstance(item, EngineError) else next(results) for item in items]
 
 
-def _check_extra(extra: Mapping[str, str], existing: Mapping[str, str] | None) -> None:
+def _check_extra(extra: Mapping[str, str], existing: Mapping[str, str] | None,
+                 queue_rate: Rate | None) -> None:
     """Values of the queue attributes the FrontEnd enforces, checked before any is kept
-    (``existing``: the queue's attributes when it is changed, None when it is created)."""
+    (``existing``: the queue's attributes when it is changed, None when it is created;
+    ``queue_rate``: the server's per-queue rate limit)."""
     if extra.get("Policy"):
-        authz.parse(extra["Policy"])
-    check_settings(extra, existing)
+        authz.parse(extra["Policy"])  # with SQS's limits: bytes, statements, principals
+    check_settings(extra, existing, queue_rate)
 
 
 def _same_account(account: str, attributes: Mapping[str, Any]) -> None:

@@ -14,11 +14,14 @@ from collections.abc import Mapping
 
 from engine.errors import InvalidAttributeError
 from server.config import PARTITIONS_MAX, REPLICATION_FACTOR_MAX
-from server.protection.ratelimit import Rate, parse_rate
+from server.protection.ratelimit import Rate, parse_rate, tighter, within
 
 # This server's own queue attributes, named as SQS attributes are.
 RATE_LIMIT = "ConveyorRateLimit"
-"""A per-queue rate limit ("100/s:200"; "off" for none) over the server's default."""
+"""A per-queue rate limit ("100/s:200"; "off" for none) in place of the server's default
+(--rate-limit-queue). It may only tighten the server's limit: a value above it, or "off"
+while the server has one, is refused when set, and one kept from before the server's limit
+was lowered is held under it (:meth:`QueueSettings.rate_or`)."""
 REPLICATION_FACTOR = "ConveyorReplicationFactor"
 """Replicas of each of the queue's partitions in a cluster."""
 PARTITIONS = "ConveyorPartitions"
@@ -51,16 +54,35 @@ class QueueSettings:
                    partitions=_whole(extra.get(PARTITIONS, ""), PARTITIONS_MAX) or 1,
                    encrypted=extra.get(SSE_MANAGED) == "true" or bool(extra.get(KMS_KEY)))
 
-    def rate_or(self, default: Rate | None) -> Rate | None:
-        """The queue's rate limit: its own, else the server's default."""
-        return self.rate if self.own_rate else default
+    def rate_or(self, ceiling: Rate | None) -> Rate | None:
+        """The queue's rate limit: its own, else the server's per-queue limit, and never
+        more than the server's. The operator's limit protects the server from one queue,
+        so its owner may lower it but not lift it; a value above it is refused when set,
+        and this holds a value kept while the server's limit was higher (or absent)
+        under the current one, as a stored value cannot be refused after the fact."""
+        if not self.own_rate:
+            return ceiling
+        if ceiling is None:
+            return self.rate  # None for "off": no limit at all
+        if self.rate is None:
+            return ceiling  # "off", kept before the server had a limit
+        return tighter(self.rate, ceiling)
 
 
-def check_settings(extra: Mapping[str, str], existing: Mapping[str, str] | None) -> None:
+def check_settings(extra: Mapping[str, str], existing: Mapping[str, str] | None,
+                   queue_rate: Rate | None = None) -> None:
     """Refuse a bad value of these attributes in ``extra`` (a create, or a change of the
-    queue whose attributes are ``existing``) before anything is kept."""
-    if extra.get(RATE_LIMIT):
-        parse_rate(extra[RATE_LIMIT], RATE_LIMIT)
+    queue whose attributes are ``existing``) before anything is kept. ``queue_rate``: the
+    server's per-queue limit, which a queue's own may only tighten."""
+    if RATE_LIMIT in extra and extra[RATE_LIMIT] != "":  # "" removes the queue's own
+        rate = parse_rate(extra[RATE_LIMIT], RATE_LIMIT)
+        # Refused rather than quietly held down: the owner asked for more than the server
+        # grants any queue, and would otherwise meet 429s it was told it would not.
+        if queue_rate is not None and (rate is None or not within(rate, queue_rate)):
+            raise InvalidAttributeError(
+                RATE_LIMIT, extra[RATE_LIMIT],
+                f"the server limits each queue to {queue_rate}; a queue's own limit may "
+                "only be lower (a lower rate and a burst no larger)")
     factor = extra.get(REPLICATION_FACTOR)
     if factor and _whole(factor, REPLICATION_FACTOR_MAX) is None:
         raise InvalidAttributeError(REPLICATION_FACTOR, factor,

@@ -7,8 +7,9 @@ queue a request names is known (from the path on the native API, from the parame
 the SQS protocols): the queue's policy is checked, and the per-queue rate limit. Both
 refuse before anything changes.
 
-The queue's record, which holds its policy and rate override, comes from the metadata
-cache, so admitting a request to a known queue costs dictionary lookups only.
+The queue's record, which holds its policy (compiled once per record) and rate override,
+comes from the metadata cache, so admitting a request to a known queue costs dictionary
+lookups only.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from server.protection import authz
 from server.protection.auth import Authenticator
 from server.protection.operator import MetricsGate
 from server.protection.ratelimit import Limiter, Rate
+from server.protection.usage import queue_label
 from server.web import appkeys
 from server.web.middleware import Handler
 
@@ -58,20 +60,26 @@ class Admission:
         """Check the caller may do ``action`` on the queue, within its rate; return the
         queue's record (None when the caller's own queue does not exist: the action
         reports that itself, as it would without authentication)."""
-        request[appkeys.QUEUE] = f"{owner}/{name}"
         caller_account = request.get(appkeys.ACCOUNT)
         if not isinstance(caller_account, str):
             caller_account = request.app[appkeys.CONFIG].account_id
         record = self.metadata.cached(owner, name)
         if record is None:
-            if not isinstance(name, str) or not name.isascii() or len(name) > 256:
+            # Checked before the name is kept anywhere (usage, the audit line) or looked
+            # up: a made-up name of any length must cost nothing that outlives the request.
+            label = queue_label(owner, name)
+            if label is None:
                 return None  # not a queue name: the action refuses it
+            request[appkeys.QUEUE] = label
             record = await self.metadata.get(owner, name)
+        else:
+            request[appkeys.QUEUE] = record.engine_name  # a record's name is a valid one
         if record is None:
             if owner != caller_account:
                 raise QueueNotFoundError(name)
             return None
-        authz.check(owner, name, caller_account, action, record.extra.get("Policy"))
+        if owner != caller_account:  # the owner's requests never compile the policy
+            authz.check(owner, name, caller_account, action, record.policy)
         self.queues.check(record.engine_name, record.settings.rate_or(self.queue_rate),
                           f"queue {name}")
         return record

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import decimal
+import functools
 import itertools
 import math
 import re
@@ -97,6 +98,26 @@ def parse_rate(text: str, name: str = "rate") -> Rate | None:
         return Rate(per_second, burst)
     except InvalidParameterError as exc:
         raise InvalidParameterError(name, text, exc.reason) from None
+
+
+def within(rate: Rate, ceiling: Rate) -> bool:
+    """True if ``rate`` admits nothing ``ceiling`` would refuse: no faster, no larger burst."""
+    return rate.per_second <= ceiling.per_second and rate.burst <= ceiling.burst
+
+
+@functools.lru_cache(maxsize=1024)
+def tighter(rate: Rate, ceiling: Rate) -> Rate:
+    """``rate`` held under ``ceiling``: the lower rate and the smaller burst of the two.
+
+    Cached, so that the same pair gives the same Rate object each time and the limiter's
+    identity check stays on its fast path; bounded, since rates come from queue
+    attributes.
+    """
+    if within(rate, ceiling):
+        return rate
+    if within(ceiling, rate):
+        return ceiling
+    return Rate(min(rate.per_second, ceiling.per_second), min(rate.burst, ceiling.burst))
 
 
 class TokenBucket:

@@ -4,8 +4,14 @@ Counted per request, after its response (so a refused request counts too): reque
 messages sent, received or deleted, bytes in and out, and requests refused by a rate
 limit. The counters are exported to /metrics and, for the caller's own account, at
 ``GET /v1/usage`` (for billing or quotas). They live in memory and restart at zero with
-the process, as Prometheus counters do; keys are bounded so that a flood of made-up queue
-names cannot grow them without end.
+the process, as Prometheus counters do.
+
+Keys are bounded in number and in size, so that no client can grow them without end. A
+queue is counted under its name only once the name is known to be one a queue could have
+(:func:`queue_label`, used wherever a request names its queue): a request naming
+megabytes of made-up queue name is counted for its principal, and for no queue. Beyond
+KEYS_MAX principals or queues, new ones are counted together under the account and
+name "other".
 """
 
 from __future__ import annotations
@@ -15,10 +21,34 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily
 
+from engine.errors import InvalidQueueNameError
+from engine.limits import FIFO_SUFFIX, NAMESPACE_CHARS_MAX, QUEUE_NAME_CHARS_MAX, check_queue_name
+
 FIELDS = ("requests", "messages", "bytes_in", "bytes_out", "throttled")
 # Distinct principals and queues counted; beyond it, new ones are counted under "other".
 KEYS_MAX = 100_000
+# The longest part of a key: an account is a queue namespace (at most 64 characters), a
+# queue name at most 80, a principal at most 64. A longer one never comes from the
+# callers above; were one to, it would be counted under "other" rather than kept.
+KEY_PART_CHARS_MAX = max(NAMESPACE_CHARS_MAX, QUEUE_NAME_CHARS_MAX)
 OTHER = "other"
+
+
+def queue_label(owner: object, name: object) -> str | None:
+    """``owner/name`` if that is a queue name the server could hold, else None.
+
+    Only such a label may become a usage key, an audit field or a metrics label: a
+    request's queue is known from what the client sent before anything checks it, and
+    a made-up name can be megabytes long.
+    """
+    if not isinstance(owner, str) or not isinstance(name, str):
+        return None
+    if len(owner) > NAMESPACE_CHARS_MAX or len(name) > QUEUE_NAME_CHARS_MAX:
+        return None  # before the name is copied into the label below
+    try:
+        return check_queue_name(f"{owner}/{name}", name.endswith(FIFO_SUFFIX))
+    except InvalidQueueNameError:
+        return None
 
 
 class Usage:
@@ -71,8 +101,11 @@ def _add(table: dict[tuple[str, str], list[int]], key: tuple[str, str], keys_max
          messages: int, bytes_in: int, bytes_out: int, throttled: bool) -> None:
     counts = table.get(key)
     if counts is None:
-        if len(table) >= keys_max:
-            key = (key[0], OTHER)
+        if (len(table) >= keys_max or len(key[0]) > KEY_PART_CHARS_MAX
+                or len(key[1]) > KEY_PART_CHARS_MAX):
+            # One key for all of them, account included: a queue's owner comes from the
+            # request, so (owner, "other") per owner would grow without end again.
+            key = (OTHER, OTHER)
         counts = table.setdefault(key, [0, 0, 0, 0, 0])
     counts[0] += 1
     counts[1] += messages

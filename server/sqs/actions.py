@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
@@ -39,11 +38,10 @@ from server.errors import (
 )
 from server.service import QueueService
 from server.sqs import shapes
+from server.sqs.attempts import ReceiveAttempts
 from server.web.errors import spec_for
 from server.web.params import int_in_range
 
-# FIFO receive-attempt ids are remembered this long (SQS's five minutes).
-RECEIVE_ATTEMPT_WINDOW_S = 300
 _ENTRY_ID = re.compile(r"[A-Za-z0-9_-]{1,80}")
 
 
@@ -53,8 +51,8 @@ class Context:
     account: str
     base_url: str
     region: str
-    # FIFO ReceiveRequestAttemptId -> (when, result), per queue.
-    attempts: dict[tuple[str, str], tuple[float, dict[str, Any]]]
+    # FIFO ReceiveRequestAttemptId -> the answer, per queue (bounded: see attempts.py).
+    attempts: ReceiveAttempts
     sender: str | None = None
 
     def url(self, account: str, name: str) -> str:
@@ -329,15 +327,15 @@ async def receive_message(ctx: Context, params: Params) -> dict[str, Any]:
             raise InvalidParameterError("ReceiveRequestAttemptId", attempt,
                                         "must be 1..128 characters")
         key = (f"{account}/{name}", attempt)
-        remembered = ctx.attempts.get(key)
-        if remembered is not None and time.monotonic() - remembered[0] < RECEIVE_ATTEMPT_WINDOW_S:
+        remembered = ctx.attempts.get(*key)
+        if remembered is not None:
             # A retried receive gets the same messages and receipts back (SQS FIFO).
-            return remembered[1]
+            return remembered
     messages = await ctx.service.receive(account, name, count, wait, visibility)
     result = {"Messages": [shapes.received(m, system, names, ctx.region, account)
                            for m in messages]} if messages else {}
     if key is not None:
-        ctx.attempts[key] = (time.monotonic(), result)
+        ctx.attempts.put(*key, result)
     return result
 
 

@@ -14,7 +14,6 @@ the request.
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -22,14 +21,15 @@ from aiohttp import web
 
 from engine.errors import EngineError
 from server.errors import MalformedRequestError, UnknownActionError
+from server.protection.usage import queue_label
 from server.sqs import json_protocol, query_protocol
-from server.sqs.actions import ACTIONS, QUEUE_FROM_URL, RECEIVE_ATTEMPT_WINDOW_S, Context
+from server.sqs.actions import ACTIONS, QUEUE_FROM_URL, Context
 from server.sqs.query_protocol import FIELDS_MAX
 from server.sqs.shapes import parse_queue_url
 from server.web import appkeys
 
-# FIFO receive attempts kept before the ones older than their window are dropped.
-ATTEMPTS_KEPT_MAX = 100_000
+# The action metrics and the audit line name for a request whose action is not one of ours.
+UNKNOWN_ACTION = "unknown"
 
 
 async def handle(request: web.Request) -> web.Response:
@@ -39,7 +39,7 @@ async def handle(request: web.Request) -> web.Response:
     body = await request.read()
     if json_request:
         action = json_protocol.action(request.headers.get("X-Amz-Target"))
-        request[appkeys.ACTION] = action
+        _name_action(request, action)
         params = json_protocol.parse(body)
     else:
         try:
@@ -53,7 +53,7 @@ async def handle(request: web.Request) -> web.Response:
         # The query protocol's Action comes from the query string or the form, both signed:
         # the first in the canonical request, the second by the payload hash.
         action = next((v for k, v in fields if k == "Action"), "")
-        request[appkeys.ACTION] = action
+        _name_action(request, action)
         params = query_protocol.parse(fields, action)
         if "QueueUrl" not in params and request.path.count("/") == 2:
             params["QueueUrl"] = request.path  # the query protocol may address the queue
@@ -73,14 +73,12 @@ async def handle(request: web.Request) -> web.Response:
             target = (owner, params["QueueName"])
     if target is not None:
         await request.app[appkeys.ADMISSION].admit_queue(request, action, *target)
-    attempts = request.app[appkeys.RECEIVE_ATTEMPTS]
-    if len(attempts) > ATTEMPTS_KEPT_MAX:
-        _forget_old(attempts)
     ctx = Context(service, caller_account,
-                  f"{request.scheme}://{request.host}", config.region, attempts,
-                  request.get(appkeys.SENDER))
-    if appkeys.QUEUE not in request and isinstance(params.get("QueueName"), str):
-        request[appkeys.QUEUE] = f"{ctx.account}/{params['QueueName']}"  # the audit line's
+                  f"{request.scheme}://{request.host}", config.region,
+                  request.app[appkeys.RECEIVE_ATTEMPTS], request.get(appkeys.SENDER))
+    if appkeys.QUEUE not in request and (label := queue_label(
+            ctx.account, params.get("QueueName"))) is not None:
+        request[appkeys.QUEUE] = label  # the audit line's and usage's, once it is a name
     result = await handler(ctx, params)
     request[appkeys.MESSAGES] = _messages(action, result)
     request_id = request[appkeys.REQUEST_ID]
@@ -110,7 +108,8 @@ def _fields(text: str) -> list[tuple[str, str]]:
         raise MalformedRequestError(f"the form is not valid: {exc}") from None
 
 
-def _forget_old(attempts: dict[tuple[str, str], tuple[float, dict[str, Any]]]) -> None:
-    cutoff = time.monotonic() - RECEIVE_ATTEMPT_WINDOW_S
-    for key in [k for k, (when, _) in attempts.items() if when < cutoff]:
-        del attempts[key]
+def _name_action(request: web.Request, action: str) -> None:
+    """Name the request's action for metrics and the audit line: an action the server
+    serves, else UNKNOWN_ACTION, so that made-up actions cannot grow the metrics'
+    label sets (one per distinct value, kept for the life of the process)."""
+    request[appkeys.ACTION] = action if action in ACTIONS else UNKNOWN_ACTION

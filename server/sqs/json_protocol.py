@@ -15,6 +15,7 @@ from aiohttp import web
 
 from server.errors import MalformedRequestError, UnknownActionError
 from server.web.errors import INTERNAL, ErrorSpec
+from server.web.params import parse_json
 
 CONTENT_TYPE = "application/x-amz-json-1.0"
 TARGET_PREFIX = "AmazonSQS."
@@ -44,11 +45,9 @@ def parse(body: bytes) -> dict[str, Any]:
     if not body:
         return {}
     try:
-        params = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        params = parse_json(body)
+    except ValueError as exc:  # UnicodeDecodeError and too deep nesting included
         raise MalformedRequestError(f"the body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise MalformedRequestError("the body's JSON is nested too deeply") from None
     if not isinstance(params, dict):
         raise MalformedRequestError("the body must be a JSON object")
     return params

@@ -39,6 +39,10 @@ _ENTRY_LISTS = {
 _INDEX = re.compile(r"[1-9]\d{0,5}")
 # Fields in one request, at most: far above what any SQS action needs.
 FIELDS_MAX = 2000
+# Dotted parts of one field name, at most. The deepest SQS needs is seven
+# (SendMessageBatchRequestEntry.1.MessageAttribute.1.Value.StringListValue.1); each part
+# is a level of the tree parse() builds, so this also bounds the nesting a form can make.
+FIELD_PARTS_MAX = 8
 
 
 def parse(fields: Sequence[tuple[str, str]], action: str) -> dict[str, Any]:
@@ -50,7 +54,10 @@ def parse(fields: Sequence[tuple[str, str]], action: str) -> dict[str, Any]:
         if key in ("Action", "Version") or key.startswith("X-Amz-") or key == "AWSAccessKeyId":
             continue
         node = tree
-        parts = key.split(".")
+        parts = key.split(".", FIELD_PARTS_MAX)
+        if len(parts) > FIELD_PARTS_MAX:
+            # Entries inside entries would be converted level by level, without end.
+            raise MalformedRequestError(f"a field name has at most {FIELD_PARTS_MAX} parts")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):

@@ -14,7 +14,7 @@ import json
 import re
 import struct
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from engine import Message, MessageAttribute, QueueAttributes, QueueStats
@@ -25,10 +25,15 @@ from engine.errors import (
     MissingParameterError,
 )
 from engine.limits import FIFO_SUFFIX
+from server.config import STORED_ATTRIBUTE_BYTES_MAX
 from server.errors import InvalidAddressError, InvalidAttributeNameError
-from server.metadata import QueueRecord
 from server.settings import KMS_KEY, PARTITIONS, RATE_LIMIT, REPLICATION_FACTOR, SSE_MANAGED
-from server.web.params import as_int
+from server.web.params import as_int, parse_json, utf8_bytes
+
+if TYPE_CHECKING:
+    # Only named in annotations: the metadata module compiles queue policies with
+    # server/protection/authz.py, which uses this module's ARNs.
+    from server.metadata import QueueRecord
 
 # --- names, URLs and ARNs --------------------------------------------------------------
 
@@ -134,7 +139,11 @@ def engine_attributes(attributes: Mapping[str, Any], *, creating: bool
         elif name in EXTRA_ATTRIBUTES:
             if not isinstance(value, str):
                 raise InvalidAttributeError(name, value, "must be a string")
-            if name in ("Policy", "RedriveAllowPolicy") and value:
+            # The Policy has SQS's own limits, checked where it is parsed (authz.parse).
+            if name != "Policy" and utf8_bytes(value) > STORED_ATTRIBUTE_BYTES_MAX:
+                raise InvalidAttributeError(name, f"{utf8_bytes(value)} bytes",
+                                            f"at most {STORED_ATTRIBUTE_BYTES_MAX} bytes")
+            if name == "RedriveAllowPolicy" and value:
                 _json_object(name, value)
             extra[name] = value
         else:
@@ -144,9 +153,9 @@ def engine_attributes(attributes: Mapping[str, Any], *, creating: bool
 
 def _json_object(name: str, value: str) -> dict[str, Any]:
     try:
-        parsed = json.loads(value)
-    except ValueError:
-        raise InvalidAttributeError(name, value, "must be a JSON object") from None
+        parsed = parse_json(value)
+    except ValueError as exc:  # too deep nesting included: a 400, like any bad JSON
+        raise InvalidAttributeError(name, value, f"must be a JSON object ({exc})") from None
     if not isinstance(parsed, dict):
         raise InvalidAttributeError(name, value, "must be a JSON object")
     return parsed

@@ -29,6 +29,7 @@ from server.protection.usage import Usage
 from server.sealing import Sealer
 from server.service import QueueService
 from server.sqs import handler as sqs
+from server.sqs.attempts import ReceiveAttempts
 from server.web import appkeys, native, openapi
 from server.web.middleware import frontend
 
@@ -45,7 +46,7 @@ def create_app(config: ServerConfig) -> web.Application:
     app[appkeys.CONFIG] = config
     app[appkeys.METRICS] = Metrics()
     app[appkeys.USAGE] = Usage()
-    app[appkeys.RECEIVE_ATTEMPTS] = {}
+    app[appkeys.RECEIVE_ATTEMPTS] = ReceiveAttempts()
     app.cleanup_ctx.append(_resources)
     app.router.add_routes(native.routes)
     app.router.add_get("/healthz", healthz, name="healthz")
@@ -73,7 +74,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         keyring = Keyring(os.path.join(config.data_dir, KEYRING_FILE), master,
                           rotate_period_s=config.sse_rotation_s)
         stack.callback(keyring.close)
-        service = QueueService(deployment.backend, deployment.metadata, Sealer(keyring))
+        queue_rate = parse_rate(config.queue_rate, "queue rate")
+        service = QueueService(deployment.backend, deployment.metadata, Sealer(keyring),
+                               queue_rate)
         stack.push_async_callback(service.close)
         key_cache = KeyCache(deployment.access_keys) if deployment.access_keys else None
         metrics.watch(deployment.broker.broker)
@@ -89,7 +92,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         app[appkeys.ADMISSION] = Admission(Authenticator(key_cache, config.account_id),
                                            deployment.metadata,
                                            parse_rate(config.principal_rate, "principal rate"),
-                                           parse_rate(config.queue_rate, "queue rate"),
+                                           queue_rate,
                                            MetricsGate(metrics_token, config.auth == "required"))
         yield
 

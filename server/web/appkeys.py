@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from server.protection.admission import Admission
     from server.protection.usage import Usage
     from server.service import QueueService
+    from server.sqs.attempts import ReceiveAttempts
 
 CONFIG: web.AppKey[ServerConfig] = web.AppKey("config")
 DEPLOYMENT: web.AppKey[Deployment] = web.AppKey("deployment")
@@ -34,6 +35,5 @@ PRINCIPAL: web.RequestKey[str] = web.RequestKey("principal")
 # (SQS then reports the owning account, as it does for an account's root).
 SENDER: web.RequestKey[str | None] = web.RequestKey("sender")
 
-# FIFO ReceiveRequestAttemptId results, shared by every request of the app.
-RECEIVE_ATTEMPTS: web.AppKey[dict[tuple[str, str], tuple[float, dict[str, Any]]]] = (
-    web.AppKey("receive_attempts"))
+# FIFO ReceiveRequestAttemptId answers, shared by every request of the app.
+RECEIVE_ATTEMPTS: web.AppKey[ReceiveAttempts] = web.AppKey("receive_attempts")

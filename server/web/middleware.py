@@ -119,6 +119,11 @@ def _account(request: web.Request, response: web.StreamResponse, elapsed: float)
         }, separators=(",", ":")))
 
 
+# The action metrics and the audit line name for a request no route took (404, 405).
+UNROUTED = "unrouted"
+
+
 def _route_name(request: web.Request) -> str:
-    route = request.match_info.route
-    return route.name or f"{request.method} {getattr(route.resource, 'canonical', request.path)}"
+    # Never the path or the method: both are the client's to make up, and each distinct
+    # metrics label is kept for the life of the process.
+    return request.match_info.route.name or UNROUTED

@@ -29,7 +29,9 @@ _NUM = {"type": "number"}
 _PROTECTION: dict[str, Any] = {
     "encrypted": {"type": "boolean"},
     "rate_limit": {"type": "string", "nullable": True,
-                   "description": 'Requests per second to this queue, "100/s" or "100/s:200"'},
+                   "description": 'Requests per second to this queue, "100/s" or '
+                                  '"100/s:200"; at most the server\'s --rate-limit-queue '
+                                  '("off" only when the server has none)'},
     "replication_factor": {"type": "integer", "nullable": True, "minimum": 1,
                            "maximum": REPLICATION_FACTOR_MAX,
                            "description": "Replicas of the queue in a cluster (null: the "

@@ -1,11 +1,14 @@
-"""Integer parameters as both protocols receive them: JSON numbers, or decimal text from
-query strings and form bodies."""
+"""Parameters as every protocol receives them: JSON documents, and integers (JSON numbers,
+or decimal text from query strings and form bodies)."""
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any
 
 from engine.errors import InvalidParameterError
+from server.config import JSON_DEPTH_MAX
 
 # ASCII digits only: str.isdigit and "\d" also accept other scripts' digits, which int()
 # would then read. Twelve digits cover every limit with room to spare.
@@ -31,3 +34,49 @@ def int_in_range(value: object, name: str, low: int, high: int) -> int | None:
     if number is None or not low <= number <= high:
         raise InvalidParameterError(name, value, f"must be an integer in {low}..{high}")
     return number
+
+
+def parse_json(data: str | bytes, depth_max: int = JSON_DEPTH_MAX) -> Any:
+    """A JSON document a client sent, nested at most ``depth_max`` levels; ValueError
+    (with the reason) for one that is not JSON or is nested deeper.
+
+    The C parser recurses once per level: a document nested deeper than the interpreter's
+    stack allows raises RecursionError, which becomes a ValueError here, so that every
+    caller refuses it as it refuses any other bad JSON (400, never 500). A document that
+    parses is then held to ``depth_max``, so later code (error messages, the policy
+    compiler) never recurses through client nesting either.
+    """
+    try:
+        document = json.loads(data)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {depth_max} levels") from None
+    # Each level opens a bracket: a document with few brackets needs no walk.
+    opened = (data.count(b"[") + data.count(b"{") if isinstance(data, bytes)
+              else data.count("[") + data.count("{"))
+    if opened > depth_max and _deeper_than(document, depth_max):
+        raise ValueError(f"nested deeper than {depth_max} levels")
+    return document
+
+
+def _deeper_than(document: Any, depth_max: int) -> bool:
+    """True if a parsed document nests more than ``depth_max`` levels: walked a level at a
+    time without recursion, looking only at containers, and no deeper than one level
+    past the limit."""
+    level = [document] if isinstance(document, dict | list) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > depth_max:
+            return True
+        below = []
+        for container in level:
+            values = container.values() if isinstance(container, dict) else container
+            below += [value for value in values if isinstance(value, dict | list)]
+        level = below
+    return False
+
+
+def utf8_bytes(text: str) -> int:
+    """The bytes of ``text`` in UTF-8, as SQS counts an attribute's size. A lone surrogate
+    (JSON can escape one) counts its three bytes rather than failing the count."""
+    return len(text.encode("utf-8", "surrogatepass"))

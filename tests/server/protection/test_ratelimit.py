@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from engine.errors import ConfigError, InvalidParameterError
+from engine.errors import ConfigError, InvalidAttributeError, InvalidParameterError
 from server.errors import ThrottledError
-from server.protection.ratelimit import Limiter, Rate, TokenBucket, parse_rate
+from server.protection.ratelimit import Limiter, Rate, TokenBucket, parse_rate, tighter, within
+from server.settings import RATE_LIMIT, QueueSettings, check_settings
 
 
 class FakeClock:
@@ -256,3 +257,38 @@ def test_many_keys_stay_within_the_bound() -> None:
 def test_max_keys_must_be_positive() -> None:
     with pytest.raises(ConfigError):
         Limiter(max_keys=0)
+
+
+@pytest.mark.parametrize(("rate", "ceiling", "held"), [
+    ("5/s:5", "10/s:20", "5/s:5"),  # tighter already: itself
+    ("50/s:100", "10/s:20", "10/s:20"),  # looser in both: the ceiling
+    ("5/s:100", "10/s:20", "5/s:20"),  # a lower rate but a larger burst: the smaller of each
+    ("50/s:5", "10/s:20", "10/s:5"),
+])
+def test_a_rate_held_under_a_ceiling(rate: str, ceiling: str, held: str) -> None:
+    wanted, limit = parse_rate(rate), parse_rate(ceiling)
+    assert wanted is not None and limit is not None
+    assert tighter(wanted, limit) == parse_rate(held)
+    assert within(tighter(wanted, limit), limit)
+    # The same pair gives the same object, so that the limiter keeps its fast path.
+    assert tighter(wanted, limit) is tighter(Rate(wanted.per_second, wanted.burst), limit)
+
+
+def test_a_queues_own_limit_never_lifts_the_servers() -> None:
+    ceiling = parse_rate("10/s:20")
+    for own, effective in (("5/s:5", "5/s:5"), ("50/s:50", "10/s:20"), ("off", "10/s:20"),
+                           ("", "10/s:20")):
+        settings = QueueSettings.of({RATE_LIMIT: own} if own else {})
+        assert settings.rate_or(ceiling) == parse_rate(effective), own
+    # With no server limit, the queue's own stands, "off" included.
+    assert QueueSettings.of({RATE_LIMIT: "off"}).rate_or(None) is None
+    assert QueueSettings.of({RATE_LIMIT: "50/s"}).rate_or(None) == parse_rate("50/s")
+
+
+@pytest.mark.parametrize("lift", ["off", "0", "  ", "11/s", "10/s:21", "100/s:5"])
+def test_setting_a_limit_above_the_servers_is_refused(lift: str) -> None:
+    with pytest.raises(InvalidAttributeError, match="limits each queue to 10/s:20"):
+        check_settings({RATE_LIMIT: lift}, None, parse_rate("10/s:20"))
+    check_settings({RATE_LIMIT: lift}, None, None)  # no server limit: any is taken
+    check_settings({RATE_LIMIT: "10/s:20"}, None, parse_rate("10/s:20"))
+    check_settings({RATE_LIMIT: ""}, None, parse_rate("10/s:20"))  # back to the server's

@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
@@ -221,40 +222,95 @@ def burst(client: Any, url: str, count: int) -> tuple[int, float]:
     return admitted, time.monotonic() - started
 
 
-def test_a_queue_attribute_overrides_the_limit_for_that_queue_only(limited: Server) -> None:
+def test_a_queue_attribute_tightens_the_limit_for_that_queue_only(limited: Server) -> None:
     sqs = limited.sqs()
     slow = sqs.create_queue(QueueName="slow", Attributes={"ConveyorRateLimit": "2/s:3"}
                             )["QueueUrl"]
-    unlimited = sqs.create_queue(QueueName="unlimited", Attributes={"ConveyorRateLimit": "off"}
-                                 )["QueueUrl"]
     default = sqs.create_queue(QueueName="default")["QueueUrl"]
 
     admitted, seconds = burst(sqs, slow, 30)
     assert 3 <= admitted <= 3 + 2 * seconds, (admitted, seconds)
     admitted, seconds = burst(sqs, default, 60)
     assert BURST <= admitted <= BURST + RATE * seconds, (admitted, seconds)
-    admitted, _ = burst(sqs, unlimited, 60)
-    assert admitted == 60
 
-    # A change applies at once, and to that queue alone.
+    # A change applies at once, and to that queue alone: up to the server's own limit.
     time.sleep(1.1)
     got = patiently(sqs.get_queue_attributes, QueueUrl=slow, AttributeNames=["All"])
     assert got["Attributes"]["ConveyorRateLimit"] == "2/s:3"
     patiently(sqs.set_queue_attributes, QueueUrl=slow,
-              Attributes={"ConveyorRateLimit": "1000/s:1000"})
-    admitted, seconds = burst(sqs, slow, 40)
-    # A change hands out no fresh burst: a request or two may find the bucket still
-    # empty, then it fills at 1000 a second, faster than requests come.
-    assert admitted >= 37 and admitted > 3 + 2 * seconds, (admitted, seconds)
+              Attributes={"ConveyorRateLimit": f"{RATE}/s:{BURST}"})
+    admitted, seconds = burst(sqs, slow, 60)
+    # A change hands out no fresh burst: the bucket keeps the tokens it had (none, or
+    # nearly), then fills at the new rate.
+    assert 2 * seconds < admitted <= BURST + RATE * seconds, (admitted, seconds)
+    time.sleep(1.1)
     reply = native(limited, "GET", "/v1/queues/slow")
-    assert reply.status == 200 and reply.json()["rate_limit"] == "1000/s:1000", reply
+    assert reply.status == 200 and reply.json()["rate_limit"] == f"{RATE}/s:{BURST}", reply
     admitted, seconds = burst(sqs, default, 60)  # still the server's limit
     assert BURST <= admitted <= BURST + RATE * seconds, (admitted, seconds)
 
+    time.sleep(1.1)
     for bad in ("fast", "-1/s", "0/s", "10/s:0", "1e3/s"):
         with pytest.raises(ClientError) as refused:
-            sqs.set_queue_attributes(QueueUrl=unlimited, Attributes={"ConveyorRateLimit": bad})
+            sqs.set_queue_attributes(QueueUrl=default, Attributes={"ConveyorRateLimit": bad})
         assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400, bad
+
+
+# What an owner might write to lift the server's limit of RATE/s:BURST for its queue: no
+# limit, a higher rate, a larger burst, or both.
+LIFTS = ["off", "0", "", f"{RATE * 50}/s", f"{RATE}/s:{BURST * 50}", f"{RATE * 50}/s:{BURST}"]
+
+
+@pytest.mark.parametrize("lift", [v for v in LIFTS if v != ""])
+def test_an_owner_cannot_lift_the_servers_queue_limit(limited: Server, lift: str) -> None:
+    sqs = limited.sqs()
+    name = f"capped-{LIFTS.index(lift)}"
+    with pytest.raises(ClientError) as refused:  # at creation: no queue is made
+        sqs.create_queue(QueueName=name, Attributes={"ConveyorRateLimit": lift})
+    error = refused.value.response
+    assert error["ResponseMetadata"]["HTTPStatusCode"] == 400, error
+    assert error["Error"]["Code"] == "InvalidAttributeValue", error
+    assert f"limits each queue to {RATE}/s:{BURST}" in error["Error"]["Message"], error
+    with pytest.raises(ClientError, match="NonExistentQueue"):
+        sqs.get_queue_url(QueueName=name)
+
+    url = patiently(sqs.create_queue, QueueName=name)["QueueUrl"]
+    with pytest.raises(ClientError) as refused:  # and later: nothing changes
+        sqs.set_queue_attributes(QueueUrl=url, Attributes={"ConveyorRateLimit": lift})
+    assert refused.value.response["Error"]["Code"] == "InvalidAttributeValue"
+    reply = native(limited, "PATCH", f"/v1/queues/{name}", {"rate_limit": lift})
+    assert reply.status == 400 and reply.json()["error"]["code"] == "InvalidAttribute", reply
+    got = patiently(sqs.get_queue_attributes, QueueUrl=url, AttributeNames=["All"])
+    assert "ConveyorRateLimit" not in got["Attributes"]
+
+    time.sleep(BURST / RATE)  # a full bucket
+    admitted, seconds = burst(sqs, url, 3 * BURST)
+    assert admitted <= BURST + RATE * seconds, (admitted, seconds)
+
+
+def test_a_kept_limit_above_a_lowered_server_limit_is_held_under_it(tmp_path: Path) -> None:
+    # Kept while the server allowed them: "off" (no server limit then) and 10/s:10.
+    server = Server(tmp_path / "data", fsync="never")
+    try:
+        sqs = server.sqs()
+        free = sqs.create_queue(QueueName="free", Attributes={"ConveyorRateLimit": "off"}
+                                )["QueueUrl"]
+        ten = sqs.create_queue(QueueName="ten", Attributes={"ConveyorRateLimit": "10/s:10"}
+                               )["QueueUrl"]
+        admitted, _ = burst(sqs, free, 40)
+        assert admitted == 40
+        # The operator lowers the limit: a value kept cannot be refused now, so it is held
+        # under the new limit, which no owner can then lift.
+        server.extra = ("--rate-limit-queue", "2/s:2")
+        server.restart()
+        for url in (free, ten):
+            time.sleep(1.0)  # a full bucket
+            admitted, seconds = burst(sqs, url, 20)
+            assert 2 <= admitted <= 2 + 2 * seconds, (url, admitted, seconds)
+        got = patiently(sqs.get_queue_attributes, QueueUrl=ten, AttributeNames=["All"])
+        assert got["Attributes"]["ConveyorRateLimit"] == "10/s:10"  # kept, as written
+    finally:
+        server.kill()
 
 
 # --- usage by principal and queue, with authentication --------------------------------------
