@@ -25,6 +25,8 @@ import grpc  # type: ignore[import-untyped]
 from replication.errors import ControlUnavailableError
 from replication.etcd_access import EtcdAccess, parse_url
 
+# Malformed node addresses logged, at most (each once; etcd's writers could make more).
+_MALFORMED_LOGGED_MAX = 1024
 # One etcd call's time limit.
 ETCD_CALL_S = 2
 # Failures that say the endpoint itself is gone (down, or cut off), not the request.
@@ -41,8 +43,12 @@ class NodeInfo:
     replication: str
 
     def replication_address(self) -> tuple[str, int]:
+        """(host, port); ValueError if the address is not HOST:PORT."""
         host, _, port = self.replication.rpartition(":")
-        return host, int(port)
+        number = int(port)
+        if not host or not 0 < number < 65536:
+            raise ValueError(f"not HOST:PORT: {self.replication!r}")
+        return host, number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +148,8 @@ class Control:
         self.client: Any = None
         self._moving = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
+        self._malformed: set[str] = set()
+        """Node addresses found malformed and logged (each once)."""
 
     async def connect(self) -> None:
         """Connect to the first endpoint that answers."""
@@ -293,7 +301,18 @@ class Control:
             kind, _, rest = kv.key[n:].decode().partition("/")
             if kind == "nodes":
                 info = json.loads(kv.value)
-                nodes[rest] = NodeInfo(rest, info["http"], info["replication"])
+                node = NodeInfo(rest, str(info["http"]), str(info["replication"]))
+                try:
+                    node.replication_address()
+                except ValueError:
+                    # Not a node this one can reach; a link or call to it would fail.
+                    if node.replication not in self._malformed \
+                            and len(self._malformed) < _MALFORMED_LOGGED_MAX:
+                        self._malformed.add(node.replication)
+                        _log.warning("node %s in etcd has a malformed address %r: ignored",
+                                     rest, node.replication)
+                    continue
+                nodes[rest] = node
             elif kind == "partitions":
                 partitions[rest] = _partition(rest, kv.value, kv.mod_revision)
             elif kind == "leaders":

@@ -138,15 +138,21 @@ class ReplicationServer:
 
     async def _follow(self, replica: Replica, epoch: int, channel: Channel) -> None:
         log = replica.log
+        always = log.fsync_policy.mode == "always"
+        if always and log.durable_offset < log.next_offset:
+            # The leader counts the position as acknowledged: records an earlier session
+            # wrote and did not see fsync'd must be on disk before they are counted.
+            await log.durable_async(log.next_offset)
         channel.send(fr.encode(fr.Position(replica.uid, epoch, log.next_offset,
                                            tuple(replica.history.entries))))
-        always = log.fsync_policy.mode == "always"
         appended = asyncio.Event()
         acks = asyncio.create_task(self._acknowledge(replica, epoch, channel, appended,
                                                      always))
         try:
             while not acks.done():
                 frame = await asyncio.wait_for(fr.read_frame(channel), IDLE_S)
+                if getattr(frame, "uid", None) != replica.uid:
+                    raise fr.ProtocolError(f"a {type(frame).__name__} for another queue")
                 if getattr(frame, "epoch", None) != epoch or replica.epoch != epoch:
                     channel.send(fr.encode(fr.Refuse(replica.uid, replica.epoch,
                                                      "stale epoch")))
@@ -168,6 +174,9 @@ class ReplicationServer:
             acks.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await acks
+            if acks.done() and not acks.cancelled() and acks.exception() is not None:
+                _log.warning("queue %s: acknowledging failed: %s", replica.name,
+                             acks.exception())
 
     @staticmethod
     async def _acknowledge(replica: Replica, epoch: int, channel: Channel,

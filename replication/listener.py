@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from replication import frames as fr
@@ -29,9 +30,13 @@ MAGIC_BYTES = len(fr.MAGIC)
 # connections that never prove anything then cannot keep the cluster's nodes out, since
 # a node's handshake takes one round trip and the flood's each wait up to HANDSHAKE_S.
 HANDSHAKES_MAX = 64
+# ... and at most this many from one host, so that one host's flood evicts its own.
+HANDSHAKES_PER_HOST_MAX = 16
 # Connections at most, authenticated or not (a descriptor and a task each). A node opens
 # one per queue it leads and follower, and one for partition calls.
 CONNECTIONS_MAX = 16384
+# Refused connections are logged as a count at most this often.
+REFUSALS_LOG_S = 10.0
 
 _log = logging.getLogger("conveyor.replication")
 
@@ -53,10 +58,12 @@ class Listener:
         self._routes: dict[bytes, _Route] = {}
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
-        self._handshaking: dict[asyncio.Task[None], None] = {}
-        """Connections not yet authenticated, oldest first."""
+        self._handshaking: dict[asyncio.Task[None], str] = {}
+        """Connections not yet authenticated, oldest first, and the host of each."""
         self.refused = 0
         """Connections closed before they authenticated (for tests and the log)."""
+        self._unlogged = 0
+        self._logged_at = -REFUSALS_LOG_S
 
     def route(self, magic: bytes, handler: Handler, frame_bytes_max: int) -> None:
         """Hand connections that open with magic to handler, in frames of at most
@@ -89,14 +96,13 @@ class Listener:
                         writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        peer = writer.get_extra_info("peername")
         if len(self._connections) >= CONNECTIONS_MAX:
-            self.refused += 1
+            self._refused(peer, "too many connections")
             writer.close()
             return
         self._connections.add(task)
-        self._handshaking[task] = None
-        if len(self._handshaking) > HANDSHAKES_MAX:
-            next(iter(self._handshaking)).cancel()
+        self._admit(task, str(peer[0]) if isinstance(peer, tuple) else "")
         try:
             async with asyncio.timeout(fr.HANDSHAKE_S):
                 magic = await reader.readexactly(MAGIC_BYTES)
@@ -107,15 +113,44 @@ class Listener:
             del self._handshaking[task]
             await route.handler(channel)
         except fr.LINK_ERRORS as exc:
-            if task in self._handshaking:
-                self.refused += 1
-            _log.info("inter-node connection from %s ended: %s",
-                      writer.get_extra_info("peername"), exc or type(exc).__name__)
+            reason = str(exc) or type(exc).__name__
+            if self._handshaking.pop(task, None) is not None:
+                self._refused(peer, reason)
+            else:
+                _log.info("inter-node connection from %s ended: %s", peer, reason)
         except asyncio.CancelledError:
-            # The node is closing, or this handshake was the oldest of too many.
-            if task in self._handshaking:
-                self.refused += 1
+            pass  # the node is closing, or this handshake was evicted (and counted then)
         finally:
             self._handshaking.pop(task, None)
             self._connections.discard(task)
             writer.close()
+
+    def _admit(self, task: asyncio.Task[None], host: str) -> None:
+        """Count a new handshake in; past the caps, evict the oldest (of its host first).
+
+        Evicted handshakes leave the table here, not when their task next runs: a burst
+        of connections accepted in one turn of the loop must each see the others.
+        """
+        same_host = [t for t, h in self._handshaking.items() if h == host]
+        self._handshaking[task] = host
+        if len(same_host) >= HANDSHAKES_PER_HOST_MAX:
+            self._evict(same_host[0])
+        while len(self._handshaking) > HANDSHAKES_MAX:
+            self._evict(next(iter(self._handshaking)))
+
+    def _evict(self, task: asyncio.Task[None]) -> None:
+        host = self._handshaking.pop(task)
+        self._refused(host, "evicted: too many handshakes in progress")
+        task.cancel()
+
+    def _refused(self, peer: object, reason: str) -> None:
+        """Count a connection that did not authenticate; log a summary now and then, so
+        that an outsider cannot choose how much the node logs."""
+        self.refused += 1
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._logged_at >= REFUSALS_LOG_S:
+            _log.warning("refused %d inter-node connection(s) that did not authenticate "
+                         "(the latest from %s: %s)", self._unlogged, peer, reason)
+            self._unlogged = 0
+            self._logged_at = now

@@ -295,3 +295,56 @@ async def test_with_authentication_off_the_same_outsider_gets_in() -> None:
             struct.pack(">I", 3) + b"cba"
         writer.close()
         assert b.served == ["x"]
+
+
+async def _idle(address: tuple[str, int], host: str = "127.0.0.1"
+                ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection that sends the magic and then nothing."""
+    reader, writer = await asyncio.open_connection(*address, local_addr=(host, 0))
+    writer.write(MAGIC)
+    return reader, writer
+
+
+async def _still_open(connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+                      ) -> int:
+    """How many of the connections the node has not closed."""
+    await asyncio.sleep(0.2)
+    closed = 0
+    for reader, _ in connections:
+        try:
+            await asyncio.wait_for(reader.read(), 0.01)
+            closed += 1
+        except ConnectionResetError:  # closed with the magic unread: a reset
+            closed += 1
+        except TimeoutError:
+            pass
+    return len(connections) - closed
+
+
+async def test_a_burst_of_handshakes_is_held_to_the_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections accepted in one turn of the loop each see the others: a burst leaves no
+    more handshakes than the limit, not one eviction per turn."""
+    monkeypatch.setattr(listener_module, "HANDSHAKES_MAX", 8)
+    async with node() as b:
+        burst = await asyncio.gather(*(_idle(b.address) for _ in range(100)))
+        try:
+            assert await _still_open(list(burst)) <= 8
+            assert b.listener.refused >= 92
+        finally:
+            for _, writer in burst:
+                writer.close()
+
+
+async def test_one_hosts_flood_evicts_its_own_handshakes_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(listener_module, "HANDSHAKES_PER_HOST_MAX", 4)
+    async with node() as b:
+        patient = [await _idle(b.address, "127.0.0.1")]
+        flood = [await _idle(b.address, "127.0.0.2") for _ in range(20)]
+        try:
+            assert await _still_open(patient) == 1
+            assert await _still_open(flood) == 4
+        finally:
+            for _, writer in patient + flood:
+                writer.close()
