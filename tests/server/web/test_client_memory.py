@@ -236,8 +236,10 @@ def test_receive_attempts_are_bounded_by_bytes(fresh: Server) -> None:
     after = anon_mib(srv)
     print(f"{answers} answers of 10 MiB: RssAnon {before:.1f} -> {half:.1f} (half) -> "
           f"{after:.1f} MiB")
-    # Kept whole, the answers would hold 160 MiB, half of it from the second half.
-    assert after - half < 16, f"the second half grew {after - half:.1f} MiB"
+    # Kept whole, the answers would hold 160 MiB, 80 of it from the second half; bounded,
+    # the second half adds only what the allocator keeps of the bodies that passed
+    # through (up to about 20 MiB here on a busy machine). Half of 80 tells them apart.
+    assert after - half < 40, f"the second half grew {after - half:.1f} MiB"
     assert after - before < ATTEMPTS_BYTES_MAX / MIB + 48, f"grew {after - before:.1f} MiB"
 
     # The first answer was forgotten to make room: its retry is a new receive.
