@@ -30,3 +30,9 @@ class ReplicationUnavailableError(ClusterError):
         super().__init__(f"queue {name!r} cannot acknowledge writes now: {reason}")
         self.name = name
         self.reason = reason
+
+
+class NotEnoughReplicasError(ReplicationUnavailableError):
+    """Fewer replicas are in sync than the partition's min_insync_replicas: a write would
+    be acknowledged on fewer disks than promised, so it is refused (and not retried here:
+    the replicas must come back, or live nodes replace them)."""

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from engine.errors import EngineError
 from replication import frames as fr
 from replication.control import Leader, Partition
-from replication.errors import ReplicationUnavailableError
+from replication.errors import NotEnoughReplicasError, ReplicationUnavailableError
 from replication.history import EpochHistory, batch_end, divergence
 from replication.peer import Channel, Peers
 
@@ -137,8 +137,15 @@ class LeaderRole:
 
     @property
     def min_insync(self) -> int:
-        """min_insync_replicas, capped by the replicas there are."""
+        """min_insync_replicas, capped by the replicas the partition has: fewer only when
+        the cluster had fewer nodes than the replication factor when the replicas were
+        placed (a gone node's replica is kept until it is replaced, see _rebalance)."""
         return min(self._min_insync, len(self.partition.replicas))
+
+    @property
+    def under_replicated(self) -> bool:
+        """Fewer replicas in sync than the replication factor asks."""
+        return len(self.partition.isr) < self.partition.rf
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -204,7 +211,7 @@ class LeaderRole:
         if self.closed:
             raise ReplicationUnavailableError(self.name, f"no longer the leader: {self.reason}")
         if len(self.partition.isr) < self.min_insync:
-            raise ReplicationUnavailableError(
+            raise NotEnoughReplicasError(
                 self.name, f"{len(self.partition.isr)} in-sync replicas "
                 f"({', '.join(self.partition.isr)}), fewer than min_insync_replicas "
                 f"{self.min_insync}")
@@ -241,11 +248,12 @@ class LeaderRole:
             if not future.done():
                 future.set_result(None)
 
-    def _fail_waiters(self, reason: str) -> None:
+    def _fail_waiters(self, reason: str, error: type[ReplicationUnavailableError]
+                      = ReplicationUnavailableError) -> None:
         waiters, self._waiters = self._waiters, []
         for _, _, future in waiters:
             if not future.done():
-                future.set_exception(ReplicationUnavailableError(self.name, reason))
+                future.set_exception(error(self.name, reason))
 
     def _kick(self) -> None:
         for wake in self._wakes:
@@ -299,7 +307,8 @@ class LeaderRole:
                 await self._rebalance()
             if len(self.partition.isr) < self.min_insync:
                 self._fail_waiters(f"{len(self.partition.isr)} in-sync replicas, fewer than "
-                                   f"min_insync_replicas {self.min_insync}")
+                                   f"min_insync_replicas {self.min_insync}",
+                                   NotEnoughReplicasError)
             self._settle()
 
     async def _rebalance(self) -> None:
@@ -309,12 +318,21 @@ class LeaderRole:
         join the ISR once caught up. Only when every replica the ring wants is in the ISR
         are the others let go - this node too, which then steps down so that the first
         of the new replicas leads. Replicas the ring still wants never move.
+
+        A gone node's replica is replaced, never just dropped: with too few live nodes to
+        place the replication factor, the replicas on gone nodes stay (out of the ISR),
+        and the partition stays under-replicated, refusing writes while its ISR is below
+        min_insync_replicas, until nodes come back or join. Shrinking the set instead
+        would lower, silently, what a write needs to be acknowledged.
         """
         me = self.node.node_id
         if not self.node.knows_members():
             return
-        target = self.node.placement(self.name, self.partition.rf)
         replicas = self.partition.replicas
+        target = self.node.placement(self.name, self.partition.rf)
+        wanted = min(self.partition.rf, max(len(replicas), len(target)))
+        if len(target) < wanted:
+            target += [r for r in replicas if r not in target][:wanted - len(target)]
         if not target or set(target) == set(replicas):
             return
         missing = tuple(n for n in target if n not in replicas)
@@ -470,4 +488,5 @@ def describe(role: LeaderRole) -> dict[str, Any]:
     """For /v1/cluster: the leader's view of one queue."""
     return {"queue": role.name, "epoch": role.epoch, "replicas": list(role.partition.replicas),
             "isr": list(role.partition.isr), "commit_offset": role.commit_offset(),
+            "min_insync": role.min_insync, "under_replicated": role.under_replicated,
             "acked": dict(role.acked), "connected": sorted(role._connected)}

@@ -31,6 +31,7 @@ from server.config import (
     ServerConfig,
 )
 from server.metadata import CachedMetadata, SQLiteMetadataStore
+from server.metrics import Source
 from server.protection import keystore
 from server.protection.breaker import Bulkhead, CircuitBreaker, Guard
 from server.protection.keystore import AccessKey, KeyStore
@@ -55,6 +56,8 @@ class Deployment:
     """This node's view of the cluster (for /v1/cluster): given None, all of it (an
     admin's); given an account, what that account may see (server/cluster/view.py). None
     on a single node."""
+    metrics_sources: tuple[Source, ...] = ()
+    """What this deployment adds to /metrics (a cluster node: its partitions' health)."""
 
 
 def open_deployment(config: ServerConfig, master: bytes, on_sync: OnSync

@@ -14,6 +14,7 @@ from server.cluster.backend import PartitionedBackend
 from server.cluster.calls import PartitionCalls
 from server.cluster.etcd_keystore import EtcdKeyStore
 from server.cluster.etcd_metadata import EtcdMetadataStore
+from server.cluster.health import ReplicationHealth
 from server.cluster.view import cluster_view
 from server.config import ServerConfig
 from server.deployment import Deployment, OnSync, background, engine_guard, metadata_guard
@@ -53,7 +54,8 @@ async def open_cluster(config: ServerConfig, cluster: ClusterConfig, master: byt
         yield Deployment(broker, metadata, PartitionedBackend(node, calls), guard,
                          access_keys.lookup if access_keys is not None else None,
                          cluster_view(node.describe, masterkey.subkey(receipt_key,
-                                                                      "node-alias")))
+                                                                      "node-alias")),
+                         (ReplicationHealth(node),))
 
 
 def _peer_key(cluster: ClusterConfig, master: bytes) -> bytes | None:

@@ -59,6 +59,7 @@ def account_view(whole: View, account: str, alias: Callable[[str], str]) -> View
     leading = {
         name: {"queue": r["queue"], "epoch": r["epoch"], "replicas": aliases(r["replicas"]),
                "isr": aliases(r["isr"]), "commit_offset": r["commit_offset"],
+               "min_insync": r["min_insync"], "under_replicated": r["under_replicated"],
                "acked": {alias(n): offset for n, offset in r["acked"].items()},
                "connected": aliases(r["connected"])}
         for name, r in whole["leading"].items() if partition_account(name) == account}

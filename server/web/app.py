@@ -81,6 +81,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         key_cache = KeyCache(deployment.access_keys) if deployment.access_keys else None
         metrics.watch(deployment.broker.broker)
         metrics.watch_source(app[appkeys.USAGE])
+        for source in deployment.metrics_sources:
+            metrics.watch_source(source)
         metrics.watch_protection((deployment.metadata.guard, deployment.engine_guard),
                                  lambda: service.sealer.unopened)
         # Closed first (the stack unwinds in reverse): no render reads a closing engine.

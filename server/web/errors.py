@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from engine import errors as e
-from replication.errors import ClusterError
+from replication.errors import ClusterError, NotEnoughReplicasError
 from server.errors import (
     BatchIdsNotDistinctError,
     BatchTooLongError,
@@ -128,7 +128,11 @@ _TABLE: list[tuple[type[BaseException], ErrorSpec]] = [
     (ThrottledError, _S(429, "ThrottlingException", "RequestThrottled", "Throttled")),
     (DependencyUnavailableError, _S(503, "ServiceUnavailable", "ServiceUnavailable",
                                     "Unavailable", sender_fault=False)),
-    # The cluster: a queue between leaders, too few in-sync replicas, etcd unreachable.
+    # Fewer in-sync replicas than the partition's minimum: named, so that an operator (and
+    # a client's log) sees why, and still a 503 an SDK retries.
+    (NotEnoughReplicasError, _S(503, "NotEnoughReplicas", "NotEnoughReplicas",
+                                "NotEnoughReplicas", sender_fault=False)),
+    # The cluster: a queue between leaders, etcd unreachable.
     (ClusterError, _S(503, "ServiceUnavailable", "ServiceUnavailable", "Unavailable",
                       sender_fault=False)),
 ]

@@ -5,7 +5,10 @@ acknowledged is lost on the way."""
 from __future__ import annotations
 
 import time
+import urllib.request
 from pathlib import Path
+
+import botocore.exceptions
 
 from engine import HashRing
 from tests.cluster.harness import ACCOUNT, Cluster, cluster, local_queues
@@ -87,3 +90,60 @@ def test_join_and_leave_move_only_what_the_ring_moves(tmp_path: Path) -> None:
         for node in three:
             expected = {f"{ACCOUNT}/{q}" for q in QUEUES if node in ring_replicas(q, three)}
             assert local_queues(c.root / node) == expected | {f"{ACCOUNT}/own"}, node
+
+
+def test_with_two_of_three_nodes_gone_writes_wait_for_a_replica(tmp_path: Path) -> None:
+    """min_insync_replicas is a promise: once the two followers have been gone past
+    --node-gone-after there are no live nodes to replace them, so the replicas stay as
+    they were, the partition is under-replicated, and every send is refused (503
+    NotEnoughReplicas) until a node comes back. The old rule shrank the replicas to the
+    live node and acknowledged writes on one disk."""
+    gone_s = 2
+    with cluster(tmp_path, extra=("--node-gone-after", str(gone_s))) as c:
+        url = create_queue(c, "promise")
+        name = f"{ACCOUNT}/promise"
+        leader = c.leader("promise")
+        c.wait_isr("promise", 3)
+        history = History()
+        client = c.sqs(leader, **CLIENT)
+        send(c, {"promise": url}, history, "before")
+        others = [n for n in c.nodes if n != leader]
+        for node in others:
+            c.kill(node)
+        # The followers' leases run out (3 s), then node_gone_s, then a rebalance (1 s).
+        deadline = time.monotonic() + 3 + gone_s + 4
+        refused = 0
+        while time.monotonic() < deadline:
+            body = f"during-{refused}"
+            history.send_attempted(body)
+            try:
+                reply = client.send_message(QueueUrl=url, MessageBody=body)
+            except botocore.exceptions.ClientError as exc:
+                history.send_failed(body, str(exc))
+                status = exc.response["ResponseMetadata"]["HTTPStatusCode"]
+                code = exc.response["Error"]["Code"]
+                if code == "NotEnoughReplicas":
+                    assert status == 503
+                    refused += 1
+                time.sleep(0.2)
+                continue
+            history.send_acked(body, reply["MessageId"])
+            raise AssertionError(f"acknowledged with {others} gone: {c.state(leader)}")
+        assert refused > 0
+        state = c.state(leader)
+        assert set(state["queues"][name]["replicas"]) == set(c.nodes), state
+        assert state["queues"][name]["isr"] == [leader]
+        assert state["leading"][name]["under_replicated"] is True
+        with urllib.request.urlopen(c.nodes[leader].url + "/metrics") as reply:
+            metrics = reply.read().decode()
+        assert f'conveyor_partition_below_min_insync{{partition="{name}"}} 1.0' in metrics
+        assert f'conveyor_partition_under_replicated{{partition="{name}"}} 1.0' in metrics
+
+        # A node comes back: it catches up, and writes are acknowledged again.
+        c.restart(others[0])
+        c.wait_isr("promise", 2, timeout=30)
+        send(c, {"promise": url}, history, "after")
+        drain(c, url, history)
+        report = check(history)
+        assert report.ok, f"{report}\n{c.logs()}"
+        assert report.sends_acked == 20

@@ -24,7 +24,11 @@ from engine.queue import QueueCore
 from replication import frames as fr
 from replication import leader as leader_module
 from replication.control import Leader, Partition
-from replication.errors import NotLeaderError, ReplicationUnavailableError
+from replication.errors import (
+    NotEnoughReplicasError,
+    NotLeaderError,
+    ReplicationUnavailableError,
+)
 from replication.follower import Replica, ReplicationServer, refusal
 from replication.history import batch_end
 from replication.leader import LeaderRole
@@ -113,6 +117,10 @@ class FakeNode:
         self.address = ("127.0.0.1", 0)
         self.advertised = self.address
         """Where leaders connect: the listener, or a proxy in front of it."""
+        self.ring: list[str] | None = None
+        """The replicas the ring gives every queue, over the members alive or gone for
+        less than node_gone_s; None: not watched long enough to move anything (most
+        tests: placement moves are not what they are about)."""
         self.stepped_down: list[str] = []
         """Why this node stopped leading, each time it did."""
         self.refused: list[tuple[int, str]] = []
@@ -189,10 +197,10 @@ class FakeNode:
         await asyncio.to_thread(self.broker.close_queue, role.name)
 
     def knows_members(self) -> bool:
-        return False  # placement moves are not what these tests are about
+        return self.ring is not None
 
     def placement(self, name: str, rf: int) -> list[str]:
-        return []
+        return list(self.ring or [])[:rf]
 
     # -- Leadership (the broker's) ---------------------------------------------------------
 
@@ -477,3 +485,37 @@ async def test_an_open_for_another_uid_leaves_the_replica_alone(cluster: Cluster
     assert follower.replicas[QUEUE] is replica and replica.session is session
     await AsyncQueue(leader.broker, QUEUE).send(b"still replicated")
     assert log_bytes(follower.log(QUEUE)) == log_bytes(leader.log(QUEUE))
+
+
+async def test_gone_replicas_are_kept_while_no_live_node_can_replace_them(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two of three replicas gone for good and no other node: the ring places the queue on
+    the leader alone, but the replicas stay three, and a write is refused rather than
+    acknowledged on one disk."""
+    monkeypatch.setattr(leader_module, "REBALANCE_S", 0.05)
+    leader = await cluster.add("l")
+    cluster.control.create(QUEUE, ("l", "a", "b"))  # a and b never start: they are gone
+    role = await leader.lead(QUEUE, cluster.control.elect(QUEUE, "l"), min_insync=2)
+    leader.ring = ["l"]
+    await eventually(lambda: cluster.control.isr(QUEUE) == ("l",), "a and b leave the ISR")
+    await asyncio.sleep(0.3)  # several rebalances
+    assert cluster.control.partitions[QUEUE].replicas == ("l", "a", "b")
+    assert role.under_replicated and role.min_insync == 2
+    with pytest.raises(NotEnoughReplicasError):
+        await AsyncQueue(leader.broker, QUEUE).send(b"on one disk only")
+
+
+async def test_a_gone_replica_is_replaced_by_a_live_node(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(leader_module, "REBALANCE_S", 0.05)
+    leader, a, c = await cluster.add("l"), await cluster.add("a"), await cluster.add("c")
+    cluster.control.create(QUEUE, ("l", "a", "b"))  # b is gone
+    role = await leader.lead(QUEUE, cluster.control.elect(QUEUE, "l"), min_insync=2)
+    await AsyncQueue(leader.broker, QUEUE).send(b"before")
+    leader.ring = ["l", "a", "c"]
+    await eventually(lambda: set(cluster.control.partitions[QUEUE].replicas) == {"l", "a", "c"}
+                     and len(cluster.control.isr(QUEUE)) == 3, "c replaces b")
+    assert not role.under_replicated
+    await AsyncQueue(leader.broker, QUEUE).send(b"after")
+    assert log_bytes(c.log(QUEUE)) == log_bytes(leader.log(QUEUE))
+    assert log_bytes(a.log(QUEUE)) == log_bytes(leader.log(QUEUE))
