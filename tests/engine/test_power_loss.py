@@ -33,7 +33,7 @@ from typing import IO
 import pytest
 
 from engine import Broker
-from engine.errors import EngineError
+from engine.errors import EngineError, QueueNotFoundError, QueueUnavailableError
 from tests.engine.powerloss_child import VISIBILITY_S
 from tests.support.powerfs import PowerFS, fuse_unavailable, sync_dir, sync_tree
 
@@ -251,7 +251,7 @@ def _bodies(queue_name: str, data: Path) -> list[bytes]:
         return sorted(m.body for m in queue.receive(10, wait_seconds=0))
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=QueueUnavailableError, reason=(
     "engine/queue.py create_queue_log: os.makedirs(directory) and a fsync of queues/, then "
     "Log() makes directory/log/ (engine/log.py Log.__init__, os.makedirs) and nothing "
     "fsyncs the queue's directory until its first snapshot (a clean close of a queue never "
@@ -274,7 +274,7 @@ def test_sends_to_a_new_queue_survive_power_loss(fs: PowerFS) -> None:
     assert _bodies("fresh", data) == [b"m%d" % n for n in range(5)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=QueueNotFoundError, reason=(
     "engine/broker.py Broker.__init__: os.makedirs(path/queues) creates the data directory "
     "itself and nothing fsyncs its parent: a power loss drops the whole directory, with "
     "every acknowledged send, even after a clean close (conveyor serve does the same in "

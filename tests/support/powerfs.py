@@ -706,6 +706,13 @@ def _serve(model: Model, mountpoint: str, control: str) -> None:
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if sys.platform == "linux":
+        # A test killed before it could unmount must not leave the mount behind: SIGTERM
+        # when the parent dies makes libfuse unmount and exit.
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
     backing, mountpoint, control = argv
     _serve(Model(os.path.abspath(backing)), mountpoint, control)
 
