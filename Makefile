@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SOURCES := $(wildcard engine/*.pyx engine/*.pxd engine/*.h) setup.py pyproject.toml
 
 .PHONY: all install serve test lint typecheck unit bench bench-http debug-build clean etcd \
-	dev-cluster soak bench-cluster
+	dev-cluster soak faults fuse bench-cluster
 
 all: test
 
@@ -46,12 +46,20 @@ etcd:
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q \
 			--no-install-recommends etcd-server; }
 
+# The power-loss tests mount a FUSE file system (tests/support/powerfs.py): libfuse 3 and
+# fusermount3 from Debian's fuse3, installed when missing (as for etcd above).
+fuse:
+	@command -v fusermount3 >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q \
+			--no-install-recommends fuse3; }
+
 # etcd and three nodes on loopback ports (http://127.0.0.1:9324-9326); Ctrl-C stops them.
 dev-cluster: install etcd
 	$(BIN)/conveyor dev-cluster --nodes 3 $(DEV_CLUSTER_ARGS)
 
 # pytest exits 5 when it collects nothing; a run without tests is not a pass.
-unit: install etcd
+unit: install etcd fuse
 	$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$rc
 
@@ -61,6 +69,11 @@ test: lint typecheck unit
 # seconds (default 150).
 soak: install etcd
 	CONVEYOR_SOAK=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m soak tests/cluster
+
+# Long power-loss runs, not part of `make test`: CONVEYOR_FAULTS_CYCLES power losses
+# (default 30) under the engine and under the server; CONVEYOR_POWERLOSS_SEED repeats one.
+faults: install fuse
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m faults tests/engine tests/server
 
 # Benchmarks are not part of `make test`; see docs/PERFORMANCE.md.
 bench: install etcd

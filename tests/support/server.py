@@ -32,9 +32,11 @@ class Server:
     """A `conveyor serve` child process; restartable on the same data directory."""
 
     def __init__(self, data_dir: Path, fsync: str = "always", port: int | None = None,
-                 extra: tuple[str, ...] = (), cafile: Path | None = None) -> None:
+                 extra: tuple[str, ...] = (), cafile: Path | None = None,
+                 log: Path | None = None) -> None:
         """``cafile``: the server serves HTTPS (``extra`` names its --tls-cert and --tls-key)
-        with a certificate that this CA file verifies."""
+        with a certificate that this CA file verifies. ``log``: where its output goes
+        (default: beside the data directory)."""
         self.data_dir = data_dir
         self.fsync = fsync
         self.port = port or free_port()
@@ -42,7 +44,7 @@ class Server:
         self.cafile = cafile
         self.url = f"{'https' if cafile else 'http'}://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
-        self.log = data_dir.parent / f"server-{self.port}.log"
+        self.log = log or data_dir.parent / f"server-{self.port}.log"
         self.start()
 
     def start(self) -> None:

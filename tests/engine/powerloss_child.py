@@ -1,0 +1,115 @@
+"""Sends, receives and deletes on queue "power" from several threads until it is killed.
+
+Run as ``python powerloss_child.py DATA_DIR RUN SEED FSYNC``. Lines on stdout, each
+written whole under one lock and flushed:
+
+- ``open`` once the broker and the queue are open, before any operation;
+- ``S <body>`` for every message a send_batch call acknowledged, after it returned;
+- ``R <body> <t>`` for every message a receive returned (t: the monotonic time at which
+  that receive was called);
+- ``X <body>`` for every message about to be deleted, before the delete_batch call;
+- ``D <body> <t>`` for every message that delete_batch acknowledged (t: after it returned;
+  a stale receipt's refusal is no acknowledgement, and no failure);
+- ``E <thread> <error>`` when an operation fails; that thread stops. Before a power loss
+  that is a failure; after one, it is what every thread must do.
+
+Bodies are ``<run>.<thread>-<n>``. The main thread waits to be killed.
+
+CONVEYOR_TEST_NO_FSYNC=1 replaces os.fsync and os.fdatasync with functions that do
+nothing, before the engine is imported: the negative control of a missing sync.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import sys
+import threading
+import time
+
+VISIBILITY_S = 2
+PRODUCERS = 2
+CONSUMERS = 2
+# Small, so that snapshots, segment rolls and segment deletions happen within a run and a
+# power loss can land in any of them.
+SNAPSHOT_BYTES = 16 * 1024
+SEGMENT_BYTES = 32 * 1024
+
+_out = threading.Lock()
+
+
+def say(line: str) -> None:
+    with _out:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+def main(path: str, run: int, seed: int, fsync: str) -> None:
+    if os.environ.get("CONVEYOR_TEST_NO_FSYNC") == "1":
+        os.fsync = os.fdatasync = lambda fd: None
+
+    from engine import Broker, Queue, SendEntry
+    from engine.errors import EngineError, MessageNotInflightError, ReceiptInvalidError
+
+    broker = Broker(path, fsync=fsync, snapshot_bytes=SNAPSHOT_BYTES,
+                    segment_bytes_max=SEGMENT_BYTES)
+    queue = broker.get_queue("power")
+    queue.stats()  # opens the queue: recovery and replay happen before the clock starts
+    say("open")
+
+    def produce(number: int, rng: random.Random) -> None:
+        for batch in itertools.count():
+            bodies = [f"{run}.p{number}-{batch}.{n}" for n in range(rng.randint(1, 10))]
+            results = queue.send_batch([SendEntry(body.encode()) for body in bodies])
+            failed = [r for r in results if isinstance(r, EngineError)]
+            if failed:
+                raise failed[0]
+            say("\n".join(f"S {body}" for body in bodies))
+
+    def consume(q: Queue, rng: random.Random) -> None:
+        while True:
+            started = time.monotonic()
+            received = q.receive(max_messages=10, wait_seconds=0,
+                                 visibility_timeout=VISIBILITY_S)
+            if received:
+                say("\n".join(f"R {m.body.decode()} {started:.6f}" for m in received))
+            # Some are left for their lease to run out, to be delivered again.
+            doomed = [m for m in received if rng.random() < 0.8]
+            if not doomed:
+                time.sleep(0.01)
+                continue
+            say("\n".join(f"X {m.body.decode()}" for m in doomed))
+            errors = q.delete_batch([m.receipt for m in doomed])
+            acked = time.monotonic()
+            deleted = []
+            for message, error in zip(doomed, errors, strict=True):
+                # A lease that ran out (the process stalled) makes a receipt stale: the
+                # message stays, and that is no failure.
+                if error is None:
+                    deleted.append(message)
+                elif not isinstance(error, MessageNotInflightError | ReceiptInvalidError):
+                    raise error
+            if deleted:
+                say("\n".join(f"D {m.body.decode()} {acked:.6f}" for m in deleted))
+
+    def guarded(name: str, work: object, *args: object) -> None:
+        try:
+            work(*args)  # type: ignore[operator]
+        except BaseException as exc:
+            say(f"E {name} {exc!r}".replace("\n", " "))
+
+    rng = random.Random(seed)
+    threads = [threading.Thread(target=guarded, daemon=True,
+                                args=(f"p{i}", produce, i, random.Random(rng.random())))
+               for i in range(PRODUCERS)]
+    threads += [threading.Thread(target=guarded, daemon=True,
+                                 args=(f"c{i}", consume, queue, random.Random(rng.random())))
+                for i in range(CONSUMERS)]
+    for thread in threads:
+        thread.start()
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
