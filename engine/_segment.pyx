@@ -186,7 +186,9 @@ cdef int walk_records(const unsigned char* area, uint32_t nbytes, uint32_t count
 # --- small helpers ----------------------------------------------------------------------
 
 cdef int pwrite_all(int fd, const unsigned char* p, size_t n, uint64_t pos) noexcept nogil:
-    """pwrite() until done. Returns 0 or an errno value.
+    """pwrite() until done: a short write (a disk filling part-way) carries on from where
+    it stopped, and the call that cannot go on returns its errno (ENOSPC, EIO ...), which
+    the caller raises and engine/log.py turns into fail-stop. Returns 0 or an errno value.
 
     Positional, so that no write depends on where a descriptor's file position was left
     (recovery reads with pread, and truncation moves the end).
@@ -198,6 +200,8 @@ cdef int pwrite_all(int fd, const unsigned char* p, size_t n, uint64_t pos) noex
             if errno == EINTR:
                 continue
             return errno
+        if r == 0:
+            return EIO  # never from a regular file; looping on it would spin forever
         p += r
         n -= <size_t>r
         pos += <uint64_t>r

@@ -10,13 +10,14 @@ fsyncs files; completing dead-letter moves) runs in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 from engine.broker import Broker
-from engine.errors import EngineError
+from engine.errors import EngineError, QueueUnavailableError
 from engine.limits import QueueAttributes
 from engine.queue import QueueCore, check_batch, check_receive, send_entries
 from engine.records import MessageAttribute
@@ -185,6 +186,9 @@ class AsyncQueue:
         return (await self._core()).digest()
 
     async def _maybe_snapshot(self, core: QueueCore) -> None:
-        # A snapshot fsyncs: never on the loop.
+        # A snapshot fsyncs: never on the loop. The write before it is durable and is
+        # answered as such; a snapshot that fails (a full disk) stops the queue for the
+        # calls after it.
         if core.snapshot_due():
-            await asyncio.to_thread(core.maybe_snapshot)
+            with contextlib.suppress(QueueUnavailableError):
+                await asyncio.to_thread(core.maybe_snapshot)

@@ -13,7 +13,10 @@ Layout of the data directory::
     LOCK              flock()ed while a broker has the directory open
     receipt.key       32 random bytes (0600): the key receipt handles are signed with
     catalog.sqlite3   which queues exist (engine/catalog.py)
-    queues/<uid>/     one directory per queue: log/ (its segment log) and snapshot
+    queues/<uid>/     one directory per queue: log/ (its segment log), snapshot and
+                      queue.json (its name and uid)
+    orphaned/         queue directories the catalog did not name when the broker opened,
+                      set aside rather than deleted (engine/orphans.py)
 
 Queues open lazily, on first use, and at most ``open_queues_max`` stay open: the least
 recently used idle ones are snapshotted and closed. That bounds memory and open files
@@ -32,26 +35,31 @@ import logging
 import os
 import secrets
 import shutil
+import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, Protocol
 
-from engine import background
+from engine import background, orphans
 from engine.catalog import Catalog
 from engine.clock import Clock, SystemClock
 from engine.errors import (
     BrokerClosedError,
     DataDirectoryLockedError,
+    EngineError,
     InvalidAttributeError,
     LogError,
     QueueExistsError,
     QueueNotFoundError,
     QueueUnavailableError,
+    unavailable,
 )
+from engine.files import fsync_dir, make_dirs, rename
 from engine.limits import QueueAttributes, check_queue_name
-from engine.log import FsyncPolicy, _fsync_dir
+from engine.log import FsyncPolicy
+from engine.orphans import DELETED_SUFFIX, Orphan, OrphanError
 from engine.queue import (
     QUEUE_SEGMENT_BYTES,
     SNAPSHOT_BYTES,
@@ -97,7 +105,7 @@ class Broker:
         self.fsync_policy = FsyncPolicy.parse(fsync)
         self.clock: Clock = clock or SystemClock()
         self.open_queues_max = open_queues_max
-        os.makedirs(os.path.join(self.path, "queues"), exist_ok=True)
+        make_dirs(os.path.join(self.path, "queues"))
         self._lock_fd = _lock(self.path)
         self._lock = threading.RLock()
         self._closed = False
@@ -108,7 +116,12 @@ class Broker:
             # leader must open on the next.
             self._codec = ReceiptCodec(receipt_key or load_or_create_key(
                 os.path.join(self.path, "receipt.key")))
-            self.catalog = Catalog(os.path.join(self.path, "catalog.sqlite3"))
+            catalog_path = os.path.join(self.path, "catalog.sqlite3")
+            new_catalog = not os.path.exists(catalog_path)
+            self.catalog = Catalog(catalog_path)
+            if new_catalog:
+                # SQLite fsyncs its files, not the directory entry of a database it made.
+                fsync_dir(self.path)
             self._core_options: dict[str, Any] = {
                 "fsync": str(self.fsync_policy), "clock": self.clock, "codec": self._codec,
                 "segment_bytes_max": segment_bytes_max, "snapshot_bytes": snapshot_bytes,
@@ -116,7 +129,7 @@ class Broker:
                 "keep_log": leadership is not None,
             }
             self._leadership = leadership
-            self._remove_strays()
+            self._set_aside_strays()
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -132,15 +145,25 @@ class Broker:
             raise QueueNotFoundError(name)
         return self._queue_dir(entry.uid)
 
-    def _remove_strays(self) -> None:
-        """Delete queue directories the catalog does not name: a create or delete that a
-        crash interrupted (the catalog row is the commit point of both)."""
+    def _set_aside_strays(self) -> None:
+        """Move queue directories the catalog does not name to orphaned/.
+
+        One may be a create that a crash interrupted (the catalog row is its commit point),
+        or a whole queue whose catalog entry was lost (a catalog replaced, or restored
+        without its -wal): nothing here can tell which, so nothing is deleted. Only a
+        directory that delete_queue renamed, after removing its entry, is removed.
+        """
         known = {f"{uid:016x}" for uid in self.catalog.uids()}
         root = os.path.join(self.path, "queues")
-        for name in os.listdir(root):
-            if name not in known:
-                _log.warning("removing %s: no queue in the catalog owns it", name)
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        for name in sorted(os.listdir(root)):
+            if name in known:
+                continue
+            path = os.path.join(root, name)
+            if name.endswith(DELETED_SUFFIX):
+                _log.info("finishing the delete of %s", path)
+                shutil.rmtree(path, ignore_errors=True)
+                continue
+            orphans.set_aside(self.path, path, "the catalog names no queue with this uid")
 
     # -- queues ---------------------------------------------------------------------------
 
@@ -164,9 +187,20 @@ class Broker:
             self._check_dead_letter(name, attrs)
             uid = self._new_uid() if uid is None else uid
             directory = self._queue_dir(uid)
-            create_queue_log(directory, attrs, fsync=str(self.fsync_policy), clock=self.clock,
-                             segment_bytes_max=self._core_options["segment_bytes_max"])
-            self.catalog.add(name, uid, attrs.to_dict(), self.clock.now_ms())
+            existed = os.path.lexists(directory)
+            try:
+                create_queue_log(directory, attrs, fsync=str(self.fsync_policy),
+                                 clock=self.clock,
+                                 segment_bytes_max=self._core_options["segment_bytes_max"])
+                orphans.write_identity(directory, name, uid)
+            except (LogError, OSError) as exc:
+                if not existed and os.path.isdir(directory):
+                    # Made by this call a moment ago, named by no catalog entry, holding
+                    # nothing anyone was told of: removing it is no guess.
+                    shutil.rmtree(directory, ignore_errors=True)
+                raise unavailable(name, f"its log cannot be created: {exc}", exc) from exc
+            with self._catalog_write(name):
+                self.catalog.add(name, uid, attrs.to_dict(), self.clock.now_ms())
         return self._queue(name)
 
     def adopt_queue(self, name: str, uid: int, attributes: dict[str, Any],
@@ -186,8 +220,8 @@ class Broker:
                 raise QueueExistsError(name, ["uid"])
             directory = self._queue_dir(uid)
             if entry is None:
-                os.makedirs(os.path.join(directory, "log"), exist_ok=True)
-                _fsync_dir(os.path.dirname(directory))
+                make_dirs(os.path.join(directory, "log"))
+                orphans.write_identity(directory, name, uid)
                 self.catalog.add(name, uid, attributes, self.clock.now_ms())
             if start_epoch:
                 start_queue_log(directory, QueueAttributes.from_dict(attributes),
@@ -245,7 +279,8 @@ class Broker:
         with self._lock:
             self._check_dead_letter(name, attrs)
             core.wait_durable(core.set_attributes(attrs))
-            self.catalog.update(name, attrs.to_dict(), self.clock.now_ms())
+            with self._catalog_write(name):
+                self.catalog.update(name, attrs.to_dict(), self.clock.now_ms())
         return attrs
 
     def dead_letter_sources(self, name: str) -> list[str]:
@@ -264,15 +299,102 @@ class Broker:
             entry = self.catalog.get(name)
             if entry is None:
                 raise QueueNotFoundError(name)
-            self.catalog.remove(name)
+            with self._catalog_write(name):
+                self.catalog.remove(name)
             core = self._cores.pop(name, None)
             if core is not None:
                 core.close()
             directory = self._queue_dir(entry.uid)
-            doomed = directory + ".deleted"
+            doomed = directory + DELETED_SUFFIX
+            # Durably renamed before any file goes: a crash part-way leaves a directory
+            # that says it was deleted on purpose, finished at the next open, rather than
+            # a half-deleted one that would pass for an orphan.
             with contextlib.suppress(FileNotFoundError):
-                os.rename(directory, doomed)
+                rename(directory, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
+
+    # -- orphaned queue directories -------------------------------------------------------
+
+    def orphans(self) -> list[Orphan]:
+        """The directories under orphaned/ (engine/orphans.py)."""
+        self._check_open()
+        return orphans.listing(self.path)
+
+    def set_aside_queue(self, name: str, reason: str) -> str:
+        """Remove a queue from the catalog and move its directory, untouched, to
+        orphaned/ (for a queue its owner does not know: the server's record of it is
+        missing). Returns its name there."""
+        with self._lock:
+            self._check_open()
+            entry = self.catalog.get(name)
+            if entry is None:
+                raise QueueNotFoundError(name)
+            core = self._cores.pop(name, None)
+            if core is not None:
+                core.close()
+            directory = self._queue_dir(entry.uid)
+            if orphans.read_identity(directory) is None and os.path.isdir(directory):
+                # A queue made before queue.json existed: its name is known only now.
+                orphans.write_identity(directory, name, entry.uid)
+            with self._catalog_write(name):
+                self.catalog.remove(name)
+            return orphans.set_aside(self.path, directory, f"{reason} (queue {name!r})")
+
+    def adopt_orphan(self, directory: str, name: str | None = None) -> str:
+        """Bring a directory under orphaned/ back as a queue; return the queue's name.
+
+        name: the queue's name, needed only when its queue.json does not give it (a
+        queue made before the file existed), or to adopt it under another. The queue is
+        opened (its log replayed) before anything changes, so a damaged one is refused
+        and stays where it is.
+        """
+        with self._lock:
+            self._check_open()
+            orphan = orphans.find(self.path, directory)
+            name = name or orphan.name
+            if name is None:
+                raise OrphanError(directory, "it has no queue.json naming its queue: "
+                                  "give the queue's name")
+            if orphan.uid is None:
+                raise OrphanError(directory, "neither queue.json nor the directory's name "
+                                  "gives the queue's uid")
+            uid = orphan.uid
+            if self.catalog.get(name) is not None:
+                raise OrphanError(directory, f"a queue named {name!r} exists")
+            if uid in self.catalog.uids() or os.path.lexists(self._queue_dir(uid)):
+                raise OrphanError(directory, f"uid {uid:016x} belongs to another queue")
+            if not orphan.has_log:
+                raise OrphanError(directory, "it holds no log/")
+            try:
+                core = QueueCore(name, uid, orphan.path, **self._core_options)
+            except (EngineError, OSError, ValueError) as exc:
+                raise OrphanError(directory, f"its queue does not open: {exc}") from exc
+            attributes = core.attributes
+            core.close()
+            check_queue_name(name, attributes.fifo)
+            orphans.write_identity(orphan.path, name, uid)
+            rename(orphan.path, self._queue_dir(uid))
+            self.catalog.add(name, uid, attributes.to_dict(), self.clock.now_ms())
+            _log.warning("adopted %s/%s as queue %r", orphans.ORPHANED_DIR, directory, name)
+            return name
+
+    def discard_orphan(self, directory: str) -> None:
+        """Delete a directory under orphaned/ and everything in it (an operator's act)."""
+        with self._lock:
+            self._check_open()
+            orphan = orphans.find(self.path, directory)
+            shutil.rmtree(orphan.path)
+            fsync_dir(os.path.dirname(orphan.path))
+            _log.warning("discarded %s/%s", orphans.ORPHANED_DIR, directory)
+
+    @contextlib.contextmanager
+    def _catalog_write(self, name: str) -> Iterator[None]:
+        """A catalog write whose failure (a full disk, say) is the queue's, not the
+        caller's: "unavailable", with the disk's reason."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            raise unavailable(name, f"the catalog refused a write: {exc}", exc) from exc
 
     # -- the open-queue cache -----------------------------------------------------------------
 
@@ -297,16 +419,21 @@ class Broker:
             try:
                 core = QueueCore(name, entry.uid, self._queue_dir(entry.uid),
                                  **self._core_options)
-            except LogError as exc:
-                # A damaged log fails this queue alone, as a log failing later does: its
-                # callers get "unavailable", not an error of their own or of the server.
-                raise QueueUnavailableError(name, f"its log cannot be opened: {exc}") from exc
+            except (LogError, OSError) as exc:
+                # A damaged log, or a disk too full to rebuild an index, fails this queue
+                # alone, as a log failing later does: its callers get "unavailable", not
+                # an error of their own or of the server. Nothing is cached, so the next
+                # call tries again (once space is freed, it opens).
+                raise unavailable(name, f"its log cannot be opened: {exc}", exc) from exc
             if self._leadership is not None:
                 self._leadership.opened(core)
             self._cores[name] = core
             if core.attributes.to_dict() != entry.attributes:
-                # The log is the authority on a queue's configuration.
-                self.catalog.update(name, core.attributes.to_dict(), self.clock.now_ms())
+                # The log is the authority on a queue's configuration. A catalog too full
+                # to take the copy does not keep the queue from opening: it is copied
+                # again on the next open.
+                with contextlib.suppress(sqlite3.OperationalError):
+                    self.catalog.update(name, core.attributes.to_dict(), self.clock.now_ms())
             self._evict(keep=name)
         plan = core.unfinished_moves()
         if plan is not None:

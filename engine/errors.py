@@ -11,6 +11,9 @@ callers never parse messages.
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+
 
 class EngineError(Exception):
     """Root of every error Conveyor raises on purpose."""
@@ -166,6 +169,38 @@ class QueueUnavailableError(QueueError):
     def __init__(self, queue: str, reason: str) -> None:
         super().__init__(f"queue {queue!r} is unavailable: {reason}", queue)
         self.reason = reason
+
+
+class StorageFullError(QueueUnavailableError):
+    """The queue's disk is full (ENOSPC, or EDQUOT under a quota): a write was refused, so
+    the queue stopped (fail-stop) with nothing acknowledged lost. It comes back once space
+    is freed and the server restarts (or, if it never opened, on the next use)."""
+
+
+# The errors that say the disk has no room, rather than that it failed.
+STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def storage_full(exc: BaseException | None) -> bool:
+    """Whether exc, or an error it was raised from, says the disk is full."""
+    seen = 0
+    while exc is not None and seen < 8:  # a cause chain is short; a cycle must not hang
+        if isinstance(exc, OSError) and exc.errno in STORAGE_FULL_ERRNOS:
+            return True
+        if isinstance(exc, sqlite3.Error) and getattr(
+                exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return True
+        exc = exc.cause if isinstance(exc, LogFailedError) else exc.__cause__
+        seen += 1
+    return False
+
+
+def unavailable(queue: str, reason: str, cause: BaseException | None) -> QueueUnavailableError:
+    """The error for a queue whose storage failed: StorageFullError when the disk is full
+    (its own code, so that an operator sees the cause), else QueueUnavailableError."""
+    if storage_full(cause):
+        return StorageFullError(queue, reason)
+    return QueueUnavailableError(queue, reason)
 
 
 class InvalidParameterError(EngineError, ValueError):

@@ -54,6 +54,7 @@ from engine.errors import (
     LogLockedError,
     OffsetOutOfRangeError,
 )
+from engine.files import TMP_SUFFIX, fsync_dir, make_dirs, write_all
 
 _log = logging.getLogger("conveyor.log")
 
@@ -188,7 +189,7 @@ class Log:
         """Total time spent in those fsyncs."""
         self._on_sync = on_sync
 
-        os.makedirs(self.path, exist_ok=True)
+        make_dirs(self.path)
         if lock:
             self._lock_fd = _lock_directory(self.path)
         try:
@@ -222,7 +223,7 @@ class Log:
     def _open_segments(self) -> RecoveryReport:
         bases = []
         for name in os.listdir(self.path):
-            if name.endswith(".tmp"):
+            if name.endswith(TMP_SUFFIX):
                 os.unlink(os.path.join(self.path, name))
             elif match := _SEGMENT_NAME.match(name):
                 bases.append(int(match.group(1)))
@@ -231,7 +232,7 @@ class Log:
         if not bases:
             segment = self._new_segment(0, writable=True)
             segment.recover()
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
             self._segments, self._bases = [segment], [0]
             return RecoveryReport(0, None, 0)
 
@@ -432,14 +433,14 @@ class Log:
             fd = old.dup_fd()
             background.submit(lambda: self._sync_sealed(fd))
         else:
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
             self._mark_durable(base)
 
     def _sync_sealed(self, fd: int) -> None:
         """Background fsync of a segment sealed under "never", then of the directory."""
         try:
             os.fdatasync(fd)
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         except OSError as exc:
             with self._lock:
                 self._fail(exc)
@@ -761,7 +762,7 @@ class Log:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(_index_path(segment.path))
                 if doomed:
-                    _fsync_dir(self.path)
+                    fsync_dir(self.path)
             except OSError as exc:
                 raise self._fail(exc) from exc
             return int(self._segments[0].base_offset)
@@ -807,7 +808,7 @@ class Log:
             self._bases.append(int(reopened.base_offset))
             self._active = reopened
         new_next = int(self._active.truncate_after(offset))
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         # Rare enough to recount rather than track through the branches above.
         self._sealed_bytes = sum(int(s.size) for s in self._segments[:-1])
         return new_next
@@ -930,20 +931,21 @@ def _index_path(segment_path: str) -> str:
 
 
 def _write_index(segment: Segment) -> None:
-    """Save a sealed segment's index. Not fsync'd: it is checked on load and rebuildable."""
+    """Save a sealed segment's index. Neither the file nor its directory entry is fsync'd:
+    it is checked on load and rebuilt when missing or suspect."""
     path = _index_path(segment.path)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(segment.index_bytes())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    tmp = path + TMP_SUFFIX
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            write_all(fd, segment.index_bytes(), tmp)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # a partial file holds on to the space whose lack failed it
+        raise
 
 
 def _lock_directory(path: str) -> int:

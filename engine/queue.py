@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import hashlib
 import heapq
+import logging
 import os
 import threading
 import time
@@ -42,7 +43,9 @@ from engine.errors import (
     MessageNotInflightError,
     QueueUnavailableError,
     ReceiptInvalidError,
+    unavailable,
 )
+from engine.files import TMP_SUFFIX, fsync_dir, write_file
 from engine.limits import (
     DEDUP_ID_CHARS_MAX,
     DELAY_S_MAX,
@@ -60,13 +63,15 @@ from engine.limits import (
     message_bytes,
     require,
 )
-from engine.log import Log, _fsync_dir
+from engine.log import Log
 from engine.receipts import ReceiptCodec
 from engine.records import MessageAttribute
 from engine.results import Message, QueueStats, SendEntry, SendResult
 from engine.snapshot import decode_snapshot, encode_snapshot, state_digest
 
 __all__ = ["Message", "Queue", "QueueCore", "QueueStats", "SendEntry", "SendResult"]
+
+_log = logging.getLogger("conveyor.queue")
 
 INFLIGHT = CATEGORIES["in_flight"]
 MOVING = CATEGORIES["moving"]
@@ -96,8 +101,8 @@ _A = TypeVar("_A")
 def create_queue_log(directory: str, attributes: QueueAttributes, *, fsync: str,
                      clock: Clock, segment_bytes_max: int = QUEUE_SEGMENT_BYTES) -> None:
     """Make a queue's directory and a log whose first record is its configuration."""
-    os.makedirs(directory)
-    _fsync_dir(os.path.dirname(directory))
+    os.makedirs(directory)  # not exist_ok: a directory already there is another queue's
+    fsync_dir(os.path.dirname(directory))
     with Log(os.path.join(directory, "log"), fsync=fsync, lock=False,
              segment_bytes_max=segment_bytes_max) as log:
         log.append(rec.encode_config(clock.now_ms(), attributes.to_dict()), wait=False)
@@ -166,6 +171,9 @@ class QueueCore:
         self._thread_waiters = 0
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._failed: str | None = None
+        self._failure: BaseException | None = None
+        """What stopped the queue (the error behind _failed), so that every refusal after
+        it says whether the disk is full."""
         self._closed = False
         self._dead_letter_missing_until = 0.0
         self.last_used = time.monotonic()
@@ -187,6 +195,9 @@ class QueueCore:
 
     def _load(self) -> tuple[State, int]:
         path = os.path.join(self.directory, SNAPSHOT_FILE)
+        # Left by a snapshot a crash interrupted; never read, and it may be large.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + TMP_SUFFIX)
         try:
             with open(path, "rb") as f:
                 state, start = decode_snapshot(f.read())
@@ -224,7 +235,7 @@ class QueueCore:
         nobody uses from being closed as idle.
         """
         if self._failed is not None:
-            raise QueueUnavailableError(self.name, self._failed)
+            raise unavailable(self.name, self._failed, self._failure)
         if self._closed:
             raise QueueUnavailableError(self.name, "closed")
         if use:
@@ -237,7 +248,8 @@ class QueueCore:
     def _fail(self, exc: BaseException) -> QueueUnavailableError:
         """The log failed (fail-stop): refuse everything until the queue is reopened."""
         self._failed = f"log failed: {exc}"
-        return QueueUnavailableError(self.name, self._failed)
+        self._failure = exc
+        return unavailable(self.name, self._failed, exc)
 
     def _append(self, payloads: list[bytes]) -> int:
         """Append records (lock held); return the first offset."""
@@ -610,22 +622,16 @@ class QueueCore:
             # The snapshot may only describe records that are on disk.
             self.log.flush()
             data = encode_snapshot(self.state, end)
-            path = os.path.join(self.directory, SNAPSHOT_FILE)
-            tmp = path + ".tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            _fsync_dir(self.directory)
+            # Whole or not at all: a snapshot cut short by a full disk must never replace
+            # the last good one, nor let the log prefix behind it be deleted.
+            write_file(os.path.join(self.directory, SNAPSHOT_FILE), data)
             if not self._keep_log:
                 oldest = self.state.oldest_location()
                 self.log.truncate_before(end if oldest is None else min(oldest, end))
         except (LogError, OSError) as exc:
             self._failed = f"snapshot failed: {exc}"
-            raise QueueUnavailableError(self.name, self._failed) from exc
+            self._failure = exc
+            raise unavailable(self.name, self._failed, exc) from exc
         self._snapshot_offset = end
         self._size_at_snapshot = self.log.size_bytes
         return True
@@ -635,9 +641,12 @@ class QueueCore:
         with self._lock:
             if self._closed:
                 return
-            with contextlib.suppress(QueueUnavailableError):
-                if self._failed is None:
+            if self._failed is None:
+                try:
                     self._snapshot()
+                except QueueUnavailableError as exc:
+                    # The log holds everything; the next open replays more of it.
+                    _log.warning("queue %s: no snapshot at close: %s", self.name, exc.reason)
             self._closed = True
             self._notify()
         self.log.close()
@@ -685,6 +694,13 @@ def _check_entry(entry: SendEntry, attrs: QueueAttributes) -> tuple[Any, ...]:
             key = hashlib.sha256(body).hexdigest()
     # A standard queue deduplicates only sends that carry a dedup id (an idempotency key).
     return body, attributes, delay * 1000, group, key, sender, system_attributes, message_id
+
+
+def _snapshot_after(core: QueueCore) -> None:
+    """A snapshot, if due, after a durable write: the write is answered as done whatever
+    the snapshot does; one that fails (a full disk) stops the queue for the calls after."""
+    with contextlib.suppress(QueueUnavailableError):
+        core.maybe_snapshot()
 
 
 def _wake(future: asyncio.Future[None]) -> None:
@@ -752,7 +768,7 @@ class Queue:
         sends = send_entries(entries)
         core, (results, durable_at) = self._on_core(QueueCore.send, sends)
         core.wait_durable(durable_at)
-        core.maybe_snapshot()
+        _snapshot_after(core)
         return results
 
     def _on_core(self, method: Callable[[QueueCore, _A], _T], arg: _A) -> tuple[QueueCore, _T]:
@@ -800,7 +816,7 @@ class Queue:
         check_batch(receipts)
         core, (results, durable_at) = self._on_core(QueueCore.delete, receipts)
         core.wait_durable(durable_at)
-        core.maybe_snapshot()
+        _snapshot_after(core)
         return results
 
     def change_visibility(self, receipt: str, seconds: int) -> None:

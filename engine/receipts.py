@@ -16,6 +16,7 @@ from engine._queue import RECEIPT_HANDLE_CHARS, ReceiptOpener, make_handle
 
 # Routing a handle to its queue (server/cluster/partitions.py) reads its uid, unchecked.
 from engine._queue import handle_queue_uid as handle_queue_uid
+from engine.files import write_file
 
 KEY_BYTES = 32
 MAC_BYTES = 16
@@ -58,19 +59,7 @@ def load_or_create_key(path: str) -> bytes:
             key = f.read()
     except FileNotFoundError:
         key = os.urandom(KEY_BYTES)
-        tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, key)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_file(path, key, 0o600)
     if len(key) != KEY_BYTES:
         raise ValueError(f"receipt key {path} is damaged ({len(key)} bytes)")
     return key

@@ -21,6 +21,7 @@ import logging
 import os
 from typing import Any, Protocol
 
+from engine import files
 from engine.log import Log
 from engine.queue import QUEUE_SEGMENT_BYTES, SNAPSHOT_FILE
 from replication import frames as fr
@@ -54,11 +55,13 @@ class Replica:
         """Cut the log at offset (a divergent suffix); return its new end."""
         if offset >= self.log.next_offset:
             return self.log.next_offset
+        # A snapshot this node took while it led may describe records about to be cut.
+        # It goes first, durably: a crash between the two steps must not leave a snapshot
+        # that describes records the log no longer has (this log is kept whole, so
+        # replay from its start needs no snapshot).
+        files.remove(os.path.join(self.directory, SNAPSHOT_FILE))
         end = self.log.truncate_after(offset)
         self.history.truncate(end)
-        # A snapshot this node took while it led may describe records just cut.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.directory, SNAPSHOT_FILE))
         _log.warning("queue %s: cut divergent records at %d", self.name, end)
         return end
 

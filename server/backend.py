@@ -79,14 +79,19 @@ class LocalBackend:
         self.broker = broker
         self.guard = guard
 
-    async def remove_orphans(self, store: MetadataStore) -> None:
-        """Delete engine queues that no record owns: a create interrupted between its two
-        steps. This process is the store's only writer, so none is a create under way."""
+    async def set_aside_unowned(self, store: MetadataStore) -> None:
+        """Move engine queues that no record owns to orphaned/ (engine/orphans.py).
+
+        One may be a create interrupted between its two steps, or a queue whose record was
+        lost (a metadata.sqlite3 deleted, replaced or restored without its -wal): nothing
+        here can tell which, so none is deleted. This process is the store's only writer,
+        so none is a create under way.
+        """
         owned = {r.engine_name for r in await store.all_records()}
         for name in await self.broker.list_queues():
             if name not in owned:
-                _log.warning("deleting engine queue %s: no queue record owns it", name)
-                await self.broker.delete_queue(name)
+                await asyncio.to_thread(self.broker.broker.set_aside_queue, name,
+                                        "no queue record owns it")
 
     def check_supported(self, attributes: Mapping[str, Any], settings: QueueSettings) -> None:
         pass  # one node does everything the service accepts
@@ -98,11 +103,12 @@ class LocalBackend:
                            settings: QueueSettings) -> None:
         if engine_name in await self.broker.list_queues(engine_name):
             # Left by a create whose record was never written, or a delete whose engine
-            # step never ran (the metadata store failed in between). Nobody can reach it;
-            # reusing it would refuse other attributes as "exists" and bring back a deleted
-            # queue's messages.
-            _log.warning("replacing engine queue %s: no queue record owns it", engine_name)
-            await self.broker.delete_queue(engine_name)
+            # step never ran (the metadata store failed in between), or a queue whose
+            # record was lost. Nobody can reach it; reusing it would refuse other
+            # attributes as "exists" and bring back a deleted queue's messages. Which it
+            # is cannot be told here, so it is set aside, not deleted.
+            await asyncio.to_thread(self.broker.broker.set_aside_queue, engine_name,
+                                    "replaced by a new queue of its name, no record owning it")
         await self.broker.create_queue(engine_name, **attributes)
 
     async def update_queue(self, record: QueueRecord, changes: dict[str, Any],
@@ -112,8 +118,8 @@ class LocalBackend:
 
     async def delete_queue(self, record: QueueRecord,
                            forget: Callable[[], Awaitable[None]]) -> None:
-        # The record first: an engine queue left behind is an orphan, removed at the next
-        # start or replaced by the next create of the name.
+        # The record first: an engine queue left behind is an orphan, set aside at the next
+        # start or by the next create of the name.
         await forget()
         await self.broker.delete_queue(record.engine_name)
 

@@ -676,5 +676,119 @@ def keys_token(access_key_id: str, data_dir: str, master_key_file: str | None,
     click.echo(bearer_token(key.access_key_id, key.secret, int(time.time()) + ttl))
 
 
+# --- orphaned queue directories --------------------------------------------------------------
+
+
+@main.group()
+def orphans() -> None:
+    """List, adopt and discard queue directories set aside in <data-dir>/orphaned/.
+
+    A queue directory that the catalog (catalog.sqlite3) or the server's records
+    (metadata.sqlite3) do not name is moved there at start, never deleted: it may be a
+    whole queue whose entry was lost. Run these with the server stopped.
+    """
+
+
+@contextmanager
+def _broker(data_dir: str) -> Iterator[Any]:
+    from engine import Broker
+    from engine.errors import DataDirectoryLockedError
+
+    if not os.path.isdir(os.path.join(data_dir, "queues")):
+        raise click.ClickException(f"{data_dir} is not a data directory (it has no queues/)")
+    try:
+        broker = Broker(data_dir)
+    except DataDirectoryLockedError as exc:
+        raise click.ClickException(f"{exc}: stop the server first") from None
+    except EngineError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        yield broker
+    except EngineError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        broker.close()
+
+
+@orphans.command("list")
+@_data_dir
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def orphans_list(data_dir: str, as_json: bool) -> None:
+    """The directories under orphaned/: uid, queue name (if it says), size."""
+    with _broker(data_dir) as broker:
+        found = [dataclasses.asdict(o) for o in broker.orphans()]
+
+    def line(r: dict[str, Any]) -> str:
+        uid = "?" if r["uid"] is None else f"{r['uid']:016x}"
+        return (f"{r['directory']}  uid={uid}  name={r['name'] or '? (adopt with --name)'}  "
+                f"{r['size_bytes']} bytes" + ("" if r["has_log"] else "  (no log/)"))
+
+    def text(rows: list[dict[str, Any]]) -> str:
+        return "\n".join(map(line, rows)) if rows else "(no orphaned queue directories)"
+
+    _emit(found, as_json, text)
+
+
+@orphans.command("adopt")
+@click.argument("directory")
+@_data_dir
+@click.option("--name", help="The queue's name: needed when its directory has no queue.json "
+                             "(made before that file existed), or to adopt it under another.")
+def orphans_adopt(directory: str, data_dir: str, name: str | None) -> None:
+    """Bring orphaned/DIRECTORY back as a queue, with its messages.
+
+    The queue is opened (its log replayed) before anything changes: one that does not
+    open stays where it is. On a server's data directory a queue record is made again if
+    it is missing, without the tags and SQS-only attributes (Policy, ...) it had.
+    """
+    with _broker(data_dir) as broker:
+        adopted = broker.adopt_orphan(directory, name)
+    click.echo(f"adopted {directory} as queue {adopted!r}")
+    note = _restore_record(data_dir, adopted)
+    if note:
+        click.echo(note)
+
+
+def _restore_record(data_dir: str, engine_name: str) -> str | None:
+    """Make the server's record of an adopted queue if its metadata store lacks it."""
+    from server.deployment import METADATA_FILE
+    from server.metadata import QueueRecord, SQLiteMetadataStore
+
+    path = os.path.join(data_dir, METADATA_FILE)
+    account, _, name = engine_name.partition("/")
+    if not os.path.exists(path) or not name:
+        return None  # a library's data directory, or a queue no server made
+
+    async def restore() -> bool:
+        import time
+
+        store = SQLiteMetadataStore(path)
+        try:
+            if await store.get(account, name) is not None:
+                return False
+            now = int(time.time() * 1000)
+            await store.put(QueueRecord(account, name, now, now))
+            return True
+        finally:
+            await store.close()
+
+    if not asyncio.run(restore()):
+        return None
+    return (f"made its server record again (account {account}, name {name}): its tags "
+            "and SQS-only attributes (Policy, RedriveAllowPolicy, encryption ...) were not "
+            "kept with the queue; set them again")
+
+
+@orphans.command("discard")
+@click.argument("directory")
+@_data_dir
+@click.confirmation_option(prompt="Delete this directory and every message in it?")
+def orphans_discard(directory: str, data_dir: str) -> None:
+    """Delete orphaned/DIRECTORY and everything in it."""
+    with _broker(data_dir) as broker:
+        broker.discard_orphan(directory)
+    click.echo(f"discarded {directory}")
+
+
 if __name__ == "__main__":
     main()

@@ -87,7 +87,7 @@ async def open_single_node(config: ServerConfig, master: bytes, on_sync: OnSync
         stack.callback(access_keys.close)
         guard = engine_guard()
         backend = LocalBackend(broker, guard)
-        await backend.remove_orphans(store)
+        await backend.set_aside_unowned(store)
         yield Deployment(broker, CachedMetadata(store, metadata_guard()), backend, guard,
                          access_keys.lookup if config.auth == "required" else None)
 

@@ -36,6 +36,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from engine.errors import ConfigError, InvalidParameterError
+from engine.files import make_dirs
 from server.protection import masterkey
 
 FILE_NAME = "access-keys.sqlite3"
@@ -231,7 +232,7 @@ class KeyStore:
     @classmethod
     def open(cls, data_dir: str, master_key_file: str | None = None) -> KeyStore:
         """The store of a data directory, with its master key (created if absent)."""
-        os.makedirs(data_dir, exist_ok=True)
+        make_dirs(data_dir)
         key_file = master_key_file or os.path.join(data_dir, masterkey.FILE_NAME)
         return cls(os.path.join(data_dir, FILE_NAME), masterkey.load_or_create(key_file))
 

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from engine.errors import ConfigError
+from engine.files import fsync_dir, write_all
 
 KEY_BYTES = 32
 FILE_NAME = "master.key"
@@ -40,7 +41,7 @@ def load_or_create(path: str) -> bytes:
     fd, temporary = tempfile.mkstemp(dir=directory, prefix=".master-key-")  # mode 0600
     try:
         try:
-            os.write(fd, os.urandom(KEY_BYTES))
+            write_all(fd, os.urandom(KEY_BYTES), temporary)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -50,11 +51,7 @@ def load_or_create(path: str) -> bytes:
             return load(path)  # another process made it first: use that one
     finally:
         os.unlink(temporary)
-    directory_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(directory_fd)
-    finally:
-        os.close(directory_fd)
+    fsync_dir(directory)
     return load(path)
 
 

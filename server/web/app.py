@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from engine.files import make_dirs
 from server.config import HEADER_BYTES_MAX, HEADERS_MAX, REQUEST_BYTES_MAX, ServerConfig
 from server.deployment import open_deployment
 from server.metrics import Exposition, Metrics
@@ -64,7 +65,7 @@ def create_app(config: ServerConfig) -> web.Application:
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[appkeys.CONFIG]
     metrics = app[appkeys.METRICS]
-    os.makedirs(config.data_dir, exist_ok=True)
+    make_dirs(config.data_dir)  # durably: the databases and keys made in it next rely on it
     master = masterkey.load_or_create(config.master_key_path)
     metrics_token = (load_metrics_token(config.metrics_token_file)
                      if config.metrics_token_file else None)

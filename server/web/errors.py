@@ -72,6 +72,10 @@ _TABLE: list[tuple[type[BaseException], ErrorSpec]] = [
                                  "MissingParameter")),
     (e.InvalidParameterError, _S(400, "InvalidParameterValue", "InvalidParameterValue",
                                  "InvalidParameter")),
+    # A full disk stops the queue (fail-stop) as a failed disk does; its own native code
+    # tells the operator why. SQS clients get the ServiceUnavailable they retry.
+    (e.StorageFullError, _S(503, "ServiceUnavailable", "ServiceUnavailable", "StorageFull",
+                            sender_fault=False)),
     (e.QueueUnavailableError, _S(503, "ServiceUnavailable", "ServiceUnavailable",
                                  "Unavailable", sender_fault=False)),
     (e.BrokerClosedError, _S(503, "ServiceUnavailable", "ServiceUnavailable",
