@@ -33,9 +33,9 @@ from typing import IO
 import pytest
 
 from engine import Broker
-from engine.errors import EngineError, QueueNotFoundError, QueueUnavailableError
+from engine.errors import EngineError
 from tests.engine.powerloss_child import VISIBILITY_S
-from tests.support.powerfs import PowerFS, fuse_unavailable, sync_dir, sync_tree
+from tests.support.powerfs import PowerFS, fuse_unavailable, sync_dir
 
 pytestmark = pytest.mark.skipif(fuse_unavailable() is not None,
                                 reason=fuse_unavailable() or "")
@@ -126,13 +126,12 @@ def _power_loss_cycles(root: Path, cycles: int, seed: int, fsync: str = "always"
     dropped = {"unsynced_bytes": 0, "unsynced_entries": 0}
     with PowerFS(root) as fs:
         data = fs.mountpoint / "data"
-        # The queue exists before the first cut. The engine leaves a new queue's directory
-        # entries unsynced until its first snapshot (test_sends_to_a_new_queue_... below,
-        # an xfail): the test syncs them, so that these cycles test what comes after.
+        # The queue exists before the first cut; the engine makes its directories durable
+        # as it creates them (test_sends_to_a_new_queue_survive_power_loss, below).
         data.mkdir()
+        sync_dir(fs.mountpoint)  # its creator's job, as for any data directory
         with Broker(data, fsync=fsync) as broker:
             broker.create_queue("power")
-        sync_tree(fs.mountpoint)
         for run in range(cycles):
             delay = rng.uniform(0.2, 1.2)
             result = _run_until_power_loss(fs, data, run, rng.randrange(1 << 32), delay,
@@ -251,12 +250,6 @@ def _bodies(queue_name: str, data: Path) -> list[bytes]:
         return sorted(m.body for m in queue.receive(10, wait_seconds=0))
 
 
-@pytest.mark.xfail(strict=True, raises=QueueUnavailableError, reason=(
-    "engine/queue.py create_queue_log: os.makedirs(directory) and a fsync of queues/, then "
-    "Log() makes directory/log/ (engine/log.py Log.__init__, os.makedirs) and nothing "
-    "fsyncs the queue's directory until its first snapshot (a clean close of a queue never "
-    "opened takes none): a power loss before then drops log/ with every acknowledged send "
-    "('queue log ... holds no configuration')"))
 def test_sends_to_a_new_queue_survive_power_loss(fs: PowerFS) -> None:
     data = fs.mountpoint / "data"
     data.mkdir()
@@ -274,11 +267,6 @@ def test_sends_to_a_new_queue_survive_power_loss(fs: PowerFS) -> None:
     assert _bodies("fresh", data) == [b"m%d" % n for n in range(5)]
 
 
-@pytest.mark.xfail(strict=True, raises=QueueNotFoundError, reason=(
-    "engine/broker.py Broker.__init__: os.makedirs(path/queues) creates the data directory "
-    "itself and nothing fsyncs its parent: a power loss drops the whole directory, with "
-    "every acknowledged send, even after a clean close (conveyor serve does the same in "
-    "server/web/app.py create_app)"))
 def test_a_data_directory_the_broker_made_survives_power_loss(fs: PowerFS) -> None:
     data = fs.mountpoint / "made-by-the-broker"
     with Broker(data) as broker:
@@ -289,8 +277,8 @@ def test_a_data_directory_the_broker_made_survives_power_loss(fs: PowerFS) -> No
 
 
 def test_a_queue_closed_cleanly_survives_power_loss(fs: PowerFS) -> None:
-    # The control for the two above: with the data directory made durable by its creator
-    # and the queue closed (its snapshot fsyncs the queue's directory), all is kept.
+    # Beside the two above: a data directory made durable by its creator, and the queue
+    # closed (its snapshot fsyncs the queue's directory).
     data = fs.mountpoint / "data"
     data.mkdir()
     sync_dir(fs.mountpoint)
