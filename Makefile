@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SOURCES := $(wildcard engine/*.pyx engine/*.pxd engine/*.h) setup.py pyproject.toml
 
 .PHONY: all install serve test lint typecheck unit bench bench-http debug-build clean etcd \
-	dev-cluster soak bench-cluster
+	dev-cluster soak faults bench-cluster
 
 all: test
 
@@ -61,6 +61,10 @@ test: lint typecheck unit
 # seconds (default 150).
 soak: install etcd
 	CONVEYOR_SOAK=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m soak tests/cluster
+
+# Many more seeded bit flips in logs and queues than `make test` runs (a few minutes).
+faults: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m faults tests/engine/test_faults.py
 
 # Benchmarks are not part of `make test`; see docs/PERFORMANCE.md.
 bench: install etcd
