@@ -70,8 +70,9 @@ test: lint typecheck unit
 soak: install etcd
 	CONVEYOR_SOAK=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m soak tests/cluster
 
-# Long power-loss runs, not part of `make test`: CONVEYOR_FAULTS_CYCLES power losses
-# (default 30) under the engine and under the server; CONVEYOR_POWERLOSS_SEED repeats one.
+# Long fault runs, not part of `make test`: CONVEYOR_FAULTS_CYCLES power losses (default
+# 30) under the engine and under the server (CONVEYOR_POWERLOSS_SEED repeats one), and many
+# more seeded bit flips in logs and queues than `make test` runs.
 faults: install fuse
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m faults tests/engine tests/server
 

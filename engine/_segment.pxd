@@ -58,7 +58,13 @@ cdef class Segment:
     cdef int _maybe_flush(self) except -1
     cdef int _check_append(self, size_t total) except -1
     cdef object _pack(self, list seq, size_t area, object compress)
-    cdef int64_t _scan(self, bint strict) except -2
+    cdef int64_t _scan(self, bint strict, uint64_t durable_offset, bint resync) except -2
+    cdef int _walk(self, uint64_t* pos_io, uint64_t* expected_io, uint64_t file_size,
+                   bint index, const char** reason_out) except -1
+    cdef int64_t _resync(self, uint64_t bad_pos, uint64_t min_base, uint64_t file_size,
+                         uint64_t* base_out) except -2
+    cdef bint _valid_at(self, uint64_t pos, uint64_t min_base, uint64_t file_size,
+                        uint64_t* base_out) except -1
     cdef int _cut(self, uint64_t pos) except -1
     cdef int _pread_into(self, unsigned char* dst, uint64_t pos, size_t n) except -1
     cdef bytes _read_span(self, uint64_t pos, size_t n)

@@ -16,7 +16,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.memoryview cimport PyMemoryView_FromObject, PyMemoryView_GET_BUFFER
 from libc.errno cimport EINTR, EIO, errno
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memchr, memcpy, memset
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 from posix.types cimport off_t
 
@@ -135,6 +135,17 @@ cdef inline void seal_header(unsigned char* p, uint8_t flags, uint64_t base, uin
 cdef inline const char* check_header(const unsigned char* p, uint64_t expected_base,
                                      uint32_t batch_bytes_max) noexcept nogil:
     """Why the header cannot start a valid batch at expected_base, or NULL if it can."""
+    cdef const char* reason = check_shape(p, batch_bytes_max)
+    if reason != NULL:
+        return reason
+    if ld64(p + BATCH_BASE_OFFSET_AT) != expected_base:
+        return "base offset out of sequence"
+    return NULL
+
+
+cdef inline const char* check_shape(const unsigned char* p,
+                                    uint32_t batch_bytes_max) noexcept nogil:
+    """Every header check but the base offset's (which needs the batch before it)."""
     cdef uint32_t count = ld32(p + BATCH_RECORD_COUNT_AT)
     cdef uint32_t payload = ld32(p + BATCH_PAYLOAD_BYTES_AT)
     if ld32(p + BATCH_MAGIC_AT) != BATCH_MAGIC_U32:
@@ -151,8 +162,6 @@ cdef inline const char* check_header(const unsigned char* p, uint64_t expected_b
         return "batch larger than the batch limit"
     if not (p[BATCH_FLAGS_AT] & FLAG_ZSTD) and count > payload // RECORD_LENGTH_BYTES:
         return "record count does not fit the payload"
-    if ld64(p + BATCH_BASE_OFFSET_AT) != expected_base:
-        return "base offset out of sequence"
     return NULL
 
 
@@ -864,20 +873,108 @@ cdef class Segment:
 
     # -- recovery -----------------------------------------------------------------------
 
-    def recover(self):
-        """Rebuild the index by scanning; cut off a torn or bad tail. Returns bytes cut."""
+    def recover(self, uint64_t durable_offset=0, bint resync=True):
+        """Rebuild the index by scanning; cut off a torn tail. Returns the bytes cut.
+
+        A torn tail is a bad final batch with nothing valid after it: a write that never
+        completed, which is cut (durably). A bad batch that a valid batch follows, or one
+        holding records below ``durable_offset`` (which the caller knows were fsync'd), is
+        damage: CorruptSegmentError, and the file is left exactly as it is. docs/FORMAT.md
+        ("Torn tail or damage") draws the rule.
+
+        ``resync=False`` is the old rule, which cut at the first bad batch whatever
+        followed it. It exists only so that the fault tests can show they catch it.
+        """
         if not self._writable:
             raise ValueError(f"segment {self.path} is sealed; use rebuild_index()")
-        return self._scan(False)
+        return self._scan(False, durable_offset, resync)
 
     def rebuild_index(self):
         """Rebuild the index by scanning; any bad batch raises CorruptSegmentError."""
-        self._scan(True)
+        self._scan(True, 0, True)
 
-    cdef int64_t _scan(self, bint strict) except -2:
+    def survey(self):
+        """Every run of valid batches and every damaged range of the file, in file order.
+
+        Returns ``[(start, end, first_offset, next_offset, reason), ...]``: byte range,
+        offsets and, for a damaged range, why its first batch is bad (None for a run of
+        valid batches). A damaged range ends where the next valid batch starts by the
+        resync rule of docs/FORMAT.md, and its next_offset is that batch's base offset;
+        when nothing valid follows it ends at the end of the file and next_offset equals
+        first_offset (how many records it held is unknown). Reads the whole file and
+        changes nothing, on disk or in this object.
+        """
+        cdef uint64_t file_size = self._written
+        cdef uint64_t pos = 0
+        cdef uint64_t start
+        cdef uint64_t expected = self.base_offset
+        cdef uint64_t first
+        cdef uint64_t base = 0
+        cdef const char* reason = NULL
+        cdef int64_t found
+        if self._buf_len:
+            raise ValueError("cannot survey a segment with unflushed appends")
+        self._ensure_fd()
+        runs = []
+        while True:
+            start = pos
+            first = expected
+            self._walk(&pos, &expected, file_size, False, &reason)
+            if pos > start:
+                runs.append((start, pos, first, expected, None))
+            if reason == NULL:
+                return runs
+            found = self._resync(pos, expected, file_size, &base)
+            if found < 0:
+                runs.append((pos, file_size, expected, expected, reason.decode()))
+                return runs
+            runs.append((pos, <uint64_t>found, expected, base, reason.decode()))
+            pos = <uint64_t>found
+            expected = base
+
+    cdef int64_t _scan(self, bint strict, uint64_t durable_offset, bint resync) except -2:
         cdef uint64_t file_size = self._written
         cdef uint64_t pos = 0
         cdef uint64_t expected = self.base_offset
+        cdef uint64_t base = 0
+        cdef const char* reason = NULL
+        cdef int64_t found
+        if self._buf_len:
+            raise ValueError("cannot scan a segment with unflushed appends")
+        self._ensure_fd()
+        self._idx_len = 0
+        self._walk(&pos, &expected, file_size, True, &reason)
+        self.next_offset = expected
+        if reason == NULL:
+            self.size = self._written = pos
+            return 0
+        if strict:
+            raise CorruptSegmentError(self.path, expected, pos, reason.decode())
+        if resync:
+            if expected < durable_offset:
+                raise CorruptSegmentError(
+                    self.path, expected, pos,
+                    f"{reason.decode()}, in records below offset {durable_offset}, which "
+                    "were made durable: damage, not a torn write")
+            found = self._resync(pos, expected, file_size, &base)
+            if found >= 0:
+                raise CorruptSegmentError(
+                    self.path, expected, pos,
+                    f"{reason.decode()}, and a valid batch (offset {base}) follows at byte "
+                    f"{found}: damage, not a torn write")
+        self._cut(pos)
+        return <int64_t>(file_size - pos)
+
+    cdef int _walk(self, uint64_t* pos_io, uint64_t* expected_io, uint64_t file_size,
+                   bint index, const char** reason_out) except -1:
+        """Step over valid batches from byte *pos_io, whose batch must hold offset
+        *expected_io, to the end of the file or the first bad batch.
+
+        Leaves both where the walk stopped, and in reason_out why (NULL: the end). With
+        index, notes batches in the sparse index and the last one's time and epoch.
+        """
+        cdef uint64_t pos = pos_io[0]
+        cdef uint64_t expected = expected_io[0]
         cdef uint64_t chunk_at = 0
         cdef size_t chunk_len = 0
         cdef size_t cap = SCAN_CHUNK_BYTES
@@ -887,12 +984,7 @@ cdef class Segment:
         cdef uint32_t payload
         cdef size_t total
         cdef int err
-        cdef int fd
-        if self._buf_len:
-            raise ValueError("cannot scan a segment with unflushed appends")
-        self._ensure_fd()
-        fd = self._fd
-        self._idx_len = 0
+        cdef int fd = self._fd
         chunk = <unsigned char*>PyMem_Malloc(cap)
         if chunk == NULL:
             raise MemoryError()
@@ -901,7 +993,7 @@ cdef class Segment:
                 if file_size - pos < BATCH_HEADER_BYTES:
                     reason = "torn batch header"
                     break
-                if pos + BATCH_HEADER_BYTES > chunk_at + chunk_len:
+                if pos < chunk_at or pos + BATCH_HEADER_BYTES > chunk_at + chunk_len:
                     chunk_at = pos
                     chunk_len = <size_t>min(<uint64_t>cap, file_size - pos)
                     with nogil:
@@ -939,21 +1031,119 @@ cdef class Segment:
                         NULL, NULL, 0):
                     reason = "record lengths do not match the payload"
                     break
-                self._index_add(expected, pos)
-                self.last_timestamp_ms = <int64_t>ld64(h + BATCH_TIMESTAMP_AT)
-                self.last_epoch = ld64(h + BATCH_EPOCH_AT)
+                if index:
+                    self._index_add(expected, pos)
+                    self.last_timestamp_ms = <int64_t>ld64(h + BATCH_TIMESTAMP_AT)
+                    self.last_epoch = ld64(h + BATCH_EPOCH_AT)
                 expected += ld32(h + BATCH_RECORD_COUNT_AT)
                 pos += total
         finally:
             PyMem_Free(chunk)
-        self.next_offset = expected
-        if reason == NULL:
-            self.size = self._written = pos
-            return 0
-        if strict:
-            raise CorruptSegmentError(self.path, expected, pos, reason.decode())
-        self._cut(pos)
-        return <int64_t>(file_size - pos)
+        pos_io[0] = pos
+        expected_io[0] = expected
+        reason_out[0] = reason
+        return 0
+
+    cdef int64_t _resync(self, uint64_t bad_pos, uint64_t min_base, uint64_t file_size,
+                         uint64_t* base_out) except -2:
+        """Byte position of the first batch after the bad one at bad_pos that is valid on
+        its own, holding offsets from min_base on; -1 if there is none (docs/FORMAT.md,
+        "Torn tail or damage"). Its base offset goes to base_out.
+
+        Where the bad batch's own header says the next batch starts is tried first: when
+        only its payload is damaged, that finds the next batch without looking inside the
+        payload, where a record that happens to hold a whole batch could be mistaken for
+        one. Then every byte after bad_pos is tried.
+        """
+        cdef unsigned char h[BATCH_HEADER_BYTES]
+        cdef unsigned char* chunk
+        cdef const unsigned char* hit
+        cdef size_t cap = SCAN_CHUNK_BYTES
+        cdef size_t n
+        cdef size_t i
+        cdef uint64_t at
+        cdef uint64_t next_pos
+        cdef int err
+        cdef int fd = self._fd
+        if file_size - bad_pos >= BATCH_HEADER_BYTES:
+            with nogil:
+                err = pread_all(fd, h, BATCH_HEADER_BYTES, bad_pos)
+            if err:
+                raise os_error(err, self.path)
+            if (ld32(h + BATCH_MAGIC_AT) == BATCH_MAGIC_U32
+                    and check_shape(h, self._batch_bytes_max) == NULL):
+                next_pos = bad_pos + BATCH_HEADER_BYTES + ld32(h + BATCH_PAYLOAD_BYTES_AT)
+                if next_pos < file_size and self._valid_at(next_pos, min_base, file_size,
+                                                           base_out):
+                    return <int64_t>next_pos
+        chunk = <unsigned char*>PyMem_Malloc(cap)
+        if chunk == NULL:
+            raise MemoryError()
+        try:
+            at = bad_pos + 1
+            while at + BATCH_HEADER_BYTES <= file_size:
+                n = <size_t>min(<uint64_t>cap, file_size - at)
+                with nogil:
+                    err = pread_all(fd, chunk, n, at)
+                if err:
+                    raise os_error(err, self.path)
+                # Positions 0 .. n-4 of this chunk can start a magic; the next chunk
+                # starts 3 bytes early so that one straddling the boundary is seen.
+                i = 0
+                while i + 4 <= n:
+                    hit = <const unsigned char*>memchr(chunk + i, BATCH_MAGIC_U32 & 0xFF,
+                                                       n - 3 - i)
+                    if hit == NULL:
+                        break
+                    i = <size_t>(hit - chunk)
+                    if (ld32(hit) == BATCH_MAGIC_U32
+                            and self._valid_at(at + i, min_base, file_size, base_out)):
+                        return <int64_t>(at + i)
+                    i += 1
+                at += n - 3
+        finally:
+            PyMem_Free(chunk)
+        return -1
+
+    cdef bint _valid_at(self, uint64_t pos, uint64_t min_base, uint64_t file_size,
+                        uint64_t* base_out) except -1:
+        """Whether a whole valid batch holding offsets from min_base on starts at pos."""
+        cdef unsigned char h[BATCH_HEADER_BYTES]
+        cdef unsigned char* batch
+        cdef size_t total
+        cdef bint ok
+        cdef int err
+        cdef int fd = self._fd
+        if file_size - pos < BATCH_HEADER_BYTES:
+            return False
+        with nogil:
+            err = pread_all(fd, h, BATCH_HEADER_BYTES, pos)
+        if err:
+            raise os_error(err, self.path)
+        if (ld32(h + BATCH_MAGIC_AT) != BATCH_MAGIC_U32
+                or check_shape(h, self._batch_bytes_max) != NULL
+                or ld64(h + BATCH_BASE_OFFSET_AT) < min_base):
+            return False
+        total = BATCH_HEADER_BYTES + <size_t>ld32(h + BATCH_PAYLOAD_BYTES_AT)
+        if total > file_size - pos:
+            return False
+        batch = <unsigned char*>PyMem_Malloc(total)
+        if batch == NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                err = pread_all(fd, batch, total, pos)
+            if err:
+                raise os_error(err, self.path)
+            ok = checksum_ok(batch) and (
+                (batch[BATCH_FLAGS_AT] & FLAG_ZSTD) or walk_records(
+                    batch + BATCH_HEADER_BYTES, <uint32_t>(total - BATCH_HEADER_BYTES),
+                    ld32(batch + BATCH_RECORD_COUNT_AT), NULL, NULL, 0) == 0)
+        finally:
+            PyMem_Free(batch)
+        if ok:
+            base_out[0] = ld64(h + BATCH_BASE_OFFSET_AT)
+        return ok
 
     cdef int _cut(self, uint64_t pos) except -1:
         """Shorten the file to pos and make that durable, so a cut tail cannot return."""

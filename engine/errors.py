@@ -40,20 +40,57 @@ class LogError(EngineError):
         self.path = path
 
 
-class CorruptSegmentError(LogError):
-    """A sealed segment (or a read of any segment) failed its checksum or structure check.
+class CorruptDataError(LogError):
+    """A file the engine wrote fails its checks: damage, found and left as it is.
 
-    The segment is left untouched for an operator to inspect: it is never silently
-    truncated. ``offset`` is the log offset where the bad batch was expected and
-    ``position`` its byte position in the file.
+    ``path`` is the damaged file, ``position`` the byte where the damage was found and
+    ``reason`` what is wrong. Nothing is cut, rewritten or deleted on finding it: repair
+    (``conveyor log salvage``, engine/repair.py) is an operator's explicit act.
+    """
+
+    def __init__(self, message: str, path: str, position: int, reason: str) -> None:
+        super().__init__(message, path)
+        self.position = position
+        self.reason = reason
+
+
+class CorruptSegmentError(CorruptDataError):
+    """A segment failed its checksum or structure check, at open or on a read.
+
+    ``path`` is the segment file, ``offset`` the log offset where the bad batch was
+    expected and ``position`` its byte position in the file. Opening a log raises it for
+    any bad batch but a torn tail (docs/FORMAT.md, "Torn tail or damage").
     """
 
     def __init__(self, path: str, offset: int, position: int, reason: str) -> None:
         super().__init__(
-            f"corrupt segment {path} at byte {position} (offset {offset}): {reason}", path
+            f"corrupt segment {path} at byte {position} (offset {offset}): {reason}",
+            path, position, reason,
         )
         self.offset = offset
-        self.position = position
+
+
+class CorruptSnapshotError(CorruptDataError):
+    """A queue's snapshot file fails its checksum or does not decode.
+
+    ``path`` is the snapshot file; ``position`` is 0 (a checksum covers the whole file, so
+    the damage is somewhere in it) or where decoding stopped.
+    """
+
+    def __init__(self, path: str, reason: str, position: int = 0) -> None:
+        super().__init__(f"corrupt snapshot {path}: {reason}", path, position, reason)
+
+
+class SalvageRefusedError(LogError):
+    """A salvage would not leave a usable log or queue, so it changed nothing.
+
+    ``path`` is the log or queue directory and ``reason`` why (for example, a queue's
+    snapshot is damaged and the records it summarised are deleted: only a backup or a
+    replica has that state).
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cannot salvage {path}: {reason}", path)
         self.reason = reason
 
 

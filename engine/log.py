@@ -76,6 +76,9 @@ INTERVAL_MS_MAX = 60_000
 
 _SEGMENT_NAME = re.compile(rf"^(\d{{{format.OFFSET_DIGITS}}})\.log$")
 LOCK_FILE = "LOCK"
+# Test-only: True brings back the old recovery rule, which cut the active segment at its
+# first bad batch whatever followed. The fault tests set it to show that they catch it.
+LEGACY_CUT_AT_ANY_BAD_BATCH = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +113,7 @@ class RecoveryReport:
     """What opening the log found and repaired."""
 
     dropped_bytes: int
-    """Bytes cut from the tail of the last segment (a torn or corrupt tail)."""
+    """Bytes cut from the tail of the last segment (a torn tail: a write never finished)."""
     segment: str | None
     """The segment that was cut, if any."""
     indexes_rebuilt: int
@@ -122,6 +125,14 @@ class Log:
 
     ``append_batch`` writes one batch in one ``write()``; ``read`` returns a
     :class:`~engine.Records` view. See the module docstring for durability.
+
+    Opening recovers the directory. A torn tail (a bad final batch of the last segment
+    with nothing valid after it) is cut and reported in ``recovery``; any other bad batch
+    is damage, and opening raises CorruptSegmentError naming the file and byte, leaving
+    every segment file as it was (docs/FORMAT.md, "Torn tail or damage"). Repair is
+    engine/repair.py's, on an operator's request. ``durable_floor``: every record below it
+    is known to have been fsync'd (a queue's snapshot covers it), so a bad batch among
+    them is damage too, however late in the log.
     """
 
     def __init__(
@@ -138,6 +149,7 @@ class Log:
         flush_interval_ms: int = FLUSH_INTERVAL_MS_DEFAULT,
         lock: bool = True,
         on_sync: Callable[[float], None] | None = None,
+        durable_floor: int = 0,
     ) -> None:
         self.path = os.fspath(path)
         self.fsync_policy = FsyncPolicy.parse(fsync)
@@ -193,7 +205,7 @@ class Log:
         if lock:
             self._lock_fd = _lock_directory(self.path)
         try:
-            self.recovery = self._open_segments()
+            self.recovery = self._open_segments(durable_floor)
         except BaseException:
             self._release_everything()
             raise
@@ -220,46 +232,49 @@ class Log:
             flush_bytes=self._flush_bytes,
         )
 
-    def _open_segments(self) -> RecoveryReport:
-        bases = []
-        for name in os.listdir(self.path):
-            if name.endswith(TMP_SUFFIX):
-                os.unlink(os.path.join(self.path, name))
-            elif match := _SEGMENT_NAME.match(name):
-                bases.append(int(match.group(1)))
-        bases.sort()
-        self._remove_orphan_indexes(set(bases))
+    def _open_segments(self, durable_floor: int) -> RecoveryReport:
+        names = os.listdir(self.path)
+        bases = sorted(int(m.group(1)) for name in names if (m := _SEGMENT_NAME.match(name)))
         if not bases:
+            self._tidy(names, set())
             segment = self._new_segment(0, writable=True)
             segment.recover()
             fsync_dir(self.path)
             self._segments, self._bases = [segment], [0]
             return RecoveryReport(0, None, 0)
 
-        rebuilt = 0
+        rebuilt = []
         for base, next_base in itertools.pairwise(bases):
             segment = self._new_segment(base, writable=False)
             self._segments.append(segment)
-            rebuilt += self._load_sealed(segment, next_base)
+            if self._load_sealed(segment, next_base):
+                rebuilt.append(segment)
             segment.release_fd()
         self._bases = bases
         active = self._new_segment(bases[-1], writable=True)
         self._segments.append(active)
-        dropped = active.recover()
+        # Only a torn tail is cut; damage raises CorruptSegmentError and changes nothing.
+        dropped = (active.recover(0, False) if LEGACY_CUT_AT_ANY_BAD_BATCH
+                   else active.recover(durable_floor))
         if dropped:
-            _log.warning("log %s: cut %d bytes of torn or corrupt tail from %s",
+            _log.warning("log %s: cut a torn tail of %d bytes from %s",
                          self.path, dropped, active.path)
+        # Files are tidied and indexes rewritten only now that the open has succeeded: an
+        # open that refuses damage leaves the directory exactly as it found it.
+        self._tidy(names, set(bases))
+        for segment in rebuilt:
+            _write_index(segment)
         # What survived a crash is on disk as far as the page cache goes; make it durable
         # before anyone is told so.
         active.sync()
-        return RecoveryReport(dropped, active.path if dropped else None, rebuilt)
+        return RecoveryReport(dropped, active.path if dropped else None, len(rebuilt))
 
-    def _load_sealed(self, segment: Segment, next_base: int) -> int:
-        """Adopt or rebuild a sealed segment's index. Returns 1 if it was rebuilt."""
+    def _load_sealed(self, segment: Segment, next_base: int) -> bool:
+        """Adopt a sealed segment's index, or rebuild it in memory (True: rebuilt)."""
         index_path = _index_path(segment.path)
         with contextlib.suppress(FileNotFoundError), open(index_path, "rb") as f:
             if segment.load_index(f.read(), next_base):
-                return 0
+                return False
         segment.rebuild_index()
         if segment.next_offset != next_base:
             raise CorruptSegmentError(
@@ -267,14 +282,15 @@ class Log:
                 f"segment ends at offset {segment.next_offset} but the next one starts "
                 f"at {next_base}",
             )
-        _write_index(segment)
-        return 1
+        return True
 
-    def _remove_orphan_indexes(self, bases: set[int]) -> None:
-        for name in os.listdir(self.path):
-            if name.endswith(format.INDEX_SUFFIX):
-                stem = name.removesuffix(format.INDEX_SUFFIX)
-                if not stem.isdigit() or int(stem) not in bases:
+    def _tidy(self, names: list[str], bases: set[int]) -> None:
+        """Delete leftovers of interrupted writes (.tmp) and indexes without a segment."""
+        for name in names:
+            stem = name.removesuffix(format.INDEX_SUFFIX)
+            if name.endswith(TMP_SUFFIX) or (name.endswith(format.INDEX_SUFFIX) and (
+                    not stem.isdigit() or int(stem) not in bases)):
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.path, name))
 
     # -- properties ---------------------------------------------------------------------
@@ -924,6 +940,12 @@ class Log:
 def _check_range(name: str, value: int, low: int, high: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise ConfigError(name, value, f"must be an integer in {low}..{high}")
+
+
+def segment_bases(path: str) -> list[int]:
+    """Base offsets of the segment files in a log directory, in order."""
+    return sorted(int(m.group(1)) for name in os.listdir(path)
+                  if (m := _SEGMENT_NAME.match(name)))
 
 
 def _index_path(segment_path: str) -> str:

@@ -134,6 +134,64 @@ def start_queue_log(directory: str, attributes: QueueAttributes, *, fsync: str,
             log.flush()
 
 
+def read_snapshot(directory: str) -> tuple[State, int] | None:
+    """The queue's snapshot (state, offset replay continues from), or None if it has none.
+
+    Raises CorruptSnapshotError if the file is damaged: the state cannot be had otherwise
+    once the segments it covers are deleted, so the queue stays closed until an operator
+    acts (docs/OPERATIONS.md, "Damage and repair").
+    """
+    path = os.path.join(directory, SNAPSHOT_FILE)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    return decode_snapshot(data, path)
+
+
+def replay(log: Log, snapshot: tuple[State, int] | None) -> tuple[State, int]:
+    """The queue's state: the snapshot's, with every record after it applied.
+
+    An empty record is a hole that ``conveyor log salvage`` left where records were lost
+    to damage (every queue record starts with a tag, so none is empty): it is skipped.
+    """
+    if snapshot is None:
+        state, start, fresh = State(False), log.first_offset, True
+    else:
+        (state, start), fresh = snapshot, False
+        if start > log.next_offset:
+            # The snapshot covers records the log no longer holds (a segment was lost or
+            # cut). Its state points at offsets that new records would reuse: their bytes
+            # would be read as other messages' bodies.
+            raise LogError(f"queue log {log.path} ends at offset {log.next_offset}, "
+                           f"before its snapshot's {start}: records the snapshot counts "
+                           "on are missing", log.path)
+    holes = 0
+    for offset, payload in log.iter_records(start):
+        if not payload:
+            holes += 1
+            continue
+        try:
+            record = rec.decode(payload)
+        except rec.RecordError as exc:
+            # Its batch passed its checksum, so the bytes are as written: not damage the
+            # log can see, but a record this build cannot read.
+            raise LogError(f"queue log {log.path}: record at offset {offset} does not "
+                           f"decode: {exc}", log.path) from exc
+        if fresh and isinstance(record, rec.Config):
+            # The first record of every queue is its configuration.
+            state = State(bool(record.attributes.get("fifo")))
+            fresh = False
+        state.apply(offset, record)
+    if holes:
+        _log.warning("queue log %s: %d records were lost to damage (holes left by a "
+                     "salvage) and are skipped", log.path, holes)
+    if not state.config:
+        raise LogError(f"queue log {log.path} holds no configuration", log.path)
+    return state, start
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class MovePlan:
     """Messages a receive marked for the dead-letter queue, and what they carry."""
@@ -177,13 +235,21 @@ class QueueCore:
         self._closed = False
         self._dead_letter_missing_until = 0.0
         self.last_used = time.monotonic()
+        snapshot = read_snapshot(directory)
+        # Every record the snapshot covers was fsync'd before it was taken: a bad batch
+        # among them is damage, never a torn tail to cut.
         self.log = Log(os.path.join(directory, "log"), fsync=fsync, lock=False,
-                       segment_bytes_max=segment_bytes_max, on_sync=on_sync)
+                       segment_bytes_max=segment_bytes_max, on_sync=on_sync,
+                       durable_floor=snapshot[1] if snapshot else 0)
         try:
-            self.state, self._snapshot_offset = self._load()
+            self.state, self._snapshot_offset = replay(self.log, snapshot)
         except BaseException:
             self.log.close()
             raise
+        # Left by a snapshot a crash interrupted: never read, and it may be large. Removed
+        # only once the queue opened (a refused open changes nothing on disk).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, SNAPSHOT_FILE) + TMP_SUFFIX)
         self._size_at_snapshot = self.log.size_bytes
         self.attributes = QueueAttributes.from_dict(self.state.config)
         # Messages moved in from another queue keep their original send time, so they do
@@ -192,39 +258,6 @@ class QueueCore:
             (m.sent_at, m.seq) for m in self.state.messages.values() if m.origin
         ]
         heapq.heapify(self._aged)
-
-    def _load(self) -> tuple[State, int]:
-        path = os.path.join(self.directory, SNAPSHOT_FILE)
-        # Left by a snapshot a crash interrupted; never read, and it may be large.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path + TMP_SUFFIX)
-        try:
-            with open(path, "rb") as f:
-                state, start = decode_snapshot(f.read())
-        except FileNotFoundError:
-            state, start = State(False), self.log.first_offset
-            fresh = True
-        else:
-            fresh = False
-            if start > self.log.next_offset:
-                # A snapshot is only taken of records already fsync'd, so a log that now
-                # ends before it lost records to damage (opening a log cuts a bad batch and
-                # all after it). The state still points at those offsets, which new records
-                # would reuse: their bytes would be read as other messages' bodies.
-                raise LogError(f"queue log {self.log.path} ends at offset "
-                               f"{self.log.next_offset}, before its snapshot's {start}: "
-                               "records the snapshot counts on were lost to damage",
-                               self.log.path)
-        for offset, payload in self.log.iter_records(start):
-            record = rec.decode(payload)
-            if fresh and isinstance(record, rec.Config):
-                # The first record of every queue is its configuration.
-                state = State(bool(record.attributes.get("fifo")))
-                fresh = False
-            state.apply(offset, record)
-        if not state.config:
-            raise LogError(f"queue log {self.log.path} holds no configuration", self.log.path)
-        return state, start
 
     # -- bookkeeping ----------------------------------------------------------------------
 

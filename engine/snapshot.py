@@ -21,6 +21,7 @@ import zstandard
 
 from engine import format as fmt
 from engine._queue import State, restored_msg
+from engine.errors import CorruptSnapshotError
 from engine.records import Origin
 
 _STATE_HEAD = struct.Struct("<BQqI")  # fifo, next_seq, last_time, message count
@@ -136,14 +137,26 @@ def encode_snapshot(state: State, next_offset: int) -> bytes:
                                next_offset) + body
 
 
-def decode_snapshot(data: bytes) -> tuple[State, int]:
-    """(state, offset to replay the log from). Raises ValueError if damaged."""
+def decode_snapshot(data: bytes, path: str = "snapshot") -> tuple[State, int]:
+    """(state, offset to replay the log from).
+
+    Raises CorruptSnapshotError, naming path, if the file is damaged in any way: the
+    checksum catches damage, and whatever passes it and still does not decode (a file of
+    another build, say) is refused the same way rather than as a ValueError of its own.
+    """
     if len(data) < _SNAPSHOT_HEAD.size:
-        raise ValueError("snapshot shorter than its header")
+        raise CorruptSnapshotError(path, "shorter than the snapshot header", len(data))
     magic, checksum, version, next_offset = _SNAPSHOT_HEAD.unpack_from(data, 0)
-    if magic != fmt.SNAPSHOT_MAGIC or version not in fmt.SNAPSHOT_VERSIONS_READ:
-        raise ValueError("not a snapshot of a version this build reads")
+    if magic != fmt.SNAPSHOT_MAGIC:
+        raise CorruptSnapshotError(path, "bad magic")
     if xxhash.xxh3_64_intdigest(data[12:]) != checksum:
-        raise ValueError("snapshot checksum mismatch")
-    body = zstandard.ZstdDecompressor().decompress(data[_SNAPSHOT_HEAD.size :])
-    return decode_state(body, version), next_offset
+        raise CorruptSnapshotError(path, "checksum mismatch")
+    if version not in fmt.SNAPSHOT_VERSIONS_READ:
+        raise CorruptSnapshotError(path, f"version {version} is not one this build reads", 12)
+    try:
+        body = zstandard.ZstdDecompressor().decompress(data[_SNAPSHOT_HEAD.size :])
+        return decode_state(body, version), next_offset
+    except (ValueError, LookupError, TypeError, OverflowError, struct.error,
+            zstandard.ZstdError) as exc:
+        raise CorruptSnapshotError(path, f"state does not decode: {exc}",
+                                   _SNAPSHOT_HEAD.size) from exc

@@ -459,7 +459,17 @@ def receive(name: str, max_messages: int, wait: int, visibility: int | None, del
 
 @main.group("log")
 def log_group() -> None:
-    """Inspect a partition log directory (the log must not be open elsewhere)."""
+    """Inspect, verify and salvage logs on disk (no process may hold them open).
+
+    PATH is a log directory, a queue's directory (<data-dir>/queues/<uid>, or its log/),
+    or a whole data directory (every queue in it).
+    """
+
+
+class _CannotRun(click.ClickException):
+    """The command could not look at PATH at all (exit status 2, unlike damage's 1)."""
+
+    exit_code = 2
 
 
 def _open(path: str) -> Log:
@@ -476,9 +486,10 @@ def _open(path: str) -> Log:
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def log_info(path: str, as_json: bool) -> None:
-    """Offsets, segments and sizes of the log at PATH.
+    """Offsets, segments and sizes of the log directory at PATH.
 
     Opening a log recovers it: a torn tail of the last segment is cut off and reported.
+    Damage is not: the command fails naming it (see `conveyor log verify`).
     """
     with _open(path) as log:
         segments = sorted(n for n in os.listdir(path) if n.endswith(format.LOG_SUFFIX))
@@ -499,20 +510,108 @@ def log_info(path: str, as_json: bool) -> None:
         click.echo(f"{key:>16}: {value}")
 
 
+@contextmanager
+def _repair_bar(label: str, quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on stderr (stdout stays for the report), fed (bytes done, total)."""
+    if quiet:
+        yield None
+        return
+    with click.progressbar(length=1, label=label, file=sys.stderr,
+                           show_eta=True) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.length = max(total, 1)
+            bar.update(done - bar.pos)
+
+        yield progress
+
+
+def _repair_target(path: str) -> str:
+    if not os.path.isdir(path):
+        raise click.BadParameter(f"{path} is not a directory", param_hint="PATH")
+    return path
+
+
 @log_group.command("verify")
 @click.argument("path")
-def log_verify(path: str) -> None:
-    """Check every batch of the log at PATH against its checksum.
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def log_verify(path: str, as_json: bool, quiet: bool) -> None:
+    """Report every damaged range under PATH; change nothing.
 
-    Exits 0 when the whole log is intact and 1 at the first damaged batch, naming it.
+    Reads every batch of every segment, every sealed segment's index and every queue's
+    snapshot. Exit status: 0 when nothing is damaged (a torn tail, which opening cuts, is
+    noted but is not damage), 1 when something is (each range: file, bytes, records lost,
+    reason), 2 when PATH could not be checked (say, a process holds it open).
     """
-    with _open(path) as log:
-        try:
-            records = log.verify()
-        except EngineError as exc:
-            click.echo(f"damaged: {exc}", err=True)
-            sys.exit(1)
-    click.echo(f"ok: {records} records verified")
+    from engine import repair
+
+    _repair_target(path)
+    try:
+        with _repair_bar("verifying", quiet or as_json) as progress:
+            found = repair.survey(path, progress)
+    except (EngineError, OSError) as exc:
+        raise _CannotRun(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(found.to_json()))
+    else:
+        for note in found.notes:
+            click.echo(f"note: {note}")
+        for log in found.logs:
+            for note in log.notes:
+                click.echo(f"note: {note}")
+            for damage in log.damage:
+                click.echo(f"damaged: {damage.describe()}", err=True)
+            if log.damage and log.refusal:
+                click.echo(f"cannot be salvaged: {log.refusal}", err=True)
+            state = "DAMAGED" if log.damage else "ok"
+            click.echo(f"{state}: {log.label}: {log.records} records verified")
+    if found.damage:
+        sys.exit(1)
+
+
+@log_group.command("salvage")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def log_salvage(path: str, as_json: bool, quiet: bool) -> None:
+    """Rewrite every damaged log under PATH from its valid records; delete nothing.
+
+    Each damaged segment is replaced by its valid batches, with empty records (a hole) at
+    the offsets whose records were lost, so every surviving record keeps its offset. The
+    damaged originals (and a damaged queue snapshot) move to quarantine/<time>/ next to
+    the log, with report.json saying what was lost. A queue's messages whose record was
+    lost are expired. Exit status: 0 when done (or nothing was damaged), 1 when the
+    salvage was refused having changed nothing, 2 when PATH could not be read or a process
+    holds it open.
+    """
+    from engine import repair
+    from engine.errors import SalvageRefusedError
+
+    _repair_target(path)
+    try:
+        with _repair_bar("salvaging", quiet or as_json) as progress:
+            done = repair.salvage(path, progress)
+    except SalvageRefusedError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except (EngineError, OSError) as exc:
+        raise _CannotRun(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(done.to_json()))
+        return
+    if not done.logs:
+        click.echo(f"nothing to salvage: no damage under {path}")
+        return
+    for log in done.logs:
+        click.echo(f"salvaged {log.log.label}:")
+        for damage in log.log.damage:
+            click.echo(f"  was: {damage.describe()}")
+        for first, end in log.holes:
+            click.echo(f"  hole: offsets {first}..{end - 1} now hold empty records")
+        if log.expired:
+            click.echo(f"  expired {len(log.expired)} messages whose records were lost")
+        if log.snapshot_quarantined:
+            click.echo("  snapshot quarantined: the state is rebuilt from the log")
+        click.echo(f"  originals kept in {log.quarantine}")
 
 
 # --- access keys -----------------------------------------------------------------------------

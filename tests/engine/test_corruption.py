@@ -1,4 +1,4 @@
-"""Damaged segment and index files: recovery keeps exactly the intact prefix, never more.
+"""Damaged segment and index files: recovery cuts only a torn tail and refuses damage.
 
 Every test builds a small log once, keeps its files as a pristine copy, and then damages a
 fresh copy per case. Expected outcomes are computed from the pristine bytes with
@@ -224,20 +224,38 @@ def test_truncation_at_and_next_to_every_batch_boundary(
 # --- bit flips in the last segment ----------------------------------------------------
 
 
-def test_bit_flip_in_last_segment_cuts_from_the_damaged_batch(
+def test_bit_flip_in_last_segment_is_damage_unless_in_its_final_batch(
     pristine: Pristine, tmp_path: Path
 ) -> None:
     rng = random.Random(SEED + 2)
     batches = pristine.batches[pristine.last]
     size = len(pristine.data[pristine.last])
     dest = tmp_path / "log"
+    outcomes = {"cut": 0, "refused": 0}
     for case in range(CASES):
-        position, bit = rng.randrange(size), rng.randrange(8)
+        # Half the flips land in the final batch, the only place a torn tail can be.
+        final = batches[-1]
+        position = (rng.randrange(final.start, final.end) if case % 2
+                    else rng.randrange(size))
+        bit = rng.randrange(8)
         context = f"seed={SEED + 2} case={case} byte={position} bit={bit}"
         copies = _restore(pristine, dest)
         last = copies[pristine.last]
-        _flip(last, position, bit)
+        damaged_bytes = _flip(last, position, bit)
         damaged = _batch_at(batches, position)
+
+        if damaged is not final:
+            # Valid batches follow the bad one: damage, refused, and nothing is changed.
+            before = _log_files(dest)
+            with pytest.raises(CorruptSegmentError) as caught:
+                _open(dest).close()
+            assert caught.value.path == str(last), context
+            assert caught.value.offset == damaged.base, context
+            assert caught.value.position == damaged.start, context
+            assert last.read_bytes() == damaged_bytes, context
+            assert _log_files(dest) == before, context
+            outcomes["refused"] += 1
+            continue
 
         with _open(dest) as log:
             survivors = _read_all(log)
@@ -252,6 +270,8 @@ def test_bit_flip_in_last_segment_cuts_from_the_damaged_batch(
             assert log.recovery.segment == str(last), context
         assert last.stat().st_size == damaged.start, context
         _check_append_after_recovery(dest, damaged.base, context)
+        outcomes["cut"] += 1
+    assert outcomes["cut"] > 0 and outcomes["refused"] > 0, outcomes
 
 
 # --- bit flips in a sealed segment ----------------------------------------------------

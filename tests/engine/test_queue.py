@@ -1583,11 +1583,11 @@ def test_state_survives_close_and_reopen(tmp_path: Path, clock: ManualClock) -> 
         assert a2.body == b"a2"
 
 
-def test_a_log_cut_short_of_its_snapshot_makes_the_queue_unavailable(
+def test_damage_to_records_the_snapshot_covers_is_refused_not_cut(
         tmp_path: Path, clock: ManualClock) -> None:
-    # Opening a log cuts a damaged batch and everything after it. If a snapshot already
-    # counts on those records, the state points at offsets that new records would reuse:
-    # the queue must refuse to open rather than read other records as message bodies.
+    # The last batch of the active segment would pass for a torn tail, but the snapshot
+    # says it was fsync'd: the damage is refused, the file left as it is, and the other
+    # queues go on.
     path = tmp_path / "data"
     with Broker(path, fsync="always", clock=clock) as broker:
         q = broker.create_queue("q")
@@ -1601,9 +1601,13 @@ def test_a_log_cut_short_of_its_snapshot_makes_the_queue_unavailable(
     data[-1] ^= 0xFF
     segment.write_bytes(data)
     with Broker(path, fsync="always", clock=clock) as broker:
-        with pytest.raises(errors.QueueUnavailableError, match="before its snapshot"):
+        with pytest.raises(errors.QueueUnavailableError, match="made durable") as caught:
             broker.get_queue("q").receive(max_messages=10)
+        cause = caught.value.__cause__
+        assert isinstance(cause, errors.CorruptSegmentError)
+        assert cause.path == str(segment)
         assert bodies(broker.get_queue("other").receive()) == [b"fine"]
+    assert segment.read_bytes() == data
 
 
 def test_digest_is_equal_after_reopen_with_fsync_always(tmp_path: Path,

@@ -12,7 +12,7 @@ from hypothesis import given
 from engine import Broker, ManualClock, format
 from engine import records as rec
 from engine._queue import State, encode_send, message_id_of
-from engine.errors import ReceiptInvalidError
+from engine.errors import CorruptSnapshotError, ReceiptInvalidError
 from engine.receipts import HANDLE_CHARS, ReceiptCodec
 from engine.snapshot import decode_snapshot, encode_snapshot, state_digest
 
@@ -159,7 +159,7 @@ def test_snapshot_round_trip_keeps_the_digest(tmp_path: object) -> None:
         assert restored.category_counts == core.state.category_counts
         damaged = bytearray(data)
         damaged[-1] ^= 1
-        with pytest.raises(ValueError):
+        with pytest.raises(CorruptSnapshotError, match="checksum mismatch"):
             decode_snapshot(bytes(damaged))
 
 

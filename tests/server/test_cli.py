@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine import Log, format
+from engine import Broker, Log, ManualClock, format
 
 
 def conveyor(*args: str) -> subprocess.CompletedProcess[str]:
@@ -37,17 +37,95 @@ def test_log_info_as_json(tmp_path: Path) -> None:
     assert info["segments"] > 1
 
 
+def _flip(path: Path, position: int) -> bytes:
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0x10
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
 def test_log_verify_passes_then_names_the_damage(tmp_path: Path) -> None:
     make_log(tmp_path)
-    done = conveyor("log", "verify", str(tmp_path))
-    assert (done.returncode, done.stdout.strip()) == (0, "ok: 200 records verified")
+    done = conveyor("log", "verify", "-q", str(tmp_path))
+    assert (done.returncode, done.stdout.strip()) == (
+        0, f"ok: {tmp_path}: 200 records verified")
     first = tmp_path / format.segment_file_name(0)
-    data = bytearray(first.read_bytes())
-    data[100] ^= 0x10
-    first.write_bytes(bytes(data))
-    damaged = conveyor("log", "verify", str(tmp_path))
+    damaged_bytes = _flip(first, 100)
+    damaged = conveyor("log", "verify", "-q", str(tmp_path))
     assert damaged.returncode == 1
     assert "corrupt segment" in damaged.stderr and str(first) in damaged.stderr
+    assert "bytes 0..107 (records 0..1 lost): checksum mismatch" in damaged.stderr
+    report = json.loads(conveyor("log", "verify", "--json", str(tmp_path)).stdout)
+    [found] = report["logs"][0]["damage"]
+    assert (found["path"], found["start"], found["first_offset"]) == (str(first), 0, 0)
+    assert first.read_bytes() == damaged_bytes  # verifying changes nothing
+
+
+def test_log_salvage_keeps_every_valid_record_and_the_original(tmp_path: Path) -> None:
+    make_log(tmp_path)
+    with Log(tmp_path, fsync="never") as log:
+        before = log.read(0, 1000).tolist()
+    middle = sorted(tmp_path.glob(f"*{format.LOG_SUFFIX}"))[1]
+    damaged_bytes = _flip(middle, 60)
+    done = conveyor("log", "salvage", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "hole: offsets" in done.stdout and "originals kept in" in done.stdout
+    [quarantine] = (tmp_path / "quarantine").iterdir()
+    assert (quarantine / middle.name).read_bytes() == damaged_bytes
+    report = json.loads((quarantine / "report.json").read_text())
+    [(first, end)] = report["holes"]
+    with Log(tmp_path, fsync="never") as log:
+        after = log.read(0, 1000).tolist()
+    assert [o for o, _ in after] == [o for o, _ in before]
+    assert all(r == (b"" if first <= o < end else before[o][1]) for o, r in after)
+    assert conveyor("log", "verify", "-q", str(tmp_path)).returncode == 0
+    again = conveyor("log", "salvage", str(tmp_path))
+    assert (again.returncode, again.stdout.startswith("nothing to salvage")) == (0, True)
+
+
+def test_salvage_and_verify_refuse_a_log_held_open(tmp_path: Path) -> None:
+    make_log(tmp_path)
+    damaged_bytes = _flip(tmp_path / format.segment_file_name(0), 2000)
+    # The damage is in a sealed segment whose index is intact: the log opens.
+    with Log(tmp_path, fsync="never", segment_bytes_max=4096):
+        for command in ("salvage", "verify"):
+            done = conveyor("log", command, str(tmp_path))
+            assert done.returncode == 2, (command, done.stderr)
+            assert "in use" in done.stderr
+    assert (tmp_path / format.segment_file_name(0)).read_bytes() == damaged_bytes
+    assert not (tmp_path / "quarantine").exists()
+
+
+def test_salvage_a_data_directory(tmp_path: Path) -> None:
+    clock = ManualClock()
+    data = tmp_path / "data"
+    with Broker(data, fsync="never", clock=clock, segment_bytes_max=1024) as broker:
+        damaged_queue = broker.create_queue("damaged")
+        for i in range(40):
+            damaged_queue.send(b"message %d" % i)
+        broker.create_queue("fine").send(b"untouched")
+        uid = broker.catalog.get("damaged").uid
+    queue_dir = data / "queues" / f"{uid:016x}"
+    segment = sorted((queue_dir / "log").glob(f"*{format.LOG_SUFFIX}"))[1]
+    _flip(segment, 200)
+
+    found = conveyor("log", "verify", "-q", str(data))
+    assert found.returncode == 1
+    assert "DAMAGED: queue 'damaged'" in found.stdout and "ok: queue 'fine'" in found.stdout
+    with Broker(data, fsync="never", clock=clock):
+        held = conveyor("log", "salvage", str(data))
+        assert held.returncode == 2 and "in use" in held.stderr
+    done = conveyor("log", "salvage", str(queue_dir))
+    assert done.returncode == 0, done.stderr
+    assert "expired 1 messages" in done.stdout
+    assert (queue_dir / "quarantine").is_dir()
+    with Broker(data, fsync="never", clock=clock) as broker:
+        bodies = [m.body for m in broker.get_queue("damaged").receive(max_messages=10)]
+        while batch := broker.get_queue("damaged").receive(max_messages=10):
+            bodies += [m.body for m in batch]
+        assert len(bodies) == 39 and len(set(bodies)) == 39
+        assert set(bodies) < {b"message %d" % i for i in range(40)}
+        assert [m.body for m in broker.get_queue("fine").receive()] == [b"untouched"]
 
 
 def test_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
