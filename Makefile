@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SOURCES := $(wildcard engine/*.pyx engine/*.pxd engine/*.h) setup.py pyproject.toml
 
 .PHONY: all install serve test lint typecheck unit bench bench-http debug-build clean etcd \
-	dev-cluster soak bench-cluster
+	dev-cluster soak faults bench-cluster
 
 all: test
 
@@ -61,6 +61,11 @@ test: lint typecheck unit
 # seconds (default 150).
 soak: install etcd
 	CONVEYOR_SOAK=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m soak tests/cluster
+
+# Fault runs not part of `make test` because they repeat, more slowly, what it covers:
+# the counterparts of its negative controls (the same faults, durability intact).
+faults: install etcd
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m faults tests/cluster
 
 # Benchmarks are not part of `make test`; see docs/PERFORMANCE.md.
 bench: install etcd

@@ -115,6 +115,7 @@ def _lose_the_lone_leader(root: Path, min_insync: int) -> tuple[Report, set[str]
         return check(history), acked_alone
 
 
+@pytest.mark.faults  # what it shows, test_links shows too: nothing acknowledged alone
 def test_replicas_in_sync_lose_nothing_when_the_lone_leader_is_lost(tmp_path: Path) -> None:
     report, acked_since_cut = _lose_the_lone_leader(tmp_path, min_insync=2)
     # Any send acknowledged after the cut was replicated before it.

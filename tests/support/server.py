@@ -32,6 +32,14 @@ TRACEBACK = "Traceback (most recent call last)"
 QUOTE_BEFORE = 400
 QUOTE_AFTER = 3000
 
+# Tracebacks that are no fault of the server's: (the log line before the traceback, the
+# start of its exception line). aiohttp's HTTP parser answers a malformed request (a NUL
+# in a header, a line too long) with 400 before any of the server's code runs, and logs
+# the parser's exception with its traceback at ERROR.
+EXPECTED_TRACEBACKS = (
+    ("Error handling request from ", "aiohttp.http_exceptions."),
+)
+
 _logs: dict[Path, int] = {}
 """Every server log of the session, with how far it has been checked for tracebacks."""
 _shared: list[Server] = []
@@ -150,6 +158,23 @@ def restarted_if_dead(server: Server) -> Server:
     return server
 
 
+def unexpected_tracebacks(text: str) -> list[int]:
+    """Where each traceback in a log's text starts, but those EXPECTED_TRACEBACKS."""
+    lines = text.splitlines(keepends=True)
+    starts, at = [], 0
+    for i, line in enumerate(lines):
+        if TRACEBACK in line:
+            before = lines[i - 1] if i else ""
+            # The exception line is the first after the frames that is not indented.
+            raised = next((later for later in lines[i + 1:]
+                           if later.strip() and not later[0].isspace()), "")
+            if not any(before.startswith(said) and raised.startswith(exception)
+                       for said, exception in EXPECTED_TRACEBACKS):
+                starts.append(at)
+        at += len(line)
+    return starts
+
+
 def problems() -> list[str]:
     """What went wrong in the servers since the last call: each traceback written to a
     server log, quoted, and each shared server found dead (restarted, so that one death
@@ -169,10 +194,10 @@ def problems() -> list[str]:
         end = data.rfind(b"\n") + 1
         _logs[path] = checked + end
         text = data[:end].decode(errors="replace")
-        at = text.find(TRACEBACK)
-        count = text.count(TRACEBACK)
-        if at >= 0:
-            found.append(f"{count} traceback(s) in {path}; the first:\n"
+        starts = unexpected_tracebacks(text)
+        if starts:
+            at = starts[0]
+            found.append(f"{len(starts)} traceback(s) in {path}; the first:\n"
                          f"{text[max(0, at - QUOTE_BEFORE):at + QUOTE_AFTER]}")
     for server in _shared:
         if server.process is not None and server.process.poll() is not None:

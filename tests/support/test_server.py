@@ -73,3 +73,30 @@ def test_a_shared_server_that_died_is_reported_and_restarted(
         assert restarted_if_dead(shared) is shared  # alive: nothing to say
     shared.stop(signal.SIGKILL)
     assert support.problems() == []  # no longer shared: its end is the module's
+
+
+PARSER_TRACEBACK = (
+    "Error handling request from 127.0.0.1\n"
+    f"{support.TRACEBACK}:\n"
+    '  File "aiohttp/web_protocol.py", line 446, in data_received\n'
+    "    messages, upgraded, tail = self._parser.feed_data(data)\n"
+    "aiohttp.http_exceptions.BadHttpMessage: 400, message:\n"
+    "  Invalid header value char:\n")
+
+
+def test_the_http_parsers_verdict_on_a_malformed_request_is_expected() -> None:
+    """aiohttp answers 400 and logs its parser's exception: no fault of the server's."""
+    assert support.unexpected_tracebacks(PARSER_TRACEBACK * 3) == []
+    # The same exception after another line, or another exception, is a fault.
+    elsewhere = PARSER_TRACEBACK.replace("Error handling request from", "Task failed:")
+    assert support.unexpected_tracebacks(elsewhere) == [elsewhere.index(support.TRACEBACK)]
+    assert support.unexpected_tracebacks(FAKE_TRACEBACK) == [
+        FAKE_TRACEBACK.index(support.TRACEBACK)]
+    assert len(support.unexpected_tracebacks(PARSER_TRACEBACK + FAKE_TRACEBACK)) == 1
+
+
+def test_an_expected_traceback_in_a_log_is_not_reported(running: Server) -> None:
+    support.problems()
+    with open(running.log, "a") as log:
+        log.write(PARSER_TRACEBACK)
+    assert support.problems() == []
