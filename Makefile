@@ -71,10 +71,11 @@ soak: install etcd
 	CONVEYOR_SOAK=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m soak tests/cluster
 
 # Long fault runs, not part of `make test`: CONVEYOR_FAULTS_CYCLES power losses (default
-# 30) under the engine and under the server (CONVEYOR_POWERLOSS_SEED repeats one), and many
-# more seeded bit flips in logs and queues than `make test` runs.
-faults: install fuse
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m faults tests/engine tests/server
+# 30) under the engine and under the server (CONVEYOR_POWERLOSS_SEED repeats one), many
+# more seeded bit flips in logs and queues than `make test` runs, and the cluster's
+# counterparts of its negative controls (the same faults, durability intact).
+faults: install etcd fuse
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m faults tests/engine tests/server tests/cluster
 
 # Benchmarks are not part of `make test`; see docs/PERFORMANCE.md.
 bench: install etcd

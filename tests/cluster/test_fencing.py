@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.cluster.harness import cluster, read_log
-from tests.cluster.workload import CLIENT, create_queue, drain
+from tests.cluster.workload import CLIENT, IN_DOUBT_PER_FAULT, create_queue, drain
 from tests.support.consistency import History, check
 
 LEASE_TTL_S = 2
@@ -66,6 +66,7 @@ def test_paused_leader_acknowledges_nothing_and_is_truncated(tmp_path: Path) -> 
         drain(c, url, history)
         report = check(history)
         assert report.ok, f"{report}\n{c.logs()}"
+        assert report.in_doubt_within(IN_DOUBT_PER_FAULT), str(report)
         assert len(outcomes) == 5
         # The old leader rejoins as a follower, its divergent suffix cut.
         c.wait_isr("fenced", 3)

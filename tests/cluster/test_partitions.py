@@ -13,7 +13,7 @@ import pytest
 
 from server.cluster.partitions import group_partition, partition_names
 from tests.cluster.harness import ACCOUNT, Cluster
-from tests.cluster.workload import Workload, create_queue, drain
+from tests.cluster.workload import IN_DOUBT_PER_FAULT, Workload, create_queue, drain
 from tests.support.consistency import History, check
 
 PARTITIONS = 3
@@ -83,6 +83,7 @@ def test_standard_queue_spreads_sends_and_survives_a_partition_leader_kill(
     report = check(history)
     print(f"\n{report}; acknowledged while a partition leader was down: {acked_while_down}")
     assert report.ok, str(report)
+    assert report.in_doubt_within(IN_DOUBT_PER_FAULT), str(report)
     assert acked_while_down > 0, "sends stalled while one partition had no leader"
     after = _commit_offsets(c, "spread")
     grew = [p for p in after if after[p] > before.get(p, 0) + 10]

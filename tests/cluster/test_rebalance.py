@@ -12,7 +12,7 @@ import botocore.exceptions
 
 from engine import HashRing
 from tests.cluster.harness import ACCOUNT, Cluster, cluster, local_queues
-from tests.cluster.workload import CLIENT, create_queue, drain
+from tests.cluster.workload import CLIENT, IN_DOUBT_PER_FAULT, create_queue, drain
 from tests.support.consistency import History, check
 
 QUEUES = [f"r{i}" for i in range(8)]
@@ -83,6 +83,7 @@ def test_join_and_leave_move_only_what_the_ring_moves(tmp_path: Path) -> None:
             drain(c, url, history)
         report = check(history)
         assert report.ok, f"{report}\n{c.logs()}"
+        assert report.in_doubt_within(IN_DOUBT_PER_FAULT), str(report)
         assert report.sends_acked == 3 * 10 * len(QUEUES)
 
         # Each node holds copies of exactly the queues it is a replica of.

@@ -2,8 +2,8 @@
 
 Sends go in batches of ten unique bodies, each node in turn; the consumer receives with a
 short visibility timeout (so a message received before a crash comes back soon) and
-deletes what it got. Every outcome is recorded in a tests.support.consistency.History, which the
-tests check once the queue is drained.
+deletes what it got. Every outcome is recorded in a tests.support.consistency.History,
+deletes that fail included, which the tests check once the queue is drained.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from tests.support.consistency import History
 
 VISIBILITY_S = 5
 CLIENT = {"connect_timeout": 2, "read_timeout": 20}
+# Messages one fault may leave in doubt (deleted by a call whose answer was lost): a
+# consumer has one delete call of at most ten messages in flight when a node dies.
+IN_DOUBT_PER_FAULT = 10
 
 
 class Workload:
@@ -87,6 +90,54 @@ class Workload:
             receive_and_delete(next(clients), self.url, self.history, wait_s=1)
 
 
+class FifoWorkload(Workload):
+    """The same, on a FIFO queue: ``groups`` message groups, each sent in order.
+
+    A group's next message is sent only once the one before was acknowledged; a send
+    whose outcome is unknown is sent again with the same body and deduplication id, as a
+    client retries, so a message the queue already holds must not be enqueued twice.
+    Bodies are ``PREFIX:GROUP:INDEX`` (see ``fifo_position``).
+    """
+
+    def __init__(self, cluster: Cluster, queue_url: str, history: History,
+                 groups: int = 8, **options: Any) -> None:
+        super().__init__(cluster, queue_url, history, **options)
+        self.groups = [f"g{i}" for i in range(groups)]
+
+    def _produce(self) -> None:
+        clients = self._clients()
+        sent = dict.fromkeys(self.groups, 0)
+        while not self.stopping.is_set():
+            client = next(clients)
+            bodies = {g: f"{self._prefix}:{g}:{sent[g]}" for g in self.groups}
+            for body in bodies.values():
+                self.history.send_attempted(body)
+            try:
+                reply = client.send_message_batch(QueueUrl=self.url, Entries=[
+                    {"Id": g, "MessageBody": body, "MessageGroupId": g,
+                     "MessageDeduplicationId": body} for g, body in bodies.items()])
+            except Exception as exc:  # every entry is ambiguous, and sent again
+                self.send_errors += 1
+                for body in bodies.values():
+                    self.history.send_failed(body, type(exc).__name__)
+                time.sleep(0.05)
+                continue
+            for entry in reply.get("Successful", []):
+                self.history.send_acked(bodies[entry["Id"]], entry["MessageId"])
+                sent[entry["Id"]] += 1
+                self.sent_ok += 1
+            for entry in reply.get("Failed", []):
+                self.history.send_failed(bodies[entry["Id"]], entry.get("Code", ""))
+            if reply.get("Successful"):
+                self.acked_at.append(time.monotonic())
+
+
+def fifo_position(body: str) -> tuple[str, int]:
+    """A FifoWorkload body's (group, index in the group's send order)."""
+    _, group, index = body.split(":")
+    return group, int(index)
+
+
 def receive_and_delete(client: Any, url: str, history: History, wait_s: int) -> int:
     """One receive, and a delete of what it returned; the count received."""
     started = time.monotonic()
@@ -103,13 +154,23 @@ def receive_and_delete(client: Any, url: str, history: History, wait_s: int) -> 
         return 0
     for m in messages:
         history.delete_attempted(m["Body"], m["ReceiptHandle"])
-    with contextlib.suppress(Exception):
+    try:
         reply = client.delete_message_batch(QueueUrl=url, Entries=[
             {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
             for i, m in enumerate(messages)])
-        for entry in reply.get("Successful", []):
-            m = messages[int(entry["Id"])]
-            history.delete_acked(m["Body"], m["ReceiptHandle"])
+    except Exception as exc:  # a crash or failover: each delete may or may not be done
+        for m in messages:
+            history.delete_failed(m["Body"], m["ReceiptHandle"], type(exc).__name__)
+        return len(messages)
+    for entry in reply.get("Successful", []):
+        m = messages[int(entry["Id"])]
+        history.delete_acked(m["Body"], m["ReceiptHandle"])
+    for entry in reply.get("Failed", []):
+        m = messages[int(entry["Id"])]
+        # A client error changes nothing; a server's own fault may have come after the
+        # delete took effect.
+        record = history.delete_refused if entry.get("SenderFault") else history.delete_failed
+        record(m["Body"], m["ReceiptHandle"], entry.get("Code", ""))
     return len(messages)
 
 

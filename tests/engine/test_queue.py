@@ -513,6 +513,13 @@ def test_oldest_age_after_deletes_out_of_order_and_long_gaps(
 # --- 5. long polling -----------------------------------------------------------------------
 
 
+# A call that must not wait (a refusal, a short poll, a long poll woken early) returns
+# within PROMPT_S. The waits these tests would catch are LONG_POLL_S, so a slow machine
+# cannot fail them, and a correct run still takes a fraction of a second.
+PROMPT_S = 5
+LONG_POLL_S = 20
+
+
 def _send_later(q: Queue, delay: float, body: bytes) -> threading.Thread:
     def run() -> None:
         time.sleep(delay)
@@ -527,11 +534,11 @@ def test_long_poll_returns_as_soon_as_a_message_arrives(broker: Broker) -> None:
     q = broker.create_queue("q")
     start = time.monotonic()
     sender = _send_later(broker.get_queue("q"), 0.2, b"late")
-    got = q.receive(max_messages=10, wait_seconds=2)
+    got = q.receive(max_messages=10, wait_seconds=LONG_POLL_S)
     elapsed = time.monotonic() - start
     sender.join()
     assert bodies(got) == [b"late"]
-    assert 0.15 <= elapsed < 1.0
+    assert 0.15 <= elapsed < PROMPT_S
 
 
 def test_long_poll_on_an_empty_queue_waits_then_returns_nothing(broker: Broker) -> None:
@@ -546,9 +553,11 @@ def test_queue_receive_wait_seconds_is_the_default_wait(broker: Broker) -> None:
     start = time.monotonic()
     assert q.receive() == []
     assert 0.9 <= time.monotonic() - start < 3.0
+    # wait_seconds=0 overrides a default long enough that obeying it would show.
+    patient = broker.create_queue("patient", receive_wait_seconds=LONG_POLL_S)
     start = time.monotonic()
-    assert q.receive(wait_seconds=0) == []
-    assert time.monotonic() - start < 0.5
+    assert patient.receive(wait_seconds=0) == []
+    assert time.monotonic() - start < PROMPT_S
 
 
 @pytest.mark.parametrize("wait", [21, -1, True, 1.5])
@@ -558,7 +567,7 @@ def test_wait_seconds_out_of_range_is_refused(broker: Broker, wait: object) -> N
     start = time.monotonic()
     with pytest.raises(errors.InvalidParameterError):
         q.receive(wait_seconds=wait)  # type: ignore[arg-type]
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < PROMPT_S
     assert state(q) == before
     with pytest.raises(errors.InvalidAttributeError):
         broker.create_queue("other", receive_wait_seconds=wait)
@@ -603,13 +612,16 @@ def test_async_long_poll_does_not_block_the_event_loop(tmp_path: Path,
                     ticks += 1
 
             async def sender() -> None:
-                await asyncio.sleep(0.3)
+                # Sends once the loop has turned ten times during the poll: a poll that
+                # blocked the loop would never see this message, and would time out.
+                while ticks < 10:
+                    await asyncio.sleep(0.01)
                 await q.send(b"wake")
 
             tick_task = asyncio.create_task(ticker())
             send_task = asyncio.create_task(sender())
             start = time.monotonic()
-            got = await q.receive(max_messages=10, wait_seconds=2)
+            got = await q.receive(max_messages=10, wait_seconds=LONG_POLL_S)
             elapsed = time.monotonic() - start
             ticks_meanwhile = ticks
             stop.set()
@@ -618,7 +630,7 @@ def test_async_long_poll_does_not_block_the_event_loop(tmp_path: Path,
 
     got, elapsed, ticks = asyncio.run(main())
     assert got == [b"wake"]
-    assert 0.25 <= elapsed < 1.0
+    assert elapsed < PROMPT_S
     # The sender could only run because the poll yielded; the ticker shows it kept yielding.
     assert ticks >= 10
 
@@ -656,14 +668,14 @@ def test_async_long_poll_wakes_for_a_send_from_another_thread(tmp_path: Path,
             q = await broker.create_queue("q")
             sender = _send_later(broker.broker.get_queue("q"), 0.2, b"threaded")
             start = time.monotonic()
-            got = await q.receive(wait_seconds=2)
+            got = await q.receive(wait_seconds=LONG_POLL_S)
             elapsed = time.monotonic() - start
             await asyncio.to_thread(sender.join)
             return bodies(got), elapsed
 
     got, elapsed = asyncio.run(main())
     assert got == [b"threaded"]
-    assert elapsed < 1.0
+    assert elapsed < PROMPT_S
 
 
 # --- 6. dead-letter queues ---------------------------------------------------------------
@@ -1752,7 +1764,7 @@ def test_queue_refuses_use_after_the_broker_is_closed(tmp_path: Path, clock: Man
     start = time.monotonic()
     with pytest.raises(CLOSED_ERRORS):
         QUEUE_CALLS[method](q, m.receipt)
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < PROMPT_S
     # Nothing was changed on disk by the refused call.
     with Broker(tmp_path / "data", fsync="never", clock=clock) as reopened:
         s = reopened.get_queue("q").stats()

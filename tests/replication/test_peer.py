@@ -65,6 +65,14 @@ async def _closed(reader: asyncio.StreamReader) -> bytes:
     return await asyncio.wait_for(reader.read(), WAIT_S)
 
 
+async def _until(condition: Callable[[], object], what: str) -> None:
+    """Poll until the node has done something (a fixed sleep fails on a slow machine)."""
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"no {what} in {WAIT_S} s"
+        await asyncio.sleep(0.02)
+
+
 async def test_two_nodes_with_the_key_talk_in_sealed_frames() -> None:
     async with node() as b:
         channel = await _connect(b.address)
@@ -186,7 +194,7 @@ async def test_a_relay_that_forwards_the_handshake_cannot_inject_a_frame() -> No
         # a frame of its own fails authentication and ends the connection.
         assert middle.to_answerer is not None
         middle.to_answerer.write(struct.pack(">I", 20) + bytes(20))
-        await asyncio.sleep(0.2)
+        await _until(lambda: b.errors, "error")
         assert [type(e) for e in b.errors] == [fr.ProtocolError]
         channel.close()
 
@@ -219,7 +227,7 @@ async def test_a_frame_replayed_reordered_or_flipped_ends_the_connection(how: st
         else:
             middle.tamper = lambda chunk: chunk[:6] + bytes((chunk[6] ^ 1,)) + chunk[7:]
             channel.send(b"two")
-        await asyncio.sleep(0.3)
+        await _until(lambda: b.errors, "error")
         assert [type(e) for e in b.errors] == [fr.ProtocolError]
         channel.close()
 
@@ -244,7 +252,7 @@ async def test_a_frame_over_the_limit_ends_the_connection_before_it_is_read() ->
     async with node() as b:
         channel = await _connect(b.address)
         channel.send(bytes(LIMIT + 1))
-        await asyncio.sleep(0.2)
+        await _until(lambda: b.errors, "error")
         assert [type(e) for e in b.errors] == [fr.ProtocolError]
         channel.close()
 
@@ -255,7 +263,7 @@ async def test_an_unfinished_handshake_is_dropped_in_time(
     async with node() as b:
         reader, writer = await asyncio.open_connection(*b.address)
         writer.write(MAGIC)
-        assert await asyncio.wait_for(reader.read(), 2) == b""
+        assert await asyncio.wait_for(reader.read(), WAIT_S) == b""
         writer.close()
         assert b.listener.refused == 1
 
@@ -273,13 +281,10 @@ async def test_past_the_handshake_limit_the_oldest_is_dropped(
             idle.append((reader, writer))
         channel = await _connect(b.address)
         await _echoes(channel)
-        # The first twelve idle ones were closed to make room; the rest wait still.
-        closed = 0
-        for reader, _ in idle:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(reader.read(), 0.05)
-                closed += 1
-        assert closed >= 12
+        # The first twelve idle ones were closed to make room, oldest first.
+        for reader, _ in idle[:12]:
+            with contextlib.suppress(ConnectionResetError):  # closed with the magic unread
+                assert await _closed(reader) == b""
         for _, writer in idle:
             writer.close()
         channel.close()
@@ -305,20 +310,29 @@ async def _idle(address: tuple[str, int], host: str = "127.0.0.1"
     return reader, writer
 
 
-async def _still_open(connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
-                      ) -> int:
-    """How many of the connections the node has not closed."""
+async def _closed_now(reader: asyncio.StreamReader) -> bool:
+    """Whether the node has closed this connection (it sends nothing before closing)."""
+    try:
+        await asyncio.wait_for(reader.read(), 0.01)
+    except ConnectionResetError:  # closed with the magic unread: a reset
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _still_open(connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
+                      settled: int) -> int:
+    """How many of the connections the node has not closed: counted once no more than
+    ``settled`` are open (or WAIT_S has passed), and again 0.2 s later, so that a node
+    that closes too many shows it too."""
+    still = [reader for reader, _ in connections]
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while len(still) > settled and asyncio.get_running_loop().time() < deadline:
+        still = [reader for reader in still if not await _closed_now(reader)]
+        await asyncio.sleep(0.05)
     await asyncio.sleep(0.2)
-    closed = 0
-    for reader, _ in connections:
-        try:
-            await asyncio.wait_for(reader.read(), 0.01)
-            closed += 1
-        except ConnectionResetError:  # closed with the magic unread: a reset
-            closed += 1
-        except TimeoutError:
-            pass
-    return len(connections) - closed
+    return len([reader for reader in still if not await _closed_now(reader)])
 
 
 async def test_a_burst_of_handshakes_is_held_to_the_limit(
@@ -329,7 +343,7 @@ async def test_a_burst_of_handshakes_is_held_to_the_limit(
     async with node() as b:
         burst = await asyncio.gather(*(_idle(b.address) for _ in range(100)))
         try:
-            assert await _still_open(list(burst)) <= 8
+            assert await _still_open(list(burst), settled=8) <= 8
             assert b.listener.refused >= 92
         finally:
             for _, writer in burst:
@@ -343,8 +357,8 @@ async def test_one_hosts_flood_evicts_its_own_handshakes_first(
         patient = [await _idle(b.address, "127.0.0.1")]
         flood = [await _idle(b.address, "127.0.0.2") for _ in range(20)]
         try:
-            assert await _still_open(patient) == 1
-            assert await _still_open(flood) == 4
+            assert await _still_open(flood, settled=4) == 4
+            assert await _still_open(patient, settled=1) == 1
         finally:
             for _, writer in patient + flood:
                 writer.close()

@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from server.config import SHUTDOWN_GRACE_S
+from tests.support.clients import metrics
 from tests.support.server import Server
 
 WORKLOAD = Path(__file__).with_name("sqs_workload.py")
 KILLS = 12
 VISIBILITY_S = 2
+ENGINE_CALLS = ("conveyor_dependency_calls_in_flight", (("dependency", "engine"),))
 
 
 def events(log: Path) -> list[tuple[str, str, float | None]]:
@@ -230,7 +232,10 @@ def test_long_poll_in_flight_during_sigterm_gets_an_answer(tmp_path: Path) -> No
                  threading.Thread(target=poll, args=("delayed", delayed, 15))]
         for thread in polls:
             thread.start()
-        time.sleep(0.7)  # both polls are waiting in the server
+        # Both polls are waiting in the server (a fixed sleep may end before a loaded
+        # machine has even sent them).
+        wait_for(lambda: metrics(server).get(ENGINE_CALLS) == 2, 20,
+                 "both long polls to wait in the engine")
         started = time.monotonic()
         code = server.stop(signal.SIGTERM, timeout=SHUTDOWN_GRACE_S + 30)
         took = time.monotonic() - started

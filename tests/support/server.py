@@ -1,4 +1,11 @@
-"""Real server processes for tests: `conveyor serve` on a free loopback port."""
+"""Real server processes for tests: `conveyor serve` on a free loopback port.
+
+Every server's log is watched: tests/conftest.py fails a test at teardown when a log
+gained a Python traceback meanwhile (the server logs one only for what it did not expect:
+a 500, a failed partition call, a crashed background task), or when a server shared by a
+module's tests died. A test passes on what its clients saw; this catches what they did
+not.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +27,23 @@ import pytest
 from botocore.config import Config
 
 STARTUP_TIMEOUT_S = 30
+TRACEBACK = "Traceback (most recent call last)"
+# How much of a log is quoted around each traceback found in it.
+QUOTE_BEFORE = 400
+QUOTE_AFTER = 3000
+
+# Tracebacks that are no fault of the server's: (the log line before the traceback, the
+# start of its exception line). aiohttp's HTTP parser answers a malformed request (a NUL
+# in a header, a line too long) with 400 before any of the server's code runs, and logs
+# the parser's exception with its traceback at ERROR.
+EXPECTED_TRACEBACKS = (
+    ("Error handling request from ", "aiohttp.http_exceptions."),
+)
+
+_logs: dict[Path, int] = {}
+"""Every server log of the session, with how far it has been checked for tracebacks."""
+_shared: list[Server] = []
+"""Servers that module_server shares between a module's tests, while it does."""
 
 
 def free_port() -> int:
@@ -48,6 +72,7 @@ class Server:
         self.start()
 
     def start(self) -> None:
+        _logs.setdefault(self.log, 0)
         with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(self.data_dir),
@@ -106,19 +131,78 @@ class Server:
 @contextlib.contextmanager
 def module_server(factory: pytest.TempPathFactory, name: str, **options: Any
                   ) -> Iterator[Server]:
-    """A server shared by one module's tests (for a module-scoped fixture); killed after."""
+    """A server shared by one module's tests (for a module-scoped fixture); killed after.
+    A test during which it dies fails at teardown (see ``problems``)."""
     running = Server(factory.mktemp(name) / "data", **options)
+    _shared.append(running)
     try:
         yield running
     finally:
+        _shared.remove(running)
         if running.process is not None and running.process.poll() is None:
             running.kill()
 
 
+def _died(server: Server) -> str:
+    assert server.process is not None
+    return (f"the shared server {server.url} died (exit code {server.process.returncode}); "
+            f"restarted. Its log ends:\n{server.log.read_text(errors='replace')[-2000:]}")
+
+
 def restarted_if_dead(server: Server) -> Server:
-    """The shared server, started again if an earlier case crashed it: one crash fails
-    one case, not the rest of the module."""
+    """The shared server, for the next case. The teardown of the case it died in restarts
+    it and fails that case; if it died after that teardown, between cases, it is restarted
+    here and this case fails, so that no death passes in silence."""
     assert server.process is not None
     if server.process.poll() is not None:
         server.start()
+        pytest.fail(_died(server) + "\n(it died between cases)", pytrace=False)
     return server
+
+
+def unexpected_tracebacks(text: str) -> list[int]:
+    """Where each traceback in a log's text starts, but those EXPECTED_TRACEBACKS."""
+    lines = text.splitlines(keepends=True)
+    starts, at = [], 0
+    for i, line in enumerate(lines):
+        if TRACEBACK in line:
+            before = lines[i - 1] if i else ""
+            # The exception line is the first after the frames that is not indented.
+            raised = next((later for later in lines[i + 1:]
+                           if later.strip() and not later[0].isspace()), "")
+            if not any(before.startswith(said) and raised.startswith(exception)
+                       for said, exception in EXPECTED_TRACEBACKS):
+                starts.append(at)
+        at += len(line)
+    return starts
+
+
+def problems() -> list[str]:
+    """What went wrong in the servers since the last call: each traceback written to a
+    server log, quoted, and each shared server found dead (restarted, so that one death
+    fails one case, not the rest of its module)."""
+    found = []
+    for path, checked in list(_logs.items()):
+        try:
+            if path.stat().st_size <= checked:  # the common case: nothing new
+                continue
+            with open(path, "rb") as f:
+                f.seek(checked)
+                data = f.read()
+        except FileNotFoundError:
+            del _logs[path]
+            continue
+        # Up to the last whole line: a traceback being written is read in full next time.
+        end = data.rfind(b"\n") + 1
+        _logs[path] = checked + end
+        text = data[:end].decode(errors="replace")
+        starts = unexpected_tracebacks(text)
+        if starts:
+            at = starts[0]
+            found.append(f"{len(starts)} traceback(s) in {path}; the first:\n"
+                         f"{text[max(0, at - QUOTE_BEFORE):at + QUOTE_AFTER]}")
+    for server in _shared:
+        if server.process is not None and server.process.poll() is not None:
+            found.append(_died(server))
+            server.start()
+    return found

@@ -61,6 +61,27 @@ async def test_same_answers_as_sqlite(etcd: EtcdServer, tmp_path: Path) -> None:
         await client.close()
 
 
+async def _watching(writer: EtcdMetadataStore, seen: list[tuple[str, str]]) -> None:
+    """Return once the watch is open, with ``seen`` empty again.
+
+    A watch sees changes from the revision it opens at, so changes made before then are
+    never seen: probes are written until one is, then a last one, whose arrival means
+    every earlier event has arrived too (a watch delivers in order).
+    """
+    deadline = asyncio.get_running_loop().time() + 10
+    probes = 0
+    while not seen:
+        assert asyncio.get_running_loop().time() < deadline, "the watch never opened"
+        await writer.put(QueueRecord("000000000001", f"probe{probes}", 1, 1))
+        probes += 1
+        await asyncio.sleep(0.05)
+    await writer.put(QueueRecord("000000000001", "last-probe", 1, 1))
+    while seen[-1] != ("000000000001", "last-probe"):
+        assert asyncio.get_running_loop().time() < deadline, "the last probe never came"
+        await asyncio.sleep(0.02)
+    seen.clear()
+
+
 async def test_a_watch_sees_another_clients_changes(etcd: EtcdServer) -> None:
     writer_client, watcher_client = await _client(etcd), await _client(etcd)
     writer = EtcdMetadataStore(writer_client, b"/watch/")
@@ -68,10 +89,10 @@ async def test_a_watch_sees_another_clients_changes(etcd: EtcdServer) -> None:
     seen: list[tuple[str, str]] = []
     task = asyncio.create_task(watcher.watch(lambda a, n: seen.append((a, n)), lambda: None))
     try:
-        await asyncio.sleep(0.3)
+        await _watching(writer, seen)
         await writer.put(QueueRecord("000000000001", "w", 1, 1))
         await writer.delete("000000000001", "w")
-        for _ in range(50):
+        for _ in range(200):
             if len(seen) == 2:
                 break
             await asyncio.sleep(0.05)

@@ -12,6 +12,7 @@ is, so that it learns nothing about which queues an account has.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -545,11 +546,16 @@ def test_a_max_size_policy_is_evaluated_in_microseconds(alice: Any, bob: Any) ->
     name = fresh("max-policy")
     compiled = authz.compile_policy(text, ALICE, name)
     assert compiled is not None
-    rounds = 2000
-    started = time.perf_counter()
-    for _ in range(rounds):
-        authz.check(ALICE, name, BOB, "SendMessage", compiled)
-    per_check_us = (time.perf_counter() - started) / rounds * 1e6
+    # The best of several runs: a busy machine only ever adds time, so one run it left
+    # alone is enough, and the bound does not depend on the others.
+    rounds, runs = 400, 5
+    best = math.inf
+    for _ in range(runs):
+        started = time.perf_counter()
+        for _ in range(rounds):
+            authz.check(ALICE, name, BOB, "SendMessage", compiled)
+        best = min(best, time.perf_counter() - started)
+    per_check_us = best / rounds * 1e6
     print(f"{len(text)} bytes, {STATEMENTS_MAX * (resources + 1)} resources: "
           f"{per_check_us:.2f} us a check")
     assert per_check_us < 50  # matching each pattern each time took 200-300 us
