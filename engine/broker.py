@@ -51,6 +51,7 @@ from engine.errors import (
     EngineError,
     InvalidAttributeError,
     LogError,
+    QueueDamagedError,
     QueueExistsError,
     QueueNotFoundError,
     QueueUnavailableError,
@@ -111,6 +112,9 @@ class Broker:
         self._closed = False
         self._maintaining = False
         self._cores: dict[str, QueueCore] = {}
+        self._damaged: dict[str, tuple[str, str, int]] = {}
+        """Queues found damaged when opened: (reason, path, position). They stay closed
+        until the process restarts (after an operator's salvage)."""
         try:
             # A cluster's nodes share one key (from etcd): a receipt handle made by one
             # leader must open on the next.
@@ -301,6 +305,7 @@ class Broker:
                 raise QueueNotFoundError(name)
             with self._catalog_write(name):
                 self.catalog.remove(name)
+            self._damaged.pop(name, None)  # a queue made again under the name is another
             core = self._cores.pop(name, None)
             if core is not None:
                 core.close()
@@ -416,15 +421,26 @@ class Broker:
             entry = self.catalog.get(name)
             if entry is None:
                 raise QueueNotFoundError(name)
+            damaged = self._damaged.get(name)
+            if damaged is not None:
+                # Found damaged already: not read again (a large log takes long to scan)
+                # until an operator has salvaged it, which needs this process stopped.
+                raise QueueDamagedError(name, *damaged)
             try:
                 core = QueueCore(name, entry.uid, self._queue_dir(entry.uid),
                                  **self._core_options)
             except (LogError, OSError) as exc:
                 # A damaged log, or a disk too full to rebuild an index, fails this queue
                 # alone, as a log failing later does: its callers get "unavailable", not
-                # an error of their own or of the server. Nothing is cached, so the next
-                # call tries again (once space is freed, it opens).
-                raise unavailable(name, f"its log cannot be opened: {exc}", exc) from exc
+                # an error of their own or of the server. A disk too full is tried again
+                # on the next call (once space is freed, it opens); damage is remembered.
+                error = unavailable(name, f"its log cannot be opened: {exc}", exc)
+                if isinstance(error, QueueDamagedError):
+                    self._damaged[name] = (error.reason, error.path, error.position)
+                    _log.error("queue %s is damaged and stays closed (every other queue "
+                               "serves on): %s; see `conveyor log verify %s`", name, exc,
+                               self._queue_dir(entry.uid))
+                raise error from exc
             if self._leadership is not None:
                 self._leadership.opened(core)
             self._cores[name] = core

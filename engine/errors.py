@@ -232,11 +232,26 @@ def storage_full(exc: BaseException | None) -> bool:
     return False
 
 
+class QueueDamagedError(QueueUnavailableError):
+    """The queue's stored data is damaged (a segment or its snapshot fails its checks): the
+    queue stays closed, and every other queue serves on, until an operator verifies and
+    salvages it (``conveyor log verify`` / ``salvage``, docs/OPERATIONS.md). ``path`` and
+    ``position`` say where the damage was found."""
+
+    def __init__(self, queue: str, reason: str, path: str, position: int) -> None:
+        super().__init__(queue, reason)
+        self.path = path
+        self.position = position
+
+
 def unavailable(queue: str, reason: str, cause: BaseException | None) -> QueueUnavailableError:
-    """The error for a queue whose storage failed: StorageFullError when the disk is full
-    (its own code, so that an operator sees the cause), else QueueUnavailableError."""
+    """The error for a queue whose storage failed: StorageFullError when the disk is full,
+    QueueDamagedError when its data is damaged (each its own code, so that an operator
+    sees the cause), else QueueUnavailableError."""
     if storage_full(cause):
         return StorageFullError(queue, reason)
+    if isinstance(cause, CorruptDataError):
+        return QueueDamagedError(queue, reason, cause.path, cause.position)
     return QueueUnavailableError(queue, reason)
 
 

@@ -74,6 +74,13 @@ _TABLE: list[tuple[type[BaseException], ErrorSpec]] = [
                                  "InvalidParameter")),
     # A full disk stops the queue (fail-stop) as a failed disk does; its own native code
     # tells the operator why. SQS clients get the ServiceUnavailable they retry.
+    # Damage found in a queue's files: that queue stays closed until an operator salvages
+    # it (docs/OPERATIONS.md, "Damage and repair"); every other queue serves on. Also a
+    # CorruptDataError met by a read after the queue opened.
+    (e.QueueDamagedError, _S(503, "QueueDamaged", "QueueDamaged", "QueueDamaged",
+                             sender_fault=False)),
+    (e.CorruptDataError, _S(503, "QueueDamaged", "QueueDamaged", "QueueDamaged",
+                            sender_fault=False)),
     (e.StorageFullError, _S(503, "ServiceUnavailable", "ServiceUnavailable", "StorageFull",
                             sender_fault=False)),
     (e.QueueUnavailableError, _S(503, "ServiceUnavailable", "ServiceUnavailable",
