@@ -40,7 +40,7 @@ from engine._segment import Segment
 from engine.broker import _lock as _lock_data_dir
 from engine.catalog import Catalog
 from engine.errors import CorruptSnapshotError, SalvageRefusedError
-from engine.files import fsync_dir
+from engine.files import fsync_dir, make_dirs
 from engine.log import Log, _index_path, _lock_directory, segment_bases
 from engine.queue import QUEUE_SEGMENT_BYTES, SNAPSHOT_FILE, read_snapshot, replay
 
@@ -675,3 +675,27 @@ def _write_report(quarantine: str, done: LogSalvage) -> None:
         f.flush()
         os.fsync(f.fileno())
     fsync_dir(quarantine)
+
+
+def set_aside_replica(queue_dir: str) -> str:
+    """Move a cluster follower's damaged copy of a queue (its ``log/`` and ``snapshot``)
+    into ``quarantine/<time>/`` and leave an empty ``log/``; return the quarantine.
+
+    A follower's copy is its leader's log byte for byte, so nothing is lost: the leader
+    copies the queue to it again from the start (replication.node). Nothing is deleted,
+    as with a salvage. Not for a leader's or a single node's queue, whose log may be the
+    only copy: those are salvaged by an operator.
+    """
+    quarantine = _new_quarantine(queue_dir)
+    for name in ("log", SNAPSHOT_FILE):
+        source = os.path.join(queue_dir, name)
+        if os.path.lexists(source):
+            os.rename(source, os.path.join(quarantine, name))
+    fsync_dir(quarantine)
+    fsync_dir(queue_dir)
+    make_dirs(os.path.join(queue_dir, "log"))
+    with open(os.path.join(quarantine, "report.json"), "w", encoding="utf-8") as f:
+        json.dump({"set_aside": "a follower's damaged copy; its leader copies the queue "
+                               "again"}, f)
+        f.write("\n")
+    return quarantine

@@ -29,9 +29,10 @@ from typing import Any
 
 from engine import Broker
 from engine._ring import HashRing
-from engine.errors import ConfigError, EngineError, QueueNotFoundError
+from engine.errors import ConfigError, CorruptDataError, EngineError, QueueNotFoundError
 from engine.limits import QueueAttributes, check_queue_name
 from engine.queue import QueueCore
+from engine.repair import set_aside_replica
 from replication import frames as fr
 from replication.control import ClusterView, Control, NodeInfo, Partition
 from replication.errors import ControlUnavailableError, NotLeaderError
@@ -354,7 +355,16 @@ class ClusterNode:
         broker = self.broker
         assert broker is not None
         directory = await asyncio.to_thread(broker.adopt_queue, name, uid, attributes)
-        replica = await asyncio.to_thread(Replica, name, uid, directory, str(broker.fsync_policy))
+        fsync = str(broker.fsync_policy)
+        try:
+            replica = await asyncio.to_thread(Replica, name, uid, directory, fsync)
+        except CorruptDataError as exc:
+            # This copy is the leader's log, byte for byte, and the leader is asking for
+            # it: the damaged copy is set aside (never deleted) and copied again whole.
+            quarantine = await asyncio.to_thread(set_aside_replica, directory)
+            _log.error("queue %s: this follower's copy is damaged (%s); set aside in %s, "
+                       "and copied again from the leader", name, exc, quarantine)
+            replica = await asyncio.to_thread(Replica, name, uid, directory, fsync)
         self.replicas[name] = replica
         return replica
 

@@ -1,0 +1,53 @@
+"""A follower whose copy of a queue is damaged sets it aside and is copied again by its
+leader: it rejoins the ISR, and its copy is the leader's, byte for byte."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine import format
+from engine.catalog import Catalog
+from tests.cluster.harness import ACCOUNT, cluster, read_log, state_digest
+from tests.cluster.workload import create_queue
+
+
+def _queue_dir(data: Path, queue: str) -> Path:
+    catalog = Catalog(str(data / "catalog.sqlite3"))
+    try:
+        entry = catalog.get(f"{ACCOUNT}/{queue}")
+    finally:
+        catalog.close()
+    assert entry is not None
+    return data / "queues" / f"{entry.uid:016x}"
+
+
+def test_a_damaged_follower_copy_is_set_aside_and_copied_again(tmp_path: Path) -> None:
+    with cluster(tmp_path) as c:
+        url = create_queue(c, "mended")
+        leader = c.leader("mended")
+        c.wait_isr("mended", 3)
+        client = c.sqs(leader)
+        for i in range(40):  # a batch each: damage mid-file has valid batches after it
+            client.send_message(QueueUrl=url, MessageBody=f"m{i:02d}")
+        follower = next(n for n in c.nodes if n != leader)
+        c.nodes[follower].stop()
+        queue_dir = _queue_dir(c.root / follower, "mended")
+        [segment] = (queue_dir / "log").glob(f"*{format.LOG_SUFFIX}")
+        raw = bytearray(segment.read_bytes())
+        raw[len(raw) // 2] ^= 0x20
+        segment.write_bytes(bytes(raw))
+
+        c.nodes[follower].start()
+        c.wait_isr("mended", 3, timeout=30)
+        for i in range(40, 50):
+            client.send_message(QueueUrl=url, MessageBody=f"m{i:02d}")
+        log = c.nodes[follower].log.read_text()
+        assert "this follower's copy is damaged" in log, log[-3000:]
+
+        c.stop_all()
+        copies = {n: read_log(c.root / n, "mended") for n in c.nodes}
+        assert all(copy == copies[leader] for copy in copies.values())
+        assert len({state_digest(c.root / n, "mended") for n in c.nodes}) == 1
+        # The damaged copy was set aside, not deleted.
+        [kept] = (queue_dir / "quarantine").iterdir()
+        assert (kept / "log" / segment.name).read_bytes() == bytes(raw)
