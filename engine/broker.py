@@ -47,6 +47,7 @@ from engine.catalog import Catalog
 from engine.clock import Clock, SystemClock
 from engine.errors import (
     BrokerClosedError,
+    CorruptDataError,
     DataDirectoryLockedError,
     EngineError,
     InvalidAttributeError,
@@ -228,10 +229,34 @@ class Broker:
                 orphans.write_identity(directory, name, uid)
                 self.catalog.add(name, uid, attributes, self.clock.now_ms())
             if start_epoch:
-                start_queue_log(directory, QueueAttributes.from_dict(attributes),
-                                fsync=str(self.fsync_policy), clock=self.clock,
-                                epoch=start_epoch)
+                try:
+                    start_queue_log(directory, QueueAttributes.from_dict(attributes),
+                                    fsync=str(self.fsync_policy), clock=self.clock,
+                                    epoch=start_epoch)
+                except CorruptDataError as exc:
+                    raise self._note_damage(name, directory, exc) from exc
             return directory
+
+    def _note_damage(self, name: str, directory: str, exc: CorruptDataError
+                     ) -> QueueDamagedError:
+        """Remember that the queue's files are damaged; the error to raise."""
+        error = QueueDamagedError(name, f"its log cannot be opened: {exc}", exc.path,
+                                  exc.position)
+        if name not in self._damaged:
+            _log.error("queue %s is damaged and stays closed (every other queue serves "
+                       "on): %s; see `conveyor log verify %s`", name, exc, directory)
+        self._damaged[name] = (error.reason, error.path, error.position)
+        return error
+
+    def is_damaged(self, name: str) -> bool:
+        """Whether the queue refused to open here as damaged (QueueDamagedError)."""
+        return name in self._damaged
+
+    def forget_damage(self, name: str) -> None:
+        """The queue's damaged files were set aside (a cluster follower's copy, copied again
+        from its leader): it may be opened again."""
+        with self._lock:
+            self._damaged.pop(name, None)
 
     def close_queue(self, name: str) -> None:
         """Close a queue's open core, if any (a leader stepping down)."""
@@ -434,13 +459,9 @@ class Broker:
                 # alone, as a log failing later does: its callers get "unavailable", not
                 # an error of their own or of the server. A disk too full is tried again
                 # on the next call (once space is freed, it opens); damage is remembered.
-                error = unavailable(name, f"its log cannot be opened: {exc}", exc)
-                if isinstance(error, QueueDamagedError):
-                    self._damaged[name] = (error.reason, error.path, error.position)
-                    _log.error("queue %s is damaged and stays closed (every other queue "
-                               "serves on): %s; see `conveyor log verify %s`", name, exc,
-                               self._queue_dir(entry.uid))
-                raise error from exc
+                if isinstance(exc, CorruptDataError):
+                    raise self._note_damage(name, self._queue_dir(entry.uid), exc) from exc
+                raise unavailable(name, f"its log cannot be opened: {exc}", exc) from exc
             if self._leadership is not None:
                 self._leadership.opened(core)
             self._cores[name] = core

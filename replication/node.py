@@ -29,7 +29,13 @@ from typing import Any
 
 from engine import Broker
 from engine._ring import HashRing
-from engine.errors import ConfigError, CorruptDataError, EngineError, QueueNotFoundError
+from engine.errors import (
+    ConfigError,
+    CorruptDataError,
+    EngineError,
+    QueueDamagedError,
+    QueueNotFoundError,
+)
 from engine.limits import QueueAttributes, check_queue_name
 from engine.queue import QueueCore
 from engine.repair import set_aside_replica
@@ -362,6 +368,7 @@ class ClusterNode:
             # This copy is the leader's log, byte for byte, and the leader is asking for
             # it: the damaged copy is set aside (never deleted) and copied again whole.
             quarantine = await asyncio.to_thread(set_aside_replica, directory)
+            broker.forget_damage(name)  # the fresh copy may lead once it is in sync
             _log.error("queue %s: this follower's copy is damaged (%s); set aside in %s, "
                        "and copied again from the leader", name, exc, quarantine)
             replica = await asyncio.to_thread(Replica, name, uid, directory, fsync)
@@ -417,6 +424,13 @@ class ClusterNode:
             since = self._leaderless_since.setdefault(name, now)
             if self.node_id not in partition.isr or not self.lease_valid():
                 continue
+            broker = self.broker
+            if broker is not None and broker.is_damaged(name):
+                # Its copy here refused to open as damaged, and it is the partition's only
+                # in-sync copy (else _lead took it out of the ISR): the partition waits
+                # for an operator's salvage rather than this node failing to lead it again
+                # every RECONCILE_S.
+                continue
             live = [m for m in partition.replicas if m in partition.isr and m in view.nodes]
             if live and (live[0] == self.node_id or now - since >= ELECTION_GRACE_S):
                 await self._lead(partition)
@@ -438,9 +452,30 @@ class ClusterNode:
             await asyncio.to_thread(broker.adopt_queue, name, partition.uid,
                                     partition.attributes, leader.epoch)
             await role.start(lambda: broker._core_of(name))
+        except QueueDamagedError as exc:
+            await self._leave_damaged(partition, leader.epoch, exc)
         except (EngineError, OSError) as exc:
             _log.error("queue %s: cannot lead: %s", name, exc)
             self.step_down(name, f"cannot open the queue: {exc}")
+
+    async def _leave_damaged(self, partition: Partition, epoch: int,
+                             exc: QueueDamagedError) -> None:
+        """Elected with a copy that refuses to open as damaged: leave the ISR (while this
+        epoch still allows the change) so that an in-sync follower leads, then step down;
+        the new leader copies the partition back to this node (``replica``). The only
+        in-sync copy stays in the ISR: the partition then waits for an operator."""
+        name = partition.name
+        others = tuple(m for m in partition.isr if m != self.node_id)
+        left = False
+        if others:
+            with contextlib.suppress(EngineError):
+                left = await self.control.set_members(partition, epoch, partition.replicas,
+                                                      others) is not None
+        _log.error("queue %s: this node's copy is damaged (%s); %s", name, exc,
+                   f"it leaves the ISR to {list(others)} and follows" if left else
+                   "it is the only in-sync copy: the queue waits for `conveyor log "
+                   "salvage` on this node")
+        self.step_down(name, "its copy here is damaged")
 
     async def _drop_deleted(self, view: ClusterView, previous: ClusterView | None) -> None:
         """Delete local copies of queues deleted from etcd (or made again under a new uid).
