@@ -13,7 +13,8 @@ from tests.cluster.workload import create_queue
 from tests.support.etcd import EtcdCluster
 
 
-@pytest.mark.parametrize("failure", ["killed", "hung"])
+# Hung is the slower twin (calls time out rather than fail at once): under `make faults`.
+@pytest.mark.parametrize("failure", ["killed", pytest.param("hung", marks=pytest.mark.faults)])
 def test_nodes_move_to_another_etcd_member_when_theirs_fails(tmp_path: Path,
                                                             failure: str) -> None:
     """Killed: the connection is reset and calls fail at once. Hung (SIGSTOP): calls time
