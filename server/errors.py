@@ -24,6 +24,15 @@ class MalformedRequestError(ServerError):
     """The request body or query string cannot be parsed."""
 
 
+class IncompleteBodyError(MalformedRequestError):
+    """The client stopped before sending the body it declared (it left, or reset)."""
+
+    def __init__(self, declared: int | None) -> None:
+        shown = f" of {declared} bytes" if declared is not None else ""
+        super().__init__(f"the connection ended before the request body{shown} was whole")
+        self.declared = declared
+
+
 class RequestTooLargeError(ServerError):
     def __init__(self, size: int | None, limit: int) -> None:
         shown = f"of {size} bytes " if size is not None else ""

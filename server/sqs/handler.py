@@ -27,6 +27,7 @@ from server.sqs.actions import ACTIONS, QUEUE_FROM_URL, Context
 from server.sqs.query_protocol import FIELDS_MAX
 from server.sqs.shapes import parse_queue_url
 from server.web import appkeys
+from server.web.params import read_body
 
 # The action metrics and the audit line name for a request whose action is not one of ours.
 UNKNOWN_ACTION = "unknown"
@@ -36,7 +37,7 @@ async def handle(request: web.Request) -> web.Response:
     # The FrontEnd set the protocol from the headers before the body was read, so an
     # error reading it (too large, say) is framed as the client expects.
     json_request = request[appkeys.PROTOCOL] == "sqs-json"
-    body = await request.read()
+    body = await read_body(request)
     if json_request:
         action = json_protocol.action(request.headers.get("X-Amz-Target"))
         _name_action(request, action)

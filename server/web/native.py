@@ -36,7 +36,7 @@ from server.settings import PARTITIONS, RATE_LIMIT, REPLICATION_FACTOR, SSE_MANA
 from server.web import appkeys
 from server.web.errors import spec_for
 from server.web.params import int_in_range as _int
-from server.web.params import parse_json
+from server.web.params import parse_json, read_body
 
 routes = web.RouteTableDef()
 
@@ -65,7 +65,7 @@ async def _json(request: web.Request) -> dict[str, Any]:
     if not request.body_exists:
         return {}
     try:
-        data = parse_json(await request.read())
+        data = parse_json(await read_body(request))
     except web.HTTPRequestEntityTooLarge:
         raise RequestTooLargeError(None, REQUEST_BYTES_MAX) from None
     except ValueError as exc:  # UnicodeDecodeError and too deep nesting included
@@ -232,7 +232,7 @@ async def send_message(request: web.Request) -> web.Response:
     """The raw request body is the message; options come as query parameters."""
     name = _name(request)
     try:
-        body = await request.read()
+        body = await read_body(request)
     except web.HTTPRequestEntityTooLarge:
         raise RequestTooLargeError(None, REQUEST_BYTES_MAX) from None
     dedup_id = request.query.get("dedup_id")

@@ -7,8 +7,11 @@ import json
 import re
 from typing import Any
 
+from aiohttp import web
+
 from engine.errors import InvalidParameterError
 from server.config import JSON_DEPTH_MAX
+from server.errors import IncompleteBodyError
 
 # ASCII digits only: str.isdigit and "\d" also accept other scripts' digits, which int()
 # would then read. Twelve digits cover every limit with room to spare.
@@ -80,3 +83,12 @@ def utf8_bytes(text: str) -> int:
     """The bytes of ``text`` in UTF-8, as SQS counts an attribute's size. A lone surrogate
     (JSON can escape one) counts its three bytes rather than failing the count."""
     return len(text.encode("utf-8", "surrogatepass"))
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request's whole body. A client that leaves before it has sent all it declared
+    sent a malformed request (400, and nothing was done), not a server fault."""
+    try:
+        return await request.read()
+    except ConnectionResetError:  # aiohttp: the connection was lost mid-body
+        raise IncompleteBodyError(request.content_length) from None

@@ -302,10 +302,6 @@ TRUNCATED = {
 }
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-    "a client that leaves in the middle of a body makes the server count a 500 and log "
-    "'request ... failed' with a ConnectionResetError traceback: request.read() raises it, "
-    "and server/web/middleware.py maps it to INTERNAL; a client leaving is no server fault"))
 @pytest.mark.parametrize("close", ["both", "write"])
 @pytest.mark.parametrize("protocol", list(TRUNCATED))
 def test_a_body_cut_short_enqueues_nothing(srv: Server, protocol: str, close: str) -> None:
