@@ -118,6 +118,10 @@ class Replication(Protocol):
     def wait_committed(self, offset: int) -> None:
         """The same, from a thread that is not the event loop's."""
 
+    def check_writable(self) -> None:
+        """Raise unless a write may be acknowledged now (too few in-sync replicas, say):
+        asked before a write is made, so that such a refusal leaves nothing behind."""
+
 
 def start_queue_log(directory: str, attributes: QueueAttributes, *, fsync: str,
                     clock: Clock, epoch: int) -> None:
@@ -334,6 +338,11 @@ class QueueCore:
 
     def send(self, entries: Sequence[SendEntry]) -> tuple[list[SendResult | EngineError], int]:
         """Validate and append; return per-entry results and the offset to wait for."""
+        if self.replication is not None:
+            # A partition that cannot acknowledge now (too few in-sync replicas, no longer
+            # led here) refuses before anything is written, so that the refused write
+            # does not take effect later; it is checked again before the acknowledgement.
+            self.replication.check_writable()
         # acquire/release rather than `with` on the three hot operations: see Log.append.
         self._lock.acquire()
         try:
@@ -506,6 +515,8 @@ class QueueCore:
     # -- delete and visibility -------------------------------------------------------------
 
     def delete(self, handles: Sequence[str]) -> tuple[list[EngineError | None], int]:
+        if self.replication is not None:  # see send
+            self.replication.check_writable()
         self._lock.acquire()
         try:
             now = self._enter()
@@ -557,6 +568,8 @@ class QueueCore:
             return results, 0  # a lost visibility change only moves a redelivery
 
     def purge(self) -> int:
+        if self.replication is not None:  # see send
+            self.replication.check_writable()
         with self._lock:
             now = self._enter()
             below = self.state.next_seq
@@ -595,6 +608,8 @@ class QueueCore:
             self._expire(self._enter(use=False))
 
     def set_attributes(self, attributes: QueueAttributes) -> int:
+        if self.replication is not None:  # see send
+            self.replication.check_writable()
         with self._lock:
             self._dead_letter_missing_until = 0.0  # a new redrive policy is tried at once
             now = self._enter()

@@ -36,3 +36,10 @@ class NotEnoughReplicasError(ReplicationUnavailableError):
     """Fewer replicas are in sync than the partition's min_insync_replicas: a write would
     be acknowledged on fewer disks than promised, so it is refused (and not retried here:
     the replicas must come back, or live nodes replace them)."""
+
+
+class NotEnoughReplicasAfterAppendError(NotEnoughReplicasError):
+    """Too few replicas were in sync to acknowledge a write already made in the leader's
+    log (the ISR shrank while it waited): its outcome is unknown, and it may take effect
+    once replicas return, as after any lost answer. (NotEnoughReplicasError itself is
+    raised before anything is written.)"""

@@ -31,7 +31,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 from engine.errors import EngineError
 from replication import frames as fr
 from replication.control import Leader, Partition
-from replication.errors import NotEnoughReplicasError, ReplicationUnavailableError
+from replication.errors import (
+    NotEnoughReplicasAfterAppendError,
+    NotEnoughReplicasError,
+    ReplicationUnavailableError,
+)
 from replication.history import EpochHistory, batch_end, divergence
 from replication.peer import Channel, Peers
 
@@ -207,7 +211,10 @@ class LeaderRole:
                 offset = min(offset, self.acked.get(member, 0))
         return offset
 
-    def _check_writable(self) -> None:
+    def check_writable(self) -> None:
+        """Raise unless a write may be acknowledged now. Checked before a write is made
+        (from the engine's thread: a read of a few fields), so that a refusal for too few
+        in-sync replicas leaves nothing behind, and again before it is acknowledged."""
         if self.closed:
             raise ReplicationUnavailableError(self.name, f"no longer the leader: {self.reason}")
         if len(self.partition.isr) < self.min_insync:
@@ -219,7 +226,16 @@ class LeaderRole:
             raise ReplicationUnavailableError(self.name, "this node's etcd lease lapsed")
 
     async def committed(self, offset: int) -> None:
-        self._check_writable()
+        """Return once every record before offset is on the ISR. The write is already in
+        this node's log: a refusal for too few in-sync replicas here is
+        NotEnoughReplicasAfterAppendError (the write may yet take effect)."""
+        try:
+            await self._committed(offset)
+        except NotEnoughReplicasError as exc:
+            raise NotEnoughReplicasAfterAppendError(self.name, exc.reason) from None
+
+    async def _committed(self, offset: int) -> None:
+        self.check_writable()
         if self.commit_offset() < offset:
             future = self._loop.create_future()
             heapq.heappush(self._waiters, (offset, next(self._seq), future))
@@ -234,7 +250,7 @@ class LeaderRole:
                 # "Future exception was never retrieved".
                 future.cancel()
         # Acknowledging needs leadership now, not only when the write was made.
-        self._check_writable()
+        self.check_writable()
 
     def wait_committed(self, offset: int) -> None:
         asyncio.run_coroutine_threadsafe(self.committed(offset), self._loop).result()

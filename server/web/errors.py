@@ -11,7 +11,11 @@ from __future__ import annotations
 import dataclasses
 
 from engine import errors as e
-from replication.errors import ClusterError, NotEnoughReplicasError
+from replication.errors import (
+    ClusterError,
+    NotEnoughReplicasAfterAppendError,
+    NotEnoughReplicasError,
+)
 from server.errors import (
     BatchIdsNotDistinctError,
     BatchTooLongError,
@@ -141,6 +145,10 @@ _TABLE: list[tuple[type[BaseException], ErrorSpec]] = [
                                     "Unavailable", sender_fault=False)),
     # Fewer in-sync replicas than the partition's minimum: named, so that an operator (and
     # a client's log) sees why, and still a 503 an SDK retries.
+    # The same, found after the write was made in the leader's log: it may yet take effect.
+    (NotEnoughReplicasAfterAppendError, _S(503, "NotEnoughReplicasAfterAppend",
+                                           "NotEnoughReplicasAfterAppend",
+                                           "NotEnoughReplicasAfterAppend", sender_fault=False)),
     (NotEnoughReplicasError, _S(503, "NotEnoughReplicas", "NotEnoughReplicas",
                                 "NotEnoughReplicas", sender_fault=False)),
     # The cluster: a queue between leaders, etcd unreachable.

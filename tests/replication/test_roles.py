@@ -501,8 +501,12 @@ async def test_gone_replicas_are_kept_while_no_live_node_can_replace_them(
     await asyncio.sleep(0.3)  # several rebalances
     assert cluster.control.partitions[QUEUE].replicas == ("l", "a", "b")
     assert role.under_replicated and role.min_insync == 2
-    with pytest.raises(NotEnoughReplicasError):
+    end = leader.log(QUEUE).next_offset
+    with pytest.raises(NotEnoughReplicasError) as refused:
         await AsyncQueue(leader.broker, QUEUE).send(b"on one disk only")
+    # Refused before it was written (not ...AfterAppend): it cannot take effect later.
+    assert type(refused.value) is NotEnoughReplicasError
+    assert leader.log(QUEUE).next_offset == end
 
 
 async def test_a_gone_replica_is_replaced_by_a_live_node(
