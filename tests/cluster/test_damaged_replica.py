@@ -6,19 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine import format
-from engine.catalog import Catalog
-from tests.cluster.harness import ACCOUNT, cluster, read_log, state_digest
+from tests.cluster.harness import cluster, read_log, state_digest
 from tests.cluster.workload import create_queue
-
-
-def _queue_dir(data: Path, queue: str) -> Path:
-    catalog = Catalog(str(data / "catalog.sqlite3"))
-    try:
-        entry = catalog.get(f"{ACCOUNT}/{queue}")
-    finally:
-        catalog.close()
-    assert entry is not None
-    return data / "queues" / f"{entry.uid:016x}"
+from tests.support.server import queue_dir
 
 
 def test_a_damaged_follower_copy_is_set_aside_and_copied_again(tmp_path: Path) -> None:
@@ -31,8 +21,8 @@ def test_a_damaged_follower_copy_is_set_aside_and_copied_again(tmp_path: Path) -
             client.send_message(QueueUrl=url, MessageBody=f"m{i:02d}")
         follower = next(n for n in c.nodes if n != leader)
         c.nodes[follower].stop()
-        queue_dir = _queue_dir(c.root / follower, "mended")
-        [segment] = (queue_dir / "log").glob(f"*{format.LOG_SUFFIX}")
+        directory = queue_dir(c.root / follower, "mended")
+        [segment] = (directory / "log").glob(f"*{format.LOG_SUFFIX}")
         raw = bytearray(segment.read_bytes())
         raw[len(raw) // 2] ^= 0x20
         segment.write_bytes(bytes(raw))
@@ -49,7 +39,7 @@ def test_a_damaged_follower_copy_is_set_aside_and_copied_again(tmp_path: Path) -
         assert all(copy == copies[leader] for copy in copies.values())
         assert len({state_digest(c.root / n, "mended") for n in c.nodes}) == 1
         # The damaged copy was set aside, not deleted.
-        [kept] = (queue_dir / "quarantine").iterdir()
+        [kept] = (directory / "quarantine").iterdir()
         assert (kept / "log" / segment.name).read_bytes() == bytes(raw)
 
 
@@ -68,8 +58,8 @@ def test_a_leader_elected_with_a_damaged_copy_hands_over_and_is_mended(tmp_path:
         first = c.queue_state("handover")["replicas"][0]
         for node in c.nodes:  # all at once: no node lives to shrink the ISR
             c.kill(node)
-        queue_dir = _queue_dir(c.root / first, "handover")
-        [segment] = (queue_dir / "log").glob(f"*{format.LOG_SUFFIX}")
+        directory = queue_dir(c.root / first, "handover")
+        [segment] = (directory / "log").glob(f"*{format.LOG_SUFFIX}")
         raw = bytearray(segment.read_bytes())
         raw[len(raw) // 2] ^= 0x20
         segment.write_bytes(bytes(raw))
@@ -94,5 +84,5 @@ def test_a_leader_elected_with_a_damaged_copy_hands_over_and_is_mended(tmp_path:
         copies = {n: read_log(c.root / n, "handover") for n in c.nodes}
         assert all(copy == copies[leader] for copy in copies.values()), {
             n: len(copy) for n, copy in copies.items()}
-        [kept] = (queue_dir / "quarantine").iterdir()
+        [kept] = (directory / "quarantine").iterdir()
         assert (kept / "log" / segment.name).read_bytes() == bytes(raw)

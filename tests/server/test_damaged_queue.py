@@ -10,10 +10,7 @@ from pathlib import Path
 import botocore.exceptions
 
 from engine import format
-from engine.catalog import Catalog
-from tests.support.server import Server
-
-ACCOUNT = "000000000000"
+from tests.support.server import Server, queue_dir
 
 
 def _conveyor(*args: str) -> subprocess.CompletedProcess[str]:
@@ -22,13 +19,7 @@ def _conveyor(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _segment(data: Path, queue: str) -> Path:
-    catalog = Catalog(str(data / "catalog.sqlite3"))
-    try:
-        entry = catalog.get(f"{ACCOUNT}/{queue}")
-    finally:
-        catalog.close()
-    assert entry is not None
-    [segment] = (data / "queues" / f"{entry.uid:016x}" / "log").glob(f"*{format.LOG_SUFFIX}")
+    [segment] = (queue_dir(data, queue) / "log").glob(f"*{format.LOG_SUFFIX}")
     return segment
 
 

@@ -206,3 +206,16 @@ def problems() -> list[str]:
             found.append(_died(server))
             server.start()
     return found
+
+
+def queue_dir(data_dir: Path, queue: str, account: str = "000000000000") -> Path:
+    """Where a stopped server (or cluster node) keeps a queue: its catalog names the uid."""
+    from engine.catalog import Catalog
+
+    catalog = Catalog(str(data_dir / "catalog.sqlite3"))
+    try:
+        entry = catalog.get(f"{account}/{queue}")
+    finally:
+        catalog.close()
+    assert entry is not None, f"{data_dir} holds no queue {queue}"
+    return data_dir / "queues" / f"{entry.uid:016x}"
