@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 
@@ -111,7 +111,26 @@ def _attacks(state: dict[str, Any], follower: str) -> Iterator[tuple[str, bytes,
     yield "partition call", calls, [pack([1, "purge", NAME, []])]
 
 
-class _Producer:
+class _Background:
+    """A thread that runs ``_run`` for the length of a ``with`` block."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class _Producer(_Background):
     """Sends batches of ten to the queue's leader and counts what is acknowledged."""
 
     def __init__(self, c: Cluster, leader: str, url: str) -> None:
@@ -119,16 +138,7 @@ class _Producer:
         self.url = url
         self.acked = 0
         self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> _Producer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
+        super().__init__()
 
     def _run(self) -> None:
         for batch in itertools.count():
@@ -186,7 +196,7 @@ def test_an_outsider_changes_nothing_on_the_replication_port(guarded: Cluster) -
         assert logs[node] == logs[leader], f"{node}'s log differs from the leader's"
 
 
-class _Flood:
+class _Flood(_Background):
     """Opens connections to every node's replication port, without end, that send the
     magic and then nothing; keeps the newest FLOOD_OPEN of them open."""
 
@@ -195,16 +205,7 @@ class _Flood:
     def __init__(self, addresses: list[tuple[str, int]]) -> None:
         self.addresses = addresses
         self.opened = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> _Flood:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
+        super().__init__()
 
     def _run(self) -> None:
         held: collections.deque[socket.socket] = collections.deque()
