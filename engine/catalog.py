@@ -5,6 +5,9 @@ SQLite, not a log: queues are created and deleted one at a time, and a broker wi
 is stored twice, here for listing and in the queue's own log (its first record) for
 replay; the log is the authority, and the broker copies it back here on open.
 
+Every row carries a check (engine/sqlite.py): a flipped bit in a name or attributes is
+refused as damage, never served as a queue that was not made.
+
 Thread-safe: one connection behind a lock.
 """
 
@@ -12,9 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sqlite3
 import threading
 from typing import Any
+
+from engine import sqlite
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS queues (
@@ -22,9 +26,12 @@ CREATE TABLE IF NOT EXISTS queues (
     uid         INTEGER NOT NULL UNIQUE,
     created_ms  INTEGER NOT NULL,
     modified_ms INTEGER NOT NULL,
-    attributes  TEXT NOT NULL
+    attributes  TEXT NOT NULL,
+    row_check   INTEGER
 ) WITHOUT ROWID;
 """
+TABLE = sqlite.Table("queues", ("name", "uid", "created_ms", "modified_ms", "attributes"))
+SCHEMA = sqlite.Schema(_SCHEMA, (TABLE,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,61 +45,54 @@ class Entry:
 
 class Catalog:
     def __init__(self, path: str) -> None:
+        self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         # WAL with FULL sync: a committed create or delete survives power loss.
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = sqlite.connect(path, SCHEMA)
+
+    def _rows(self, where: str = "", args: tuple[Any, ...] = ()) -> list[Entry]:
+        with self._lock, sqlite.reading(self.path):
+            rows = self._db.execute(
+                f"SELECT {TABLE.select()} FROM queues {where}", args).fetchall()
+        return [_entry(sqlite.verified(self.path, TABLE.name, row)) for row in rows]
 
     def get(self, name: str) -> Entry | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT name, uid, created_ms, modified_ms, attributes FROM queues "
-                "WHERE name = ?", (name,)).fetchone()
-        return _entry(row) if row else None
+        found = self._rows("WHERE name = ?", (name,))
+        return found[0] if found else None
 
     def names(self, prefix: str = "") -> list[str]:
         # A literal, case-sensitive prefix (LIKE would fold case and treat _ and % as
         # wildcards).
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT name FROM queues WHERE substr(name, 1, ?) = ? ORDER BY name",
-                (len(prefix), prefix)).fetchall()
-        return [row[0] for row in rows]
+        found = self._rows("WHERE substr(name, 1, ?) = ? ORDER BY name", (len(prefix), prefix))
+        return [entry.name for entry in found]
 
     def entries(self) -> list[Entry]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT name, uid, created_ms, modified_ms, attributes FROM queues "
-                "ORDER BY name").fetchall()
-        return [_entry(row) for row in rows]
+        return self._rows("ORDER BY name")
 
     def name_of(self, uid: int) -> str | None:
         """The name of the queue with this uid, if it still exists."""
-        with self._lock:
-            row = self._db.execute("SELECT name FROM queues WHERE uid = ?", (uid,)).fetchone()
-        return row[0] if row else None
+        found = self._rows("WHERE uid = ?", (uid,))
+        return found[0].name if found else None
 
     def uids(self) -> set[int]:
-        with self._lock:
-            return {row[0] for row in self._db.execute("SELECT uid FROM queues")}
+        return {entry.uid for entry in self._rows()}
 
     def add(self, name: str, uid: int, attributes: dict[str, Any], now_ms: int) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO queues (name, uid, created_ms, modified_ms, attributes) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (name, uid, now_ms, now_ms, json.dumps(attributes, sort_keys=True)))
+        self._put((name, uid, now_ms, now_ms, json.dumps(attributes, sort_keys=True)),
+                  "INSERT")
 
     def update(self, name: str, attributes: dict[str, Any], now_ms: int) -> None:
-        with self._lock:
-            self._db.execute(
-                "UPDATE queues SET attributes = ?, modified_ms = ? WHERE name = ?",
-                (json.dumps(attributes, sort_keys=True), now_ms, name))
+        entry = self.get(name)
+        if entry is not None:
+            self._put((name, entry.uid, entry.created_ms, now_ms,
+                       json.dumps(attributes, sort_keys=True)), "REPLACE")
+
+    def _put(self, values: tuple[Any, ...], verb: str) -> None:
+        with self._lock, sqlite.reading(self.path):
+            sqlite.insert(self._db, TABLE, values, verb=verb)
 
     def remove(self, name: str) -> None:
-        with self._lock:
+        with self._lock, sqlite.reading(self.path):
             self._db.execute("DELETE FROM queues WHERE name = ?", (name,))
 
     def close(self) -> None:

@@ -81,6 +81,18 @@ class CorruptSnapshotError(CorruptDataError):
         super().__init__(f"corrupt snapshot {path}: {reason}", path, position, reason)
 
 
+class CorruptDatabaseError(CorruptDataError):
+    """A SQLite database of the engine or the server (the catalog, queue records, keys)
+    fails SQLite's structure check or a row's check (engine/sqlite.py).
+
+    ``path`` is the database file. Nothing in it is changed; the operator restores it from
+    a backup or rebuilds it (docs/OPERATIONS.md, "A damaged database").
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"damaged database {path}: {reason}", path, 0, reason)
+
+
 class SalvageRefusedError(LogError):
     """A salvage would not leave a usable log or queue, so it changed nothing.
 

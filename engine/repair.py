@@ -281,8 +281,8 @@ class _Target:
             directory = os.path.join(root, entry)
             if entry not in names:
                 notes.append(f"{directory}: no queue in the catalog owns it (the remains of "
-                             "an interrupted create or delete, removed when the broker "
-                             "opens); not checked")
+                             "an interrupted create or delete, or a queue whose entry was "
+                             "lost: moved to orphaned/ when the broker opens); not checked")
             elif os.path.isdir(os.path.join(directory, _LOG_DIR)):
                 found.append((os.path.join(directory, _LOG_DIR), directory, names[entry]))
         return found
@@ -675,6 +675,36 @@ def _write_report(quarantine: str, done: LogSalvage) -> None:
         f.flush()
         os.fsync(f.fileno())
     fsync_dir(quarantine)
+
+
+def set_aside_database(data_dir: str, file_name: str) -> str:
+    """Move a damaged SQLite database of a data directory (with its -wal and -shm) into
+    ``quarantine/<time>/``; return the quarantine. Nothing is deleted; what to do next
+    depends on the database (docs/OPERATIONS.md, "A damaged database").
+
+    Raises DataDirectoryLockedError while a server holds the directory, FileNotFoundError
+    if there is no such database.
+    """
+    source = os.path.join(data_dir, file_name)
+    if os.path.basename(file_name) != file_name or not file_name.endswith(".sqlite3"):
+        raise FileNotFoundError(errno.ENOENT, "not a database of the data directory", source)
+    fd = _lock_data_dir(data_dir)
+    try:
+        if not os.path.isfile(source):
+            raise FileNotFoundError(errno.ENOENT, "no such database", source)
+        quarantine = _new_quarantine(data_dir)
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.lexists(source + suffix):
+                os.rename(source + suffix, os.path.join(quarantine, file_name + suffix))
+        fsync_dir(quarantine)
+        fsync_dir(data_dir)
+        with open(os.path.join(quarantine, REPORT_FILE), "w", encoding="utf-8") as f:
+            json.dump({"set_aside": file_name, "reason": "an operator's set-aside of a "
+                       "damaged database"}, f)
+            f.write("\n")
+        return quarantine
+    finally:
+        os.close(fd)
 
 
 def set_aside_replica(queue_dir: str) -> str:

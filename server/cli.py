@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import click
 
 from engine import Log, format
-from engine.errors import EngineError
+from engine.errors import CorruptDatabaseError, EngineError
 from engine.log import FsyncPolicy
 from server.client import DEFAULT_ENDPOINT, ClientError, NativeClient
 from server.config import CONNECTIONS_MAX, DEFAULT_ACCOUNT, ServerConfig
@@ -269,6 +269,10 @@ def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, aut
 
     try:
         run(create_app(config), config, loop, announce)
+    except CorruptDatabaseError as exc:
+        raise click.ClickException(
+            f"{exc}. The server does not start on a damaged database: see `conveyor db "
+            "verify` and docs/OPERATIONS.md, \"A damaged database\"") from None
     except EngineError as exc:  # a bad master key file, say: a message, not a traceback
         raise click.ClickException(str(exc)) from None
 
@@ -829,23 +833,47 @@ def orphans_list(data_dir: str, as_json: bool) -> None:
 
 
 @orphans.command("adopt")
-@click.argument("directory")
+@click.argument("directory", required=False)
 @_data_dir
 @click.option("--name", help="The queue's name: needed when its directory has no queue.json "
                              "(made before that file existed), or to adopt it under another.")
-def orphans_adopt(directory: str, data_dir: str, name: str | None) -> None:
+@click.option("--all", "adopt_all", is_flag=True,
+              help="Adopt every orphaned directory whose queue.json names its queue (after "
+                   "a damaged catalog was set aside, say).")
+def orphans_adopt(directory: str | None, data_dir: str, name: str | None,
+                  adopt_all: bool) -> None:
     """Bring orphaned/DIRECTORY back as a queue, with its messages.
 
     The queue is opened (its log replayed) before anything changes: one that does not
     open stays where it is. On a server's data directory a queue record is made again if
     it is missing, without the tags and SQS-only attributes (Policy, ...) it had.
     """
+    from engine.orphans import OrphanError
+
+    if adopt_all == (directory is not None) or (adopt_all and name):
+        raise click.UsageError("name one DIRECTORY (with --name if needed), or say --all")
+    failed = 0
     with _broker(data_dir) as broker:
-        adopted = broker.adopt_orphan(directory, name)
-    click.echo(f"adopted {directory} as queue {adopted!r}")
-    note = _restore_record(data_dir, adopted)
-    if note:
-        click.echo(note)
+        targets = [o.directory for o in broker.orphans()] if adopt_all else [directory]
+        adopted: list[tuple[str, str]] = []
+        for target in targets:
+            assert target is not None
+            try:
+                adopted.append((target, broker.adopt_orphan(target, name)))
+            except OrphanError as exc:
+                if not adopt_all:
+                    raise
+                failed += 1
+                click.echo(f"not adopted: {exc}", err=True)
+    for target, queue_name in adopted:
+        click.echo(f"adopted {target} as queue {queue_name!r}")
+        note = _restore_record(data_dir, queue_name)
+        if note:
+            click.echo(note)
+    if adopt_all and not targets:
+        click.echo("(no orphaned queue directories)")
+    if failed:
+        sys.exit(1)
 
 
 def _restore_record(data_dir: str, engine_name: str) -> str | None:
@@ -887,6 +915,99 @@ def orphans_discard(directory: str, data_dir: str) -> None:
     with _broker(data_dir) as broker:
         broker.discard_orphan(directory)
     click.echo(f"discarded {directory}")
+
+
+# --- the data directory's databases ---------------------------------------------------------
+
+
+def _databases() -> dict[str, tuple[Any, str]]:
+    """Each SQLite file of a data directory: its checked tables, and what to do once it is
+    set aside (docs/OPERATIONS.md, "A damaged database")."""
+    from engine import catalog
+    from server import metadata
+    from server.deployment import METADATA_FILE
+    from server.protection import keystore, sse
+    from server.web.app import KEYRING_FILE
+
+    rebuild = ("start the server (every queue directory is then moved to orphaned/, "
+               "untouched), stop it, and run `conveyor orphans adopt --all`")
+    return {
+        "catalog.sqlite3": (catalog.SCHEMA, "run `conveyor orphans adopt --all` (every "
+                            "queue directory is found again from its own files)"),
+        METADATA_FILE: (metadata.SCHEMA, rebuild + "; set tags and SQS-only attributes "
+                        "(Policy ...) again"),
+        keystore.FILE_NAME: (keystore.SCHEMA, "restore it from a backup, or make the "
+                             "access keys again with `conveyor keys create`"),
+        KEYRING_FILE: (sse.SCHEMA, "restore it from a backup: bodies sealed under its "
+                       "data keys cannot be read without it"),
+    }
+
+
+@main.group("db")
+def db_group() -> None:
+    """Verify and set aside the data directory's SQLite databases (the catalog, queue
+    records, access keys and data keys). Run these with the server stopped."""
+
+
+@db_group.command("verify")
+@_data_dir
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def db_verify(data_dir: str, as_json: bool) -> None:
+    """Check every database: SQLite's structure, and each row against its check.
+
+    Exit status: 0 when nothing is damaged, 1 when something is, 2 when the directory
+    could not be checked (a server holds it).
+    """
+    from engine import sqlite
+    from engine.broker import _lock as lock_data_dir
+
+    try:
+        fd = lock_data_dir(data_dir)
+    except (EngineError, OSError) as exc:
+        raise _CannotRun(f"{exc}: stop the server first") from exc
+    try:
+        found = {}
+        for file_name, (schema, _) in _databases().items():
+            path = os.path.join(data_dir, file_name)
+            if os.path.exists(path):
+                found[file_name] = sqlite.verify_file(path, schema)
+    finally:
+        os.close(fd)
+    if as_json:
+        click.echo(json.dumps({"data_dir": data_dir, "databases": found,
+                               "damaged": any(found.values())}))
+    else:
+        advice = _databases()
+        for file_name, problems in found.items():
+            for problem in problems:
+                click.echo(f"damaged: {file_name}: {problem}", err=True)
+            if problems:
+                click.echo(f"DAMAGED: {file_name}: set it aside (conveyor db set-aside "
+                           f"{file_name}), then {advice[file_name][1]}")
+            else:
+                click.echo(f"ok: {file_name}")
+    if any(found.values()):
+        sys.exit(1)
+
+
+@db_group.command("set-aside")
+@click.argument("file_name", metavar="DATABASE")
+@_data_dir
+def db_set_aside(file_name: str, data_dir: str) -> None:
+    """Move DATABASE (catalog.sqlite3, metadata.sqlite3, ...) with its -wal and -shm into
+    <data-dir>/quarantine/<time>/, and say what to do next. Nothing is deleted."""
+    from engine.repair import set_aside_database
+
+    advice = _databases().get(file_name)
+    if advice is None:
+        raise click.BadParameter(f"one of {', '.join(_databases())}", param_hint="DATABASE")
+    try:
+        quarantine = set_aside_database(data_dir, file_name)
+    except EngineError as exc:
+        raise click.ClickException(f"{exc}: stop the server first") from None
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"moved {file_name} to {quarantine}; now {advice[1]}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ messages and the attributes that shape them.
 store and a cluster store replaces it. :class:`CachedMetadata` fronts either with an
 in-process cache, so that the path of a send reads no store at all. SQLite calls run on a
 thread of their own (a bulkhead), so a slow metadata write never stalls the event loop.
+Every row carries a check (engine/sqlite.py): a damaged record is refused, never served.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
+from engine import sqlite
 from server.config import METADATA_LOCK_WAIT_S
 from server.errors import DependencyUnavailableError
 from server.protection import authz
@@ -73,64 +75,71 @@ CREATE TABLE IF NOT EXISTS queues (
     modified_ms INTEGER NOT NULL,
     tags        TEXT NOT NULL,
     extra       TEXT NOT NULL,
+    row_check   INTEGER,
     PRIMARY KEY (account, name)
 ) WITHOUT ROWID;
 """
+TABLE = sqlite.Table("queues", ("account", "name", "created_ms", "modified_ms", "tags",
+                                 "extra"), key_columns=2)
+SCHEMA = sqlite.Schema(_SCHEMA, (TABLE,))
 
 
 class SQLiteMetadataStore:
     """Queue records in a SQLite file (WAL, synchronous=FULL), on one thread of its own."""
 
     def __init__(self, path: str) -> None:
+        self.path = path
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="conveyor-metadata")
-        self._db = self._pool.submit(self._connect, path).result()
-
-    @staticmethod
-    def _connect(path: str) -> sqlite3.Connection:
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                             timeout=METADATA_LOCK_WAIT_S)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.executescript(_SCHEMA)
-        return db
+        try:
+            self._db = self._pool.submit(
+                sqlite.connect, path, SCHEMA, timeout=METADATA_LOCK_WAIT_S
+            ).result()
+        except BaseException:
+            self._pool.shutdown(wait=False)
+            raise
 
     async def _run(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         loop = asyncio.get_running_loop()
+
+        def run() -> list[tuple[Any, ...]]:
+            with sqlite.reading(self.path):
+                return self._db.execute(sql, args).fetchall()
+
         try:
-            return await loop.run_in_executor(
-                self._pool, lambda: self._db.execute(sql, args).fetchall())
+            return await loop.run_in_executor(self._pool, run)
         except sqlite3.OperationalError as exc:
             # Locked by another process, disk full, I/O error: the store failed, not the
             # request. Unavailable (503, and counted by the breaker), not an internal error.
             raise DependencyUnavailableError("metadata store", str(exc)) from exc
 
+    async def _records(self, where: str, args: tuple[Any, ...]) -> list[QueueRecord]:
+        rows = await self._run(f"SELECT {TABLE.select()} FROM queues {where}", args)
+        return [_record(sqlite.verified(self.path, TABLE.name, row)) for row in rows]
+
     async def get(self, account: str, name: str) -> QueueRecord | None:
-        rows = await self._run(
-            "SELECT account, name, created_ms, modified_ms, tags, extra FROM queues "
-            "WHERE account = ? AND name = ?", (account, name))
-        return _record(rows[0]) if rows else None
+        found = await self._records("WHERE account = ? AND name = ?", (account, name))
+        return found[0] if found else None
 
     async def put(self, record: QueueRecord) -> None:
+        values = (record.account, record.name, record.created_ms, record.modified_ms,
+                  json.dumps(record.tags, sort_keys=True),
+                  json.dumps(record.extra, sort_keys=True))
         await self._run(
-            "INSERT OR REPLACE INTO queues (account, name, created_ms, modified_ms, tags, "
-            "extra) VALUES (?, ?, ?, ?, ?, ?)",
-            (record.account, record.name, record.created_ms, record.modified_ms,
-             json.dumps(record.tags, sort_keys=True), json.dumps(record.extra, sort_keys=True)))
+            f"INSERT OR REPLACE INTO queues ({TABLE.select()}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (*values, sqlite.row_check(TABLE.name, values)))
 
     async def delete(self, account: str, name: str) -> None:
         await self._run("DELETE FROM queues WHERE account = ? AND name = ?", (account, name))
 
     async def names(self, account: str, prefix: str, after: str, limit: int) -> list[str]:
         # A literal, case-sensitive prefix, in name order after a page's last name.
-        rows = await self._run(
-            "SELECT name FROM queues WHERE account = ? AND substr(name, 1, ?) = ? AND name > ? "
-            "ORDER BY name LIMIT ?", (account, len(prefix), prefix, after, limit))
-        return [row[0] for row in rows]
+        found = await self._records(
+            "WHERE account = ? AND substr(name, 1, ?) = ? AND name > ? ORDER BY name LIMIT ?",
+            (account, len(prefix), prefix, after, limit))
+        return [record.name for record in found]
 
     async def all_records(self) -> list[QueueRecord]:
-        rows = await self._run(
-            "SELECT account, name, created_ms, modified_ms, tags, extra FROM queues", ())
-        return [_record(row) for row in rows]
+        return await self._records("", ())
 
     async def ping(self) -> None:
         await self._run("SELECT 1", ())

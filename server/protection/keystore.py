@@ -15,6 +15,9 @@ Format 1 bound the wrapped secret to the key id alone. Such rows (from an older 
 are rewrapped in format 2 when the store is first opened by this version, each with a log
 line naming its account and principal; after that (``PRAGMA user_version`` 2) a format-1
 row is refused, never rewrapped, so the rewrap happens once. docs/FORMAT.md draws both.
+
+Every row also carries a check (engine/sqlite.py): a damaged row (a revocation time
+flipped away, say) is refused, never served.
 """
 
 from __future__ import annotations
@@ -26,16 +29,17 @@ import logging
 import os
 import re
 import secrets
-import sqlite3
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from engine.errors import ConfigError, InvalidParameterError
+from engine import sqlite
+from engine.errors import ConfigError, CorruptDatabaseError, InvalidParameterError
 from engine.files import make_dirs
 from server.protection import masterkey
 
@@ -68,9 +72,14 @@ CREATE TABLE IF NOT EXISTS access_keys (
     wrapped_secret BLOB NOT NULL,
     created_ms     INTEGER NOT NULL,
     revoked_ms     INTEGER,
-    wrap_version   INTEGER NOT NULL DEFAULT 1
+    wrap_version   INTEGER NOT NULL DEFAULT 1,
+    row_check      INTEGER
 ) WITHOUT ROWID;
 """
+TABLE = sqlite.Table("access_keys", ("access_key_id", "principal", "account",
+                                      "wrapped_secret", "created_ms", "revoked_ms",
+                                      "wrap_version"), upgraded_columns=1)
+SCHEMA = sqlite.Schema(_SCHEMA, (TABLE,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,12 +188,35 @@ class KeyStore:
     def __init__(self, path: str, master_key: bytes) -> None:
         self._wrap = SecretWrap(master_key)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        os.chmod(path, 0o600)
-        self._upgrade()
+        self.path = path
+        self._db = sqlite.connect(path, SCHEMA, check_rows=False)
+        try:
+            os.chmod(path, 0o600)
+            sqlite.check_columns(self._db, path, SCHEMA)  # before an upgrade adds to them
+            with sqlite.reading(path):
+                self._add_wrap_version()
+            sqlite.check_tables(self._db, path, SCHEMA)
+            with sqlite.reading(path):
+                self._upgrade()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _add_wrap_version(self) -> None:
+        """Give a store made by a version without wrap_version the column (before its rows
+        get their checks, which cover it)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                columns = {row[1] for row in
+                           self._db.execute("PRAGMA table_info(access_keys)")}
+                if "wrap_version" not in columns:
+                    self._db.execute("ALTER TABLE access_keys ADD COLUMN wrap_version "
+                                     "INTEGER NOT NULL DEFAULT 1")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def _upgrade(self) -> None:
         """Rewrap format-1 rows in format 2, once (see the module docstring).
@@ -206,15 +238,11 @@ class KeyStore:
     def _rewrap_legacy(self) -> bool:
         """Rewrap every format-1 row; whether all of them opened. Under the lock, in a
         transaction."""
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(access_keys)")}
-        if "wrap_version" not in columns:  # a store made by a version without it
-            self._db.execute("ALTER TABLE access_keys ADD COLUMN wrap_version INTEGER "
-                             "NOT NULL DEFAULT 1")
-        rows = self._db.execute(
-            "SELECT access_key_id, principal, account, wrapped_secret FROM access_keys "
-            "WHERE wrap_version = ?", (WRAP_LEGACY,)).fetchall()
+        rows = [sqlite.verified(self.path, TABLE.name, row) for row in self._db.execute(
+            f"SELECT {TABLE.select()} FROM access_keys WHERE wrap_version = ?",
+            (WRAP_LEGACY,)).fetchall()]
         all_opened = True
-        for key_id, principal, account, wrapped in rows:
+        for key_id, principal, account, wrapped, created, revoked, _ in rows:
             try:
                 secret = self._wrap.open(key_id, account, principal, wrapped, WRAP_LEGACY)
             except ConfigError as exc:
@@ -222,10 +250,9 @@ class KeyStore:
                            "opens", key_id, exc.reason)
                 all_opened = False
                 continue
-            self._db.execute(
-                "UPDATE access_keys SET wrapped_secret = ?, wrap_version = ? "
-                "WHERE access_key_id = ?",
-                (self._wrap.seal(key_id, account, principal, secret), WRAP_VERSION, key_id))
+            sqlite.insert(self._db, TABLE, (
+                key_id, principal, account, self._wrap.seal(key_id, account, principal, secret),
+                created, revoked, WRAP_VERSION), verb="REPLACE")
             rewrapped(key_id, account, principal)
         return all_opened
 
@@ -241,26 +268,23 @@ class KeyStore:
         key_id, secret = new_key()
         wrapped = self._wrap.seal(key_id, account, principal, secret)
         created = time.time_ns() // 1_000_000
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO access_keys (access_key_id, principal, account, wrapped_secret, "
-                "created_ms, wrap_version) VALUES (?, ?, ?, ?, ?, ?)",
-                (key_id, principal, account, wrapped, created, WRAP_VERSION))
+        with self._lock, sqlite.reading(self.path):
+            sqlite.insert(self._db, TABLE, (key_id, principal, account, wrapped, created,
+                                             None, WRAP_VERSION))
         return AccessKey(key_id, principal, account, created, None, secret)
 
     def get(self, access_key_id: str) -> AccessKey | None:
         """The key with its secret, or None if it does not exist or was revoked;
-        ConfigError if its secret does not open (see SecretWrap.open_stored)."""
+        ConfigError if its secret does not open (see SecretWrap.open_stored),
+        CorruptDatabaseError if its row fails its check."""
         if not is_key_id(access_key_id):
             return None
-        with self._lock:
-            row = self._db.execute(
-                "SELECT principal, account, wrapped_secret, created_ms, wrap_version "
-                "FROM access_keys WHERE access_key_id = ? AND revoked_ms IS NULL",
-                (access_key_id,)).fetchone()
-        if row is None:
+        found = self._rows("WHERE access_key_id = ?", (access_key_id,))
+        if not found:
             return None
-        principal, account, wrapped, created, version = row
+        _, principal, account, wrapped, created, revoked, version = found[0]
+        if revoked is not None:
+            return None
         return AccessKey(access_key_id, principal, account, created, None,
                          self._wrap.open_stored(access_key_id, account, principal, wrapped,
                                                 version))
@@ -273,21 +297,39 @@ class KeyStore:
         except ConfigError as exc:
             refuse(access_key_id, exc)
             return None
+        except CorruptDatabaseError as exc:
+            # Its revocation may be what the damage hid: refused, as a key that does not
+            # open is, and logged as the damage it is.
+            _log.error("access key %s refused: %s", access_key_id, exc)
+            return None
+
+    def _rows(self, where: str = "", args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock, sqlite.reading(self.path):
+            rows = self._db.execute(f"SELECT {TABLE.select()} FROM access_keys {where}",
+                                    args).fetchall()
+        return [sqlite.verified(self.path, TABLE.name, row) for row in rows]
 
     def list(self) -> list[AccessKey]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT access_key_id, principal, account, created_ms, revoked_ms "
-                "FROM access_keys ORDER BY created_ms, access_key_id").fetchall()
-        return [AccessKey(*row) for row in rows]
+        rows = self._rows("ORDER BY created_ms, access_key_id")
+        return [AccessKey(key_id, principal, account, created, revoked)
+                for key_id, principal, account, _, created, revoked, _ in rows]
 
     def revoke(self, access_key_id: str) -> bool:
         """Revoke a key; False if there is no such key or it was already revoked."""
-        with self._lock:
-            cursor = self._db.execute(
-                "UPDATE access_keys SET revoked_ms = ? WHERE access_key_id = ? "
-                "AND revoked_ms IS NULL", (time.time_ns() // 1_000_000, access_key_id))
-        return cursor.rowcount == 1
+        with self._lock, sqlite.reading(self.path):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(f"SELECT {TABLE.select()} FROM access_keys "
+                                       "WHERE access_key_id = ?", (access_key_id,)).fetchone()
+                values = None if row is None else sqlite.verified(self.path, TABLE.name, row)
+                if values is not None and values[5] is None:
+                    sqlite.insert(self._db, TABLE, (*values[:5], time.time_ns() // 1_000_000,
+                                                     values[6]), verb="REPLACE")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return values is not None and values[5] is None
 
     def close(self) -> None:
         with self._lock:

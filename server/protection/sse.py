@@ -53,10 +53,12 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from engine import sqlite
 from engine.errors import ConfigError, InvalidParameterError
 from engine.limits import MESSAGE_ID_BYTES
 from server.errors import ServerError
@@ -88,10 +90,16 @@ CREATE TABLE IF NOT EXISTS data_keys (
     wrapped       BLOB NOT NULL,
     created_ms    INTEGER NOT NULL,
     uses_reserved INTEGER NOT NULL,
-    retired       INTEGER NOT NULL DEFAULT 0
+    retired       INTEGER NOT NULL DEFAULT 0,
+    row_check     INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS data_keys_active ON data_keys (queue_id) WHERE retired = 0;
 """
+# Every row carries a check (engine/sqlite.py): the wrapped key is sealed against change
+# already, but its reservation and retirement are not.
+TABLE = sqlite.Table("data_keys", ("key_id", "queue_id", "wrapped", "created_ms",
+                                    "uses_reserved", "retired"))
+SCHEMA = sqlite.Schema(_SCHEMA, (TABLE,))
 
 
 class SealError(ServerError):
@@ -163,11 +171,8 @@ class Keyring:
         self._lock = threading.Lock()
         self._active: dict[str, _Active] = {}
         self._ciphers: dict[int, AESGCM] = {}
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db = sqlite.connect(path, SCHEMA)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.executescript(_SCHEMA)
             self._check_master(db)
         except BaseException:
             db.close()
@@ -283,6 +288,13 @@ class Keyring:
             raise SealError("the keyring is closed")
         return self._db
 
+    def _row(self, where: str, args: tuple[object, ...]) -> tuple[Any, ...] | None:
+        """The one data key row that matches, checked."""
+        with sqlite.reading(self._path):
+            row = self._conn().execute(f"SELECT {TABLE.select()} FROM data_keys {where}",
+                                       args).fetchone()
+        return None if row is None else sqlite.verified(self._path, TABLE.name, row)
+
     def _replenish(self, queue_id: str, active: _Active | None) -> _Active:
         """The key to seal the next body of the queue with (lock held): the cached one,
         one loaded from disk, one with a new reservation, or a new one."""
@@ -298,18 +310,18 @@ class Keyring:
             return self._new_key(queue_id)
         reserved = min(active.reserved + self._block, self._max_uses)
         # Durable before the first of these uses is spent: autocommit + synchronous=FULL.
-        self._conn().execute("UPDATE data_keys SET uses_reserved = ? WHERE key_id = ?",
-                             (reserved, active.key_id))
+        row = self._row("WHERE key_id = ?", (active.key_id,))
+        if row is None:
+            raise SealError(f"data key {active.key_id} is gone from the keyring")
+        sqlite.insert(self._conn(), TABLE, (*row[:4], reserved, row[5]), verb="REPLACE")
         active.reserved = reserved
         return active
 
     def _load_active(self, queue_id: str) -> _Active | None:
-        row = self._conn().execute(
-            "SELECT key_id, wrapped, created_ms, uses_reserved FROM data_keys "
-            "WHERE queue_id = ? AND retired = 0", (queue_id,)).fetchone()
+        row = self._row("WHERE queue_id = ? AND retired = 0", (queue_id,))
         if row is None:
             return None
-        key_id, wrapped, created_ms, reserved = row
+        key_id, _, wrapped, created_ms, reserved, _ = row
         aead = self._ciphers.get(key_id) or self._unwrap(key_id, queue_id, wrapped)
         self._ciphers[key_id] = aead
         # Uses spent before this process started are unknown; the reservation bounds them.
@@ -330,11 +342,10 @@ class Keyring:
                 raise SealError("the keyring has run out of 32-bit key ids")
             nonce = os.urandom(NONCE_BYTES)
             wrapped = nonce + self._kek.encrypt(nonce, key, _wrap_aad(key_id, queue_id))
-            db.execute("UPDATE data_keys SET retired = 1 WHERE queue_id = ? AND retired = 0",
-                       (queue_id,))
-            db.execute("INSERT INTO data_keys (key_id, queue_id, wrapped, created_ms, "
-                       "uses_reserved) VALUES (?, ?, ?, ?, ?)",
-                       (key_id, queue_id, wrapped, int(now * 1000), reserved))
+            retiring = self._row("WHERE queue_id = ? AND retired = 0", (queue_id,))
+            if retiring is not None:
+                sqlite.insert(db, TABLE, (*retiring[:5], 1), verb="REPLACE")
+            sqlite.insert(db, TABLE, (key_id, queue_id, wrapped, int(now * 1000), reserved, 0))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -351,12 +362,10 @@ class Keyring:
             aead = self._ciphers.get(key_id)
             if aead is not None:
                 return aead
-            row = self._conn().execute(
-                "SELECT queue_id, wrapped FROM data_keys WHERE key_id = ?",
-                (key_id,)).fetchone()
+            row = self._row("WHERE key_id = ?", (key_id,))
             if row is None:
                 raise SealError(f"no data key has the id {key_id}")
-            aead = self._unwrap(key_id, row[0], row[1])
+            aead = self._unwrap(key_id, row[1], row[2])
             self._ciphers[key_id] = aead
             return aead
 

@@ -83,6 +83,10 @@ _TABLE: list[tuple[type[BaseException], ErrorSpec]] = [
     # CorruptDataError met by a read after the queue opened.
     (e.QueueDamagedError, _S(503, "QueueDamaged", "QueueDamaged", "QueueDamaged",
                              sender_fault=False)),
+    # A damaged database (catalog, queue records, keys: engine/sqlite.py) is the whole
+    # server's, not one queue's; found at start it stops the server instead.
+    (e.CorruptDatabaseError, _S(503, "StorageDamaged", "StorageDamaged", "StorageDamaged",
+                                sender_fault=False)),
     (e.CorruptDataError, _S(503, "QueueDamaged", "QueueDamaged", "QueueDamaged",
                             sender_fault=False)),
     (e.StorageFullError, _S(503, "ServiceUnavailable", "ServiceUnavailable", "StorageFull",

@@ -61,6 +61,7 @@ from server.protection.keystore import KeyCache, KeyStore
 from server.web import listener
 from tests.server.web.test_hostile_input import exchange
 from tests.support.clients import Reply, http, native, wait_for
+from tests.support.databases import forge_checks
 from tests.support.server import Server, free_port, module_server, restarted_if_dead
 
 ALICE = "111111111111"
@@ -920,6 +921,7 @@ def test_a_wrapped_secret_moved_to_another_key_id_does_not_open(tmp_path: Path) 
                    (wrapped, second.access_key_id))
     finally:
         db.close()
+    forge_checks(str(tmp_path / keystore.FILE_NAME), keystore.TABLE)  # as an attacker would
     with KeyStoreClosing(KeyStore.open(str(tmp_path))) as reopened:
         assert reopened.get(first.access_key_id) is not None
         with pytest.raises(ConfigError):

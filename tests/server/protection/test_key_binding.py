@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from engine.errors import ConfigError
 from server.protection import keystore, masterkey
 from server.protection.keystore import KeyStore
+from tests.support.databases import forge_checks
 from tests.support.server import Server
 
 ALICE = "111111111111"
@@ -32,11 +33,14 @@ BOB = "222222222222"
 
 @contextlib.contextmanager
 def database(data_dir: Path) -> Iterator[sqlite3.Connection]:
+    """The key store's file, to change as an attacker with write access would (the row
+    checks recomputed after)."""
     db = sqlite3.connect(data_dir / keystore.FILE_NAME, isolation_level=None)
     try:
         yield db
     finally:
         db.close()
+    forge_checks(str(data_dir / keystore.FILE_NAME), keystore.TABLE)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from engine.errors import ConfigError
 from server.protection import masterkey, sse
 from server.protection.sse import ENVELOPE_OVERHEAD, Keyring, SealError, is_sealed, key_id_of
+from tests.support.databases import forge_checks
 
 Q = "000000000000/orders"
 Q2 = "000000000000/invoices"
@@ -420,6 +421,7 @@ def test_a_wrapped_key_moved_to_another_row_does_not_unwrap(path: str, master: b
         # Give key 1's row the wrapped key of key 2: the swap itself must not work.
         wrapped = db.execute("SELECT wrapped FROM data_keys WHERE key_id = 2").fetchone()[0]
         db.execute("UPDATE data_keys SET wrapped = ? WHERE key_id = 1", (wrapped,))
+    forge_checks(path, sse.TABLE)  # as an attacker with write access would
     again = Keyring(path, master)  # the newest key (2) still unwraps
     with pytest.raises(SealError, match="unwrap"):
         again.open(Q, a, ea)
