@@ -511,15 +511,27 @@ class Log:
             lock.release()
 
     def read_raw(self, offset: int, max_bytes: int = READ_BYTES_DEFAULT) -> bytes:
-        """Whole stored batches from the one holding offset (for log shipping)."""
+        """Whole stored batches from the one holding offset (for log shipping): at most
+        max_bytes of them, or the first alone if it is larger."""
+        limit = min(max_bytes, READ_BYTES_MAX)
         with self._lock:
             if self._closed:
                 raise LogClosedError(self.path)
             segment = self._segment_for(offset)
-            data: bytes = segment.read_raw(offset, min(max_bytes, READ_BYTES_MAX))
+            data: bytes = segment.read_raw(offset, limit)
             if segment is not self._active:
                 self._remember_sealed(segment)
-            return data
+        if len(data) > limit:
+            # The segment reads until its batches *reach* the limit, so the last one may
+            # run past it; a leader ships what this returns in frames of a fixed size.
+            spans = batch_spans(data)
+            end = spans[0][1]
+            for _, stop in spans[1:]:
+                if stop > limit:
+                    break
+                end = stop
+            data = data[:end]
+        return data
 
     def _segment_for(self, offset: int) -> Segment:
         active = self._active

@@ -14,10 +14,15 @@ they are. What to do then is an operator's decision, made with the two functions
   file replaces them by rename): nothing is ever deleted. Messages of a queue whose SEND
   record fell in a hole are expired, since their bodies are gone.
 
-Both take the lock the writer takes (the log's ``LOCK``, or a queue's data directory's),
-so neither runs on a log that a process holds open. docs/OPERATIONS.md ("Damage and
-repair") is the operator's guide; docs/FORMAT.md ("Torn tail or damage") draws the rule
-that tells damage from a torn write.
+A cluster follower's copy is its leader's log, so its damage needs no operator:
+:func:`set_aside_replica` keeps the records before the first damage, moves the rest to a
+quarantine the same way, and the leader sends the rest again (replication.node).
+
+Survey and salvage take the lock the writer takes (the log's ``LOCK``, or a queue's data
+directory's), so neither runs on a log that a process holds open; set_aside_replica runs
+inside the node that holds it. docs/OPERATIONS.md ("Damage and repair") is the operator's
+guide; docs/FORMAT.md ("Torn tail or damage") draws the rule that tells damage from a torn
+write.
 """
 
 from __future__ import annotations
@@ -34,12 +39,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any, Literal
 
-from engine import format
+from engine import files, format
 from engine import records as rec
 from engine._segment import Segment
 from engine.broker import _lock as _lock_data_dir
 from engine.catalog import Catalog
-from engine.errors import CorruptSnapshotError, SalvageRefusedError
+from engine.errors import CorruptSnapshotError, EngineError, SalvageRefusedError
 from engine.files import fsync_dir, make_dirs
 from engine.log import Log, _index_path, _lock_directory, segment_bases
 from engine.queue import QUEUE_SEGMENT_BYTES, SNAPSHOT_FILE, read_snapshot, replay
@@ -677,6 +682,9 @@ def _write_report(quarantine: str, done: LogSalvage) -> None:
     fsync_dir(quarantine)
 
 
+# --- a data directory's databases -------------------------------------------------------------
+
+
 def set_aside_database(data_dir: str, file_name: str) -> str:
     """Move a damaged SQLite database of a data directory (with its -wal and -shm) into
     ``quarantine/<time>/``; return the quarantine. Nothing is deleted; what to do next
@@ -707,25 +715,201 @@ def set_aside_database(data_dir: str, file_name: str) -> str:
         os.close(fd)
 
 
-def set_aside_replica(queue_dir: str) -> str:
-    """Move a cluster follower's damaged copy of a queue (its ``log/`` and ``snapshot``)
-    into ``quarantine/<time>/`` and leave an empty ``log/``; return the quarantine.
+# --- a cluster follower's copy ----------------------------------------------------------------
 
-    A follower's copy is its leader's log byte for byte, so nothing is lost: the leader
-    copies the queue to it again from the start (replication.node). Nothing is deleted,
-    as with a salvage. Not for a leader's or a single node's queue, whose log may be the
-    only copy: those are salvaged by an operator.
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaRepair:
+    """What :func:`set_aside_replica` did to a follower's damaged copy of a queue."""
+
+    quarantine: str
+    refetched_from: int
+    """Records below this offset were kept in place; the leader copies the rest. 0: the
+    whole copy was set aside."""
+    whole_because: str | None
+    """Why nothing was kept, if nothing was."""
+
+    def describe(self) -> str:
+        if self.whole_because is not None:
+            return (f"set aside whole in {self.quarantine} ({self.whole_because}); the leader "
+                    "copies the queue again from offset 0")
+        return (f"kept records 0..{self.refetched_from - 1}, set the rest aside in "
+                f"{self.quarantine}; the leader copies the queue again from offset "
+                f"{self.refetched_from}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cut:
+    """Where a replica's log is cut: segments[index] keeps its first ``keep_bytes``."""
+
+    index: int
+    keep_bytes: int
+    end_offset: int
+
+
+def set_aside_replica(queue_dir: str, keep_prefix: bool = True) -> ReplicaRepair:
+    """Set aside a cluster follower's damaged copy of a queue, keeping the valid records
+    before its first damage; return what was done.
+
+    A follower's copy is its leader's log byte for byte, from offset 0 (a replica keeps its
+    whole log), so nothing is lost: the leader copies the queue again from the copy's new
+    end, through the usual position and divergence exchange (replication.follower). What
+    leaves the log goes to ``quarantine/<time>/`` with a ``report.json``, as a salvage's
+    does; nothing is deleted:
+
+    - the segments after the one holding the first damage are moved there whole;
+    - the damaged segment is linked there as it was, and the live copy is rewritten with
+      only its batches before the damage;
+    - the snapshot (which only a node that led the queue has) is moved there if it is
+      damaged or describes records past the kept end; the kept log starts at offset 0, so
+      replay needs no snapshot.
+
+    The whole copy (its ``log/`` and ``snapshot``) is set aside instead, leaving an empty
+    ``log/``, when keep_prefix is False, when nothing valid comes before the damage, when
+    the survey cannot place the damage or refuses the log, or when the log does not start
+    at offset 0. Not for a leader's or a single node's queue, whose log may be the only
+    copy: those are salvaged by an operator.
+
+    The caller holds the data directory (its broker) and has the queue's log closed.
     """
-    quarantine = _new_quarantine(queue_dir)
-    for name in ("log", SNAPSHOT_FILE):
+    found = LogSurvey(os.path.join(queue_dir, _LOG_DIR), queue_dir)
+    why: str | None = "asked to" if not keep_prefix else None
+    cut: _Cut | None = None
+    if why is None:
+        try:
+            found = _survey_log(found, _Meter(None))
+        except (EngineError, OSError) as exc:
+            why = f"the survey failed: {exc}"
+        else:
+            plan = _replica_cut(found)
+            cut, why = (plan, None) if isinstance(plan, _Cut) else (None, plan)
+    if cut is not None:
+        try:
+            return _keep_prefix(queue_dir, found, cut)
+        except SalvageRefusedError as exc:
+            # What it moved so far is in its quarantine; the rest joins another.
+            why = f"the kept part did not verify: {exc}"
+    return _set_aside_whole(queue_dir, found, why or "no cut")
+
+
+def _replica_cut(found: LogSurvey) -> _Cut | str:
+    """Where to cut a replica's log to keep everything before its first damage, or why
+    it cannot be cut."""
+    if found.refusal is not None:
+        return found.refusal
+    if not found.segments or found.segments[0].base_offset != 0:
+        return "the log does not start at offset 0, as a replica's must"
+    paths = [segment.path for segment in found.segments]
+    # In the order the survey met them: the first is the earliest in the log.
+    first = next((d for d in found.damage if d.first_offset is not None), None)
+    if first is None or first.path not in paths:
+        return "the survey found no damaged segment"
+    assert first.first_offset is not None
+    if first.first_offset == 0:
+        return "nothing valid comes before the damage"
+    return _Cut(paths.index(first.path), first.start, first.first_offset)
+
+
+def _keep_prefix(queue_dir: str, found: LogSurvey, cut: _Cut) -> ReplicaRepair:
+    quarantine = _new_replica_quarantine(queue_dir)
+    segments_to = os.path.join(quarantine, _LOG_DIR)
+    os.mkdir(segments_to)
+    fsync_dir(quarantine)
+    segments = found.segments
+    damaged = segments[cut.index]
+    rewrite = cut.keep_bytes < damaged.size
+    snapshot = os.path.join(queue_dir, SNAPSHOT_FILE)
+    snapshot_goes = os.path.exists(snapshot) and (
+        found.snapshot_damaged or (found.snapshot_offset or 0) > cut.end_offset)
+    name = os.path.basename
+    # The report comes first: should this be interrupted, it says what was under way.
+    _write_replica_report(quarantine, found, cut.end_offset, None, {
+        "kept_segments": [name(s.path) for s in segments[:cut.index]] + (
+            [] if rewrite else [name(damaged.path)]),
+        "cut_segment": {"name": name(damaged.path), "kept_bytes": cut.keep_bytes,
+                        "size": damaged.size} if rewrite else None,
+        "moved_segments": [name(s.path) for s in segments[cut.index + 1:]],
+        "snapshot": "quarantined" if snapshot_goes else (
+            "kept" if os.path.exists(snapshot) else "none"),
+    })
+    if snapshot_goes:
+        # First, as Replica.truncate does: a crash part-way must not leave a snapshot
+        # describing records the log no longer has.
+        files.rename(snapshot, os.path.join(quarantine, SNAPSHOT_FILE))
+    # The newest first, so that the live log stays a run of whole segments from offset 0.
+    for segment in reversed(segments[cut.index + 1:]):
+        _move_index(segment.path, segments_to)
+        files.rename(segment.path, os.path.join(segments_to, name(segment.path)))
+    if rewrite:
+        _cut_segment(found.log_dir, damaged, cut, segments_to)
+    return ReplicaRepair(quarantine, cut.end_offset, None)
+
+
+def _cut_segment(log_dir: str, segment: SegmentSurvey, cut: _Cut, quarantine: str) -> None:
+    """Replace a damaged segment by its batches before the damage. The original is linked
+    into the quarantine before the cut copy replaces it by rename, as in _rewrite."""
+    tmp = segment.path + ".cut.tmp"  # a leftover .tmp is removed when the log opens
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        with open(segment.path, "rb") as src:
+            left = cut.keep_bytes
+            while left:
+                chunk = src.read(min(left, PROGRESS_STEP_BYTES))
+                if not chunk:
+                    raise SalvageRefusedError(segment.path, "it shrank while being cut")
+                files.write_all(fd, chunk, tmp)
+                left -= len(chunk)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _check_rewritten(tmp, dataclasses.replace(segment, end_offset=cut.end_offset))
+    _keep(segment.path, os.path.join(quarantine, os.path.basename(segment.path)))
+    _move_index(segment.path, quarantine)
+    fsync_dir(quarantine)
+    os.replace(tmp, segment.path)
+    fsync_dir(log_dir)
+
+
+def _move_index(segment_path: str, quarantine: str) -> None:
+    index = _index_path(segment_path)
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(index, os.path.join(quarantine, os.path.basename(index)))
+
+
+def _set_aside_whole(queue_dir: str, found: LogSurvey, why: str) -> ReplicaRepair:
+    quarantine = _new_replica_quarantine(queue_dir)
+    _write_replica_report(quarantine, found, 0, why, {
+        "kept_segments": [], "cut_segment": None, "moved_segments": [_LOG_DIR],
+        "snapshot": "quarantined" if os.path.exists(os.path.join(queue_dir, SNAPSHOT_FILE))
+        else "none"})
+    for name in (_LOG_DIR, SNAPSHOT_FILE):
         source = os.path.join(queue_dir, name)
         if os.path.lexists(source):
             os.rename(source, os.path.join(quarantine, name))
     fsync_dir(quarantine)
     fsync_dir(queue_dir)
-    make_dirs(os.path.join(queue_dir, "log"))
-    with open(os.path.join(quarantine, "report.json"), "w", encoding="utf-8") as f:
-        json.dump({"set_aside": "a follower's damaged copy; its leader copies the queue "
-                               "again"}, f)
-        f.write("\n")
+    make_dirs(os.path.join(queue_dir, _LOG_DIR))
+    return ReplicaRepair(quarantine, 0, why)
+
+
+def _new_replica_quarantine(queue_dir: str) -> str:
+    """A new quarantine, made durable with the ``quarantine/`` that holds it."""
+    quarantine = _new_quarantine(queue_dir)
+    fsync_dir(os.path.dirname(quarantine))
+    fsync_dir(queue_dir)
     return quarantine
+
+
+def _write_replica_report(quarantine: str, found: LogSurvey, refetched_from: int,
+                          whole_because: str | None, layout: dict[str, Any]) -> None:
+    report = {
+        "set_aside": "a cluster follower's damaged copy; its leader copies the rest again",
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "queue_dir": found.queue_dir,
+        "refetched_from": refetched_from,
+        "whole_because": whole_because,
+        **layout,
+        "damage": [d.describe() for d in found.damage],
+    }
+    files.write_file(os.path.join(quarantine, REPORT_FILE),
+                     (json.dumps(report, indent=2) + "\n").encode())

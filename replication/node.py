@@ -366,12 +366,22 @@ class ClusterNode:
             replica = await asyncio.to_thread(Replica, name, uid, directory, fsync)
         except CorruptDataError as exc:
             # This copy is the leader's log, byte for byte, and the leader is asking for
-            # it: the damaged copy is set aside (never deleted) and copied again whole.
-            quarantine = await asyncio.to_thread(set_aside_replica, directory)
-            broker.forget_damage(name)  # the fresh copy may lead once it is in sync
-            _log.error("queue %s: this follower's copy is damaged (%s); set aside in %s, "
-                       "and copied again from the leader", name, exc, quarantine)
-            replica = await asyncio.to_thread(Replica, name, uid, directory, fsync)
+            # it: what follows the first damage is set aside (never deleted), and the
+            # leader copies it again from there.
+            repair = await asyncio.to_thread(set_aside_replica, directory)
+            broker.forget_damage(name)  # the mended copy may lead once it is in sync
+            _log.error("queue %s: this follower's copy is damaged (%s); %s", name, exc,
+                       repair.describe())
+            try:
+                replica = await asyncio.to_thread(Replica, name, uid, directory, fsync)
+            except CorruptDataError as again:
+                if not repair.refetched_from:
+                    raise
+                # The open saw damage the survey did not: nothing of this copy is kept.
+                repair = await asyncio.to_thread(set_aside_replica, directory, False)
+                _log.error("queue %s: the kept part of this follower's copy is damaged "
+                           "too (%s); %s", name, again, repair.describe())
+                replica = await asyncio.to_thread(Replica, name, uid, directory, fsync)
         self.replicas[name] = replica
         return replica
 

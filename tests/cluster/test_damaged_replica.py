@@ -1,35 +1,58 @@
-"""A follower whose copy of a queue is damaged sets it aside and is copied again by its
-leader: it rejoins the ISR, and its copy is the leader's, byte for byte."""
+"""Damaged copies of a queue in a cluster. A follower keeps what precedes the damage, sets
+the rest aside and is sent the rest again by its leader: it rejoins the ISR, and its copy
+is the leader's, byte for byte. A node elected with a damaged copy hands over and is mended
+as a follower. The only in-sync copy, damaged, waits for an operator's salvage."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import botocore.exceptions
+import pytest
+
 from engine import format
-from tests.cluster.harness import cluster, read_log, state_digest
+from engine.log import Log
+from tests.cluster.harness import ACCOUNT, cluster, read_log, state_digest
 from tests.cluster.workload import create_queue
 from tests.support.server import queue_dir
 
+# Queue segments roll at 16 MiB (engine.queue.QUEUE_SEGMENT_BYTES): this many messages of
+# BIG_BODY_BYTES fill one, so that the copy has a sealed segment before the damaged one.
+BIG_BODY_BYTES = 1_000_000
+BIG_MESSAGES = 17
+SMALL_MESSAGES = 40
 
-def test_a_damaged_follower_copy_is_set_aside_and_copied_again(tmp_path: Path) -> None:
+
+def test_a_damaged_follower_copy_keeps_what_precedes_the_damage(tmp_path: Path) -> None:
+    """The follower keeps its sealed segment (same inode, same bytes) and the batches of
+    the damaged one before the damage; the leader sends only the rest, and the mended
+    copy is the leader's, byte for byte."""
     with cluster(tmp_path) as c:
         url = create_queue(c, "mended")
         leader = c.leader("mended")
         c.wait_isr("mended", 3)
         client = c.sqs(leader)
-        for i in range(40):  # a batch each: damage mid-file has valid batches after it
+        for i in range(BIG_MESSAGES):
+            client.send_message(QueueUrl=url, MessageBody=f"b{i:02d}" + "." * BIG_BODY_BYTES)
+        for i in range(SMALL_MESSAGES):  # a batch each: damage among them has valid after
             client.send_message(QueueUrl=url, MessageBody=f"m{i:02d}")
         follower = next(n for n in c.nodes if n != leader)
         c.nodes[follower].stop()
         directory = queue_dir(c.root / follower, "mended")
-        [segment] = (directory / "log").glob(f"*{format.LOG_SUFFIX}")
-        raw = bytearray(segment.read_bytes())
-        raw[len(raw) // 2] ^= 0x20
-        segment.write_bytes(bytes(raw))
+        sealed, damaged = sorted((directory / "log").glob(f"*{format.LOG_SUFFIX}"))
+        kept = (sealed.stat().st_ino, sealed.read_bytes())
+        raw = bytearray(damaged.read_bytes())
+        raw[len(raw) - 2000] ^= 0x20  # among the small messages' batches
+        damaged.write_bytes(bytes(raw))
 
         c.nodes[follower].start()
         c.wait_isr("mended", 3, timeout=30)
-        for i in range(40, 50):
+        for i in range(SMALL_MESSAGES, SMALL_MESSAGES + 10):
             client.send_message(QueueUrl=url, MessageBody=f"m{i:02d}")
         log = c.nodes[follower].log.read_text()
         assert "this follower's copy is damaged" in log, log[-3000:]
@@ -38,9 +61,17 @@ def test_a_damaged_follower_copy_is_set_aside_and_copied_again(tmp_path: Path) -
         copies = {n: read_log(c.root / n, "mended") for n in c.nodes}
         assert all(copy == copies[leader] for copy in copies.values())
         assert len({state_digest(c.root / n, "mended") for n in c.nodes}) == 1
-        # The damaged copy was set aside, not deleted.
-        [kept] = (directory / "quarantine").iterdir()
-        assert (kept / "log" / segment.name).read_bytes() == bytes(raw)
+        # The sealed segment was never copied again: the very file, untouched.
+        assert (sealed.stat().st_ino, sealed.read_bytes()) == kept
+        [quarantine] = (directory / "quarantine").iterdir()
+        report = json.loads((quarantine / "report.json").read_text())
+        assert report["kept_segments"] == [sealed.name]
+        assert report["cut_segment"]["name"] == damaged.name
+        assert int(damaged.name.removesuffix(format.LOG_SUFFIX)) < report["refetched_from"]
+        assert report["whole_because"] is None
+        # The damaged segment was set aside as it was, not deleted.
+        assert (quarantine / "log" / damaged.name).read_bytes() == bytes(raw)
+        assert f"kept records 0..{report['refetched_from'] - 1}," in log, log[-3000:]
 
 
 def test_a_leader_elected_with_a_damaged_copy_hands_over_and_is_mended(tmp_path: Path) -> None:
@@ -86,3 +117,102 @@ def test_a_leader_elected_with_a_damaged_copy_hands_over_and_is_mended(tmp_path:
             n: len(copy) for n, copy in copies.items()}
         [kept] = (directory / "quarantine").iterdir()
         assert (kept / "log" / segment.name).read_bytes() == bytes(raw)
+
+
+# A node that leads again after each failed try says "leading in epoch" every RECONCILE_S
+# (0.2 s): over STUCK_WATCH_S, a loop would say it about 15 times.
+STUCK_WATCH_S = 3.0
+STUCK_LEADS_MAX = 1
+
+
+def _leads(text: str, queue: str) -> int:
+    return text.count(f"queue {ACCOUNT}/{queue}: leading in epoch")
+
+
+def test_the_only_in_sync_copy_damaged_waits_for_the_operators_salvage(
+        tmp_path: Path) -> None:
+    """The node whose copy is damaged holds the only in-sync copy: the others fell out of
+    the ISR before the last messages were acknowledged (min_insync_replicas 1), so theirs
+    lack them and must not replace it. It does not lead (no elect and step-down loop), the
+    queue answers 503 and every other queue serves; once an operator salvages the copy,
+    it leads again with every message outside the damaged batch, and the others copy it."""
+    with cluster(tmp_path, extra=("--min-insync-replicas", "1")) as c:
+        url = create_queue(c, "stuck")
+        fine_url = create_queue(c, "fine")
+        keeper = c.leader("stuck")
+        c.wait_isr("stuck", 3)
+        c.wait_isr("fine", 3)
+        client = c.sqs(keeper)
+        sent = [f"message-{i:03d}" for i in range(50)]
+        for body in sent[:10]:
+            client.send_message(QueueUrl=url, MessageBody=body)
+        others = [n for n in c.nodes if n != keeper]
+        for node in others:
+            c.kill(node)
+        c.wait_isr("stuck", 1)  # their leases ran out: the keeper alone is in sync
+        for body in sent[10:]:  # a batch each, held by the keeper alone
+            client.send_message(QueueUrl=url, MessageBody=body)
+        c.kill(keeper)
+        directory = queue_dir(c.root / keeper, "stuck")
+        pristine = tmp_path / "pristine"
+        shutil.copytree(directory / "log", pristine)
+        [segment] = (directory / "log").glob(f"*{format.LOG_SUFFIX}")
+        [behind] = (queue_dir(c.root / others[0], "stuck") / "log").glob("*.log")
+        raw = bytearray(segment.read_bytes())
+        raw[(behind.stat().st_size + len(raw)) // 2] ^= 0x20  # in what the keeper alone has
+        segment.write_bytes(bytes(raw))
+        log = c.nodes[keeper].log
+        start = len(log.read_text())
+        for node in c.nodes:
+            c.restart(node)
+
+        waiting = "it is the only in-sync copy: the queue waits for `conveyor log salvage`"
+        deadline = time.monotonic() + 30
+        while waiting not in log.read_text()[start:]:
+            assert time.monotonic() < deadline, log.read_text()[start:][-3000:]
+            time.sleep(0.1)
+        time.sleep(STUCK_WATCH_S)
+        since = log.read_text()[start:]
+        leads = _leads(since, "stuck")
+        assert leads <= STUCK_LEADS_MAX, f"led {leads} times:\n{since[-3000:]}"
+        assert c.queue_state("stuck")["isr"] == [keeper]
+        for node in c.nodes:  # refused with a 503, not a 500, wherever it is asked
+            with pytest.raises(botocore.exceptions.ClientError) as refused:
+                c.sqs(node).send_message(QueueUrl=url, MessageBody="refused")
+            answer = refused.value.response
+            assert answer["ResponseMetadata"]["HTTPStatusCode"] == 503, answer
+            assert answer["Error"]["Code"] == "ServiceUnavailable", answer
+            assert "it has no leader now" in answer["Error"]["Message"], answer
+        fine = c.sqs(c.leader("fine"))
+        fine.send_message(QueueUrl=fine_url, MessageBody="served")
+        got = fine.receive_message(QueueUrl=fine_url, MaxNumberOfMessages=10)["Messages"]
+        assert [m["Body"] for m in got] == ["served"]
+
+        # The operator's acts: stop the node, salvage its data directory, start it.
+        c.nodes[keeper].stop()
+        salvaged = subprocess.run(
+            [sys.executable, "-m", "server.cli", "log", "salvage", str(c.root / keeper)],
+            capture_output=True, text=True, timeout=120)
+        assert salvaged.returncode == 0, salvaged.stdout + salvaged.stderr
+        c.nodes[keeper].start()
+        assert c.leader("stuck", timeout=30) == keeper
+        c.wait_isr("stuck", 3, timeout=30)
+        [quarantine] = (directory / "quarantine").iterdir()
+        holes = json.loads((quarantine / "report.json").read_text())["holes"]
+        assert holes, "the salvage wrote no hole"
+        with Log(pristine, fsync="never", lock=False) as original:
+            lost_records = [bytes(p) for first, end in holes
+                            for _, p in original.read(first, end - first)]
+        lost = {b for b in sent if any(b.encode() in r for r in lost_records)}
+        assert len(lost) == 1, lost  # one damaged batch: one message
+        client = c.sqs(keeper)
+        got_bodies: set[str] = set()
+        while messages := client.receive_message(QueueUrl=url, MaxNumberOfMessages=10,
+                                                 VisibilityTimeout=60).get("Messages", []):
+            got_bodies |= {m["Body"] for m in messages}
+        assert got_bodies == set(sent) - lost
+        client.send_message(QueueUrl=url, MessageBody="after")  # committed on all three
+        c.stop_all()
+        copies = {n: read_log(c.root / n, "stuck") for n in c.nodes}
+        assert all(copy == copies[keeper] for copy in copies.values())
+        assert len({state_digest(c.root / n, "stuck") for n in c.nodes}) == 1

@@ -21,6 +21,7 @@ import pytest
 from engine import Broker
 from engine.log import Log
 from engine.queue import SNAPSHOT_FILE
+from engine.repair import set_aside_replica
 from replication.follower import Replica
 
 NO_MAINTENANCE_MS = 600_000
@@ -150,6 +151,24 @@ def test_a_followers_cut_fsyncs_the_snapshots_removal(tmp_path: Path,
         assert not (directory / SNAPSHOT_FILE).exists()
     finally:
         replica.close()
+    spy.check()
+
+
+def test_mending_a_followers_copy_fsyncs_every_directory(tmp_path: Path,
+                                                        spy: DirectorySpy) -> None:
+    for case, keep_prefix in (("prefix", True), ("whole", False)):
+        directory = tmp_path / case
+        with Log(directory / "log", segment_bytes_max=4096) as log:
+            for i in range(50):
+                log.append_batch([b"%d" % i * 100])
+        (directory / SNAPSHOT_FILE).write_bytes(b"a snapshot taken while this node led")
+        segment = sorted((directory / "log").glob("*.log"))[1]
+        data = bytearray(segment.read_bytes())
+        data[len(data) // 2] ^= 0x20
+        segment.write_bytes(bytes(data))
+        with spy.step(f"setting a follower's damaged copy aside ({case})"):
+            repair = set_aside_replica(str(directory), keep_prefix)
+        assert bool(repair.refetched_from) is keep_prefix
     spy.check()
 
 

@@ -382,6 +382,22 @@ def test_raw_batches_copy_a_log_byte_for_byte(tmp_path: Path) -> None:
         assert Path(source, name).read_bytes() == Path(copy, name).read_bytes()
 
 
+def test_raw_batches_stay_within_max_bytes(tmp_path: Path) -> None:
+    """A leader ships read_raw's answer in one frame of a fixed size: the batches must not
+    run past max_bytes (the first alone may, if it is larger). The segment's own read
+    stops once its batches reach the limit, so the last one used to run past it."""
+    batch = 1000
+    with Log(str(tmp_path), fsync="never") as log:
+        for i in range(20):
+            log.append_batch([b"%02d" % i + b"." * (batch - 60)])
+        size = len(log.read_raw(0, 1))  # the first batch alone, whatever it costs
+        assert format.decode_batch_header(log.read_raw(0, 1)).record_count == 1
+        for limit in (size, 2 * size - 1, 2 * size, 4 * size + 1, 7 * size + size // 2):
+            raw = log.read_raw(3, limit)
+            assert len(raw) == size * (limit // size), limit
+        assert len(log.read_raw(0, size * 100)) == size * 20
+
+
 @pytest.mark.parametrize("damage", ["base", "checksum", "truncated", "magic", "count"])
 def test_bad_raw_batches_are_refused(path: str, damage: str) -> None:
     good = bytearray(format.encode_batch([b"abc", b"de"], 1, 5))

@@ -359,6 +359,25 @@ async def test_a_follower_that_stops_acknowledging_leaves_the_isr_then_rejoins(
         assert log_bytes(follower.log(QUEUE)) == log_bytes(leader.log(QUEUE))
 
 
+async def test_a_follower_far_behind_catches_up_on_large_batches(cluster: Cluster) -> None:
+    """Messages near the size limit, a batch each, and a follower more than a frame's worth
+    behind: every APPEND must fit FRAME_BYTES_MAX. (A read of APPEND_BYTES_MAX stopped only
+    once its batches reached it, so its last batch ran past: the follower refused the
+    frame, and the link failed the same way on every try.)"""
+    leader = await cluster.add("l")
+    cluster.control.create(QUEUE, ("l", "f"))
+    epoch = cluster.control.elect(QUEUE, "l")
+    await leader.lead(QUEUE, epoch, min_insync=1)
+    queue = AsyncQueue(leader.broker, QUEUE)
+    for i in range(6):
+        await queue.send(b"%d" % i + b"." * 1_000_000)
+    assert leader.log(QUEUE).size_bytes > fr.APPEND_BYTES_MAX + 1_000_000
+    follower = await cluster.add("f")  # joins now: the whole log is its backlog
+    await eventually(lambda: QUEUE in follower.replicas and follower.log(QUEUE).next_offset
+                     == leader.log(QUEUE).next_offset, "f catches up")
+    assert log_bytes(follower.log(QUEUE)) == log_bytes(leader.log(QUEUE))
+
+
 async def _open(address: tuple[str, int], epoch: int, leader: str, follower: str
                 ) -> tuple[Channel, fr.Frame]:
     """A leader's connection, by hand: OPEN, and the follower's answer."""
