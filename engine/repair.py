@@ -718,6 +718,23 @@ def set_aside_database(data_dir: str, file_name: str) -> str:
 # --- a cluster follower's copy ----------------------------------------------------------------
 
 
+MENDING_FILE = "mending"
+"""In a follower's queue directory from the moment :func:`set_aside_replica` starts until the
+node has left the partition's ISR: its copy may lack records it had acknowledged, so it
+must neither lead nor stay counted in sync (replication/node.py). Its content is for
+people (JSON: why, when)."""
+
+
+def is_mending(queue_dir: str) -> bool:
+    return os.path.exists(os.path.join(queue_dir, MENDING_FILE))
+
+
+def mended(queue_dir: str) -> None:
+    """The node left the ISR with its repaired copy: the usual rule lets it back in once it
+    holds what the ISR has committed."""
+    files.remove(os.path.join(queue_dir, MENDING_FILE))
+
+
 @dataclasses.dataclass(frozen=True)
 class ReplicaRepair:
     """What :func:`set_aside_replica` did to a follower's damaged copy of a queue."""
@@ -770,8 +787,15 @@ def set_aside_replica(queue_dir: str, keep_prefix: bool = True) -> ReplicaRepair
     at offset 0. Not for a leader's or a single node's queue, whose log may be the only
     copy: those are salvaged by an operator.
 
+    Before anything moves, :data:`MENDING_FILE` is written (durably): a copy that lost
+    records must not lead, even after a crash part-way through.
+
     The caller holds the data directory (its broker) and has the queue's log closed.
     """
+    stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    files.write_file(os.path.join(queue_dir, MENDING_FILE), json.dumps(
+        {"since": stamp, "why": "this follower's copy was damaged and is being repaired "
+                                "from its leader"}).encode() + b"\n")
     found = LogSurvey(os.path.join(queue_dir, _LOG_DIR), queue_dir)
     why: str | None = "asked to" if not keep_prefix else None
     cut: _Cut | None = None

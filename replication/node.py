@@ -38,7 +38,7 @@ from engine.errors import (
 )
 from engine.limits import QueueAttributes, check_queue_name
 from engine.queue import QueueCore
-from engine.repair import set_aside_replica
+from engine.repair import is_mending, mended, set_aside_replica
 from replication import frames as fr
 from replication.control import ClusterView, Control, NodeInfo, Partition
 from replication.errors import ControlUnavailableError, NotLeaderError
@@ -107,6 +107,8 @@ class ClusterNode:
         self._lease: Any = None
         self._lease_deadline = 0.0
         self._leaderless_since: dict[str, float] = {}
+        self._mending: set[str] = set()
+        """Queues whose copy here a repair left short: it leaves their ISR, never leads."""
         self._last_seen: dict[str, float] = {}
         self._started = time.monotonic()
         self._accepted: dict[str, int] = {}
@@ -128,6 +130,7 @@ class ClusterNode:
     async def start(self, broker: Broker) -> None:
         """Serve the replication port, join the cluster, and start reconciling."""
         self.broker = broker
+        self._mending = await asyncio.to_thread(self._find_mending)
         await self._check_peer_key()
         await self.listener.start(self.config.replication_host, self.config.replication_port)
         await self._join()
@@ -369,7 +372,8 @@ class ClusterNode:
             # it: what follows the first damage is set aside (never deleted), and the
             # leader copies it again from there.
             repair = await asyncio.to_thread(set_aside_replica, directory)
-            broker.forget_damage(name)  # the mended copy may lead once it is in sync
+            self._mending.add(name)
+            broker.forget_damage(name)  # it may open; it leads only once back in the ISR
             _log.error("queue %s: this follower's copy is damaged (%s); %s", name, exc,
                        repair.describe())
             try:
@@ -383,7 +387,52 @@ class ClusterNode:
                            "too (%s); %s", name, again, repair.describe())
                 replica = await asyncio.to_thread(Replica, name, uid, directory, fsync)
         self.replicas[name] = replica
+        if name in self._mending:
+            # At once, not at the next reconcile: the leader that just connected is alive.
+            await self._leave_isr_while_mending(name)
         return replica
+
+    # -- a repaired copy ----------------------------------------------------------------------
+
+    def _find_mending(self) -> set[str]:
+        """The queues whose copy here a repair left short (engine.repair.MENDING_FILE)."""
+        broker = self.broker
+        assert broker is not None
+        return {e.name for e in broker.catalog.entries()
+                if is_mending(broker.queue_dir(e.name))}
+
+    async def _leave_isr_while_mending(self, name: str) -> None:
+        """Take this node out of the partition's ISR while its copy is short.
+
+        A repaired copy lacks records it had acknowledged, yet the partition's record may
+        still count it in sync, and an ISR member may be elected: with its leader gone
+        it would lead without committed records. So it leaves the ISR itself (only while
+        the leader's epoch stands, as a leader's own change would), and only then forgets
+        the mark; the leader adds it back by the usual rule once it holds what the ISR
+        has committed. Until then it never leads (``_reconcile``).
+        """
+        broker = self.broker
+        assert broker is not None
+        try:
+            partition = await self.control.partition(name)
+            if partition is None or self.node_id not in partition.isr:
+                await asyncio.to_thread(mended, broker.queue_dir(name))
+                self._mending.discard(name)
+                return
+            leader = await self.control.leader(name)
+            others = tuple(m for m in partition.isr if m != self.node_id)
+            if leader is None or leader.node_id == self.node_id or not others:
+                return  # no leader to follow: the partition waits, without this copy
+            if await self.control.set_members(partition, leader.epoch, partition.replicas,
+                                              others) is None:
+                return  # the record or the epoch changed meanwhile: again next time
+            await asyncio.to_thread(mended, broker.queue_dir(name))
+            self._mending.discard(name)
+            _log.warning("queue %s: the repaired copy here left the ISR %s; it rejoins once "
+                         "it holds what the ISR has committed", name, list(partition.isr))
+        except (EngineError, OSError) as exc:
+            _log.warning("queue %s: the repaired copy here cannot leave the ISR yet: %s",
+                         name, exc)
 
     async def _release_replica(self, name: str) -> None:
         replica = self.replicas.pop(name, None)
@@ -422,6 +471,10 @@ class ClusterNode:
                 if name not in self.leading and name in held:
                     await self._drop_copy(name, "this node is no longer one of its replicas")
                 continue
+            if name in self._mending:
+                await self._leave_isr_while_mending(name)
+                if name in self._mending:
+                    continue  # never leads with a short copy
             leader = view.leaders.get(name)
             if leader is not None:
                 self._leaderless_since.pop(name, None)

@@ -216,3 +216,55 @@ def test_the_only_in_sync_copy_damaged_waits_for_the_operators_salvage(
         copies = {n: read_log(c.root / n, "stuck") for n in c.nodes}
         assert all(copy == copies[keeper] for copy in copies.values())
         assert len({state_digest(c.root / n, "stuck") for n in c.nodes}) == 1
+
+
+def test_a_repaired_follower_leaves_the_isr_and_never_leads_short(tmp_path: Path) -> None:
+    """A follower's copy is repaired short and its leader stops before sending the rest:
+    the repaired copy left the ISR at once, so the other follower, which holds every
+    record, leads, and nothing acknowledged is lost. (Were the short copy still in the
+    ISR, it would be elected first, being first in line, and lead without them.)"""
+    with cluster(tmp_path, proxies=True) as c:
+        url = create_queue(c, "short")
+        leader = c.leader("short")
+        c.wait_isr("short", 3)
+        client = c.sqs(leader)
+        sent = {f"m{i:02d}" for i in range(SMALL_MESSAGES)}
+        for body in sorted(sent):
+            client.send_message(QueueUrl=url, MessageBody=body)
+        # The follower first in line to lead once the leader is gone.
+        short = next(n for n in c.queue_state("short")["isr"] if n != leader)
+        # Killed and back within its lease: the leader never saw it gone, so it is still
+        # in the ISR when it finds its copy damaged (the case the ISR must not keep).
+        c.kill(short)
+        directory = queue_dir(c.root / short, "short")
+        [segment] = (directory / "log").glob(f"*{format.LOG_SUFFIX}")
+        raw = bytearray(segment.read_bytes())
+        raw[len(raw) // 3] ^= 0x20
+        segment.write_bytes(bytes(raw))
+        # What the leader sends this follower arrives late: the leader's OPEN starts the
+        # repair, and the records it would send after are still on their way when it stops.
+        c.proxies[short].delay(0.6)  # each way: the leader still gets a POSITION in 2 s
+        c.nodes[short].start()
+        deadline = time.monotonic() + 30
+        while "this follower's copy is damaged" not in c.nodes[short].log.read_text():
+            assert time.monotonic() < deadline, c.nodes[short].log.read_text()[-3000:]
+            time.sleep(0.01)
+        c.pause(leader)
+        try:
+            successor = c.leader("short", timeout=30, other_than=leader)
+            c.proxies[short].heal()
+            assert successor != short
+            got: set[str] = set()
+            client = c.sqs(successor)
+            while messages := client.receive_message(
+                    QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=60
+            ).get("Messages", []):
+                got |= {m["Body"] for m in messages}
+            assert got == sent, sorted(sent - got)
+            log = c.nodes[short].log.read_text()
+            # Logged only when it was in the ISR and took itself out.
+            assert "the repaired copy here left the ISR" in log, log[-3000:]
+            assert "queue 000000000000/short: leading" not in log.split(
+                "this follower's copy is damaged")[-1]
+        finally:
+            c.resume(leader)
