@@ -164,6 +164,25 @@ def test_row_checks_catch_what_sqlite_does_not(tmp_path: Path) -> None:
         Catalog(str(pristine))
 
 
+def test_row_check_is_the_one_docs_format_draws(tmp_path: Path) -> None:
+    """xxh3-64 of the compact JSON [table, *values], as a signed 64-bit integer, computed
+    here from the drawing rather than by engine.sqlite."""
+    import json
+    import sqlite3
+
+    import xxhash
+
+    pristine = _build("keys", tmp_path / "pristine")
+    with sqlite3.connect(pristine) as db:
+        rows = db.execute(f"SELECT {keystore.TABLE.select()} FROM access_keys").fetchall()
+    for *values, stored in rows:
+        drawn = json.dumps(["access_keys", *(v.hex() if isinstance(v, bytes) else v
+                                             for v in values)], separators=(",", ":"),
+                           ensure_ascii=False).encode()
+        digest = xxhash.xxh3_64_intdigest(drawn)
+        assert stored == (digest - 2**64 if digest >= 2**63 else digest)
+
+
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_negative_control_unchecked_rows_serve_damage(
         kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
