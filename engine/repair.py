@@ -35,6 +35,7 @@ import itertools
 import json
 import os
 import shutil
+import struct
 import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any, Literal
@@ -508,13 +509,18 @@ def _salvage_log(found: LogSurvey, meter: _Meter) -> LogSalvage:
 
 
 def _new_quarantine(root: str) -> str:
+    """A new ``quarantine/<time>/`` under root, its directory entries durable: what is
+    moved into it must not vanish with them at a power cut."""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     parent = os.path.join(root, QUARANTINE_DIR)
-    os.makedirs(parent, exist_ok=True)
+    if not os.path.isdir(parent):
+        os.makedirs(parent, exist_ok=True)
+        fsync_dir(root)
     for n in itertools.count(1):
         path = os.path.join(parent, stamp if n == 1 else f"{stamp}-{n}")
         with contextlib.suppress(FileExistsError):
             os.mkdir(path)
+            fsync_dir(parent)
             return path
     raise AssertionError("unreachable")
 
@@ -661,11 +667,23 @@ def _expire_lost(found: LogSurvey, holes: list[tuple[int, int]]) -> list[int]:
             # The queue's own latest time, not this machine's clock: a record's time moves
             # the queue's clock forward, and retention and timeouts run on it.
             now = int(state.last_time)
+            # The epoch of the log's last batch, not 0: a cluster's replicas compare logs
+            # by the epochs their batches carry, and an epoch going back would read as a
+            # history this log never had.
+            log.epoch = _last_epoch(log)
             for at in range(0, len(lost), EXPIRE_SEQS_MAX):
                 chunk = lost[at : at + EXPIRE_SEQS_MAX]
                 log.append(rec.encode_seqs(format.QREC_EXPIRE, now, chunk), wait=False)
             log.flush()
     return lost
+
+
+def _last_epoch(log: Log) -> int:
+    if log.next_offset <= log.first_offset:
+        return 0
+    data = log.read_raw(log.next_offset - 1, format.BATCH_HEADER_BYTES)
+    (epoch,) = struct.unpack_from("<Q", data, format.BATCH_EPOCH_AT)
+    return int(epoch)
 
 
 def _write_report(quarantine: str, done: LogSalvage) -> None:
@@ -835,7 +853,7 @@ def _replica_cut(found: LogSurvey) -> _Cut | str:
 
 
 def _keep_prefix(queue_dir: str, found: LogSurvey, cut: _Cut) -> ReplicaRepair:
-    quarantine = _new_replica_quarantine(queue_dir)
+    quarantine = _new_quarantine(queue_dir)
     segments_to = os.path.join(quarantine, _LOG_DIR)
     os.mkdir(segments_to)
     fsync_dir(quarantine)
@@ -901,7 +919,7 @@ def _move_index(segment_path: str, quarantine: str) -> None:
 
 
 def _set_aside_whole(queue_dir: str, found: LogSurvey, why: str) -> ReplicaRepair:
-    quarantine = _new_replica_quarantine(queue_dir)
+    quarantine = _new_quarantine(queue_dir)
     _write_replica_report(quarantine, found, 0, why, {
         "kept_segments": [], "cut_segment": None, "moved_segments": [_LOG_DIR],
         "snapshot": "quarantined" if os.path.exists(os.path.join(queue_dir, SNAPSHOT_FILE))
@@ -914,14 +932,6 @@ def _set_aside_whole(queue_dir: str, found: LogSurvey, why: str) -> ReplicaRepai
     fsync_dir(queue_dir)
     make_dirs(os.path.join(queue_dir, _LOG_DIR))
     return ReplicaRepair(quarantine, 0, why)
-
-
-def _new_replica_quarantine(queue_dir: str) -> str:
-    """A new quarantine, made durable with the ``quarantine/`` that holds it."""
-    quarantine = _new_quarantine(queue_dir)
-    fsync_dir(os.path.dirname(quarantine))
-    fsync_dir(queue_dir)
-    return quarantine
 
 
 def _write_replica_report(quarantine: str, found: LogSurvey, refetched_from: int,

@@ -254,3 +254,30 @@ def test_a_damaged_snapshot_is_set_aside_and_the_log_kept(tmp_path: Path) -> Non
     assert _report(repair)["snapshot"] == "quarantined"
     assert not (directory / SNAPSHOT_FILE).exists()
     assert os.path.exists(os.path.join(repair.quarantine, SNAPSHOT_FILE))
+
+
+# -- a salvage's own records ------------------------------------------------------------------
+
+
+def test_a_salvage_writes_its_expiries_in_the_logs_last_epoch(tmp_path: Path) -> None:
+    """The EXPIRE records a salvage appends carry the epoch of the log's last batch: a
+    cluster's replicas compare logs by epoch, and an epoch going back to 0 would read as a
+    history the log never had."""
+    from engine import repair
+
+    data = tmp_path / "data"
+    with Broker(data, fsync="never", segment_bytes_max=SEGMENT_BYTES) as broker:
+        queue = broker.create_queue("jobs")
+        broker._core_of("jobs").log.epoch = 7  # as a cluster leader in epoch 7 stamps them
+        uid = broker.catalog.get("jobs").uid
+        for i in range(30):
+            queue.send(b"m%02d " % i + b"." * 200)
+    directory = data / "queues" / f"{uid:016x}"
+    segment = _segments(directory)[-1]
+    _flip(segment, segment.stat().st_size // 2)
+    done = repair.salvage(str(data))
+    [salvaged] = done.logs
+    assert salvaged.expired, "the damage should have cost a message"
+    with Log(directory / "log", lock=False) as log:
+        last = log.read_raw(log.next_offset - 1)
+    assert int.from_bytes(last[format.BATCH_EPOCH_AT:format.BATCH_EPOCH_AT + 8], "little") == 7
