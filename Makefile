@@ -60,7 +60,7 @@ dev-cluster: install etcd
 
 # pytest exits 5 when it collects nothing; a run without tests is not a pass.
 unit: install etcd fuse
-	$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$rc
 
 test: lint typecheck unit
