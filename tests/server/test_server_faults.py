@@ -198,4 +198,7 @@ def test_negative_control_the_old_cut_is_caught(tmp_path: Path) -> None:
 @pytest.mark.faults
 def test_bit_flips_in_a_servers_files_many(pristine: Pristine, tmp_path: Path) -> None:
     outcomes = _rounds(pristine, tmp_path / "data", SEED + 1, FAULT_ROUNDS, FAULT_ROUNDS // 4)
-    assert outcomes["refused: QueueDamaged"] and outcomes["server refused to start"], outcomes
+    # A refused start needs a flip in a database's live pages: after a kill -9 most of
+    # what they hold is still in their -wal (not flipped here: docs/OPERATIONS.md says
+    # what a damaged -wal does), so it is not required of every run.
+    assert outcomes["refused: QueueDamaged"] and outcomes["intact"], outcomes
