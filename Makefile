@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SOURCES := $(wildcard engine/*.pyx engine/*.pxd engine/*.h) setup.py pyproject.toml
 
 .PHONY: all install serve test lint typecheck unit bench bench-http debug-build clean etcd \
-	dev-cluster soak faults fuse bench-cluster
+	dev-cluster soak faults fuse bench-cluster scale
 
 all: test
 
@@ -96,6 +96,12 @@ bench-http: install
 # A 3-node RF=3 cluster against one node, same settings, in one run (needs etcd).
 bench-cluster: install etcd
 	$(BIN)/python -m bench.cluster_load $(BENCH_CLUSTER_ARGS)
+
+# Issue-sized cluster: 10,000 queues on three nodes, at rest, under load, through a leader
+# kill (needs etcd; about 20 minutes at the defaults). SCALE_ARGS="--queues 1000 --rest-s 60"
+# for a quicker look.
+scale: install etcd
+	$(BIN)/python -m bench.scale $(SCALE_ARGS)
 
 # Line tracing and asserts in the Cython code (CONVEYOR_DEBUG=1).
 debug-build: install

@@ -1,0 +1,372 @@
+"""A cluster at scale: many queues on three nodes, measured at rest, under load, through a
+leader kill.
+
+    python -m bench.scale [--queues 10000] [--rest-s 600] [--load-queues 100] [--seconds 6]
+
+In one invocation it starts etcd and three ``conveyor serve --cluster`` nodes (RF=3,
+fsync always, access log off) twice:
+
+1. **small**: a cluster holding --small-queues queues (10); send10 (SendMessageBatch of
+   10, --concurrency requests in flight) at their leaders for --seconds: the baseline.
+2. **large**: a cluster into which --queues queues are created through the SQS JSON API,
+   --create-concurrency at a time, spread over the three nodes. Then:
+   - creation: queues per second and every non-200 answer by status;
+   - at rest: after --settle-s, CPU of each node and of etcd over --rest-s (percent of one
+     core), node leases lost meanwhile (the node's own log line), and resident memory
+     per queue (RSS after creation less RSS before, over the queue count);
+   - under load: the same send10 on --small-queues of the queues, as a fraction of the
+     small cluster's rate (what the idle queues cost), and on --load-queues of them;
+   - a leader kill: the node leading most queues is killed (SIGKILL); the time until every
+     queue it led has a new leader, and, for a sample of those queues that were sent to
+     before the kill, every acknowledged message drained from the new leaders.
+
+It prints a table and writes the rows as JSON (--json). All the processes share this
+machine's cores: ratios against the baseline run in the same invocation are what carry
+over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from bench.http_load import HEADERS, TARGET, _cpu_seconds, _drive, _free_port, _sqs, _wait_ready
+from server.cluster.devcluster import etcd_command
+from server.protection import masterkey
+
+ACCOUNT = "000000000000"
+LEASE_LOST = "node lease lost"
+
+
+@dataclass
+class Node:
+    node_id: str
+    url: str
+    process: subprocess.Popen[bytes]
+    log: str
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def leases_lost(self) -> int:
+        with open(self.log, errors="replace") as f:
+            return f.read().count(LEASE_LOST)
+
+
+@dataclass
+class Cluster:
+    root: str
+    etcd: subprocess.Popen[bytes]
+    nodes: dict[str, Node] = field(default_factory=dict)
+
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        return [self.etcd, *(n.process for n in self.nodes.values())]
+
+    def live(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.process.poll() is None]
+
+    def stop(self) -> None:
+        for process in reversed(self.processes()):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(60)
+            if process.poll() is None:
+                process.kill()
+
+
+def _start(root: str, fsync: str) -> Cluster:
+    binary = shutil.which("etcd")
+    if binary is None:
+        raise SystemExit("etcd is not installed: apt-get install etcd-server")
+    os.makedirs(root)
+    client = _free_port()
+    etcd = subprocess.Popen(etcd_command(binary, "scale", f"{root}/etcd", client, _free_port()),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cluster = Cluster(root, etcd)
+    _wait_ready(f"http://127.0.0.1:{client}/health")
+    secret = f"{root}/cluster.secret"
+    masterkey.load_or_create(secret)
+    for i in range(3):
+        port = _free_port()
+        log = f"{root}/n{i}.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "server.cli", "serve", "--data-dir", f"{root}/n{i}",
+                 "--port", str(port), "--fsync", fsync, "--no-access-log",
+                 "--cluster", f"etcd://127.0.0.1:{client}", "--node-id", f"n{i}",
+                 "--replication-port", str(_free_port()), "--cluster-secret-file", secret],
+                stdout=out, stderr=subprocess.STDOUT)
+        cluster.nodes[f"n{i}"] = Node(f"n{i}", f"http://127.0.0.1:{port}/", process, log)
+    for node in cluster.nodes.values():
+        _wait_ready(node.url + "readyz", timeout=60)
+    return cluster
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _cluster_state(cluster: Cluster) -> dict[str, Any]:
+    for node in cluster.live():
+        with (contextlib.suppress(OSError, ValueError),
+              urllib.request.urlopen(node.url + "v1/cluster", timeout=30) as reply):
+            state: dict[str, Any] = json.loads(reply.read())
+            return state
+    raise RuntimeError("no node answers /v1/cluster")
+
+
+def _name(i: int) -> str:
+    return f"q{i:05d}"
+
+
+async def _create(cluster: Cluster, names: list[str], concurrency: int
+                  ) -> tuple[float, collections.Counter[str]]:
+    """Create the queues, spread over the nodes; (seconds, answers by status)."""
+    urls = [n.url for n in cluster.nodes.values()]
+    answers: collections.Counter[str] = collections.Counter()
+    todo = iter(enumerate(names))
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            for i, name in todo:
+                url = urls[i % len(urls)]
+                body = json.dumps({"QueueName": name}).encode()
+                try:
+                    async with session.post(url, data=body, headers={
+                            **HEADERS, "X-Amz-Target": TARGET + "CreateQueue"},
+                            timeout=aiohttp.ClientTimeout(total=60)) as response:
+                        await response.read()
+                        answers[str(response.status)] += 1
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    answers[type(exc).__name__] += 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.monotonic() - started, answers
+
+
+def _leaders(cluster: Cluster, names: list[str]) -> dict[str, str | None]:
+    queues = _cluster_state(cluster)["queues"]
+    return {name: (queues.get(f"{ACCOUNT}/{name}") or {}).get("leader") for name in names}
+
+
+def _wait_led(cluster: Cluster, names: list[str], timeout: float) -> float:
+    """Seconds until every queue has a live leader."""
+    started = time.monotonic()
+    live = {n.node_id for n in cluster.live()}
+    while time.monotonic() - started < timeout:
+        with contextlib.suppress(RuntimeError):
+            leaders = _leaders(cluster, names)
+            if all(leader in live for leader in leaders.values()):
+                return time.monotonic() - started
+        time.sleep(0.2)
+    raise RuntimeError(f"not every queue had a leader in {timeout:g} s")
+
+
+async def _send10(cluster: Cluster, names: list[str], seconds: float, concurrency: int,
+                  body: str) -> dict[str, Any]:
+    leaders = _leaders(cluster, names)
+    ops = []
+    for i in range(concurrency):
+        name = names[i % len(names)]
+        node = cluster.nodes[leaders[name] or "n0"]
+        queue_url = f"{node.url}{ACCOUNT}/{name}"
+        ops.append(_sqs(node.url, "SendMessageBatch", {
+            "QueueUrl": queue_url,
+            "Entries": [{"Id": str(k), "MessageBody": body} for k in range(10)]}))
+    result = await _drive("send10", cluster.nodes["n0"].url, ops, seconds,
+                          [n.pid for n in cluster.live()], concurrency)
+    return result.row()
+
+
+def _cpu_percent(pids: dict[str, int], seconds: float) -> dict[str, float]:
+    before = {k: _cpu_seconds(p) for k, p in pids.items()}
+    time.sleep(seconds)
+    return {k: 100 * (_cpu_seconds(p) - before[k]) / seconds for k, p in pids.items()}
+
+
+async def _sample_history(cluster: Cluster, names: list[str], per_queue: int
+                          ) -> dict[str, set[str]]:
+    """Send per_queue messages to each queue at its leader; the acknowledged bodies."""
+    leaders = _leaders(cluster, names)
+    sent: dict[str, set[str]] = {}
+    async with aiohttp.ClientSession() as session:
+        for name in names:
+            node = cluster.nodes[leaders[name] or "n0"]
+            sent[name] = set()
+            for k in range(per_queue):
+                body = f"{name}-{k}"
+                payload = json.dumps({"QueueUrl": f"{node.url}{ACCOUNT}/{name}",
+                                      "MessageBody": body}).encode()
+                async with session.post(node.url, data=payload, headers={
+                        **HEADERS, "X-Amz-Target": TARGET + "SendMessage"}) as response:
+                    await response.read()
+                    if response.status == 200:
+                        sent[name].add(body)
+    return sent
+
+
+async def _drain(cluster: Cluster, names: list[str]) -> dict[str, set[str]]:
+    leaders = _leaders(cluster, names)
+    got: dict[str, set[str]] = {}
+    async with aiohttp.ClientSession() as session:
+        for name in names:
+            node = cluster.nodes[leaders[name] or "n0"]
+            got[name] = set()
+            payload = json.dumps({"QueueUrl": f"{node.url}{ACCOUNT}/{name}",
+                                  "MaxNumberOfMessages": 10, "VisibilityTimeout": 600}).encode()
+            while True:
+                async with session.post(node.url, data=payload, headers={
+                        **HEADERS, "X-Amz-Target": TARGET + "ReceiveMessage"}) as response:
+                    answer = json.loads(await response.read())
+                messages = answer.get("Messages", [])
+                if not messages:
+                    break
+                got[name] |= {m["Body"] for m in messages}
+    return got
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = tempfile.mkdtemp(prefix="conveyor-scale-")
+    body = "x" * args.body
+    report: dict[str, Any] = {"queues": args.queues}
+    clusters: list[Cluster] = []
+    try:
+        small = _start(f"{tmp}/small", args.fsync)
+        clusters.append(small)
+        few = [_name(i) for i in range(args.small_queues)]
+        asyncio.run(_create(small, few, args.create_concurrency))
+        _wait_led(small, few, 60)
+        report["small_send10"] = asyncio.run(_send10(small, few, args.seconds,
+                                                     args.concurrency, body))
+        small.stop()
+
+        large = _start(f"{tmp}/large", args.fsync)
+        clusters.append(large)
+        rss0 = {k: _rss_bytes(n.pid) for k, n in large.nodes.items()}
+        names = [_name(i) for i in range(args.queues)]
+        seconds, answers = asyncio.run(_create(large, names, args.create_concurrency))
+        report["create"] = {"seconds": seconds, "per_s": args.queues / seconds,
+                            "answers": dict(answers)}
+        print(f"created {args.queues} queues in {seconds:.1f} s: {dict(answers)}",
+              file=sys.stderr)
+        time.sleep(args.settle_s)
+        lost0 = {k: n.leases_lost() for k, n in large.nodes.items()}
+        pids = {k: n.pid for k, n in large.nodes.items()} | {"etcd": large.etcd.pid}
+        report["rest_cpu_percent"] = _cpu_percent(pids, args.rest_s)
+        report["rest_seconds"] = args.rest_s
+        report["leases_lost_at_rest"] = {k: n.leases_lost() - lost0[k]
+                                         for k, n in large.nodes.items()}
+        report["leases_lost_total"] = {k: n.leases_lost() for k, n in large.nodes.items()}
+        report["rss_bytes_per_queue"] = {
+            k: (_rss_bytes(n.pid) - rss0[k]) / args.queues for k, n in large.nodes.items()}
+        load = names[: args.load_queues]
+        _wait_led(large, load, 60)
+        report["large_send10"] = asyncio.run(_send10(large, few, args.seconds,
+                                                     args.concurrency, body))
+        report["send10_ratio"] = (report["large_send10"]["messages_per_s"]
+                                  / report["small_send10"]["messages_per_s"])
+        report["large_send10_spread"] = asyncio.run(_send10(large, load, args.seconds,
+                                                            args.concurrency, body))
+
+        leaders = _leaders(large, names)
+        counts = collections.Counter(v for v in leaders.values() if v)
+        victim = counts.most_common(1)[0][0]
+        led = [n for n, leader in leaders.items() if leader == victim]
+        sample = led[: args.history_queues]
+        sent = asyncio.run(_sample_history(large, sample, args.history_messages))
+        large.nodes[victim].process.kill()
+        large.nodes[victim].process.wait()
+        report["kill"] = {"node": victim, "queues_led": len(led)}
+        report["kill"]["all_led_again_s"] = _wait_led(large, led, args.kill_timeout_s)
+        got = asyncio.run(_drain(large, sample))
+        lost = {n: sorted(sent[n] - got.get(n, set())) for n in sample}
+        report["kill"]["sampled_queues"] = len(sample)
+        report["kill"]["acknowledged"] = sum(map(len, sent.values()))
+        report["kill"]["lost"] = sum(map(len, lost.values()))
+        report["kill"]["unsent_delivered"] = sum(len(got[n] - sent[n]) for n in sample)
+        return report
+    finally:
+        for cluster in clusters:
+            cluster.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _print(report: dict[str, Any]) -> None:
+    cpu = report["rest_cpu_percent"]
+    rows = [
+        ("queues", f"{report['queues']:,}"),
+        ("created per second", f"{report['create']['per_s']:.0f} "
+                               f"(answers {report['create']['answers']})"),
+        (f"CPU at rest over {report['rest_seconds']:g} s, % of a core",
+         ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())),
+        ("leases lost at rest", str(report["leases_lost_at_rest"])),
+        ("leases lost in all", str(report["leases_lost_total"])),
+        ("resident bytes per queue", ", ".join(
+            f"{k} {v:,.0f}" for k, v in report["rss_bytes_per_queue"].items())),
+        ("send10, small cluster, msg/s", f"{report['small_send10']['messages_per_s']:,.0f}"),
+        ("send10, large cluster, same queues, msg/s",
+         f"{report['large_send10']['messages_per_s']:,.0f}"),
+        ("send10 large / small", f"{report['send10_ratio']:.2f}x"),
+        ("send10, large cluster, over --load-queues, msg/s",
+         f"{report['large_send10_spread']['messages_per_s']:,.0f}"),
+        ("leader kill: queues it led", str(report["kill"]["queues_led"])),
+        ("leader kill: all led again in", f"{report['kill']['all_led_again_s']:.1f} s"),
+        ("leader kill: sampled messages lost",
+         f"{report['kill']['lost']} of {report['kill']['acknowledged']} "
+         f"({report['kill']['sampled_queues']} queues)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--queues", type=int, default=10_000)
+    parser.add_argument("--create-concurrency", type=int, default=16)
+    parser.add_argument("--settle-s", type=float, default=30)
+    parser.add_argument("--rest-s", type=float, default=600)
+    parser.add_argument("--small-queues", type=int, default=10)
+    parser.add_argument("--load-queues", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=6)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--body", type=int, default=100)
+    parser.add_argument("--fsync", default="always")
+    parser.add_argument("--history-queues", type=int, default=20)
+    parser.add_argument("--history-messages", type=int, default=10)
+    parser.add_argument("--kill-timeout-s", type=float, default=120)
+    parser.add_argument("--json", help="Also write the report here.")
+    args = parser.parse_args()
+    report = run(args)
+    _print(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
