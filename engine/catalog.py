@@ -13,7 +13,9 @@ Thread-safe: one connection behind a lock.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import json
 import threading
 from typing import Any
@@ -44,56 +46,93 @@ class Entry:
 
 
 class Catalog:
+    """The table, and a copy of it in memory that every read is served from: the rows are
+    verified once, when the catalog opens, and a broker lists its queues often (a cluster
+    node on every change of its view), which must not cost a query and a check per queue.
+    Only one process opens a data directory's catalog (the broker's lock), so the copy
+    cannot go stale."""
+
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
         # WAL with FULL sync: a committed create or delete survives power loss.
         self._db = sqlite.connect(path, SCHEMA)
+        self._rows: dict[str, tuple[Any, ...]] = {}
+        """name -> (name, uid, created_ms, modified_ms, attributes as JSON text)"""
+        self._uids: dict[int, str] = {}
+        self._sorted: list[str] | None = None
+        try:
+            with sqlite.reading(path):
+                rows = self._db.execute(f"SELECT {TABLE.select()} FROM queues").fetchall()
+            for row in rows:
+                self._keep(sqlite.verified(path, TABLE.name, row))
+        except BaseException:
+            self._db.close()
+            raise
 
-    def _rows(self, where: str = "", args: tuple[Any, ...] = ()) -> list[Entry]:
-        with self._lock, sqlite.reading(self.path):
-            rows = self._db.execute(
-                f"SELECT {TABLE.select()} FROM queues {where}", args).fetchall()
-        return [_entry(sqlite.verified(self.path, TABLE.name, row)) for row in rows]
+    def _keep(self, values: tuple[Any, ...]) -> None:
+        self._rows[values[0]] = values
+        self._uids[values[1]] = values[0]
+        self._sorted = None
 
     def get(self, name: str) -> Entry | None:
-        found = self._rows("WHERE name = ?", (name,))
-        return found[0] if found else None
+        with self._lock:
+            values = self._rows.get(name)
+        return _entry(values) if values is not None else None
 
     def names(self, prefix: str = "") -> list[str]:
-        # A literal, case-sensitive prefix (LIKE would fold case and treat _ and % as
-        # wildcards).
-        found = self._rows("WHERE substr(name, 1, ?) = ? ORDER BY name", (len(prefix), prefix))
-        return [entry.name for entry in found]
+        """In name order; a literal, case-sensitive prefix."""
+        with self._lock:
+            if self._sorted is None:
+                self._sorted = sorted(self._rows)
+            ordered = self._sorted
+        if not prefix:
+            return list(ordered)
+        at = bisect.bisect_left(ordered, prefix)
+        found = []
+        for name in itertools.islice(ordered, at, None):
+            if not name.startswith(prefix):
+                break
+            found.append(name)
+        return found
 
     def entries(self) -> list[Entry]:
-        return self._rows("ORDER BY name")
+        with self._lock:
+            rows = [self._rows[name] for name in sorted(self._rows)]
+        return [_entry(values) for values in rows]
 
     def name_of(self, uid: int) -> str | None:
         """The name of the queue with this uid, if it still exists."""
-        found = self._rows("WHERE uid = ?", (uid,))
-        return found[0].name if found else None
+        with self._lock:
+            return self._uids.get(uid)
 
     def uids(self) -> set[int]:
-        return {entry.uid for entry in self._rows()}
+        with self._lock:
+            return set(self._uids)
 
     def add(self, name: str, uid: int, attributes: dict[str, Any], now_ms: int) -> None:
         self._put((name, uid, now_ms, now_ms, json.dumps(attributes, sort_keys=True)),
                   "INSERT")
 
     def update(self, name: str, attributes: dict[str, Any], now_ms: int) -> None:
-        entry = self.get(name)
-        if entry is not None:
-            self._put((name, entry.uid, entry.created_ms, now_ms,
+        with self._lock:
+            values = self._rows.get(name)
+        if values is not None:
+            self._put((name, values[1], values[2], now_ms,
                        json.dumps(attributes, sort_keys=True)), "REPLACE")
 
     def _put(self, values: tuple[Any, ...], verb: str) -> None:
         with self._lock, sqlite.reading(self.path):
             sqlite.insert(self._db, TABLE, values, verb=verb)
+            self._keep(values)  # only once the row is committed
 
     def remove(self, name: str) -> None:
         with self._lock, sqlite.reading(self.path):
             self._db.execute("DELETE FROM queues WHERE name = ?", (name,))
+            values = self._rows.pop(name, None)
+            if values is not None:
+                self._uids.pop(values[1], None)
+                self._sorted = None
 
     def close(self) -> None:
         with self._lock:
