@@ -176,6 +176,10 @@ class Log:
         self._decompress = _zstd_decompressor(self.batch_bytes_max)
         self.epoch = 0
         """Leader epoch stamped on every batch appended from now on (0 on a single node)."""
+        self.on_append: Callable[[], None] | None = None
+        """Called after every append, in the appending thread, with no lock held; it must
+        only note the fact. A cluster leader's replication is woken so to ship the new
+        records, whoever appended them (replication.leader.LeaderRole.appended)."""
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -349,6 +353,8 @@ class Log:
             raise self._fail(exc) from exc
         finally:
             lock.release()
+        if self.on_append is not None:
+            self.on_append()
         if wait and self._always:
             self.wait_durable(offset + 1)
         return offset
@@ -378,6 +384,8 @@ class Log:
             raise self._fail(exc) from exc
         finally:
             lock.release()
+        if self.on_append is not None:
+            self.on_append()
         if wait and self._always:
             self.wait_durable(end)
         return first
@@ -409,6 +417,8 @@ class Log:
             except OSError as exc:
                 raise self._fail(exc) from exc
             end_offset = int(self._active.next_offset)
+        if self.on_append is not None:
+            self.on_append()
         if wait and self._always:
             self.wait_durable(end_offset)
         return end_offset

@@ -1,14 +1,16 @@
 """The follower side of replication: where this node's replicas take in their leaders' logs.
 
-A leader connects once per queue and sends OPEN. The follower checks the epoch against
+A leader node keeps one connection to this node (replication.link) and opens a stream on
+it per partition this node follows, with OPEN. The follower checks the epoch against
 etcd (a leader whose epoch is not the queue's current leader key is refused), answers
 with its log's end and epoch history, cuts its log where the leader says (SYNC), then
 appends each APPEND exactly as sent and acknowledges once it is durable. One fsync
 covers every APPEND that arrived while the previous fsync ran. A newer leader's OPEN ends
-an older leader's session, and the older one's frames are refused from then on.
+an older leader's stream, and the older one's frames are refused from then on; a CLOSE
+ends a stream; a HEARTBEAT is answered in kind.
 
 The node is reached only through ``FollowerNode``; the connection comes from the
-inter-node listener (replication.listener), which has read its ``CVR2`` and
+inter-node listener (replication.listener), which has read its ``CVR3`` and
 authenticated the peer (replication.peer). The OPEN must come from the node the control
 plane names leader, for the queue's current uid.
 """
@@ -16,12 +18,12 @@ plane names leader, for the queue's current uid.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from typing import Any, Protocol
 
 from engine import files
+from engine.errors import EngineError
 from engine.log import Log
 from engine.queue import QUEUE_SEGMENT_BYTES, SNAPSHOT_FILE
 from replication import frames as fr
@@ -31,8 +33,15 @@ from replication.peer import Channel
 
 _log = logging.getLogger("conveyor.replication")
 
-# A session that hears nothing (not even a heartbeat) for this long is dropped.
+# A connection that hears nothing (not even a heartbeat) for this long is dropped.
 IDLE_S = 10.0
+# Streams one leader's connection may carry, at most: every partition the two nodes share,
+# with room. An OPEN past it is refused.
+STREAMS_MAX = 65536
+# OPENs of one connection checked against the control plane at once (each reads etcd
+# twice), at most: a leader that starts with thousands of partitions opens them all at
+# once, and etcd takes them as fast as it answers this many.
+OPENS_MAX = 64
 
 
 class Replica:
@@ -48,8 +57,8 @@ class Replica:
         self.history.update(self.log)
         self.epoch = 0
         """The newest leader epoch this replica has accepted."""
-        self.session: Channel | None = None
-        """The current leader's connection; a newer leader's OPEN closes it."""
+        self.session: FollowerStream | None = None
+        """The current leader's stream; a newer leader's OPEN ends it."""
 
     def truncate(self, offset: int) -> int:
         """Cut the log at offset (a divergent suffix); return its new end."""
@@ -102,88 +111,176 @@ class FollowerNode(Protocol):
 
 
 class ReplicationServer:
-    """A session per leader connection: the handler of ``CVR2`` on the inter-node port."""
+    """The handler of ``CVR3`` on the inter-node port: one leader node's connection, and a
+    stream per partition on it."""
 
     def __init__(self, node: FollowerNode) -> None:
         self.node = node
 
     async def serve(self, channel: Channel) -> None:
-        """One leader's session; the listener has authenticated it and closes it after."""
-        replica: Replica | None = None
+        """One leader node's connection; the listener has authenticated it and closes it
+        after."""
+        await _Connection(self.node, channel).serve()
+
+
+class _Connection:
+    """The streams of one leader node's connection, by uid.
+
+    The reader never waits on a stream: an APPEND is appended as it comes (a write to the
+    page cache), and everything that waits - the control plane's check of an OPEN, a SYNC's
+    cut, the fsync before an ACK - waits in the stream's own task. So a partition whose
+    disk is slow, or whose OPEN waits on etcd, holds up no other partition on the
+    connection.
+    """
+
+    def __init__(self, node: FollowerNode, channel: Channel) -> None:
+        self.node = node
+        self.channel = channel
+        self.streams: dict[int, FollowerStream] = {}
+        self.opening = asyncio.Semaphore(OPENS_MAX)
+        """OPENs being checked against the control plane at once, at most."""
+
+    async def serve(self) -> None:
         try:
-            opening = await asyncio.wait_for(fr.read_frame(channel), fr.HANDSHAKE_S)
-            if not isinstance(opening, fr.Open):
-                raise fr.ProtocolError(f"expected OPEN, got {type(opening).__name__}")
-            # Checked before the replica is touched: an OPEN that names another queue
-            # (an old uid, say) changes nothing here, not even an open session.
-            refusal = await self.node.accept_leader(opening.name, opening.uid, opening.epoch,
-                                                    channel.peer)
-            if refusal is not None:
-                channel.send(fr.encode(fr.Refuse(opening.uid, refusal[0], refusal[1])))
-                await channel.drain()
-                return
-            replica = await self.node.replica(opening.name, opening.uid, opening.attributes)
+            while True:
+                try:
+                    async with asyncio.timeout(IDLE_S):
+                        frame = await fr.read_frame(self.channel)
+                except TimeoutError:
+                    raise TimeoutError(f"nothing heard in {IDLE_S:g} s") from None
+                if isinstance(frame, fr.Heartbeat):
+                    self.channel.send(fr.encode(fr.Heartbeat()))
+                    await self.channel.drain()
+                elif isinstance(frame, fr.Open):
+                    await self._open(frame)
+                elif isinstance(frame, fr.Sync | fr.Append | fr.Close):
+                    stream = self.streams.get(frame.uid)
+                    # None: a stream ended here, of which the leader has been told (REFUSE)
+                    # and whose frames sent meanwhile are moot.
+                    if stream is not None:
+                        stream.received(frame)
+                else:
+                    raise fr.ProtocolError(f"a leader sent {type(frame).__name__}")
+        except fr.LINK_ERRORS as exc:
+            _log.info("replication connection from %s ended: %s", self.channel.peer, exc)
+        finally:
+            for stream in list(self.streams.values()):
+                stream.end(None)
+
+    async def _open(self, opening: fr.Open) -> None:
+        previous = self.streams.get(opening.uid)
+        if previous is not None:
+            previous.end(None)  # the leader itself starts this stream over
+        if len(self.streams) >= STREAMS_MAX:
+            self.channel.send(fr.encode(fr.Refuse(opening.uid, 0, "too many streams")))
+            await self.channel.drain()
+            return
+        self.streams[opening.uid] = FollowerStream(self, opening)
+
+
+class FollowerStream:
+    """One partition's stream on a leader's connection: this node's session with the
+    partition's leader, from OPEN until CLOSE, REFUSE, a newer leader's OPEN or the end of
+    the connection."""
+
+    def __init__(self, connection: _Connection, opening: fr.Open) -> None:
+        self.connection = connection
+        self.uid = opening.uid
+        self.epoch = opening.epoch
+        self.replica: Replica | None = None
+        self.ended = False
+        self._open = True
+        """Until POSITION is sent: any frame of the stream but CLOSE breaks its rules."""
+        self._syncing = False
+        self._appended = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = [asyncio.create_task(self._opening(opening))]
+
+    @property
+    def _channel(self) -> Channel:
+        return self.connection.channel
+
+    def _send(self, frame: fr.Frame) -> None:
+        if not self.ended and not self._channel.is_closing():
+            self._channel.send(fr.encode(frame))
+
+    async def _opening(self, opening: fr.Open) -> None:
+        node = self.connection.node
+        try:
+            async with self.connection.opening:
+                # Checked before the replica is touched: an OPEN that names another queue
+                # (an old uid, say) changes nothing here, not even an open session.
+                refusal = await node.accept_leader(opening.name, opening.uid, opening.epoch,
+                                                   self._channel.peer)
+                if refusal is not None:
+                    self.end(refusal[1], refusal[0])
+                    return
+                replica = await node.replica(opening.name, opening.uid, opening.attributes)
             if opening.epoch < replica.epoch:
-                channel.send(fr.encode(fr.Refuse(opening.uid, replica.epoch, "stale epoch")))
-                await channel.drain()
+                self.end("stale epoch", replica.epoch)
                 return
             previous = replica.session
             replica.epoch = opening.epoch
-            replica.session = channel
-            if previous is not None:
-                previous.close()
-            await self._follow(replica, opening.epoch, channel)
-        except fr.LINK_ERRORS as exc:
-            _log.info("replication session ended: %s", exc)
-        finally:
-            if replica is not None and replica.session is channel:
-                replica.session = None
+            replica.session = self
+            self.replica = replica
+            if previous is not None and previous is not self:
+                # Another leader's stream (an older epoch's): it is told, and its leader
+                # learns it is fenced.
+                previous.end("a newer leader's stream took the queue", replica.epoch)
+            log = replica.log
+            always = log.fsync_policy.mode == "always"
+            if always and log.durable_offset < log.next_offset:
+                # The leader counts the position as acknowledged: records an earlier session
+                # wrote and did not see fsync'd must be on disk before they are counted.
+                await log.durable_async(log.next_offset)
+            self._send(fr.Position(replica.uid, self.epoch, log.next_offset,
+                                   tuple(replica.history.entries)))
+            self._open = False
+            await self._acknowledge(replica, always)
+        except (EngineError, OSError) as exc:
+            _log.warning("queue uid %d: replication stream from %s: %s", self.uid,
+                         self._channel.peer, exc)
+            self.end(f"{type(exc).__name__}: {exc}", self.replica.epoch if self.replica
+                     else 0)
 
-    async def _follow(self, replica: Replica, epoch: int, channel: Channel) -> None:
+    def received(self, frame: fr.Sync | fr.Append | fr.Close) -> None:
+        replica = self.replica
+        if isinstance(frame, fr.Close):
+            if frame.epoch == self.epoch:
+                self.end(None)
+            return
+        if replica is None or self._open or self._syncing:
+            self.end(f"a {type(frame).__name__} before its answer", self.epoch)
+            return
+        if frame.epoch != self.epoch or replica.epoch != self.epoch:
+            self.end("stale epoch", replica.epoch)
+            return
+        if isinstance(frame, fr.Sync):
+            self._syncing = True
+            self._tasks.append(asyncio.create_task(self._sync(replica, frame.truncate_to)))
+            return
         log = replica.log
-        always = log.fsync_policy.mode == "always"
-        if always and log.durable_offset < log.next_offset:
-            # The leader counts the position as acknowledged: records an earlier session
-            # wrote and did not see fsync'd must be on disk before they are counted.
-            await log.durable_async(log.next_offset)
-        channel.send(fr.encode(fr.Position(replica.uid, epoch, log.next_offset,
-                                           tuple(replica.history.entries))))
-        appended = asyncio.Event()
-        acks = asyncio.create_task(self._acknowledge(replica, epoch, channel, appended,
-                                                     always))
-        try:
-            while not acks.done():
-                frame = await asyncio.wait_for(fr.read_frame(channel), IDLE_S)
-                if getattr(frame, "uid", None) != replica.uid:
-                    raise fr.ProtocolError(f"a {type(frame).__name__} for another queue")
-                if getattr(frame, "epoch", None) != epoch or replica.epoch != epoch:
-                    channel.send(fr.encode(fr.Refuse(replica.uid, replica.epoch,
-                                                     "stale epoch")))
-                    return
-                if isinstance(frame, fr.Sync):
-                    end = await asyncio.to_thread(replica.truncate, frame.truncate_to)
-                    channel.send(fr.encode(fr.Ack(replica.uid, epoch, end)))
-                elif isinstance(frame, fr.Append):
-                    if frame.base != log.next_offset:
-                        raise fr.ProtocolError(f"APPEND at {frame.base}, log ends at "
-                                               f"{log.next_offset}")
-                    if frame.data:
-                        replica.history.note(frame.data)
-                        log.append_raw(frame.data, wait=False)
-                    appended.set()
-                else:
-                    raise fr.ProtocolError(f"unexpected {type(frame).__name__}")
-        finally:
-            acks.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await acks
-            if acks.done() and not acks.cancelled() and acks.exception() is not None:
-                _log.warning("queue %s: acknowledging failed: %s", replica.name,
-                             acks.exception())
+        if frame.base != log.next_offset:
+            self.end(f"APPEND at {frame.base}, log ends at {log.next_offset}", self.epoch)
+            return
+        if frame.data:
+            try:
+                replica.history.note(frame.data)
+                log.append_raw(frame.data, wait=False)
+            except (EngineError, OSError) as exc:
+                self.end(f"{type(exc).__name__}: {exc}", self.epoch)
+                return
+        self._appended.set()
 
-    @staticmethod
-    async def _acknowledge(replica: Replica, epoch: int, channel: Channel,
-                           appended: asyncio.Event, always: bool) -> None:
+    async def _sync(self, replica: Replica, offset: int) -> None:
+        try:
+            end = await asyncio.to_thread(replica.truncate, offset)
+        except (EngineError, OSError) as exc:
+            self.end(f"{type(exc).__name__}: {exc}", self.epoch)
+            return
+        self._syncing = False
+        self._send(fr.Ack(replica.uid, self.epoch, end))
+
+    async def _acknowledge(self, replica: Replica, always: bool) -> None:
         """Acknowledge what is durable, one fsync for everything appended meanwhile.
 
         Durable means what the node's fsync policy promises, as the leader counts its own
@@ -191,14 +288,38 @@ class ReplicationServer:
         never the end it asked for); otherwise written.
         """
         while True:
-            await appended.wait()
-            appended.clear()
+            await self._appended.wait()
+            self._appended.clear()
             log = replica.log
             end = log.next_offset
             if always:
                 if end:
                     await log.durable_async(end)
                 end = log.durable_offset
-            # Heartbeats are answered too, so the leader sees the link alive.
-            channel.send(fr.encode(fr.Ack(replica.uid, epoch, end)))
-            await channel.drain()
+            self._send(fr.Ack(replica.uid, self.epoch, end))
+            await self._channel.drain()
+
+    def close(self) -> None:
+        """This node lets the queue's copy go (it leads it now, or drops it): the leader
+        is told, and opens the stream again if it still should."""
+        self.end("this node closed the queue's stream")
+
+    def end(self, reason: str | None, epoch: int | None = None) -> None:
+        """End the stream; with a reason, tell the leader (REFUSE, with epoch, else the
+        newest this node knows)."""
+        if self.ended:
+            return
+        if reason is not None:
+            known = epoch if epoch is not None else (
+                self.replica.epoch if self.replica is not None else self.epoch)
+            self._send(fr.Refuse(self.uid, known, reason))
+        self.ended = True
+        if self.connection.streams.get(self.uid) is self:
+            del self.connection.streams[self.uid]
+        replica = self.replica
+        if replica is not None and replica.session is self:
+            replica.session = None
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()

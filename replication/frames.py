@@ -2,9 +2,13 @@
 
 Every frame is ``u8 type | body``, big-endian, carried whole by the connection's peer
 channel (replication.peer), which authenticates it. A connection opens with the 4-byte
-magic ``CVR2`` from the leader and the peer handshake.
-The leader sends OPEN, SYNC and APPEND; the follower answers POSITION, ACK or REFUSE.
-Every frame names the queue (uid) and carries the leader's epoch, the fencing token.
+magic ``CVR3`` from the leader and the peer handshake, and carries every partition the
+leader's node leads and the follower's node follows (replication.link): each partition's
+session is a stream on it, named by the partition's uid, which every frame but HEARTBEAT
+carries. The leader sends OPEN, SYNC, APPEND and CLOSE; the follower answers POSITION,
+ACK or REFUSE. Every stream frame carries an epoch: the leader's, the fencing token (or,
+in REFUSE, the newest the follower knows). HEARTBEAT, either way, belongs to the
+connection.
 """
 
 from __future__ import annotations
@@ -20,14 +24,14 @@ from engine.errors import EngineError
 if TYPE_CHECKING:
     from replication.peer import Channel
 
-# The 2 is the protocol's version: a node that speaks an older one is refused at the magic.
-MAGIC = b"CVR2"
+# The 3 is the protocol's version: a node that speaks an older one is refused at the magic
+# (version 2 opened a connection per partition and follower).
+MAGIC = b"CVR3"
 # Opens a connection of partition calls (server/cluster/calls.py), which share the
 # replication port: replication/listener.py routes each connection by its magic.
 CALLS_MAGIC = b"CVC2"
-# A peer must send its magic and finish the handshake this soon after connecting, and a
-# leader its OPEN as soon again, or be dropped: even an idle connection holds a task and
-# a descriptor.
+# A peer must send its magic and finish the handshake this soon after connecting, or be
+# dropped: even an idle connection holds a task and a descriptor.
 HANDSHAKE_S = 5.0
 # Largest frame body: one APPEND carries at most this much log (whole batches), plus its
 # header. A longer frame is a protocol error, not an allocation.
@@ -36,7 +40,7 @@ FRAME_BYTES_MAX = APPEND_BYTES_MAX + 64 * 1024
 # Epoch history entries one POSITION may carry.
 HISTORY_MAX = 65536
 
-OPEN, POSITION, SYNC, APPEND, ACK, REFUSE = 1, 2, 3, 4, 5, 6
+OPEN, POSITION, SYNC, APPEND, ACK, REFUSE, HEARTBEAT, CLOSE = 1, 2, 3, 4, 5, 6, 7, 8
 
 _U64x2 = struct.Struct(">QQ")
 _U64x3 = struct.Struct(">QQQ")
@@ -114,7 +118,22 @@ class Refuse:
     reason: str
 
 
-Frame = Open | Position | Sync | Append | Ack | Refuse
+@dataclasses.dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Either way: the connection is alive (no stream; the follower answers in kind)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Close:
+    """Leader -> follower: the stream of queue ``uid`` in ``epoch`` ends (no answer)."""
+
+    uid: int
+    epoch: int
+
+
+Frame = Open | Position | Sync | Append | Ack | Refuse | Heartbeat | Close
+StreamFrame = Open | Position | Sync | Append | Ack | Refuse | Close
+"""The frames of one partition's stream (every frame but HEARTBEAT)."""
 
 
 def encode(frame: Frame) -> bytes:
@@ -126,6 +145,10 @@ def encode(frame: Frame) -> bytes:
         kind, body = ACK, _U64x3.pack(frame.uid, frame.epoch, frame.durable)
     elif isinstance(frame, Sync):
         kind, body = SYNC, _U64x3.pack(frame.uid, frame.epoch, frame.truncate_to)
+    elif isinstance(frame, Heartbeat):
+        kind, body = HEARTBEAT, b""
+    elif isinstance(frame, Close):
+        kind, body = CLOSE, _U64x2.pack(frame.uid, frame.epoch)
     elif isinstance(frame, Position):
         kind = POSITION
         body = _POSITION.pack(frame.uid, frame.epoch, frame.next_offset, len(frame.history))
@@ -156,6 +179,12 @@ def decode(frame: bytes) -> Frame:
             return Ack(*_U64x3.unpack(body))
         if kind == SYNC:
             return Sync(*_U64x3.unpack(body))
+        if kind == HEARTBEAT:
+            if body:
+                raise ProtocolError("HEARTBEAT: a body")
+            return Heartbeat()
+        if kind == CLOSE:
+            return Close(*_U64x2.unpack(body))
         if kind == POSITION:
             uid, epoch, next_offset, count = _POSITION.unpack_from(body)
             if count > HISTORY_MAX or len(body) != _POSITION.size + count * _ENTRY.size:

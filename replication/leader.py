@@ -1,10 +1,13 @@
 """A queue this node leads: ship its log to the followers, and say what is committed.
 
-Each follower has one persistent TCP connection (a link). The link opens with the
-follower's position, cuts the follower's log back to where it agrees with ours
-(replication.history), then streams whole batches as they are appended, without waiting
-for acknowledgements (at most INFLIGHT_RECORDS_MAX records ahead). The follower appends,
-fsyncs and acknowledges its durable offset.
+Each follower has a stream (``FollowerStream``) on the node's one connection to the
+follower's node (replication.link), which carries every partition this node leads there.
+The stream opens with the follower's position, cuts the follower's log back to where it
+agrees with ours (replication.history), then ships whole batches as they are appended,
+without waiting for acknowledgements, within its window (link.Window: bounded frames,
+bytes and records), in its turn with the link's other streams. The follower appends,
+fsyncs and acknowledges its durable offset. A new record wakes the streams
+(``appended``, called by the engine): an idle partition has no timer and sends nothing.
 
 The commit offset is the least durable offset over the in-sync replicas (ISR), this
 node's included. A client's write is acknowledged once the commit offset passes it
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.errors import EngineError
 from replication import frames as fr
+from replication import link as link_module
 from replication.control import Leader, Partition
 from replication.errors import (
     NotEnoughReplicasAfterAppendError,
@@ -37,7 +41,7 @@ from replication.errors import (
     ReplicationUnavailableError,
 )
 from replication.history import EpochHistory, batch_end, divergence
-from replication.peer import Channel, Peers
+from replication.link import Link, Links, Window
 
 if TYPE_CHECKING:
     from engine.queue import QueueCore
@@ -47,19 +51,11 @@ _log = logging.getLogger("conveyor.replication")
 # A follower whose durable offset stays behind what the leader had REPLICA_LAG_S ago
 # leaves the ISR. Longer tolerates slower disks; shorter stalls writes less on a failure.
 REPLICA_LAG_S = 2.0
-# Records sent to a follower and not yet acknowledged, at most.
-INFLIGHT_RECORDS_MAX = 100_000
-# How often an idle link looks for records that did not wake it (receives, visibility
-# changes: appended without a waiting client), and sends a heartbeat.
-POLL_S = 0.02
-HEARTBEAT_S = 0.5
 # How often the ISR is checked, and the placement.
 MONITOR_S = 0.1
 REBALANCE_S = 1.0
 # A write not committed in this long is answered 503: its outcome is unknown.
 COMMIT_WAIT_S = 10.0
-CONNECT_S = 2.0
-RETRY_S = 0.2
 
 
 class LeaderNode(Protocol):
@@ -78,12 +74,9 @@ class LeaderNode(Protocol):
     def live_nodes(self) -> set[str] | None:
         """Nodes whose lease is alive, as last read (None: not read yet)."""
 
-    def replication_address(self, node_id: str) -> tuple[str, int] | None:
-        """Where a node's inter-node port listens (None: not known)."""
-
     @property
-    def peers(self) -> Peers:
-        """This node's credentials on the inter-node port."""
+    def links(self) -> Links:
+        """This node's connections to other nodes, which carry the streams."""
 
     def step_down(self, name: str, reason: str) -> None:
         """Stop leading the queue: close this role now, and the queue soon after."""
@@ -130,13 +123,15 @@ class LeaderRole:
         self._loop = asyncio.get_running_loop()
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
-        self._wakes: list[asyncio.Event] = []
+        self._streams: dict[str, FollowerStream] = {}
+        """Per follower replica, this partition's stream on the link to it."""
+        self._kick_due = False
         self._samples: collections.deque[tuple[float, int]] = collections.deque()
         self._history = EpochHistory()
         self._tasks: list[asyncio.Task[None]] = []
         self._isr_busy = False
         self._connected: set[str] = set()
-        self._linked: set[str] = set()
+        """Followers whose stream is past its opening: shipping, acknowledging."""
         self._rebalanced_at = 0.0
 
     @property
@@ -156,19 +151,32 @@ class LeaderRole:
     async def start(self, open_core: Callable[[], QueueCore]) -> None:
         """Open the queue (replaying its log) and start the links and the ISR monitor."""
         await asyncio.to_thread(open_core)
-        self._ensure_links()
+        self._ensure_streams()
         self._tasks.append(asyncio.create_task(self._monitor()))
 
-    def _ensure_links(self) -> None:
-        """A link to every follower replica (new ones too, after a rebalance)."""
-        for follower in self.partition.replicas:
-            if follower != self.node.node_id and follower not in self._linked:
-                self._linked.add(follower)
-                self._tasks.append(asyncio.create_task(self._link(follower)))
+    def _ensure_streams(self) -> None:
+        """A stream to every follower replica (new ones too, after a rebalance), and none
+        to a node that is no longer one."""
+        if self.closed:
+            return
+        me = self.node.node_id
+        wanted = {r for r in self.partition.replicas if r != me}
+        for follower in wanted - self._streams.keys():
+            stream = self._streams[follower] = FollowerStream(self, follower)
+            self.node.links.attach(follower, stream)
+        for follower in self._streams.keys() - wanted:
+            stream = self._streams.pop(follower)
+            self.node.links.detach(follower, stream)
+            stream.down()
+
+    def _set_partition(self, partition: Partition) -> None:
+        self.partition = partition
+        self._ensure_streams()
 
     def opened(self, core: QueueCore) -> None:
         """The broker opened (or reopened) the queue: stamp our epoch on its batches."""
         core.log.epoch = self.epoch
+        core.log.on_append = self.appended
         core.replication = self
         self.core = core
 
@@ -182,6 +190,10 @@ class LeaderRole:
     async def stop(self, reason: str) -> None:
         """Step down: refuse every waiting write and stop shipping."""
         self.close(reason)
+        for follower, stream in self._streams.items():
+            self.node.links.detach(follower, stream)
+            stream.down()
+        self._streams.clear()
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current:
@@ -272,8 +284,24 @@ class LeaderRole:
                 future.set_exception(error(self.name, reason))
 
     def _kick(self) -> None:
-        for wake in self._wakes:
-            wake.set()
+        for stream in self._streams.values():
+            stream.kick()
+
+    def appended(self) -> None:
+        """Records were appended to the queue's log (from any thread: Log.on_append): wake
+        the streams. Records no client waits for (a receive's lease, a visibility change)
+        reach the followers so, without a poll. One wake per turn of the event loop,
+        however many appends."""
+        if not self._kick_due:
+            self._kick_due = True
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to ship
+                self._loop.call_soon_threadsafe(self._kicked)
+
+    def _kicked(self) -> None:
+        # Cleared before the streams look at the log: an append that saw it set had
+        # written its records already, and this kick reads past them.
+        self._kick_due = False
+        self._kick()
 
     # -- the ISR ----------------------------------------------------------------------------
 
@@ -291,7 +319,7 @@ class LeaderRole:
             seen = self.node.seen_partition(self.name)
             if seen is not None and seen.revision > self.partition.revision \
                     and not self._isr_busy:
-                self.partition = seen
+                self._set_partition(seen)
             now = time.monotonic()
             end = core.log.next_offset
             self._samples.append((now, end))
@@ -355,7 +383,6 @@ class LeaderRole:
         if missing:
             _log.warning("queue %s: adding replicas %s", self.name, list(missing))
             await self._change_members(replicas + missing, self.partition.isr)
-            self._ensure_links()
             return
         if all(n in self.partition.isr for n in target):
             _log.warning("queue %s: replicas %s -> %s", self.name, list(replicas), target)
@@ -378,12 +405,12 @@ class LeaderRole:
                     return False
                 fresh = await self.control.partition(self.name)
                 if fresh is not None:
-                    self.partition = fresh
+                    self._set_partition(fresh)
                 return False
             if updated.isr != self.partition.isr:
                 _log.warning("queue %s: ISR %s -> %s", self.name, list(self.partition.isr),
                              list(updated.isr))
-            self.partition = updated
+            self._set_partition(updated)
             self._settle()
             return True
         except EngineError as exc:
@@ -392,112 +419,205 @@ class LeaderRole:
         finally:
             self._isr_busy = False
 
-    # -- links --------------------------------------------------------------------------------
+class FollowerStream:
+    """One partition's session with one follower: a stream on the link to the follower's
+    node (replication.link), which calls it; nothing here waits, and nothing runs while
+    the stream is idle.
 
-    async def _link(self, follower: str) -> None:
-        wake = asyncio.Event()
-        self._wakes.append(wake)
+    OPEN is answered POSITION (or REFUSE); the follower's log is cut back with SYNC,
+    answered ACK, if it diverges from ours; then APPENDs go out within the window, each
+    answered in time by an ACK of the follower's durable offset. A REFUSE, a broken rule or
+    a broken connection starts the stream over (OPEN again) after link.RETRY_S.
+    """
+
+    def __init__(self, role: LeaderRole, follower: str) -> None:
+        self.role = role
+        self.follower = follower
+        self.uid = role.uid
+        self.state = _DOWN
+        self.opens = 0
+        """OPENs sent (for tests and the log)."""
+        self._link: Link | None = None
+        self._pending: bytes | None = None
+        """A control frame (OPEN, SYNC) waiting for the stream's turn."""
+        self._opened = False
+        """Whether an OPEN went out on the current connection (a CLOSE then ends it)."""
+        self._sent = 0
+        self._agreed = 0
+        self._window = Window()
+        self._task: asyncio.Task[None] | None = None
+        self._retry: asyncio.TimerHandle | None = None
+
+    # -- what the link calls ----------------------------------------------------------------
+
+    def up(self, link: Link) -> None:
+        self._link = link
+        self._opened = False
+        self._open()
+
+    def down(self) -> None:
+        self._link = None
+        self._stop(_DOWN)
+
+    def wants_turn(self) -> bool:
+        role = self.role
+        if role.closed:
+            return False
+        if self._pending is not None:
+            return True
+        core = role.core
+        return (self.state == _STREAMING and core is not None
+                and self._sent < core.log.next_offset
+                and self._window.room(self._sent, role.acked.get(self.follower, 0)))
+
+    def frame(self, turn_bytes: int) -> bytes | None:
+        role = self.role
+        if role.closed:
+            return None
+        if self._pending is not None:
+            frame, self._pending = self._pending, None
+            if self.state == _OPENING:
+                self._opened = True
+                self.opens += 1
+            return frame
+        if not self.wants_turn():
+            return None
+        assert role.core is not None
+        data = role.core.log.read_raw(self._sent, min(turn_bytes, fr.APPEND_BYTES_MAX))
+        frame = fr.encode(fr.Append(self.uid, role.epoch, self._sent, role.commit_offset(),
+                                    data))
+        end = batch_end(data)
+        self._window.sent(end, len(data))
+        self._sent = role._sent[self.follower] = end
+        return frame
+
+    def received(self, frame: fr.StreamFrame) -> None:
+        role = self.role
+        if isinstance(frame, fr.Refuse):
+            if frame.epoch > role.epoch:
+                role.node.step_down(role.name, f"fenced by epoch {frame.epoch}")
+            if self.state not in (_DOWN, _WAITING):
+                _log.info("queue %s: %s refused: %s", role.name, self.follower, frame.reason)
+                self._wait()
+        elif isinstance(frame, fr.Position):
+            if self.state == _OPENING and frame.epoch == role.epoch:
+                self.state = _POSITIONED
+                self._task = asyncio.create_task(self._positioned(frame))
+        elif isinstance(frame, fr.Ack) and frame.epoch == role.epoch:
+            if self.state == _POSITIONED:
+                # After its POSITION the follower acknowledges only a SYNC or an APPEND,
+                # and none was sent: an ACK now claims what it was never sent. (Before its
+                # POSITION, ACKs of the stream's previous opening may still come: moot.)
+                raise fr.ProtocolError(f"{self.follower} acknowledged {frame.durable} "
+                                       "before it was sent anything")
+            if self.state == _SYNCING:
+                if frame.durable > self._agreed:
+                    raise fr.ProtocolError(f"cut to {self._agreed}, the follower's log ends "
+                                           f"at {frame.durable}")
+                self._ship_from(frame.durable)
+            elif self.state == _STREAMING:
+                self._acknowledged(frame.durable)
+
+    def closing(self) -> bytes | None:
+        return fr.encode(fr.Close(self.uid, self.role.epoch)) if self._opened else None
+
+    def restart(self, reason: str) -> None:
+        if self.state not in (_DOWN, _WAITING):
+            _log.info("queue %s: stream to %s starts over: %s", self.role.name, self.follower,
+                      reason)
+            self._wait()
+
+    # -- what the role calls ----------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Records were appended: take a turn if there is room."""
+        if self._link is not None and self.wants_turn():
+            self._link.ready(self)
+
+    # -- the stream's states ----------------------------------------------------------------
+
+    def _open(self) -> None:
+        role = self.role
+        self._stop(_OPENING)
+        self._pending = fr.encode(fr.Open(role.epoch, self.uid, role.name,
+                                          role.partition.attributes))
+        self._ready()
+
+    async def _positioned(self, position: fr.Position) -> None:
+        role = self.role
+        core = role.core
         try:
-            await self._keep_linked(follower, wake)
-        finally:
-            self._wakes.remove(wake)
-            self._linked.discard(follower)
-
-    async def _keep_linked(self, follower: str, wake: asyncio.Event) -> None:
-        while not self.closed and follower in self.partition.replicas:
-            address = self.node.replication_address(follower)
-            if address is None:
-                await asyncio.sleep(RETRY_S)
-                continue
-            try:
-                channel = await self.node.peers.connect(address, follower, fr.MAGIC,
-                                                        fr.FRAME_BYTES_MAX, CONNECT_S)
-                try:
-                    await self._stream(follower, channel, wake)
-                finally:
-                    channel.close()
-            except fr.LINK_ERRORS as exc:
-                _log.info("queue %s: link to %s: %s", self.name, follower, exc)
-            except Exception:  # a bug: say so, and keep the link trying
-                _log.exception("queue %s: link to %s failed", self.name, follower)
-            await asyncio.sleep(RETRY_S)
-
-    async def _stream(self, follower: str, channel: Channel, wake: asyncio.Event) -> None:
-        core = self.core
-        assert core is not None
-        channel.send(fr.encode(fr.Open(self.epoch, self.uid, self.name,
-                                       self.partition.attributes)))
-        position = await asyncio.wait_for(fr.read_frame(channel), CONNECT_S)
-        await self._check_refused(position)
-        if not isinstance(position, fr.Position):
-            raise fr.ProtocolError(f"expected POSITION, got {type(position).__name__}")
-        history = await asyncio.to_thread(self._history.update, core.log)
+            if core is None:
+                raise fr.ProtocolError("the queue is not open here")
+            history = await asyncio.to_thread(role._history.update, core.log)
+        except (EngineError, OSError) as exc:
+            self.restart(f"{type(exc).__name__}: {exc}")
+            return
+        if self.state != _POSITIONED or self._task is not asyncio.current_task():
+            return  # started over meanwhile
+        self._task = None
         agreed = min(divergence(history, core.log.next_offset, position.history,
                                 position.next_offset), position.next_offset)
-        sent = position.next_offset
         if agreed < position.next_offset:
-            channel.send(fr.encode(fr.Sync(self.uid, self.epoch, agreed)))
-            reply = await asyncio.wait_for(fr.read_frame(channel), CONNECT_S)
-            await self._check_refused(reply)
-            if not isinstance(reply, fr.Ack):
-                raise fr.ProtocolError(f"expected ACK, got {type(reply).__name__}")
-            if reply.durable > agreed:
-                raise fr.ProtocolError(f"cut to {agreed}, the follower's log ends at "
-                                       f"{reply.durable}")
-            sent = reply.durable
-        self.acked[follower] = sent
-        self._sent[follower] = sent
-        acks = asyncio.create_task(self._read_acks(follower, channel))
-        self._connected.add(follower)
-        try:
-            last_sent = time.monotonic()
-            while not self.closed and not acks.done() and follower in self.partition.replicas:
-                core = self.core
-                assert core is not None
-                log = core.log
-                if sent < log.next_offset and sent - self.acked.get(follower, 0) \
-                        < INFLIGHT_RECORDS_MAX:
-                    data = log.read_raw(sent, fr.APPEND_BYTES_MAX)
-                    channel.send(fr.encode(fr.Append(self.uid, self.epoch, sent,
-                                                     self.commit_offset(), data)))
-                    sent = self._sent[follower] = batch_end(data)
-                    last_sent = time.monotonic()
-                    await channel.drain()
-                    continue
-                if time.monotonic() - last_sent >= HEARTBEAT_S:
-                    channel.send(fr.encode(fr.Append(self.uid, self.epoch, sent,
-                                                     self.commit_offset(), b"")))
-                    last_sent = time.monotonic()
-                    await channel.drain()
-                wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), POLL_S)
-        finally:
-            self._connected.discard(follower)
-            acks.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await acks
+            self.state, self._agreed = _SYNCING, agreed
+            self._pending = fr.encode(fr.Sync(self.uid, role.epoch, agreed))
+            self._ready()
+        else:
+            self._ship_from(position.next_offset)
 
-    async def _read_acks(self, follower: str, channel: Channel) -> None:
-        while True:
-            frame = await fr.read_frame(channel)
-            await self._check_refused(frame)
-            if not isinstance(frame, fr.Ack) or frame.epoch != self.epoch:
-                continue
-            # A follower cannot have made durable what it was never sent: such an ACK
-            # would count records the follower lacks toward the commit offset.
-            if frame.durable > self._sent.get(follower, 0):
-                raise fr.ProtocolError(f"{follower} acknowledged {frame.durable}, past "
-                                       f"the {self._sent.get(follower, 0)} it was sent")
-            if frame.durable > self.acked.get(follower, 0):
-                self.acked[follower] = frame.durable
-                self._settle()
+    def _ship_from(self, offset: int) -> None:
+        role = self.role
+        self.state = _STREAMING
+        self._sent = role._sent[self.follower] = offset
+        role.acked[self.follower] = offset
+        role._connected.add(self.follower)
+        self._ready()
 
-    async def _check_refused(self, frame: fr.Frame) -> None:
-        if isinstance(frame, fr.Refuse):
-            if frame.epoch > self.epoch:
-                self.node.step_down(self.name, f"fenced by epoch {frame.epoch}")
-            raise fr.ProtocolError(f"refused: {frame.reason}")
+    def _acknowledged(self, durable: int) -> None:
+        role = self.role
+        # A follower cannot have made durable what it was never sent: such an ACK would
+        # count records the follower lacks toward the commit offset.
+        if durable > self._sent:
+            raise fr.ProtocolError(f"{self.follower} acknowledged {durable}, past the "
+                                   f"{self._sent} it was sent")
+        self._window.acknowledged(durable)
+        if durable > role.acked.get(self.follower, 0):
+            role.acked[self.follower] = durable
+            role._settle()
+        self._ready()  # the window has room again
+
+    def _ready(self) -> None:
+        if self._link is not None and self.wants_turn():
+            self._link.ready(self)
+
+    def _wait(self) -> None:
+        """Refused or broken: open again after link.RETRY_S (if still on a link)."""
+        self._stop(_WAITING)
+        self._retry = self.role._loop.call_later(link_module.RETRY_S, self._reopen)
+
+    def _reopen(self) -> None:
+        self._retry = None
+        if self.state == _WAITING and self._link is not None and not self.role.closed:
+            self._open()
+
+    def _stop(self, state: str) -> None:
+        """Forget what is in flight, and enter state."""
+        self.state = state
+        self._pending = None
+        self._window.clear()
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self.role._connected.discard(self.follower)
+
+
+# A stream's states: no connection; OPEN queued or sent; POSITION taken, the divergence
+# being found; SYNC queued or sent; shipping; refused or broken, opening again soon.
+_DOWN, _OPENING, _POSITIONED, _SYNCING, _STREAMING, _WAITING = (
+    "down", "opening", "positioned", "syncing", "streaming", "waiting")
 
 
 def describe(role: LeaderRole) -> dict[str, Any]:

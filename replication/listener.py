@@ -1,6 +1,6 @@
 """The inter-node port: one listener for every connection another node opens to this one.
 
-A connection's first four bytes, its magic, name its protocol: ``CVR2`` replication
+A connection's first four bytes, its magic, name its protocol: ``CVR3`` replication
 (replication.follower), ``CVC2`` partition calls (server/cluster/calls.py). ``_dispatch``
 reads the magic, then runs the peer handshake (replication.peer) that authenticates both
 ends, all within HANDSHAKE_S, and only then hands the connection, as a channel of sealed
@@ -32,8 +32,8 @@ MAGIC_BYTES = len(fr.MAGIC)
 HANDSHAKES_MAX = 64
 # ... and at most this many from one host, so that one host's flood evicts its own.
 HANDSHAKES_PER_HOST_MAX = 16
-# Connections at most, authenticated or not (a descriptor and a task each). A node opens
-# one per queue it leads and follower, and one for partition calls.
+# Connections at most, authenticated or not (a descriptor and a task each). Another node
+# opens two: one for replication (replication.link), one for partition calls.
 CONNECTIONS_MAX = 16384
 # Refused connections are logged as a count at most this often.
 REFUSALS_LOG_S = 10.0

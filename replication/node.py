@@ -45,6 +45,7 @@ from replication.errors import ControlUnavailableError, NotLeaderError
 from replication.etcd_access import EtcdAccess
 from replication.follower import Replica, ReplicationServer, refusal
 from replication.leader import LeaderRole, describe
+from replication.link import Links
 from replication.listener import Listener
 from replication.peer import Peers
 
@@ -119,6 +120,9 @@ class ClusterNode:
         self.listener = Listener(peers)
         """The inter-node port; partition calls add their route (server/cluster/calls.py)."""
         self.listener.route(fr.MAGIC, ReplicationServer(self).serve, fr.FRAME_BYTES_MAX)
+        self.links = Links(peers, self.replication_address)
+        """This node's connections to the followers of what it leads: one per node, which
+        carries every partition led here and followed there (replication.link)."""
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -164,6 +168,7 @@ class ClusterNode:
         for task in list(self._stopping):
             with contextlib.suppress(Exception):
                 await task
+        await self.links.close()
         await self.listener.close()
         for replica in self.replicas.values():
             await asyncio.to_thread(replica.close)

@@ -70,14 +70,28 @@ def _talk(address: tuple[str, int], opening: bytes, frames: list[bytes]) -> byte
     return answer
 
 
-def _frames(answer: bytes) -> list[fr.Frame]:
-    """The plain replication frames in an answer."""
-    found, at = [], 0
-    while at + 4 <= len(answer):
-        (length,) = struct.unpack_from(">I", answer, at)
-        found.append(fr.decode(answer[at + 4:at + 4 + length]))
-        at += 4 + length
-    return found
+def _converse(address: tuple[str, int], opening: bytes, frames: list[bytes]) -> list[fr.Frame]:
+    """Send opening and the first frame, then each next frame once the node has answered
+    the one before (a follower checks an OPEN with etcd before it answers, and takes the
+    stream's next frame only after); return the plain frames the node answered."""
+    answered: list[fr.Frame] = []
+    with socket.create_connection(address, timeout=ANSWER_S) as conn:
+        conn.sendall(opening)
+        for frame in frames:
+            conn.sendall(_frame(frame))
+            (length,) = struct.unpack(">I", _read_exactly(conn, 4))
+            answered.append(fr.decode(_read_exactly(conn, length)))
+    return answered
+
+
+def _read_exactly(conn: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = conn.recv(count - len(data))
+        if not chunk:
+            raise ConnectionError(f"the node closed the connection after {data!r}")
+        data += chunk
+    return data
 
 
 def _as_leader(state: dict[str, Any], follower: str) -> tuple[bytes, int, int]:
@@ -276,7 +290,7 @@ def test_negative_control_without_peer_authentication_the_attack_succeeds(
         state = c.state(leader)
         follower = next(n for n in c.nodes if n != leader)
         what, opening, frames = next(_attacks(state, follower))
-        answered = _frames(_talk(_address(state, follower), opening, frames))
+        answered = _converse(_address(state, follower), opening, frames)
         uid, epoch = state["queues"][NAME]["uid"], state["queues"][NAME]["epoch"]
         assert isinstance(answered[0], fr.Position) and answered[0].next_offset > 0, what
         assert fr.Ack(uid, epoch, 0) in answered, f"{what}: {answered}"

@@ -236,6 +236,20 @@ def test_epoch_is_stamped_on_batches(path: str) -> None:
     assert (first.epoch, second.epoch) == (0, 9)
 
 
+def test_on_append_is_told_after_every_kind_of_append(path: str, tmp_path: Path) -> None:
+    """A cluster leader ships new records when told so, whoever appended them."""
+    seen: list[int] = []
+    with Log(path, fsync="never") as log:
+        log.on_append = lambda: seen.append(log.next_offset)
+        log.append(b"a")
+        log.append_batch([b"b", b"c"])
+        with Log(str(tmp_path / "copy"), fsync="never") as copy:
+            copy.on_append = lambda: seen.append(-copy.next_offset)
+            copy.append_raw(log.read_raw(0))
+    # Told once the records are there: a reader woken by it finds them.
+    assert seen == [1, 3, -3]
+
+
 # --- durability ----------------------------------------------------------------------
 
 

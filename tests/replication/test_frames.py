@@ -22,6 +22,8 @@ u64 = st.integers(0, 2**64 - 1)
     st.builds(fr.Append, u64, u64, u64, u64, st.binary(max_size=300)),
     st.builds(fr.Ack, u64, u64, u64),
     st.builds(fr.Refuse, u64, u64, st.text(max_size=100)),
+    st.builds(fr.Close, u64, u64),
+    st.just(fr.Heartbeat()),
 ))
 def test_frames_round_trip(frame: fr.Frame) -> None:
     assert fr.decode(fr.encode(frame)) == frame
@@ -35,6 +37,8 @@ def test_frames_round_trip(frame: fr.Frame) -> None:
     (fr.OPEN, struct.pack(">QQH", 1, 2, 0) + struct.pack(">I", 200_000)
      + b"[" * 100_000 + b"]" * 100_000),  # nested past the parser's recursion limit
     (fr.APPEND, b"\x00" * 31),
+    (fr.HEARTBEAT, b"\x00"),  # a heartbeat has no body
+    (fr.CLOSE, b"\x00" * 15),
     (99, b""),
 ])
 def test_malformed_frames_are_protocol_errors(kind: int, body: bytes) -> None:

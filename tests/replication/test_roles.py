@@ -23,6 +23,7 @@ from engine.log import Log
 from engine.queue import QueueCore
 from replication import frames as fr
 from replication import leader as leader_module
+from replication import link as link_module
 from replication.control import Leader, Partition
 from replication.errors import (
     NotEnoughReplicasError,
@@ -32,6 +33,7 @@ from replication.errors import (
 from replication.follower import Replica, ReplicationServer, refusal
 from replication.history import batch_end
 from replication.leader import LeaderRole
+from replication.link import Links
 from replication.listener import Listener
 from replication.peer import Channel, Peers, peer_key
 from tests.support.faultproxy import FaultProxy
@@ -60,8 +62,8 @@ class FakeControl:
         self.revision += 1
         return self.revision
 
-    def create(self, name: str, replicas: tuple[str, ...]) -> Partition:
-        partition = Partition(name, UID, ATTRIBUTES, replicas, replicas, self._next(),
+    def create(self, name: str, replicas: tuple[str, ...], uid: int = UID) -> Partition:
+        partition = Partition(name, uid, ATTRIBUTES, replicas, replicas, self._next(),
                               len(replicas))
         self.partitions[name] = partition
         return partition
@@ -114,6 +116,7 @@ class FakeNode:
         self.peers = Peers(node_id, PEER_KEY)
         self.listener = Listener(self.peers)
         self.listener.route(fr.MAGIC, ReplicationServer(self).serve, fr.FRAME_BYTES_MAX)
+        self.links = Links(self.peers, self.replication_address)
         self.address = ("127.0.0.1", 0)
         self.advertised = self.address
         """Where leaders connect: the listener, or a proxy in front of it."""
@@ -138,6 +141,7 @@ class FakeNode:
         for name in list(self.leading):
             self.step_down(name, "closing")
         await self.settled()
+        await self.links.close()
         await self.listener.close()
         for replica in self.replicas.values():
             await asyncio.to_thread(replica.close)
@@ -258,7 +262,7 @@ class Cluster:
 @pytest.fixture
 async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
     # A broken link is tried again soon: the tests break links on purpose.
-    monkeypatch.setattr(leader_module, "RETRY_S", 0.05)
+    monkeypatch.setattr(link_module, "RETRY_S", 0.05)
     running = Cluster(tmp_path)
     try:
         yield running
@@ -434,7 +438,7 @@ async def test_a_follower_refuses_a_stale_epoch_and_its_leader_steps_down(
 
 class LyingFollower:
     """A follower, by hand, that holds the peer key but acknowledges more than it was
-    sent: POSITION at 0, then an ACK far ahead."""
+    sent: to every OPEN, POSITION at 0, then an ACK far ahead."""
 
     def __init__(self, node_id: str, claim: int) -> None:
         self.claim = claim
@@ -450,21 +454,22 @@ class LyingFollower:
         await self.listener.close()
 
     async def _serve(self, channel: Channel) -> None:
-        opening = await fr.read_frame(channel)
-        assert isinstance(opening, fr.Open)
-        self.sessions += 1
-        channel.send(fr.encode(fr.Position(opening.uid, opening.epoch, 0, ())))
-        channel.send(fr.encode(fr.Ack(opening.uid, opening.epoch, self.claim)))
-        await channel.drain()
         with contextlib.suppress(*fr.LINK_ERRORS):
             while True:
-                await fr.read_frame(channel)
+                frame = await fr.read_frame(channel)
+                if isinstance(frame, fr.Heartbeat):
+                    channel.send(fr.encode(frame))
+                elif isinstance(frame, fr.Open):
+                    self.sessions += 1
+                    channel.send(fr.encode(fr.Position(frame.uid, frame.epoch, 0, ())))
+                    channel.send(fr.encode(fr.Ack(frame.uid, frame.epoch, self.claim)))
+                await channel.drain()
 
 
 async def test_an_ack_past_what_was_sent_counts_for_nothing(
         cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Records a follower was never sent cannot be durable there: its link is dropped,
-    and the commit offset does not count the claim."""
+    """Records a follower was never sent cannot be durable there: its stream is dropped
+    (and opened again), and the commit offset does not count the claim."""
     monkeypatch.setattr(leader_module, "REPLICA_LAG_S", 60.0)
     leader = await cluster.add("l")
     liar = LyingFollower("f", claim=1 << 40)
