@@ -51,9 +51,13 @@ _log = logging.getLogger("conveyor.replication")
 # A follower whose durable offset stays behind what the leader had REPLICA_LAG_S ago
 # leaves the ISR. Longer tolerates slower disks; shorter stalls writes less on a failure.
 REPLICA_LAG_S = 2.0
-# How often the ISR is checked, and the placement.
+# How often the ISR is checked, and the placement, while records are in flight.
 MONITOR_S = 0.1
 REBALANCE_S = 1.0
+# How long an idle partition's check waits for a reason to look (an append, a follower's
+# stream opening, a change of the cluster's view) before it looks anyway. At rest a node
+# leading thousands of queues must not wake each of them ten times a second.
+IDLE_MONITOR_S = 5.0
 # A write not committed in this long is answered 503: its outcome is unknown.
 COMMIT_WAIT_S = 10.0
 
@@ -130,6 +134,7 @@ class LeaderRole:
         self._history = EpochHistory()
         self._tasks: list[asyncio.Task[None]] = []
         self._isr_busy = False
+        self._monitor_wake = asyncio.Event()
         self._connected: set[str] = set()
         """Followers whose stream is past its opening: shipping, acknowledging."""
         self._rebalanced_at = 0.0
@@ -302,11 +307,31 @@ class LeaderRole:
         # written its records already, and this kick reads past them.
         self._kick_due = False
         self._kick()
+        self._monitor_wake.set()
+
+    def wake(self) -> None:
+        """Something the ISR check depends on changed (the cluster's view, a follower's
+        stream): check now, not at the idle partition's next look."""
+        self._monitor_wake.set()
+
+    def _idle(self, end: int) -> bool:
+        """Nothing for the ISR check to watch: every live replica has acknowledged the whole
+        log and no write waits. Lag is then impossible, and what else changes the ISR or
+        the placement (a follower, a node, the ring) wakes the check."""
+        if self._waiters or self._isr_busy:
+            return False
+        me = self.node.node_id
+        return all(m == me or self.acked.get(m, -1) >= end for m in self.partition.isr)
 
     # -- the ISR ----------------------------------------------------------------------------
 
     async def _monitor(self) -> None:
         while not self.closed:
+            core = self.core
+            if core is not None and self._idle(core.log.next_offset):
+                self._monitor_wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._monitor_wake.wait(), IDLE_MONITOR_S)
             await asyncio.sleep(MONITOR_S)
             core = self.core
             if core is None:
@@ -418,6 +443,9 @@ class LeaderRole:
             return False
         finally:
             self._isr_busy = False
+            # A move of replicas takes steps, and a failed change is tried again: look
+            # again soon rather than at the idle partition's next look.
+            self._monitor_wake.set()
 
 class FollowerStream:
     """One partition's session with one follower: a stream on the link to the follower's
@@ -571,6 +599,7 @@ class FollowerStream:
         self._sent = role._sent[self.follower] = offset
         role.acked[self.follower] = offset
         role._connected.add(self.follower)
+        role.wake()  # it may rejoin the ISR, or be behind
         self._ready()
 
     def _acknowledged(self, durable: int) -> None:
@@ -612,6 +641,7 @@ class FollowerStream:
             self._retry.cancel()
             self._retry = None
         self.role._connected.discard(self.follower)
+        self.role.wake()
 
 
 # A stream's states: no connection; OPEN queued or sent; POSITION taken, the divergence

@@ -108,6 +108,8 @@ class ClusterNode:
         self._lease: Any = None
         self._lease_deadline = 0.0
         self._leaderless_since: dict[str, float] = {}
+        self._ring: tuple[tuple[str, ...], HashRing] | None = None
+        self._seen_members: frozenset[str] = frozenset()
         self._mending: set[str] = set()
         """Queues whose copy here a repair left short: it leaves their ISR, never leads."""
         self._last_seen: dict[str, float] = {}
@@ -255,16 +257,30 @@ class ClusterNode:
         """The replicas the ring over members (default: self.members()) gives a queue, in
         preference order."""
         members = self.members() if members is None else sorted(members)
-        ring = HashRing()
-        for node_id in members:
-            ring.add(node_id)
         count = min(rf, len(members))
-        return ring.preference_list(name, count) if count else []
+        if not count:
+            return []
+        key = tuple(members)
+        if self._ring is None or self._ring[0] != key:
+            # Every led partition asks once a second: the ring is built once per membership.
+            ring = HashRing()
+            for node_id in members:
+                ring.add(node_id)
+            self._ring = (key, ring)
+        return self._ring[1].preference_list(name, count)
 
     def _saw(self, view: ClusterView) -> None:
         now = time.monotonic()
         for node_id in view.nodes:
             self._last_seen[node_id] = now
+        # Idle led partitions check their ISR and placement only when woken (leader.py):
+        # a node coming or going wakes every one, a changed record its own.
+        members = frozenset(view.nodes)
+        changed, self._seen_members = members != self._seen_members, members
+        for name, role in self.leading.items():
+            seen = view.partitions.get(name)
+            if changed or (seen is not None and seen.revision != role.partition.revision):
+                role.wake()
 
     def leader_node(self, name: str) -> NodeInfo | None:
         """Where partition calls for the queue go: its leader, as this node's view says

@@ -120,10 +120,7 @@ class FakeNode:
         self.address = ("127.0.0.1", 0)
         self.advertised = self.address
         """Where leaders connect: the listener, or a proxy in front of it."""
-        self.ring: list[str] | None = None
-        """The replicas the ring gives every queue, over the members alive or gone for
-        less than node_gone_s; None: not watched long enough to move anything (most
-        tests: placement moves are not what they are about)."""
+        self._ring: list[str] | None = None
         self.stepped_down: list[str] = []
         """Why this node stopped leading, each time it did."""
         self.refused: list[tuple[int, str]] = []
@@ -133,6 +130,21 @@ class FakeNode:
         self.holding = asyncio.Event()
         """Set once an OPEN waits on one of ``holds``."""
         self._stopping: set[asyncio.Task[None]] = set()
+
+    @property
+    def ring(self) -> list[str] | None:
+        """The replicas the ring gives every queue, over the members alive or gone for
+        less than node_gone_s; None: not watched long enough to move anything (most
+        tests: placement moves are not what they are about)."""
+        return self._ring
+
+    @ring.setter
+    def ring(self, replicas: list[str] | None) -> None:
+        # The ring changes with the membership, and ClusterNode wakes every led partition's
+        # check when the membership changes (ClusterNode._saw).
+        self._ring = replicas
+        for role in self.leading.values():
+            role.wake()
 
     async def start(self) -> None:
         self.address = self.advertised = await self.listener.start("127.0.0.1", 0)
