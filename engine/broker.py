@@ -91,6 +91,10 @@ class Leadership(Protocol):
     def opened(self, core: QueueCore) -> None:
         """A led queue was opened: stamp its epoch, attach its replication."""
 
+    def pinned(self, name: str) -> bool:
+        """Whether the queue must stay open although idle: its replication still reads
+        its log (a follower behind)."""
+
 
 class Broker:
     """Queues in one data directory. See the module docstring."""
@@ -490,7 +494,9 @@ class Broker:
 
         Queues idle for IDLE_BEFORE_CLOSE_S go first; if that is not enough, recently used
         ones go too (a caller that held one simply reopens it). Only a queue with a long
-        poll waiting on it, and ``keep`` (the one being opened), stay open regardless.
+        poll waiting on it, one whose replication still reads its log (a cluster leader's
+        follower behind: Leadership.pinned), and ``keep`` (the one being opened), stay
+        open regardless.
         """
         excess = len(self._cores) - self.open_queues_max
         if excess <= 0:
@@ -501,7 +507,8 @@ class Broker:
             for name, core in by_age:
                 if excess <= 0:
                     return
-                if name == keep or name not in self._cores or core.has_waiters:
+                if name == keep or name not in self._cores or core.has_waiters or (
+                        self._leadership is not None and self._leadership.pinned(name)):
                     continue
                 if idle_only and now - core.last_used < IDLE_BEFORE_CLOSE_S:
                     continue

@@ -263,6 +263,11 @@ class QueueCore:
         ]
         heapq.heapify(self._aged)
 
+    @property
+    def closed(self) -> bool:
+        """Closed by its broker (idle, or beyond open_queues_max): reopen it to use it."""
+        return self._closed
+
     # -- bookkeeping ----------------------------------------------------------------------
 
     def _enter(self, use: bool = True) -> int:

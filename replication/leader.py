@@ -135,6 +135,8 @@ class LeaderRole:
         self._tasks: list[asyncio.Task[None]] = []
         self._isr_busy = False
         self._monitor_wake = asyncio.Event()
+        self._open_core: Callable[[], QueueCore] | None = None
+        self._reopening = False
         self._connected: set[str] = set()
         """Followers whose stream is past its opening: shipping, acknowledging."""
         self._rebalanced_at = 0.0
@@ -155,6 +157,7 @@ class LeaderRole:
 
     async def start(self, open_core: Callable[[], QueueCore]) -> None:
         """Open the queue (replaying its log) and start the links and the ISR monitor."""
+        self._open_core = open_core
         await asyncio.to_thread(open_core)
         self._ensure_streams()
         self._tasks.append(asyncio.create_task(self._monitor()))
@@ -308,6 +311,37 @@ class LeaderRole:
         self._kick_due = False
         self._kick()
         self._monitor_wake.set()
+
+    def pinned(self) -> bool:
+        """Whether the broker must keep the queue open although idle: a write waits, or a
+        connected follower has not acknowledged the whole log (its stream reads it)."""
+        core = self.core
+        if core is None or core.closed:
+            return False
+        end = core.log.next_offset
+        return bool(self._waiters) or any(self.acked.get(m, -1) < end for m in self._connected)
+
+    def log_core(self) -> QueueCore | None:
+        """The open queue, for its log; None while the broker has it closed (idle), and
+        then it is opened again in the background for the streams that need it."""
+        core = self.core
+        if core is not None and not core.closed:
+            return core
+        if not self._reopening and not self.closed and self._open_core is not None:
+            self._reopening = True
+            asyncio.get_running_loop().create_task(self._reopen())
+        return None
+
+    async def _reopen(self) -> None:
+        assert self._open_core is not None
+        try:
+            await asyncio.to_thread(self._open_core)  # the broker calls opened()
+        except (EngineError, OSError) as exc:
+            _log.warning("queue %s: cannot open it again for its followers: %s",
+                         self.name, exc)
+        finally:
+            self._reopening = False
+            self._kick()
 
     def wake(self) -> None:
         """Something the ISR check depends on changed (the cluster's view, a follower's
@@ -493,9 +527,10 @@ class FollowerStream:
             return False
         if self._pending is not None:
             return True
-        core = role.core
-        return (self.state == _STREAMING and core is not None
-                and self._sent < core.log.next_offset
+        if self.state != _STREAMING:
+            return False
+        core = role.log_core()
+        return (core is not None and self._sent < core.log.next_offset
                 and self._window.room(self._sent, role.acked.get(self.follower, 0)))
 
     def frame(self, turn_bytes: int) -> bytes | None:
@@ -510,8 +545,9 @@ class FollowerStream:
             return frame
         if not self.wants_turn():
             return None
-        assert role.core is not None
-        data = role.core.log.read_raw(self._sent, min(turn_bytes, fr.APPEND_BYTES_MAX))
+        core = role.log_core()
+        assert core is not None
+        data = core.log.read_raw(self._sent, min(turn_bytes, fr.APPEND_BYTES_MAX))
         frame = fr.encode(fr.Append(self.uid, role.epoch, self._sent, role.commit_offset(),
                                     data))
         end = batch_end(data)
@@ -573,10 +609,10 @@ class FollowerStream:
 
     async def _positioned(self, position: fr.Position) -> None:
         role = self.role
-        core = role.core
+        core = role.log_core()
         try:
             if core is None:
-                raise fr.ProtocolError("the queue is not open here")
+                raise fr.ProtocolError("the queue is not open here (it is being opened)")
             history = await asyncio.to_thread(role._history.update, core.log)
         except (EngineError, OSError) as exc:
             self.restart(f"{type(exc).__name__}: {exc}")

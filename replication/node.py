@@ -231,6 +231,11 @@ class ClusterNode:
     def opened(self, core: QueueCore) -> None:
         self.leading[core.name].opened(core)
 
+    def pinned(self, name: str) -> bool:
+        # Called by the broker under its lock, from any thread: reads of a few fields.
+        role = self.leading.get(name)
+        return role is not None and role.pinned()
+
     def leader_url(self, name: str) -> str | None:
         view = self.view
         if view is None:

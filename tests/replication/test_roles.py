@@ -228,6 +228,10 @@ class FakeNode:
     def opened(self, core: QueueCore) -> None:
         self.leading[core.name].opened(core)
 
+    def pinned(self, name: str) -> bool:
+        role = self.leading.get(name)
+        return role is not None and role.pinned()
+
     # -- FollowerNode ---------------------------------------------------------------------
 
     async def accept_leader(self, name: str, uid: int, epoch: int, node_id: str
@@ -559,3 +563,27 @@ async def test_a_gone_replica_is_replaced_by_a_live_node(
     await AsyncQueue(leader.broker, QUEUE).send(b"after")
     assert log_bytes(c.log(QUEUE)) == log_bytes(leader.log(QUEUE))
     assert log_bytes(a.log(QUEUE)) == log_bytes(leader.log(QUEUE))
+
+
+async def test_a_queue_closed_as_idle_is_opened_again_for_a_follower_behind(
+        cluster: Cluster) -> None:
+    """Beyond open_queues_max the broker closes idle queues, led ones too. A follower that
+    connects later must still be sent the log: the role opens the queue again, and keeps
+    it open (pinned) while the follower is behind."""
+    leader = await cluster.add("l")
+    leader.broker.open_queues_max = 1
+    other = "000000000000/other"
+    cluster.control.create(QUEUE, ("l", "a"))
+    cluster.control.create(other, ("l",), uid=UID + 1)
+    role = await leader.lead(QUEUE, cluster.control.elect(QUEUE, "l"), min_insync=1)
+    await eventually(lambda: cluster.control.isr(QUEUE) == ("l",), "a leaves the ISR")
+    for i in range(20):
+        await AsyncQueue(leader.broker, QUEUE).send(b"m%02d" % i)
+    expected = log_bytes(leader.log(QUEUE))
+    await leader.lead(other, cluster.control.elect(other, "l"), min_insync=1)
+    await AsyncQueue(leader.broker, other).send(b"elsewhere")
+    assert role.core is not None and role.core.closed, "the idle queue was not closed"
+
+    follower = await cluster.add("a")
+    await eventually(lambda: QUEUE in follower.replicas and log_bytes(
+        follower.log(QUEUE)) == expected, "a catches up")
