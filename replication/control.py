@@ -7,6 +7,19 @@ Every change that safety rests on is one etcd transaction with a compare: a node
 leader only if there is none and it is still in the ISR it read; a leader changes the ISR
 only while its own leader key (and so its epoch) is the current one. A leader whose lease
 lapsed - paused, partitioned, killed - can change nothing, and its epoch is stale.
+
+Such changes, made by many partitions at once (a node joining or leaving moves replicas
+and leaderships by the thousand), share transactions: each change is a transaction of its
+own nested in a batch (``_Batcher``), so each keeps its own compares and succeeds or fails
+alone, and a batch costs etcd one round and one fsync. etcd refuses a transaction with more
+than --max-txn-ops (128 by default) operations at any level, counting a nested
+transaction's own against what its parent leaves: a batch holds at most TXN_OPS_MAX less
+the widest change (two operations) changes, and at most TXN_BYTES_MAX bytes (etcd's
+--max-request-bytes is 1.5 MiB). Changes that touch one key never share a batch, which etcd
+would refuse.
+
+The cluster's state is read whole (``view``) only to start, or when a watch cannot
+resume; otherwise a node keeps it by a watch (``watch``, used by replication.view).
 """
 
 from __future__ import annotations
@@ -17,12 +30,14 @@ import dataclasses
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import aetcd  # type: ignore[import-untyped]
 import grpc  # type: ignore[import-untyped]
+from aetcd import rpc
 
-from replication.errors import ControlUnavailableError
+from replication.errors import ControlUnavailableError, HistoryCompactedError
 from replication.etcd_access import EtcdAccess, parse_url
 
 # Malformed node addresses logged, at most (each once; etcd's writers could make more).
@@ -32,6 +47,22 @@ ETCD_CALL_S = 2
 # Failures that say the endpoint itself is gone (down, or cut off), not the request.
 _ENDPOINT_FAILURES = (aetcd.exceptions.ConnectionFailedError,
                       aetcd.exceptions.ConnectionTimeoutError)
+_ENDPOINT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# etcd's --max-txn-ops default: operations in one transaction, at any level of nesting.
+TXN_OPS_MAX = 128
+# A batch of changes, at most (etcd's --max-request-bytes is 1.5 MiB by default).
+TXN_BYTES_MAX = 512 * 1024
+# Keys one range request of a whole read asks for: a page far below gRPC's 4 MiB limit.
+RANGE_PAGE_KEYS = 500
+# With etcd's users on, a node's token is used at least this often (etcd forgets a token
+# unused for --auth-token-ttl, 300 s by default; a node at rest makes no other call).
+TOKEN_USE_S = 60.0
+# How etcd says, in a cancelled watch, that it refused the node's token.
+_TOKEN_REFUSED = "code = Unauthenticated"
+# An idle watch asks etcd for a progress report this often; one that gets no answer in
+# ETCD_CALL_S counts as broken (a hung member answers nothing, and a stream does not
+# time out by itself).
+WATCH_PROGRESS_S = 5.0
 
 _log = logging.getLogger("conveyor.cluster")
 
@@ -83,14 +114,18 @@ class Leader:
     lease: int
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class ClusterView:
-    """The whole cluster state at one etcd revision."""
+    """The whole cluster state at one etcd revision: what a full read returns, and what
+    replication.view keeps current from a watch (changing it in place)."""
 
     revision: int
     nodes: dict[str, NodeInfo]
     partitions: dict[str, Partition]
     leaders: dict[str, Leader]
+    unreadable: set[str] = dataclasses.field(default_factory=set)
+    """Partitions whose record does not decode: kept as last read (or absent), never
+    taken for deleted."""
 
 
 def parse_endpoints(url: str) -> list[tuple[str, int]]:
@@ -117,6 +152,120 @@ def _cancelled_here() -> bool:
     channel closed under the call (a failure of etcd, to report as one)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def _code(exc: BaseException) -> Any:
+    """A gRPC error's status code (None for other failures)."""
+    code = getattr(exc, "code", None)
+    return code() if isinstance(exc, grpc.RpcError) and callable(code) else None
+
+
+def _compare(target: str, key: bytes, value: int) -> Any:
+    """etcd's compare: the key's version, mod or create revision equals value."""
+    field = {"VERSION": "version", "MOD": "mod_revision", "CREATE": "create_revision"}[target]
+    return rpc.Compare(result=rpc.Compare.EQUAL, target=getattr(rpc.Compare, target), key=key,
+                       **{field: value})
+
+
+def _put(key: bytes, value: bytes, lease_id: int = 0) -> Any:
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=lease_id))
+
+
+def _delete(key: bytes) -> Any:
+    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
+
+
+@dataclasses.dataclass
+class _Change:
+    """One conditional change, waiting for a batch."""
+
+    request: Any
+    """rpc.TxnRequest: its compares, and its operations if they all hold."""
+    keys: frozenset[bytes]
+    """Every key it compares or writes: no other change of its batch may touch one."""
+    width: int
+    size: int
+    done: asyncio.Future[tuple[bool, int]]
+
+
+class _Batcher:
+    """Conditional changes made while a transaction is in flight go together in the next
+    one, each nested as a transaction of its own (see the module docstring): one change
+    alone costs one round, as before; a thousand cost a few. A transaction etcd refuses
+    whole (an election under a lease that just expired) fails every change in it: each
+    caller retries as after any failure of etcd."""
+
+    def __init__(self, send: Callable[[list[Any]], Any]) -> None:
+        self._send = send
+        self._waiting: list[_Change] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, compares: list[Any], ops: list[Any]) -> tuple[bool, int]:
+        """Apply ops if every compare holds: (whether it did, the revision it was
+        applied at, or etcd's revision then)."""
+        request = rpc.TxnRequest(compare=compares, success=ops)
+        keys = frozenset([c.key for c in compares] + [_op_key(op) for op in ops])
+        change = _Change(request, keys, max(len(compares), len(ops)), request.ByteSize(),
+                         asyncio.get_running_loop().create_future())
+        self._waiting.append(change)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._flush())
+        return await change.done
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _flush(self) -> None:
+        while self._waiting:
+            batch = self._take()
+            if not batch:
+                continue
+            try:
+                response = await self._send([rpc.RequestOp(request_txn=c.request)
+                                             for c in batch])
+            except Exception as exc:
+                for change in batch:
+                    if not change.done.done():
+                        change.done.set_exception(exc)
+                continue
+            except BaseException:
+                for change in batch + self._waiting:
+                    if not change.done.done():
+                        change.done.set_exception(
+                            ControlUnavailableError("etcd: the node is closing"))
+                raise
+            revision = int(response.header.revision)
+            for change, reply in zip(batch, response.responses, strict=True):
+                if not change.done.done():
+                    change.done.set_result((bool(reply.response_txn.succeeded), revision))
+
+    def _take(self) -> list[_Change]:
+        """The next batch: changes in the order made, within etcd's limits, no two
+        touching one key; the rest wait for the next."""
+        batch: list[_Change] = []
+        rest: list[_Change] = []
+        keys: set[bytes] = set()
+        width = size = 0
+        for change in self._waiting:
+            if change.done.done():
+                continue  # its caller was cancelled before it was sent
+            wider = max(width, change.width)
+            if batch and (len(batch) + 1 + wider > TXN_OPS_MAX
+                          or size + change.size > TXN_BYTES_MAX
+                          or not keys.isdisjoint(change.keys)):
+                rest.append(change)
+                continue
+            batch.append(change)
+            keys |= change.keys
+            width, size = wider, size + change.size
+        self._waiting = rest
+        return batch
+
+
+def _op_key(op: Any) -> bytes:
+    kind = op.WhichOneof("request")
+    return bytes(getattr(op, kind).key)
 
 
 class SharedClient:
@@ -150,6 +299,7 @@ class Control:
         self._closing: set[asyncio.Task[None]] = set()
         self._malformed: set[str] = set()
         """Node addresses found malformed and logged (each once)."""
+        self._batcher = _Batcher(self._txn)
 
     async def connect(self) -> None:
         """Connect to the first endpoint that answers."""
@@ -219,15 +369,18 @@ class Control:
             task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
+        self._batcher.close()
         for task in list(self._closing):
             task.cancel()
         if self.client is not None:
             await self.client.current.close()
 
     async def _after_failure(self, client: Any, exc: BaseException) -> None:
-        if isinstance(exc, _ENDPOINT_FAILURES):
+        code = _code(exc)
+        if isinstance(exc, _ENDPOINT_FAILURES) or code in _ENDPOINT_CODES:
             await self.failover(client)
-        elif isinstance(exc, aetcd.exceptions.UnauthenticatedError):
+        elif isinstance(exc, aetcd.exceptions.UnauthenticatedError) \
+                or code == grpc.StatusCode.UNAUTHENTICATED:
             await self.reauthenticate(client)
 
     def key(self, *parts: str) -> bytes:
@@ -245,6 +398,27 @@ class Control:
             await self._after_failure(client, exc)
             raise ControlUnavailableError(f"etcd {method}: {exc}") from exc
 
+    async def _rpc(self, stub: str, method: str, request: Any) -> Any:
+        """One call of etcd's gRPC API itself (what aetcd does not offer: a range in
+        pages, nested transactions, the revision a transaction wrote at)."""
+        client = self.client.current
+        try:
+            await client.connect()
+            return await getattr(getattr(client, stub), method)(
+                request, timeout=ETCD_CALL_S, metadata=client.metadata)
+        except asyncio.CancelledError:
+            if _cancelled_here():
+                raise
+            raise ControlUnavailableError(f"etcd {method}: its connection was closed") from None
+        except (aetcd.ClientError, grpc.RpcError, OSError) as exc:
+            await self._after_failure(client, exc)
+            if _code(exc) == grpc.StatusCode.OUT_OF_RANGE:  # "required revision compacted"
+                raise HistoryCompactedError(0) from exc
+            raise ControlUnavailableError(f"etcd {method}: {_reason(exc)}") from exc
+
+    async def _txn(self, ops: list[Any]) -> Any:
+        return await self._rpc("kvstub", "Txn", rpc.TxnRequest(success=ops))
+
     # -- leases and nodes ------------------------------------------------------------------
 
     async def grant(self, ttl: int) -> Any:
@@ -254,9 +428,7 @@ class Control:
         """Keep a lease alive; return the TTL left (0 or less: it has expired)."""
         client = self.client.current
         try:
-            responses = [r async for r in await client.refresh_lease(lease.id)]
-        except TypeError:  # an older client returns the response itself
-            responses = [await client.refresh_lease(lease.id)]
+            reply = await client.refresh_lease(lease.id)
         except asyncio.CancelledError:
             if _cancelled_here():
                 raise
@@ -265,7 +437,7 @@ class Control:
         except (aetcd.ClientError, grpc.RpcError, OSError) as exc:
             await self._after_failure(client, exc)
             raise ControlUnavailableError(f"etcd lease refresh: {exc}") from exc
-        return int(getattr(responses[-1], "TTL", 0)) if responses else 0
+        return int(getattr(reply, "TTL", 0)) if reply is not None else 0
 
     async def revoke(self, lease: Any) -> None:
         await self._call("revoke_lease", lease.id)
@@ -273,6 +445,17 @@ class Control:
     async def register(self, node: NodeInfo, lease: Any) -> None:
         value = json.dumps({"http": node.http, "replication": node.replication}).encode()
         await self._call("put", self.key("nodes", node.node_id), value, lease=lease)
+
+    async def keep_token(self) -> None:
+        """With etcd's users on, use the node's token every TOKEN_USE_S so that etcd does
+        not forget it while the node is at rest (the node's stores share this client,
+        and the first call after would fail). Until cancelled."""
+        if self.access.user is None:
+            return
+        while True:
+            await asyncio.sleep(TOKEN_USE_S)
+            with contextlib.suppress(ControlUnavailableError):  # and so logged in again
+                await self._call("get", self.key("receipt-key"))
 
     async def receipt_key(self) -> bytes:
         """The cluster's receipt key, made by whichever node asks first."""
@@ -290,34 +473,161 @@ class Control:
 
     # -- reading ---------------------------------------------------------------------------
 
+    def view_range(self) -> tuple[bytes, bytes]:
+        """[start, end) of the view's keys. leaders/, nodes/ and partitions/ sort together
+        under the prefix (only master-key-check sorts among them, and the view ignores
+        it), so one range reads them, and one watch follows them, without the queue
+        records and access keys."""
+        return self.prefix + b"leaders/", self.prefix + b"partitions0"  # "0" follows "/"
+
     async def view(self) -> ClusterView:
-        """Nodes, partitions and leaders, read in one range at one revision."""
-        result = await self._call("get_prefix", self.prefix)
-        nodes: dict[str, NodeInfo] = {}
-        partitions: dict[str, Partition] = {}
-        leaders: dict[str, Leader] = {}
-        n = len(self.prefix)
-        for kv in result:
-            kind, _, rest = kv.key[n:].decode().partition("/")
+        """Nodes, partitions and leaders, read at one revision, RANGE_PAGE_KEYS at a time."""
+        for _ in range(3):  # compacted under the read: read again at a newer revision
+            with contextlib.suppress(HistoryCompactedError):
+                return await self._read_view()
+        return await self._read_view()
+
+    async def _read_view(self) -> ClusterView:
+        start, end = self.view_range()
+        view = ClusterView(0, {}, {}, {})
+        while True:
+            response = await self._rpc("kvstub", "Range", rpc.RangeRequest(
+                key=start, range_end=end, limit=RANGE_PAGE_KEYS, revision=view.revision))
+            view.revision = view.revision or int(response.header.revision)
+            for kv in response.kvs:
+                self.put(view, kv)
+            if not response.more or not response.kvs:
+                return view
+            start = bytes(response.kvs[-1].key) + b"\0"
+
+    def split(self, key: bytes) -> tuple[str, str]:
+        """(kind, name) of a key of the view: ("nodes", node id), ("partitions", name)..."""
+        kind, _, rest = key[len(self.prefix):].decode().partition("/")
+        return kind, rest
+
+    def put(self, view: ClusterView, kv: Any) -> tuple[str, str]:
+        """Set a key's new value in view; (kind, name) of the key."""
+        kind, name = self.split(bytes(kv.key))
+        try:
             if kind == "nodes":
-                info = json.loads(kv.value)
-                node = NodeInfo(rest, str(info["http"]), str(info["replication"]))
-                try:
-                    node.replication_address()
-                except ValueError:
-                    # Not a node this one can reach; a link or call to it would fail.
-                    if node.replication not in self._malformed \
-                            and len(self._malformed) < _MALFORMED_LOGGED_MAX:
-                        self._malformed.add(node.replication)
-                        _log.warning("node %s in etcd has a malformed address %r: ignored",
-                                     rest, node.replication)
-                    continue
-                nodes[rest] = node
+                self._put_node(view, name, kv.value)
             elif kind == "partitions":
-                partitions[rest] = _partition(rest, kv.value, kv.mod_revision)
+                view.partitions[name] = _partition(name, kv.value, kv.mod_revision)
+                view.unreadable.discard(name)
             elif kind == "leaders":
-                leaders[rest] = Leader(kv.value.decode(), kv.create_revision, kv.lease)
-        return ClusterView(result.header.revision, nodes, partitions, leaders)
+                view.leaders[name] = Leader(bytes(kv.value).decode(), kv.create_revision,
+                                            kv.lease)
+        except (ValueError, KeyError, TypeError) as exc:
+            # Written by something other than Conveyor: taken for nothing, and not for a
+            # deletion either (a partition's copies stay).
+            if kind == "partitions":
+                view.unreadable.add(name)
+            _log.error("%s/%s in etcd does not decode (%s): ignored", kind, name, exc)
+        return kind, name
+
+    def delete(self, view: ClusterView, key: bytes) -> tuple[str, str]:
+        """Remove a key from view; (kind, name) of the key."""
+        kind, name = self.split(key)
+        if kind == "nodes":
+            view.nodes.pop(name, None)
+        elif kind == "partitions":
+            view.partitions.pop(name, None)
+            view.unreadable.discard(name)
+        elif kind == "leaders":
+            view.leaders.pop(name, None)
+        return kind, name
+
+    def _put_node(self, view: ClusterView, node_id: str, value: bytes) -> None:
+        info = json.loads(value)
+        node = NodeInfo(node_id, str(info["http"]), str(info["replication"]))
+        try:
+            node.replication_address()
+        except ValueError:
+            # Not a node this one can reach; a link or call to it would fail.
+            view.nodes.pop(node_id, None)
+            if node.replication not in self._malformed \
+                    and len(self._malformed) < _MALFORMED_LOGGED_MAX:
+                self._malformed.add(node.replication)
+                _log.warning("node %s in etcd has a malformed address %r: ignored",
+                             node_id, node.replication)
+            return
+        view.nodes[node_id] = node
+
+    async def watch(self, start_revision: int, on_events: Callable[[list[Any]], None]
+                    ) -> None:
+        """Give on_events the changes to the view's keys from start_revision on, each
+        revision's at once (etcd's events: ``type`` PUT or DELETE, ``kv``), until the watch
+        breaks. Raises HistoryCompactedError when etcd no longer holds a revision it was
+        to send, else ControlUnavailableError (after moving off an endpoint that failed or
+        answers nothing: WATCH_PROGRESS_S)."""
+        client = self.client.current
+        start, end = self.view_range()
+        requests: asyncio.Queue[Any] = asyncio.Queue()
+        requests.put_nowait(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+            key=start, range_end=end, start_revision=start_revision, fragment=True)))
+
+        async def outgoing() -> Any:
+            while (request := await requests.get()) is not None:
+                yield request
+
+        read: asyncio.Future[Any] | None = None
+        call: Any = None
+        try:
+            await client.connect()
+            call = rpc.WatchStub(client.channel).Watch(outgoing(), metadata=client.metadata)
+            asked = False
+            pending: list[Any] = []
+            while True:
+                if read is None:
+                    read = asyncio.ensure_future(call.read())
+                done, _ = await asyncio.wait({read}, timeout=ETCD_CALL_S if asked
+                                             else WATCH_PROGRESS_S)
+                if not done:
+                    if asked:
+                        await self.failover(client)
+                        raise ControlUnavailableError(
+                            f"etcd watch: no answer to a progress request in {ETCD_CALL_S} s")
+                    requests.put_nowait(rpc.WatchRequest(
+                        progress_request=rpc.WatchProgressRequest()))
+                    asked = True
+                    continue
+                response, read, asked = read.result(), None, False
+                if response is grpc.aio.EOF:
+                    raise ControlUnavailableError("etcd ended the watch")
+                if response.compact_revision:
+                    raise HistoryCompactedError(int(response.compact_revision))
+                if response.canceled:
+                    if _TOKEN_REFUSED in response.cancel_reason:  # a restarted member
+                        await self.reauthenticate(client)
+                    raise ControlUnavailableError(
+                        f"etcd cancelled the watch: {response.cancel_reason}")
+                pending.extend(response.events)
+                if pending and not response.fragment:
+                    events, pending = pending, []
+                    on_events(events)
+        except asyncio.CancelledError:
+            if _cancelled_here():
+                raise
+            raise ControlUnavailableError("etcd watch: its connection was closed") from None
+        except (aetcd.ClientError, grpc.RpcError, OSError) as exc:
+            await self._after_failure(client, exc)
+            raise ControlUnavailableError(f"etcd watch: {_reason(exc)}") from exc
+        finally:
+            requests.put_nowait(None)
+            if read is not None:
+                read.cancel()
+            if call is not None:
+                call.cancel()
+
+    async def node(self, node_id: str) -> NodeInfo | None:
+        """A node's key, read now (None: no such node alive, or an address not usable)."""
+        kv = await self._call("get", self.key("nodes", node_id))
+        if kv is None:
+            return None
+        view = ClusterView(0, {}, {}, {})
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # not Conveyor's
+            self._put_node(view, node_id, kv.value)
+        return view.nodes.get(node_id)
 
     async def partition(self, name: str) -> Partition | None:
         kv = await self._call("get", self.key("partitions", name))
@@ -335,30 +645,23 @@ class Control:
         key = self.key("partitions", name)
         value = json.dumps({"uid": uid, "attributes": attributes, "replicas": replicas,
                             "isr": replicas, "rf": rf}, sort_keys=True).encode()
-        t = self.client.transactions
-        ok, _ = await self._call("transaction", compare=[t.version(key) == 0],
-                                 success=[t.put(key, value)], failure=[])
-        return bool(ok)
+        ok, _ = await self._batcher.submit([_compare("VERSION", key, 0)], [_put(key, value)])
+        return ok
 
     async def delete_partition(self, name: str) -> None:
-        t = self.client.transactions
-        await self._call("transaction", compare=[],
-                         success=[t.delete(self.key("partitions", name)),
-                                  t.delete(self.key("leaders", name))], failure=[])
+        await self._batcher.submit([], [_delete(self.key("partitions", name)),
+                                        _delete(self.key("leaders", name))])
 
-    async def elect(self, partition: Partition, node_id: str, lease: Any) -> Leader | None:
+    async def elect(self, partition: Partition, node_id: str, lease_id: int) -> Leader | None:
         """Become the queue's leader if it has none and the ISR read is still current."""
         leader_key = self.key("leaders", partition.name)
-        t = self.client.transactions
-        ok, _ = await self._call(
-            "transaction",
-            compare=[t.version(leader_key) == 0,
-                     t.mod(self.key("partitions", partition.name)) == partition.revision],
-            success=[t.put(leader_key, node_id.encode(), lease)], failure=[])
-        if not ok:
-            return None
-        leader = await self.leader(partition.name)
-        return leader if leader is not None and leader.lease == lease.id else None
+        ok, revision = await self._batcher.submit(
+            [_compare("VERSION", leader_key, 0),
+             _compare("MOD", self.key("partitions", partition.name), partition.revision)],
+            [_put(leader_key, node_id.encode(), lease_id)])
+        # The key was created by this transaction: its create revision, the epoch, is the
+        # transaction's revision.
+        return Leader(node_id, revision, lease_id) if ok else None
 
     async def set_isr(self, partition: Partition, epoch: int,
                       isr: tuple[str, ...]) -> Partition | None:
@@ -369,28 +672,23 @@ class Control:
                           isr: tuple[str, ...]) -> Partition | None:
         """Change replicas and ISR while epoch is the current leader's; None if not."""
         key = self.key("partitions", partition.name)
-        t = self.client.transactions
-        ok, _ = await self._call(
-            "transaction",
-            compare=[t.create(self.key("leaders", partition.name)) == epoch,
-                     t.mod(key) == partition.revision],
-            success=[t.put(key, partition.value(replicas=list(replicas), isr=list(isr)))],
-            failure=[])
+        ok, revision = await self._batcher.submit(
+            [_compare("CREATE", self.key("leaders", partition.name), epoch),
+             _compare("MOD", key, partition.revision)],
+            [_put(key, partition.value(replicas=list(replicas), isr=list(isr)))])
         if not ok:
             return None
-        return await self.partition(partition.name)
+        return dataclasses.replace(partition, replicas=tuple(replicas), isr=tuple(isr),
+                                   revision=revision)
 
     async def resign(self, name: str, epoch: int) -> None:
         """Delete the leader key if it still carries epoch."""
         key = self.key("leaders", name)
-        t = self.client.transactions
-        await self._call("transaction", compare=[t.create(key) == epoch],
-                         success=[t.delete(key)], failure=[])
+        await self._batcher.submit([_compare("CREATE", key, epoch)], [_delete(key)])
 
     async def set_rf(self, partition: Partition, rf: int) -> bool:
         """Change the replication factor asked for; False if the record changed since."""
         key = self.key("partitions", partition.name)
-        t = self.client.transactions
-        ok, _ = await self._call("transaction", compare=[t.mod(key) == partition.revision],
-                                 success=[t.put(key, partition.value(rf=rf))], failure=[])
-        return bool(ok)
+        ok, _ = await self._batcher.submit([_compare("MOD", key, partition.revision)],
+                                           [_put(key, partition.value(rf=rf))])
+        return ok

@@ -13,6 +13,15 @@ class ControlUnavailableError(ClusterError):
     """etcd cannot be reached or did not answer in time."""
 
 
+class HistoryCompactedError(ControlUnavailableError):
+    """etcd no longer holds the revisions a watch was to resume from (compacted): what
+    changed meanwhile can only be learnt by reading the whole state again."""
+
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(f"etcd compacted its history up to revision {compact_revision}")
+        self.compact_revision = compact_revision
+
+
 class NotLeaderError(ClusterError):
     """This node does not lead the queue; ``leader_url`` is the node that does, if known."""
 

@@ -33,6 +33,10 @@ from aetcd import watcher as aetcd_watcher
 
 PLAIN_SCHEME = "etcd://"
 TLS_SCHEME = "etcds://"
+# gRPC waits longer and longer between tries to reconnect to a member that went away (up
+# to two minutes by default); a node's watch and lease must be back within a second of it.
+RECONNECT_BACKOFF_MAX_MS = 1000
+_CHANNEL_OPTIONS = {"grpc.max_reconnect_backoff_ms": RECONNECT_BACKOFF_MAX_MS}
 
 
 def parse_url(url: str) -> tuple[bool, tuple[tuple[str, int], ...]]:
@@ -93,9 +97,11 @@ class EtcdAccess:
         host, port = self.endpoints[index]
         if not self.tls:
             return aetcd.Client(host=host, port=port, username=self.user,
-                                password=self.password, timeout=timeout_s)
+                                password=self.password, timeout=timeout_s,
+                                options=dict(_CHANNEL_OPTIONS))
         return TlsClient(self._credentials(), host=host, port=port, username=self.user,
-                         password=self.password, timeout=timeout_s)
+                         password=self.password, timeout=timeout_s,
+                         options=dict(_CHANNEL_OPTIONS))
 
     def _credentials(self) -> Any:
         def read(path: str | None) -> bytes | None:

@@ -1,17 +1,24 @@
 """One node of a cluster: its etcd lease, the queues it leads, and those it follows.
 
-A reconcile loop reads the cluster state from etcd (one range read) every RECONCILE_S
-and brings this node in line with it:
+The node's view of the cluster (replication.view) is read from etcd once and then kept
+current by a watch; each change names the partitions it touched, and only those are
+brought in line (``_reconcile_one``), with timers only where time itself decides:
 
-- a queue with no leader gets one from its ISR (the first live member in replica order
-  tries at once, the others after ELECTION_GRACE_S, so leadership spreads the way the
-  ring placed the replicas);
+- a queue with no leader gets one from its ISR: the first live member in replica order
+  tries at once, the others once ELECTION_GRACE_S has passed (a timer), so leadership
+  spreads the way the ring placed the replicas; a node that comes or goes makes every
+  leaderless queue be looked at again;
 - a leader whose key is gone, or carries another epoch, steps down;
-- queues deleted from etcd are deleted here.
+- queues deleted from etcd are deleted here;
+- a step that failed for want of etcd is tried again after RETRY_S.
 
-The node's lease is refreshed every third of its TTL. A node that cannot prove its lease
-alive (etcd unreachable, or the process was paused) stops acknowledging writes at once:
-``lease_valid`` is checked before every acknowledgement, not only by the loop.
+At rest, with nothing changing, the node reads nothing from etcd and loops over nothing:
+its cost does not grow with the number of partitions.
+
+The node's lease is kept alive on a thread of its own (replication.lease says why). A node
+that cannot prove its lease alive (etcd unreachable, or the process was paused) stops
+acknowledging writes at once: ``lease_valid`` is checked before every acknowledgement,
+not only by the keeper.
 
 The node owns the inter-node port (replication.listener) and serves replication on it;
 the roles reach the node only through their protocols (``LeaderNode``, ``FollowerNode``).
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import heapq
 import logging
 import secrets
 import time
@@ -45,20 +53,25 @@ from replication.errors import ControlUnavailableError, NotLeaderError
 from replication.etcd_access import EtcdAccess
 from replication.follower import Replica, ReplicationServer, refusal
 from replication.leader import LeaderRole, describe
+from replication.lease import LeaseKeeper
 from replication.link import Links
 from replication.listener import Listener
 from replication.peer import Peers
+from replication.view import Changes, ViewKeeper
 
 _log = logging.getLogger("conveyor.cluster")
 
-RECONCILE_S = 0.2
 ELECTION_GRACE_S = 1.0
-# A lease counts as alive until this long before etcd would expire it: the margin covers
-# the time a refresh spends in flight.
-LEASE_MARGIN_S = 0.5
 LEASE_TTL_S = 5
-# After a failed lease refresh, the next try comes this soon.
-LEASE_RETRY_S = 0.2
+# A step of reconciling that failed (etcd unreachable, the lease not proven alive) is
+# tried again this soon.
+RETRY_S = 1.0
+# Elections (with the opening of each queue won) under way at once: a node taking over
+# thousands of partitions takes them in waves, its loop still answering meanwhile.
+ELECTIONS_MAX = 256
+# Partitions reconciled between two yields of the event loop (a whole pass, at start or
+# after a compaction, does not hold the loop).
+RECONCILE_SLICE = 256
 REPLICATION_FACTOR = 3
 MIN_INSYNC_REPLICAS = 2
 # How long CreateQueue waits for the new queue's first leader.
@@ -102,20 +115,39 @@ class ClusterNode:
         self.node_id = config.node_id
         self.control = Control(config.etcd, config.prefix)
         self.broker: Broker | None = None
-        self.view: ClusterView | None = None
+        self.keeper = ViewKeeper(self.control, self._changed)
+        self.lease = LeaseKeeper(config.etcd, config.prefix, NodeInfo(
+            self.node_id, config.http_url, config.replication_advertise
+            or f"{config.replication_host}:{config.replication_port}"),
+            config.lease_ttl_s, self._lease_lost, self._rejoined)
+        self._started_view = False
         self.leading: dict[str, LeaderRole] = {}
         self.replicas: dict[str, Replica] = {}
-        self._lease: Any = None
-        self._lease_deadline = 0.0
         self._leaderless_since: dict[str, float] = {}
-        self._ring: tuple[tuple[str, ...], HashRing] | None = None
-        self._seen_members: frozenset[str] = frozenset()
         self._mending: set[str] = set()
         """Queues whose copy here a repair left short: it leaves their ISR, never leads."""
-        self._last_seen: dict[str, float] = {}
+        self._gone_at: dict[str, float] = {}
+        """Nodes seen leaving (their key deleted), and when: members for node_gone_s more."""
+        self._rings: dict[tuple[str, ...], HashRing] = {}
         self._started = time.monotonic()
         self._accepted: dict[str, int] = {}
         """Per queue, the partition revision at which a leader's OPEN was last accepted."""
+        self._dirty: set[str] = set()
+        """Partitions to reconcile: a change named them, or a timer came due."""
+        self._deleted: set[str] = set()
+        """Partitions seen deleted from etcd, whose copies here are still to go."""
+        self._due: dict[str, float] = {}
+        self._timers: list[tuple[float, str]] = []
+        """(when, name): a heap of partitions to look at again; _due holds the earliest."""
+        self._wake = asyncio.Event()
+        self._electing: set[str] = set()
+        self._recheck: set[str] = set()
+        """Partitions that changed while an election for them was under way."""
+        self._elections = asyncio.Semaphore(ELECTIONS_MAX)
+        self._election_tasks: set[asyncio.Task[None]] = set()
+        self._leader_waits: dict[str, list[asyncio.Future[None]]] = {}
+        self._opening: dict[str, asyncio.Event] = {}
+        """Queues elected here whose leadership is still opening them."""
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -125,6 +157,11 @@ class ClusterNode:
         self.links = Links(peers, self.replication_address)
         """This node's connections to the followers of what it leads: one per node, which
         carries every partition led here and followed there (replication.link)."""
+
+    @property
+    def view(self) -> ClusterView | None:
+        """The cluster as this node sees it (None before it has read it)."""
+        return self.keeper.view if self._started_view else None
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -139,12 +176,14 @@ class ClusterNode:
         self._mending = await asyncio.to_thread(self._find_mending)
         await self._check_peer_key()
         await self.listener.start(self.config.replication_host, self.config.replication_port)
-        await self._join()
-        self.view = await self.control.view()
-        self._saw(self.view)
-        await self._drop_deleted(self.view, None)
-        self._tasks = [asyncio.create_task(self._keep_lease()),
-                       asyncio.create_task(self._reconcile_loop())]
+        await self.lease.start()
+        view = await self.keeper.load()
+        self._started_view = True
+        await self._keep_unknown(view)
+        self._dirty |= set(view.partitions)
+        self._tasks = [asyncio.create_task(self.keeper.run()),
+                       asyncio.create_task(self._reconcile_loop()),
+                       asyncio.create_task(self.control.keep_token())]
 
     async def _check_peer_key(self) -> None:
         """Refuse to start with another peer key than the cluster's: every link to and
@@ -160,9 +199,10 @@ class ClusterNode:
 
     async def close(self) -> None:
         self._closed = True
-        for task in self._tasks:
+        tasks = self._tasks + list(self._election_tasks)
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         for name in list(self.leading):
@@ -175,51 +215,24 @@ class ClusterNode:
         for replica in self.replicas.values():
             await asyncio.to_thread(replica.close)
         self.replicas.clear()
-        if self._lease is not None:
-            # Leadership passes at once rather than when the lease runs out.
-            with contextlib.suppress(EngineError):
-                await self.control.revoke(self._lease)
+        # The lease revoked: leadership passes at once rather than when it runs out.
+        await self.lease.stop()
         await self.control.close()
 
-    async def _join(self) -> None:
-        lease = await self.control.grant(self.config.lease_ttl_s)
-        granted = time.monotonic()
-        advertise = self.config.replication_advertise or \
-            f"{self.config.replication_host}:{self.config.replication_port}"
-        await self.control.register(NodeInfo(self.node_id, self.config.http_url, advertise),
-                                    lease)
-        self._lease = lease
-        self._lease_deadline = granted + self.config.lease_ttl_s - LEASE_MARGIN_S
-
     def lease_valid(self) -> bool:
-        return time.monotonic() < self._lease_deadline
+        return self.lease.valid()
 
-    async def _keep_lease(self) -> None:
-        interval = self.config.lease_ttl_s / 3
-        wait = interval
-        while True:
-            await asyncio.sleep(wait)
-            sent = time.monotonic()
-            try:
-                left = await self.control.refresh(self._lease)
-            except ControlUnavailableError as exc:
-                # Again soon, not after a whole interval: the failure may have moved the
-                # client to another etcd member, and the lease is running out meanwhile.
-                _log.warning("lease refresh failed: %s", exc)
-                wait = LEASE_RETRY_S
-                continue
-            wait = interval
-            if left > 0 and time.monotonic() < self._lease_deadline + LEASE_MARGIN_S:
-                self._lease_deadline = sent + left - LEASE_MARGIN_S
-                continue
-            # The lease expired (this process was paused, or etcd unreachable too long):
-            # everything it held is another node's now. Start over with a new lease.
-            _log.warning("node lease lost; stepping down everywhere and rejoining")
-            self._lease_deadline = 0.0
-            for name in list(self.leading):
-                self.step_down(name, "this node's etcd lease expired")
-            with contextlib.suppress(ControlUnavailableError):
-                await self._join()
+    async def _lease_lost(self) -> None:
+        """The lease expired (this process was paused, or etcd unreachable too long):
+        everything it held is another node's now (run on this loop by the keeper)."""
+        for name in list(self.leading):
+            self.step_down(name, "this node's etcd lease expired")
+
+    def _rejoined(self) -> None:
+        """A new lease: every partition is looked at again (leaderless ones to lead)."""
+        view = self.view
+        if view is not None:
+            self._mark(view.partitions)
 
     # -- leadership as the broker sees it ---------------------------------------------------
 
@@ -255,37 +268,24 @@ class ClusterNode:
         """The nodes the ring places replicas on: alive, or gone for less than
         node_gone_s (sorted: every node builds the same ring)."""
         now = time.monotonic()
-        return sorted(n for n, seen in self._last_seen.items()
-                      if now - seen < self.config.node_gone_s)
+        alive = set(self.view.nodes) if self.view is not None else set()
+        return sorted(alive | {n for n, gone in self._gone_at.items()
+                               if now - gone < self.config.node_gone_s})
 
     def placement(self, name: str, rf: int, members: list[str] | None = None) -> list[str]:
         """The replicas the ring over members (default: self.members()) gives a queue, in
         preference order."""
         members = self.members() if members is None else sorted(members)
-        count = min(rf, len(members))
-        if not count:
-            return []
         key = tuple(members)
-        if self._ring is None or self._ring[0] != key:
-            # Every led partition asks once a second: the ring is built once per membership.
+        ring = self._rings.get(key)
+        if ring is None:
+            # Every leader asks every REBALANCE_S: one ring per membership, not per ask.
             ring = HashRing()
             for node_id in members:
                 ring.add(node_id)
-            self._ring = (key, ring)
-        return self._ring[1].preference_list(name, count)
-
-    def _saw(self, view: ClusterView) -> None:
-        now = time.monotonic()
-        for node_id in view.nodes:
-            self._last_seen[node_id] = now
-        # Idle led partitions check their ISR and placement only when woken (leader.py):
-        # a node coming or going wakes every one, a changed record its own.
-        members = frozenset(view.nodes)
-        changed, self._seen_members = members != self._seen_members, members
-        for name, role in self.leading.items():
-            seen = view.partitions.get(name)
-            if changed or (seen is not None and seen.revision != role.partition.revision):
-                role.wake()
+            self._rings = {key: ring}
+        count = min(rf, len(members))
+        return ring.preference_list(name, count) if count else []
 
     def leader_node(self, name: str) -> NodeInfo | None:
         """Where partition calls for the queue go: its leader, as this node's view says
@@ -297,8 +297,8 @@ class ClusterNode:
         return view.nodes.get(leader.node_id)
 
     async def locate(self, name: str) -> NodeInfo | None:
-        """leader_node, read from etcd now: the view is up to RECONCILE_S old, and a
-        queue made or failed over since has a leader only etcd knows yet."""
+        """leader_node, read from etcd now: the view follows etcd by a watch, and a queue
+        made or failed over a moment ago may have a leader only etcd knows yet."""
         try:
             leader = await self.control.leader(name)
             if leader is None or leader.node_id == self.node_id:
@@ -306,7 +306,7 @@ class ClusterNode:
             view = self.view
             node = view.nodes.get(leader.node_id) if view is not None else None
             if node is None:
-                node = (await self.control.view()).nodes.get(leader.node_id)
+                node = await self.control.node(leader.node_id)
         except ControlUnavailableError:
             return None
         return node
@@ -354,11 +354,10 @@ class ClusterNode:
         assert self.broker is not None
         await asyncio.to_thread(self.broker.close_queue, role.name)
         # Give the leader key up at once if it is still ours, so that the next leader
-        # need not wait for the lease to run out.
+        # need not wait for the lease to run out (a node stepping down everywhere gives
+        # them up in a few batched transactions).
         with contextlib.suppress(EngineError):
-            current = await self.control.leader(role.name)
-            if current is not None and current.epoch == role.epoch:
-                await self.control.resign(role.name, role.epoch)
+            await self.control.resign(role.name, role.epoch)
 
     # -- the follower side ------------------------------------------------------------------
 
@@ -435,7 +434,7 @@ class ClusterNode:
         it would lead without committed records. So it leaves the ISR itself (only while
         the leader's epoch stands, as a leader's own change would), and only then forgets
         the mark; the leader adds it back by the usual rule once it holds what the ISR
-        has committed. Until then it never leads (``_reconcile``).
+        has committed. Until then it never leads (``_reconcile_one``).
         """
         broker = self.broker
         assert broker is not None
@@ -469,83 +468,231 @@ class ClusterNode:
 
     # -- reconciling ----------------------------------------------------------------------
 
+    def _changed(self, changes: Changes) -> None:
+        """The view changed (replication.view): mark what to look at."""
+        now = time.monotonic()
+        for node_id in changes.nodes:
+            if node_id in changes.gone:
+                self._gone_at[node_id] = now
+            else:
+                self._gone_at.pop(node_id, None)
+        self._deleted |= changes.deleted
+        self._mark(changes.partitions | changes.leaders)
+        # Idle led partitions check their ISR and placement only when woken (leader.py):
+        # a node coming or going wakes every one, a changed record its own.
+        for name, role in self.leading.items():
+            if changes.nodes or name in changes.partitions:
+                role.wake()
+        if changes.nodes:
+            # Who may lead a leaderless partition depends on which replicas are alive.
+            view = self.view or self.keeper.view
+            self._mark(name for name in view.partitions if name not in view.leaders)
+        for name in changes.leaders:
+            for waiter in self._leader_waits.pop(name, []):
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _mark(self, names: Any) -> None:
+        self._dirty.update(names)
+        if self._dirty:
+            self._wake.set()
+
+    def _later(self, name: str, delay_s: float) -> None:
+        """Look at a partition again in delay_s (or sooner, if already due sooner)."""
+        when = time.monotonic() + delay_s
+        if self._due.get(name, float("inf")) > when:
+            self._due[name] = when
+            heapq.heappush(self._timers, (when, name))
+            self._wake.set()
+
+    def _take_due(self) -> float | None:
+        """Move partitions whose time came to the dirty set; seconds until the next."""
+        now = time.monotonic()
+        while self._timers:
+            when, name = self._timers[0]
+            if self._due.get(name) != when:
+                heapq.heappop(self._timers)  # superseded by an earlier time
+            elif when <= now:
+                heapq.heappop(self._timers)
+                del self._due[name]
+                self._dirty.add(name)
+            else:
+                return when - now
+        return None
+
     async def _reconcile_loop(self) -> None:
         while True:
-            await asyncio.sleep(RECONCILE_S)
-            try:
-                view = await self.control.view()
-            except ControlUnavailableError as exc:
-                _log.warning("cannot read the cluster state: %s", exc)
+            wait = self._take_due()
+            if not self._dirty:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
                 continue
-            previous, self.view = self.view, view
-            self._saw(view)
+            names, self._dirty = sorted(self._dirty), set()
             try:
-                await self._reconcile(view)
-                await self._drop_deleted(view, previous)
-            except EngineError as exc:
+                local = await asyncio.to_thread(self._local_uids, names)
+            except (EngineError, OSError) as exc:
                 _log.warning("reconcile: %s", exc)
+                for name in names:
+                    self._later(name, RETRY_S)
+                continue
+            for i, name in enumerate(names):
+                try:
+                    await self._reconcile_one(name, local.get(name))
+                except (EngineError, OSError) as exc:
+                    _log.warning("reconcile %s: %s", name, exc)
+                    self._later(name, RETRY_S)
+                except Exception:  # a bug: say so, and keep reconciling the others
+                    _log.exception("reconcile %s failed", name)
+                    self._later(name, RETRY_S)
+                if i % RECONCILE_SLICE == RECONCILE_SLICE - 1:
+                    await asyncio.sleep(0)
 
-    async def _reconcile(self, view: ClusterView) -> None:
-        now = time.monotonic()
-        for name, role in list(self.leading.items()):
-            leader = view.leaders.get(name)
-            if leader is None or leader.epoch != role.epoch:
-                self.step_down(name, "its leader key is gone or newer")
-        held = await asyncio.to_thread(self._held, view)
-        for name, partition in view.partitions.items():
-            if self.node_id not in partition.replicas:
-                if name not in self.leading and name in held:
-                    await self._drop_copy(name, "this node is no longer one of its replicas")
-                continue
-            if name in self._mending:
-                await self._leave_isr_while_mending(name)
-                if name in self._mending:
-                    continue  # never leads with a short copy
-            leader = view.leaders.get(name)
-            if leader is not None:
-                self._leaderless_since.pop(name, None)
-                if leader.node_id == self.node_id and name not in self.leading and \
-                        leader.lease != getattr(self._lease, "id", None):
-                    # A key of this node's previous run: its lease is dead; let go now.
-                    with contextlib.suppress(EngineError):
-                        await self.control.resign(name, leader.epoch)
-                continue
-            since = self._leaderless_since.setdefault(name, now)
-            if self.node_id not in partition.isr or not self.lease_valid():
-                continue
-            broker = self.broker
-            if broker is not None and broker.is_damaged(name):
-                # Its copy here refused to open as damaged, and it is the partition's only
-                # in-sync copy (else _lead took it out of the ISR): the partition waits
-                # for an operator's salvage rather than this node failing to lead it again
-                # every RECONCILE_S.
-                continue
-            live = [m for m in partition.replicas if m in partition.isr and m in view.nodes]
-            if live and (live[0] == self.node_id or now - since >= ELECTION_GRACE_S):
-                await self._lead(partition)
-
-    async def _lead(self, partition: Partition) -> None:
-        leader = await self.control.elect(partition, self.node_id, self._lease)
-        if leader is None:
-            return
-        name = partition.name
-        _log.warning("queue %s: leading in epoch %d (ISR %s)", name, leader.epoch,
-                     list(partition.isr))
-        await self._release_replica(name)
+    def _local_uids(self, names: list[str]) -> dict[str, int]:
+        """name -> uid of the copies held here, of those names."""
         broker = self.broker
         assert broker is not None
-        role = LeaderRole(self, self.control, partition, leader.epoch,
-                          self.config.min_insync_replicas)
-        self.leading[name] = role
+        if len(names) > RECONCILE_SLICE:  # one read of the catalog, not one per name
+            wanted = set(names)
+            return {e.name: e.uid for e in broker.catalog.entries() if e.name in wanted}
+        found = {}
+        for name in names:
+            entry = broker.catalog.get(name)
+            if entry is not None:
+                found[name] = entry.uid
+        return found
+
+    async def _reconcile_one(self, name: str, local_uid: int | None) -> None:
+        """Bring this node in line with the view for one partition (a copy held here has
+        uid local_uid)."""
+        if name in self._electing:
+            self._recheck.add(name)  # after the election: it may have changed meanwhile
+            return
+        view = self.view
+        assert view is not None
+        partition = view.partitions.get(name)
+        leader = view.leaders.get(name)
+        role = self.leading.get(name)
+        if role is not None and (leader is None or leader.epoch != role.epoch):
+            self.step_down(name, "its leader key is gone or newer")
+        if partition is None:
+            self._leaderless_since.pop(name, None)
+            # Only a deletion seen happen deletes data (see _keep_unknown).
+            if name in self._deleted and name not in view.unreadable:
+                self._deleted.discard(name)
+                if local_uid is not None:
+                    await self._drop_copy(name, "the queue was deleted")
+            return
+        self._deleted.discard(name)
+        if local_uid is not None and local_uid != partition.uid:
+            await self._drop_copy(name, "the queue was deleted")  # and made again since
+            local_uid = None
+        if self.node_id not in partition.replicas:
+            # Only with a view no older than this node's last accepted OPEN for it (an
+            # older one may not list this node among the replicas yet).
+            if name not in self.leading and local_uid is not None \
+                    and partition.revision >= self._accepted.get(name, 0):
+                await self._drop_copy(name, "this node is no longer one of its replicas")
+            return
+        if name in self._mending:
+            await self._leave_isr_while_mending(name)
+            if name in self._mending:
+                self._later(name, RETRY_S)
+                return  # never leads with a short copy
+        if leader is not None:
+            self._leaderless_since.pop(name, None)
+            if leader.node_id == self.node_id and name not in self.leading and \
+                    leader.lease != self.lease.lease_id:
+                # A key of this node's previous run: its lease is dead; let go now.
+                await self.control.resign(name, leader.epoch)
+            return
+        now = time.monotonic()
+        since = self._leaderless_since.setdefault(name, now)
+        if self.node_id not in partition.isr:
+            return  # a change of the ISR, or of the leader, names it again
+        if not self.lease_valid():
+            self._later(name, RETRY_S)
+            return
+        broker = self.broker
+        if broker is not None and broker.is_damaged(name):
+            # Its copy here refused to open as damaged, and it is the partition's only
+            # in-sync copy (else _lead took it out of the ISR): the partition waits for
+            # an operator's salvage rather than this node failing to lead it again.
+            return
+        live = [m for m in partition.replicas if m in partition.isr and m in view.nodes]
+        if not live:
+            return  # a node coming back names it again
+        if live[0] == self.node_id or now - since >= ELECTION_GRACE_S:
+            self._electing.add(name)
+            task = asyncio.create_task(self._elect(partition))
+            self._election_tasks.add(task)
+            task.add_done_callback(self._election_tasks.discard)
+        else:
+            self._later(name, since + ELECTION_GRACE_S - now)
+
+    async def _elect(self, partition: Partition) -> None:
+        name = partition.name
         try:
-            await asyncio.to_thread(broker.adopt_queue, name, partition.uid,
-                                    partition.attributes, leader.epoch)
-            await role.start(lambda: broker._core_of(name))
-        except QueueDamagedError as exc:
-            await self._leave_damaged(partition, leader.epoch, exc)
-        except (EngineError, OSError) as exc:
-            _log.error("queue %s: cannot lead: %s", name, exc)
-            self.step_down(name, f"cannot open the queue: {exc}")
+            async with self._elections:
+                if not self._closed:
+                    await self._lead(partition)
+        except EngineError as exc:
+            _log.warning("queue %s: cannot stand for leader: %s", name, exc)
+            self._later(name, RETRY_S)
+        finally:
+            self._electing.discard(name)
+            if name in self._recheck:
+                self._recheck.discard(name)
+                self._mark([name])
+
+    async def _lead(self, partition: Partition) -> None:
+        lease_id = self.lease.lease_id
+        if lease_id is None:
+            return
+        name = partition.name
+        losses = self.lease.losses
+        # Registered before the election: the leader key may be seen (by a watch, here
+        # or elsewhere) before this task runs again.
+        opening = self._opening[name] = asyncio.Event()
+        try:
+            leader = await self.control.elect(partition, self.node_id, lease_id)
+            if leader is None or self.lease.losses != losses:
+                return  # lost, or won under a lease lost since (the key went with it)
+            _log.warning("queue %s: leading in epoch %d (ISR %s)", name, leader.epoch,
+                         list(partition.isr))
+            await self._release_replica(name)
+            if self.lease.losses != losses:
+                return
+            broker = self.broker
+            assert broker is not None
+            role = LeaderRole(self, self.control, partition, leader.epoch,
+                              self.config.min_insync_replicas)
+            # No await since the check above: a lease lost from here on finds this role
+            # among those it steps down.
+            self.leading[name] = role
+            try:
+                await asyncio.to_thread(broker.adopt_queue, name, partition.uid,
+                                        partition.attributes, leader.epoch)
+                await role.start(lambda: broker._core_of(name))
+            except QueueDamagedError as exc:
+                await self._leave_damaged(partition, leader.epoch, exc)
+            except (EngineError, OSError) as exc:
+                _log.error("queue %s: cannot lead: %s", name, exc)
+                self.step_down(name, f"cannot open the queue: {exc}")
+        finally:
+            opening.set()
+            if self._opening.get(name) is opening:
+                del self._opening[name]
+
+    async def opened_here(self, name: str) -> None:
+        """Return once an election of this node for the queue is over and, if won, the
+        queue opened (at once if none is under way): a call sent as soon as the leader key
+        is seen - the answer to CreateQueue - must not find the queue missing on its new
+        leader."""
+        opening = self._opening.get(name)
+        if opening is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(opening.wait(), CREATE_WAIT_S)
 
     async def _leave_damaged(self, partition: Partition, epoch: int,
                              exc: QueueDamagedError) -> None:
@@ -566,34 +713,16 @@ class ClusterNode:
                    "salvage` on this node")
         self.step_down(name, "its copy here is damaged")
 
-    async def _drop_deleted(self, view: ClusterView, previous: ClusterView | None) -> None:
-        """Delete local copies of queues deleted from etcd (or made again under a new uid).
-
-        Only a deletion seen happen - a queue in the previous reading and not in this one
-        - deletes data. At start (no previous reading) local queues etcd does not know are
-        kept and reported: a node pointed at the wrong or an emptied etcd must not destroy
-        its data. A queue made again under the same name replaces its old copy.
-        """
+    async def _keep_unknown(self, view: ClusterView) -> None:
+        """At start, local queues etcd does not know are kept and reported: a node pointed
+        at the wrong or an emptied etcd must not destroy its data. Only a deletion seen
+        happen (in the watch, or between two whole reads) deletes a copy; a queue made
+        again under the same name (another uid) replaces its old copy."""
         broker = self.broker
         assert broker is not None
         for name in await asyncio.to_thread(broker.list_queues):
-            partition = view.partitions.get(name)
-            entry = broker.catalog.get(name)
-            if partition is None and previous is None:
+            if name not in view.partitions:
                 _log.warning("queue %s is stored here but unknown to etcd: kept", name)
-                continue
-            gone = partition is None and previous is not None and name in previous.partitions
-            replaced = partition is not None and entry is not None and entry.uid != partition.uid
-            if gone or replaced:
-                await self._drop_copy(name, "the queue was deleted")
-
-    def _held(self, view: ClusterView) -> set[str]:
-        """Queues with a copy here, as of a view no older than this node's last accepted
-        OPEN for them (an older view may not list this node among replicas yet)."""
-        assert self.broker is not None
-        return {name for name in self.broker.catalog.names()
-                if name in view.partitions
-                and view.partitions[name].revision >= self._accepted.get(name, 0)}
 
     async def _drop_copy(self, name: str, reason: str) -> None:
         """Delete this node's copy of a queue."""
@@ -619,21 +748,43 @@ class ClusterNode:
         rf = replication_factor or self.config.replication_factor
         attrs = QueueAttributes.from_dict(attributes)
         check_queue_name(name, attrs.fifo)
-        view = await self.control.view()  # fresh: a node that just joined counts
-        self._saw(view)
-        # Placed on the nodes alive now; the leader moves a replica to a node that comes
+        view = self.view
+        # Placed on the nodes alive now (the watched view: a node that just joined counts
+        # as soon as its key is written); the leader moves a replica to a node that comes
         # back within node_gone_s, as the ring over all members says.
-        replicas = self.placement(name, rf, list(view.nodes))
+        replicas = self.placement(name, rf, list(view.nodes)) if view is not None else []
         if not replicas:
             raise ControlUnavailableError("no live nodes to place the queue on")
         uid = secrets.randbits(63) or 1
         await self.control.create_partition(name, uid, attrs.to_dict(), replicas, rf)
+        await self._leader_elected(name)
+
+    async def _leader_elected(self, name: str) -> None:
+        """Return once the queue has a leader: as the watch reports it, or (should the
+        watch be broken) as etcd says, asked once a second."""
         deadline = time.monotonic() + CREATE_WAIT_S
-        while time.monotonic() < deadline:
-            if await self.control.leader(name) is not None:
+        loop = asyncio.get_running_loop()
+        while True:
+            view = self.view
+            if view is not None and name in view.leaders:
                 return
-            await asyncio.sleep(0.05)
-        raise ControlUnavailableError(f"queue {name!r} got no leader in {CREATE_WAIT_S:g} s")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ControlUnavailableError(
+                    f"queue {name!r} got no leader in {CREATE_WAIT_S:g} s")
+            waiter: asyncio.Future[None] = loop.create_future()
+            waiters = self._leader_waits.setdefault(name, [])
+            waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, min(left, 1.0))
+            except TimeoutError:
+                if await self.control.leader(name) is not None:
+                    return
+            finally:
+                if waiter in waiters:
+                    waiters.remove(waiter)
+                if not waiters and self._leader_waits.get(name) is waiters:
+                    del self._leader_waits[name]
 
     async def set_replication_factor(self, name: str, replication_factor: int | None) -> None:
         """Change a queue's replication factor; its leader moves replicas to match."""

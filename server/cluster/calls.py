@@ -159,6 +159,7 @@ class PartitionCalls:
 
     async def call(self, partition: str, op: str, *args: Any) -> Any:
         """``AsyncQueue(partition).<op>(*args)`` wherever the partition is led."""
+        await self.node.opened_here(partition)
         if partition in self.node.leading:
             try:
                 return await self.local(partition, op, args)
@@ -173,6 +174,7 @@ class PartitionCalls:
         return RESULTS[op](value)
 
     async def local(self, partition: str, op: str, args: Sequence[Any]) -> Any:
+        await self.node.opened_here(partition)
         queue = AsyncQueue(self.broker, partition)
         if op == "set_attributes":
             return await self.guard.run(queue.set_attributes, **args[0])

@@ -1,0 +1,92 @@
+"""Batched transactions of replication/control.py, against a real etcd (its default
+--max-txn-ops of 128): changes made together share a few transactions, each keeping its
+own compare. Negative control: past etcd's limit, a batch is refused whole."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from replication import control as control_module
+from replication.control import Control
+from replication.errors import ControlUnavailableError
+from tests.support.etcd import EtcdServer
+
+PREFIX = "/conveyor/"
+CHANGES = 300
+
+
+@pytest.fixture
+async def control(tmp_path: Path) -> AsyncIterator[Control]:
+    with EtcdServer(tmp_path / "etcd") as etcd:
+        made = Control(etcd.access(), PREFIX)
+        await made.connect()
+        try:
+            yield made
+        finally:
+            await made.close()
+
+
+async def _revision(control: Control) -> int:
+    return (await control.view()).revision
+
+
+def _names() -> list[str]:
+    return [f"q{i:03d}" for i in range(CHANGES)]
+
+
+async def test_changes_made_together_share_transactions_each_with_its_own_compare(
+        control: Control) -> None:
+    start = await _revision(control)
+    made = await asyncio.gather(*(control.create_partition(name, i + 1, {}, ["a", "b"], 2)
+                                  for i, name in enumerate(_names())))
+    assert all(made)
+    # A transaction per revision: at most 126 changes each (128 less the widest change's
+    # two operations), so 3, and not 300.
+    assert 3 <= await _revision(control) - start <= 10
+    view = await control.view()
+    assert sorted(view.partitions) == _names()
+
+    # Made again, each fails its own compare, and nothing is written.
+    start = await _revision(control)
+    again = await asyncio.gather(*(control.create_partition(name, 7, {}, ["a"], 1)
+                                   for name in _names()))
+    assert not any(again) and await _revision(control) == start
+
+    # A third have a leader already: those elections fail, the others succeed, together;
+    # each leader's epoch is its key's create revision.
+    lease = await control.grant(30)
+    led = _names()[::3]
+    assert all(await asyncio.gather(*(control.elect(view.partitions[name], "a", lease.id)
+                                      for name in led)))
+    leaders = await asyncio.gather(*(control.elect(view.partitions[name], "b", lease.id)
+                                     for name in _names()))
+    assert [name for name, leader in zip(_names(), leaders, strict=True)
+            if leader is not None] == [name for name in _names() if name not in led]
+    for name, leader in zip(_names()[:20], leaders[:20], strict=True):
+        stored = await control.leader(name)
+        assert stored is not None
+        assert stored.node_id == ("a" if name in led else "b")
+        if leader is not None:
+            assert stored.epoch == leader.epoch
+
+    # Two changes of one key never share a transaction (etcd would refuse it, and both
+    # compares would hold in it): from one reading, the second fails its compare.
+    partition = (await control.view()).partitions["q001"]
+    epoch = (await control.leader("q001")).epoch  # type: ignore[union-attr]
+    first, second = await asyncio.gather(
+        control.set_members(partition, epoch, ("a", "b"), ("a",)),
+        control.set_members(partition, epoch, ("a", "b"), ("b",)))
+    assert first is not None and second is None
+    assert (await control.partition("q001")) == first
+
+
+async def test_negative_control_past_etcds_limit_a_batch_is_refused(
+        control: Control, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(control_module, "TXN_OPS_MAX", 2 * control_module.TXN_OPS_MAX)
+    with pytest.raises(ControlUnavailableError, match="too many operations"):
+        await asyncio.gather(*(control.create_partition(name, i + 1, {}, ["a"], 1)
+                               for i, name in enumerate(_names())))
