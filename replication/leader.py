@@ -355,7 +355,10 @@ class LeaderRole:
         if self._waiters or self._isr_busy:
             return False
         me = self.node.node_id
-        return all(m == me or self.acked.get(m, -1) >= end for m in self.partition.isr)
+        # A connected follower outside the ISR catching up counts too: it rejoins when the
+        # check sees it hold what the ISR has committed.
+        return all(m == me or self.acked.get(m, -1) >= end
+                   for m in (*self.partition.isr, *self._connected))
 
     # -- the ISR ----------------------------------------------------------------------------
 

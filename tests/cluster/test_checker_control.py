@@ -54,6 +54,7 @@ def _kill_all_under_load(root: Path, fsync: str) -> Report:
         return check(history)
 
 
+@pytest.mark.faults  # the counterpart of the controls; every cluster test checks this too
 def test_nothing_lost_with_fsync(tmp_path: Path) -> None:
     report = _kill_all_under_load(tmp_path, "always")
     assert report.ok, str(report)
