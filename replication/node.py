@@ -71,6 +71,8 @@ RETRY_S = 1.0
 ELECTIONS_MAX = 256
 # Partitions reconciled between two yields of the event loop (a whole pass, at start or
 # after a compaction, does not hold the loop).
+# Each step of a shutdown gets this long (see ClusterNode._bounded).
+CLOSE_STEP_S = 3.0
 RECONCILE_SLICE = 256
 REPLICATION_FACTOR = 3
 MIN_INSYNC_REPLICAS = 2
@@ -207,17 +209,29 @@ class ClusterNode:
                 await task
         for name in list(self.leading):
             self.step_down(name, "shutting down")
-        for task in list(self._stopping):
-            with contextlib.suppress(Exception):
-                await task
-        await self.links.close()
-        await self.listener.close()
+        if self._stopping:
+            await self._bounded("stepping down", asyncio.gather(
+                *self._stopping, return_exceptions=True))
+        await self._bounded("closing replication links", self.links.close())
+        await self._bounded("closing the inter-node port", self.listener.close())
         for replica in self.replicas.values():
             await asyncio.to_thread(replica.close)
         self.replicas.clear()
         # The lease revoked: leadership passes at once rather than when it runs out.
-        await self.lease.stop()
-        await self.control.close()
+        await self._bounded("revoking the lease", self.lease.stop())
+        await self._bounded("closing the etcd client", self.control.close())
+
+    async def _bounded(self, step: str, work: Any) -> None:
+        """One step of a shutdown, given CLOSE_STEP_S: everything acknowledged is on disk
+        already, so a step that hangs (a peer or etcd that stopped answering) is logged and
+        passed rather than holding the process up."""
+        try:
+            await asyncio.wait_for(work, CLOSE_STEP_S)
+        except TimeoutError:
+            _log.warning("shutting down: %s took more than %g s; going on", step,
+                         CLOSE_STEP_S)
+        except Exception as exc:  # a failed step must not keep the others from running
+            _log.warning("shutting down: %s failed: %s", step, exc)
 
     def lease_valid(self) -> bool:
         return self.lease.valid()
