@@ -21,7 +21,7 @@ from server.protection import masterkey
 from tests.support.certs import Pki
 from tests.support.etcd import EtcdCluster, EtcdServer
 from tests.support.faultproxy import FaultProxy
-from tests.support.server import Server, free_port
+from tests.support.server import Server, free_port, queue_dir
 
 ACCOUNT = "000000000000"
 
@@ -177,17 +177,10 @@ def local_queues(data_dir: Path) -> set[str]:
 
 def read_log(data_dir: Path, queue: str, account: str = ACCOUNT) -> bytes:
     """Every batch of a stopped node's copy of a queue's log, as stored."""
-    from engine.catalog import Catalog
     from engine.log import Log
     from replication.history import batch_end
 
-    catalog = Catalog(str(data_dir / "catalog.sqlite3"))
-    try:
-        entry = catalog.get(f"{account}/{queue}")
-    finally:
-        catalog.close()
-    assert entry is not None, f"{data_dir} holds no copy of {queue}"
-    log = Log(data_dir / "queues" / f"{entry.uid:016x}" / "log", fsync="never", lock=False)
+    log = Log(queue_dir(data_dir, queue, account) / "log", fsync="never", lock=False)
     try:
         chunks, offset = [], log.first_offset
         assert offset == 0, "a replica keeps its whole log"

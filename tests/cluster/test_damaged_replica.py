@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import botocore.exceptions
@@ -26,6 +27,14 @@ from tests.support.server import queue_dir
 BIG_BODY_BYTES = 1_000_000
 BIG_MESSAGES = 17
 SMALL_MESSAGES = 40
+
+
+def _flip(segment: Path, where: Callable[[int], int]) -> bytes:
+    """Flip one bit of the segment at where(its size); return its damaged bytes."""
+    raw = bytearray(segment.read_bytes())
+    raw[where(len(raw))] ^= 0x20
+    segment.write_bytes(bytes(raw))
+    return bytes(raw)
 
 
 def test_a_damaged_follower_copy_keeps_what_precedes_the_damage(tmp_path: Path) -> None:
@@ -46,9 +55,7 @@ def test_a_damaged_follower_copy_keeps_what_precedes_the_damage(tmp_path: Path) 
         directory = queue_dir(c.root / follower, "mended")
         sealed, damaged = sorted((directory / "log").glob(f"*{format.LOG_SUFFIX}"))
         kept = (sealed.stat().st_ino, sealed.read_bytes())
-        raw = bytearray(damaged.read_bytes())
-        raw[len(raw) - 2000] ^= 0x20  # among the small messages' batches
-        damaged.write_bytes(bytes(raw))
+        raw = _flip(damaged, lambda size: size - 2000)  # among the small messages' batches
 
         c.nodes[follower].start()
         c.wait_isr("mended", 3, timeout=30)
@@ -70,7 +77,7 @@ def test_a_damaged_follower_copy_keeps_what_precedes_the_damage(tmp_path: Path) 
         assert int(damaged.name.removesuffix(format.LOG_SUFFIX)) < report["refetched_from"]
         assert report["whole_because"] is None
         # The damaged segment was set aside as it was, not deleted.
-        assert (quarantine / "log" / damaged.name).read_bytes() == bytes(raw)
+        assert (quarantine / "log" / damaged.name).read_bytes() == raw
         assert f"kept records 0..{report['refetched_from'] - 1}," in log, log[-3000:]
 
 
@@ -91,9 +98,7 @@ def test_a_leader_elected_with_a_damaged_copy_hands_over_and_is_mended(tmp_path:
             c.kill(node)
         directory = queue_dir(c.root / first, "handover")
         [segment] = (directory / "log").glob(f"*{format.LOG_SUFFIX}")
-        raw = bytearray(segment.read_bytes())
-        raw[len(raw) // 2] ^= 0x20
-        segment.write_bytes(bytes(raw))
+        raw = _flip(segment, lambda size: size // 2)
         for node in c.nodes:
             c.restart(node)
 
@@ -116,7 +121,7 @@ def test_a_leader_elected_with_a_damaged_copy_hands_over_and_is_mended(tmp_path:
         assert all(copy == copies[leader] for copy in copies.values()), {
             n: len(copy) for n, copy in copies.items()}
         [kept] = (directory / "quarantine").iterdir()
-        assert (kept / "log" / segment.name).read_bytes() == bytes(raw)
+        assert (kept / "log" / segment.name).read_bytes() == raw
 
 
 # A node that leads again after each failed try says "leading in epoch" at each try: its
@@ -159,9 +164,8 @@ def test_the_only_in_sync_copy_damaged_waits_for_the_operators_salvage(
         shutil.copytree(directory / "log", pristine)
         [segment] = (directory / "log").glob(f"*{format.LOG_SUFFIX}")
         [behind] = (queue_dir(c.root / others[0], "stuck") / "log").glob("*.log")
-        raw = bytearray(segment.read_bytes())
-        raw[(behind.stat().st_size + len(raw)) // 2] ^= 0x20  # in what the keeper alone has
-        segment.write_bytes(bytes(raw))
+        # In what the keeper alone has.
+        _flip(segment, lambda size: (behind.stat().st_size + size) // 2)
         log = c.nodes[keeper].log
         start = len(log.read_text())
         for node in c.nodes:
@@ -239,9 +243,7 @@ def test_a_repaired_follower_leaves_the_isr_and_never_leads_short(tmp_path: Path
         c.kill(short)
         directory = queue_dir(c.root / short, "short")
         [segment] = (directory / "log").glob(f"*{format.LOG_SUFFIX}")
-        raw = bytearray(segment.read_bytes())
-        raw[len(raw) // 3] ^= 0x20
-        segment.write_bytes(bytes(raw))
+        _flip(segment, lambda size: size // 3)
         # What the leader sends this follower arrives late: the leader's OPEN starts the
         # repair, and the records it would send after are still on their way when it stops.
         c.proxies[short].delay(0.6)  # each way: the leader still gets a POSITION in 2 s
