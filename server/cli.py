@@ -259,10 +259,11 @@ def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, aut
                           cluster=cluster)
     loop = _event_loop()
     url = f"{'https' if tls_cert else 'http'}://{host}:{port}"
+    open_files = _open_files_at_hard_limit()
 
     def announce() -> None:
         click.echo(f"Conveyor serving {url} (data: {os.path.abspath(data_dir)}, "
-                   f"fsync={fsync}, auth={auth}, "
+                   f"fsync={fsync}, auth={auth}, open files={open_files}, "
                    f"loop={type(loop).__module__.split('.')[0]}"
                    + (f", node={cluster.node_id} in {etcd}" if cluster else "") + ")",
                    err=True)
@@ -318,6 +319,30 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+# With no hard limit, the soft one is raised this far (Linux's default fs.nr_open).
+OPEN_FILES_UNLIMITED_TARGET = 1024 * 1024
+
+
+def _open_files_at_hard_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit; return the limit.
+
+    Every open queue log holds a descriptor, as does every connection: a cluster node
+    holds a copy of thousands of queues, and the usual soft limit of 1,024 would fail
+    opens (EMFILE) long before memory ran out. The hard limit is the operator's ceiling
+    (systemd's LimitNOFILE, ulimit -Hn); the soft one is only a default."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = OPEN_FILES_UNLIMITED_TARGET if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft  # a ceiling the kernel refuses (above fs.nr_open): keep the default
+        return target
+    return soft
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:

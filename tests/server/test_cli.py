@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from engine import Broker, Log, ManualClock, format
 
 
@@ -132,3 +134,28 @@ def test_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
     done = conveyor("log", "info", os.path.join(tmp_path, "absent"))
     assert done.returncode == 2
     assert "is not a directory" in done.stderr
+
+
+def test_serve_raises_its_open_files_limit_to_the_hard_limit(tmp_path: Path) -> None:
+    """A server started with a low soft limit of open files (the usual 1,024, here 256)
+    runs with its hard limit: every open queue log and connection holds a descriptor."""
+    import resource
+
+    from tests.support.server import Server
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard limit here is {hard}: nothing to raise to")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the child inherits it
+    try:
+        server = Server(tmp_path / "data")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        assert server.process is not None
+        with open(f"/proc/{server.process.pid}/limits") as f:
+            line = next(line for line in f if line.startswith("Max open files"))
+        limit_soft, limit_hard = line.split()[3:5]
+        assert limit_soft == limit_hard and int(limit_soft) > 256, line
+    finally:
+        server.stop()
