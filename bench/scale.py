@@ -7,13 +7,16 @@ In one invocation it starts etcd and three ``conveyor serve --cluster`` nodes (R
 fsync always, access log off) twice:
 
 1. **small**: a cluster holding --small-queues queues (10); send10 (SendMessageBatch of
-   10, --concurrency requests in flight) at their leaders for --seconds: the baseline.
+   10, --concurrency requests in flight) at their leaders for --seconds: the baseline,
+   measured before the large cluster and again after it (the same cluster restarted),
+   so that the machine's drift shows.
 2. **large**: a cluster into which --queues queues are created through the SQS JSON API,
    --create-concurrency at a time, spread over the three nodes. Then:
    - creation: queues per second and every non-200 answer by status;
    - at rest: after --settle-s, CPU of each node and of etcd over --rest-s (percent of one
      core), node leases lost meanwhile (the node's own log line), and resident memory
-     per queue (RSS after creation less RSS before, over the queue count);
+     per queue (RSS after creation less RSS before, over the queue count), and each
+     node's established inter-node connections; with --py-spy, where n0's time goes;
    - under load: the same send10 on --small-queues of the queues, as a fraction of the
      small cluster's rate (what the idle queues cost), and on --load-queues of them;
    - a leader kill: the node leading most queues is killed (SIGKILL); the time until every
@@ -33,6 +36,7 @@ import collections
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -68,6 +72,7 @@ class Node:
     url: str
     process: subprocess.Popen[bytes]
     log: str
+    replication_port: int
 
     @property
     def pid(self) -> int:
@@ -114,19 +119,34 @@ def _start(root: str, fsync: str) -> Cluster:
     secret = f"{root}/cluster.secret"
     masterkey.load_or_create(secret)
     for i in range(3):
-        port = _free_port()
+        port, replication_port = _free_port(), _free_port()
         log = f"{root}/n{i}.log"
-        with open(log, "wb") as out:
+        with open(log, "ab") as out:
             process = subprocess.Popen(
                 [sys.executable, "-m", "server.cli", "serve", "--data-dir", f"{root}/n{i}",
                  "--port", str(port), "--fsync", fsync, "--no-access-log",
                  "--cluster", f"etcd://127.0.0.1:{client}", "--node-id", f"n{i}",
-                 "--replication-port", str(_free_port()), "--cluster-secret-file", secret],
+                 "--replication-port", str(replication_port), "--cluster-secret-file", secret],
                 stdout=out, stderr=subprocess.STDOUT)
-        cluster.nodes[f"n{i}"] = Node(f"n{i}", f"http://127.0.0.1:{port}/", process, log)
+        cluster.nodes[f"n{i}"] = Node(f"n{i}", f"http://127.0.0.1:{port}/", process, log,
+                                      replication_port)
     for node in cluster.nodes.values():
         _wait_ready(node.url + "readyz", timeout=60)
     return cluster
+
+
+def _restart(cluster: Cluster) -> Cluster:
+    """The same cluster (its etcd and nodes, on their data, ports and logs) started again."""
+    again = Cluster(cluster.root, subprocess.Popen(cluster.etcd.args, stdout=subprocess.DEVNULL,
+                                                   stderr=subprocess.DEVNULL))
+    for key, node in cluster.nodes.items():
+        with open(node.log, "ab") as out:
+            process = subprocess.Popen(node.process.args, stdout=out, stderr=subprocess.STDOUT)
+        again.nodes[key] = Node(node.node_id, node.url, process, node.log,
+                                node.replication_port)
+    for node in again.nodes.values():
+        _wait_ready(node.url + "readyz", timeout=60)
+    return again
 
 
 def _rss_bytes(pid: int) -> int:
@@ -135,6 +155,52 @@ def _rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _connections(pid: int, ports: set[int]) -> int:
+    """Established TCP connections of pid with a local or remote port in ports."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table}") as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+                if state == "01" and inode in inodes and (
+                        int(local.rpartition(":")[2], 16) in ports
+                        or int(remote.rpartition(":")[2], 16) in ports):
+                    count += 1
+    return count
+
+
+def _profile(py_spy: str, pid: int, seconds: float = 10) -> list[str]:
+    """Sample pid with py-spy; the functions most samples were in (own time, and with
+    what they called), as lines to print."""
+    with tempfile.NamedTemporaryFile(suffix=".txt") as out:
+        subprocess.run([py_spy, "record", "--format", "raw", "--duration", f"{seconds:g}",
+                        "--pid", str(pid), "--output", out.name, "--nonblocking"],
+                       check=True, capture_output=True)
+        with open(out.name) as lines:
+            stacks = [line.rpartition(" ") for line in lines if line.strip()]
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    for stack, _, count in stacks:
+        # "function (file:line)" -> "function (file)": a function's lines count as one
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        own[frames[-1]] += int(count)
+        for frame in set(frames):
+            total[frame] += int(count)
+    samples = max(sum(own.values()), 1)
+    lines_out = [f"{samples} samples in {seconds:g} s"]
+    for title, table in (("own", own), ("with callees", total)):
+        lines_out.append(f"-- {title}")
+        lines_out += [f"{n / samples * 100:5.1f}%  {frame}" for frame, n in table.most_common(25)]
+    return lines_out
 
 
 def _cluster_state(cluster: Cluster) -> dict[str, Any]:
@@ -266,8 +332,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         few = [_name(i) for i in range(args.small_queues)]
         asyncio.run(_create(small, few, args.create_concurrency))
         _wait_led(small, few, 60)
-        report["small_send10"] = asyncio.run(_send10(small, few, args.seconds,
-                                                     args.concurrency, body))
+        # The baseline is measured before the large cluster and again after it (the same
+        # small cluster restarted): the machine's drift shows as the two differing.
+        report["small_send10_rounds"] = [asyncio.run(_send10(small, few, args.seconds,
+                                                             args.concurrency, body))]
         small.stop()
 
         large = _start(f"{tmp}/large", args.fsync)
@@ -289,12 +357,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["leases_lost_total"] = {k: n.leases_lost() for k, n in large.nodes.items()}
         report["rss_bytes_per_queue"] = {
             k: (_rss_bytes(n.pid) - rss0[k]) / args.queues for k, n in large.nodes.items()}
+        ports = {n.replication_port for n in large.nodes.values()}
+        report["inter_node_connections"] = {k: _connections(n.pid, ports)
+                                            for k, n in large.nodes.items()}
+        if args.py_spy:
+            report["profile_n0_at_rest"] = _profile(args.py_spy, large.nodes["n0"].pid)
         load = names[: args.load_queues]
         _wait_led(large, load, 60)
         report["large_send10"] = asyncio.run(_send10(large, few, args.seconds,
                                                      args.concurrency, body))
-        report["send10_ratio"] = (report["large_send10"]["messages_per_s"]
-                                  / report["small_send10"]["messages_per_s"])
         report["large_send10_spread"] = asyncio.run(_send10(large, load, args.seconds,
                                                             args.concurrency, body))
 
@@ -314,6 +385,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["kill"]["acknowledged"] = sum(map(len, sent.values()))
         report["kill"]["lost"] = sum(map(len, lost.values()))
         report["kill"]["unsent_delivered"] = sum(len(got[n] - sent[n]) for n in sample)
+        large.stop()
+
+        small = _restart(small)
+        clusters.append(small)
+        _wait_led(small, few, 60)
+        report["small_send10_rounds"].append(asyncio.run(_send10(
+            small, few, args.seconds, args.concurrency, body)))
+        rates = [r["messages_per_s"] for r in report["small_send10_rounds"]]
+        report["small_send10"] = {"messages_per_s": sum(rates) / len(rates)}
+        report["send10_ratio"] = (report["large_send10"]["messages_per_s"]
+                                  / report["small_send10"]["messages_per_s"])
         return report
     finally:
         for cluster in clusters:
@@ -333,7 +415,9 @@ def _print(report: dict[str, Any]) -> None:
         ("leases lost in all", str(report["leases_lost_total"])),
         ("resident bytes per queue", ", ".join(
             f"{k} {v:,.0f}" for k, v in report["rss_bytes_per_queue"].items())),
-        ("send10, small cluster, msg/s", f"{report['small_send10']['messages_per_s']:,.0f}"),
+        ("inter-node connections per node", str(report["inter_node_connections"])),
+        ("send10, small cluster (before, after), msg/s", ", ".join(
+            f"{r['messages_per_s']:,.0f}" for r in report["small_send10_rounds"])),
         ("send10, large cluster, same queues, msg/s",
          f"{report['large_send10']['messages_per_s']:,.0f}"),
         ("send10 large / small", f"{report['send10_ratio']:.2f}x"),
@@ -348,6 +432,8 @@ def _print(report: dict[str, Any]) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    for line in report.get("profile_n0_at_rest", []):
+        print(f"n0 at rest: {line}")
 
 
 def main() -> None:
@@ -366,6 +452,9 @@ def main() -> None:
     parser.add_argument("--history-messages", type=int, default=10)
     parser.add_argument("--kill-timeout-s", type=float, default=120)
     parser.add_argument("--json", help="Also write the report here.")
+    parser.add_argument("--py-spy", default="",
+                        help="a py-spy binary: sample n0 at rest for 10 s and print where "
+                             "its time goes")
     args = parser.parse_args()
     report = run(args)
     _print(report)
