@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 
 import xxhash
@@ -31,6 +32,7 @@ _ORIGIN = struct.Struct("<BQQI")
 _SNAPSHOT_HEAD = struct.Struct("<4sQBQ")
 _NO_ID = b"\0" * 16
 MOVING = 3
+_CHECK_CHUNK_BYTES = 1 << 20
 
 
 def _opt_str(value: str | None) -> bytes:
@@ -135,6 +137,57 @@ def encode_snapshot(state: State, next_offset: int) -> bytes:
     checksum = xxhash.xxh3_64_intdigest(tail + body)
     return _SNAPSHOT_HEAD.pack(fmt.SNAPSHOT_MAGIC, checksum, fmt.SNAPSHOT_VERSION,
                                next_offset) + body
+
+
+def check_snapshot(data: bytes | memoryview, path: str = "snapshot") -> int:
+    """The offset a whole snapshot file's state is at, once its header and checksum are
+    checked (the state is not decoded: a replica that installs a snapshot it was sent
+    checks it so, engine/install.py). Raises CorruptSnapshotError."""
+    if len(data) < _SNAPSHOT_HEAD.size:
+        raise CorruptSnapshotError(path, "shorter than the snapshot header", len(data))
+    magic, checksum, version, next_offset = _SNAPSHOT_HEAD.unpack_from(data, 0)
+    if magic != fmt.SNAPSHOT_MAGIC:
+        raise CorruptSnapshotError(path, "bad magic")
+    if xxhash.xxh3_64_intdigest(data[12:]) != checksum:
+        raise CorruptSnapshotError(path, "checksum mismatch")
+    if version not in fmt.SNAPSHOT_VERSIONS_READ:
+        raise CorruptSnapshotError(path, f"version {version} is not one this build reads", 12)
+    return int(next_offset)
+
+
+def check_snapshot_fd(fd: int, path: str = "snapshot") -> int:
+    """check_snapshot for an open file, read a chunk at a time (a leader about to ship
+    it checks it first, without holding it all in memory)."""
+    head = os.pread(fd, _SNAPSHOT_HEAD.size, 0)
+    if len(head) < _SNAPSHOT_HEAD.size:
+        raise CorruptSnapshotError(path, "shorter than the snapshot header", len(head))
+    magic, checksum, version, next_offset = _SNAPSHOT_HEAD.unpack_from(head, 0)
+    if magic != fmt.SNAPSHOT_MAGIC:
+        raise CorruptSnapshotError(path, "bad magic")
+    if version not in fmt.SNAPSHOT_VERSIONS_READ:
+        raise CorruptSnapshotError(path, f"version {version} is not one this build reads", 12)
+    hasher = xxhash.xxh3_64()
+    at = 12
+    while chunk := os.pread(fd, _CHECK_CHUNK_BYTES, at):
+        hasher.update(chunk)
+        at += len(chunk)
+    if hasher.intdigest() != checksum:
+        raise CorruptSnapshotError(path, "checksum mismatch")
+    return int(next_offset)
+
+
+def snapshot_offset(path: str) -> int | None:
+    """The offset in a snapshot file's header, unchecked (None: no file). For a cut that
+    must know whether the snapshot describes records it removes; the checksum is checked
+    when the file is read to be used."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SNAPSHOT_HEAD.size)
+    except FileNotFoundError:
+        return None
+    if len(head) < _SNAPSHOT_HEAD.size or head[:4] != fmt.SNAPSHOT_MAGIC:
+        raise CorruptSnapshotError(path, "bad header")
+    return int(_SNAPSHOT_HEAD.unpack_from(head, 0)[3])
 
 
 def decode_snapshot(data: bytes, path: str = "snapshot") -> tuple[State, int]:

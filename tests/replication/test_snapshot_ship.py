@@ -1,0 +1,194 @@
+"""Snapshot shipping: a follower far behind is sent the queue's state, not its history.
+
+In one process, against the control plane held in memory (tests/replication/test_roles.py
+has the fixtures): real brokers, real logs and snapshots on disk, real TCP on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from engine import AsyncQueue
+from engine.install import JOURNAL_FILE, read_epochs
+from engine.log import Log
+from engine.queue import SNAPSHOT_FILE, read_snapshot, replay
+from engine.snapshot import snapshot_offset, state_digest
+from replication import leader as leader_module
+from replication import link as link_module
+from replication.history import batch_end
+from tests.replication.test_roles import (
+    QUEUE,
+    Cluster,
+    FakeNode,
+    eventually,
+    log_bytes,
+)
+from tests.support.faultproxy import FaultProxy
+
+BODY = b"x" * 2000
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
+    """test_roles' cluster, with rules sized for logs of a few MiB, as a test makes in a
+    second (the rule, not its scale)."""
+    monkeypatch.setattr(link_module, "RETRY_S", 0.05)
+    monkeypatch.setattr(leader_module, "SNAPSHOT_SHIP_LOG_BYTES_MIN", 64 * 1024)
+    monkeypatch.setattr(leader_module, "REPLICA_LAG_S", 0.3)
+    running = Cluster(tmp_path)
+    try:
+        yield running
+    finally:
+        for node in running.nodes.values():
+            await node.close()
+
+
+async def churn(queue: AsyncQueue, rounds: int, keep: int = 0) -> None:
+    """Sends, receives and deletes: a log many times the queue's state. keep messages are
+    left in the queue at the end (state to ship)."""
+    for i in range(rounds):
+        await queue.send_batch([b"%d-%d." % (i, j) + BODY for j in range(10)])
+        received = await queue.receive(max_messages=10, visibility_timeout=30)
+        await queue.delete_batch([m.receipt for m in received])
+    for i in range(keep):
+        await queue.send(b"kept-%d." % i + BODY)
+
+
+def replica_digest(node: FakeNode) -> str:
+    replica = node.replicas[QUEUE]
+    state, _ = replay(replica.log, read_snapshot(replica.directory))
+    return state_digest(state)
+
+
+def leader_digest(node: FakeNode) -> str:
+    core = node.broker.open_core(QUEUE)
+    assert core is not None
+    return core.digest()
+
+
+async def start_leader(nodes: Cluster, replicas: tuple[str, ...]) -> FakeNode:
+    leader = await nodes.add("l")
+    nodes.control.create(QUEUE, replicas)
+    epoch = nodes.control.elect(QUEUE, "l")
+    await leader.lead(QUEUE, epoch, min_insync=1)
+    return leader
+
+
+async def test_a_new_follower_is_sent_the_snapshot_then_the_tail_and_can_lead(
+        nodes: Cluster) -> None:
+    leader = await start_leader(nodes, ("l", "f"))
+    queue = AsyncQueue(leader.broker, QUEUE)
+    await churn(queue, 120, keep=50)
+    core = leader.broker.open_core(QUEUE)
+    assert core is not None
+    assert core.maybe_snapshot(force=True)
+    offset = snapshot_offset(os.path.join(core.directory, SNAPSHOT_FILE))
+    assert offset is not None
+    snapshot_bytes = os.path.getsize(os.path.join(core.directory, SNAPSHOT_FILE))
+    assert core.log.size_bytes > 20 * snapshot_bytes  # churn: the log dwarfs the state
+    await queue.send(b"after the snapshot")  # a tail to ship after it
+
+    follower = await nodes.add("f")
+    await eventually(lambda: nodes.control.isr(QUEUE) == ("l", "f"), "f joins the ISR")
+    replica = follower.replicas[QUEUE]
+    # The snapshot, then the log from the oldest live message's body: nothing before it
+    # was shipped.
+    oldest = core.oldest_location()
+    assert oldest is not None and 0 < oldest < offset
+    assert replica.log.first_offset == oldest
+    assert leader.leading[QUEUE]._streams["f"].snapshots == 1
+    with open(os.path.join(replica.directory, SNAPSHOT_FILE), "rb") as f, \
+            open(os.path.join(core.directory, SNAPSHOT_FILE), "rb") as g:
+        assert f.read() == g.read()
+    assert replica.history.entries == leader.leading[QUEUE]._history.entries
+    assert read_epochs(replica.directory) == [e for e in replica.history.entries
+                                              if e[1] < oldest]
+    assert not os.path.exists(os.path.join(replica.directory, JOURNAL_FILE))
+    await churn(queue, 5, keep=3)
+    await eventually(lambda: follower.log(QUEUE).next_offset == core.log.next_offset,
+                     "f holds the tail")
+    assert log_bytes(follower.log(QUEUE)) == log_bytes_from(core.log, oldest)
+    digest = leader_digest(leader)
+    visible = core.stats().visible
+    assert replica_digest(follower) == digest
+
+    # The copy installed from the snapshot leads: its queue opens from snapshot + tail.
+    leader.step_down(QUEUE, "its lease ran out")
+    await leader.settled()
+    epoch = nodes.control.elect(QUEUE, "f")
+    await follower.lead(QUEUE, epoch, min_insync=1)
+    assert leader_digest(follower) == digest
+    bodies = []
+    moved = AsyncQueue(follower.broker, QUEUE)
+    while batch := await moved.receive(max_messages=10, visibility_timeout=60):
+        bodies.extend(m.body for m in batch)
+    # Every body is read from the log shipped after the install.
+    assert len(bodies) == visible > 40
+    assert all(body.endswith(BODY) or body == b"after the snapshot" for body in bodies)
+
+
+def log_bytes_from(log: Log, offset: int) -> bytes:
+    chunks = []
+    while offset < log.next_offset:
+        chunk = log.read_raw(offset, 1 << 20)
+        chunks.append(chunk)
+        offset = batch_end(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("above_commit", [False, True], ids=["rule", "negative_control"])
+async def test_a_snapshot_above_the_commit_offset_is_not_shipped(
+        nodes: Cluster, monkeypatch: pytest.MonkeyPatch, above_commit: bool) -> None:
+    """g stays in the ISR and acknowledges nothing: the commit offset stops, the leader's
+    log goes on, and its snapshot is taken above the commit offset. f, new, must not be
+    sent it (records above commit may be cut); it is once g catches up. The negative
+    control ships it anyway (leader.SHIP_ABOVE_COMMIT): the check must see it."""
+    monkeypatch.setattr(leader_module, "SHIP_ABOVE_COMMIT", above_commit)
+    monkeypatch.setattr(leader_module, "REPLICA_LAG_S", 60.0)
+    g = await nodes.add("g")
+    with FaultProxy(*g.address) as proxy:
+        g.advertised = ("127.0.0.1", proxy.port)
+        leader = await start_leader(nodes, ("l", "g", "f"))
+        role = leader.leading[QUEUE]
+        # f is in the replicas but not up yet: out of the ISR from the start.
+        partition = dataclasses.replace(nodes.control.partitions[QUEUE], isr=("l", "g"))
+        nodes.control.partitions[QUEUE] = partition
+        role._set_partition(partition)
+        queue = AsyncQueue(leader.broker, QUEUE)
+        await churn(queue, 60, keep=20)
+        core = leader.broker.open_core(QUEUE)
+        assert core is not None
+        proxy.blackhole()
+        monkeypatch.setattr(leader_module, "COMMIT_WAIT_S", 0.3)
+        results = await asyncio.gather(*(queue.send(b"uncommitted-%d" % i)
+                                         for i in range(5)), return_exceptions=True)
+        assert all(isinstance(r, Exception) for r in results)
+        commit = role.commit_offset()
+        assert core.maybe_snapshot(force=True)
+        above = snapshot_offset(os.path.join(core.directory, SNAPSHOT_FILE))
+        assert above is not None and above > commit
+
+        follower = await nodes.add("f")
+        await asyncio.sleep(1.0)  # several tries of its stream
+        stream = role._streams["f"]
+        replica = follower.replicas.get(QUEUE)
+        shipped = replica is not None and replica.log.first_offset > 0
+        if above_commit:
+            assert shipped, "the check missed a snapshot shipped above the commit offset"
+            return
+        assert stream.opens >= 2
+        assert not shipped, (f"f was sent the snapshot at {above}, above the commit "
+                             f"offset {commit}")
+        proxy.cut()
+        proxy.heal()
+        await eventually(lambda: role.commit_offset() >= above, "g catches up")
+        await eventually(lambda: stream.snapshots == 1 and stream.state == "streaming",
+                         "then f is sent the snapshot")
+    assert os.path.exists(os.path.join(follower.replicas[QUEUE].directory, SNAPSHOT_FILE))
+    assert follower.replicas[QUEUE].log.first_offset > 0
