@@ -666,13 +666,6 @@ class QueueCore:
         with self._lock:
             return state_digest(self.state)
 
-    def oldest_location(self) -> int | None:
-        """The lowest log offset a live message's body is at (None: no live message). A
-        replica sent a snapshot needs the log from there too (replication.leader)."""
-        with self._lock:
-            oldest: int | None = self.state.oldest_location()
-            return oldest
-
     # -- snapshots --------------------------------------------------------------------------
 
     def snapshot_due(self) -> bool:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 
 import xxhash
@@ -32,7 +31,6 @@ _ORIGIN = struct.Struct("<BQQI")
 _SNAPSHOT_HEAD = struct.Struct("<4sQBQ")
 _NO_ID = b"\0" * 16
 MOVING = 3
-_CHECK_CHUNK_BYTES = 1 << 20
 
 
 def _opt_str(value: str | None) -> bytes:
@@ -139,10 +137,9 @@ def encode_snapshot(state: State, next_offset: int) -> bytes:
                                next_offset) + body
 
 
-def check_snapshot(data: bytes | memoryview, path: str = "snapshot") -> int:
-    """The offset a whole snapshot file's state is at, once its header and checksum are
-    checked (the state is not decoded: a replica that installs a snapshot it was sent
-    checks it so, engine/install.py). Raises CorruptSnapshotError."""
+def _checked_head(data: bytes | memoryview, path: str) -> tuple[int, int]:
+    """(version, offset) of a whole snapshot file, once its magic, checksum and version
+    are checked. Raises CorruptSnapshotError."""
     if len(data) < _SNAPSHOT_HEAD.size:
         raise CorruptSnapshotError(path, "shorter than the snapshot header", len(data))
     magic, checksum, version, next_offset = _SNAPSHOT_HEAD.unpack_from(data, 0)
@@ -152,28 +149,43 @@ def check_snapshot(data: bytes | memoryview, path: str = "snapshot") -> int:
         raise CorruptSnapshotError(path, "checksum mismatch")
     if version not in fmt.SNAPSHOT_VERSIONS_READ:
         raise CorruptSnapshotError(path, f"version {version} is not one this build reads", 12)
-    return int(next_offset)
+    return int(version), int(next_offset)
 
 
-def check_snapshot_fd(fd: int, path: str = "snapshot") -> int:
-    """check_snapshot for an open file, read a chunk at a time (a leader about to ship
-    it checks it first, without holding it all in memory)."""
-    head = os.pread(fd, _SNAPSHOT_HEAD.size, 0)
-    if len(head) < _SNAPSHOT_HEAD.size:
-        raise CorruptSnapshotError(path, "shorter than the snapshot header", len(head))
-    magic, checksum, version, next_offset = _SNAPSHOT_HEAD.unpack_from(head, 0)
-    if magic != fmt.SNAPSHOT_MAGIC:
-        raise CorruptSnapshotError(path, "bad magic")
-    if version not in fmt.SNAPSHOT_VERSIONS_READ:
-        raise CorruptSnapshotError(path, f"version {version} is not one this build reads", 12)
-    hasher = xxhash.xxh3_64()
-    at = 12
-    while chunk := os.pread(fd, _CHECK_CHUNK_BYTES, at):
-        hasher.update(chunk)
-        at += len(chunk)
-    if hasher.intdigest() != checksum:
-        raise CorruptSnapshotError(path, "checksum mismatch")
-    return int(next_offset)
+def check_snapshot(data: bytes | memoryview, path: str = "snapshot") -> int:
+    """The offset a whole snapshot file's state is at, once its header and checksum are
+    checked (the state is not decoded: a replica that installs a snapshot it was sent
+    checks it so, engine/install.py). Raises CorruptSnapshotError."""
+    return _checked_head(data, path)[1]
+
+
+def log_floor(data: bytes, path: str = "snapshot") -> tuple[int, int]:
+    """(offset, floor) of a whole snapshot file: the state is at offset, and floor is the
+    lowest log offset it needs, the oldest of its messages' bodies (at most offset).
+
+    A replica installed from the snapshot needs the log from floor: its state points at
+    those bodies. Records after offset may delete some of them, but they may also be cut
+    by a later leader, so only the snapshot's own state says what is needed. Read
+    without building the state (no object per message). Raises CorruptSnapshotError."""
+    offset = _checked_head(data, path)[1]
+    try:
+        view = memoryview(zstandard.ZstdDecompressor().decompress(data[_SNAPSHOT_HEAD.size:]))
+        count = _STATE_HEAD.unpack_from(view, 0)[3]
+        pos = _STATE_HEAD.size + 48  # the counters
+        pos += 4 + struct.unpack_from("<I", view, pos)[0]  # the configuration
+        floor = offset
+        for _ in range(count):
+            location = _MESSAGE.unpack_from(view, pos)[1]
+            floor = min(floor, location)
+            pos += _MESSAGE.size
+            for _ in range(2):  # group, dedup: u16 length (0xffff: none), bytes
+                (n,) = struct.unpack_from("<H", view, pos)
+                pos += 2 + (n if n != 0xFFFF else 0)
+            pos += 16 + _ORIGIN.size  # message id, origin
+    except (ValueError, struct.error, zstandard.ZstdError) as exc:
+        raise CorruptSnapshotError(path, f"state does not decode: {exc}",
+                                   _SNAPSHOT_HEAD.size) from exc
+    return offset, int(floor)
 
 
 def snapshot_offset(path: str) -> int | None:
@@ -197,15 +209,7 @@ def decode_snapshot(data: bytes, path: str = "snapshot") -> tuple[State, int]:
     checksum catches damage, and whatever passes it and still does not decode (a file of
     another build, say) is refused the same way rather than as a ValueError of its own.
     """
-    if len(data) < _SNAPSHOT_HEAD.size:
-        raise CorruptSnapshotError(path, "shorter than the snapshot header", len(data))
-    magic, checksum, version, next_offset = _SNAPSHOT_HEAD.unpack_from(data, 0)
-    if magic != fmt.SNAPSHOT_MAGIC:
-        raise CorruptSnapshotError(path, "bad magic")
-    if xxhash.xxh3_64_intdigest(data[12:]) != checksum:
-        raise CorruptSnapshotError(path, "checksum mismatch")
-    if version not in fmt.SNAPSHOT_VERSIONS_READ:
-        raise CorruptSnapshotError(path, f"version {version} is not one this build reads", 12)
+    version, next_offset = _checked_head(data, path)
     try:
         body = zstandard.ZstdDecompressor().decompress(data[_SNAPSHOT_HEAD.size :])
         return decode_state(body, version), next_offset

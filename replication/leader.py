@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from engine import install
 from engine.errors import EngineError
 from engine.queue import SNAPSHOT_FILE
-from engine.snapshot import check_snapshot_fd
+from engine.snapshot import log_floor
 from replication import frames as fr
 from replication import link as link_module
 from replication.control import Leader, Partition
@@ -909,15 +909,15 @@ def _snapshot_to_ship(core: QueueCore, offset: int) -> _Shipment | None:
         return None
     try:
         size = os.fstat(fd).st_size
-        at = check_snapshot_fd(fd, path)
+        data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+        # Checked whole, and the log it needs read off its own state (the oldest body of
+        # a message it holds): what records after it delete may yet be cut.
+        at, needed = log_floor(data, path)
+        del data
     except BaseException:
         os.close(fd)
         raise
-    # The state holds where each live message's body is in the log: the follower needs
-    # the log from the oldest of them (now; any older is of a message gone since, and the
-    # snapshot's state never reads bodies). The snapshot saves the log before that.
-    oldest = core.oldest_location()
-    log_from = at if oldest is None else max(min(oldest, at), log.first_offset)
+    log_from = max(needed, log.first_offset)
     if log_from <= offset or not (behind or log.approx_bytes(offset, log_from) >= floor):
         os.close(fd)
         return None

@@ -25,7 +25,7 @@ from engine.errors import LogError
 from engine.install import EPOCHS_FILE, INCOMING_FILE, JOURNAL_FILE, read_epochs
 from engine.queue import SNAPSHOT_FILE, read_snapshot, replay
 from engine.repair import MENDING_FILE
-from engine.snapshot import snapshot_offset, state_digest
+from engine.snapshot import log_floor, snapshot_offset, state_digest
 from replication.follower import Replica
 from replication.history import batch_end
 
@@ -65,8 +65,9 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Source:
         assert core.maybe_snapshot(force=True)
         directory = _queue_dir(broker, "q")
         offset = snapshot_offset(str(directory / SNAPSHOT_FILE))
-        log_from = core.oldest_location()
-        assert offset is not None and log_from is not None and 0 < log_from < offset
+        with open(directory / SNAPSHOT_FILE, "rb") as f:
+            log_from = log_floor(f.read())[1]
+        assert offset is not None and 0 < log_from < offset
         queue.send(b"tail")
         tail, at = [], log_from
         while at < core.log.next_offset:

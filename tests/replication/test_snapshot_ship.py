@@ -18,7 +18,7 @@ from engine import AsyncQueue
 from engine.install import JOURNAL_FILE, read_epochs
 from engine.log import Log
 from engine.queue import SNAPSHOT_FILE, read_snapshot, replay
-from engine.snapshot import snapshot_offset, state_digest
+from engine.snapshot import log_floor, snapshot_offset, state_digest
 from replication import leader as leader_module
 from replication import link as link_module
 from replication.history import batch_end
@@ -99,8 +99,8 @@ async def test_a_new_follower_is_sent_the_snapshot_then_the_tail_and_can_lead(
     replica = follower.replicas[QUEUE]
     # The snapshot, then the log from the oldest live message's body: nothing before it
     # was shipped.
-    oldest = core.oldest_location()
-    assert oldest is not None and 0 < oldest < offset
+    oldest = shipped_floor(core.directory)
+    assert 0 < oldest < offset
     assert replica.log.first_offset == oldest
     assert leader.leading[QUEUE]._streams["f"].snapshots == 1
     with open(os.path.join(replica.directory, SNAPSHOT_FILE), "rb") as f, \
@@ -131,6 +131,40 @@ async def test_a_new_follower_is_sent_the_snapshot_then_the_tail_and_can_lead(
     # Every body is read from the log shipped after the install.
     assert len(bodies) == visible > 40
     assert all(body.endswith(BODY) or body == b"after the snapshot" for body in bodies)
+
+
+def shipped_floor(directory: str) -> int:
+    """Where a replica installed from the queue's snapshot starts its log: the oldest body
+    a message of the snapshot's state has."""
+    with open(os.path.join(directory, SNAPSHOT_FILE), "rb") as f:
+        return log_floor(f.read())[1]
+
+
+async def test_the_log_sent_after_a_snapshot_starts_at_the_snapshots_oldest_body(
+        nodes: Cluster) -> None:
+    """Messages deleted after the snapshot was taken still have their bodies sent: the
+    delete may be above the commit offset, and cut by a later leader, and the copy must
+    then hold those bodies. So the log starts at the snapshot's oldest body, not the
+    oldest body live now (the rule before: f would start past the deleted one's)."""
+    leader = await start_leader(nodes, ("l", "f"))
+    queue = AsyncQueue(leader.broker, QUEUE)
+    await churn(queue, 120, keep=5)
+    core = leader.broker.open_core(QUEUE)
+    assert core is not None
+    assert core.maybe_snapshot(force=True)
+    floor = shipped_floor(core.directory)
+    # The oldest kept message goes after the snapshot: the state now needs less log.
+    received = await queue.receive(max_messages=1, visibility_timeout=30)
+    assert received and received[0].body.startswith(b"kept-0.")
+    await queue.delete(received[0].receipt)
+    live_oldest = core.state.oldest_location()
+    assert live_oldest is not None and live_oldest > floor
+
+    follower = await nodes.add("f")
+    await eventually(lambda: nodes.control.isr(QUEUE) == ("l", "f"), "f joins the ISR")
+    assert leader.leading[QUEUE]._streams["f"].snapshots == 1
+    assert follower.replicas[QUEUE].log.first_offset == floor
+    assert log_bytes(follower.log(QUEUE)) == log_bytes_from(core.log, floor)
 
 
 def log_bytes_from(log: Log, offset: int) -> bytes:
