@@ -50,6 +50,7 @@ cdef class Segment:
 
     cdef int _ensure_fd(self) except -1
     cdef int _reserve_buf(self, size_t extra) except -1
+    cdef void _free_buf(self) noexcept
     cdef int _index_add(self, uint64_t offset, uint64_t pos) except -1
     cdef int _index_push(self, uint32_t rel, uint32_t pos) except -1
     cdef uint64_t _index_lookup(self, uint64_t offset, uint64_t* base_out) noexcept

@@ -753,6 +753,9 @@ cdef class Segment:
         cdef size_t n = self._buf_len
         cdef int fd
         if n == 0:
+            # Nothing appended since the last flush: the segment is idle, and its buffer
+            # is given back (a node keeps thousands of logs open, most of them idle).
+            self._free_buf()
             return
         self._ensure_fd()
         fd = self._fd
@@ -762,10 +765,16 @@ cdef class Segment:
             raise os_error(err, self.path)
         self._written += n
         self._buf_len = 0
-        if self._buf_cap > BUFFER_KEEP_BYTES and self._buf_cap > 2 * self._flush_bytes:
-            PyMem_Free(self._buf)
-            self._buf = NULL
-            self._buf_cap = 0
+        # Written through (no write-behind): the buffer only stages one batch, and is made
+        # again by the next append. Written behind: kept, unless a large batch grew it.
+        if self._flush_bytes == 0 or (self._buf_cap > BUFFER_KEEP_BYTES
+                                      and self._buf_cap > 2 * self._flush_bytes):
+            self._free_buf()
+
+    cdef void _free_buf(self) noexcept:
+        PyMem_Free(self._buf)
+        self._buf = NULL
+        self._buf_cap = 0
 
     def dup_fd(self):
         """A duplicate of the descriptor, for an fsync that runs without the caller's lock."""

@@ -1054,10 +1054,17 @@ def _zstd_compressor() -> Callable[[bytes], bytes]:
     return compress
 
 
-def _zstd_decompressor(limit: int) -> Callable[[bytes], bytes]:
-    decompressor = zstandard.ZstdDecompressor()
+# One decompression context per thread, made on first use: a context holds about 9 KB of
+# native memory, and a cluster node keeps thousands of logs open that are rarely (or never)
+# compressed. A context must not be shared between threads at once.
+_decompressors = threading.local()
 
+
+def _zstd_decompressor(limit: int) -> Callable[[bytes], bytes]:
     def decompress(frame: bytes) -> bytes:
+        decompressor: zstandard.ZstdDecompressor | None = getattr(_decompressors, "dctx", None)
+        if decompressor is None:
+            decompressor = _decompressors.dctx = zstandard.ZstdDecompressor()
         data: bytes = decompressor.decompress(frame, max_output_size=limit)
         return data
 

@@ -5,6 +5,7 @@ own compare. Negative control: past etcd's limit, a batch is refused whole."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -90,3 +91,20 @@ async def test_negative_control_past_etcds_limit_a_batch_is_refused(
     with pytest.raises(ControlUnavailableError, match="too many operations"):
         await asyncio.gather(*(control.create_partition(name, i + 1, {}, ["a"], 1)
                                for i, name in enumerate(_names())))
+
+
+def test_partition_records_share_one_copy_of_equal_attributes() -> None:
+    """A node's view holds every partition's record: equal attribute sets are one dict,
+    and node ids one string each, so the view costs little per queue."""
+    def record(uid: int, attributes: dict[str, object], replicas: list[str]) -> bytes:
+        return json.dumps({"uid": uid, "attributes": attributes, "rf": 3,
+                           "replicas": replicas, "isr": replicas}).encode()
+
+    plain = {"visibility_timeout": 30, "fifo": False}
+    a = control_module._partition("a", record(1, plain, ["n0", "n1", "n2"]), 5)
+    b = control_module._partition("b", record(2, dict(reversed(plain.items())),
+                                              ["".join(["n", "0"]), "n1", "n2"]), 6)
+    c = control_module._partition("c", record(3, {**plain, "fifo": True}, ["n0"]), 7)
+    assert a.attributes is b.attributes and a.attributes == plain
+    assert c.attributes is not a.attributes and c.attributes["fifo"] is True
+    assert a.replicas[0] is b.replicas[0] is b.isr[0]
