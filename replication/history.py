@@ -77,6 +77,12 @@ def batch_end(data: bytes | memoryview) -> int:
     return int(base) + int(count)
 
 
+def batch_base(data: bytes | memoryview) -> int:
+    """The base offset of the first of these whole batches."""
+    (base,) = struct.unpack_from("<Q", data, fmt.BATCH_BASE_OFFSET_AT)
+    return int(base)
+
+
 def divergence(leader: Sequence[tuple[int, int]], leader_end: int,
                follower: Sequence[tuple[int, int]], follower_end: int) -> int:
     """The offset up to which a follower's log agrees with its leader's.

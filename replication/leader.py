@@ -44,7 +44,7 @@ from replication.errors import (
     NotEnoughReplicasError,
     ReplicationUnavailableError,
 )
-from replication.history import EpochHistory, batch_end, divergence
+from replication.history import EpochHistory, batch_base, batch_end, divergence
 from replication.link import Link, Links, Window
 
 if TYPE_CHECKING:
@@ -425,9 +425,14 @@ class LeaderRole:
             # commit back to its own offset, so it would always qualify, and a follower
             # that stays connected but stops acknowledging would never leave.
             commit = self.commit_offset(keep)
+            # A kept member not heard from in this epoch (a leader just elected) counts 0
+            # toward that, yet may hold everything committed: nobody rejoins until each
+            # has acknowledged, or left. Else a follower far behind (one installing a
+            # snapshot, say) would rejoin at once, and could be elected.
+            unheard = any(m != me and m not in self.acked for m in keep)
             wanted = keep + tuple(m for m in self.partition.replicas
                                   if m not in keep and self.acked.get(m, -1) >= commit
-                                  and m in self._connected)
+                                  and m in self._connected and not unheard)
             if set(wanted) != set(isr) and not self._isr_busy:
                 await self._change_members(self.partition.replicas, wanted)
             elif now - self._rebalanced_at >= REBALANCE_S and not self._isr_busy:
@@ -918,6 +923,14 @@ def _snapshot_to_ship(core: QueueCore, offset: int) -> _Shipment | None:
         os.close(fd)
         raise
     log_from = max(needed, log.first_offset)
+    if log_from < log.next_offset:
+        # needed is a record's offset, which may be inside a batch (sent ten at once);
+        # the follower's log takes whole batches only, so it starts at that batch's base.
+        try:
+            log_from = batch_base(log.read_raw(log_from, 1))
+        except BaseException:
+            os.close(fd)
+            raise
     if log_from <= offset or not (behind or log.approx_bytes(offset, log_from) >= floor):
         os.close(fd)
         return None

@@ -11,6 +11,7 @@ import dataclasses
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,10 +19,11 @@ from engine import AsyncQueue
 from engine.install import JOURNAL_FILE, read_epochs
 from engine.log import Log
 from engine.queue import SNAPSHOT_FILE, read_snapshot, replay
+from engine.repair import MENDING_FILE
 from engine.snapshot import log_floor, snapshot_offset, state_digest
 from replication import leader as leader_module
 from replication import link as link_module
-from replication.history import batch_end
+from replication.history import batch_base, batch_end
 from tests.replication.test_roles import (
     QUEUE,
     Cluster,
@@ -226,3 +228,152 @@ async def test_a_snapshot_above_the_commit_offset_is_not_shipped(
                          "then f is sent the snapshot")
     assert os.path.exists(os.path.join(follower.replicas[QUEUE].directory, SNAPSHOT_FILE))
     assert follower.replicas[QUEUE].log.first_offset > 0
+
+
+async def test_a_copy_that_starts_over_at_a_cut_is_sent_the_snapshot_again(
+        nodes: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """f's log was installed from a snapshot (it starts past 0). f then leads briefly, in
+    an epoch whose writes l never sees (uncommitted), and takes a snapshot of them. l
+    leads again and cuts f below that snapshot: f's log, which starts past 0, cannot
+    rebuild the state at the cut, so f starts over empty (marked mending, out of the ISR)
+    and answers the SYNC with ACK(0). l chooses again (replication.leader, ``received``):
+    f is sent the snapshot again, ends with l's state and rejoins the ISR. (With the rule
+    before, the log from 0 was shipped: no second snapshot.)"""
+    monkeypatch.setattr(leader_module, "REPLICA_LAG_S", 60.0)  # the ISR stays (l, f)
+    leader = await start_leader(nodes, ("l", "f"))
+    queue = AsyncQueue(leader.broker, QUEUE)
+    await churn(queue, 120, keep=20)
+    core = leader.broker.open_core(QUEUE)
+    assert core is not None
+    assert core.maybe_snapshot(force=True)
+    follower = await nodes.add("f")
+    await eventually(lambda: nodes.control.isr(QUEUE) == ("l", "f"), "f is installed")
+    assert leader.leading[QUEUE]._streams["f"].snapshots == 1
+    await churn(queue, 3, keep=2)
+    await eventually(lambda: follower.log(QUEUE).next_offset == core.log.next_offset,
+                     "f holds the tail")
+    kept_end = core.log.next_offset
+    installed_from = follower.replicas[QUEUE].log.first_offset
+    assert installed_from > 0
+
+    # l steps down and cannot be reached; f leads, and its writes are never committed.
+    leader.step_down(QUEUE, "its lease ran out")
+    await leader.settled()
+    leader.advertised = ("127.0.0.1", 1)  # nothing listens there
+    monkeypatch.setattr(leader_module, "COMMIT_WAIT_S", 0.3)
+    role = await follower.lead(QUEUE, nodes.control.elect(QUEUE, "f"), min_insync=1)
+    led = AsyncQueue(follower.broker, QUEUE)
+    results = await asyncio.gather(*(led.send(b"uncommitted-%d" % i) for i in range(5)),
+                                   return_exceptions=True)
+    assert all(isinstance(r, Exception) for r in results), results
+    own = follower.broker.open_core(QUEUE)
+    assert own is not None and own.log.next_offset > kept_end
+    assert own.maybe_snapshot(force=True)
+    directory = own.directory
+    own_snapshot = snapshot_offset(os.path.join(directory, SNAPSHOT_FILE))
+    assert own_snapshot is not None and own_snapshot > kept_end
+    assert role.commit_offset() <= kept_end
+    follower.step_down(QUEUE, "its lease ran out")
+    await follower.settled()
+
+    # l leads again: f is cut at kept_end, below its own snapshot.
+    leader.advertised = leader.address
+    monkeypatch.setattr(leader_module, "COMMIT_WAIT_S", 10.0)
+    again = await leader.lead(QUEUE, nodes.control.elect(QUEUE, "l"), min_insync=1)
+    await eventually(lambda: "f" in again._streams and again._streams["f"].snapshots == 1
+                     and again._streams["f"].state == "streaming", "f is sent the snapshot")
+    assert follower.mending_names == [QUEUE]
+    assert os.path.exists(os.path.join(directory, MENDING_FILE))
+    assert any("f" not in isr for _, isr in nodes.control.isr_changes[-3:])
+    await queue.send(b"after")
+    await eventually(lambda: nodes.control.isr(QUEUE) == ("l", "f"), "f rejoins the ISR")
+    replica = follower.replicas[QUEUE]
+    core = leader.broker.open_core(QUEUE)  # l's queue, opened again
+    assert core is not None
+    await eventually(lambda: replica.log.next_offset == core.log.next_offset,
+                     "f holds the tail")
+    # l's snapshot (taken as it closed the queue, at kept_end), and the log after it.
+    assert snapshot_offset(os.path.join(directory, SNAPSHOT_FILE)) == kept_end
+    assert replica.log.first_offset == shipped_floor(core.directory) > 0
+    with open(os.path.join(directory, SNAPSHOT_FILE), "rb") as f, \
+            open(os.path.join(core.directory, SNAPSHOT_FILE), "rb") as g:
+        assert f.read() == g.read()  # l's snapshot, not f's own
+    assert replica_digest(follower) == leader_digest(leader)
+
+
+async def test_a_follower_behind_does_not_rejoin_before_the_isr_is_heard_from(
+        nodes: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A leader just elected has heard from no follower: the commit offset over the
+    members it keeps is then 0, and a follower outside the ISR, behind, met the rejoin
+    rule "holds the commit offset" at once - in the ISR, electable, without records the
+    ISR had committed (and so would a copy installed from a snapshot, its log still
+    below it, but for the rule that a snapshot shipped is at most the commit offset). It
+    rejoins only once every kept member has acknowledged (or left): here, once it holds
+    everything."""
+    monkeypatch.setattr(leader_module, "REPLICA_LAG_S", 3.0)
+    g, f = await nodes.add("g"), await nodes.add("f")
+    with FaultProxy(*g.address) as to_g, FaultProxy(*f.address) as to_f:
+        g.advertised = ("127.0.0.1", to_g.port)
+        f.advertised = ("127.0.0.1", to_f.port)
+        leader = await start_leader(nodes, ("l", "g", "f"))
+        queue = AsyncQueue(leader.broker, QUEUE)
+        await churn(queue, 5, keep=5)
+        # f falls out of the ISR; l and g commit more without it.
+        to_f.blackhole()
+        role = leader.leading[QUEUE]
+        partition = dataclasses.replace(nodes.control.partitions[QUEUE], isr=("l", "g"))
+        nodes.control.partitions[QUEUE] = partition
+        role._set_partition(partition)
+        for i in range(10):  # too little to send a snapshot for: f is sent the log
+            await queue.send(b"behind-%d" % i)
+        core = leader.broker.open_core(QUEUE)
+        assert core is not None
+        committed = core.log.next_offset
+        assert role.commit_offset() == committed
+
+        # l leads again: g is slow to answer, f is reachable (its frames late).
+        to_g.blackhole()
+        leader.step_down(QUEUE, "its lease ran out")
+        await leader.settled()
+        to_f.cut()
+        to_f.heal()
+        to_f.delay(0.3)
+        joined_at: list[int] = []
+        set_members = nodes.control.set_members
+
+        async def recording(partition: Any, epoch: int, replicas: tuple[str, ...],
+                            isr: tuple[str, ...]) -> Any:
+            if "f" in isr and "f" not in partition.isr:
+                joined_at.append(f.replicas[QUEUE].log.durable_offset)
+            return await set_members(partition, epoch, replicas, isr)
+
+        monkeypatch.setattr(nodes.control, "set_members", recording)
+        await leader.lead(QUEUE, nodes.control.elect(QUEUE, "l"), min_insync=1)
+        await eventually(lambda: "f" in nodes.control.isr(QUEUE), "f rejoins the ISR")
+        assert joined_at and joined_at[0] >= committed, (
+            f"f rejoined the ISR holding {joined_at[0]}, the ISR had committed {committed}")
+
+
+async def test_the_log_sent_after_a_snapshot_starts_at_a_batch(nodes: Cluster) -> None:
+    """The snapshot's oldest body is a record in the middle of a batch (sent ten at once,
+    the first three deleted): the log is sent from that batch's start, as the follower's
+    log only takes whole batches. (The rule before sent it from the record itself: every
+    APPEND after the install was refused, "base offset out of sequence", for ever.)"""
+    leader = await start_leader(nodes, ("l", "f"))
+    queue = AsyncQueue(leader.broker, QUEUE)
+    await churn(queue, 60)
+    await queue.send_batch([b"batch-%d." % j + BODY for j in range(10)])
+    received = await queue.receive(max_messages=3, visibility_timeout=30)
+    await queue.delete_batch([m.receipt for m in received])
+    core = leader.broker.open_core(QUEUE)
+    assert core is not None
+    assert core.maybe_snapshot(force=True)
+    floor = shipped_floor(core.directory)
+    base = batch_base(core.log.read_raw(floor, 1))
+    assert base < floor  # mid-batch
+
+    follower = await nodes.add("f")
+    await eventually(lambda: nodes.control.isr(QUEUE) == ("l", "f"), "f joins the ISR")
+    assert leader.leading[QUEUE]._streams["f"].snapshots == 1
+    assert follower.replicas[QUEUE].log.first_offset == base
+    assert replica_digest(follower) == leader_digest(leader)
