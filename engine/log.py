@@ -851,6 +851,52 @@ class Log:
         self._sealed_bytes = sum(int(s.size) for s in self._segments[:-1])
         return new_next
 
+    def restart_at(self, offset: int) -> None:
+        """Drop every record and start the log over, empty, at offset: the next record
+        appended gets offset. Durable on return.
+
+        For a cluster replica that installs a snapshot of the queue's state at offset in
+        place of the records before it (engine/install.py, whose journal finishes this
+        after a crash). Segments go newest first, so a crash part-way leaves a prefix of
+        the old log, which opens as a valid log; the new segment is made only once they
+        are gone. Not thread-safe with appends; one writer per partition.
+        """
+        with self._lock:
+            self._check_writable()
+            while self._syncing:
+                self._cond.wait()
+            try:
+                for segment in reversed(self._segments):
+                    segment.close(discard=True)
+                    os.unlink(segment.path)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(_index_path(segment.path))
+                self._segments, self._bases = [], []
+                self._open_sealed.clear()
+                fsync_dir(self.path)
+                fresh = self._new_segment(offset, writable=True)
+                fresh.recover()
+                fsync_dir(self.path)
+            except OSError as exc:
+                raise self._fail(exc) from exc
+            self._segments, self._bases = [fresh], [offset]
+            self._active = fresh
+            self._sealed_bytes = 0
+            self._durable = offset
+
+    def approx_bytes(self, start: int, end: int) -> int:
+        """About how many bytes of batches hold the records from start to end: exact over
+        whole segments, pro rata by records within one. O(segments); for a leader deciding
+        whether a snapshot is cheaper to send than the log (replication.leader)."""
+        with self._lock:
+            total = 0
+            for segment in self._segments:
+                base, after = int(segment.base_offset), int(segment.next_offset)
+                low, high = max(start, base), min(end, after)
+                if high > low:
+                    total += int(segment.size) * (high - low) // (after - base)
+            return total
+
     def _forget(self, segment: Segment) -> None:
         index = self._segments.index(segment)
         if segment is not self._active:

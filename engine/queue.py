@@ -33,6 +33,7 @@ from itertools import repeat
 from typing import Any, Protocol, TypeVar
 
 from engine import format as fmt
+from engine import install
 from engine import records as rec
 from engine._queue import CATEGORIES, State, message_id_bytes
 from engine.clock import Clock
@@ -84,7 +85,7 @@ SNAPSHOT_BYTES = 8 * 1024 * 1024
 # A snapshot encodes every live message, so with a long backlog the interval grows with
 # it (this many log bytes per live message), keeping snapshot work a fraction of appends.
 SNAPSHOT_BYTES_PER_LIVE_MESSAGE = 256
-SNAPSHOT_FILE = "snapshot"
+SNAPSHOT_FILE = install.SNAPSHOT_FILE
 # Library callers may batch more than SQS's 10 per request; this bounds one call.
 ENGINE_BATCH_MAX = 1000
 # After a move fails because the dead-letter queue is gone, messages are delivered as if
@@ -161,9 +162,19 @@ def replay(log: Log, snapshot: tuple[State, int] | None) -> tuple[State, int]:
     to damage (every queue record starts with a tag, so none is empty): it is skipped.
     """
     if snapshot is None:
+        if log.first_offset > 0:
+            # Only a snapshot lets records go from the front of a log (retention, or an
+            # install in place of them): without it the state before them is not known.
+            raise LogError(f"queue log {log.path} starts at offset {log.first_offset} and "
+                           "the queue has no snapshot: its state cannot be rebuilt",
+                           log.path)
         state, start, fresh = State(False), log.first_offset, True
     else:
         (state, start), fresh = snapshot, False
+        if start < log.first_offset:
+            raise LogError(f"queue log {log.path} starts at offset {log.first_offset}, "
+                           f"after its snapshot's {start}: the records between are "
+                           "missing", log.path)
         if start > log.next_offset:
             # The snapshot covers records the log no longer holds (a segment was lost or
             # cut). Its state points at offsets that new records would reuse: their bytes
@@ -215,8 +226,9 @@ class QueueCore:
                  on_sync: Callable[[float], None] | None = None,
                  keep_log: bool = False) -> None:
         self.name = name
-        # A cluster replica keeps its whole log: a follower that joins later is copied
-        # from offset 0, and a snapshot may be dropped when a divergent suffix is cut.
+        # A cluster replica keeps its whole log (from offset 0, or from the snapshot it was
+        # installed from): a follower far behind is sent the log or a snapshot
+        # (replication.leader), and a divergent suffix may be cut below a snapshot.
         self._keep_log = keep_log
         self.replication: Replication | None = None
         """Set while this queue leads in a cluster: acknowledgements wait for its commit."""
@@ -239,6 +251,9 @@ class QueueCore:
         self._closed = False
         self._dead_letter_missing_until = 0.0
         self.last_used = time.monotonic()
+        # A replica's install of a snapshot that a crash interrupted is finished first: the
+        # snapshot and the log below must be the pair it left (engine/install.py).
+        install.finish(directory, fsync=fsync, segment_bytes_max=segment_bytes_max)
         snapshot = read_snapshot(directory)
         # Every record the snapshot covers was fsync'd before it was taken: a bad batch
         # among them is damage, never a torn tail to cut.

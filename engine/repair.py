@@ -737,10 +737,18 @@ def set_aside_database(data_dir: str, file_name: str) -> str:
 
 
 MENDING_FILE = "mending"
-"""In a follower's queue directory from the moment :func:`set_aside_replica` starts until the
-node has left the partition's ISR: its copy may lack records it had acknowledged, so it
-must neither lead nor stay counted in sync (replication/node.py). Its content is for
-people (JSON: why, when)."""
+"""In a follower's queue directory from the moment :func:`set_aside_replica` starts (or a
+replica starts over empty, replication.follower.Replica.truncate) until the node has left
+the partition's ISR: its copy may lack records it had acknowledged, so it must neither
+lead nor stay counted in sync (replication/node.py). Its content is for people (JSON:
+why, when)."""
+
+
+def mark_mending(queue_dir: str, why: str) -> None:
+    """Write :data:`MENDING_FILE`, durably, before a copy loses records it acknowledged."""
+    stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    files.write_file(os.path.join(queue_dir, MENDING_FILE), json.dumps(
+        {"since": stamp, "why": why}).encode() + b"\n")
 
 
 def is_mending(queue_dir: str) -> bool:
@@ -810,10 +818,8 @@ def set_aside_replica(queue_dir: str, keep_prefix: bool = True) -> ReplicaRepair
 
     The caller holds the data directory (its broker) and has the queue's log closed.
     """
-    stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    files.write_file(os.path.join(queue_dir, MENDING_FILE), json.dumps(
-        {"since": stamp, "why": "this follower's copy was damaged and is being repaired "
-                                "from its leader"}).encode() + b"\n")
+    mark_mending(queue_dir, "this follower's copy was damaged and is being repaired from "
+                            "its leader")
     found = LogSurvey(os.path.join(queue_dir, _LOG_DIR), queue_dir)
     why: str | None = "asked to" if not keep_prefix else None
     cut: _Cut | None = None

@@ -137,13 +137,9 @@ def encode_snapshot(state: State, next_offset: int) -> bytes:
                                next_offset) + body
 
 
-def decode_snapshot(data: bytes, path: str = "snapshot") -> tuple[State, int]:
-    """(state, offset to replay the log from).
-
-    Raises CorruptSnapshotError, naming path, if the file is damaged in any way: the
-    checksum catches damage, and whatever passes it and still does not decode (a file of
-    another build, say) is refused the same way rather than as a ValueError of its own.
-    """
+def _checked_head(data: bytes | memoryview, path: str) -> tuple[int, int]:
+    """(version, offset) of a whole snapshot file, once its magic, checksum and version
+    are checked. Raises CorruptSnapshotError."""
     if len(data) < _SNAPSHOT_HEAD.size:
         raise CorruptSnapshotError(path, "shorter than the snapshot header", len(data))
     magic, checksum, version, next_offset = _SNAPSHOT_HEAD.unpack_from(data, 0)
@@ -153,6 +149,67 @@ def decode_snapshot(data: bytes, path: str = "snapshot") -> tuple[State, int]:
         raise CorruptSnapshotError(path, "checksum mismatch")
     if version not in fmt.SNAPSHOT_VERSIONS_READ:
         raise CorruptSnapshotError(path, f"version {version} is not one this build reads", 12)
+    return int(version), int(next_offset)
+
+
+def check_snapshot(data: bytes | memoryview, path: str = "snapshot") -> int:
+    """The offset a whole snapshot file's state is at, once its header and checksum are
+    checked (the state is not decoded: a replica that installs a snapshot it was sent
+    checks it so, engine/install.py). Raises CorruptSnapshotError."""
+    return _checked_head(data, path)[1]
+
+
+def log_floor(data: bytes, path: str = "snapshot") -> tuple[int, int]:
+    """(offset, floor) of a whole snapshot file: the state is at offset, and floor is the
+    lowest log offset it needs, the oldest of its messages' bodies (at most offset).
+
+    A replica installed from the snapshot needs the log from floor: its state points at
+    those bodies. Records after offset may delete some of them, but they may also be cut
+    by a later leader, so only the snapshot's own state says what is needed. Read
+    without building the state (no object per message). Raises CorruptSnapshotError."""
+    offset = _checked_head(data, path)[1]
+    try:
+        view = memoryview(zstandard.ZstdDecompressor().decompress(data[_SNAPSHOT_HEAD.size:]))
+        count = _STATE_HEAD.unpack_from(view, 0)[3]
+        pos = _STATE_HEAD.size + 48  # the counters
+        pos += 4 + struct.unpack_from("<I", view, pos)[0]  # the configuration
+        floor = offset
+        for _ in range(count):
+            location = _MESSAGE.unpack_from(view, pos)[1]
+            floor = min(floor, location)
+            pos += _MESSAGE.size
+            for _ in range(2):  # group, dedup: u16 length (0xffff: none), bytes
+                (n,) = struct.unpack_from("<H", view, pos)
+                pos += 2 + (n if n != 0xFFFF else 0)
+            pos += 16 + _ORIGIN.size  # message id, origin
+    except (ValueError, struct.error, zstandard.ZstdError) as exc:
+        raise CorruptSnapshotError(path, f"state does not decode: {exc}",
+                                   _SNAPSHOT_HEAD.size) from exc
+    return offset, int(floor)
+
+
+def snapshot_offset(path: str) -> int | None:
+    """The offset in a snapshot file's header, unchecked (None: no file). For a cut that
+    must know whether the snapshot describes records it removes; the checksum is checked
+    when the file is read to be used."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SNAPSHOT_HEAD.size)
+    except FileNotFoundError:
+        return None
+    if len(head) < _SNAPSHOT_HEAD.size or head[:4] != fmt.SNAPSHOT_MAGIC:
+        raise CorruptSnapshotError(path, "bad header")
+    return int(_SNAPSHOT_HEAD.unpack_from(head, 0)[3])
+
+
+def decode_snapshot(data: bytes, path: str = "snapshot") -> tuple[State, int]:
+    """(state, offset to replay the log from).
+
+    Raises CorruptSnapshotError, naming path, if the file is damaged in any way: the
+    checksum catches damage, and whatever passes it and still does not decode (a file of
+    another build, say) is refused the same way rather than as a ValueError of its own.
+    """
+    version, next_offset = _checked_head(data, path)
     try:
         body = zstandard.ZstdDecompressor().decompress(data[_SNAPSHOT_HEAD.size :])
         return decode_state(body, version), next_offset

@@ -5,7 +5,9 @@ it per partition this node follows, with OPEN. The follower checks the epoch aga
 etcd (a leader whose epoch is not the queue's current leader key is refused), answers
 with its log's end and epoch history, cuts its log where the leader says (SYNC), then
 appends each APPEND exactly as sent and acknowledges once it is durable. One fsync
-covers every APPEND that arrived while the previous fsync ran. A newer leader's OPEN ends
+covers every APPEND that arrived while the previous fsync ran. A follower far behind is
+sent a snapshot instead (SNAPSHOT chunks, then INSTALL): it installs it in place of its
+log (engine/install.py) and acknowledges its offset once that is durable. A newer leader's OPEN ends
 an older leader's stream, and the older one's frames are refused from then on; a CLOSE
 ends a stream; a HEARTBEAT is answered in kind.
 
@@ -20,18 +22,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
-from engine import files
+from engine import files, install
 from engine.errors import EngineError
 from engine.log import Log
 from engine.queue import QUEUE_SEGMENT_BYTES, SNAPSHOT_FILE
+from engine.repair import mark_mending
+from engine.snapshot import snapshot_offset
 from replication import frames as fr
 from replication.control import Leader, Partition
 from replication.history import EpochHistory
 from replication.peer import Channel
 
 _log = logging.getLogger("conveyor.replication")
+_T = TypeVar("_T")
 
 # A connection that hears nothing (not even a heartbeat) for this long is dropped.
 IDLE_S = 10.0
@@ -51,28 +57,84 @@ class Replica:
         self.name = name
         self.uid = uid
         self.directory = directory
+        # An install a crash interrupted is finished before the log is opened.
+        install.finish(directory, fsync=fsync, segment_bytes_max=QUEUE_SEGMENT_BYTES)
         self.log = Log(os.path.join(directory, "log"), fsync=fsync, lock=False,
                        segment_bytes_max=QUEUE_SEGMENT_BYTES)
-        self.history = EpochHistory()
+        self.history = EpochHistory(install.read_epochs(directory)
+                                    if self.log.first_offset else ())
         self.history.update(self.log)
         self.epoch = 0
         """The newest leader epoch this replica has accepted."""
         self.session: FollowerStream | None = None
         """The current leader's stream; a newer leader's OPEN ends it."""
+        self._work: asyncio.Future[Any] | None = None
+        self.started_over = False
+        """Set when a cut emptied the replica (``truncate``): it lost records it had
+        acknowledged, so the node must take it out of the ISR (FollowerNode.mending)."""
 
     def truncate(self, offset: int) -> int:
-        """Cut the log at offset (a divergent suffix); return its new end."""
-        if offset >= self.log.next_offset:
-            return self.log.next_offset
-        # A snapshot this node took while it led may describe records about to be cut.
-        # It goes first, durably: a crash between the two steps must not leave a snapshot
-        # that describes records the log no longer has (this log is kept whole, so
-        # replay from its start needs no snapshot).
-        files.remove(os.path.join(self.directory, SNAPSHOT_FILE))
-        end = self.log.truncate_after(offset)
+        """Cut the log at offset (a divergent suffix); return its new end.
+
+        A snapshot at or below the cut stays: it describes only records that are kept. One
+        above it (this node took it while it led) describes records about to be cut: it
+        goes first, durably, so that a crash between the two steps leaves no snapshot of
+        records the log no longer has. Without it the state is replayed from the log's
+        start, which needs the log to start at 0. A log that starts later (installed from
+        a snapshot) cannot rebuild the state at the cut: the replica starts over empty
+        (``start_over``) and is sent the queue again, a snapshot or the log.
+        """
+        log = self.log
+        if offset >= log.next_offset:
+            return log.next_offset
+        snapshot = os.path.join(self.directory, SNAPSHOT_FILE)
+        at = snapshot_offset(snapshot)
+        if offset < log.first_offset or (at is not None and at > offset
+                                         and log.first_offset > 0):
+            return self.start_over(f"a cut at {offset}, below the snapshot at {at} this "
+                                   f"copy needs (its log starts at {log.first_offset})")
+        if at is not None and at > offset:
+            files.remove(snapshot)
+        end = log.truncate_after(offset)
         self.history.truncate(end)
         _log.warning("queue %s: cut divergent records at %d", self.name, end)
         return end
+
+    async def change(self, change: Callable[..., _T], *args: Any) -> _T:
+        """Run a change of the replica's files (a cut, an install) in a thread. It runs to
+        its end even if the stream that asked ends meanwhile; the next stream's opening
+        waits for it (``settled``) before it reads the log."""
+        work = asyncio.ensure_future(asyncio.to_thread(change, *args))
+        work.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._work = work
+        result: _T = await asyncio.shield(work)
+        return result
+
+    async def settled(self) -> None:
+        """Until a change that a previous stream started has ended."""
+        if self._work is not None and not self._work.done():
+            await asyncio.wait([self._work])
+
+    def start_over(self, why: str) -> int:
+        """Empty the replica (offset 0, no snapshot): it holds nothing it cannot rebuild.
+        Marked mending first, durably: it may have acknowledged what it drops."""
+        mark_mending(self.directory, f"this follower's copy started over empty: {why}")
+        install.start_over(self.directory, self.log)
+        self.history = EpochHistory()
+        self.started_over = True
+        _log.warning("queue %s: this copy starts over empty: %s", self.name, why)
+        return 0
+
+    def install(self, incoming: install.Incoming, frame: fr.Install) -> None:
+        """Put the snapshot received in incoming (the state at frame.offset) in place of
+        the log, which starts over at frame.log_from. Durable on return."""
+        incoming.seal()
+        install.install(self.directory, self.log, frame.offset, frame.log_from,
+                        frame.history)
+        self.history = EpochHistory(frame.history)
+        _log.warning("queue %s: installed a snapshot of the state at offset %d (%d bytes); "
+                     "the log starts over at %d", self.name, frame.offset, incoming.total,
+                     frame.log_from)
 
     def close(self) -> None:
         self.log.close()
@@ -108,6 +170,10 @@ class FollowerNode(Protocol):
 
     async def replica(self, name: str, uid: int, attributes: dict[str, Any]) -> Replica:
         """This node's copy of the queue, made empty if it has none."""
+
+    def mending(self, name: str) -> None:
+        """The copy of the queue here lost records it may have acknowledged (it started
+        over, marked mending on disk): it must leave the ISR before it may lead."""
 
 
 class ReplicationServer:
@@ -153,7 +219,8 @@ class _Connection:
                     await self.channel.drain()
                 elif isinstance(frame, fr.Open):
                     await self._open(frame)
-                elif isinstance(frame, fr.Sync | fr.Append | fr.Close):
+                elif isinstance(frame, fr.Sync | fr.Append | fr.Close | fr.Snapshot
+                                | fr.Install):
                     stream = self.streams.get(frame.uid)
                     # None: a stream ended here, of which the leader has been told (REFUSE)
                     # and whose frames sent meanwhile are moot.
@@ -192,6 +259,10 @@ class FollowerStream:
         self._open = True
         """Until POSITION is sent: any frame of the stream but CLOSE breaks its rules."""
         self._syncing = False
+        """A SYNC or INSTALL is being done: any frame of the stream but CLOSE before its
+        answer breaks its rules."""
+        self._incoming: install.Incoming | None = None
+        """The snapshot being received (SNAPSHOT), until its INSTALL."""
         self._appended = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = [asyncio.create_task(self._opening(opening))]
 
@@ -215,6 +286,7 @@ class FollowerStream:
                     self.end(refusal[1], refusal[0])
                     return
                 replica = await node.replica(opening.name, opening.uid, opening.attributes)
+            await replica.settled()
             if opening.epoch < replica.epoch:
                 self.end("stale epoch", replica.epoch)
                 return
@@ -242,7 +314,8 @@ class FollowerStream:
             self.end(f"{type(exc).__name__}: {exc}", self.replica.epoch if self.replica
                      else 0)
 
-    def received(self, frame: fr.Sync | fr.Append | fr.Close) -> None:
+    def received(self, frame: fr.Sync | fr.Append | fr.Close | fr.Snapshot | fr.Install
+                 ) -> None:
         replica = self.replica
         if isinstance(frame, fr.Close):
             if frame.epoch == self.epoch:
@@ -257,6 +330,19 @@ class FollowerStream:
         if isinstance(frame, fr.Sync):
             self._syncing = True
             self._tasks.append(asyncio.create_task(self._sync(replica, frame.truncate_to)))
+            return
+        if isinstance(frame, fr.Snapshot):
+            self._snapshot_chunk(replica, frame)
+            return
+        if isinstance(frame, fr.Install):
+            incoming, self._incoming = self._incoming, None
+            if incoming is None or incoming.received != incoming.total:
+                if incoming is not None:
+                    incoming.abandon()
+                self.end("INSTALL before the whole snapshot", self.epoch)
+                return
+            self._syncing = True
+            self._tasks.append(asyncio.create_task(self._install(replica, incoming, frame)))
             return
         log = replica.log
         if frame.base != log.next_offset:
@@ -273,12 +359,46 @@ class FollowerStream:
 
     async def _sync(self, replica: Replica, offset: int) -> None:
         try:
-            end = await asyncio.to_thread(replica.truncate, offset)
+            end = await replica.change(replica.truncate, offset)
         except (EngineError, OSError) as exc:
             self.end(f"{type(exc).__name__}: {exc}", self.epoch)
             return
+        if replica.started_over:
+            replica.started_over = False
+            self.connection.node.mending(replica.name)
         self._syncing = False
         self._send(fr.Ack(replica.uid, self.epoch, end))
+
+    def _snapshot_chunk(self, replica: Replica, frame: fr.Snapshot) -> None:
+        """Write a SNAPSHOT's bytes as they come (to the page cache, as an APPEND's), and
+        say so (RECEIVED): the leader's window counts them until then."""
+        try:
+            if frame.at == 0:
+                if self._incoming is not None:
+                    self._incoming.abandon()
+                self._incoming = install.Incoming(replica.directory, frame.total)
+            incoming = self._incoming
+            if incoming is None or frame.at != incoming.received \
+                    or frame.total != incoming.total:
+                self.end(f"SNAPSHOT bytes at {frame.at}, "
+                         f"{incoming.received if incoming else 0} received", self.epoch)
+                return
+            incoming.write(frame.data)
+        except OSError as exc:
+            self.end(f"{type(exc).__name__}: {exc}", self.epoch)
+            return
+        self._send(fr.Received(replica.uid, self.epoch, incoming.received))
+
+    async def _install(self, replica: Replica, incoming: install.Incoming,
+                       frame: fr.Install) -> None:
+        try:
+            await replica.change(replica.install, incoming, frame)
+        except (EngineError, OSError) as exc:
+            incoming.abandon()
+            self.end(f"{type(exc).__name__}: {exc}", self.epoch)
+            return
+        self._syncing = False
+        self._send(fr.Ack(replica.uid, self.epoch, frame.log_from))
 
     async def _acknowledge(self, replica: Replica, always: bool) -> None:
         """Acknowledge what is durable, one fsync for everything appended meanwhile.
@@ -314,6 +434,9 @@ class FollowerStream:
                 self.replica.epoch if self.replica is not None else self.epoch)
             self._send(fr.Refuse(self.uid, known, reason))
         self.ended = True
+        if self._incoming is not None:
+            self._incoming.abandon()
+            self._incoming = None
         if self.connection.streams.get(self.uid) is self:
             del self.connection.streams[self.uid]
         replica = self.replica

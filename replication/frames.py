@@ -5,10 +5,10 @@ channel (replication.peer), which authenticates it. A connection opens with the 
 magic ``CVR3`` from the leader and the peer handshake, and carries every partition the
 leader's node leads and the follower's node follows (replication.link): each partition's
 session is a stream on it, named by the partition's uid, which every frame but HEARTBEAT
-carries. The leader sends OPEN, SYNC, APPEND and CLOSE; the follower answers POSITION,
-ACK or REFUSE. Every stream frame carries an epoch: the leader's, the fencing token (or,
-in REFUSE, the newest the follower knows). HEARTBEAT, either way, belongs to the
-connection.
+carries. The leader sends OPEN, SYNC, APPEND, SNAPSHOT, INSTALL and CLOSE; the follower
+answers POSITION, ACK, RECEIVED or REFUSE. Every stream frame carries an epoch: the
+leader's, the fencing token (or, in REFUSE, the newest the follower knows). HEARTBEAT,
+either way, belongs to the connection.
 """
 
 from __future__ import annotations
@@ -37,15 +37,20 @@ HANDSHAKE_S = 5.0
 # header. A longer frame is a protocol error, not an allocation.
 APPEND_BYTES_MAX = 4 * 1024 * 1024
 FRAME_BYTES_MAX = APPEND_BYTES_MAX + 64 * 1024
-# Epoch history entries one POSITION may carry.
+# Epoch history entries one POSITION (or INSTALL) may carry.
 HISTORY_MAX = 65536
+# The largest snapshot a follower takes in (SNAPSHOT's total): a larger one is refused
+# rather than written to its disk. A queue's snapshot is its live state, compressed.
+SNAPSHOT_SHIP_BYTES_MAX = 16 * 1024 * 1024 * 1024
 
 OPEN, POSITION, SYNC, APPEND, ACK, REFUSE, HEARTBEAT, CLOSE = 1, 2, 3, 4, 5, 6, 7, 8
+SNAPSHOT, INSTALL, RECEIVED = 9, 10, 11
 
 _U64x2 = struct.Struct(">QQ")
 _U64x3 = struct.Struct(">QQQ")
 _U64x4 = struct.Struct(">QQQQ")
 _APPEND_HEAD = struct.Struct(">BQQQQ")
+_SNAPSHOT_HEAD = struct.Struct(">BQQQQQ")
 _POSITION = struct.Struct(">QQQI")
 _ENTRY = struct.Struct(">QQ")
 
@@ -131,8 +136,47 @@ class Close:
     epoch: int
 
 
-Frame = Open | Position | Sync | Append | Ack | Refuse | Heartbeat | Close
-StreamFrame = Open | Position | Sync | Append | Ack | Refuse | Close
+@dataclasses.dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Leader -> follower: bytes ``at``.. of the snapshot file (``total`` bytes) of the
+    queue's state at ``offset``, sent in place of the log before it."""
+
+    uid: int
+    epoch: int
+    offset: int
+    total: int
+    at: int
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Install:
+    """Leader -> follower, after the last SNAPSHOT (the state at ``offset``): install it
+    in place of the log, which starts over, empty, at ``log_from`` (<= offset: the live
+    messages' bodies are in the log, from there on); ``history`` is the epoch history
+    before log_from. Answered by ACK(log_from) once durable; APPENDs follow from there."""
+
+    uid: int
+    epoch: int
+    offset: int
+    log_from: int
+    history: tuple[tuple[int, int], ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Received:
+    """Follower -> leader: the first ``received`` bytes of the snapshot are written (not
+    yet durable): room in the stream's window, nothing toward the commit offset."""
+
+    uid: int
+    epoch: int
+    received: int
+
+
+Frame = (Open | Position | Sync | Append | Ack | Refuse | Heartbeat | Close | Snapshot
+         | Install | Received)
+StreamFrame = (Open | Position | Sync | Append | Ack | Refuse | Close | Snapshot | Install
+               | Received)
 """The frames of one partition's stream (every frame but HEARTBEAT)."""
 
 
@@ -141,7 +185,17 @@ def encode(frame: Frame) -> bytes:
     if isinstance(frame, Append):
         return b"".join((_APPEND_HEAD.pack(APPEND, frame.uid, frame.epoch, frame.base,
                                            frame.commit), frame.data))
-    if isinstance(frame, Ack):
+    if isinstance(frame, Snapshot):
+        return b"".join((_SNAPSHOT_HEAD.pack(SNAPSHOT, frame.uid, frame.epoch, frame.offset,
+                                             frame.total, frame.at), frame.data))
+    if isinstance(frame, Received):
+        kind, body = RECEIVED, _U64x3.pack(frame.uid, frame.epoch, frame.received)
+    elif isinstance(frame, Install):
+        kind = INSTALL
+        body = struct.pack(">Q", frame.offset) + _POSITION.pack(
+            frame.uid, frame.epoch, frame.log_from, len(frame.history))
+        body += b"".join(_ENTRY.pack(e, o) for e, o in frame.history)
+    elif isinstance(frame, Ack):
         kind, body = ACK, _U64x3.pack(frame.uid, frame.epoch, frame.durable)
     elif isinstance(frame, Sync):
         kind, body = SYNC, _U64x3.pack(frame.uid, frame.epoch, frame.truncate_to)
@@ -174,7 +228,22 @@ def decode(frame: bytes) -> Frame:
         if kind == APPEND:
             _, uid, epoch, base, commit = _APPEND_HEAD.unpack_from(frame)
             return Append(uid, epoch, base, commit, frame[_APPEND_HEAD.size:])
+        if kind == SNAPSHOT:
+            _, uid, epoch, offset, total, at = _SNAPSHOT_HEAD.unpack_from(frame)
+            data = frame[_SNAPSHOT_HEAD.size:]
+            if total > SNAPSHOT_SHIP_BYTES_MAX or at + len(data) > total:
+                raise ProtocolError("SNAPSHOT: past its total, or a total past "
+                                    f"{SNAPSHOT_SHIP_BYTES_MAX}")
+            return Snapshot(uid, epoch, offset, total, at, data)
         body = frame[1:]
+        if kind == RECEIVED:
+            return Received(*_U64x3.unpack(body))
+        if kind == INSTALL:
+            (offset,) = struct.unpack_from(">Q", body)
+            uid, epoch, log_from, history = _position(body[8:], "INSTALL")
+            if log_from > offset:
+                raise ProtocolError("INSTALL: the log starts past the snapshot")
+            return Install(uid, epoch, offset, log_from, history)
         if kind == ACK:
             return Ack(*_U64x3.unpack(body))
         if kind == SYNC:
@@ -186,12 +255,7 @@ def decode(frame: bytes) -> Frame:
         if kind == CLOSE:
             return Close(*_U64x2.unpack(body))
         if kind == POSITION:
-            uid, epoch, next_offset, count = _POSITION.unpack_from(body)
-            if count > HISTORY_MAX or len(body) != _POSITION.size + count * _ENTRY.size:
-                raise ProtocolError("POSITION: bad history length")
-            history = tuple(_ENTRY.unpack_from(body, _POSITION.size + i * _ENTRY.size)
-                            for i in range(count))
-            return Position(uid, epoch, next_offset, history)
+            return Position(*_position(body, "POSITION"))
         if kind == OPEN:
             epoch, uid = _U64x2.unpack_from(body)
             at = _U64x2.size
@@ -213,6 +277,17 @@ def decode(frame: bytes) -> Frame:
     except (struct.error, ValueError, RecursionError) as exc:
         raise ProtocolError(f"frame type {kind}: {exc}") from exc
     raise ProtocolError(f"unknown frame type {kind}")
+
+
+def _position(body: bytes, name: str
+              ) -> tuple[int, int, int, tuple[tuple[int, int], ...]]:
+    """uid, epoch, an offset and an epoch history (POSITION's and INSTALL's body)."""
+    uid, epoch, offset, count = _POSITION.unpack_from(body)
+    if count > HISTORY_MAX or len(body) != _POSITION.size + count * _ENTRY.size:
+        raise ProtocolError(f"{name}: bad history length")
+    history = tuple(_ENTRY.unpack_from(body, _POSITION.size + i * _ENTRY.size)
+                    for i in range(count))
+    return uid, epoch, offset, history
 
 
 async def read_frame(channel: Channel) -> Frame:

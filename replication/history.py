@@ -5,7 +5,9 @@ log's history - the first offset of each epoch, in order - is read off the log i
 can never disagree with it. A replica only ever appends a leader's batches after making
 its log a prefix of that leader's, and one epoch has one leader, so two logs agree on every
 record up to the end of the newest epoch they share: the leader tells a follower to cut
-its log there, and whatever an old leader wrote that the new one never had is gone.
+its log there, and whatever an old leader wrote that the new one never had is gone. A log
+installed from a snapshot at S starts at S; the history before S comes with the snapshot
+and is kept beside it (engine/install.py, ``epochs``).
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ History = list[tuple[int, int]]
 class EpochHistory:
     """A log's history, read incrementally: only batches appended since the last call."""
 
-    def __init__(self) -> None:
-        self.entries: History = []
+    def __init__(self, seed: Sequence[tuple[int, int]] = ()) -> None:
+        self.entries: History = list(seed)
+        """Seeded with the history before the log's first offset, for a log that starts
+        past 0 (installed from a snapshot, engine/install.py: its batches are gone)."""
         self._scanned_to = 0
 
     def update(self, log: Log) -> History:
@@ -71,6 +75,12 @@ def batch_end(data: bytes | memoryview) -> int:
     (base,) = struct.unpack_from("<Q", view, start + fmt.BATCH_BASE_OFFSET_AT)
     (count,) = _COUNT.unpack_from(view, start + fmt.BATCH_RECORD_COUNT_AT)
     return int(base) + int(count)
+
+
+def batch_base(data: bytes | memoryview) -> int:
+    """The base offset of the first of these whole batches."""
+    (base,) = struct.unpack_from("<Q", data, fmt.BATCH_BASE_OFFSET_AT)
+    return int(base)
 
 
 def divergence(leader: Sequence[tuple[int, int]], leader_end: int,

@@ -27,11 +27,15 @@ import contextlib
 import heapq
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from engine import install
 from engine.errors import EngineError
+from engine.queue import SNAPSHOT_FILE
+from engine.snapshot import log_floor
 from replication import frames as fr
 from replication import link as link_module
 from replication.control import Leader, Partition
@@ -40,7 +44,7 @@ from replication.errors import (
     NotEnoughReplicasError,
     ReplicationUnavailableError,
 )
-from replication.history import EpochHistory, batch_end, divergence
+from replication.history import EpochHistory, batch_base, batch_end, divergence
 from replication.link import Link, Links, Window
 
 if TYPE_CHECKING:
@@ -60,6 +64,21 @@ REBALANCE_S = 1.0
 IDLE_MONITOR_S = 5.0
 # A write not committed in this long is answered 503: its outcome is unknown.
 COMMIT_WAIT_S = 10.0
+# A follower is sent the queue's snapshot, and then the log from the oldest live message's
+# body (at most the snapshot's offset), rather than the whole log, when the log that saves
+# it (from where it stands to there) is at least SNAPSHOT_SHIP_RATIO times the snapshot's
+# size and at least SNAPSHOT_SHIP_LOG_BYTES_MIN (the rule "log saved >= ratio x
+# snapshot"); and always when this log no longer holds where the follower stands. Below
+# the minimum the log is cheap to send, and the follower keeps a whole log (one a repair
+# can keep a prefix of, engine/repair.py). A queue with churn has a log many times its
+# state: a new replica is then sent the state, not its history.
+SNAPSHOT_SHIP_RATIO = 2
+SNAPSHOT_SHIP_LOG_BYTES_MIN = 1024 * 1024
+
+SHIP_ABOVE_COMMIT = False
+"""True only in tests, as the negative control of the rule that a shipped snapshot's
+offset is at most the commit offset: records above it may still be cut by a later leader,
+and a follower installed from a snapshot of them could not cut them."""
 
 
 class LeaderNode(Protocol):
@@ -187,6 +206,9 @@ class LeaderRole:
         core.log.on_append = self.appended
         core.replication = self
         self.core = core
+        if not self._history.entries and core.log.first_offset > 0:
+            # A log installed from a snapshot: the history before it was kept beside it.
+            self._history = EpochHistory(install.read_epochs(core.directory))
 
     def close(self, reason: str) -> None:
         """Step down at once: refuse every waiting write (the links stop in ``stop``)."""
@@ -403,9 +425,14 @@ class LeaderRole:
             # commit back to its own offset, so it would always qualify, and a follower
             # that stays connected but stops acknowledging would never leave.
             commit = self.commit_offset(keep)
+            # A kept member not heard from in this epoch (a leader just elected) counts 0
+            # toward that, yet may hold everything committed: nobody rejoins until each
+            # has acknowledged, or left. Else a follower far behind (one installing a
+            # snapshot, say) would rejoin at once, and could be elected.
+            unheard = any(m != me and m not in self.acked for m in keep)
             wanted = keep + tuple(m for m in self.partition.replicas
                                   if m not in keep and self.acked.get(m, -1) >= commit
-                                  and m in self._connected)
+                                  and m in self._connected and not unheard)
             if set(wanted) != set(isr) and not self._isr_busy:
                 await self._change_members(self.partition.replicas, wanted)
             elif now - self._rebalanced_at >= REBALANCE_S and not self._isr_busy:
@@ -452,6 +479,18 @@ class LeaderRole:
             if await self._change_members(tuple(target), isr) and me not in target:
                 self.node.step_down(self.name, "the ring placed this queue elsewhere")
 
+    async def leave_isr(self, follower: str) -> bool:
+        """Take follower out of the ISR, in etcd, before it is sent a snapshot: while it
+        installs it holds less than it may have acknowledged, and it must not be counted,
+        nor elected. True once it is out. It rejoins by the usual rule, once caught up."""
+        if follower not in self.partition.isr:
+            return True
+        if self._isr_busy:
+            return False
+        isr = tuple(m for m in self.partition.isr if m != follower)
+        await self._change_members(self.partition.replicas, isr)
+        return follower not in self.partition.isr
+
     async def _change_members(self, replicas: tuple[str, ...], isr: tuple[str, ...]) -> bool:
         """Record new replicas and ISR in etcd; only then does the commit offset follow.
         True if it was recorded."""
@@ -491,8 +530,12 @@ class FollowerStream:
 
     OPEN is answered POSITION (or REFUSE); the follower's log is cut back with SYNC,
     answered ACK, if it diverges from ours; then APPENDs go out within the window, each
-    answered in time by an ACK of the follower's durable offset. A REFUSE, a broken rule or
-    a broken connection starts the stream over (OPEN again) after link.RETRY_S.
+    answered in time by an ACK of the follower's durable offset. A follower far behind
+    (SNAPSHOT_SHIP_RATIO) is sent the queue's snapshot instead, at an offset S no higher
+    than the commit offset, once it is out of the ISR: SNAPSHOT chunks within the window
+    (each answered by RECEIVED), then INSTALL, answered by ACK(S); APPENDs follow from S.
+    A REFUSE, a broken rule or a broken connection starts the stream over (OPEN again)
+    after link.RETRY_S.
     """
 
     def __init__(self, role: LeaderRole, follower: str) -> None:
@@ -512,6 +555,10 @@ class FollowerStream:
         self._window = Window()
         self._task: asyncio.Task[None] | None = None
         self._retry: asyncio.TimerHandle | None = None
+        self._shipment: _Shipment | None = None
+        """The snapshot being sent (state _SNAPSHOT), its file held open."""
+        self.snapshots = 0
+        """Snapshots sent whole, INSTALL included (for tests and the log)."""
 
     # -- what the link calls ----------------------------------------------------------------
 
@@ -530,6 +577,12 @@ class FollowerStream:
             return False
         if self._pending is not None:
             return True
+        if self.state == _SNAPSHOT:
+            shipment = self._shipment
+            assert shipment is not None
+            if shipment.at < shipment.size:
+                return self._window.room(0, 0)
+            return True  # the INSTALL
         if self.state != _STREAMING:
             return False
         core = role.log_core()
@@ -548,6 +601,8 @@ class FollowerStream:
             return frame
         if not self.wants_turn():
             return None
+        if self.state == _SNAPSHOT:
+            return self._snapshot_frame(turn_bytes)
         core = role.log_core()
         assert core is not None
         data = core.log.read_raw(self._sent, min(turn_bytes, fr.APPEND_BYTES_MAX))
@@ -560,6 +615,16 @@ class FollowerStream:
 
     def received(self, frame: fr.StreamFrame) -> None:
         role = self.role
+        if isinstance(frame, fr.Received):
+            if frame.epoch == role.epoch and self.state in (_SNAPSHOT, _INSTALLING):
+                shipment = self._shipment
+                assert shipment is not None
+                if frame.received > shipment.at:
+                    raise fr.ProtocolError(f"{self.follower} received {frame.received} "
+                                           f"bytes of the snapshot, {shipment.at} were sent")
+                self._window.acknowledged(frame.received)
+                self._ready()
+            return
         if isinstance(frame, fr.Refuse):
             if frame.epoch > role.epoch:
                 role.node.step_down(role.name, f"fenced by epoch {frame.epoch}")
@@ -581,7 +646,27 @@ class FollowerStream:
                 if frame.durable > self._agreed:
                     raise fr.ProtocolError(f"cut to {self._agreed}, the follower's log ends "
                                            f"at {frame.durable}")
-                self._ship_from(frame.durable)
+                if frame.durable < self._agreed:
+                    # It started over (it could not rebuild its state at the cut): the
+                    # choice of snapshot or log is made again.
+                    self.state = _POSITIONED
+                    self._task = asyncio.create_task(self._catch_up(frame.durable,
+                                                                    frame.durable))
+                else:
+                    self._ship_from(frame.durable)
+            elif self.state == _SNAPSHOT:
+                raise fr.ProtocolError(f"{self.follower} acknowledged {frame.durable} "
+                                       "before it was sent INSTALL")
+            elif self.state == _INSTALLING:
+                shipment = self._shipment
+                assert shipment is not None
+                if frame.durable != shipment.log_from:
+                    raise fr.ProtocolError(f"{self.follower} acknowledged {frame.durable} "
+                                           f"for a log to start at {shipment.log_from}")
+                self.snapshots += 1
+                _log.info("queue %s: %s installed the snapshot at %d (%d bytes)", role.name,
+                          self.follower, shipment.offset, shipment.size)
+                self._ship_from(shipment.log_from)
             elif self.state == _STREAMING:
                 self._acknowledged(frame.durable)
 
@@ -625,15 +710,104 @@ class FollowerStream:
         self._task = None
         agreed = min(divergence(history, core.log.next_offset, position.history,
                                 position.next_offset), position.next_offset)
-        if agreed < position.next_offset:
-            self.state, self._agreed = _SYNCING, agreed
-            self._pending = fr.encode(fr.Sync(self.uid, role.epoch, agreed))
-            self._ready()
-        else:
-            self._ship_from(position.next_offset)
+        self._task = asyncio.current_task()
+        await self._catch_up(agreed, position.next_offset)
+
+    async def _catch_up(self, agreed: int, follower_end: int) -> None:
+        """The follower's log agrees with ours up to agreed and ends at follower_end: send
+        it the snapshot (which replaces its whole log), or cut it back (SYNC), or ship
+        the log from where it stands."""
+        role = self.role
+        core = role.log_core()
+        shipment: _Shipment | None = None
+        try:
+            if core is None:
+                raise fr.ProtocolError("the queue is not open here (it is being opened)")
+            shipment = await asyncio.to_thread(_snapshot_to_ship, core, agreed)
+            if shipment is not None:
+                # Read past the snapshot's offset: the INSTALL carries the history before it.
+                history = await asyncio.to_thread(role._history.update, core.log)
+                shipment.history = tuple((e, o) for e, o in history if o < shipment.log_from)
+        except (EngineError, OSError) as exc:
+            if shipment is not None:
+                shipment.close()
+            self._task = None
+            self.restart(f"{type(exc).__name__}: {exc}")
+            return
+        if self.state != _POSITIONED or self._task is not asyncio.current_task():
+            if shipment is not None:
+                shipment.close()
+            return  # started over meanwhile
+        if shipment is None:
+            self._task = None
+            if agreed < core.log.first_offset:
+                self.restart(f"{self.follower} stands at {agreed}, before this log's first "
+                             f"offset {core.log.first_offset}, and no snapshot is here")
+            elif agreed < follower_end:
+                self.state, self._agreed = _SYNCING, agreed
+                self._pending = fr.encode(fr.Sync(self.uid, role.epoch, agreed))
+                self._ready()
+            else:
+                self._ship_from(agreed)
+            return
+        await self._ship_snapshot(shipment)
+
+    async def _ship_snapshot(self, shipment: _Shipment) -> None:
+        role = self.role
+        try:
+            out = await role.leave_isr(self.follower)
+        except BaseException:
+            shipment.close()
+            raise
+        commit = role.commit_offset()
+        if self.state != _POSITIONED or self._task is not asyncio.current_task():
+            shipment.close()
+            return
+        self._task = None
+        if not out:
+            shipment.close()
+            self.restart(f"{self.follower} is to be sent a snapshot and is still in the ISR")
+            return
+        if shipment.offset > commit and not SHIP_ABOVE_COMMIT:
+            # Records above the commit offset may be cut by a later leader; a follower
+            # whose log starts past them could not cut them. It is tried again soon: the
+            # commit offset moves on as the in-sync followers acknowledge.
+            shipment.close()
+            self.restart(f"the snapshot at {shipment.offset} is above the commit offset "
+                         f"{commit}")
+            return
+        _log.info("queue %s: sending %s the snapshot at %d (%d bytes) in place of the log "
+                  "before it", role.name, self.follower, shipment.offset, shipment.size)
+        self.state = _SNAPSHOT
+        self._shipment = shipment
+        self._window.clear()
+        self._ready()
+
+    def _snapshot_frame(self, turn_bytes: int) -> bytes:
+        """The next SNAPSHOT chunk, or, once all are sent, the INSTALL."""
+        shipment = self._shipment
+        assert shipment is not None
+        role = self.role
+        if shipment.at < shipment.size:
+            want = min(max(turn_bytes, 1), fr.APPEND_BYTES_MAX, shipment.size - shipment.at)
+            data = os.pread(shipment.open_fd, want, shipment.at)
+            if not data:
+                raise fr.ProtocolError(f"the snapshot being sent ends at {shipment.at}")
+            frame = fr.encode(fr.Snapshot(self.uid, role.epoch, shipment.offset,
+                                          shipment.size, shipment.at, data))
+            shipment.at += len(data)
+            self._window.sent(shipment.at, len(data))
+            return frame
+        self.state = _INSTALLING
+        return fr.encode(fr.Install(self.uid, role.epoch, shipment.offset, shipment.log_from,
+                                    shipment.history))
 
     def _ship_from(self, offset: int) -> None:
         role = self.role
+        if self._shipment is not None:
+            self._shipment.close()
+            self._shipment = None
+        self._window.clear()
         self.state = _STREAMING
         self._sent = role._sent[self.follower] = offset
         role.acked[self.follower] = offset
@@ -679,14 +853,88 @@ class FollowerStream:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
+        if self._shipment is not None:
+            self._shipment.close()
+            self._shipment = None
         self.role._connected.discard(self.follower)
         self.role.wake()
 
 
 # A stream's states: no connection; OPEN queued or sent; POSITION taken, the divergence
-# being found; SYNC queued or sent; shipping; refused or broken, opening again soon.
+# (and whether to send a snapshot) being found; SYNC queued or sent; shipping; sending a
+# snapshot; INSTALL sent; refused or broken, opening again soon.
 _DOWN, _OPENING, _POSITIONED, _SYNCING, _STREAMING, _WAITING = (
     "down", "opening", "positioned", "syncing", "streaming", "waiting")
+_SNAPSHOT, _INSTALLING = "snapshot", "installing"
+
+
+class _Shipment:
+    """A snapshot file being sent, held open: the leader's next snapshot replaces the
+    file by a rename, and this one still reads the one it began with."""
+
+    def __init__(self, fd: int, size: int, offset: int, log_from: int) -> None:
+        self.fd: int | None = fd
+        self.size = size
+        self.offset = offset
+        self.log_from = log_from
+        """Where the follower's log starts over: the oldest live message's body, at most
+        the snapshot's offset."""
+        self.at = 0
+        """Bytes sent."""
+        self.history: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def open_fd(self) -> int:
+        assert self.fd is not None
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _snapshot_to_ship(core: QueueCore, offset: int) -> _Shipment | None:
+    """The queue's snapshot, opened and checked, if a follower whose log agrees with ours
+    up to offset is to be sent it (SNAPSHOT_SHIP_RATIO); None if it is to be sent the log.
+    A stat and the log's segment sizes decide most cases before the file is read."""
+    log = core.log
+    path = os.path.join(core.directory, SNAPSHOT_FILE)
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+    floor = max(SNAPSHOT_SHIP_LOG_BYTES_MIN, SNAPSHOT_SHIP_RATIO * size)
+    behind = offset < log.first_offset
+    if not behind and log.approx_bytes(offset, log.next_offset) < floor:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+        # Checked whole, and the log it needs read off its own state (the oldest body of
+        # a message it holds): what records after it delete may yet be cut.
+        at, needed = log_floor(data, path)
+        del data
+    except BaseException:
+        os.close(fd)
+        raise
+    log_from = max(needed, log.first_offset)
+    if log_from < log.next_offset:
+        # needed is a record's offset, which may be inside a batch (sent ten at once);
+        # the follower's log takes whole batches only, so it starts at that batch's base.
+        try:
+            log_from = batch_base(log.read_raw(log_from, 1))
+        except BaseException:
+            os.close(fd)
+            raise
+    if log_from <= offset or not (behind or log.approx_bytes(offset, log_from) >= floor):
+        os.close(fd)
+        return None
+    return _Shipment(fd, size, at, log_from)
 
 
 def describe(role: LeaderRole) -> dict[str, Any]:

@@ -371,7 +371,7 @@ class Link:
                                    ) from None
             if isinstance(frame, fr.Heartbeat):
                 continue
-            if not isinstance(frame, fr.Position | fr.Ack | fr.Refuse):
+            if not isinstance(frame, fr.Position | fr.Ack | fr.Refuse | fr.Received):
                 raise fr.ProtocolError(f"a follower sent {type(frame).__name__}")
             stream = self.streams.get(frame.uid)
             if stream is None:

@@ -440,6 +440,13 @@ class ClusterNode:
         return {e.name for e in broker.catalog.entries()
                 if is_mending(broker.queue_dir(e.name))}
 
+    def mending(self, name: str) -> None:
+        """A follower's copy here started over empty (replication.follower.Replica.truncate,
+        which marked it on disk): it leaves the ISR before it may lead, as a repaired copy
+        does; the partition's next look (at once) sees to it."""
+        self._mending.add(name)
+        self._later(name, 0.0)
+
     async def _leave_isr_while_mending(self, name: str) -> None:
         """Take this node out of the partition's ISR while its copy is short.
 

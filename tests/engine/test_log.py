@@ -569,6 +569,49 @@ def test_truncate_after_below_first_offset_is_refused(path: str) -> None:
         assert log.next_offset == first
 
 
+def test_restart_at_empties_the_log_at_an_offset_and_survives_reopen(path: str) -> None:
+    with Log(path, fsync="always", segment_bytes_max=4096) as log:
+        fill(log, 200)
+        assert log.segment_count > 1
+        log.restart_at(5000)
+        assert (log.first_offset, log.next_offset, log.durable_offset) == (5000, 5000, 5000)
+        assert log.size_bytes == 0
+        assert segment_files(path) == [format.segment_file_name(5000)]
+        with pytest.raises(OffsetOutOfRangeError):
+            log.read(4999)
+        assert log.append(b"after") == 5000
+    with Log(path, segment_bytes_max=4096) as log:
+        assert (log.first_offset, log.next_offset) == (5000, 5001)
+        assert log.read(5000).tolist() == [(5000, b"after")]
+        log.restart_at(7)  # below the old start too: it is a new log
+        assert (log.first_offset, log.next_offset) == (7, 7)
+    with Log(path, segment_bytes_max=4096) as log:
+        assert (log.first_offset, log.next_offset) == (7, 7)
+
+
+def test_a_crash_part_way_through_restart_at_leaves_a_prefix_that_opens(path: str) -> None:
+    with Log(path, fsync="always", segment_bytes_max=4096) as log:
+        fill(log, 200)
+        whole = log.read(0, 1000).tolist()
+    # What restart_at has done when it stops after removing the newest segments.
+    for name in segment_files(path)[-2:]:
+        os.unlink(os.path.join(path, name))
+    with Log(path, segment_bytes_max=4096) as log:
+        assert log.first_offset == 0
+        assert log.read(0, 1000).tolist() == whole[:log.next_offset]
+
+
+def test_approx_bytes_is_exact_over_whole_segments(path: str) -> None:
+    with Log(path, fsync="never", segment_bytes_max=4096) as log:
+        fill(log, 300)
+        log.flush()
+        assert log.approx_bytes(0, log.next_offset) == log.size_bytes
+        assert log.approx_bytes(5, 5) == 0
+        half = log.approx_bytes(0, log.next_offset // 2)
+        assert 0.3 * log.size_bytes < half < 0.7 * log.size_bytes
+        assert log.approx_bytes(log.next_offset, log.next_offset + 100) == 0
+
+
 # --- recovery ------------------------------------------------------------------------
 
 

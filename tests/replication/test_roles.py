@@ -130,6 +130,8 @@ class FakeNode:
         self.holding = asyncio.Event()
         """Set once an OPEN waits on one of ``holds``."""
         self._stopping: set[asyncio.Task[None]] = set()
+        self.mending_names: list[str] = []
+        """Queues whose copy here started over (FollowerNode.mending), in order."""
 
     @property
     def ring(self) -> list[str] | None:
@@ -250,6 +252,9 @@ class FakeNode:
             self.holding.set()
             await hold.wait()
         return None
+
+    def mending(self, name: str) -> None:
+        self.mending_names.append(name)
 
     async def replica(self, name: str, uid: int, attributes: dict[str, Any]) -> Replica:
         replica = self.replicas.get(name)
