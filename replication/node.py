@@ -63,6 +63,9 @@ _log = logging.getLogger("conveyor.cluster")
 
 ELECTION_GRACE_S = 1.0
 LEASE_TTL_S = 5
+# A wake-up for a change of members that time makes comes this long after it is due, so
+# that the check it wakes sees the change (monotonic clocks compared at a boundary).
+MEMBERS_SETTLE_S = 0.1
 # A step of reconciling that failed (etcd unreachable, the lease not proven alive) is
 # tried again this soon.
 RETRY_S = 1.0
@@ -186,6 +189,9 @@ class ClusterNode:
         self._tasks = [asyncio.create_task(self.keeper.run()),
                        asyncio.create_task(self._reconcile_loop()),
                        asyncio.create_task(self.control.keep_token())]
+        # Idle led partitions wait for events (leader.py); these two changes of the
+        # members come with time, not with an event, so they get a wake-up of their own.
+        self._wake_leading_in(self.config.node_gone_s)  # knows_members() turns true
 
     async def _check_peer_key(self) -> None:
         """Refuse to start with another peer key than the cluster's: every link to and
@@ -495,6 +501,7 @@ class ClusterNode:
         for node_id in changes.nodes:
             if node_id in changes.gone:
                 self._gone_at[node_id] = now
+                self._wake_leading_in(self.config.node_gone_s)  # it leaves members()
             else:
                 self._gone_at.pop(node_id, None)
         self._deleted |= changes.deleted
@@ -512,6 +519,15 @@ class ClusterNode:
             for waiter in self._leader_waits.pop(name, []):
                 if not waiter.done():
                     waiter.set_result(None)
+
+    def _wake_leading_in(self, delay_s: float) -> None:
+        """Wake every led partition just after delay_s: the members the ring places
+        replicas on change then (a gone node drops out after node_gone_s)."""
+        def wake() -> None:
+            for role in self.leading.values():
+                role.wake()
+
+        asyncio.get_running_loop().call_later(delay_s + MEMBERS_SETTLE_S, wake)
 
     def _mark(self, names: Any) -> None:
         self._dirty.update(names)

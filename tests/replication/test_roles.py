@@ -562,6 +562,7 @@ async def test_a_gone_replica_is_replaced_by_a_live_node(
     role = await leader.lead(QUEUE, cluster.control.elect(QUEUE, "l"), min_insync=2)
     await AsyncQueue(leader.broker, QUEUE).send(b"before")
     leader.ring = ["l", "a", "c"]
+    role.wake()  # as ClusterNode wakes its led partitions when the members change
     await eventually(lambda: set(cluster.control.partitions[QUEUE].replicas) == {"l", "a", "c"}
                      and len(cluster.control.isr(QUEUE)) == 3, "c replaces b")
     assert not role.under_replicated
