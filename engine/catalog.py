@@ -80,6 +80,12 @@ class Catalog:
             values = self._rows.get(name)
         return _entry(values) if values is not None else None
 
+    def uid_of(self, name: str) -> int | None:
+        """The queue's uid, if it exists (its attributes are not decoded)."""
+        with self._lock:
+            values = self._rows.get(name)
+        return None if values is None else int(values[1])
+
     def names(self, prefix: str = "") -> list[str]:
         """In name order; a literal, case-sensitive prefix."""
         with self._lock:

@@ -589,14 +589,13 @@ class ClusterNode:
         """name -> uid of the copies held here, of those names."""
         broker = self.broker
         assert broker is not None
-        if len(names) > RECONCILE_SLICE:  # one read of the catalog, not one per name
-            wanted = set(names)
-            return {e.name: e.uid for e in broker.catalog.entries() if e.name in wanted}
+        # The catalog is in memory: a lookup each, never a decode of every entry (after a
+        # node is lost, thousands of partitions are looked at a few at a time).
         found = {}
         for name in names:
-            entry = broker.catalog.get(name)
-            if entry is not None:
-                found[name] = entry.uid
+            uid = broker.catalog.uid_of(name)
+            if uid is not None:
+                found[name] = uid
         return found
 
     async def _reconcile_one(self, name: str, local_uid: int | None) -> None:
