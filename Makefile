@@ -58,9 +58,15 @@ fuse:
 dev-cluster: install etcd
 	$(BIN)/conveyor dev-cluster --nodes 3 $(DEV_CLUSTER_ARGS)
 
-# pytest exits 5 when it collects nothing; a run without tests is not a pass.
+# pytest exits 5 when it collects nothing; a run without tests is not a pass. The tests
+# spend much of their time waiting on servers, kills and leases: two worker processes
+# (pytest-xdist; PYTEST_WORKERS=0 runs them in one) keep two cores busy, a module's tests
+# together on one worker, its shared servers started once. Each worker hands out loopback
+# ports of its own (tests/support/server.py free_port).
+PYTEST_WORKERS ?= 2
 unit: install etcd fuse
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25; rc=$$?; \
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadscope \
+		--durations=25; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$rc
 
 test: lint typecheck unit

@@ -37,6 +37,10 @@ CHILD = Path(__file__).with_name("queue_crash_child.py")
 # is open, and a snapshot running meanwhile would delete segments mid-copy. (Snapshots
 # still happen, in the foreground, after sends and deletes.)
 NO_MAINTENANCE_MS = 3_600_000
+# Kill rounds, each at a random moment (about 1.4 s apiece): `make test` runs the first
+# half of the seeded schedule, `make faults` all of it.
+KILL_ROUNDS = 7
+KILL_ROUNDS_LONG = 14
 
 
 def _broker(path: Path, clock: ManualClock, fsync: str = "always") -> Broker:
@@ -307,6 +311,15 @@ def _run_child(path: Path, run: int, seed: int, delay: float) -> ChildRun:
 
 
 def test_acknowledged_sends_and_deletes_survive_sigkill(tmp_path: Path) -> None:
+    _sends_and_deletes_survive_sigkill(tmp_path, KILL_ROUNDS)
+
+
+@pytest.mark.faults
+def test_acknowledged_sends_and_deletes_survive_many_sigkills(tmp_path: Path) -> None:
+    _sends_and_deletes_survive_sigkill(tmp_path, KILL_ROUNDS_LONG)
+
+
+def _sends_and_deletes_survive_sigkill(tmp_path: Path, rounds: int) -> None:
     rng = random.Random(SEED + 1)
     path = tmp_path / "data"
     sent: set[str] = set()          # acknowledged sends
@@ -314,7 +327,6 @@ def test_acknowledged_sends_and_deletes_survive_sigkill(tmp_path: Path) -> None:
     unsettled: set[str] = set()     # deletes the kill interrupted: either outcome is fine
     receives: dict[str, int] = {}
     violations: list[str] = []
-    rounds = 14  # each round a kill at a random moment: about 1.4 s apiece
     for run in range(rounds):
         delay = rng.uniform(0.2, 1.5)
         result = _run_child(path, run, rng.randrange(1 << 32), delay)
@@ -375,7 +387,9 @@ def test_acknowledged_sends_and_deletes_survive_sigkill(tmp_path: Path) -> None:
     assert not strangers, f"{summary}: bodies no child sent: {strangers[:20]}"
     assert stats.in_flight == len(drained) and stats.visible == 0, stats
     # Guard against a test that passes because nothing happened.
-    assert len(sent) >= 500 and len(deleted) >= 200, summary
+    # (500 sends and 200 deletes over the whole schedule.)
+    assert len(sent) >= 500 * rounds // KILL_ROUNDS_LONG and \
+        len(deleted) >= 200 * rounds // KILL_ROUNDS_LONG, summary
 
 
 # --- d. disk use follows live messages -------------------------------------------------

@@ -18,12 +18,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from server.config import SHUTDOWN_GRACE_S
 from tests.support.clients import metrics
 from tests.support.server import Server
 
 WORKLOAD = Path(__file__).with_name("sqs_workload.py")
-KILLS = 12
+# Kills in `make test`: enough that restarts follow restarts under a workload that
+# reconnects; `make faults` runs the long schedule.
+KILLS = 5
+KILLS_LONG = 12
 VISIBILITY_S = 2
 ENGINE_CALLS = ("conveyor_dependency_calls_in_flight", (("dependency", "engine"),))
 
@@ -62,6 +67,16 @@ def drain(sqs: Any, url: str) -> list[str]:
 
 
 def test_sigkill_under_load_loses_nothing_acknowledged(server: Server, tmp_path: Path) -> None:
+    _sigkill_under_load(server, tmp_path, KILLS)
+
+
+@pytest.mark.faults
+def test_many_sigkills_under_load_lose_nothing_acknowledged(server: Server,
+                                                            tmp_path: Path) -> None:
+    _sigkill_under_load(server, tmp_path, KILLS_LONG)
+
+
+def _sigkill_under_load(server: Server, tmp_path: Path, kill_rounds: int) -> None:
     seed = int(os.environ.get("CONVEYOR_CRASH_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     print(f"seed {seed} (CONVEYOR_CRASH_SEED reproduces the kill schedule)")
@@ -76,7 +91,7 @@ def test_sigkill_under_load_loses_nothing_acknowledged(server: Server, tmp_path:
     try:
         wait_for(lambda: acknowledged_sends(log) >= 50, 60, "the workload to get going")
         kills = 0
-        for _ in range(KILLS):
+        for _ in range(kill_rounds):
             time.sleep(rng.uniform(0.2, 1.2))
             server.kill()
             kills += 1
@@ -138,8 +153,11 @@ def test_sigkill_under_load_loses_nothing_acknowledged(server: Server, tmp_path:
           f" took effect")
     print(f"workload errors: {summary.strip()}")
 
-    assert kills >= 10
-    assert len(sent) >= 200 and len(deleted) >= 100, "too little work to prove anything"
+    assert kills == kill_rounds
+    # The work needed to prove anything grows with the kills: 200 sends and 100 deletes
+    # over the long schedule.
+    assert len(sent) >= 200 * kill_rounds // KILLS_LONG and \
+        len(deleted) >= 100 * kill_rounds // KILLS_LONG, "too little work to prove anything"
     assert not lost, f"{len(lost)} acknowledged sends lost, e.g. {lost[:10]}"
     assert not resurrected, (
         f"{len(resurrected)} bodies delivered after their delete was acknowledged, "

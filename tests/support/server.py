@@ -9,8 +9,11 @@ not.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
+import os
+import random
 import signal
 import socket
 import ssl
@@ -46,7 +49,42 @@ _shared: list[Server] = []
 """Servers that module_server shares between a module's tests, while it does."""
 
 
+# Under pytest-xdist (`make test` runs two workers) each worker hands out ports of a range
+# of its own, below the kernel's ephemeral range: a port is free when handed out but
+# bound only once the server has started, and the kernel could give the same port to the
+# other worker meanwhile (or to a client's outgoing connection).
+WORKER_PORTS_BASE = 20_000
+WORKER_PORTS = 3_000
+WORKER_PORTS_END = 32_768  # where Linux's default ephemeral range starts
+_handed_out: collections.deque[int] = collections.deque(maxlen=WORKER_PORTS // 2)
+"""The ports this worker handed out last (a killed server keeps its port for its restart)."""
+_rng = random.Random()
+
+
+def _worker_ports() -> range | None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or not worker[2:].isdigit():
+        return None
+    start = WORKER_PORTS_BASE + int(worker[2:]) * WORKER_PORTS
+    end = min(start + WORKER_PORTS, WORKER_PORTS_END)
+    return range(start, end) if end - start >= WORKER_PORTS // 2 else None
+
+
 def free_port() -> int:
+    """A loopback port nothing listens on (and, under xdist, not handed out lately)."""
+    ports = _worker_ports()
+    if ports is not None:
+        for _ in range(len(ports)):
+            port = _rng.choice(ports)
+            if port in _handed_out:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.append(port)
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -426,8 +426,11 @@ async def test_refusals_outside_the_operations_use_the_error_schema(
 
 # --- c. schemathesis against a real server ---------------------------------------------------
 
-CASES_MIN = 1000
-EXAMPLES_PER_OPERATION = 90
+# `make test` runs half the examples of `make faults` (and needs half the cases).
+CASES_MIN = 500
+EXAMPLES_PER_OPERATION = 45
+CASES_MIN_LONG = 1000
+EXAMPLES_PER_OPERATION_LONG = 90
 # Queues that exist before generation starts, so that generated calls hit real queues too.
 EXISTING = ("q1", "q2", "q1.fifo", "0", "a")
 CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance,
@@ -493,6 +496,17 @@ def _strategy(operation: Any, mode: schemathesis.GenerationMode) -> Any:
 
 def test_schemathesis_finds_no_server_errors_or_schema_violations(
         server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    _fuzz(server, capsys, EXAMPLES_PER_OPERATION, CASES_MIN)
+
+
+@pytest.mark.faults
+def test_schemathesis_at_length_finds_no_server_errors_or_schema_violations(
+        server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    _fuzz(server, capsys, EXAMPLES_PER_OPERATION_LONG, CASES_MIN_LONG)
+
+
+def _fuzz(server: Server, capsys: pytest.CaptureFixture[str], examples_per_operation: int,
+          cases_min: int) -> None:
     _make_existing(server)
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
@@ -517,8 +531,8 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(
                 case.path_parameters or {}):
             _make_existing(server)
 
-    modes = [(schemathesis.GenerationMode.POSITIVE, EXAMPLES_PER_OPERATION),
-             (schemathesis.GenerationMode.NEGATIVE, EXAMPLES_PER_OPERATION // 3)]
+    modes = [(schemathesis.GenerationMode.POSITIVE, examples_per_operation),
+             (schemathesis.GenerationMode.NEGATIVE, examples_per_operation // 3)]
     for operation in operations:
         for mode, examples in modes:
             # A path parameter of type string cannot be made invalid: every path is a string.
@@ -543,4 +557,4 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(
                          f"schemathesis: per operation {dict(sorted(runs.items()))}\n")
     assert failures == [], "\n".join(failures[:20])
     assert server_errors == 0
-    assert total >= CASES_MIN
+    assert total >= cases_min
