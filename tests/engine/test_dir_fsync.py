@@ -19,9 +19,11 @@ from typing import Any
 import pytest
 
 from engine import Broker
+from engine._queue import State
 from engine.log import Log
 from engine.queue import SNAPSHOT_FILE
 from engine.repair import set_aside_replica
+from engine.snapshot import encode_snapshot
 from replication.follower import Replica
 
 NO_MAINTENANCE_MS = 600_000
@@ -143,7 +145,8 @@ def test_a_followers_cut_fsyncs_the_snapshots_removal(tmp_path: Path,
     with Log(directory / "log", segment_bytes_max=4096) as log:
         for i in range(50):
             log.append_batch([b"%d" % i * 100])
-    (directory / SNAPSHOT_FILE).write_bytes(b"a snapshot taken while this node led")
+    # A snapshot this node took while it led, past the cut: it must go with the records.
+    (directory / SNAPSHOT_FILE).write_bytes(encode_snapshot(State(False), 30))
     replica = Replica("q", 1, str(directory), "always")
     try:
         with spy.step("cutting a divergent suffix"):
