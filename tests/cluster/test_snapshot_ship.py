@@ -64,8 +64,10 @@ def test_a_wiped_replica_is_sent_the_snapshot_and_tail_then_leads(tmp_path: Path
             installed = load.sent_ok
             c.wait_isr("shipped", 3)
             time.sleep(0.5)  # the queue serves on, the new copy in the ISR
-        # Sends were acknowledged while the copy was sent and installed, and after.
-        assert load.sent_ok > installed > restarted, (restarted, installed, load.sent_ok)
+        # Sends were acknowledged from the restart on, and after the install. (The install
+        # can be over before the next send is answered: that it stalls nothing is shown by
+        # sends going on, not by one landing inside it.)
+        assert load.sent_ok > installed >= restarted, (restarted, installed, load.sent_ok)
         leader_log = c.nodes[leader].log.read_text()
         assert f"{follower} installed the snapshot at" in leader_log, leader_log[-3000:]
         found = INSTALLED.search(c.nodes[follower].log.read_text())
