@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,16 +16,16 @@ import pytest
 from engine import AsyncQueue
 from engine.install import JOURNAL_FILE, read_epochs
 from engine.log import Log
-from engine.queue import SNAPSHOT_FILE, read_snapshot, replay
+from engine.queue import SNAPSHOT_FILE, QueueCore, read_snapshot, replay
 from engine.repair import MENDING_FILE
 from engine.snapshot import log_floor, snapshot_offset, state_digest
 from replication import leader as leader_module
-from replication import link as link_module
 from replication.history import batch_base, batch_end
-from tests.replication.test_roles import (
+from tests.replication.test_roles import (  # noqa: F401 (cluster: the fixture nodes takes)
     QUEUE,
     Cluster,
     FakeNode,
+    cluster,
     eventually,
     log_bytes,
 )
@@ -37,18 +35,13 @@ BODY = b"x" * 2000
 
 
 @pytest.fixture
-async def nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
+def nodes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Cluster:
     """test_roles' cluster, with rules sized for logs of a few MiB, as a test makes in a
     second (the rule, not its scale)."""
-    monkeypatch.setattr(link_module, "RETRY_S", 0.05)
     monkeypatch.setattr(leader_module, "SNAPSHOT_SHIP_LOG_BYTES_MIN", 64 * 1024)
     monkeypatch.setattr(leader_module, "REPLICA_LAG_S", 0.3)
-    running = Cluster(tmp_path)
-    try:
-        yield running
-    finally:
-        for node in running.nodes.values():
-            await node.close()
+    running: Cluster = request.getfixturevalue("cluster")
+    return running
 
 
 async def churn(queue: AsyncQueue, rounds: int, keep: int = 0) -> None:
@@ -82,14 +75,26 @@ async def start_leader(nodes: Cluster, replicas: tuple[str, ...]) -> FakeNode:
     return leader
 
 
-async def test_a_new_follower_is_sent_the_snapshot_then_the_tail_and_can_lead(
-        nodes: Cluster) -> None:
-    leader = await start_leader(nodes, ("l", "f"))
-    queue = AsyncQueue(leader.broker, QUEUE)
-    await churn(queue, 120, keep=50)
+def snapshot_now(leader: FakeNode) -> QueueCore:
+    """The led queue, its snapshot taken now."""
     core = leader.broker.open_core(QUEUE)
     assert core is not None
     assert core.maybe_snapshot(force=True)
+    return core
+
+
+async def churned_leader(nodes: Cluster, rounds: int, keep: int
+                         ) -> tuple[FakeNode, AsyncQueue, QueueCore]:
+    """l leads the queue (replicas l and f, f not up), churned, its snapshot taken."""
+    leader = await start_leader(nodes, ("l", "f"))
+    queue = AsyncQueue(leader.broker, QUEUE)
+    await churn(queue, rounds, keep=keep)
+    return leader, queue, snapshot_now(leader)
+
+
+async def test_a_new_follower_is_sent_the_snapshot_then_the_tail_and_can_lead(
+        nodes: Cluster) -> None:
+    leader, queue, core = await churned_leader(nodes, 120, keep=50)
     offset = snapshot_offset(os.path.join(core.directory, SNAPSHOT_FILE))
     assert offset is not None
     snapshot_bytes = os.path.getsize(os.path.join(core.directory, SNAPSHOT_FILE))
@@ -148,12 +153,7 @@ async def test_the_log_sent_after_a_snapshot_starts_at_the_snapshots_oldest_body
     delete may be above the commit offset, and cut by a later leader, and the copy must
     then hold those bodies. So the log starts at the snapshot's oldest body, not the
     oldest body live now (the rule before: f would start past the deleted one's)."""
-    leader = await start_leader(nodes, ("l", "f"))
-    queue = AsyncQueue(leader.broker, QUEUE)
-    await churn(queue, 120, keep=5)
-    core = leader.broker.open_core(QUEUE)
-    assert core is not None
-    assert core.maybe_snapshot(force=True)
+    leader, queue, core = await churned_leader(nodes, 120, keep=5)
     floor = shipped_floor(core.directory)
     # The oldest kept message goes after the snapshot: the state now needs less log.
     received = await queue.receive(max_messages=1, visibility_timeout=30)
@@ -240,12 +240,7 @@ async def test_a_copy_that_starts_over_at_a_cut_is_sent_the_snapshot_again(
     f is sent the snapshot again, ends with l's state and rejoins the ISR. (With the rule
     before, the log from 0 was shipped: no second snapshot.)"""
     monkeypatch.setattr(leader_module, "REPLICA_LAG_S", 60.0)  # the ISR stays (l, f)
-    leader = await start_leader(nodes, ("l", "f"))
-    queue = AsyncQueue(leader.broker, QUEUE)
-    await churn(queue, 120, keep=20)
-    core = leader.broker.open_core(QUEUE)
-    assert core is not None
-    assert core.maybe_snapshot(force=True)
+    leader, queue, core = await churned_leader(nodes, 120, keep=20)
     follower = await nodes.add("f")
     await eventually(lambda: nodes.control.isr(QUEUE) == ("l", "f"), "f is installed")
     assert leader.leading[QUEUE]._streams["f"].snapshots == 1
@@ -365,9 +360,7 @@ async def test_the_log_sent_after_a_snapshot_starts_at_a_batch(nodes: Cluster) -
     await queue.send_batch([b"batch-%d." % j + BODY for j in range(10)])
     received = await queue.receive(max_messages=3, visibility_timeout=30)
     await queue.delete_batch([m.receipt for m in received])
-    core = leader.broker.open_core(QUEUE)
-    assert core is not None
-    assert core.maybe_snapshot(force=True)
+    core = snapshot_now(leader)
     floor = shipped_floor(core.directory)
     base = batch_base(core.log.read_raw(floor, 1))
     assert base < floor  # mid-batch
