@@ -44,9 +44,10 @@ IDLE_S = 10.0
 # Streams one leader's connection may carry, at most: every partition the two nodes share,
 # with room. An OPEN past it is refused.
 STREAMS_MAX = 65536
-# OPENs of one connection checked against the control plane at once (each reads etcd
-# twice), at most: a leader that starts with thousands of partitions opens them all at
-# once, and etcd takes them as fast as it answers this many.
+# OPENs of one connection checked and opened at once, at most: a leader that starts with
+# thousands of partitions opens them all at once. Each is checked against the watched view
+# (ClusterNode.accept_leader), and reads etcd only when the view refuses or lags; etcd
+# then takes them as fast as it answers this many.
 OPENS_MAX = 64
 
 

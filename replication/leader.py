@@ -179,10 +179,18 @@ class LeaderRole:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def start(self, open_core: Callable[[], QueueCore]) -> None:
-        """Open the queue (replaying its log) and start the links and the ISR monitor."""
+    async def start(self, open_core: Callable[[], QueueCore],
+                    prepare: Callable[[], None] | None = None) -> None:
+        """Open the queue (replaying its log) and start the links and the ISR monitor.
+        prepare (making the queue's files ready) runs first, in the same thread."""
         self._open_core = open_core
-        await asyncio.to_thread(open_core)
+
+        def open_prepared() -> None:
+            if prepare is not None:
+                prepare()
+            open_core()
+
+        await asyncio.to_thread(open_prepared)
         self._ensure_streams()
         self._tasks.append(asyncio.create_task(self._monitor()))
 

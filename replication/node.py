@@ -72,11 +72,19 @@ RETRY_S = 1.0
 # Elections (with the opening of each queue won) under way at once: a node taking over
 # thousands of partitions takes them in waves, its loop still answering meanwhile.
 ELECTIONS_MAX = 256
-# Partitions reconciled between two yields of the event loop (a whole pass, at start or
-# after a compaction, does not hold the loop).
 # Each step of a shutdown gets this long (see ClusterNode._bounded).
 CLOSE_STEP_S = 3.0
+# Partitions reconciled between two yields of the event loop (a whole pass, at start or
+# after a compaction, does not hold the loop).
 RECONCILE_SLICE = 256
+# A leader's OPEN names its epoch, the etcd revision its leader key was made at. The
+# follower answers from its watched view once the view has applied that revision (it
+# then shows that key, or what replaced it), waiting this long for it; only a refusal,
+# or a view that far behind, reads etcd. Reading etcd twice per OPEN made every
+# creation and failover of thousands of partitions wait on etcd.
+ACCEPT_VIEW_WAIT_S = 2.0
+# OPENs waiting for the view at once; past this, they read etcd instead of waiting.
+VIEW_WAITS_MAX = 4096
 REPLICATION_FACTOR = 3
 MIN_INSYNC_REPLICAS = 2
 # How long CreateQueue waits for the new queue's first leader.
@@ -151,6 +159,8 @@ class ClusterNode:
         self._elections = asyncio.Semaphore(ELECTIONS_MAX)
         self._election_tasks: set[asyncio.Task[None]] = set()
         self._leader_waits: dict[str, list[asyncio.Future[None]]] = {}
+        self._view_waits: list[tuple[int, int, asyncio.Future[None]]] = []
+        """(revision, id, waiter): a heap of OPENs waiting for the view to apply revision."""
         self._opening: dict[str, asyncio.Event] = {}
         """Queues elected here whose leadership is still opening them."""
         self._tasks: list[asyncio.Task[None]] = []
@@ -383,12 +393,25 @@ class ClusterNode:
 
     async def accept_leader(self, name: str, uid: int, epoch: int, node_id: str
                             ) -> tuple[int, str] | None:
-        """None if node_id leads queue uid in epoch; else (newest epoch, why)."""
-        leader = await self.control.leader(name)
-        partition = await self.control.partition(name)
-        refused = refusal(self.node_id, leader, partition, uid, epoch, node_id)
+        """None if node_id leads queue uid in epoch; else (newest epoch, why).
+
+        Answered by the view once it has applied the epoch's revision
+        (ACCEPT_VIEW_WAIT_S). The view then shows the leader key made at that revision
+        or a newer one: accepting on it is as good as a read of etcd, which is as stale
+        by the time its answer arrives. A refusal reads etcd, which has the last word
+        (the view may not list a replica added since)."""
+        view = await self._view_at(epoch, ACCEPT_VIEW_WAIT_S)
+        leader = partition = None
+        refused: tuple[int, str] | None = (0, "")
+        if view is not None:
+            leader, partition = view.leaders.get(name), view.partitions.get(name)
+            refused = refusal(self.node_id, leader, partition, uid, epoch, node_id)
         if refused is not None:
-            return refused
+            leader = await self.control.leader(name)
+            partition = await self.control.partition(name)
+            refused = refusal(self.node_id, leader, partition, uid, epoch, node_id)
+            if refused is not None:
+                return refused
         assert partition is not None
         self._accepted[name] = partition.revision
         role = self.leading.get(name)
@@ -487,11 +510,16 @@ class ClusterNode:
                          name, exc)
 
     async def _release_replica(self, name: str) -> None:
-        replica = self.replicas.pop(name, None)
+        replica = self._take_replica(name)
         if replica is not None:
-            if replica.session is not None:
-                replica.session.close()
             await asyncio.to_thread(replica.close)
+
+    def _take_replica(self, name: str) -> Replica | None:
+        """Stop following the queue here: end its stream; the caller closes its log."""
+        replica = self.replicas.pop(name, None)
+        if replica is not None and replica.session is not None:
+            replica.session.close()
+        return replica
 
     # -- reconciling ----------------------------------------------------------------------
 
@@ -508,9 +536,13 @@ class ClusterNode:
         self._mark(changes.partitions | changes.leaders)
         # Idle led partitions check their ISR and placement only when woken (leader.py):
         # a node coming or going wakes every one, a changed record its own.
-        for name, role in self.leading.items():
-            if changes.nodes or name in changes.partitions:
+        if changes.nodes:
+            for role in self.leading.values():
                 role.wake()
+        else:  # one change at a time, of thousands led: look up only the changed
+            for name in changes.partitions:
+                if (led := self.leading.get(name)) is not None:
+                    led.wake()
         if changes.nodes:
             # Who may lead a leaderless partition depends on which replicas are alive.
             view = self.view or self.keeper.view
@@ -519,6 +551,29 @@ class ClusterNode:
             for waiter in self._leader_waits.pop(name, []):
                 if not waiter.done():
                     waiter.set_result(None)
+        revision = self.keeper.view.revision
+        while self._view_waits and self._view_waits[0][0] <= revision:
+            waiter = heapq.heappop(self._view_waits)[2]
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _view_at(self, revision: int, timeout_s: float) -> ClusterView | None:
+        """The view, once it has applied revision (None: not within timeout_s)."""
+        view = self.view
+        if view is None or view.revision >= revision:
+            return view
+        if len(self._view_waits) >= VIEW_WAITS_MAX:
+            self._view_waits = [w for w in self._view_waits if not w[2].done()]
+            heapq.heapify(self._view_waits)
+            if len(self._view_waits) >= VIEW_WAITS_MAX:
+                return None
+        waiter = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._view_waits, (revision, id(waiter), waiter))
+        try:
+            await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            return None  # its entry goes when the revision comes, or at the next prune
+        return view
 
     def _wake_leading_in(self, delay_s: float) -> None:
         """Wake every led partition just after delay_s: the members the ring places
@@ -696,20 +751,28 @@ class ClusterNode:
                 return  # lost, or won under a lease lost since (the key went with it)
             _log.warning("queue %s: leading in epoch %d (ISR %s)", name, leader.epoch,
                          list(partition.isr))
-            await self._release_replica(name)
-            if self.lease.losses != losses:
-                return
             broker = self.broker
             assert broker is not None
+            replica = self._take_replica(name)
             role = LeaderRole(self, self.control, partition, leader.epoch,
                               self.config.min_insync_replicas)
             # No await since the check above: a lease lost from here on finds this role
             # among those it steps down.
             self.leading[name] = role
+
+            def take_over() -> None:
+                # One trip to a thread for the three steps, not one each: a node taking
+                # over thousands of partitions queued them behind each other three times.
+                # A copy that was being followed holds records already: the
+                # configuration record is only for a log still empty.
+                epoch = leader.epoch
+                if replica is not None:
+                    epoch = 0 if replica.log.next_offset > 0 else epoch
+                    replica.close()
+                broker.adopt_queue(name, partition.uid, partition.attributes, epoch)
+
             try:
-                await asyncio.to_thread(broker.adopt_queue, name, partition.uid,
-                                        partition.attributes, leader.epoch)
-                await role.start(lambda: broker._core_of(name))
+                await role.start(lambda: broker._core_of(name), take_over)
             except QueueDamagedError as exc:
                 await self._leave_damaged(partition, leader.epoch, exc)
             except (EngineError, OSError) as exc:

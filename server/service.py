@@ -111,26 +111,24 @@ class QueueService:
         check_queue_name(name, QueueAttributes.from_dict(attributes).fifo)
         settings = QueueSettings.of(extra)
         self.backend.check_supported(attributes, settings)
-        existing = await self.metadata.get(account, name)
-        if existing is not None:
-            current = (await self.backend.queue(existing).attributes()).to_dict()
-            wanted = QueueAttributes.from_dict(attributes).to_dict()
-            differing = [k for k, v in wanted.items() if current[k] != v]
-            differing += [k for k, v in extra.items() if existing.extra.get(k) != v]
-            if differing:
-                raise QueueExistsError(name, differing)
-            return existing
         # One create of a name at a time: storage that no record owns is then known to be
-        # no other create's work in progress.
+        # no other create's work in progress. (The lock is this process's, per name; the
+        # record is read once, under it.)
         async with self._locks.hold((account, name)):
-            record = await self.metadata.get(account, name)
-            if record is not None:  # made while this create waited its turn
-                return await self.create_queue(account, name, attributes, extra, tags)
-            await self.backend.create_queue(f"{account}/{name}", attributes, settings)
-            now = _now_ms()
-            record = QueueRecord(account, name, now, now, dict(tags), dict(extra))
-            await self.metadata.put(record)
-            return record
+            existing = await self.metadata.get(account, name)
+            if existing is None:
+                await self.backend.create_queue(f"{account}/{name}", attributes, settings)
+                now = _now_ms()
+                record = QueueRecord(account, name, now, now, dict(tags), dict(extra))
+                await self.metadata.put(record)
+                return record
+        current = (await self.backend.queue(existing).attributes()).to_dict()
+        wanted = QueueAttributes.from_dict(attributes).to_dict()
+        differing = [k for k, v in wanted.items() if current[k] != v]
+        differing += [k for k, v in extra.items() if existing.extra.get(k) != v]
+        if differing:
+            raise QueueExistsError(name, differing)
+        return existing
 
     async def record(self, account: str, name: str) -> QueueRecord:
         check_queue_name(name, name.endswith(FIFO_SUFFIX) if isinstance(name, str) else False)
