@@ -196,7 +196,7 @@ def _bodies(book: Book, kind: str, start: int, size: int, count: int = 10) -> li
 async def _fill(cluster: Cluster, books: list[Book], args: argparse.Namespace
                 ) -> dict[str, Any]:
     """Churn, then fill, every queue at its leader, --fill-concurrency queues at a time."""
-    leaders = _leaders(cluster, [b.name for b in books])
+    leaders = await asyncio.to_thread(_leaders, cluster, [b.name for b in books])
     size = args.body_kib * 1024
     batches = max(1, round(args.state_mb * MIB / len(books) / size / 10))
     slots = asyncio.Semaphore(args.fill_concurrency)
@@ -287,13 +287,17 @@ class Spy:
     (--gil), so the samples say where the Python time goes; or, idle, every thread
     whether it runs or waits (--idle), so they say where the wall time goes."""
 
+    RATE = 100
+    """Samples a second (py-spy's default, said explicitly: the idle summary counts on it)."""
+
     def __init__(self, py_spy: str, pid: int, idle: bool) -> None:
         fd, self.path = tempfile.mkstemp(suffix=".txt")
         os.close(fd)
+        self.idle = idle
         self.started = time.monotonic()
         self.process = subprocess.Popen(
             [py_spy, "record", "--format", "raw", "--pid", str(pid), "--output", self.path,
-             "--nonblocking", "--idle" if idle else "--gil"],
+             "--nonblocking", "--rate", str(self.RATE), "--idle" if idle else "--gil"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def stop(self) -> list[str]:
@@ -303,9 +307,15 @@ class Spy:
             _, err = self.process.communicate(timeout=60)
             if self.process.returncode != 0 or not os.path.getsize(self.path):
                 return [f"py-spy failed ({self.process.returncode}): {err.decode()[-300:]}"]
-            return _top_frames(self.path, seconds)
+            lines = _top_frames(self.path, seconds)
         finally:
             os.unlink(self.path)
+        if self.idle:
+            # Every thread is sampled, waiting or not: a share is of all threads' time.
+            samples = int(lines[0].split()[0])
+            lines.insert(1, f"one thread for the whole time = "
+                            f"{100 * self.RATE * seconds / max(samples, 1):.1f}% of samples")
+        return lines
 
 
 def _placement(books: list[Book], members: list[str]) -> dict[str, list[str]]:
@@ -500,7 +510,7 @@ async def _move(cluster: Cluster, books: list[Book], load_books: list[Book],
     marks = {k: os.path.getsize(n.log) for k, n in cluster.nodes.items()}
     dirs_before = {k: _dir_bytes(f"{cluster.root}/{k}") for k in OLD}
     state = {b.key: b.live_bytes() for b in books}
-    leaders = _leaders(cluster, [b.name for b in books])
+    leaders = await asyncio.to_thread(_leaders, cluster, [b.name for b in books])
     load0 = _loadavg()
     t_start = time.monotonic()
     node = start_node(cluster, 3)
@@ -548,6 +558,9 @@ async def _move(cluster: Cluster, books: list[Book], load_books: list[Book],
                            "n3_ready": dir_ready,
                            "n3_after": _dir_bytes(f"{cluster.root}/{NEW}")}
     report["shipping"] = _shipping(_log_tails(cluster, marks))
+    after = _leaders(cluster, [b.name for b in books])
+    report["leaders_moved"] = {n: f"{leaders[n]} -> {after[n]}" for n in after
+                               if after[n] != leaders[n]}
     report["latency"] = {
         "before": _latency(load.samples, 0, t_start),
         "during": _latency(load.samples, t_start, end),
@@ -682,6 +695,8 @@ def _print(report: dict[str, Any]) -> None:
         ("log copied: churned, not churned",
          f"{summary['log_copy_churned']}, {summary['log_copy_plain']}"),
         ("streams to n3 started over", str(move["shipping"]["restarts"])),
+        ("queues whose leader moved (to n3)", f"{len(move['leaders_moved'])} ("
+         f"{sum(v.endswith(NEW) for v in move['leaders_moved'].values())})"),
         ("old nodes' data dirs before, after (MiB)", ", ".join(
             f"{k} {dirs['old_before'][k] / MIB:.0f}/{dirs['old_after'][k] / MIB:.0f}"
             for k in OLD)),
