@@ -112,7 +112,7 @@ scale: install etcd
 # A fourth node joining a three-node cluster that holds 400 MB of queues, half of them
 # churned: seconds until it is in the ISR of every queue the ring gives it, MB/s of state,
 # snapshots against log copies, and a producer and consumer on moving queues throughout
-# (needs etcd; about 5 minutes). JOIN_ARGS="--state-mb 100" for a quicker look.
+# (needs etcd; about 3 minutes). JOIN_ARGS="--state-mb 100" for a quicker look.
 join: install etcd
 	$(BIN)/python -m bench.join $(JOIN_ARGS)
 

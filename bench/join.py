@@ -686,7 +686,8 @@ def _print(report: dict[str, Any]) -> None:
         ("n3 data dir growth", f"{summary['n3_dir_growth_bytes'] / MIB:.0f} MiB"),
         ("MiB/s of state from ready (live bytes; dir growth)",
          "n/a" if summary["state_mb_per_s"] is None else
-         f"{summary['state_mb_per_s']:.1f}; {summary['dir_mb_per_s']:.1f}"),
+         f"{summary['state_mb_per_s']:.1f} (= {summary['state_mb_per_s'] * MIB / 1e6:.1f} "
+         f"MB/s); {summary['dir_mb_per_s']:.1f}"),
         ("MiB/s of state from the first replica added",
          "n/a" if summary["state_mb_per_s_from_first_added"] is None else
          f"{summary['state_mb_per_s_from_first_added']:.1f}"),
