@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SOURCES := $(wildcard engine/*.pyx engine/*.pxd engine/*.h) setup.py pyproject.toml
 
 .PHONY: all install serve test lint typecheck unit bench bench-http debug-build clean etcd \
-	dev-cluster soak faults fuse bench-cluster scale
+	dev-cluster soak faults fuse bench-cluster scale join
 
 all: test
 
@@ -108,6 +108,13 @@ bench-cluster: install etcd
 # for a quicker look.
 scale: install etcd
 	$(BIN)/python -m bench.scale $(SCALE_ARGS)
+
+# A fourth node joining a three-node cluster that holds 400 MB of queues, half of them
+# churned: seconds until it is in the ISR of every queue the ring gives it, MB/s of state,
+# snapshots against log copies, and a producer and consumer on moving queues throughout
+# (needs etcd; about 3 minutes). JOIN_ARGS="--state-mb 100" for a quicker look.
+join: install etcd
+	$(BIN)/python -m bench.join $(JOIN_ARGS)
 
 # Line tracing and asserts in the Cython code (CONVEYOR_DEBUG=1).
 debug-build: install

@@ -87,7 +87,14 @@ class Node:
 class Cluster:
     root: str
     etcd: subprocess.Popen[bytes]
+    etcd_port: int = 0
+    fsync: str = "always"
     nodes: dict[str, Node] = field(default_factory=dict)
+
+    @property
+    def secret(self) -> str:
+        """The cluster secret's file, which every node is started with."""
+        return f"{self.root}/cluster.secret"
 
     def processes(self) -> list[subprocess.Popen[bytes]]:
         return [self.etcd, *(n.process for n in self.nodes.values())]
@@ -106,7 +113,8 @@ class Cluster:
                 process.kill()
 
 
-def _start(root: str, fsync: str) -> Cluster:
+def _start(root: str, fsync: str, nodes: int = 3) -> Cluster:
+    """etcd and nodes n0.. (RF=3, access log off), each ready."""
     binary = shutil.which("etcd")
     if binary is None:
         raise SystemExit("etcd is not installed: apt-get install etcd-server")
@@ -114,31 +122,40 @@ def _start(root: str, fsync: str) -> Cluster:
     client = _free_port()
     etcd = subprocess.Popen(etcd_command(binary, "scale", f"{root}/etcd", client, _free_port()),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cluster = Cluster(root, etcd)
+    cluster = Cluster(root, etcd, client, fsync)
     _wait_ready(f"http://127.0.0.1:{client}/health")
-    secret = f"{root}/cluster.secret"
-    masterkey.load_or_create(secret)
-    for i in range(3):
-        port, replication_port = _free_port(), _free_port()
-        log = f"{root}/n{i}.log"
-        with open(log, "ab") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "server.cli", "serve", "--data-dir", f"{root}/n{i}",
-                 "--port", str(port), "--fsync", fsync, "--no-access-log",
-                 "--cluster", f"etcd://127.0.0.1:{client}", "--node-id", f"n{i}",
-                 "--replication-port", str(replication_port), "--cluster-secret-file", secret],
-                stdout=out, stderr=subprocess.STDOUT)
-        cluster.nodes[f"n{i}"] = Node(f"n{i}", f"http://127.0.0.1:{port}/", process, log,
-                                      replication_port)
+    masterkey.load_or_create(cluster.secret)
+    for i in range(nodes):
+        start_node(cluster, i)
     for node in cluster.nodes.values():
         _wait_ready(node.url + "readyz", timeout=60)
     return cluster
 
 
+def start_node(cluster: Cluster, i: int) -> Node:
+    """Start node n{i} against the cluster's etcd and secret, on data of its own under the
+    cluster's root (added to a running cluster, it joins it); its /readyz is not waited
+    for."""
+    port, replication_port = _free_port(), _free_port()
+    log = f"{cluster.root}/n{i}.log"
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--data-dir", f"{cluster.root}/n{i}",
+             "--port", str(port), "--fsync", cluster.fsync, "--no-access-log",
+             "--cluster", f"etcd://127.0.0.1:{cluster.etcd_port}", "--node-id", f"n{i}",
+             "--replication-port", str(replication_port),
+             "--cluster-secret-file", cluster.secret],
+            stdout=out, stderr=subprocess.STDOUT)
+    node = cluster.nodes[f"n{i}"] = Node(f"n{i}", f"http://127.0.0.1:{port}/", process, log,
+                                         replication_port)
+    return node
+
+
 def _restart(cluster: Cluster) -> Cluster:
     """The same cluster (its etcd and nodes, on their data, ports and logs) started again."""
     again = Cluster(cluster.root, subprocess.Popen(cluster.etcd.args, stdout=subprocess.DEVNULL,
-                                                   stderr=subprocess.DEVNULL))
+                                                   stderr=subprocess.DEVNULL),
+                    cluster.etcd_port, cluster.fsync)
     for key, node in cluster.nodes.items():
         with open(node.log, "ab") as out:
             process = subprocess.Popen(node.process.args, stdout=out, stderr=subprocess.STDOUT)
@@ -185,8 +202,14 @@ def _profile(py_spy: str, pid: int, seconds: float = 10) -> list[str]:
         subprocess.run([py_spy, "record", "--format", "raw", "--duration", f"{seconds:g}",
                         "--pid", str(pid), "--output", out.name, "--nonblocking"],
                        check=True, capture_output=True)
-        with open(out.name) as lines:
-            stacks = [line.rpartition(" ") for line in lines if line.strip()]
+        return _top_frames(out.name, seconds)
+
+
+def _top_frames(raw: str, seconds: float) -> list[str]:
+    """py-spy's raw output (a stack and its count a line), summarised: the functions most
+    samples were in, by own time and with what they called, as lines to print."""
+    with open(raw) as lines:
+        stacks = [line.rpartition(" ") for line in lines if line.strip()]
     own: collections.Counter[str] = collections.Counter()
     total: collections.Counter[str] = collections.Counter()
     for stack, _, count in stacks:
