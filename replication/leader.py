@@ -406,7 +406,10 @@ class LeaderRole:
             core = self.core
             # A wake-up set while the last check ran (its own ISR change, say) is not
             # lost: it is cleared only here, before the check that answers it.
-            if core is not None and self._idle(core.log.next_offset) \
+            # A change of the members in flight wakes the loop when it is done (it may
+            # queue behind thousands of others after a node dies): checking meanwhile
+            # could change nothing, and thousands of loops checking would starve the rest.
+            if (self._isr_busy or (core is not None and self._idle(core.log.next_offset))) \
                     and not self._monitor_wake.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._monitor_wake.wait(), IDLE_MONITOR_S)

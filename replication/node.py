@@ -763,13 +763,16 @@ class ClusterNode:
             def take_over() -> None:
                 # One trip to a thread for the three steps, not one each: a node taking
                 # over thousands of partitions queued them behind each other three times.
-                # A copy that was being followed holds records already: the
-                # configuration record is only for a log still empty.
-                epoch = leader.epoch
+                # A copy that was being followed has its catalog entry (the replica was
+                # opened for this uid) and records: the configuration record is only for
+                # a log still empty, and the broker's lock, which every opening queue
+                # takes, is not taken for nothing.
                 if replica is not None:
-                    epoch = 0 if replica.log.next_offset > 0 else epoch
+                    held = replica.uid == partition.uid and replica.log.next_offset > 0
                     replica.close()
-                broker.adopt_queue(name, partition.uid, partition.attributes, epoch)
+                    if held:
+                        return
+                broker.adopt_queue(name, partition.uid, partition.attributes, leader.epoch)
 
             try:
                 await role.start(lambda: broker._core_of(name), take_over)
