@@ -354,7 +354,10 @@ class LeaderRole:
         if core is None or core.closed:
             return False
         end = core.log.next_offset
-        return bool(self._waiters) or any(self.acked.get(m, -1) < end for m in self._connected)
+        # tuple(): one step under the GIL (called from the broker's threads, while the
+        # loop may change the set).
+        return bool(self._waiters) or any(self.acked.get(m, -1) < end
+                                          for m in tuple(self._connected))
 
     def log_core(self) -> QueueCore | None:
         """The open queue, for its log; None while the broker has it closed (idle), and

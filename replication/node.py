@@ -161,6 +161,8 @@ class ClusterNode:
         self._leader_waits: dict[str, list[asyncio.Future[None]]] = {}
         self._view_waits: list[tuple[int, int, asyncio.Future[None]]] = []
         """(revision, id, waiter): a heap of OPENs waiting for the view to apply revision."""
+        self._view_lagging = 0
+        """A revision an OPEN waited for in vain: until the view passes it, none waits."""
         self._opening: dict[str, asyncio.Event] = {}
         """Queues elected here whose leadership is still opening them."""
         self._tasks: list[asyncio.Task[None]] = []
@@ -558,10 +560,14 @@ class ClusterNode:
                 waiter.set_result(None)
 
     async def _view_at(self, revision: int, timeout_s: float) -> ClusterView | None:
-        """The view, once it has applied revision (None: not within timeout_s)."""
+        """The view, once it has applied revision (None: not within timeout_s, or a wait
+        for an older revision timed out and the view has not passed it yet: a view that
+        lags, a broken watch say, is not waited for by every OPEN in turn)."""
         view = self.view
         if view is None or view.revision >= revision:
             return view
+        if view.revision < self._view_lagging:
+            return None
         if len(self._view_waits) >= VIEW_WAITS_MAX:
             self._view_waits = [w for w in self._view_waits if not w[2].done()]
             heapq.heapify(self._view_waits)
@@ -572,6 +578,7 @@ class ClusterNode:
         try:
             await asyncio.wait_for(waiter, timeout_s)
         except TimeoutError:
+            self._view_lagging = max(self._view_lagging, revision)
             return None  # its entry goes when the revision comes, or at the next prune
         return view
 
@@ -759,6 +766,17 @@ class ClusterNode:
             # No await since the check above: a lease lost from here on finds this role
             # among those it steps down.
             self.leading[name] = role
+            if replica is not None:
+                # A cut its stream started runs on in its thread: the copy is read only
+                # once it is done. One that started over empty holds less than it may have
+                # acknowledged: it must leave the ISR, not lead.
+                await replica.settled()
+                if replica.started_over:
+                    replica.started_over = False
+                    self.mending(name)
+                    self.step_down(name, "its copy here started over empty")
+                    await asyncio.to_thread(replica.close)
+                    return
 
             def take_over() -> None:
                 # One trip to a thread for the three steps, not one each: a node taking
