@@ -92,7 +92,8 @@ class Leadership(Protocol):
         """Raise (an EngineError) unless this node leads the queue now."""
 
     def opened(self, core: QueueCore) -> None:
-        """A led queue was opened: stamp its epoch, attach its replication."""
+        """A led queue was opened: stamp its epoch, attach its replication. Raises (an
+        EngineError) if it is no longer led; the broker then closes it."""
 
     def pinned(self, name: str) -> bool:
         """Whether the queue must stay open although idle: its replication still reads
@@ -470,7 +471,11 @@ class Broker:
                     raise self._note_damage(name, self._queue_dir(entry.uid), exc) from exc
                 raise unavailable(name, f"its log cannot be opened: {exc}", exc) from exc
             if self._leadership is not None:
-                self._leadership.opened(core)
+                try:
+                    self._leadership.opened(core)
+                except BaseException:
+                    core.close()  # no longer led: closed, not left open with no owner
+                    raise
             self._cores[name] = core
             if core.attributes.to_dict() != entry.attributes:
                 # The log is the authority on a queue's configuration. A catalog too full

@@ -274,7 +274,12 @@ class ClusterNode:
             raise NotLeaderError(name, self.leader_url(name))
 
     def opened(self, core: QueueCore) -> None:
-        self.leading[core.name].opened(core)
+        # The role may have stepped down since check() (the loop does that while the
+        # broker opens the queue in a thread): the broker then closes the core.
+        role = self.leading.get(core.name)
+        if role is None or role.closed:
+            raise NotLeaderError(core.name, self.leader_url(core.name))
+        role.opened(core)
 
     def pinned(self, name: str) -> bool:
         # Called by the broker under its lock, from any thread: reads of a few fields.

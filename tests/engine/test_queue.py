@@ -2029,3 +2029,39 @@ def test_a_dead_lettered_message_names_its_source_queue(broker: Broker, clock: M
     assert src.receive() == []  # moved instead of delivered a second time
     [moved] = broker.get_queue("dlq").receive()
     assert (moved.body, moved.dead_letter_source, moved.sender) == (b"poison", "src", "s1")
+
+
+class _SteppingDown:
+    """A Leadership whose queue steps down while the broker opens it (the cluster's loop
+    does that while the broker's thread opens the queue), then leads it again."""
+
+    def __init__(self) -> None:
+        self.refuse = True
+        self.refused: list[Any] = []
+
+    def check(self, name: str) -> None:
+        pass
+
+    def opened(self, core: Any) -> None:
+        if self.refuse:
+            self.refused.append(core)
+            raise errors.QueueUnavailableError(core.name, "stepped down")
+
+    def pinned(self, name: str) -> bool:
+        return False
+
+
+def test_a_queue_no_longer_led_when_opened_is_closed_not_leaked(tmp_path: Path) -> None:
+    leadership = _SteppingDown()
+    with Broker(tmp_path / "data", fsync="never", leadership=leadership) as broker:
+        broker.adopt_queue("led", 7, {}, start_epoch=1)
+        before = open_fds()
+        with pytest.raises(errors.QueueUnavailableError):
+            broker._core_of("led")
+        assert broker.open_core("led") is None
+        # Closed, its log flushed and released at once; before, it was left open, owned
+        # by nobody, for the garbage collector.
+        assert [core.closed for core in leadership.refused] == [True]
+        assert open_fds() == before
+        leadership.refuse = False
+        assert broker._core_of("led").name == "led"
