@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import heapq
 import itertools
@@ -180,9 +181,11 @@ class LeaderRole:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self, open_core: Callable[[], QueueCore],
-                    prepare: Callable[[], None] | None = None) -> None:
+                    prepare: Callable[[], None] | None = None,
+                    executor: concurrent.futures.Executor | None = None) -> None:
         """Open the queue (replaying its log) and start the links and the ISR monitor.
-        prepare (making the queue's files ready) runs first, in the same thread."""
+        prepare (making the queue's files ready) runs first, in the same thread of
+        executor (None: the loop's default)."""
         self._open_core = open_core
 
         def open_prepared() -> None:
@@ -190,7 +193,7 @@ class LeaderRole:
                 prepare()
             open_core()
 
-        await asyncio.to_thread(open_prepared)
+        await asyncio.get_running_loop().run_in_executor(executor, open_prepared)
         self._ensure_streams()
         self._tasks.append(asyncio.create_task(self._monitor()))
 
