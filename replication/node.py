@@ -790,6 +790,7 @@ class ClusterNode:
                     replica.started_over = False
                     self.mending(name)
                     self.step_down(name, "its copy here started over empty")
+                if role.closed:  # that, or a lease lost meanwhile
                     await asyncio.to_thread(replica.close)
                     return
 
