@@ -412,9 +412,9 @@ class LeaderRole:
             core = self.core
             # A wake-up set while the last check ran (its own ISR change, say) is not
             # lost: it is cleared only here, before the check that answers it.
-            # A change of the members in flight wakes the loop when it is done (it may
-            # queue behind thousands of others after a node dies): checking meanwhile
-            # could change nothing, and thousands of loops checking would starve the rest.
+            # A change of the members made outside this loop (leave_isr, before a
+            # snapshot is shipped) wakes it when done: checking meanwhile could change
+            # nothing, and the change may queue behind thousands in etcd.
             if (self._isr_busy or (core is not None and self._idle(core.log.next_offset))) \
                     and not self._monitor_wake.is_set():
                 with contextlib.suppress(TimeoutError):
