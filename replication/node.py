@@ -556,14 +556,13 @@ class ClusterNode:
         if changes.nodes:
             for role in self.leading.values():
                 role.wake()
+            # Who may lead a leaderless partition depends on which replicas are alive.
+            view = self.view or self.keeper.view
+            self._mark(name for name in view.partitions if name not in view.leaders)
         else:  # one change at a time, of thousands led: look up only the changed
             for name in changes.partitions:
                 if (led := self.leading.get(name)) is not None:
                     led.wake()
-        if changes.nodes:
-            # Who may lead a leaderless partition depends on which replicas are alive.
-            view = self.view or self.keeper.view
-            self._mark(name for name in view.partitions if name not in view.leaders)
         for name in changes.leaders:
             for waiter in self._leader_waits.pop(name, []):
                 if not waiter.done():
