@@ -24,6 +24,12 @@ recently used idle ones are snapshotted and closed. That bounds memory and open 
 one catalog row and its files on disk. One shared timer, not a thread per queue, runs
 retention and snapshots for the open queues.
 
+A queue is opened, closed and adopted (a cluster's copy made) outside the broker's lock,
+which guards only the maps: many queues open at once (a cluster node taking over
+thousands of partitions opens them on several threads), and one slow to open, or a copy's
+files being fsynced, holds up only its own callers. A queue is marked busy meanwhile, and
+nothing else opens, closes or changes it until that is done.
+
 Thread-safe.
 """
 
@@ -118,6 +124,13 @@ class Broker:
         make_dirs(os.path.join(self.path, "queues"))
         self._lock_fd = _lock(self.path)
         self._lock = threading.RLock()
+        self._settled = threading.Condition(self._lock)
+        """Notified whenever a queue stops being busy (``_settle``)."""
+        self._evict_over = 0
+        """Opens evict only past open_queues_max and this many more: 0, or more after an
+        eviction that pinned queues kept above the limit (see _evict)."""
+        self._busy: set[str] = set()
+        """Queues being opened or closed outside the lock (see the module docstring)."""
         self._closed = False
         self._maintaining = False
         self._cores: dict[str, QueueCore] = {}
@@ -228,10 +241,15 @@ class Broker:
         """
         with self._lock:
             self._check_open()
+            self._wait_idle(name)
             entry = self.catalog.get(name)
             if entry is not None and entry.uid != uid:
                 raise QueueExistsError(name, ["uid"])
             directory = self._queue_dir(uid)
+            # The files are made outside the lock, the queue marked busy: their fsyncs
+            # held it, and every other queue created on this node waited for them.
+            self._busy.add(name)
+        try:
             if entry is None:
                 make_dirs(os.path.join(directory, "log"))
                 orphans.write_identity(directory, name, uid)
@@ -242,8 +260,11 @@ class Broker:
                                     fsync=str(self.fsync_policy), clock=self.clock,
                                     epoch=start_epoch)
                 except CorruptDataError as exc:
-                    raise self._note_damage(name, directory, exc) from exc
-            return directory
+                    with self._lock:
+                        raise self._note_damage(name, directory, exc) from exc
+        finally:
+            self._settle(name)
+        return directory
 
     def _note_damage(self, name: str, directory: str, exc: CorruptDataError
                      ) -> QueueDamagedError:
@@ -269,10 +290,11 @@ class Broker:
     def close_queue(self, name: str) -> None:
         """Close a queue's open core, if any (a leader stepping down)."""
         with self._lock:
-            core = self._cores.pop(name, None)
+            self._wait_idle(name)
+            core = self._take(name)
         if core is not None:
             # core.replication stays: writes still waiting on it must be refused by it.
-            core.close()
+            self._close_taken([core])
 
     def _new_uid(self) -> int:
         taken = self.catalog.uids()
@@ -336,6 +358,7 @@ class Broker:
             entry = self.catalog.get(name)
             if entry is None:
                 raise QueueNotFoundError(name)
+            self._wait_idle(name)
             with self._catalog_write(name):
                 self.catalog.remove(name)
             self._damaged.pop(name, None)  # a queue made again under the name is another
@@ -364,6 +387,7 @@ class Broker:
         missing). Returns its name there."""
         with self._lock:
             self._check_open()
+            self._wait_idle(name)
             entry = self.catalog.get(name)
             if entry is None:
                 raise QueueNotFoundError(name)
@@ -443,10 +467,14 @@ class Broker:
         if core is not None and not self._closed:
             return core
         with self._lock:
-            self._check_open()
-            core = self._cores.get(name)
-            if core is not None:
-                return core
+            while True:
+                self._check_open()
+                core = self._cores.get(name)
+                if core is not None:
+                    return core
+                if name not in self._busy:
+                    break
+                self._settled.wait()  # opened, or closed, by another thread meanwhile
             if self._leadership is not None:
                 # Raises unless this node leads the queue, which a node that holds no
                 # copy of it may not know from its catalog.
@@ -459,35 +487,80 @@ class Broker:
                 # Found damaged already: not read again (a large log takes long to scan)
                 # until an operator has salvaged it, which needs this process stopped.
                 raise QueueDamagedError(name, *damaged)
-            try:
-                core = QueueCore(name, entry.uid, self._queue_dir(entry.uid),
-                                 **self._core_options)
-            except (LogError, OSError) as exc:
-                # A damaged log, or a disk too full to rebuild an index, fails this queue
-                # alone, as a log failing later does: its callers get "unavailable", not
-                # an error of their own or of the server. A disk too full is tried again
-                # on the next call (once space is freed, it opens); damage is remembered.
-                if isinstance(exc, CorruptDataError):
-                    raise self._note_damage(name, self._queue_dir(entry.uid), exc) from exc
-                raise unavailable(name, f"its log cannot be opened: {exc}", exc) from exc
-            if self._leadership is not None:
-                try:
-                    self._leadership.opened(core)
-                except BaseException:
-                    core.close()  # no longer led: closed, not left open with no owner
-                    raise
-            self._cores[name] = core
-            if core.attributes.to_dict() != entry.attributes:
-                # The log is the authority on a queue's configuration. A catalog too full
-                # to take the copy does not keep the queue from opening: it is copied
-                # again on the next open.
-                with contextlib.suppress(sqlite3.OperationalError):
-                    self.catalog.update(name, core.attributes.to_dict(), self.clock.now_ms())
-            self._evict(keep=name)
+            self._busy.add(name)
+        victims: list[QueueCore] = []
+        try:
+            core = self._open(name, entry.uid)
+            with self._lock:
+                if self._closed:
+                    core.close()
+                    raise BrokerClosedError()
+                if self._leadership is not None:
+                    try:
+                        self._leadership.opened(core)
+                    except BaseException:
+                        core.close()  # no longer led: closed, not left open with no owner
+                        raise
+                self._cores[name] = core
+                if core.attributes.to_dict() != entry.attributes:
+                    # The log is the authority on a queue's configuration. A catalog too
+                    # full to take the copy does not keep the queue from opening: it is
+                    # copied again on the next open.
+                    with contextlib.suppress(sqlite3.OperationalError):
+                        self.catalog.update(name, core.attributes.to_dict(),
+                                            self.clock.now_ms())
+                victims = self._evict(keep=name)
+        finally:
+            self._settle(name)
+        self._close_taken(victims)
         plan = core.unfinished_moves()
         if plan is not None:
             self._complete_moves(core, plan)
         return core
+
+    def _open(self, name: str, uid: int) -> QueueCore:
+        """Open a queue's core (the queue marked busy, the lock not held): replay its log."""
+        directory = self._queue_dir(uid)
+        try:
+            return QueueCore(name, uid, directory, **self._core_options)
+        except (LogError, OSError) as exc:
+            # A damaged log, or a disk too full to rebuild an index, fails this queue
+            # alone, as a log failing later does: its callers get "unavailable", not
+            # an error of their own or of the server. A disk too full is tried again
+            # on the next call (once space is freed, it opens); damage is remembered.
+            if isinstance(exc, CorruptDataError):
+                with self._lock:
+                    raise self._note_damage(name, directory, exc) from exc
+            raise unavailable(name, f"its log cannot be opened: {exc}", exc) from exc
+
+    def _wait_idle(self, name: str) -> None:
+        """With the lock held: wait until the queue is not being opened or closed."""
+        while name in self._busy:
+            self._settled.wait()
+
+    def _take(self, name: str) -> QueueCore | None:
+        """With the lock held: take an open queue out of the map to close it outside the
+        lock (``_close_taken``), marked busy until then."""
+        core = self._cores.pop(name, None)
+        if core is not None:
+            self._busy.add(name)
+        return core
+
+    def _close_taken(self, cores: list[QueueCore]) -> None:
+        """Close queues taken by ``_take``, the lock not held."""
+        for core in cores:
+            try:
+                core.close()
+            except Exception:
+                _log.exception("closing queue %s failed", core.name)
+            finally:
+                self._settle(core.name)
+
+    def _settle(self, name: str) -> None:
+        """The queue is no longer busy: wake whoever waits for it."""
+        with self._lock:
+            self._busy.discard(name)
+            self._settled.notify_all()
 
     def open_cores(self) -> list[QueueCore]:
         """The queues open now (for metrics: reading them opens nothing)."""
@@ -497,25 +570,29 @@ class Broker:
         """The queue's core if it is open already (never opens: no replay, no blocking)."""
         return None if self._closed else self._cores.get(name)
 
-    def _evict(self, keep: str | None = None) -> None:
-        """Close open queues beyond open_queues_max, least recently used first.
+    def _evict(self, keep: str | None = None) -> list[QueueCore]:
+        """With the lock held: take open queues beyond open_queues_max, least recently used
+        first, for the caller to close once it has let the lock go (``_close_taken``).
 
         Queues idle for IDLE_BEFORE_CLOSE_S go first; if that is not enough, recently used
         ones go too (a caller that held one simply reopens it). Only a queue with a long
         poll waiting on it, one whose replication still reads its log (a cluster leader's
         follower behind: Leadership.pinned), and ``keep`` (the one being opened), stay
-        open regardless.
+        open regardless. keep None is the maintenance pass, which looks even when the last
+        eviction left pinned queues above the limit.
         """
         limit = self.open_queues_max
-        if len(self._cores) <= limit:
-            return
+        taken: list[QueueCore] = []
+        if len(self._cores) <= limit + (0 if keep is None else self._evict_over):
+            return taken
         now = time.monotonic()
         by_age = sorted(self._cores.items(), key=lambda item: item[1].last_used)
-        # Idle queues go down to a little below the limit (EVICT_SLACK_DIVISOR), so that
-        # the sort and the scan are paid once per that many opens; recently used ones only
-        # down to the limit.
-        for idle_only, floor in ((True, limit - limit // EVICT_SLACK_DIVISOR),
-                                 (False, limit)):
+        # Open queues go down to a little below the limit (EVICT_SLACK_DIVISOR), so that
+        # the sort and the scan are paid once per that many opens: idle ones first, then
+        # recently used ones (a node taking over thousands of partitions has used every
+        # one it opened within seconds, and scanned them all for each open).
+        floor = limit - limit // EVICT_SLACK_DIVISOR
+        for idle_only in (True, False):
             for name, core in by_age:
                 if len(self._cores) <= floor:
                     break
@@ -524,8 +601,15 @@ class Broker:
                     continue
                 if idle_only and now - core.last_used < IDLE_BEFORE_CLOSE_S:
                     continue
-                del self._cores[name]
-                core.close()
+                taken.append(core)
+                self._take(name)
+        # Pinned queues may keep the count above the limit (a node taking over thousands
+        # of partitions pins each until its followers' streams start). Opens then scan
+        # them all again only once as many more are open (or at the maintenance pass):
+        # a scan per slack of opens cost 2 s of a taking-over node's 1,850 opens.
+        over = len(self._cores) - limit
+        self._evict_over = 0 if over <= 0 else over + max(limit // EVICT_SLACK_DIVISOR, over)
+        return taken
 
     def _complete_moves(self, core: QueueCore, plan: MovePlan) -> None:
         """Finish moving messages to the dead-letter queue: durably marked as moving,
@@ -563,8 +647,8 @@ class Broker:
                 except QueueUnavailableError:
                     continue  # closed meanwhile, or failed: reported to its callers
             with self._lock:
-                if not self._closed:
-                    self._evict()
+                victims = [] if self._closed else self._evict()
+            self._close_taken(victims)
         except Exception:
             _log.exception("broker maintenance failed")
         finally:
@@ -587,6 +671,10 @@ class Broker:
                 return
             self._closed = True
             self._timer.cancel()
+            # Opens under way see the broker closed and close what they opened; closes
+            # under way finish: the catalog and the directory are still theirs till then.
+            while self._busy:
+                self._settled.wait()
             cores = list(self._cores.values())
             self._cores.clear()
         for core in cores:

@@ -961,8 +961,9 @@ class Log:
             error: OSError | None = None
             if self._failure is None:
                 try:
-                    self._active.flush()
-                    self._active.sync()
+                    if self._durable < self._active.next_offset:
+                        self._active.flush()
+                        self._active.sync()
                     self._mark_durable(int(self._active.next_offset))
                 except OSError as exc:
                     error = exc

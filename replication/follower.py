@@ -47,7 +47,10 @@ STREAMS_MAX = 65536
 # OPENs of one connection checked and opened at once, at most: a leader that starts with
 # thousands of partitions opens them all at once. Each is checked against the watched view
 # (ClusterNode.accept_leader), and reads etcd only when the view refuses or lags; etcd
-# then takes them as fast as it answers this many.
+# then takes them as fast as it answers this many. An OPEN waits for the view to reach
+# its epoch before it takes one of these, holding nothing: after a node is lost the view
+# lagged the new leaders' OPENs by up to 2 s, and the OPENs behind the waiting 64 queued
+# for seconds more.
 OPENS_MAX = 64
 
 
@@ -164,6 +167,10 @@ def refusal(me: str, leader: Leader | None, partition: Partition | None, uid: in
 class FollowerNode(Protocol):
     """What the replication port needs of its node (replication.node.ClusterNode)."""
 
+    async def view_at(self, epoch: int) -> None:
+        """Return once the node's view of the control plane has seen epoch (a leader key
+        made at that etcd revision), or once the node has waited long enough for it."""
+
     async def accept_leader(self, name: str, uid: int, epoch: int, node_id: str
                             ) -> tuple[int, str] | None:
         """None if node_id leads the queue ``uid`` in epoch, by the control plane, and
@@ -278,6 +285,7 @@ class FollowerStream:
     async def _opening(self, opening: fr.Open) -> None:
         node = self.connection.node
         try:
+            await node.view_at(opening.epoch)
             async with self.connection.opening:
                 # Checked before the replica is touched: an OPEN that names another queue
                 # (an old uid, say) changes nothing here, not even an open session.

@@ -13,7 +13,9 @@ The commit offset is the least durable offset over the in-sync replicas (ISR), t
 node's included. A client's write is acknowledged once the commit offset passes it
 (``committed``). A follower that falls REPLICA_LAG_S behind is taken out of the ISR by an
 etcd transaction *before* the commit offset stops counting it; one that catches up is put
-back. With fewer than min_insync replicas, writes are refused (503), never acknowledged.
+back. A follower not yet heard from in this epoch (a leader just elected) counts as
+behind only once a write waits for it. With fewer than min_insync replicas, writes are
+refused (503), never acknowledged.
 
 The node is reached only through ``LeaderNode`` and etcd only through ``LeaderControl``,
 so a leader runs in a test against a control plane held in memory.
@@ -351,16 +353,21 @@ class LeaderRole:
         self._monitor_wake.set()
 
     def pinned(self) -> bool:
-        """Whether the broker must keep the queue open although idle: a write waits, or a
-        connected follower has not acknowledged the whole log (its stream reads it)."""
+        """Whether the broker must keep the queue open although idle: a write waits, a
+        follower's stream is finding where to start (it reads the log), or a connected
+        follower has not acknowledged the whole log (its stream reads it). A node that
+        takes over thousands of partitions opens more than open_queues_max at once; a
+        stream whose queue was closed before it was positioned would open it again, and
+        close another's, over and over."""
         core = self.core
         if core is None or core.closed:
             return False
         end = core.log.next_offset
         # tuple(): one step under the GIL (called from the broker's threads, while the
-        # loop may change the set).
+        # loop may change the set and the map).
         return bool(self._waiters) or any(self.acked.get(m, -1) < end
-                                          for m in tuple(self._connected))
+                                          for m in tuple(self._connected)) \
+            or any(s.state in _FINDING for s in tuple(self._streams.values()))
 
     def log_core(self) -> QueueCore | None:
         """The open queue, for its log; None while the broker has it closed (idle), and
@@ -403,7 +410,9 @@ class LeaderRole:
         # when a check sees it hold what the ISR has committed, an ACK away.
         if any(m not in isr for m in self._connected):
             return False
-        return all(m == me or self.acked.get(m, -1) >= end for m in isr)
+        # A member not heard from in this epoch (its stream is still finding its place)
+        # is waited for: its stream's start wakes the check, as does the first write.
+        return all(m == me or m not in self.acked or self.acked[m] >= end for m in isr)
 
     # -- the ISR ----------------------------------------------------------------------------
 
@@ -445,23 +454,30 @@ class LeaderRole:
             isr = self.partition.isr
             live = self.node.live_nodes()
             # A member with no node key (its lease ran out: dead or cut off) is out at
-            # once; one that is alive but behind gets REPLICA_LAG_S to catch up.
+            # once; one that is alive but behind gets REPLICA_LAG_S to catch up. One not
+            # heard from in this epoch is behind only once a write waits for it: a node
+            # taking over thousands of partitions positions their streams in seconds, and
+            # took healthy followers of idle partitions out of their ISR meanwhile (and
+            # back in: two etcd writes each, and the partition refusing writes between).
             keep = tuple(m for m in isr if m == me or (
-                self.acked.get(m, 0) >= threshold and (live is None or m in live)))
+                (live is None or m in live) and (
+                    self.acked.get(m, 0) >= threshold
+                    or (m not in self.acked and not self._waiters))))
             # A follower rejoins once it holds everything the members kept have made
             # durable: the commit offset then cannot go back when it starts counting again.
             # Over the kept members, not the ISR: a laggard still in the ISR holds the ISR's
             # commit back to its own offset, so it would always qualify, and a follower
             # that stays connected but stops acknowledging would never leave.
-            commit = self.commit_offset(keep)
-            # A kept member not heard from in this epoch (a leader just elected) counts 0
-            # toward that, yet may hold everything committed: nobody rejoins until each
-            # has acknowledged, or left. Else a follower far behind (one installing a
-            # snapshot, say) would rejoin at once, and could be elected.
-            unheard = any(m != me and m not in self.acked for m in keep)
+            # Over those heard from in this epoch, and this node: a member not heard from
+            # yet (a leader just elected) counts 0 toward the commit offset, and a
+            # follower far behind (one installing a snapshot, say) would rejoin at once,
+            # and could be elected. A member heard from holds everything committed (it is
+            # in the ISR, and its log agrees with this one up to where its stream
+            # started), so the bar over them is no lower than what the ISR committed.
+            commit = self.commit_offset(tuple(m for m in keep if m in self.acked))
             wanted = keep + tuple(m for m in self.partition.replicas
                                   if m not in keep and self.acked.get(m, -1) >= commit
-                                  and m in self._connected and not unheard)
+                                  and m in self._connected)
             if set(wanted) != set(isr) and not self._isr_busy:
                 await self._change_members(self.partition.replicas, wanted)
             elif now - self._rebalanced_at >= REBALANCE_S and not self._isr_busy:
@@ -896,6 +912,8 @@ class FollowerStream:
 _DOWN, _OPENING, _POSITIONED, _SYNCING, _STREAMING, _WAITING = (
     "down", "opening", "positioned", "syncing", "streaming", "waiting")
 _SNAPSHOT, _INSTALLING = "snapshot", "installing"
+# States in which a stream has yet to start shipping from its place in the log.
+_FINDING = frozenset((_OPENING, _POSITIONED, _SYNCING, _SNAPSHOT, _INSTALLING))
 
 
 class _Shipment:

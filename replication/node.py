@@ -439,6 +439,11 @@ class ClusterNode:
                 await task
         return None
 
+    async def view_at(self, epoch: int) -> None:
+        """Return once the view has applied revision epoch, or after ACCEPT_VIEW_WAIT_S
+        (accept_leader then reads etcd)."""
+        await self._view_at(epoch, ACCEPT_VIEW_WAIT_S)
+
     async def replica(self, name: str, uid: int, attributes: dict[str, Any]) -> Replica:
         replica = self.replicas.get(name)
         if replica is not None and replica.uid == uid:
@@ -746,7 +751,11 @@ class ClusterNode:
         name = partition.name
         try:
             async with self._elections:
-                if not self._closed:
+                # Its turn may come seconds later (a node taking over thousands of
+                # partitions): if another node has won it meanwhile, the election would
+                # be a transaction sure to fail, and each node stood for every partition.
+                view = self.view
+                if not self._closed and (view is None or name not in view.leaders):
                     await self._lead(partition)
         except EngineError as exc:
             _log.warning("queue %s: cannot stand for leader: %s", name, exc)

@@ -236,6 +236,9 @@ class FakeNode:
 
     # -- FollowerNode ---------------------------------------------------------------------
 
+    async def view_at(self, epoch: int) -> None:
+        pass  # the control plane held in memory is current at once
+
     async def accept_leader(self, name: str, uid: int, epoch: int, node_id: str
                             ) -> tuple[int, str] | None:
         refused = refusal(self.node_id, self.control.leaders.get(name),
@@ -344,6 +347,34 @@ async def test_a_divergent_follower_is_cut_back_and_then_holds_the_leaders_log(
     assert log_bytes(follower) == log_bytes(leader)
     assert b"uncommitted" not in log_bytes(follower)
     assert a.replicas[QUEUE].history.entries == [(old, 0), (new, agreed)]
+
+
+async def test_a_new_leaders_follower_slow_to_start_its_stream_stays_in_an_idle_isr(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A leader just elected has heard from no follower. While no write waits, one whose
+    stream is slow to start (a node taking over thousands of partitions positioned them
+    in seconds) stays in the ISR: it took healthy followers out, and back in once heard,
+    two etcd writes each, the partition refusing writes between. A write that waits for
+    a follower not heard from REPLICA_LAG_S after the election still takes it out."""
+    monkeypatch.setattr(leader_module, "REPLICA_LAG_S", 0.2)
+    leader, follower = await cluster.add("l"), await cluster.add("f")
+    with FaultProxy(*follower.address) as proxy:
+        follower.advertised = ("127.0.0.1", proxy.port)
+        proxy.delay(0.3)  # each way: the stream starts well past REPLICA_LAG_S
+        cluster.control.create(QUEUE, ("l", "f"))
+        role = await leader.lead(QUEUE, cluster.control.elect(QUEUE, "l"), min_insync=1)
+        await eventually(lambda: "f" in role.acked, "f's stream starts")
+        assert cluster.control.isr_changes == []
+        assert cluster.control.isr(QUEUE) == ("l", "f")
+
+        leader.step_down(QUEUE, "a test")
+        await leader.settled()
+        proxy.blackhole()
+        role = await leader.lead(QUEUE, cluster.control.elect(QUEUE, "l"), min_insync=1)
+        await asyncio.sleep(0.5)
+        assert cluster.control.isr(QUEUE) == ("l", "f")
+        await AsyncQueue(leader.broker, QUEUE).send(b"leader only")
+        assert [isr for _, isr in cluster.control.isr_changes] == [("l",)]
 
 
 @pytest.mark.parametrize("fault", ["cut", "blackhole"])

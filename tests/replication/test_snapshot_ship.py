@@ -296,15 +296,15 @@ async def test_a_copy_that_starts_over_at_a_cut_is_sent_the_snapshot_again(
     assert replica_digest(follower) == leader_digest(leader)
 
 
-async def test_a_follower_behind_does_not_rejoin_before_the_isr_is_heard_from(
+async def test_a_follower_behind_rejoins_only_holding_what_the_isr_committed(
         nodes: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     """A leader just elected has heard from no follower: the commit offset over the
     members it keeps is then 0, and a follower outside the ISR, behind, met the rejoin
     rule "holds the commit offset" at once - in the ISR, electable, without records the
     ISR had committed (and so would a copy installed from a snapshot, its log still
-    below it, but for the rule that a snapshot shipped is at most the commit offset). It
-    rejoins only once every kept member has acknowledged (or left): here, once it holds
-    everything."""
+    below it, but for the rule that a snapshot shipped is at most the commit offset). The
+    bar is taken over the members heard from, this node always among them: here g is
+    never heard from, and f rejoins once it holds everything."""
     monkeypatch.setattr(leader_module, "REPLICA_LAG_S", 3.0)
     g, f = await nodes.add("g"), await nodes.add("f")
     with FaultProxy(*g.address) as to_g, FaultProxy(*f.address) as to_f:
