@@ -596,10 +596,11 @@ class Broker:
             for name, core in by_age:
                 if len(self._cores) <= floor:
                     break
-                if name == keep or name not in self._cores or core.has_waiters or (
-                        self._leadership is not None and self._leadership.pinned(name)):
+                if name == keep or name not in self._cores or (
+                        idle_only and now - core.last_used < IDLE_BEFORE_CLOSE_S):
                     continue
-                if idle_only and now - core.last_used < IDLE_BEFORE_CLOSE_S:
+                if core.has_waiters or (
+                        self._leadership is not None and self._leadership.pinned(name)):
                     continue
                 taken.append(core)
                 self._take(name)
