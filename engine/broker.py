@@ -203,6 +203,7 @@ class Broker:
         check_queue_name(name, attrs.fifo)
         with self._lock:
             self._check_open()
+            self._wait_idle(name)
             existing = self.catalog.get(name)
             if existing is not None:
                 current = QueueAttributes.from_dict(existing.attributes)
@@ -290,7 +291,8 @@ class Broker:
     def close_queue(self, name: str) -> None:
         """Close a queue's open core, if any (a leader stepping down)."""
         with self._lock:
-            self._wait_idle(name)
+            while name in self._busy:
+                self._settled.wait()
             core = self._take(name)
         if core is not None:
             # core.replication stays: writes still waiting on it must be refused by it.
@@ -355,10 +357,10 @@ class Broker:
         a queue of the same name is created again."""
         with self._lock:
             self._check_open()
+            self._wait_idle(name)
             entry = self.catalog.get(name)
             if entry is None:
                 raise QueueNotFoundError(name)
-            self._wait_idle(name)
             with self._catalog_write(name):
                 self.catalog.remove(name)
             self._damaged.pop(name, None)  # a queue made again under the name is another
@@ -420,6 +422,7 @@ class Broker:
             if orphan.uid is None:
                 raise OrphanError(directory, "neither queue.json nor the directory's name "
                                   "gives the queue's uid")
+            self._wait_idle(name)
             uid = orphan.uid
             if self.catalog.get(name) is not None:
                 raise OrphanError(directory, f"a queue named {name!r} exists")
@@ -488,10 +491,15 @@ class Broker:
                 # until an operator has salvaged it, which needs this process stopped.
                 raise QueueDamagedError(name, *damaged)
             self._busy.add(name)
-        victims: list[QueueCore] = []
         try:
             core = self._open(name, entry.uid)
-            with self._lock:
+        except BaseException:
+            self._settle(name)
+            raise
+        with self._lock:
+            # The mark goes in the same hold of the lock as the queue enters the map: in
+            # between, an eviction could take the queue, and its close run unmarked.
+            try:
                 if self._closed:
                     core.close()
                     raise BrokerClosedError()
@@ -502,16 +510,16 @@ class Broker:
                         core.close()  # no longer led: closed, not left open with no owner
                         raise
                 self._cores[name] = core
-                if core.attributes.to_dict() != entry.attributes:
-                    # The log is the authority on a queue's configuration. A catalog too
-                    # full to take the copy does not keep the queue from opening: it is
-                    # copied again on the next open.
-                    with contextlib.suppress(sqlite3.OperationalError):
-                        self.catalog.update(name, core.attributes.to_dict(),
-                                            self.clock.now_ms())
-                victims = self._evict(keep=name)
-        finally:
-            self._settle(name)
+            finally:
+                self._busy.discard(name)
+                self._settled.notify_all()
+            if core.attributes.to_dict() != entry.attributes:
+                # The log is the authority on a queue's configuration. A catalog too full
+                # to take the copy does not keep the queue from opening: it is copied
+                # again on the next open.
+                with contextlib.suppress(sqlite3.OperationalError):
+                    self.catalog.update(name, core.attributes.to_dict(), self.clock.now_ms())
+            victims = self._evict(keep=name)
         self._close_taken(victims)
         plan = core.unfinished_moves()
         if plan is not None:
@@ -534,9 +542,11 @@ class Broker:
             raise unavailable(name, f"its log cannot be opened: {exc}", exc) from exc
 
     def _wait_idle(self, name: str) -> None:
-        """With the lock held: wait until the queue is not being opened or closed."""
+        """With the lock held: wait until the queue is not being opened or closed; then
+        raise if the broker was closed meanwhile."""
         while name in self._busy:
             self._settled.wait()
+        self._check_open()
 
     def _take(self, name: str) -> QueueCore | None:
         """With the lock held: take an open queue out of the map to close it outside the
@@ -592,22 +602,26 @@ class Broker:
         # recently used ones (a node taking over thousands of partitions has used every
         # one it opened within seconds, and scanned them all for each open).
         floor = limit - limit // EVICT_SLACK_DIVISOR
+        chosen: dict[str, QueueCore] = {}
+        # Chosen first and taken after: a check that raises leaves every queue as it was.
         for idle_only in (True, False):
             for name, core in by_age:
-                if len(self._cores) <= floor:
+                if len(self._cores) - len(chosen) <= floor:
                     break
-                if name == keep or name not in self._cores or (
+                if name == keep or name in chosen or name in self._busy or (
                         idle_only and now - core.last_used < IDLE_BEFORE_CLOSE_S):
                     continue
                 if core.has_waiters or (
                         self._leadership is not None and self._leadership.pinned(name)):
                     continue
-                taken.append(core)
-                self._take(name)
+                chosen[name] = core
+        for name, core in chosen.items():
+            self._take(name)
+            taken.append(core)
         # Pinned queues may keep the count above the limit (a node taking over thousands
         # of partitions pins each until its followers' streams start). Opens then scan
         # them all again only once as many more are open (or at the maintenance pass):
-        # a scan per slack of opens cost 2 s of a taking-over node's 1,850 opens.
+        # scans every few opens held the lock for seconds of such a takeover.
         over = len(self._cores) - limit
         self._evict_over = 0 if over <= 0 else over + max(limit // EVICT_SLACK_DIVISOR, over)
         return taken
