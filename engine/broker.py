@@ -291,8 +291,8 @@ class Broker:
     def close_queue(self, name: str) -> None:
         """Close a queue's open core, if any (a leader stepping down)."""
         with self._lock:
-            while name in self._busy:
-                self._settled.wait()
+            # No check that the broker is open: closing a queue of a closed one is moot.
+            self._wait_idle(name, check_open=False)
             core = self._take(name)
         if core is not None:
             # core.replication stays: writes still waiting on it must be refused by it.
@@ -541,12 +541,13 @@ class Broker:
                     raise self._note_damage(name, directory, exc) from exc
             raise unavailable(name, f"its log cannot be opened: {exc}", exc) from exc
 
-    def _wait_idle(self, name: str) -> None:
+    def _wait_idle(self, name: str, check_open: bool = True) -> None:
         """With the lock held: wait until the queue is not being opened or closed; then
-        raise if the broker was closed meanwhile."""
+        raise if the broker was closed meanwhile (unless not check_open)."""
         while name in self._busy:
             self._settled.wait()
-        self._check_open()
+        if check_open:
+            self._check_open()
 
     def _take(self, name: str) -> QueueCore | None:
         """With the lock held: take an open queue out of the map to close it outside the
