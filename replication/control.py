@@ -18,6 +18,13 @@ the widest change (two operations) changes, and at most TXN_BYTES_MAX bytes (etc
 --max-request-bytes is 1.5 MiB). Changes that touch one key never share a batch, which etcd
 would refuse.
 
+A change is made in the background when nothing waits on it: a leader's change of an idle
+partition's replicas or ISR. Other changes (an election above all) go first, but never
+take the whole of a batch while background changes wait, so these cannot starve. When a
+node is lost, each other node changes the ISR of every partition it leads, thousands at
+once; in order of making, the elections for the partitions the lost node led waited
+behind them all.
+
 The cluster's state is read whole (``view``) only to start, or when a watch cannot
 resume; otherwise a node keeps it by a watch (``watch``, used by replication.view).
 """
@@ -54,6 +61,8 @@ _ENDPOINT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDE
 TXN_OPS_MAX = 128
 # A batch of changes, at most (etcd's --max-request-bytes is 1.5 MiB by default).
 TXN_BYTES_MAX = 512 * 1024
+# Changes of a batch kept for background changes when any wait (_Batcher).
+BACKGROUND_ROOM = 16
 # Keys one range request of a whole read asks for: a page far below gRPC's 4 MiB limit.
 RANGE_PAGE_KEYS = 500
 # With etcd's users on, a node's token is used at least this often (etcd forgets a token
@@ -206,6 +215,7 @@ class _Change:
     width: int
     size: int
     done: asyncio.Future[tuple[bool, int]]
+    background: bool
 
 
 class _Batcher:
@@ -213,21 +223,24 @@ class _Batcher:
     one, each nested as a transaction of its own (see the module docstring): one change
     alone costs one round, as before; a thousand cost a few. A transaction etcd refuses
     whole (an election under a lease that just expired) fails every change in it: each
-    caller retries as after any failure of etcd."""
+    caller retries as after any failure of etcd. Background changes go after the others,
+    with BACKGROUND_ROOM of each batch kept for them."""
 
     def __init__(self, send: Callable[[list[Any]], Any]) -> None:
         self._send = send
         self._waiting: list[_Change] = []
+        self._background: list[_Change] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def submit(self, compares: list[Any], ops: list[Any]) -> tuple[bool, int]:
+    async def submit(self, compares: list[Any], ops: list[Any], *,
+                     background: bool = False) -> tuple[bool, int]:
         """Apply ops if every compare holds: (whether it did, the revision it was
         applied at, or etcd's revision then)."""
         request = rpc.TxnRequest(compare=compares, success=ops)
         keys = frozenset([c.key for c in compares] + [_op_key(op) for op in ops])
         change = _Change(request, keys, max(len(compares), len(ops)), request.ByteSize(),
-                         asyncio.get_running_loop().create_future())
-        self._waiting.append(change)
+                         asyncio.get_running_loop().create_future(), background)
+        (self._background if background else self._waiting).append(change)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._flush())
         return await change.done
@@ -237,7 +250,7 @@ class _Batcher:
             self._task.cancel()
 
     async def _flush(self) -> None:
-        while self._waiting:
+        while self._waiting or self._background:
             batch = self._take()
             if not batch:
                 continue
@@ -250,7 +263,7 @@ class _Batcher:
                         change.done.set_exception(exc)
                 continue
             except BaseException:
-                for change in batch + self._waiting:
+                for change in batch + self._waiting + self._background:
                     if not change.done.done():
                         change.done.set_exception(
                             ControlUnavailableError("etcd: the node is closing"))
@@ -261,25 +274,32 @@ class _Batcher:
                     change.done.set_result((bool(reply.response_txn.succeeded), revision))
 
     def _take(self) -> list[_Change]:
-        """The next batch: changes in the order made, within etcd's limits, no two
-        touching one key; the rest wait for the next."""
+        """The next batch: changes in the order made, the others before background ones,
+        within etcd's limits, no two touching one key; the rest wait for the next."""
         batch: list[_Change] = []
-        rest: list[_Change] = []
         keys: set[bytes] = set()
         width = size = 0
-        for change in self._waiting:
-            if change.done.done():
-                continue  # its caller was cancelled before it was sent
-            wider = max(width, change.width)
-            if batch and (len(batch) + 1 + wider > TXN_OPS_MAX
-                          or size + change.size > TXN_BYTES_MAX
-                          or not keys.isdisjoint(change.keys)):
-                rest.append(change)
-                continue
-            batch.append(change)
-            keys |= change.keys
-            width, size = wider, size + change.size
-        self._waiting = rest
+
+        def fill(waiting: list[_Change], room: int) -> list[_Change]:
+            nonlocal width, size
+            rest: list[_Change] = []
+            for change in waiting:
+                if change.done.done():
+                    continue  # its caller was cancelled before it was sent
+                wider = max(width, change.width)
+                if batch and (len(batch) + 1 + wider > room
+                              or size + change.size > TXN_BYTES_MAX
+                              or not keys.isdisjoint(change.keys)):
+                    rest.append(change)
+                    continue
+                batch.append(change)
+                keys.update(change.keys)
+                width, size = wider, size + change.size
+            return rest
+
+        room = TXN_OPS_MAX - BACKGROUND_ROOM if self._background else TXN_OPS_MAX
+        self._waiting = fill(self._waiting, room)
+        self._background = fill(self._background, TXN_OPS_MAX)
         return batch
 
 
@@ -689,13 +709,16 @@ class Control:
         return await self.set_members(partition, epoch, partition.replicas, isr)
 
     async def set_members(self, partition: Partition, epoch: int, replicas: tuple[str, ...],
-                          isr: tuple[str, ...]) -> Partition | None:
-        """Change replicas and ISR while epoch is the current leader's; None if not."""
+                          isr: tuple[str, ...], *, background: bool = False
+                          ) -> Partition | None:
+        """Change replicas and ISR while epoch is the current leader's; None if not.
+        background: nothing waits on the change (see _Batcher)."""
         key = self.key("partitions", partition.name)
         ok, revision = await self._batcher.submit(
             [_compare("CREATE", self.key("leaders", partition.name), epoch),
              _compare("MOD", key, partition.revision)],
-            [_put(key, partition.value(replicas=list(replicas), isr=list(isr)))])
+            [_put(key, partition.value(replicas=list(replicas), isr=list(isr)))],
+            background=background)
         if not ok:
             return None
         return dataclasses.replace(partition, replicas=tuple(replicas), isr=tuple(isr),

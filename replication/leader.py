@@ -120,8 +120,10 @@ class LeaderControl(Protocol):
     """What a leader changes and reads in etcd (replication.control.Control)."""
 
     async def set_members(self, partition: Partition, epoch: int, replicas: tuple[str, ...],
-                          isr: tuple[str, ...]) -> Partition | None:
-        """Change replicas and ISR while epoch is the current leader's; None if not."""
+                          isr: tuple[str, ...], *, background: bool = False
+                          ) -> Partition | None:
+        """Change replicas and ISR while epoch is the current leader's; None if not.
+        background: nothing waits on the change; others go first."""
 
     async def leader(self, name: str) -> Leader | None:
         """The queue's leader key."""
@@ -543,8 +545,10 @@ class LeaderRole:
         self._isr_busy = True
         try:
             ordered = tuple(m for m in replicas if m in isr)
+            # With no write waiting on it, the change yields to elections in etcd: when a
+            # node is lost, the others change thousands of ISRs at once (control.py).
             updated = await self.control.set_members(self.partition, self.epoch, replicas,
-                                                     ordered)
+                                                     ordered, background=not self._waiters)
             if updated is None:
                 current = await self.control.leader(self.name)
                 if current is None or current.epoch != self.epoch:

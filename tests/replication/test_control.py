@@ -8,11 +8,12 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from replication import control as control_module
-from replication.control import Control
+from replication.control import Control, Leader, Partition
 from replication.errors import ControlUnavailableError
 from tests.support.etcd import EtcdServer
 
@@ -91,6 +92,61 @@ async def test_negative_control_past_etcds_limit_a_batch_is_refused(
     with pytest.raises(ControlUnavailableError, match="too many operations"):
         await asyncio.gather(*(control.create_partition(name, i + 1, {}, ["a"], 1)
                                for i, name in enumerate(_names())))
+
+
+async def _background_and_elections(control: Control, background: list[str],
+                                    elected: list[str]) -> tuple[list[int], list[int]]:
+    """Each name of background gets a leader, then its ISR changed in the background, made
+    before elections for the names of elected, all together: (the revisions the ISR
+    changes were applied at, those of the elections)."""
+    await asyncio.gather(*(control.create_partition(name, i + 1, {}, ["a", "b"], 2)
+                           for i, name in enumerate(background + elected)))
+    view = await control.view()
+    lease = await control.grant(30)
+    leaders = await asyncio.gather(*(control.elect(view.partitions[name], "a", lease.id)
+                                     for name in background))
+    view = await control.view()
+    changes = [control.set_members(view.partitions[name], leader.epoch, ("a", "b"), ("a",),
+                                   background=True)
+               for name, leader in zip(background, leaders, strict=True) if leader]
+    elections = [control.elect(view.partitions[name], "a", lease.id) for name in elected]
+    done = await asyncio.gather(*changes, *elections)
+    changed = [p.revision for p in done[:len(background)] if isinstance(p, Partition)]
+    won = [leader.epoch for leader in done[len(background):] if isinstance(leader, Leader)]
+    assert len(changed) == len(background) and len(won) == len(elected)
+    return changed, won
+
+
+@pytest.mark.parametrize("fifo", [False, True], ids=["background", "negative-control-fifo"])
+async def test_elections_go_before_background_changes_made_earlier(
+        control: Control, monkeypatch: pytest.MonkeyPatch, fifo: bool) -> None:
+    """A node lost: the others change the ISR of every partition they lead, thousands at
+    once, while they elect leaders for what it led. The elections go first."""
+    if fifo:  # the old rule: every change in the order made
+        submit = control_module._Batcher.submit
+
+        async def in_order(self: Any, compares: list[Any], ops: list[Any], *,
+                           background: bool = False) -> tuple[bool, int]:
+            return await submit(self, compares, ops)
+
+        monkeypatch.setattr(control_module._Batcher, "submit", in_order)
+    names = _names()
+    changed, won = await _background_and_elections(control, names[:200], names[200:260])
+    first = min(changed + won)
+    if fifo:
+        assert min(won) > first  # behind the first batch of ISR changes
+    else:
+        assert set(won) == {first}  # all in the first batch
+        assert max(changed) > first  # the ISR changes went on after them
+
+
+async def test_background_changes_are_not_starved(control: Control) -> None:
+    """However many other changes wait, each batch keeps room for background ones."""
+    names = _names()
+    changed, won = await _background_and_elections(control, names[:10], names[10:])
+    first = min(changed + won)
+    assert set(changed) == {first}
+    assert max(won) > first  # 290 elections take more than one batch
 
 
 def test_partition_records_share_one_copy_of_equal_attributes() -> None:

@@ -80,7 +80,8 @@ class FakeControl:
     # -- LeaderControl ------------------------------------------------------------------
 
     async def set_members(self, partition: Partition, epoch: int, replicas: tuple[str, ...],
-                          isr: tuple[str, ...]) -> Partition | None:
+                          isr: tuple[str, ...], *, background: bool = False
+                          ) -> Partition | None:
         leader = self.leaders.get(partition.name)
         current = self.partitions.get(partition.name)
         if leader is None or leader.epoch != epoch or current is None \

@@ -337,10 +337,10 @@ async def test_a_follower_behind_rejoins_only_holding_what_the_isr_committed(
         set_members = nodes.control.set_members
 
         async def recording(partition: Any, epoch: int, replicas: tuple[str, ...],
-                            isr: tuple[str, ...]) -> Any:
+                            isr: tuple[str, ...], *, background: bool = False) -> Any:
             if "f" in isr and "f" not in partition.isr:
                 joined_at.append(f.replicas[QUEUE].log.durable_offset)
-            return await set_members(partition, epoch, replicas, isr)
+            return await set_members(partition, epoch, replicas, isr, background=background)
 
         monkeypatch.setattr(nodes.control, "set_members", recording)
         await leader.lead(QUEUE, nodes.control.elect(QUEUE, "l"), min_insync=1)
