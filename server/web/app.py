@@ -84,6 +84,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         metrics.watch_source(app[appkeys.USAGE])
         for source in deployment.metrics_sources:
             metrics.watch_source(source)
+        if (gc_policy := app.get(appkeys.GC_POLICY)) is not None:
+            metrics.watch_source(gc_policy)
         metrics.watch_protection((deployment.metadata.guard, deployment.engine_guard),
                                  lambda: service.sealer.unopened)
         # Closed first (the stack unwinds in reverse): no render reads a closing engine.

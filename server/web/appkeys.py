@@ -9,6 +9,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from server.config import ServerConfig
     from server.deployment import Deployment
+    from server.gcpolicy import GcPolicy
     from server.metrics import Exposition, Metrics
     from server.protection.admission import Admission
     from server.protection.usage import Usage
@@ -22,6 +23,8 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 EXPOSITION: web.AppKey[Exposition] = web.AppKey("exposition")
 ADMISSION: web.AppKey[Admission] = web.AppKey("admission")
 USAGE: web.AppKey[Usage] = web.AppKey("usage")
+# The process's collector policy, when the app runs as the server process (listener.run).
+GC_POLICY: web.AppKey[GcPolicy] = web.AppKey("gc_policy")
 # Per request, set by the FrontEnd's layers and read by the audit log and handlers.
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
 PROTOCOL: web.RequestKey[str] = web.RequestKey("protocol")  # sqs-json, sqs-query, native

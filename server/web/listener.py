@@ -19,6 +19,8 @@ from typing import Any
 from aiohttp import web
 
 from server.config import SHUTDOWN_GRACE_S, ServerConfig
+from server.gcpolicy import GcPolicy
+from server.web import appkeys
 
 # Connections waiting to be accepted; beyond it the kernel refuses them.
 BACKLOG = 1024
@@ -73,12 +75,16 @@ def run(app: web.Application, config: ServerConfig, loop: asyncio.AbstractEventL
     context = None
     if config.tls_cert is not None and config.tls_key is not None:
         context = tls_context(config.tls_cert, config.tls_key)
+    # The process is the server's: its collector freezes old objects (server/gcpolicy.py).
+    gc_policy = app[appkeys.GC_POLICY] = GcPolicy()
+    gc_policy.start(loop)
     main = loop.create_task(_serve(app, config, context, announce))
     try:
         loop.run_until_complete(main)
     except (web.GracefulExit, KeyboardInterrupt):
         pass
     finally:
+        gc_policy.stop()
         if not main.done():
             main.cancel()  # its finally runs the graceful cleanup
             with contextlib.suppress(asyncio.CancelledError):
