@@ -10,15 +10,19 @@ fsync always, access log off) twice:
    10, --concurrency requests in flight) at their leaders for --seconds: the baseline,
    measured before the large cluster and again after it (the same cluster restarted),
    so that the machine's drift shows.
-2. **large**: a cluster into which --queues queues are created through the SQS JSON API,
-   --create-concurrency at a time, spread over the three nodes. Then:
+2. **large**: a cluster that first holds the same --small-queues queues, measured with the
+   same send10 (a baseline on the same processes and disk), and into which the rest of
+   --queues queues are then created through the SQS JSON API, --create-concurrency at a
+   time, spread over the three nodes. Then:
    - creation: queues per second and every non-200 answer by status;
    - at rest: after --settle-s, CPU of each node and of etcd over --rest-s (percent of one
      core), node leases lost meanwhile (the node's own log line), and resident memory
      per queue (RSS after creation less RSS before, over the queue count), and each
      node's established inter-node connections; with --py-spy, where n0's time goes;
    - under load: the same send10 on --small-queues of the queues, as a fraction of the
-     small cluster's rate (what the idle queues cost), and on --load-queues of them;
+     small cluster's rate and of the large cluster's own before the other queues (what
+     the idle queues cost), and on --load-queues of them; with --py-spy, where n0's time
+     goes in both of its send10 rounds;
    - a leader kill: the node leading most queues is killed (SIGKILL); the time until every
      queue it led has a new leader, and, for a sample of those queues that were sent to
      before the kill, every acknowledged message drained from the new leaders.
@@ -303,6 +307,22 @@ async def _send10(cluster: Cluster, names: list[str], seconds: float, concurrenc
     return result.row()
 
 
+def _send10_profiled(cluster: Cluster, names: list[str], args: argparse.Namespace,
+                     body: str, label: str) -> dict[str, Any]:
+    """send10, and with --py-spy where n0's time went meanwhile (in the row, "profile")."""
+    if not args.py_spy:
+        return asyncio.run(_send10(cluster, names, args.seconds, args.concurrency, body))
+    with tempfile.NamedTemporaryFile(suffix=".txt") as out:
+        sampler = subprocess.Popen(
+            [args.py_spy, "record", "--format", "raw", "--duration", f"{args.seconds:g}",
+             "--pid", str(cluster.nodes["n0"].pid), "--output", out.name, "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        row = asyncio.run(_send10(cluster, names, args.seconds, args.concurrency, body))
+        sampler.wait()
+        row["profile"] = [f"{label}: {line}" for line in _top_frames(out.name, args.seconds)]
+    return row
+
+
 def _send10_settled(cluster: Cluster, names: list[str], args: argparse.Namespace,
                     body: str) -> dict[str, Any]:
     """send10 on a cluster just restarted: its leaders may still be moving (a node that
@@ -324,9 +344,10 @@ def _cpu_percent(pids: dict[str, int], seconds: float) -> dict[str, float]:
     return {k: 100 * (_cpu_seconds(p) - before[k]) / seconds for k, p in pids.items()}
 
 
-async def _sample_history(cluster: Cluster, names: list[str], per_queue: int
-                          ) -> dict[str, set[str]]:
-    """Send per_queue messages to each queue at its leader; the acknowledged bodies."""
+async def _sample_history(cluster: Cluster, names: list[str], per_queue: int,
+                          refused: collections.Counter[str]) -> dict[str, set[str]]:
+    """Send per_queue messages to each queue at its leader; the acknowledged bodies. The
+    answers other than 200 are counted in refused, by their text."""
     leaders = _leaders(cluster, names)
     sent: dict[str, set[str]] = {}
     async with aiohttp.ClientSession() as session:
@@ -337,8 +358,11 @@ async def _sample_history(cluster: Cluster, names: list[str], per_queue: int
                 body = f"{name}-{k}"
                 payload = json.dumps({"QueueUrl": f"{node.url}{ACCOUNT}/{name}",
                                       "MessageBody": body}).encode()
-                with contextlib.suppress(RuntimeError):  # not acknowledged: not counted
+                try:
                     await _post(session, node.url, None, "SendMessage", payload)
+                except RuntimeError as exc:  # not acknowledged: not counted
+                    refused[re.sub(r"[0-9a-f]{8,}|q\d+", "#", str(exc))[:160]] += 1
+                else:
                     sent[name].add(body)
     return sent
 
@@ -383,10 +407,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         clusters.append(large)
         rss0 = {k: _rss_bytes(n.pid) for k, n in large.nodes.items()}
         names = [_name(i) for i in range(args.queues)]
-        seconds, answers = asyncio.run(_create(large, names, args.create_concurrency))
-        report["create"] = {"seconds": seconds, "per_s": args.queues / seconds,
+        # The same cluster, holding only the first --small-queues queues: a baseline with
+        # the same processes and disk as the measurement after the others are made.
+        asyncio.run(_create(large, few, args.create_concurrency))
+        _wait_led(large, few, 60)
+        report["large_send10_first"] = _send10_profiled(large, few, args, body, "first")
+        seconds, answers = asyncio.run(_create(large, names[len(few):],
+                                               args.create_concurrency))
+        report["create"] = {"seconds": seconds, "per_s": (args.queues - len(few)) / seconds,
                             "answers": dict(answers)}
-        print(f"created {args.queues} queues in {seconds:.1f} s: {dict(answers)}",
+        print(f"created {args.queues - len(few)} more queues in {seconds:.1f} s: {dict(answers)}",
               file=sys.stderr)
         time.sleep(args.settle_s)
         lost0 = {k: n.leases_lost() for k, n in large.nodes.items()}
@@ -405,8 +435,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["profile_n0_at_rest"] = _profile(args.py_spy, large.nodes["n0"].pid)
         load = names[: args.load_queues]
         _wait_led(large, load, 60)
-        report["large_send10"] = asyncio.run(_send10(large, few, args.seconds,
-                                                     args.concurrency, body))
+        report["large_send10"] = _send10_profiled(large, few, args, body, "after")
         report["large_send10_spread"] = asyncio.run(_send10(large, load, args.seconds,
                                                             args.concurrency, body))
 
@@ -414,8 +443,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         counts = collections.Counter(v for v in leaders.values() if v)
         victim = counts.most_common(1)[0][0]
         led = [n for n, leader in leaders.items() if leader == victim]
-        sample = led[: args.history_queues]
-        sent = asyncio.run(_sample_history(large, sample, args.history_messages))
+        # Not the queues sent to under load: their bodies are all alike, and only the
+        # history's own are checked.
+        loaded = set(load)
+        sample = [n for n in led if n not in loaded][: args.history_queues]
+        refused: collections.Counter[str] = collections.Counter()
+        sent = asyncio.run(_sample_history(large, sample, args.history_messages, refused))
         large.nodes[victim].process.kill()
         large.nodes[victim].process.wait()
         report["kill"] = {"node": victim, "queues_led": len(led)}
@@ -426,6 +459,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["kill"]["acknowledged"] = sum(map(len, sent.values()))
         report["kill"]["lost"] = sum(map(len, lost.values()))
         report["kill"]["unsent_delivered"] = sum(len(got[n] - sent[n]) for n in sample)
+        report["kill"]["sends_refused"] = dict(refused)
         large.stop()
 
         small = _restart(small)
@@ -435,6 +469,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["small_send10"] = {"messages_per_s": sum(rates) / len(rates)}
         report["send10_ratio"] = (report["large_send10"]["messages_per_s"]
                                   / report["small_send10"]["messages_per_s"])
+        report["send10_ratio_same_cluster"] = (
+            report["large_send10"]["messages_per_s"]
+            / report["large_send10_first"]["messages_per_s"])
         return report
     finally:
         for cluster in clusters:
@@ -460,6 +497,14 @@ def _print(report: dict[str, Any]) -> None:
         ("send10, large cluster, same queues, msg/s",
          f"{report['large_send10']['messages_per_s']:,.0f}"),
         ("send10 large / small", f"{report['send10_ratio']:.2f}x"),
+        ("send10, large cluster before its other queues, msg/s",
+         f"{report['large_send10_first']['messages_per_s']:,.0f}"),
+        ("send10 large / itself before its other queues",
+         f"{report['send10_ratio_same_cluster']:.2f}x"),
+        ("server CPU µs per message: small, first, after", ", ".join(
+            f"{r['server_cpu_us_per_message']:.0f}" for r in (
+                *report["small_send10_rounds"], report["large_send10_first"],
+                report["large_send10"]))),
         ("send10, large cluster, over --load-queues, msg/s",
          f"{report['large_send10_spread']['messages_per_s']:,.0f}"),
         ("leader kill: queues it led", str(report["kill"]["queues_led"])),
@@ -467,12 +512,18 @@ def _print(report: dict[str, Any]) -> None:
         ("leader kill: sampled messages lost",
          f"{report['kill']['lost']} of {report['kill']['acknowledged']} "
          f"({report['kill']['sampled_queues']} queues)"),
+        ("leader kill: delivered, never acknowledged",
+         f"{report['kill']['unsent_delivered']} (sends refused before the kill: "
+         f"{report['kill'].get('sends_refused') or 'none'})"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     for line in report.get("profile_n0_at_rest", []):
         print(f"n0 at rest: {line}")
+    for key in ("large_send10_first", "large_send10"):
+        for line in report[key].get("profile", []):
+            print(f"n0 in send10, {line}")
 
 
 def main() -> None:
