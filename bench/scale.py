@@ -204,10 +204,18 @@ def _profile(py_spy: str, pid: int, seconds: float = 10) -> list[str]:
     """Sample pid with py-spy; the functions most samples were in (own time, and with
     what they called), as lines to print."""
     with tempfile.NamedTemporaryFile(suffix=".txt") as out:
-        subprocess.run([py_spy, "record", "--format", "raw", "--duration", f"{seconds:g}",
-                        "--pid", str(pid), "--output", out.name, "--nonblocking"],
-                       check=True, capture_output=True)
+        sampler = _sampler(py_spy, pid, seconds, out.name)
+        if sampler.wait():
+            raise RuntimeError(f"py-spy exited {sampler.returncode}")
         return _top_frames(out.name, seconds)
+
+
+def _sampler(py_spy: str, pid: int, seconds: float, output: str) -> subprocess.Popen[bytes]:
+    """py-spy sampling pid for seconds into output (its raw format), started."""
+    return subprocess.Popen([py_spy, "record", "--format", "raw", "--duration",
+                             f"{seconds:g}", "--pid", str(pid), "--output", output,
+                             "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _top_frames(raw: str, seconds: float) -> list[str]:
@@ -313,10 +321,7 @@ def _send10_profiled(cluster: Cluster, names: list[str], args: argparse.Namespac
     if not args.py_spy:
         return asyncio.run(_send10(cluster, names, args.seconds, args.concurrency, body))
     with tempfile.NamedTemporaryFile(suffix=".txt") as out:
-        sampler = subprocess.Popen(
-            [args.py_spy, "record", "--format", "raw", "--duration", f"{args.seconds:g}",
-             "--pid", str(cluster.nodes["n0"].pid), "--output", out.name, "--nonblocking"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sampler = _sampler(args.py_spy, cluster.nodes["n0"].pid, args.seconds, out.name)
         row = asyncio.run(_send10(cluster, names, args.seconds, args.concurrency, body))
         sampler.wait()
         row["profile"] = [f"{label}: {line}" for line in _top_frames(out.name, args.seconds)]

@@ -215,7 +215,6 @@ class _Change:
     width: int
     size: int
     done: asyncio.Future[tuple[bool, int]]
-    background: bool
 
 
 class _Batcher:
@@ -239,7 +238,7 @@ class _Batcher:
         request = rpc.TxnRequest(compare=compares, success=ops)
         keys = frozenset([c.key for c in compares] + [_op_key(op) for op in ops])
         change = _Change(request, keys, max(len(compares), len(ops)), request.ByteSize(),
-                         asyncio.get_running_loop().create_future(), background)
+                         asyncio.get_running_loop().create_future())
         (self._background if background else self._waiting).append(change)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._flush())
