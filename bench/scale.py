@@ -6,23 +6,23 @@ leader kill.
 In one invocation it starts etcd and three ``conveyor serve --cluster`` nodes (RF=3,
 fsync always, access log off) twice:
 
-1. **small**: a cluster holding --small-queues queues (10); send10 (SendMessageBatch of
-   10, --concurrency requests in flight) at their leaders for --seconds: the baseline,
-   measured before the large cluster and again after it (the same cluster restarted),
-   so that the machine's drift shows.
-2. **large**: a cluster that first holds the same --small-queues queues, measured with the
-   same send10 (a baseline on the same processes and disk), and into which the rest of
-   --queues queues are then created through the SQS JSON API, --create-concurrency at a
+1. **large**: --queues queues created through the SQS JSON API, --create-concurrency at a
    time, spread over the three nodes. Then:
    - creation: queues per second and every non-200 answer by status;
    - at rest: after --settle-s, CPU of each node and of etcd over --rest-s (percent of one
      core), node leases lost meanwhile (the node's own log line), and resident memory
      per queue (RSS after creation less RSS before, over the queue count), and each
-     node's established inter-node connections; with --py-spy, where n0's time goes;
-   - under load: the same send10 on --small-queues of the queues, as a fraction of the
-     small cluster's rate and of the large cluster's own before the other queues (what
-     the idle queues cost), and on --load-queues of them; with --py-spy, where n0's time
-     goes in both of its send10 rounds;
+     node's established inter-node connections; with --py-spy, where n0's time goes.
+2. **small**, started once the rest is measured: a cluster holding only the first
+   --small-queues (10) of those queues. send10 (SendMessageBatch of 10, --concurrency
+   requests in flight) at the leaders of those queues, on both clusters, in interleaved
+   rounds of --seconds (small, large, large, small; --send10-cycles times): what the idle
+   queues cost, as the large cluster's rate and server CPU per message over the small
+   one's. Interleaving matters here: this machine's rate drifts by a third over minutes,
+   so rounds run one cluster after the other measure the drift. With --py-spy, where
+   n0's time goes in each cluster's first round. The small cluster is then stopped.
+3. On the large cluster again:
+   - send10 spread over --load-queues of its queues;
    - a leader kill: the node leading most queues is killed (SIGKILL); the time until every
      queue it led has a new leader, and, for a sample of those queues that were sent to
      before the kill, every acknowledged message drained from the new leaders.
@@ -154,21 +154,6 @@ def start_node(cluster: Cluster, i: int) -> Node:
     node = cluster.nodes[f"n{i}"] = Node(f"n{i}", f"http://127.0.0.1:{port}/", process, log,
                                          replication_port)
     return node
-
-
-def _restart(cluster: Cluster) -> Cluster:
-    """The same cluster (its etcd and nodes, on their data, ports and logs) started again."""
-    again = Cluster(cluster.root, subprocess.Popen(cluster.etcd.args, stdout=subprocess.DEVNULL,
-                                                   stderr=subprocess.DEVNULL),
-                    cluster.etcd_port, cluster.fsync)
-    for key, node in cluster.nodes.items():
-        with open(node.log, "ab") as out:
-            process = subprocess.Popen(node.process.args, stdout=out, stderr=subprocess.STDOUT)
-        again.nodes[key] = Node(node.node_id, node.url, process, node.log,
-                                node.replication_port)
-    for node in again.nodes.values():
-        _wait_ready(node.url + "readyz", timeout=60)
-    return again
 
 
 def _rss_bytes(pid: int) -> int:
@@ -315,32 +300,45 @@ async def _send10(cluster: Cluster, names: list[str], seconds: float, concurrenc
     return result.row()
 
 
-def _send10_profiled(cluster: Cluster, names: list[str], args: argparse.Namespace,
-                     body: str, label: str) -> dict[str, Any]:
-    """send10, and with --py-spy where n0's time went meanwhile (in the row, "profile")."""
-    if not args.py_spy:
-        return asyncio.run(_send10(cluster, names, args.seconds, args.concurrency, body))
-    with tempfile.NamedTemporaryFile(suffix=".txt") as out:
-        sampler = _sampler(args.py_spy, cluster.nodes["n0"].pid, args.seconds, out.name)
-        row = asyncio.run(_send10(cluster, names, args.seconds, args.concurrency, body))
-        sampler.wait()
-        row["profile"] = [f"{label}: {line}" for line in _top_frames(out.name, args.seconds)]
-    return row
+def _send10_interleaved(small: Cluster, large: Cluster, names: list[str],
+                        args: argparse.Namespace, body: str) -> list[dict[str, Any]]:
+    """send10 on the same queues of both clusters, both up, in rounds ordered small,
+    large, large, small (--send10-cycles times), so that the machine's drift in the
+    course of the run falls on both alike. Each row says which cluster ran it and how
+    much CPU the other (nodes and etcd) used meanwhile, idle. With --py-spy, where n0's
+    time went in each cluster's first round (in the row, "profile")."""
+    rows: list[dict[str, Any]] = []
+    profiled: set[str] = set()
+    for label in ("small", "large", "large", "small") * args.send10_cycles:
+        cluster, other = (small, large) if label == "small" else (large, small)
+        others = [n.pid for n in other.live()] + [other.etcd.pid]
+        idle_before = sum(map(_cpu_seconds, others))
+        sampler = None
+        with tempfile.NamedTemporaryFile(suffix=".txt") as out:
+            if args.py_spy and label not in profiled:
+                profiled.add(label)
+                sampler = _sampler(args.py_spy, cluster.nodes["n0"].pid, args.seconds,
+                                   out.name)
+            row = asyncio.run(_send10(cluster, names, args.seconds, args.concurrency, body))
+            if sampler is not None:
+                sampler.wait()
+                row["profile"] = [f"{label}: {line}"
+                                  for line in _top_frames(out.name, args.seconds)]
+        row["cluster"] = label
+        row["other_cluster_cpu_percent"] = (
+            100 * (sum(map(_cpu_seconds, others)) - idle_before) / args.seconds)
+        rows.append(row)
+    return rows
 
 
-def _send10_settled(cluster: Cluster, names: list[str], args: argparse.Namespace,
-                    body: str) -> dict[str, Any]:
-    """send10 on a cluster just restarted: its leaders may still be moving (a node that
-    comes back takes its share again), so a round refused that way is run again."""
-    for attempt in range(5):
-        _wait_led(cluster, names, 60)
-        time.sleep(2)
-        try:
-            return asyncio.run(_send10(cluster, names, args.seconds, args.concurrency, body))
-        except RuntimeError as exc:
-            print(f"send10 on the restarted cluster, try {attempt + 1}: {exc}",
-                  file=sys.stderr)
-    raise RuntimeError("send10 on the restarted cluster failed 5 times")
+def _send10_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Large over small, summed over each cluster's rounds: the rate, and the server CPU
+    per message."""
+    def total(label: str, key: str) -> float:
+        return float(sum(r[key] for r in rows if r["cluster"] == label))
+    return {"rate": total("large", "messages_per_s") / total("small", "messages_per_s"),
+            "cpu_per_message": (total("large", "server_cpu_us_per_message")
+                                / total("small", "server_cpu_us_per_message"))}
 
 
 def _cpu_percent(pids: dict[str, int], seconds: float) -> dict[str, float]:
@@ -397,31 +395,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"queues": args.queues}
     clusters: list[Cluster] = []
     try:
-        small = _start(f"{tmp}/small", args.fsync)
-        clusters.append(small)
-        few = [_name(i) for i in range(args.small_queues)]
-        asyncio.run(_create(small, few, args.create_concurrency))
-        _wait_led(small, few, 60)
-        # The baseline is measured before the large cluster and again after it (the same
-        # small cluster restarted): the machine's drift shows as the two differing.
-        report["small_send10_rounds"] = [asyncio.run(_send10(small, few, args.seconds,
-                                                             args.concurrency, body))]
-        small.stop()
-
         large = _start(f"{tmp}/large", args.fsync)
         clusters.append(large)
         rss0 = {k: _rss_bytes(n.pid) for k, n in large.nodes.items()}
         names = [_name(i) for i in range(args.queues)]
-        # The same cluster, holding only the first --small-queues queues: a baseline with
-        # the same processes and disk as the measurement after the others are made.
-        asyncio.run(_create(large, few, args.create_concurrency))
-        _wait_led(large, few, 60)
-        report["large_send10_first"] = _send10_profiled(large, few, args, body, "first")
-        seconds, answers = asyncio.run(_create(large, names[len(few):],
-                                               args.create_concurrency))
-        report["create"] = {"seconds": seconds, "per_s": (args.queues - len(few)) / seconds,
+        few = names[: args.small_queues]
+        seconds, answers = asyncio.run(_create(large, names, args.create_concurrency))
+        report["create"] = {"seconds": seconds, "per_s": args.queues / seconds,
                             "answers": dict(answers)}
-        print(f"created {args.queues - len(few)} more queues in {seconds:.1f} s: {dict(answers)}",
+        print(f"created {args.queues} queues in {seconds:.1f} s: {dict(answers)}",
               file=sys.stderr)
         time.sleep(args.settle_s)
         lost0 = {k: n.leases_lost() for k, n in large.nodes.items()}
@@ -438,9 +420,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                             for k, n in large.nodes.items()}
         if args.py_spy:
             report["profile_n0_at_rest"] = _profile(args.py_spy, large.nodes["n0"].pid)
+        # The baseline: a cluster holding only --small-queues queues, started after the
+        # rest was measured so that it was measured alone.
+        small = _start(f"{tmp}/small", args.fsync)
+        clusters.append(small)
+        asyncio.run(_create(small, few, args.create_concurrency))
+        _wait_led(small, few, 60)
+        _wait_led(large, few, 60)
+        report["send10_rounds"] = _send10_interleaved(small, large, few, args, body)
+        report["send10_ratio"] = _send10_ratios(report["send10_rounds"])
+        small.stop()
         load = names[: args.load_queues]
         _wait_led(large, load, 60)
-        report["large_send10"] = _send10_profiled(large, few, args, body, "after")
         report["large_send10_spread"] = asyncio.run(_send10(large, load, args.seconds,
                                                             args.concurrency, body))
 
@@ -466,17 +457,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["kill"]["unsent_delivered"] = sum(len(got[n] - sent[n]) for n in sample)
         report["kill"]["sends_refused"] = dict(refused)
         large.stop()
-
-        small = _restart(small)
-        clusters.append(small)
-        report["small_send10_rounds"].append(_send10_settled(small, few, args, body))
-        rates = [r["messages_per_s"] for r in report["small_send10_rounds"]]
-        report["small_send10"] = {"messages_per_s": sum(rates) / len(rates)}
-        report["send10_ratio"] = (report["large_send10"]["messages_per_s"]
-                                  / report["small_send10"]["messages_per_s"])
-        report["send10_ratio_same_cluster"] = (
-            report["large_send10"]["messages_per_s"]
-            / report["large_send10_first"]["messages_per_s"])
         return report
     finally:
         for cluster in clusters:
@@ -497,19 +477,10 @@ def _print(report: dict[str, Any]) -> None:
         ("resident bytes per queue", ", ".join(
             f"{k} {v:,.0f}" for k, v in report["rss_bytes_per_queue"].items())),
         ("inter-node connections per node", str(report["inter_node_connections"])),
-        ("send10, small cluster (before, after), msg/s", ", ".join(
-            f"{r['messages_per_s']:,.0f}" for r in report["small_send10_rounds"])),
-        ("send10, large cluster, same queues, msg/s",
-         f"{report['large_send10']['messages_per_s']:,.0f}"),
-        ("send10 large / small", f"{report['send10_ratio']:.2f}x"),
-        ("send10, large cluster before its other queues, msg/s",
-         f"{report['large_send10_first']['messages_per_s']:,.0f}"),
-        ("send10 large / itself before its other queues",
-         f"{report['send10_ratio_same_cluster']:.2f}x"),
-        ("server CPU µs per message: small, first, after", ", ".join(
-            f"{r['server_cpu_us_per_message']:.0f}" for r in (
-                *report["small_send10_rounds"], report["large_send10_first"],
-                report["large_send10"]))),
+        ("send10 on the same queues, large / small: rate",
+         f"{report['send10_ratio']['rate']:.2f}x"),
+        ("send10 on the same queues, large / small: CPU per message",
+         f"{report['send10_ratio']['cpu_per_message']:.2f}x"),
         ("send10, large cluster, over --load-queues, msg/s",
          f"{report['large_send10_spread']['messages_per_s']:,.0f}"),
         ("leader kill: queues it led", str(report["kill"]["queues_led"])),
@@ -526,8 +497,13 @@ def _print(report: dict[str, Any]) -> None:
         print(f"{key:<{width}}  {value}")
     for line in report.get("profile_n0_at_rest", []):
         print(f"n0 at rest: {line}")
-    for key in ("large_send10_first", "large_send10"):
-        for line in report[key].get("profile", []):
+    print("send10 rounds: cluster, msg/s, server CPU µs per message, "
+          "the other cluster's CPU meanwhile (% of a core)")
+    for row in report["send10_rounds"]:
+        print(f"  {row['cluster']:<6}{row['messages_per_s']:>9,.0f}"
+              f"{row['server_cpu_us_per_message']:>8.0f}{row['other_cluster_cpu_percent']:>8.1f}")
+    for row in report["send10_rounds"]:
+        for line in row.get("profile", []):
             print(f"n0 in send10, {line}")
 
 
@@ -540,6 +516,8 @@ def main() -> None:
     parser.add_argument("--small-queues", type=int, default=10)
     parser.add_argument("--load-queues", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=6)
+    parser.add_argument("--send10-cycles", type=int, default=3,
+                        help="cycles of four send10 rounds: small, large, large, small")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--body", type=int, default=100)
     parser.add_argument("--fsync", default="always")
