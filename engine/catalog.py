@@ -54,7 +54,11 @@ class Catalog:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        # Two locks, so that a read waits for no fsync: _lock guards the copy in memory and
+        # is held for a lookup at a time; _writing orders the writes to the database, each
+        # a commit made durable, and the copy is changed only once its row is committed.
         self._lock = threading.Lock()
+        self._writing = threading.Lock()
         # WAL with FULL sync: a committed create or delete survives power loss.
         self._db = sqlite.connect(path, SCHEMA)
         self._rows: dict[str, tuple[Any, ...]] = {}
@@ -128,20 +132,24 @@ class Catalog:
                        json.dumps(attributes, sort_keys=True)), "REPLACE")
 
     def _put(self, values: tuple[Any, ...], verb: str) -> None:
-        with self._lock, sqlite.reading(self.path):
-            sqlite.insert(self._db, TABLE, values, verb=verb)
-            self._keep(values)  # only once the row is committed
+        with self._writing:
+            with sqlite.reading(self.path):
+                sqlite.insert(self._db, TABLE, values, verb=verb)
+            with self._lock:
+                self._keep(values)  # only once the row is committed
 
     def remove(self, name: str) -> None:
-        with self._lock, sqlite.reading(self.path):
-            self._db.execute("DELETE FROM queues WHERE name = ?", (name,))
-            values = self._rows.pop(name, None)
-            if values is not None:
-                self._uids.pop(values[1], None)
-                self._sorted = None
+        with self._writing:
+            with sqlite.reading(self.path):
+                self._db.execute("DELETE FROM queues WHERE name = ?", (name,))
+            with self._lock:
+                values = self._rows.pop(name, None)
+                if values is not None:
+                    self._uids.pop(values[1], None)
+                    self._sorted = None
 
     def close(self) -> None:
-        with self._lock:
+        with self._writing:
             self._db.close()
 
 

@@ -751,33 +751,28 @@ class FollowerStream:
         try:
             if core is None:
                 raise fr.ProtocolError("the queue is not open here (it is being opened)")
-            history = await asyncio.to_thread(role._history.update, core.log)
+            # Where the logs agree and whether a snapshot is to be sent, in one trip to a
+            # thread: a queue just made has every follower positioned at once.
+            agreed, shipment = await asyncio.to_thread(_plan_catch_up, role._history, core,
+                                                       position)
         except (EngineError, OSError) as exc:
             self.restart(f"{type(exc).__name__}: {exc}")
             return
-        if self.state != _POSITIONED or self._task is not asyncio.current_task():
-            return  # started over meanwhile
-        self._task = None
-        agreed = min(divergence(history, core.log.next_offset, position.history,
-                                position.next_offset), position.next_offset)
-        self._task = asyncio.current_task()
-        await self._catch_up(agreed, position.next_offset)
+        await self._catch_up(agreed, position.next_offset, (shipment,))
 
-    async def _catch_up(self, agreed: int, follower_end: int) -> None:
+    async def _catch_up(self, agreed: int, follower_end: int,
+                        planned: tuple[_Shipment | None] | None = None) -> None:
         """The follower's log agrees with ours up to agreed and ends at follower_end: send
         it the snapshot (which replaces its whole log), or cut it back (SYNC), or ship
-        the log from where it stands."""
+        the log from where it stands. planned: the snapshot to send, if already chosen."""
         role = self.role
         core = role.log_core()
-        shipment: _Shipment | None = None
+        shipment = planned[0] if planned is not None else None
         try:
             if core is None:
                 raise fr.ProtocolError("the queue is not open here (it is being opened)")
-            shipment = await asyncio.to_thread(_snapshot_to_ship, core, agreed)
-            if shipment is not None:
-                # Read past the snapshot's offset: the INSTALL carries the history before it.
-                history = await asyncio.to_thread(role._history.update, core.log)
-                shipment.history = tuple((e, o) for e, o in history if o < shipment.log_from)
+            if planned is None:
+                shipment = await asyncio.to_thread(_shipment_for, role._history, core, agreed)
         except (EngineError, OSError) as exc:
             if shipment is not None:
                 shipment.close()
@@ -944,6 +939,31 @@ class _Shipment:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _plan_catch_up(history: EpochHistory, core: QueueCore, position: fr.Position
+                   ) -> tuple[int, _Shipment | None]:
+    """Where the follower's log (its POSITION) agrees with ours, and the snapshot to send
+    it, if any (_shipment_for). Reads the log: called in a thread."""
+    entries = history.update(core.log)
+    agreed = min(divergence(entries, core.log.next_offset, position.history,
+                            position.next_offset), position.next_offset)
+    return agreed, _shipment_for(history, core, agreed)
+
+
+def _shipment_for(history: EpochHistory, core: QueueCore, agreed: int) -> _Shipment | None:
+    """The snapshot to send a follower whose log agrees with ours up to agreed, with the
+    epoch history before the log it needs; None if it is to be sent the log."""
+    shipment = _snapshot_to_ship(core, agreed)
+    if shipment is not None:
+        try:
+            # Read past the snapshot's offset: the INSTALL carries the history before it.
+            entries = history.update(core.log)
+        except BaseException:
+            shipment.close()
+            raise
+        shipment.history = tuple((e, o) for e, o in entries if o < shipment.log_from)
+    return shipment
 
 
 def _snapshot_to_ship(core: QueueCore, offset: int) -> _Shipment | None:

@@ -453,11 +453,17 @@ class ClusterNode:
             del self.replicas[name]
         broker = self.broker
         assert broker is not None
-        directory = await asyncio.to_thread(broker.adopt_queue, name, uid, attributes)
         fsync = str(broker.fsync_policy)
+
+        def adopt_and_open() -> Replica:
+            # One trip to a thread for both: a node adopts a copy of every queue placed on
+            # it, and each trip hands the interpreter lock over (twice).
+            return Replica(name, uid, broker.adopt_queue(name, uid, attributes), fsync)
+
         try:
-            replica = await asyncio.to_thread(Replica, name, uid, directory, fsync)
+            replica = await asyncio.to_thread(adopt_and_open)
         except CorruptDataError as exc:
+            directory = broker.queue_dir(name)
             # This copy is the leader's log, byte for byte, and the leader is asking for
             # it: what follows the first damage is set aside (never deleted), and the
             # leader copies it again from there.
@@ -647,13 +653,7 @@ class ClusterNode:
                     await asyncio.wait_for(self._wake.wait(), wait)
                 continue
             names, self._dirty = sorted(self._dirty), set()
-            try:
-                local = await asyncio.to_thread(self._local_uids, names)
-            except (EngineError, OSError) as exc:
-                _log.warning("reconcile: %s", exc)
-                for name in names:
-                    self._later(name, RETRY_S)
-                continue
+            local = self._local_uids(names)
             for i, name in enumerate(names):
                 try:
                     await self._reconcile_one(name, local.get(name))
@@ -670,8 +670,9 @@ class ClusterNode:
         """name -> uid of the copies held here, of those names."""
         broker = self.broker
         assert broker is not None
-        # The catalog is in memory: a lookup each, never a decode of every entry (after a
-        # node is lost, thousands of partitions are looked at a few at a time).
+        # The catalog is in memory, and its reads wait for none of its writes: a lookup
+        # each, on the loop (never a decode of every entry; after a node is lost,
+        # thousands of partitions are looked at a few at a time).
         found = {}
         for name in names:
             uid = broker.catalog.uid_of(name)
