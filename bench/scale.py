@@ -284,6 +284,22 @@ def _wait_led(cluster: Cluster, names: list[str], timeout: float) -> float:
     raise RuntimeError(f"not every queue had a leader in {timeout:g} s")
 
 
+def _led_again(cluster: Cluster, names: list[str], timeout: float) -> dict[str, float]:
+    """Seconds until each queue had a live leader (read every 0.2 s)."""
+    started = time.monotonic()
+    live = {n.node_id for n in cluster.live()}
+    led: dict[str, float] = {}
+    while time.monotonic() - started < timeout:
+        with contextlib.suppress(OSError, ValueError):
+            leaders = _leaders(cluster, [n for n in names if n not in led])
+            now = time.monotonic() - started
+            led |= {name: now for name, leader in leaders.items() if leader in live}
+            if len(led) == len(names):
+                return led
+        time.sleep(0.2)
+    raise RuntimeError(f"not every queue had a leader in {timeout:g} s")
+
+
 async def _send10(cluster: Cluster, names: list[str], seconds: float, concurrency: int,
                   body: str) -> dict[str, Any]:
     leaders = _leaders(cluster, names)
@@ -448,7 +464,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         large.nodes[victim].process.kill()
         large.nodes[victim].process.wait()
         report["kill"] = {"node": victim, "queues_led": len(led)}
-        report["kill"]["all_led_again_s"] = _wait_led(large, led, args.kill_timeout_s)
+        times = _led_again(large, led, args.kill_timeout_s)
+        report["kill"]["all_led_again_s"] = max(times.values())
+        # The last to be led again, and whether they were sent to under load (a backlog
+        # makes a queue slower to open).
+        report["kill"]["last_led"] = [
+            {"queue": name, "s": times[name], "loaded": name in loaded}
+            for name in sorted(times, key=times.__getitem__)[-5:]]
         got = asyncio.run(_drain(large, sample))
         lost = {n: sorted(sent[n] - got.get(n, set())) for n in sample}
         report["kill"]["sampled_queues"] = len(sample)
@@ -485,6 +507,9 @@ def _print(report: dict[str, Any]) -> None:
          f"{report['large_send10_spread']['messages_per_s']:,.0f}"),
         ("leader kill: queues it led", str(report["kill"]["queues_led"])),
         ("leader kill: all led again in", f"{report['kill']['all_led_again_s']:.1f} s"),
+        ("leader kill: the last five led again", ", ".join(
+            f"{r['queue']}{' (loaded)' if r['loaded'] else ''} {r['s']:.1f} s"
+            for r in report["kill"]["last_led"])),
         ("leader kill: sampled messages lost",
          f"{report['kill']['lost']} of {report['kill']['acknowledged']} "
          f"({report['kill']['sampled_queues']} queues)"),
