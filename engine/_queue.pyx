@@ -779,16 +779,34 @@ cdef class State:
     cdef void _compact(self):
         """Rebuild a heap once its stale entries (for messages since deleted, leased or
         re-timed) outnumber the live ones: a received-and-deleted message leaves a timer
-        entry behind until its lease would have ended, and at a high rate those pile up."""
-        cdef Msg m
+        entry behind until its lease would have ended, and at a high rate those pile up.
+
+        A heap is rebuilt from its own entries, keeping the live ones (every message
+        waiting on a timer, or visible, has its entry there), never from every message:
+        that walk cost the whole backlog each time, and a backlog of 10 M visible messages
+        drained at a ninth of the rate of an empty queue. Filtering costs the entries
+        dropped, so each entry pays for its own removal."""
         cdef Py_ssize_t waiting = self._counts[DELAYED] + self._counts[INFLIGHT]
+        messages = self.messages
         if len(self._timers) > 4 * waiting + 4096:
-            self._timers = [(m.visible_at, m.seq) for m in self.messages.values()
-                            if m.category == DELAYED or m.category == INFLIGHT]
-            heapq.heapify(self._timers)
+            live_timers = []
+            for entry in self._timers:
+                found = messages.get(entry[1])
+                if found is not None and (<Msg>found).visible_at == entry[0] and (
+                        (<Msg>found).category == DELAYED or (<Msg>found).category == INFLIGHT):
+                    live_timers.append(entry)
+            heapq.heapify(live_timers)
+            self._timers = live_timers
         if not self.fifo and len(self._ready) > 4 * self._counts[VISIBLE] + 4096:
-            self._ready = [m.seq for m in self.messages.values() if m.category == VISIBLE]
-            heapq.heapify(self._ready)
+            seen = set()
+            live_ready = []
+            for seq in self._ready:
+                found = messages.get(seq)
+                if found is not None and (<Msg>found).category == VISIBLE and seq not in seen:
+                    seen.add(seq)
+                    live_ready.append(seq)
+            heapq.heapify(live_ready)
+            self._ready = live_ready
         if self.fifo and len(self._candidates) > 4 * len(self._groups) + 4096:
             self._candidates = []
             for group in self._groups:

@@ -35,6 +35,7 @@ from engine import (
     errors,
 )
 from engine import format as log_format
+from engine._queue import State
 from engine.broker import IDLE_BEFORE_CLOSE_S
 
 TWELVE_HOURS = 12 * 60 * 60
@@ -210,6 +211,40 @@ def test_visibility_timeout_of_a_receive_overrides_the_queues(broker: Broker,
     # A zero lease leaves the message receivable straight away.
     [m] = q.receive()
     assert m.receive_count == 4
+
+
+def test_heaps_rebuilt_past_their_stale_entries_keep_every_waiting_message() -> None:
+    """The state machine's ready heap and timer heap are rebuilt once stale entries pile
+    up (here 4,900 of each, past the 4,096 that start a rebuild): no visible, delayed or
+    in-flight message may lose its entry, or it would never be delivered again."""
+    state = State(False)
+    now = 1_000_000
+    offset = 0
+
+    def at() -> int:
+        nonlocal offset
+        offset += 100
+        return offset
+
+    for seq in range(1, 5001):  # visible at once
+        state.apply_send(at(), seq, now, now, None, None, None, None)
+    for seq in range(5001, 5021):  # delayed by a minute
+        state.apply_send(at(), seq, now, now + 60_000, None, None, None, None)
+    state.apply_lease(at(), now, now + 120_000, list(range(1, 21)))  # in flight 2 min
+    # Leased and deleted as a replica applies them, never taken here: each leaves a stale
+    # entry in both heaps.
+    for seq in range(21, 4921):
+        lease = at()
+        state.apply_lease(lease, now, now + 30_000, [seq])
+        state.apply_deletes(now, [(seq, lease)])
+    state.advance(now)
+    assert state.category_counts == [20, 80, 20, 0]
+    state.advance(now + 60_000)
+    assert state.category_counts == [0, 100, 20, 0]
+    state.advance(now + 120_000)
+    assert state.category_counts == [0, 120, 0, 0]
+    assert [m.seq for m in state.take(now + 120_000, 1000)] == [
+        *range(1, 21), *range(4921, 5021)]
 
 
 # --- 2. receipts -----------------------------------------------------------------------
