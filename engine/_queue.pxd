@@ -55,6 +55,7 @@ cdef class State:
     cdef void _added(self, Msg m)
     cdef void _offer(self, object group)
     cdef void _release(self, object group)
+    cdef void _restore(self, Msg m, bint moving)
     cdef void _compact(self)
     cpdef advance(self, int64_t now)
     cpdef list take(self, int64_t now, int limit)

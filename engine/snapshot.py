@@ -20,17 +20,13 @@ import xxhash
 import zstandard
 
 from engine import format as fmt
-from engine._queue import State, restored_msg
+from engine._queue import State, encode_messages, messages_floor, restore_messages
 from engine.errors import CorruptSnapshotError
-from engine.records import Origin
 
 _STATE_HEAD = struct.Struct("<BQqI")  # fifo, next_seq, last_time, message count
 _COUNTERS = ("sent", "received", "deleted", "expired", "moved", "purged")
-_MESSAGE = struct.Struct("<QQqqIQqqB")  # seq ... first_received_at, moving
-_ORIGIN = struct.Struct("<BQQI")
 _SNAPSHOT_HEAD = struct.Struct("<4sQBQ")
 _NO_ID = b"\0" * 16
-MOVING = 3
 
 
 def _opt_str(value: str | None) -> bytes:
@@ -49,16 +45,9 @@ def encode_state(state: State) -> bytes:
     ]
     config = json.dumps(state.config, sort_keys=True, separators=(",", ":")).encode()
     parts.append(struct.pack("<I", len(config)) + config)
-    # Messages in seq order: the order they were applied in, on every replica.
-    for m in state.messages.values():
-        parts.append(_MESSAGE.pack(m.seq, m.location, m.sent_at, m.visible_at,
-                                   m.receive_count, m.lease, m.leased_at, m.first_received_at,
-                                   m.category == MOVING))
-        parts.append(_opt_str(m.group))
-        parts.append(_opt_str(m.dedup))
-        parts.append(m.message_id if m.message_id is not None else _NO_ID)
-        origin = m.origin or Origin(0, 0, 0)
-        parts.append(_ORIGIN.pack(m.origin is not None, *origin))
+    # Messages in seq order, the order every replica applied them in (their layout is
+    # engine/_queue.pyx's, "a snapshot's messages").
+    parts.append(encode_messages(state))
     entries = state.dedup_entries()
     parts.append(struct.pack("<I", len(entries)))
     for key, (seq, sent_at, message_id) in entries:
@@ -91,21 +80,7 @@ def decode_state(data: bytes, version: int = fmt.SNAPSHOT_VERSION) -> State:
         pos += n
         return value
 
-    for _ in range(count):
-        (seq, location, sent_at, visible_at, receive_count, lease, leased_at, first_received,
-         moving) = _MESSAGE.unpack_from(view, pos)
-        pos += _MESSAGE.size
-        group = read_str()
-        dedup = read_str()
-        raw_id = bytes(view[pos : pos + 16])
-        pos += 16
-        has_origin, o_uid, o_seq, o_count = _ORIGIN.unpack_from(view, pos)
-        pos += _ORIGIN.size
-        origin = Origin(o_uid, o_seq, o_count) if has_origin else None
-        message = restored_msg(seq, location, sent_at, visible_at, group, dedup,
-                               raw_id if raw_id != _NO_ID else None, origin, receive_count,
-                               lease, leased_at, first_received)
-        state.restore(message, bool(moving))
+    pos = restore_messages(state, data, pos, count)
     (dedup_count,) = struct.unpack_from("<I", view, pos)
     pos += 4
     for _ in range(dedup_count):
@@ -169,19 +144,12 @@ def log_floor(data: bytes, path: str = "snapshot") -> tuple[int, int]:
     without building the state (no object per message). Raises CorruptSnapshotError."""
     offset = _checked_head(data, path)[1]
     try:
-        view = memoryview(zstandard.ZstdDecompressor().decompress(data[_SNAPSHOT_HEAD.size:]))
+        raw = zstandard.ZstdDecompressor().decompress(data[_SNAPSHOT_HEAD.size:])
+        view = memoryview(raw)
         count = _STATE_HEAD.unpack_from(view, 0)[3]
         pos = _STATE_HEAD.size + 48  # the counters
         pos += 4 + struct.unpack_from("<I", view, pos)[0]  # the configuration
-        floor = offset
-        for _ in range(count):
-            location = _MESSAGE.unpack_from(view, pos)[1]
-            floor = min(floor, location)
-            pos += _MESSAGE.size
-            for _ in range(2):  # group, dedup: u16 length (0xffff: none), bytes
-                (n,) = struct.unpack_from("<H", view, pos)
-                pos += 2 + (n if n != 0xFFFF else 0)
-            pos += 16 + _ORIGIN.size  # message id, origin
+        floor = messages_floor(raw, pos, count, offset)[1]
     except (ValueError, struct.error, zstandard.ZstdError) as exc:
         raise CorruptSnapshotError(path, f"state does not decode: {exc}",
                                    _SNAPSHOT_HEAD.size) from exc
