@@ -52,7 +52,9 @@ def test_a_step_freezes_what_is_alive(policy: GcPolicy) -> None:
     assert _tracked(kept)
     policy.step()
     assert not _tracked(kept)
-    assert policy.frozen == gc.get_freeze_count() > 0
+    # The count the step took, less any frozen object freed since by another thread (the
+    # test runner's): nothing but a step freezes, so it cannot grow.
+    assert policy.frozen >= gc.get_freeze_count() > 0
     made_after = Node()
     assert _tracked(made_after)  # only what was alive at the step
 
