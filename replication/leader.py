@@ -33,7 +33,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from engine import install
 from engine.errors import EngineError
@@ -753,8 +753,8 @@ class FollowerStream:
                 raise fr.ProtocolError("the queue is not open here (it is being opened)")
             # Where the logs agree and whether a snapshot is to be sent, in one trip to a
             # thread: a queue just made has every follower positioned at once.
-            agreed, shipment = await asyncio.to_thread(_plan_catch_up, role._history, core,
-                                                       position)
+            agreed, shipment = await _in_thread(_plan_catch_up, role._history, core,
+                                                position)
         except (EngineError, OSError) as exc:
             self.restart(f"{type(exc).__name__}: {exc}")
             return
@@ -772,7 +772,7 @@ class FollowerStream:
             if core is None:
                 raise fr.ProtocolError("the queue is not open here (it is being opened)")
             if planned is None:
-                shipment = await asyncio.to_thread(_shipment_for, role._history, core, agreed)
+                shipment = await _in_thread(_shipment_for, role._history, core, agreed)
         except (EngineError, OSError) as exc:
             if shipment is not None:
                 shipment.close()
@@ -939,6 +939,32 @@ class _Shipment:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+_T = TypeVar("_T")
+
+
+async def _in_thread(fn: Callable[..., _T], *args: Any) -> _T:
+    """fn(*args) in a thread, as asyncio.to_thread, for the steps that may open a snapshot
+    to ship. A stream stopped meanwhile cancels its task, and to_thread would then drop
+    the result, and with it an open file descriptor: here the thread's result is closed
+    once it comes (a thread cannot be stopped)."""
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(_close_dropped)
+        raise
+
+
+def _close_dropped(future: asyncio.Future[Any]) -> None:
+    """Close any shipment in the result of a thread nobody waits for any more."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    result = future.result()
+    for item in result if isinstance(result, tuple) else (result,):
+        if isinstance(item, _Shipment):
+            item.close()
 
 
 def _plan_catch_up(history: EpochHistory, core: QueueCore, position: fr.Position

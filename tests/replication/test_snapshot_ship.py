@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import threading
 from typing import Any
 
 import pytest
@@ -370,3 +371,33 @@ async def test_the_log_sent_after_a_snapshot_starts_at_a_batch(nodes: Cluster) -
     assert leader.leading[QUEUE]._streams["f"].snapshots == 1
     assert follower.replicas[QUEUE].log.first_offset == base
     assert replica_digest(follower) == leader_digest(leader)
+
+
+def test_a_snapshot_opened_for_a_stream_stopped_meanwhile_is_closed() -> None:
+    """A stream stopped while its thread chooses a snapshot to ship cancels its task; the
+    thread cannot be stopped, and the snapshot it opens must be closed when it returns,
+    not dropped with its file descriptor open."""
+    release = threading.Event()
+    shipment = leader_module._Shipment(os.open(os.devnull, os.O_RDONLY), 0, 0, 0)
+
+    def choosing() -> tuple[int, leader_module._Shipment]:
+        release.wait(10)
+        return 0, shipment
+
+    async def stopped_meanwhile() -> None:
+        task = asyncio.ensure_future(leader_module._in_thread(choosing))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        for _ in range(200):
+            if shipment.fd is None:
+                return
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(stopped_meanwhile())
+        assert shipment.fd is None
+    finally:
+        shipment.close()
