@@ -1189,8 +1189,8 @@ def encode_messages(State state):
         m = <Msg>found
         size += SNAP_FIXED + 4 + 16 + SNAP_ORIGIN
         if m.group is not None or m.dedup is not None:
-            group = (<str>m.group).encode() if m.group is not None else None
-            dedup = (<str>m.dedup).encode() if m.dedup is not None else None
+            group = (<str?>m.group).encode() if m.group is not None else None
+            dedup = (<str?>m.dedup).encode() if m.dedup is not None else None
             for value in (group, dedup):
                 if value is not None and len(<bytes>value) >= SNAP_NO_STR:
                     raise ValueError("a group or deduplication id too long for a snapshot")
@@ -1224,6 +1224,8 @@ def encode_messages(State state):
             st16(p + 2, SNAP_NO_STR)
             p += 4
         if m.message_id is not None:
+            if PyBytes_GET_SIZE(<bytes?>m.message_id) != 16:
+                raise ValueError("an explicit message id is 16 bytes")
             memcpy(p, PyBytes_AS_STRING(m.message_id), 16)
         else:
             memset(p, 0, 16)
