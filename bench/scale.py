@@ -273,28 +273,21 @@ def _leaders(cluster: Cluster, names: list[str]) -> dict[str, str | None]:
 
 def _wait_led(cluster: Cluster, names: list[str], timeout: float) -> float:
     """Seconds until every queue has a live leader."""
-    started = time.monotonic()
-    live = {n.node_id for n in cluster.live()}
-    while time.monotonic() - started < timeout:
-        with contextlib.suppress(OSError, ValueError):
-            leaders = _leaders(cluster, names)
-            if all(leader in live for leader in leaders.values()):
-                return time.monotonic() - started
-        time.sleep(0.2)
-    raise RuntimeError(f"not every queue had a leader in {timeout:g} s")
+    return max(_led_again(cluster, names, timeout).values(), default=0.0)
 
 
 def _led_again(cluster: Cluster, names: list[str], timeout: float) -> dict[str, float]:
     """Seconds until each queue had a live leader (read every 0.2 s)."""
     started = time.monotonic()
     live = {n.node_id for n in cluster.live()}
+    wanted = set(names)
     led: dict[str, float] = {}
     while time.monotonic() - started < timeout:
         with contextlib.suppress(OSError, ValueError):
-            leaders = _leaders(cluster, [n for n in names if n not in led])
+            leaders = _leaders(cluster, sorted(wanted - led.keys()))
             now = time.monotonic() - started
             led |= {name: now for name, leader in leaders.items() if leader in live}
-            if len(led) == len(names):
+            if len(led) == len(wanted):
                 return led
         time.sleep(0.2)
     raise RuntimeError(f"not every queue had a leader in {timeout:g} s")
