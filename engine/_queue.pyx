@@ -1161,10 +1161,6 @@ cdef enum:
     SNAP_ORIGIN = 21  # has_origin through the origin's count
 
 
-cdef inline Py_ssize_t _str_size(object value):
-    return 2 + (len(<bytes>value) if value is not None else 0)
-
-
 cdef inline unsigned char* _put_str(unsigned char* p, object value):
     cdef Py_ssize_t n
     if value is None:
@@ -1187,15 +1183,17 @@ def encode_messages(State state):
     cdef Py_ssize_t k = 0
     for found in state.messages.values():
         m = <Msg>found
-        size += SNAP_FIXED + 4 + 16 + SNAP_ORIGIN
+        size += SNAP_FIXED + 4 + 16 + SNAP_ORIGIN  # 4: the two strings' lengths
         if m.group is not None or m.dedup is not None:
             group = (<str?>m.group).encode() if m.group is not None else None
             dedup = (<str?>m.dedup).encode() if m.dedup is not None else None
             for value in (group, dedup):
-                if value is not None and len(<bytes>value) >= SNAP_NO_STR:
-                    raise ValueError("a group or deduplication id too long for a snapshot")
+                if value is not None:
+                    if len(<bytes>value) >= SNAP_NO_STR:
+                        raise ValueError("a group or deduplication id too long for a "
+                                         "snapshot")
+                    size += len(<bytes>value)
             texts.append((group, dedup))
-            size += _str_size(group) - 2 + _str_size(dedup) - 2
     cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
     cdef unsigned char* end = p + size
