@@ -1,4 +1,51 @@
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+# A queue's messages are kept in chunks of CHUNK_SEQS consecutive seqs, a fixed-size
+# record each (engine/_queue.pyx, "one message's state"). A chunk is allocated when its
+# first message arrives and freed when its last one leaves.
+cdef enum:
+    CHUNK_SHIFT = 8
+    CHUNK_SEQS = 256
+    CHUNK_MASK = 255
+    CHUNK_WORDS = 4  # 64-bit words of the visible bitmap
+    BLOCK_SHIFT = 8
+    BLOCK_CHUNKS = 256
+    BLOCK_MASK = 255
+
+
+ctypedef struct Rec:
+    int64_t location
+    int64_t sent_at
+    int64_t visible_at
+    uint32_t receive_count
+    uint8_t category
+    uint8_t flags
+    uint16_t unused
+
+
+ctypedef struct Seen:
+    int64_t lease
+    int64_t leased_at
+    int64_t first_received_at
+
+
+ctypedef struct Chunk:
+    Seen* seen
+    unsigned char* ids
+    uint64_t visible[CHUNK_WORDS]
+    int32_t live
+    int32_t visible_count
+    Rec recs[CHUNK_SEQS]
+
+
+ctypedef struct Block:
+    Chunk* chunks[BLOCK_CHUNKS]
+    int32_t count
+
+
+ctypedef struct Timer:
+    int64_t due
+    int64_t seq
 
 
 cdef class Msg:
@@ -26,9 +73,7 @@ cdef class ReceiptOpener:
 
 cdef class State:
     cdef public bint fifo
-    cdef public dict messages
     cdef public int64_t next_seq
-    cdef int64_t _low  # no live message has a lower seq (oldest_sent_at)
     cdef public int64_t last_time
     cdef public dict config
     cdef public dict dedup
@@ -36,27 +81,58 @@ cdef class State:
     cdef object _dedup_order
     cdef int64_t _counts[4]
     cdef int64_t _sent, _received, _deleted, _expired, _moved, _purged
-    cdef list _ready
-    cdef list _timers
+    # The directory: _dir[i] holds block number _dir_base + i (or NULL); every entry
+    # outside [_dir_lo, _dir_hi) is NULL.
+    cdef Block** _dir
+    cdef Py_ssize_t _dir_lo, _dir_hi, _dir_cap
+    cdef int64_t _dir_base
+    cdef Py_ssize_t _live, _chunks, _blocks, _seen_arrays, _id_arrays
+    cdef int64_t _cursor  # a chunk number: no lower chunk holds a visible message
+    cdef Timer* _timers
+    cdef Py_ssize_t _timer_count, _timer_cap
+    cdef dict _extras  # seq -> (group, dedup, origin), for messages with any of them
     cdef dict _groups
     cdef dict _inflight
     cdef list _candidates
 
+    cdef Chunk* _chunk(self, int64_t number) noexcept
+    cdef int64_t _next_chunk(self, int64_t number) noexcept
+    cdef Chunk* _place(self, int64_t seq) except NULL
+    cdef int _resize_dir(self, Py_ssize_t cap, Py_ssize_t shift) except -1
+    cdef void _free_chunk(self, int64_t number) noexcept
+    cdef Rec* _rec(self, int64_t seq) noexcept
+    cdef Seen* _seen(self, int64_t seq) except NULL
+    cdef int64_t _lease_of(self, int64_t seq) noexcept
+    cdef Msg _msg(self, int64_t seq, Rec* r)
+    cdef object _group_of(self, int64_t seq, Rec* r)
+    cdef int _push_timer(self, int64_t due, int64_t seq) except -1
+    cdef void _sift_down(self, Py_ssize_t i) noexcept
+    cdef void _pop_timer(self) noexcept
+    cdef void _mark_visible(self, int64_t seq, bint on) noexcept
+    cdef void _heapify_timers(self) noexcept
+    cdef int _new(self, int64_t offset, int64_t seq, int64_t sent_at, int64_t visible_at,
+                  uint32_t receive_count, object group, object dedup, object message_id,
+                  object origin) except -1
     cpdef apply_send(self, int64_t offset, int64_t seq, int64_t sent_at, int64_t visible_at,
                      object group, object dedup, object message_id, object origin)
     cpdef apply_lease(self, int64_t offset, int64_t now, int64_t until, object seqs)
     cpdef apply_seqs(self, int64_t offset, int tag, int64_t now, object seqs)
     cpdef apply_deletes(self, int64_t now, object pairs)
     cdef void _after(self, int64_t now)
-    cdef void _set_visible_at(self, Msg m, int64_t visible_at, int64_t now)
-    cdef void _enter(self, Msg m, int category)
-    cdef void _move_to(self, Msg m, int category)
-    cdef void _remove(self, Msg m, int counter)
-    cdef void _added(self, Msg m)
+    cdef int _set_visible_at(self, int64_t seq, Rec* r, int64_t visible_at,
+                             int64_t now) except -1
+    cdef int _enter(self, int64_t seq, Rec* r, int category) except -1
+    cdef int _move_to(self, int64_t seq, Rec* r, int category) except -1
+    cdef int _remove(self, int64_t seq, Rec* r, int counter) except -1
+    cdef int _added(self, int64_t seq, Rec* r) except -1
     cdef void _offer(self, object group)
     cdef void _release(self, object group)
-    cdef void _restore(self, Msg m, bint moving)
-    cdef void _compact(self)
+    cdef int _restore(self, int64_t seq, int64_t location, int64_t sent_at,
+                      int64_t visible_at, uint32_t receive_count, int64_t lease,
+                      int64_t leased_at, int64_t first_received_at, object group,
+                      object dedup, object message_id, object origin,
+                      bint moving) except -1
+    cdef int _compact(self) except -1
     cpdef advance(self, int64_t now)
     cpdef list take(self, int64_t now, int limit)
     cdef object _message(self, Msg m, object body_record, uint64_t uid, int64_t lease,

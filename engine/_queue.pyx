@@ -25,7 +25,11 @@ cdef extern from "Python.h":
     bint PyUnicode_IS_COMPACT_ASCII(object o)
     Py_ssize_t PyUnicode_GET_LENGTH(object o)
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memcpy, memset
+
+cdef extern from *:
+    int __builtin_ctzll(unsigned long long x) nogil
 
 from engine._format cimport (
     QREC_CHANGE_VISIBILITY,
@@ -81,6 +85,11 @@ CATEGORIES = {"delayed": DELAYED, "visible": VISIBLE, "in_flight": INFLIGHT, "mo
 # The FIFO deduplication window (fixed by SQS at five minutes).
 DEDUP_WINDOW_MS = 5 * 60 * 1000
 cdef int64_t _DEDUP_WINDOW = DEDUP_WINDOW_MS
+
+# What State.memory_bytes counts for a message's dict entry (group, dedup key, origin) and
+# for a dedup window entry: the entry, its tuple and short strings, as measured with
+# tracemalloc for 100-character keys.
+cdef Py_ssize_t EXTRA_BYTES_ESTIMATE = 400
 
 # The constants as compiled here, for test_format.py to compare with engine/format.py.
 FORMAT_CONSTANTS = format_constants()
@@ -463,33 +472,29 @@ cdef object light_send(const unsigned char* p, Py_ssize_t n):
 
 
 # --- one message's state -------------------------------------------------------------------
+#
+# A live message costs one 32-byte Rec in its chunk (engine/_queue.pxd): where its body is
+# (location, the log offset of its SEND record), sent_at, visible_at, receive_count and
+# category. What only some messages need is kept beside it, allocated when first needed:
+# per chunk, a Seen (lease, the offset of the LEASE or MOVING record holding it, 0 if never
+# leased; leased_at; first_received_at) once one of its messages is received, and 16 bytes
+# per message once one carries an explicit message id (sealed and moved messages); per
+# message, a dict entry for a group, a dedup key or an origin (FIFO and moved messages).
+# So a backlog of plain messages costs about 32 bytes each, and no Python object.
+
+cdef enum:
+    LIVE = 1
+    HAS_ID = 2  # an explicit message id, in the chunk's ids
+    HAS_EXTRA = 4  # a group, dedup key or origin, in State._extras
+    HAS_ORIGIN = 8  # moved in from another queue (its origin is in State._extras)
 
 @cython.no_gc
 cdef class Msg:
-    """One live message: where its body is and what has happened to it.
-
-    Fields (declared in _queue.pxd): seq; location, the log offset of the record holding
-    the body; sent_at and visible_at; lease, the offset of the LEASE (or MOVING) record
-    holding it (0: never leased); leased_at; first_received_at; receive_count; category;
-    group and dedup (FIFO); message_id (None: derived from queue uid and seq); origin
-    (where a dead-lettered message came from).
-    """
-
-
-cdef Msg new_msg(int64_t seq, int64_t location, int64_t sent_at, int64_t visible_at,
-                 object group, object dedup, object message_id, object origin):
-    cdef Msg m = Msg.__new__(Msg)
-    m.seq = seq
-    m.location = location
-    m.sent_at = sent_at
-    m.visible_at = visible_at
-    m.group = group
-    m.dedup = dedup
-    m.message_id = message_id
-    m.origin = origin
-    m.receive_count = origin[2] if origin is not None else 0
-    m.category = DELAYED
-    return m
+    """A copy of one live message's state, made when asked for (State.get, take): fields
+    seq; location; sent_at and visible_at; lease (0: never leased), leased_at,
+    first_received_at; receive_count; category; group and dedup (FIFO); message_id (None:
+    derived from queue uid and seq); origin (where a dead-lettered message came from).
+    Changing it changes nothing in the state."""
 
 
 # --- the state machine ---------------------------------------------------------------------
@@ -497,33 +502,281 @@ cdef Msg new_msg(int64_t seq, int64_t location, int64_t sent_at, int64_t visible
 cdef class State:
     """The canonical state of one queue partition, and the leader's derived indexes.
 
-    Canonical (what digests and snapshots cover): messages, next_seq, last_time, config,
-    counters and the dedup window. Derived (rebuilt from those, advanced with the
-    leader's clock): each message's category, the ready heap, the timers, and for FIFO
-    queues the per-group order and locks.
+    Canonical (what digests and snapshots cover): the live messages, next_seq, last_time,
+    config, counters and the dedup window. Derived (rebuilt from those, advanced with the
+    leader's clock): each message's category, the visible bitmaps, the timers, and for
+    FIFO queues the per-group order and locks.
     """
 
     # Fields are declared in _queue.pxd. dedup maps a dedup key to (seq, sent_at,
     # message_id), message_id being the 16 explicit bytes or None for a derived id;
     # origins maps (origin queue uid, origin seq) to seq; _dedup_order holds
-    # (sent_at, key) oldest first; _ready is a heap of seqs believed visible; _timers a
-    # heap of (due, seq); for FIFO queues _groups maps a group to its seqs in order,
-    # _inflight counts each group's messages in flight, and _candidates is a heap of
-    # (head seq, group) that may be free.
+    # (sent_at, key) oldest first; each chunk's visible bitmap marks its VISIBLE messages
+    # (standard queues deliver lowest seq first, found from _cursor); _timers is a binary
+    # heap of (due, seq) for DELAYED and INFLIGHT messages, with stale entries skipped;
+    # for FIFO queues _groups maps a group to its seqs in order, _inflight counts each
+    # group's messages in flight, and _candidates is a heap of (head seq, group) that may
+    # be free.
 
     def __cinit__(self, bint fifo):
         self.fifo = fifo
-        self.messages = {}
         self.next_seq = 1
         self.config = {}
         self.dedup = {}
         self.origins = {}
         self._dedup_order = deque()
-        self._ready = []
-        self._timers = []
+        self._extras = {}
         self._groups = {}
         self._inflight = {}
         self._candidates = []
+
+    def __dealloc__(self):
+        cdef int64_t number = self._next_chunk(0)
+        while number >= 0:
+            self._free_chunk(number)
+            number = self._next_chunk(number + 1)
+        free(self._dir)
+        free(self._timers)
+
+    def __len__(self):
+        return self._live
+
+    # -- chunks -----------------------------------------------------------------------------
+    #
+    # Chunk number n holds seqs [n * CHUNK_SEQS, (n + 1) * CHUNK_SEQS); block number b
+    # holds the pointers of chunks [b * BLOCK_CHUNKS, (b + 1) * BLOCK_CHUNKS). The
+    # directory is a window of blocks from the lowest live message to the highest, so a
+    # gap of seqs with no live message costs one pointer per 65,536 seqs (a message left
+    # behind while billions are sent and deleted past it costs megabytes, not gigabytes).
+
+    cdef Chunk* _chunk(self, int64_t number) noexcept:
+        """Chunk number, or NULL."""
+        cdef int64_t i = (number >> BLOCK_SHIFT) - self._dir_base
+        cdef Block* b
+        if i < self._dir_lo or i >= self._dir_hi:
+            return NULL
+        b = self._dir[i]
+        return NULL if b == NULL else b.chunks[number & BLOCK_MASK]
+
+    cdef int64_t _next_chunk(self, int64_t number) noexcept:
+        """The lowest allocated chunk number at or above number, or -1."""
+        cdef int64_t i = (number >> BLOCK_SHIFT) - self._dir_base
+        cdef Py_ssize_t k = number & BLOCK_MASK
+        cdef Block* b
+        if i < self._dir_lo:
+            i = self._dir_lo
+            k = 0
+        while i < self._dir_hi:
+            b = self._dir[i]
+            if b != NULL:
+                while k < BLOCK_CHUNKS:
+                    if b.chunks[k] != NULL:
+                        return ((self._dir_base + i) << BLOCK_SHIFT) + k
+                    k += 1
+            i += 1
+            k = 0
+        return -1
+
+    cdef Chunk* _place(self, int64_t seq) except NULL:
+        """The chunk for seq, allocated (and its block, and the directory) if need be."""
+        cdef int64_t number = seq >> CHUNK_SHIFT
+        cdef int64_t block = number >> BLOCK_SHIFT
+        cdef Py_ssize_t i, shift, cap
+        cdef Block** grown
+        cdef Block* b
+        cdef Chunk* c
+        if self._dir_lo == self._dir_hi:
+            self._dir_base = block - self._dir_lo
+        i = <Py_ssize_t>(block - self._dir_base)
+        if i < 0 or i >= self._dir_cap:
+            # Re-base the live window at the start of an array large enough for it and i.
+            # Re-base the live window and i at the start of an array twice their span
+            # (so a run of placements past the end costs amortized O(1)).
+            shift = -i if i < 0 else -self._dir_lo
+            self._resize_dir(2 * max(self._dir_hi, i + 1) + 2 * shift, shift)
+            i += shift
+        if self._dir_lo == self._dir_hi:
+            self._dir_lo = self._dir_hi = i
+        if i < self._dir_lo:
+            self._dir_lo = i
+        if i >= self._dir_hi:
+            self._dir_hi = i + 1
+        b = self._dir[i]
+        if b == NULL:
+            b = <Block*>calloc(1, sizeof(Block))
+            if b == NULL:
+                raise MemoryError()
+            self._dir[i] = b
+            self._blocks += 1
+        c = b.chunks[number & BLOCK_MASK]
+        if c == NULL:
+            c = <Chunk*>calloc(1, sizeof(Chunk))
+            if c == NULL:
+                raise MemoryError()
+            b.chunks[number & BLOCK_MASK] = c
+            b.count += 1
+            self._chunks += 1
+        return c
+
+    cdef int _resize_dir(self, Py_ssize_t cap, Py_ssize_t shift) except -1:
+        """Move the directory's window [_dir_lo, _dir_hi) by shift into a new array of cap
+        (at least 16) entries."""
+        cdef Block** grown
+        cap = max(cap, 16)
+        grown = <Block**>calloc(cap, sizeof(Block*))
+        if grown == NULL:
+            raise MemoryError()
+        if self._dir != NULL:
+            memcpy(grown + self._dir_lo + shift, self._dir + self._dir_lo,
+                   (self._dir_hi - self._dir_lo) * sizeof(Block*))
+            free(self._dir)
+        self._dir = grown
+        self._dir_cap = cap
+        self._dir_lo += shift
+        self._dir_hi += shift
+        self._dir_base -= shift
+        return 0
+
+    cdef void _free_chunk(self, int64_t number) noexcept:
+        """Free chunk number (and its block, if it was the block's last)."""
+        cdef Py_ssize_t i = <Py_ssize_t>((number >> BLOCK_SHIFT) - self._dir_base)
+        cdef Block* b = self._dir[i]
+        cdef Chunk* c = b.chunks[number & BLOCK_MASK]
+        if c.seen != NULL:
+            self._seen_arrays -= 1
+        if c.ids != NULL:
+            self._id_arrays -= 1
+        free(c.seen)
+        free(c.ids)
+        free(c)
+        b.chunks[number & BLOCK_MASK] = NULL
+        self._chunks -= 1
+        b.count -= 1
+        if b.count:
+            return
+        free(b)
+        self._dir[i] = NULL
+        self._blocks -= 1
+        while self._dir_lo < self._dir_hi and self._dir[self._dir_lo] == NULL:
+            self._dir_lo += 1
+        while self._dir_hi > self._dir_lo and self._dir[self._dir_hi - 1] == NULL:
+            self._dir_hi -= 1
+        if self._dir_cap > 64 and self._dir_cap > 8 * (self._dir_hi - self._dir_lo):
+            # Give back what a window since narrowed grew (a message left far behind
+            # the others, since removed). Failing to is harmless: the old array stays.
+            try:
+                self._resize_dir(2 * (self._dir_hi - self._dir_lo), -self._dir_lo)
+            except MemoryError:
+                pass
+
+    cdef Rec* _rec(self, int64_t seq) noexcept:
+        """The live message seq, or NULL."""
+        cdef Chunk* c
+        cdef Rec* r
+        if seq < 0:
+            return NULL
+        c = self._chunk(seq >> CHUNK_SHIFT)
+        if c == NULL:
+            return NULL
+        r = &c.recs[seq & CHUNK_MASK]
+        return r if r.flags & LIVE else NULL
+
+    cdef Seen* _seen(self, int64_t seq) except NULL:
+        """The received side of live message seq, allocated for its chunk if need be."""
+        cdef Chunk* c = self._chunk(seq >> CHUNK_SHIFT)
+        if c.seen == NULL:
+            c.seen = <Seen*>calloc(CHUNK_SEQS, sizeof(Seen))
+            if c.seen == NULL:
+                raise MemoryError()
+            self._seen_arrays += 1
+        return &c.seen[seq & CHUNK_MASK]
+
+    cdef int64_t _lease_of(self, int64_t seq) noexcept:
+        cdef Chunk* c = self._chunk(seq >> CHUNK_SHIFT)
+        return 0 if c.seen == NULL else c.seen[seq & CHUNK_MASK].lease
+
+    cdef Msg _msg(self, int64_t seq, Rec* r):
+        cdef Chunk* c = self._chunk(seq >> CHUNK_SHIFT)
+        cdef Msg m = Msg.__new__(Msg)
+        cdef Seen* s
+        m.seq = seq
+        m.location = r.location
+        m.sent_at = r.sent_at
+        m.visible_at = r.visible_at
+        m.receive_count = r.receive_count
+        m.category = r.category
+        if c.seen != NULL:
+            s = &c.seen[seq & CHUNK_MASK]
+            m.lease = s.lease
+            m.leased_at = s.leased_at
+            m.first_received_at = s.first_received_at
+        if r.flags & HAS_ID:
+            m.message_id = PyBytes_FromStringAndSize(
+                <char*>c.ids + 16 * (seq & CHUNK_MASK), 16)
+        if r.flags & HAS_EXTRA:
+            m.group, m.dedup, m.origin = self._extras[seq]
+        return m
+
+    cdef object _group_of(self, int64_t seq, Rec* r):
+        if r.flags & HAS_EXTRA:
+            return (<tuple>self._extras[seq])[0] or ""
+        return ""
+
+    # -- timers: a binary heap of (due, seq) -------------------------------------------------
+
+    cdef int _push_timer(self, int64_t due, int64_t seq) except -1:
+        cdef Py_ssize_t i, parent, cap
+        cdef Timer* grown
+        cdef Timer t
+        if self._timer_count == self._timer_cap:
+            cap = max(64, 2 * self._timer_cap)
+            grown = <Timer*>realloc(self._timers, cap * sizeof(Timer))
+            if grown == NULL:
+                raise MemoryError()
+            self._timers = grown
+            self._timer_cap = cap
+        t.due = due
+        t.seq = seq
+        i = self._timer_count
+        self._timer_count += 1
+        while i > 0:
+            parent = (i - 1) >> 1
+            if (self._timers[parent].due < due or (self._timers[parent].due == due
+                                                   and self._timers[parent].seq <= seq)):
+                break
+            self._timers[i] = self._timers[parent]
+            i = parent
+        self._timers[i] = t
+        return 0
+
+    cdef void _sift_down(self, Py_ssize_t i) noexcept:
+        cdef Timer* h = self._timers
+        cdef Py_ssize_t n = self._timer_count
+        cdef Timer t = h[i]
+        cdef Py_ssize_t child
+        while True:
+            child = 2 * i + 1
+            if child >= n:
+                break
+            if child + 1 < n and (h[child + 1].due < h[child].due or (
+                    h[child + 1].due == h[child].due and h[child + 1].seq < h[child].seq)):
+                child += 1
+            if t.due < h[child].due or (t.due == h[child].due and t.seq <= h[child].seq):
+                break
+            h[i] = h[child]
+            i = child
+        h[i] = t
+
+    cdef void _pop_timer(self) noexcept:
+        self._timer_count -= 1
+        if self._timer_count > 0:
+            self._timers[0] = self._timers[self._timer_count]
+            self._sift_down(0)
+
+    cdef void _heapify_timers(self) noexcept:
+        cdef Py_ssize_t i
+        for i in range(self._timer_count // 2 - 1, -1, -1):
+            self._sift_down(i)
 
     # -- counters ---------------------------------------------------------------------
 
@@ -544,12 +797,102 @@ cdef class State:
     def category_counts(self):
         return [self._counts[0], self._counts[1], self._counts[2], self._counts[3]]
 
+    def memory_bytes(self):
+        """Bytes this state holds for its messages (chunks, received sides, ids, timers,
+        the chunk directory, and an estimate for the dict entries of FIFO and moved
+        messages): what a server-wide memory bound counts."""
+        return (self._chunks * sizeof(Chunk) + self._seen_arrays * CHUNK_SEQS * sizeof(Seen)
+                + self._id_arrays * CHUNK_SEQS * 16 + self._timer_cap * sizeof(Timer)
+                + self._blocks * sizeof(Block) + self._dir_cap * sizeof(Block*)
+                + len(self._extras) * EXTRA_BYTES_ESTIMATE
+                + len(self.dedup) * EXTRA_BYTES_ESTIMATE)
+
+    # -- reading messages -------------------------------------------------------------------
+
+    def get(self, int64_t seq):
+        """A copy of live message seq (Msg), or None."""
+        cdef Rec* r = self._rec(seq)
+        return None if r == NULL else self._msg(seq, r)
+
+    def in_category(self, int category):
+        """Copies of the live messages in this category, in seq order (rare paths)."""
+        cdef list out = []
+        cdef Py_ssize_t j
+        cdef int64_t number
+        cdef Chunk* c
+        if not 0 <= category <= MOVING:
+            raise ValueError(f"no such category: {category}")
+        if self._counts[category] == 0:
+            return out
+        number = self._next_chunk(0)
+        while number >= 0:
+            c = self._chunk(number)
+            for j in range(CHUNK_SEQS):
+                if c.recs[j].flags & LIVE and c.recs[j].category == category:
+                    out.append(self._msg(number * CHUNK_SEQS + j, &c.recs[j]))
+            number = self._next_chunk(number + 1)
+        return out
+
+    def moved_in(self):
+        """(sent_at, seq) of each message moved in from another queue."""
+        cdef Rec* r
+        out = []
+        for seq in self._extras:
+            r = self._rec(seq)
+            if r.flags & HAS_ORIGIN:
+                out.append((r.sent_at, seq))
+        return out
+
+    def expirable(self, int64_t cutoff, Py_ssize_t limit):
+        """Seqs of up to limit messages sent at or before cutoff, lowest seq first,
+        stopping at the first one sent later; moved-in and moving messages are skipped
+        (engine/queue.py expires those by their own order)."""
+        cdef list out = []
+        cdef Py_ssize_t j
+        cdef int64_t number
+        cdef Chunk* c
+        cdef Rec* r
+        number = self._next_chunk(0)
+        while number >= 0:
+            c = self._chunk(number)
+            for j in range(CHUNK_SEQS):
+                r = &c.recs[j]
+                if not r.flags & LIVE:
+                    continue
+                if r.sent_at > cutoff or len(out) >= limit:
+                    return out
+                if not r.flags & HAS_ORIGIN and r.category != MOVING:
+                    out.append(number * CHUNK_SEQS + j)
+            number = self._next_chunk(number + 1)
+        return out
+
+    def stored_in(self, int64_t first, int64_t end):
+        """Seqs of the live messages whose SEND record is at an offset in [first, end)."""
+        cdef list out = []
+        cdef Py_ssize_t j
+        cdef int64_t number
+        cdef Chunk* c
+        number = self._next_chunk(0)
+        while number >= 0:
+            c = self._chunk(number)
+            for j in range(CHUNK_SEQS):
+                if (c.recs[j].flags & LIVE and first <= c.recs[j].location
+                        and c.recs[j].location < end):
+                    out.append(number * CHUNK_SEQS + j)
+            number = self._next_chunk(number + 1)
+        return out
+
     # -- apply --------------------------------------------------------------------------
 
     def apply(self, int64_t offset, object record):
         """Apply one decoded record (engine.records) found at log offset ``offset``."""
         cdef int64_t now
+        cdef int64_t below
         cdef int tag
+        cdef Rec* r
+        cdef Py_ssize_t j
+        cdef int64_t number
+        cdef Chunk* c
         if isinstance(record, SendMeta):
             self.apply_send(offset, record.seq, record.sent_at, record.visible_at,
                             record.group, record.dedup, record.message_id, record.origin)
@@ -567,15 +910,25 @@ cdef class State:
                 self.apply_deletes(now, record.entries)
             else:
                 for seq, lease, visible_at in record.entries:
-                    m = self.messages.get(seq)
-                    if m is not None and (<Msg>m).lease == lease:
-                        self._set_visible_at(<Msg>m, visible_at, now)
+                    r = self._rec(seq)
+                    if r != NULL and self._lease_of(seq) == lease:
+                        self._set_visible_at(seq, r, visible_at, now)
                 self._after(now)
             return
         if isinstance(record, Purge):
             now = record.now
-            for m in [m for m in self.messages.values() if (<Msg>m).seq < record.below_seq]:
-                self._remove(<Msg>m, 5)
+            below = record.below_seq
+            # Lowest seq first, as the messages' dict was walked before: a FIFO group
+            # then loses its head before the messages behind it.
+            number = self._next_chunk(0)
+            while 0 <= number and number * CHUNK_SEQS < below:
+                for j in range(CHUNK_SEQS):
+                    c = self._chunk(number)  # NULL once its last message is removed
+                    if c == NULL or number * CHUNK_SEQS + j >= below:
+                        break
+                    if c.recs[j].flags & LIVE:
+                        self._remove(number * CHUNK_SEQS + j, &c.recs[j], 5)
+                number = self._next_chunk(number + 1)
             self._after(now)
             return
         if isinstance(record, Config):
@@ -584,63 +937,105 @@ cdef class State:
             return
         raise TypeError(f"not a queue record: {record!r}")
 
-    cpdef apply_send(self, int64_t offset, int64_t seq, int64_t sent_at, int64_t visible_at,
-                     object group, object dedup, object message_id, object origin):
-        cdef Msg m = new_msg(seq, offset, sent_at, visible_at, group, dedup, message_id, origin)
-        self.messages[seq] = m
-        if seq < self._low:
-            self._low = seq
+    cdef int _new(self, int64_t offset, int64_t seq, int64_t sent_at, int64_t visible_at,
+                  uint32_t receive_count, object group, object dedup, object message_id,
+                  object origin) except -1:
+        """Store a message (its category is set by the caller, with _enter)."""
+        cdef Chunk* c
+        cdef Rec* r
+        if seq <= 0:
+            raise ValueError(f"a message's seq is positive, not {seq}")
+        if self._rec(seq) != NULL:
+            raise ValueError(f"message {seq} is already in the state")
+        if message_id is not None and PyBytes_GET_SIZE(<bytes?>message_id) != 16:
+            raise ValueError("an explicit message id is 16 bytes")
+        c = self._place(seq)
+        r = &c.recs[seq & CHUNK_MASK]
+        r.location = offset
+        r.sent_at = sent_at
+        r.visible_at = visible_at
+        r.receive_count = receive_count
+        r.category = DELAYED
+        r.flags = LIVE
+        c.live += 1
+        self._live += 1
+        if message_id is not None:
+            if c.ids == NULL:
+                c.ids = <unsigned char*>calloc(CHUNK_SEQS, 16)
+                if c.ids == NULL:
+                    raise MemoryError()
+                self._id_arrays += 1
+            memcpy(c.ids + 16 * (seq & CHUNK_MASK), PyBytes_AS_STRING(message_id), 16)
+            r.flags |= HAS_ID
+        if group is not None or dedup is not None or origin is not None:
+            self._extras[seq] = (group, dedup, origin)
+            r.flags |= HAS_EXTRA
+            if origin is not None:
+                r.flags |= HAS_ORIGIN
+                self.origins[(origin[0], origin[1])] = seq
         if seq >= self.next_seq:
             self.next_seq = seq + 1
+        return 0
+
+    cpdef apply_send(self, int64_t offset, int64_t seq, int64_t sent_at, int64_t visible_at,
+                     object group, object dedup, object message_id, object origin):
+        cdef Rec* r
+        self._new(offset, seq, sent_at, visible_at, origin[2] if origin is not None else 0,
+                  group, dedup, message_id, origin)
+        r = self._rec(seq)
         self._sent += 1
         if dedup is not None:
             self.dedup[dedup] = (seq, sent_at, message_id)
             self._dedup_order.append((sent_at, dedup))
-        if origin is not None:
-            self.origins[(origin[0], origin[1])] = seq
-        self._enter(m, VISIBLE if visible_at <= sent_at else DELAYED)
-        self._added(m)
+        self._enter(seq, r, VISIBLE if visible_at <= sent_at else DELAYED)
+        self._added(seq, r)
         self._after(sent_at)
 
     cpdef apply_lease(self, int64_t offset, int64_t now, int64_t until, object seqs):
-        cdef Msg m
-        for seq in seqs:
-            found = self.messages.get(seq)
-            if found is None:
+        cdef Rec* r
+        cdef Seen* s
+        cdef int64_t seq
+        for item in seqs:
+            seq = item
+            r = self._rec(seq)
+            if r == NULL:
                 continue
-            m = <Msg>found
-            m.receive_count += 1
-            m.lease = offset
-            m.leased_at = now
-            if not m.first_received_at:
-                m.first_received_at = now
+            s = self._seen(seq)
+            r.receive_count += 1
+            s.lease = offset
+            s.leased_at = now
+            if not s.first_received_at:
+                s.first_received_at = now
             self._received += 1
-            self._set_visible_at(m, until, now)
+            self._set_visible_at(seq, r, until, now)
         self._after(now)
 
     cpdef apply_seqs(self, int64_t offset, int tag, int64_t now, object seqs):
         """MOVING, MOVE_OUT and EXPIRE."""
-        cdef Msg m
-        for seq in seqs:
-            found = self.messages.get(seq)
-            if found is None:
+        cdef Rec* r
+        cdef int64_t seq
+        for item in seqs:
+            seq = item
+            r = self._rec(seq)
+            if r == NULL:
                 continue
-            m = <Msg>found
             if tag == QREC_MOVING:
-                m.lease = offset
-                self._move_to(m, MOVING)
+                self._seen(seq).lease = offset
+                self._move_to(seq, r, MOVING)
             elif tag == QREC_MOVE_OUT:
-                self._remove(m, 4)
+                self._remove(seq, r, 4)
             elif tag == QREC_EXPIRE:
-                self._remove(m, 3)
+                self._remove(seq, r, 3)
         self._after(now)
 
     cpdef apply_deletes(self, int64_t now, object pairs):
-        cdef Msg m
-        for seq, lease in pairs:
-            found = self.messages.get(seq)
-            if found is not None and (<Msg>found).lease == lease:
-                self._remove(<Msg>found, 2)
+        cdef Rec* r
+        cdef int64_t seq
+        for item, lease in pairs:
+            seq = item
+            r = self._rec(seq)
+            if r != NULL and self._lease_of(seq) == lease:
+                self._remove(seq, r, 2)
         self._after(now)
 
     cdef void _after(self, int64_t now):
@@ -654,41 +1049,63 @@ cdef class State:
             if entry is not None and entry[1] == sent_at:
                 del self.dedup[key]
 
-    cdef void _set_visible_at(self, Msg m, int64_t visible_at, int64_t now):
-        m.visible_at = visible_at
+    cdef int _set_visible_at(self, int64_t seq, Rec* r, int64_t visible_at,
+                             int64_t now) except -1:
+        r.visible_at = visible_at
         if visible_at <= now:
-            self._move_to(m, VISIBLE)
+            self._move_to(seq, r, VISIBLE)
         else:
-            self._move_to(m, INFLIGHT)
-            _heappush(self._timers, (visible_at, m.seq))
+            self._move_to(seq, r, INFLIGHT)
+            self._push_timer(visible_at, seq)
+        return 0
 
-    cdef void _enter(self, Msg m, int category):
-        m.category = category
+    cdef int _enter(self, int64_t seq, Rec* r, int category) except -1:
+        r.category = category
         self._counts[category] += 1
         if category == DELAYED:
-            _heappush(self._timers, (m.visible_at, m.seq))
+            self._push_timer(r.visible_at, seq)
+        return 0
 
-    cdef void _move_to(self, Msg m, int category):
-        cdef int old = m.category
+    cdef void _mark_visible(self, int64_t seq, bint on) noexcept:
+        cdef int64_t number = seq >> CHUNK_SHIFT
+        cdef Chunk* c = self._chunk(number)
+        cdef int bit = seq & CHUNK_MASK
+        if on:
+            c.visible[bit >> 6] |= (<uint64_t>1) << (bit & 63)
+            c.visible_count += 1
+            if number < self._cursor:
+                self._cursor = number
+        else:
+            c.visible[bit >> 6] &= ~((<uint64_t>1) << (bit & 63))
+            c.visible_count -= 1
+
+    cdef int _move_to(self, int64_t seq, Rec* r, int category) except -1:
+        cdef int old = r.category
         self._counts[old] -= 1
         self._counts[category] += 1
-        m.category = category
+        r.category = category
         if not self.fifo:
-            if category == VISIBLE:
-                _heappush(self._ready, m.seq)
-            return
-        group = m.group or ""
+            if old != VISIBLE and category == VISIBLE:
+                self._mark_visible(seq, True)
+            elif old == VISIBLE and category != VISIBLE:
+                self._mark_visible(seq, False)
+            return 0
+        group = self._group_of(seq, r)
         if old == INFLIGHT or old == MOVING:
             self._release(group)
         if category == INFLIGHT or category == MOVING:
             self._inflight[group] = self._inflight.get(group, 0) + 1
         elif category == VISIBLE:
             self._offer(group)
+        return 0
 
-    cdef void _remove(self, Msg m, int counter):
-        """counter: 2 deleted, 3 expired, 4 moved, 5 purged."""
-        del self.messages[m.seq]
-        self._counts[m.category] -= 1
+    cdef int _remove(self, int64_t seq, Rec* r, int counter) except -1:
+        """counter: 2 deleted, 3 expired, 4 moved, 5 purged. Frees the message's chunk
+        if it was the chunk's last."""
+        cdef int category = r.category
+        cdef Chunk* c = self._chunk(seq >> CHUNK_SHIFT)
+        cdef object group = ""
+        self._counts[category] -= 1
         if counter == 2:
             self._deleted += 1
         elif counter == 3:
@@ -697,37 +1114,50 @@ cdef class State:
             self._moved += 1
         else:
             self._purged += 1
-        if m.origin is not None:
-            self.origins.pop((m.origin[0], m.origin[1]), None)
+        if r.flags & HAS_EXTRA:
+            extra = self._extras.pop(seq)
+            group = extra[0] or ""
+            if extra[2] is not None:
+                self.origins.pop((extra[2][0], extra[2][1]), None)
+        if category == VISIBLE and not self.fifo:
+            self._mark_visible(seq, False)
+        memset(r, 0, sizeof(Rec))
+        if c.seen != NULL:
+            memset(&c.seen[seq & CHUNK_MASK], 0, sizeof(Seen))
+        c.live -= 1
+        self._live -= 1
+        if c.live == 0:
+            self._free_chunk(seq >> CHUNK_SHIFT)
         if not self.fifo:
-            return  # its heap entries go stale and are skipped
-        group = m.group or ""
+            return 0
         queue = self._groups[group]
-        if queue[0] == m.seq:
+        if queue[0] == seq:
             queue.popleft()
         else:
-            queue.remove(m.seq)
+            queue.remove(seq)
         if not queue:
             del self._groups[group]
-        if m.category == INFLIGHT or m.category == MOVING:
+        if category == INFLIGHT or category == MOVING:
             self._release(group)
         elif queue:
             self._offer(group)
+        return 0
 
     # -- derived indexes ------------------------------------------------------------------
 
-    cdef void _added(self, Msg m):
+    cdef int _added(self, int64_t seq, Rec* r) except -1:
         if not self.fifo:
-            if m.category == VISIBLE:
-                _heappush(self._ready, m.seq)
-            return
-        group = m.group or ""
+            if r.category == VISIBLE:
+                self._mark_visible(seq, True)
+            return 0
+        group = self._group_of(seq, r)
         queue = self._groups.get(group)
         if queue is None:
             queue = self._groups[group] = deque()
-        queue.append(m.seq)
-        if m.category == VISIBLE:
+        queue.append(seq)
+        if r.category == VISIBLE:
             self._offer(group)
+        return 0
 
     cdef void _offer(self, object group):
         queue = self._groups.get(group)
@@ -742,102 +1172,123 @@ cdef class State:
             self._inflight.pop(group, None)
             self._offer(group)
 
-    cdef void _restore(self, Msg m, bint moving):
+    cdef int _restore(self, int64_t seq, int64_t location, int64_t sent_at,
+                      int64_t visible_at, uint32_t receive_count, int64_t lease,
+                      int64_t leased_at, int64_t first_received_at, object group,
+                      object dedup, object message_id, object origin,
+                      bint moving) except -1:
         """Put back a message a snapshot recorded (restore_messages), with the category
         its times give at last_time."""
         cdef int category
-        self.messages[m.seq] = m
-        if m.seq < self._low:
-            self._low = m.seq
-        if m.origin is not None:
-            self.origins[(m.origin[0], m.origin[1])] = m.seq
+        cdef Rec* r
+        cdef Seen* s
+        self._new(location, seq, sent_at, visible_at, receive_count, group, dedup,
+                  message_id, origin)
+        r = self._rec(seq)
+        if lease or leased_at or first_received_at:
+            s = self._seen(seq)
+            s.lease = lease
+            s.leased_at = leased_at
+            s.first_received_at = first_received_at
         if moving:
             category = MOVING
-        elif m.visible_at <= self.last_time:
+        elif visible_at <= self.last_time:
             category = VISIBLE
         else:
-            category = INFLIGHT if m.lease else DELAYED
-        self._enter(m, category)
-        self._added(m)
+            category = INFLIGHT if lease else DELAYED
+        self._enter(seq, r, category)
+        self._added(seq, r)
         if category == INFLIGHT:
-            _heappush(self._timers, (m.visible_at, m.seq))
+            self._push_timer(visible_at, seq)
         if self.fifo and (category == INFLIGHT or category == MOVING):
-            group = m.group or ""
+            group = self._group_of(seq, r)
             self._inflight[group] = self._inflight.get(group, 0) + 1
+        return 0
 
     def restore_dedup(self, str key, int64_t seq, int64_t sent_at, bytes message_id=None):
         """Put back a dedup window entry (in oldest-first order)."""
         self.dedup[key] = (seq, sent_at, message_id)
         self._dedup_order.append((sent_at, key))
 
-    cdef void _compact(self):
-        """Rebuild a heap once its stale entries (for messages since deleted, leased or
-        re-timed) outnumber the live ones: a received-and-deleted message leaves a timer
-        entry behind until its lease would have ended, and at a high rate those pile up.
+    cdef int _compact(self) except -1:
+        """Drop the timer heap's stale entries once they outnumber the live ones: a
+        received-and-deleted message leaves its entry behind until its lease would have
+        ended, and at a high rate those pile up.
 
-        A heap is rebuilt from its own entries, keeping the live ones (every message
-        waiting on a timer, or visible, has its entry there), never from every message:
-        that walk cost the whole backlog each time, and a backlog of 10 M visible messages
-        drained at a ninth of the rate of an empty queue. Filtering costs the entries
-        dropped, so each entry pays for its own removal."""
+        The heap is filtered from its own entries, keeping the live ones (every message
+        waiting on a timer has its entry there), never rebuilt from every message: that
+        walk would cost the whole backlog each time. Filtering costs the entries dropped,
+        so each entry pays for its own removal."""
         cdef Py_ssize_t waiting = self._counts[DELAYED] + self._counts[INFLIGHT]
-        messages = self.messages
-        if len(self._timers) > 4 * waiting + 4096:
-            live_timers = []
-            for entry in self._timers:
-                found = messages.get(entry[1])
-                if found is not None and (<Msg>found).visible_at == entry[0] and (
-                        (<Msg>found).category == DELAYED or (<Msg>found).category == INFLIGHT):
-                    live_timers.append(entry)
-            heapq.heapify(live_timers)
-            self._timers = live_timers
-        if not self.fifo and len(self._ready) > 4 * self._counts[VISIBLE] + 4096:
-            seen = set()
-            live_ready = []
-            for seq in self._ready:
-                found = messages.get(seq)
-                if found is not None and (<Msg>found).category == VISIBLE and seq not in seen:
-                    seen.add(seq)
-                    live_ready.append(seq)
-            heapq.heapify(live_ready)
-            self._ready = live_ready
+        cdef Py_ssize_t i
+        cdef Py_ssize_t kept = 0
+        cdef Py_ssize_t cap
+        cdef Timer* grown
+        cdef Rec* r
+        if self._timer_count > 4 * waiting + 4096:
+            for i in range(self._timer_count):
+                r = self._rec(self._timers[i].seq)
+                if r != NULL and r.visible_at == self._timers[i].due and (
+                        r.category == DELAYED or r.category == INFLIGHT):
+                    self._timers[kept] = self._timers[i]
+                    kept += 1
+            self._timer_count = kept
+            self._heapify_timers()
+        if self._timer_cap > 4 * self._timer_count + 256:  # give back what a burst grew
+            cap = 2 * self._timer_count + 64
+            grown = <Timer*>realloc(self._timers, cap * sizeof(Timer))
+            if grown != NULL:  # else keep the larger array
+                self._timers = grown
+                self._timer_cap = cap
         if self.fifo and len(self._candidates) > 4 * len(self._groups) + 4096:
             self._candidates = []
             for group in self._groups:
                 self._offer(group)
+        return 0
 
     cpdef advance(self, int64_t now):
         """Make every message whose time has come visible (derived state only)."""
-        cdef Msg m
+        cdef Rec* r
+        cdef int64_t due, seq
         self._compact()
-        timers = self._timers
-        messages = self.messages
-        while timers and (<int64_t>timers[0][0]) <= now:
-            due, seq = _heappop(timers)
-            found = messages.get(seq)
-            if found is None:
-                continue
-            m = <Msg>found
-            if m.visible_at == due and (m.category == DELAYED or m.category == INFLIGHT):
-                self._move_to(m, VISIBLE)
+        while self._timer_count and self._timers[0].due <= now:
+            due = self._timers[0].due
+            seq = self._timers[0].seq
+            self._pop_timer()
+            r = self._rec(seq)
+            if r != NULL and r.visible_at == due and (
+                    r.category == DELAYED or r.category == INFLIGHT):
+                self._move_to(seq, r, VISIBLE)
 
     cpdef list take(self, int64_t now, int limit):
-        """Up to limit visible messages in delivery order (the leader then leases them)."""
+        """Copies of up to limit visible messages in delivery order (the leader then
+        leases them)."""
         cdef list out = []
-        cdef Msg m
+        cdef Rec* r
+        cdef Chunk* c
+        cdef Py_ssize_t w
+        cdef int64_t number
+        cdef uint64_t bits
+        cdef int64_t seq
         self.advance(now)
         if not self.fifo:
-            ready = self._ready
-            messages = self.messages
-            picked = set()
-            while ready and len(out) < limit:
-                seq = _heappop(ready)
-                found = messages.get(seq)
-                # A replica that applied leases without taking keeps older heap entries,
-                # so the same visible message can come up twice.
-                if found is not None and (<Msg>found).category == VISIBLE and seq not in picked:
-                    picked.add(seq)
-                    out.append(found)
+            if self._counts[VISIBLE] == 0:
+                return out
+            number = self._next_chunk(self._cursor)
+            while number >= 0 and len(out) < limit:
+                c = self._chunk(number)
+                if c.visible_count == 0:
+                    if not out:
+                        self._cursor = number + 1
+                    number = self._next_chunk(number + 1)
+                    continue
+                for w in range(CHUNK_WORDS):
+                    bits = c.visible[w]
+                    while bits and len(out) < limit:
+                        seq = number * CHUNK_SEQS + w * 64 + __builtin_ctzll(bits)
+                        out.append(self._msg(seq, &c.recs[seq & CHUNK_MASK]))
+                        bits &= bits - 1
+                number = self._next_chunk(number + 1)
             return out
         seen = set()
         candidates = self._candidates
@@ -848,13 +1299,14 @@ cdef class State:
                 continue
             seen.add(group)
             # Consecutive visible messages from the head of the group, in order.
-            for seq in queue:
+            for item in queue:
                 if len(out) >= limit:
                     break
-                m = <Msg>self.messages[seq]
-                if m.category != VISIBLE:
+                seq = item
+                r = self._rec(seq)
+                if r.category != VISIBLE:
                     break
-                out.append(m)
+                out.append(self._msg(seq, r))
         return out
 
     def takeable(self, int64_t now):
@@ -865,13 +1317,13 @@ cdef class State:
             return self._counts[VISIBLE] > 0
         for group, queue in self._groups.items():
             if queue and not self._inflight.get(group) and \
-                    (<Msg>self.messages[queue[0]]).category == VISIBLE:
+                    self._rec(queue[0]).category == VISIBLE:
                 return True
         return False
 
     def next_timer(self):
         """When the next delayed or in-flight message becomes visible, if any."""
-        return self._timers[0][0] if self._timers else None
+        return self._timers[0].due if self._timer_count else None
 
     def duplicate_of(self, str key, int64_t now):
         """(seq, sent_at, message_id) of a send with this dedup key inside the window."""
@@ -881,32 +1333,35 @@ cdef class State:
         return None
 
     def oldest_sent_at(self):
-        """sent_at of the live message with the lowest seq, or None.
-
-        Called on every receive. Iterating the dict from its start passes over the slot
-        of every message deleted since the dict last resized, so a hint (_low, never above
-        the lowest live seq) walks forward instead, amortized O(1). Messages enter the
-        dict in seq order, so its first entry is the lowest seq when a walk gives up.
-        """
-        cdef int steps = 0
-        cdef object m
-        while self._low < self.next_seq and steps < 1024:
-            m = self.messages.get(self._low)
-            if m is not None:
-                return (<Msg>m).sent_at
-            self._low += 1
-            steps += 1
-        for m in self.messages.values():  # a long gap: after a purge or a restore
-            self._low = (<Msg>m).seq
-            return (<Msg>m).sent_at
-        self._low = self.next_seq
-        return None
+        """sent_at of the live message with the lowest seq, or None. Called on every
+        receive: the lowest chunk holds a live message (an empty chunk is freed), so this
+        looks at one chunk at most."""
+        cdef Chunk* c
+        cdef Py_ssize_t j
+        if self._live == 0:
+            return None
+        c = self._chunk(self._next_chunk(0))
+        for j in range(CHUNK_SEQS):
+            if c.recs[j].flags & LIVE:
+                return c.recs[j].sent_at
+        raise AssertionError("an allocated chunk holds no message")
 
     def oldest_location(self):
         """Lowest log offset a live message's body is stored at."""
-        if not self.messages:
-            return None
-        return min((<Msg>m).location for m in self.messages.values())
+        cdef Py_ssize_t j
+        cdef int64_t number
+        cdef Chunk* c
+        cdef int64_t low = 0
+        cdef bint found = False
+        number = self._next_chunk(0)
+        while number >= 0:
+            c = self._chunk(number)
+            for j in range(CHUNK_SEQS):
+                if c.recs[j].flags & LIVE and (not found or c.recs[j].location < low):
+                    low = c.recs[j].location
+                    found = True
+            number = self._next_chunk(number + 1)
+        return low if found else None
 
     def dedup_entries(self):
         """The dedup window, oldest first (the order pruning needs)."""
@@ -1042,10 +1497,14 @@ cdef class State:
             self.apply_lease(first, now, now + visibility_ms, deliver_seqs)
         if moving:
             self.apply_seqs(first + len(payloads) - 1, QREC_MOVING, now, moving_seqs)
+            # Copies made after the records applied, as for the delivered ones below.
+            moving = [self._msg(x.seq, self._rec(x.seq)) for x in moving]
         if deliver:
             bodies = read_bodies(log, [(<Msg>x).location for x in deliver])
             for found in deliver:
-                m = <Msg>found
+                # The copy take made predates the lease: its receive count and first
+                # receive time are the ones before this receive.
+                m = self._msg((<Msg>found).seq, self._rec((<Msg>found).seq))
                 mac_bytes = mac(mac_body(uid, <uint64_t>m.seq, <uint64_t>lease))
                 messages.append(self._message(m, bodies[m.location], uid, lease, mac_bytes))
         return messages, moving, first + len(payloads)
@@ -1082,19 +1541,19 @@ cdef class State:
         cdef list results = []
         cdef dict entries = {}
         cdef int64_t first
-        cdef Msg m
+        cdef Rec* r
         for handle in handles:
             try:
                 seq, lease = opener.open(handle)
             except ReceiptInvalidError as exc:
                 results.append(exc)
                 continue
-            found = self.messages.get(seq)
-            if found is not None and (<Msg>found).lease != lease:
+            r = self._rec(seq)
+            if r != NULL and self._lease_of(seq) != lease:
                 results.append(ReceiptInvalidError("stale"))
                 continue
             results.append(None)
-            if found is not None:
+            if r != NULL:
                 entries[seq] = (seq, lease)
         if not entries:
             return results, 0
@@ -1175,67 +1634,87 @@ cdef inline unsigned char* _put_str(unsigned char* p, object value):
 def encode_messages(State state):
     """The live messages of the state in seq order (the order every replica applied them
     in), in the layout above."""
-    cdef Msg m
-    cdef Py_ssize_t size = 0
+    cdef Py_ssize_t size = state._live * (SNAP_FIXED + 4 + 16 + SNAP_ORIGIN)  # 4: lengths
     cdef list texts = []  # (group, dedup) as UTF-8, for the messages that have either
     cdef object group
     cdef object dedup
-    cdef Py_ssize_t k = 0
-    for found in state.messages.values():
-        m = <Msg>found
-        size += SNAP_FIXED + 4 + 16 + SNAP_ORIGIN  # 4: the two strings' lengths
-        if m.group is not None or m.dedup is not None:
-            group = (<str?>m.group).encode() if m.group is not None else None
-            dedup = (<str?>m.dedup).encode() if m.dedup is not None else None
-            for value in (group, dedup):
-                if value is not None:
-                    if len(<bytes>value) >= SNAP_NO_STR:
-                        raise ValueError("a group or deduplication id too long for a "
-                                         "snapshot")
-                    size += len(<bytes>value)
-            texts.append((group, dedup))
+    cdef object origin
+    cdef Py_ssize_t j, k = 0
+    cdef int64_t number
+    cdef int64_t seq
+    cdef Chunk* c
+    cdef Rec* r
+    cdef Seen* s
+    # Strings first, in seq order, to size the output.
+    number = state._next_chunk(0)
+    while number >= 0:
+        c = state._chunk(number)
+        for j in range(CHUNK_SEQS):
+            if c.recs[j].flags & HAS_EXTRA:
+                group, dedup, origin = state._extras[number * CHUNK_SEQS + j]
+                group = (<str?>group).encode() if group is not None else None
+                dedup = (<str?>dedup).encode() if dedup is not None else None
+                for value in (group, dedup):
+                    if value is not None:
+                        if len(<bytes>value) >= SNAP_NO_STR:
+                            raise ValueError("a group or deduplication id too long for a "
+                                             "snapshot")
+                        size += len(<bytes>value)
+                texts.append((group, dedup, origin))
+        number = state._next_chunk(number + 1)
     cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
     cdef unsigned char* end = p + size
-    cdef tuple pair
+    cdef tuple extra
     # The same messages as the loop above: the caller holds the queue's lock, which every
     # change to the state takes, so the size computed there is the size written here.
-    for found in state.messages.values():
-        m = <Msg>found
-        st64(p, <uint64_t>m.seq)
-        st64(p + 8, <uint64_t>m.location)
-        st64(p + 16, <uint64_t>m.sent_at)
-        st64(p + 24, <uint64_t>m.visible_at)
-        st32(p + 32, <uint32_t>m.receive_count)
-        st64(p + 36, <uint64_t>m.lease)
-        st64(p + 44, <uint64_t>m.leased_at)
-        st64(p + 52, <uint64_t>m.first_received_at)
-        p[60] = 1 if m.category == MOVING else 0
-        p += SNAP_FIXED
-        if m.group is not None or m.dedup is not None:
-            pair = <tuple>texts[k]
-            k += 1
-            p = _put_str(p, pair[0])
-            p = _put_str(p, pair[1])
-        else:
-            st16(p, SNAP_NO_STR)
-            st16(p + 2, SNAP_NO_STR)
-            p += 4
-        if m.message_id is not None:
-            if PyBytes_GET_SIZE(<bytes?>m.message_id) != 16:
-                raise ValueError("an explicit message id is 16 bytes")
-            memcpy(p, PyBytes_AS_STRING(m.message_id), 16)
-        else:
-            memset(p, 0, 16)
-        p += 16
-        if m.origin is not None:
-            p[0] = 1
-            st64(p + 1, <uint64_t>m.origin[0])
-            st64(p + 9, <uint64_t>m.origin[1])
-            st32(p + 17, <uint32_t>m.origin[2])
-        else:
-            memset(p, 0, SNAP_ORIGIN)
-        p += SNAP_ORIGIN
+    number = state._next_chunk(0)
+    while number >= 0:
+        c = state._chunk(number)
+        for j in range(CHUNK_SEQS):
+            r = &c.recs[j]
+            if not r.flags & LIVE:
+                continue
+            seq = number * CHUNK_SEQS + j
+            st64(p, <uint64_t>seq)
+            st64(p + 8, <uint64_t>r.location)
+            st64(p + 16, <uint64_t>r.sent_at)
+            st64(p + 24, <uint64_t>r.visible_at)
+            st32(p + 32, r.receive_count)
+            if c.seen != NULL:
+                s = &c.seen[j]
+                st64(p + 36, <uint64_t>s.lease)
+                st64(p + 44, <uint64_t>s.leased_at)
+                st64(p + 52, <uint64_t>s.first_received_at)
+            else:
+                memset(p + 36, 0, 24)
+            p[60] = 1 if r.category == MOVING else 0
+            p += SNAP_FIXED
+            extra = None
+            if r.flags & HAS_EXTRA:
+                extra = <tuple>texts[k]
+                k += 1
+                p = _put_str(p, extra[0])
+                p = _put_str(p, extra[1])
+            else:
+                st16(p, SNAP_NO_STR)
+                st16(p + 2, SNAP_NO_STR)
+                p += 4
+            if r.flags & HAS_ID:
+                memcpy(p, c.ids + 16 * j, 16)
+            else:
+                memset(p, 0, 16)
+            p += 16
+            if extra is not None and extra[2] is not None:
+                origin = extra[2]
+                p[0] = 1
+                st64(p + 1, <uint64_t>origin[0])
+                st64(p + 9, <uint64_t>origin[1])
+                st32(p + 17, <uint32_t>origin[2])
+            else:
+                memset(p, 0, SNAP_ORIGIN)
+            p += SNAP_ORIGIN
+        number = state._next_chunk(number + 1)
     assert p == end
     return out
 
@@ -1261,8 +1740,7 @@ def restore_messages(State state, bytes data, Py_ssize_t pos, Py_ssize_t count):
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
     cdef const unsigned char* p
     cdef Py_ssize_t i, j
-    cdef Msg m
-    cdef bint moving, derived
+    cdef bint derived
     cdef object group, dedup, message_id, origin
     for i in range(count):
         if pos + SNAP_FIXED > n:
@@ -1284,14 +1762,10 @@ def restore_messages(State state, bytes data, Py_ssize_t pos, Py_ssize_t count):
         if base[pos]:
             origin = Origin(ld64(base + pos + 1), ld64(base + pos + 9), ld32(base + pos + 17))
         pos += SNAP_ORIGIN
-        m = new_msg(<int64_t>ld64(p), <int64_t>ld64(p + 8), <int64_t>ld64(p + 16),
-                    <int64_t>ld64(p + 24), group, dedup, message_id, origin)
-        m.receive_count = ld32(p + 32)
-        m.lease = <int64_t>ld64(p + 36)
-        m.leased_at = <int64_t>ld64(p + 44)
-        m.first_received_at = <int64_t>ld64(p + 52)
-        moving = p[60] != 0
-        state._restore(m, moving)
+        state._restore(<int64_t>ld64(p), <int64_t>ld64(p + 8), <int64_t>ld64(p + 16),
+                       <int64_t>ld64(p + 24), ld32(p + 32), <int64_t>ld64(p + 36),
+                       <int64_t>ld64(p + 44), <int64_t>ld64(p + 52), group, dedup,
+                       message_id, origin, p[60] != 0)
     return pos
 
 

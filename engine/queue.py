@@ -276,9 +276,7 @@ class QueueCore:
         self.attributes = QueueAttributes.from_dict(self.state.config)
         # Messages moved in from another queue keep their original send time, so they do
         # not expire in seq order; they wait here instead.
-        self._aged: list[tuple[int, int]] = [
-            (m.sent_at, m.seq) for m in self.state.messages.values() if m.origin
-        ]
+        self._aged: list[tuple[int, int]] = self.state.moved_in()
         heapq.heapify(self._aged)
 
     @property
@@ -500,7 +498,7 @@ class QueueCore:
     def finish_moves(self, seqs: Sequence[int]) -> None:
         with self._lock:
             now = self._enter()
-            live = tuple(s for s in seqs if (m := self.state.messages.get(s))
+            live = tuple(s for s in seqs if (m := self.state.get(s))
                          and m.category == MOVING)
             if live:
                 offset = self._append([rec.encode_seqs(fmt.QREC_MOVE_OUT, now, live)])
@@ -509,7 +507,7 @@ class QueueCore:
     def unfinished_moves(self) -> MovePlan | None:
         """Moves a crash interrupted, to be completed again (the target dedups them)."""
         with self._lock:
-            moving = [m for m in self.state.messages.values() if m.category == MOVING]
+            moving = self.state.in_category(MOVING)
             if not moving:
                 return None
             bodies = self._read_sends([m.location for m in moving])
@@ -528,7 +526,7 @@ class QueueCore:
             self._dead_letter_missing_until = time.monotonic() + DEAD_LETTER_RETRY_S
             now = self._enter()
             entries = tuple((s, m.lease, now) for s in seqs
-                            if (m := self.state.messages.get(s)) and m.category == MOVING)
+                            if (m := self.state.get(s)) and m.category == MOVING)
             if entries:
                 offset = self._append([rec.encode_visibility(now, entries)])
                 self.state.apply(offset, rec.Receipts(fmt.QREC_CHANGE_VISIBILITY, now,
@@ -566,7 +564,7 @@ class QueueCore:
                 try:
                     check_int("visibility_timeout", seconds, 0, VISIBILITY_TIMEOUT_S_MAX)
                     seq, lease = opener.open(handle)
-                    message = self.state.messages.get(seq)
+                    message = self.state.get(seq)
                     if message is not None and message.lease != lease:
                         raise ReceiptInvalidError("stale")
                     if message is None or message.category != INFLIGHT:
@@ -609,16 +607,11 @@ class QueueCore:
         oldest = self.state.oldest_sent_at()
         if (oldest is None or oldest > cutoff) and not (self._aged and self._aged[0][0] <= cutoff):
             return  # the common case: nothing is that old
-        expired: list[int] = []
-        for message in self.state.messages.values():
-            if message.sent_at > cutoff or len(expired) >= EXPIRE_PER_SWEEP_MAX:
-                break
-            if message.origin is None and message.category != MOVING:
-                expired.append(message.seq)
+        expired = self.state.expirable(cutoff, EXPIRE_PER_SWEEP_MAX)
         aged = self._aged
         while aged and aged[0][0] <= cutoff and len(expired) < EXPIRE_PER_SWEEP_MAX:
             _, seq = heapq.heappop(aged)
-            moved_in = self.state.messages.get(seq)
+            moved_in = self.state.get(seq)
             if moved_in is not None and moved_in.category != MOVING:
                 expired.append(seq)
         if expired:
@@ -673,7 +666,7 @@ class QueueCore:
 
     def snapshot_due(self) -> bool:
         interval = max(self._snapshot_bytes,
-                       SNAPSHOT_BYTES_PER_LIVE_MESSAGE * len(self.state.messages))
+                       SNAPSHOT_BYTES_PER_LIVE_MESSAGE * len(self.state))
         return self.log.size_bytes - self._size_at_snapshot >= interval
 
     def maybe_snapshot(self, force: bool = False) -> bool:

@@ -661,8 +661,7 @@ def _expire_lost(found: LogSurvey, holes: list[tuple[int, int]]) -> list[int]:
     with Log(found.log_dir, fsync="always", lock=False, segment_bytes_max=QUEUE_SEGMENT_BYTES,
              durable_floor=snapshot[1] if snapshot else 0) as log:
         state, _ = replay(log, snapshot)
-        lost = [m.seq for m in state.messages.values()
-                if any(first <= m.location < end for first, end in holes)]
+        lost = sorted({seq for first, end in holes for seq in state.stored_in(first, end)})
         if lost:
             # The queue's own latest time, not this machine's clock: a record's time moves
             # the queue's clock forward, and retention and timeouts run on it.

@@ -40,7 +40,7 @@ def encode_state(state: State) -> bytes:
     """Canonical bytes of the state (the derived indexes are not part of it)."""
     counters = state.counters
     parts = [
-        _STATE_HEAD.pack(state.fifo, state.next_seq, state.last_time, len(state.messages)),
+        _STATE_HEAD.pack(state.fifo, state.next_seq, state.last_time, len(state)),
         struct.pack("<6Q", *(counters[c] for c in _COUNTERS)),
     ]
     config = json.dumps(state.config, sort_keys=True, separators=(",", ":")).encode()

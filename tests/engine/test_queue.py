@@ -247,6 +247,79 @@ def test_heaps_rebuilt_past_their_stale_entries_keep_every_waiting_message() -> 
         *range(1, 21), *range(4921, 5021)]
 
 
+def test_a_backlog_costs_its_chunks_and_gives_them_back() -> None:
+    """Plain messages cost one fixed record each (about 32 bytes with their share of the
+    chunk) and no Python object; a chunk is freed with its last message, so a drained
+    queue holds nothing."""
+    state = State(False)
+    now = 1_000_000
+    count = 100_000
+    for seq in range(1, count + 1):
+        state.apply_send(seq, seq, now, now, None, None, None, None)
+    assert len(state) == count
+    assert 32 * count <= state.memory_bytes() <= 36 * count
+    taken = state.take(now, count)
+    state.apply_lease(count + 1, now, now + 30_000, [m.seq for m in taken])
+    state.apply_deletes(now, [(m.seq, count + 1) for m in taken])
+    assert len(state) == 0 and state.category_counts == [0, 0, 0, 0]
+    state.advance(now)  # drops the deleted messages' timers, and the array they grew
+    assert state.memory_bytes() < 4 * 1024
+    assert state.oldest_sent_at() is None and state.oldest_location() is None
+
+
+def test_an_older_message_visible_again_is_delivered_first() -> None:
+    """Standard queues deliver the lowest visible seq first: a message whose lease ends
+    comes before newer ones, even after take has moved past its chunk."""
+    state = State(False)
+    now = 1_000_000
+    for seq in range(1, 2001):
+        state.apply_send(seq, seq, now, now, None, None, None, None)
+    state.apply_lease(3000, now, now + 1_000, [m.seq for m in state.take(now, 1000)])
+    state.apply_lease(3001, now, now + 60_000, [m.seq for m in state.take(now, 999)])
+    assert [m.seq for m in state.take(now, 3)] == [2000]
+    assert [m.seq for m in state.take(now + 1_000, 3)] == [1, 2, 3]
+    message = state.get(1)
+    assert message is not None and message.lease == 3000 and message.receive_count == 1
+
+
+def test_seqs_far_apart_and_out_of_order_are_kept() -> None:
+    """The chunk directory grows at either end and across gaps (a snapshot restores in
+    seq order, but a state must not depend on it), and shrinks back with its window."""
+    state = State(False)
+    now = 1_000_000
+    seqs = [10**9, 5, 10**9 + 300, 70_000, 1, 3 * 10**9]
+    for offset, seq in enumerate(seqs):
+        state.apply_send(offset, seq, now, now + offset, None, None, None, None)
+    assert len(state) == len(seqs)
+    assert [m.seq for m in state.take(now + 100, 100)] == sorted(seqs)
+    assert state.oldest_sent_at() == now and state.get(10**9 + 300) is not None
+    state.apply_seqs(99, log_format.QREC_EXPIRE, now, [1, 5, 70_000, 10**9, 10**9 + 300])
+    assert [m.seq for m in state.take(now + 100, 100)] == [3 * 10**9]
+    assert state.memory_bytes() < 64 * 1024  # the window is one block again
+    with pytest.raises(ValueError, match="already"):
+        state.apply_send(100, 3 * 10**9, now, now, None, None, None, None)
+    with pytest.raises(ValueError, match="16 bytes"):
+        state.apply_send(100, 4, now, now, None, None, b"short", None)
+    assert len(state) == 1 and state.get(4) is None
+    # Each placement below the lowest so far: the directory grows with the span only.
+    for k in range(40):
+        state.apply_send(200 + k, (3 * 10**9 // 65536 - k - 1) * 65536 + 1, now, now,
+                         None, None, None, None)
+    assert len(state) == 41 and state.memory_bytes() < 41 * 20 * 1024
+
+
+def test_timers_give_back_what_a_burst_grew() -> None:
+    state = State(False)
+    now = 1_000_000
+    for seq in range(1, 100_001):
+        state.apply_send(seq, seq, now, now + 1_000, None, None, None, None)
+    assert state.memory_bytes() > 100_000 * 48  # records and timers
+    state.advance(now + 1_000)  # every timer comes due and is popped
+    state.apply_seqs(200_000, log_format.QREC_EXPIRE, now + 1_000, range(1, 100_001))
+    state.advance(now + 2_000)
+    assert len(state) == 0 and state.memory_bytes() < 4 * 1024
+
+
 # --- 2. receipts -----------------------------------------------------------------------
 
 

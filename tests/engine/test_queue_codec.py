@@ -224,8 +224,9 @@ def test_state_applies_reference_records_like_the_leader() -> None:
     state.apply(2, rec.decode(rec.encode_send(2, 1000, 5000, b"b")))
     assert state.category_counts == [1, 1, 0, 0]
     state.apply(3, rec.decode(rec.encode_seqs(format.QREC_LEASE, 2000, [1], 9000)))
-    assert state.messages[1].lease == 3 and state.messages[1].receive_count == 1
+    message = state.get(1)
+    assert message is not None and message.lease == 3 and message.receive_count == 1
     state.apply(4, rec.decode(rec.encode_deletes(3000, [(1, 3)])))
-    assert 1 not in state.messages and state.counters["deleted"] == 1
+    assert state.get(1) is None and state.counters["deleted"] == 1
     state.apply(5, rec.decode(rec.encode_purge(4000, 3)))
-    assert not state.messages and state.counters["purged"] == 1
+    assert not len(state) and state.counters["purged"] == 1
