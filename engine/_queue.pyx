@@ -1325,6 +1325,12 @@ cdef class State:
         """When the next delayed or in-flight message becomes visible, if any."""
         return self._timers[0].due if self._timer_count else None
 
+    def dedup_aged(self, int64_t now):
+        """Whether the deduplication window holds entries that aged out by now (the next
+        record applied drops them)."""
+        order = self._dedup_order
+        return bool(order) and (<int64_t>order[0][0]) + _DEDUP_WINDOW <= now
+
     def duplicate_of(self, str key, int64_t now):
         """(seq, sent_at, message_id) of a send with this dedup key inside the window."""
         entry = self.dedup.get(key)

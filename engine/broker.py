@@ -58,6 +58,7 @@ from engine.errors import (
     EngineError,
     InvalidAttributeError,
     LogError,
+    MemoryFullError,
     QueueDamagedError,
     QueueExistsError,
     QueueNotFoundError,
@@ -67,6 +68,7 @@ from engine.errors import (
 from engine.files import fsync_dir, make_dirs, rename
 from engine.limits import QueueAttributes, check_queue_name
 from engine.log import FsyncPolicy
+from engine.memory import MemoryBudget
 from engine.orphans import DELETED_SUFFIX, Orphan, OrphanError
 from engine.queue import (
     QUEUE_SEGMENT_BYTES,
@@ -116,8 +118,12 @@ class Broker:
                  maintenance_interval_ms: int = MAINTENANCE_INTERVAL_MS,
                  on_sync: Callable[[float], None] | None = None,
                  leadership: Leadership | None = None,
-                 receipt_key: bytes | None = None) -> None:
+                 receipt_key: bytes | None = None,
+                 memory_max: int | None = None) -> None:
         self.path = os.fspath(path)
+        self.memory = MemoryBudget(memory_max)
+        """What the open queues' messages hold in memory; sends are refused (MemoryFull)
+        while it is at memory_max (None: no bound). See engine/memory.py."""
         self.fsync_policy = FsyncPolicy.parse(fsync)
         self.clock: Clock = clock or SystemClock()
         self.open_queues_max = open_queues_max
@@ -152,7 +158,7 @@ class Broker:
                 "fsync": str(self.fsync_policy), "clock": self.clock, "codec": self._codec,
                 "segment_bytes_max": segment_bytes_max, "snapshot_bytes": snapshot_bytes,
                 "name_of_uid": self.catalog.name_of, "on_sync": on_sync,
-                "keep_log": leadership is not None,
+                "keep_log": leadership is not None, "budget": self.memory,
             }
             self._leadership = leadership
             self._set_aside_strays()
@@ -639,7 +645,15 @@ class Broker:
         except QueueNotFoundError:
             core.cancel_moves(plan.seqs)
             return
-        dead_letter.wait_durable(dead_letter.accept_moved(plan.entries))
+        try:
+            accepted = dead_letter.accept_moved(plan.entries)
+        except MemoryFullError:
+            # The broker is at its memory bound: the messages are delivered again for
+            # DEAD_LETTER_RETRY_S rather than moved (each move adds memory), and moved
+            # once a later receive finds room.
+            core.cancel_moves(plan.seqs)
+            return
+        dead_letter.wait_durable(accepted)
         core.finish_moves(plan.seqs)
 
     # -- maintenance ----------------------------------------------------------------------------

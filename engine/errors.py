@@ -346,3 +346,17 @@ class DataDirectoryLockedError(EngineError):
     def __init__(self, path: str) -> None:
         super().__init__(f"data directory {path} is in use by another process")
         self.path = path
+
+
+class MemoryFullError(EngineError):
+    """The queued messages of the broker hold all the memory they may (its
+    ``memory_max``): a send is refused with nothing changed. Receives, deletes and
+    dead-letter moves go on, and sends are taken again once consumers drain enough.
+    ``retry_after_s`` is when to try again."""
+
+    def __init__(self, used: int, limit: int, retry_after_s: float = 1.0) -> None:
+        super().__init__(f"queued messages hold {used} bytes of memory, at the bound of "
+                         f"{limit}: sends are refused until consumers catch up")
+        self.used = used
+        self.limit = limit
+        self.retry_after_s = retry_after_s

@@ -65,6 +65,7 @@ from engine.limits import (
     require,
 )
 from engine.log import Log
+from engine.memory import MemoryBudget
 from engine.receipts import ReceiptCodec
 from engine.records import MessageAttribute
 from engine.results import Message, QueueStats, SendEntry, SendResult
@@ -227,8 +228,11 @@ class QueueCore:
                  snapshot_bytes: int = SNAPSHOT_BYTES,
                  name_of_uid: Callable[[int], str | None] = lambda uid: None,
                  on_sync: Callable[[float], None] | None = None,
-                 keep_log: bool = False) -> None:
+                 keep_log: bool = False, budget: MemoryBudget | None = None) -> None:
         self.name = name
+        self._budget = budget if budget is not None else MemoryBudget()
+        self._held = 0
+        """The bytes of this state last reported to the budget (_account)."""
         # A cluster replica keeps its whole log (from offset 0, or from the snapshot it was
         # installed from): a follower far behind is sent the log or a snapshot
         # (replication.leader), and a divergent suffix may be cut below a snapshot.
@@ -278,6 +282,7 @@ class QueueCore:
         # not expire in seq order; they wait here instead.
         self._aged: list[tuple[int, int]] = self.state.moved_in()
         heapq.heapify(self._aged)
+        self._account()
 
     @property
     def closed(self) -> bool:
@@ -316,6 +321,14 @@ class QueueCore:
         except (LogError, OSError) as exc:
             raise self._fail(exc) from exc
         return first
+
+    def _account(self) -> None:
+        """Report the change of the state's memory to the budget (lock held): after every
+        operation that can grow or shrink it."""
+        held = self.state.memory_bytes()
+        if held != self._held:
+            self._budget.change(held - self._held)
+            self._held = held
 
     def _notify(self) -> None:
         self._version += 1
@@ -368,6 +381,7 @@ class QueueCore:
         self._lock.acquire()
         try:
             now = self._enter()
+            self._budget.check()
             attrs = self.attributes
             try:
                 results, end = self.state.lead_send(
@@ -375,6 +389,8 @@ class QueueCore:
                     attrs.delay_seconds * 1000, lambda entry: _check_entry(entry, attrs))
             except (LogError, OSError) as exc:
                 raise self._fail(exc) from exc
+            finally:
+                self._account()
             if end:
                 self._notify()
             return results, end
@@ -401,6 +417,8 @@ class QueueCore:
                     self.log, self.uid, now, max_messages, vis * 1000, limit, self._mac)
             except (LogError, OSError) as exc:
                 raise self._fail(exc) from exc
+            finally:
+                self._account()  # leases, and the retention sweep before them
             if self.state.origins:
                 # Messages moved in from another queue name it, resolved from its uid.
                 messages = [
@@ -471,6 +489,9 @@ class QueueCore:
         """Enqueue messages moved here from another queue; idempotent per origin."""
         with self._lock:
             now = self._enter()
+            # A moved message costs more here than it frees in its queue (its origin is
+            # kept): at the bound, the move waits (see Broker._complete_moves).
+            self._budget.check()
             payloads = []
             metas = []
             seq = self.state.next_seq
@@ -492,6 +513,7 @@ class QueueCore:
             for i, meta in enumerate(metas):
                 self.state.apply(first + i, meta)
                 heapq.heappush(self._aged, (meta.sent_at, meta.seq))
+            self._account()
             self._notify()
             return first + len(payloads)
 
@@ -503,6 +525,7 @@ class QueueCore:
             if live:
                 offset = self._append([rec.encode_seqs(fmt.QREC_MOVE_OUT, now, live)])
                 self.state.apply(offset, rec.SeqList(fmt.QREC_MOVE_OUT, now, 0, live))
+                self._account()
 
     def unfinished_moves(self) -> MovePlan | None:
         """Moves a crash interrupted, to be completed again (the target dedups them)."""
@@ -519,9 +542,9 @@ class QueueCore:
             )
 
     def cancel_moves(self, seqs: Sequence[int]) -> None:
-        """Put messages back (visible) when their dead-letter queue is gone, and deliver
-        rather than move for DEAD_LETTER_RETRY_S (else every receive would move them again
-        and fail again)."""
+        """Put messages back (visible) when their dead-letter queue is gone or the broker
+        is at its memory bound, and deliver rather than move for DEAD_LETTER_RETRY_S
+        (else every receive would move them again and fail again)."""
         with self._lock:
             self._dead_letter_missing_until = time.monotonic() + DEAD_LETTER_RETRY_S
             now = self._enter()
@@ -531,6 +554,7 @@ class QueueCore:
                 offset = self._append([rec.encode_visibility(now, entries)])
                 self.state.apply(offset, rec.Receipts(fmt.QREC_CHANGE_VISIBILITY, now,
                                                       entries))
+                self._account()
                 self._notify()
 
     # -- delete and visibility -------------------------------------------------------------
@@ -546,6 +570,8 @@ class QueueCore:
                     self.log, self._codec.opener(self.uid), now, list(handles))
             except (LogError, OSError) as exc:
                 raise self._fail(exc) from exc
+            finally:
+                self._account()
             if end and self.state.fifo:
                 self._notify()  # a group may be free again
             return results, end
@@ -581,10 +607,12 @@ class QueueCore:
                 results.append(None)
                 changes[seq] = (seq, lease, visible_at)
             if not changes:
+                self._account()  # advance may have dropped stale timers
                 return results, 0
             triples = tuple(changes.values())
             offset = self._append([rec.encode_visibility(now, triples)])
             self.state.apply(offset, rec.Receipts(fmt.QREC_CHANGE_VISIBILITY, now, triples))
+            self._account()
             self._notify()
             return results, 0  # a lost visibility change only moves a redelivery
 
@@ -596,6 +624,7 @@ class QueueCore:
             below = self.state.next_seq
             offset = self._append([rec.encode_purge(now, below)])
             self.state.apply(offset, rec.Purge(now, below))
+            self._account()
             self._notify()
             return offset + 1
 
@@ -621,7 +650,15 @@ class QueueCore:
 
     def expire(self) -> None:
         with self._lock:
-            self._expire(self._enter(use=False))
+            now = self._enter(use=False)
+            self._expire(now)
+            if self.state.dedup_aged(now):
+                # Time passes in the state only with a record: an empty EXPIRE carries it,
+                # so the deduplication window lets go of what aged out (on every replica
+                # alike) on a queue nothing is written to, as at the memory bound.
+                offset = self._append([rec.encode_seqs(fmt.QREC_EXPIRE, now, ())])
+                self.state.apply(offset, rec.SeqList(fmt.QREC_EXPIRE, now, 0, ()))
+            self._account()
 
     def set_attributes(self, attributes: QueueAttributes) -> int:
         if self.replication is not None:  # see send
@@ -633,6 +670,7 @@ class QueueCore:
             offset = self._append([rec.encode_config(now, config)])
             self.state.apply(offset, rec.Config(now, config))
             self.attributes = attributes
+            self._account()
             return offset + 1
 
     def receivable(self) -> bool:
@@ -640,13 +678,16 @@ class QueueCore:
         with self._lock:
             now = self._enter()
             self._expire(now)
-            return bool(self.state.takeable(now))
+            takeable = bool(self.state.takeable(now))
+            self._account()
+            return takeable
 
     def stats(self) -> QueueStats:
         with self._lock:
             now = self._enter()
             self._expire(now)
             self.state.advance(now)
+            self._account()
             counts = self.state.category_counts
             counters = self.state.counters
             oldest = self.state.oldest_sent_at()
@@ -711,13 +752,18 @@ class QueueCore:
             if self._closed:
                 return
             small = self.log.size_bytes - self._size_at_snapshot < CLOSE_SNAPSHOT_BYTES_MIN
-            if self._failed is None and not (self._keep_log and small):
-                try:
-                    self._snapshot()
-                except QueueUnavailableError as exc:
-                    # The log holds everything; the next open replays more of it.
-                    _log.warning("queue %s: no snapshot at close: %s", self.name, exc.reason)
-            self._closed = True
+            try:
+                if self._failed is None and not (self._keep_log and small):
+                    try:
+                        self._snapshot()
+                    except QueueUnavailableError as exc:
+                        # The log holds everything; the next open replays more of it.
+                        _log.warning("queue %s: no snapshot at close: %s", self.name,
+                                     exc.reason)
+            finally:
+                self._closed = True
+                self._budget.change(-self._held)
+                self._held = 0
             self._notify()
         self.log.close()
 

@@ -25,7 +25,13 @@ from engine import Log, format
 from engine.errors import CorruptDatabaseError, EngineError
 from engine.log import FsyncPolicy
 from server.client import DEFAULT_ENDPOINT, ClientError, NativeClient
-from server.config import CONNECTIONS_MAX, DEFAULT_ACCOUNT, ServerConfig
+from server.config import (
+    CONNECTIONS_MAX,
+    DEFAULT_ACCOUNT,
+    MEMORY_MAX_DEFAULT,
+    ServerConfig,
+    parse_memory,
+)
 
 _T = TypeVar("_T")
 
@@ -77,6 +83,18 @@ _ETCD_OPTIONS = (
     click.option("--etcd-password-file", type=_file,
                  help="File holding the --etcd-user password (mode 0600; one line)."),
 )
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether the option was on the command line (or in the environment), not defaulted."""
+    return ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)
+
+
+def _memory(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return parse_memory(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _etcd_options(command: Callable[..., _T]) -> Callable[..., _T]:
@@ -169,6 +187,12 @@ def _read_password(path: str) -> str:
 @click.option("--connections-max", default=CONNECTIONS_MAX, show_default=True,
               type=click.IntRange(1, 1_000_000),
               help="Connections served at once; more are closed as they arrive.")
+@click.option("--memory-max", default=MEMORY_MAX_DEFAULT, show_default=True, metavar="SIZE",
+              callback=_memory,
+              help="Resident memory the server may reach by holding queued messages, as a "
+                   "size (512MiB, 4GiB) or a share of the host's (or container's) memory "
+                   "(50%). At it, sends get 503 MemoryFull with Retry-After until "
+                   "consumers drain; receives and deletes go on.")
 @click.option("--sse-key-rotation-days", default=30.0, show_default=True,
               type=click.FloatRange(min=0),
               help="Replace a queue's data key after this many days (0: by use count only).")
@@ -204,7 +228,7 @@ def _read_password(path: str) -> str:
 def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, auth: str,
           insecure: bool, master_key_file: str | None, metrics_token_file: str | None,
           tls_cert: str | None, tls_key: str | None, principal_rate: str, queue_rate: str,
-          connections_max: int,
+          connections_max: int, memory_max: int,
           sse_key_rotation_days: float, etcd: str | None, node_id: str | None,
           advertise: str | None, replication_port: int | None, replication_advertise: str,
           lease_ttl: int, replication_factor: int, min_insync_replicas: int,
@@ -255,6 +279,8 @@ def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, aut
                           metrics_token_file=metrics_token_file,
                           tls_cert=tls_cert, tls_key=tls_key, principal_rate=principal_rate,
                           queue_rate=queue_rate, connections_max=connections_max,
+                          memory_max=memory_max,
+                          memory_max_given=_given(click.get_current_context(), "memory_max"),
                           sse_rotation_s=sse_key_rotation_days * 24 * 60 * 60,
                           cluster=cluster)
     loop = _event_loop()

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from engine import AsyncBroker
+from engine.errors import ConfigError
 from server.backend import LocalBackend, QueueBackend
 from server.config import (
     BACKEND_CALLS_MAX,
@@ -29,6 +30,7 @@ from server.config import (
     METADATA_CALLS_MAX,
     METADATA_QUEUE_S,
     ServerConfig,
+    messages_memory_max,
 )
 from server.metadata import CachedMetadata, SQLiteMetadataStore
 from server.metrics import Source
@@ -79,7 +81,8 @@ async def open_single_node(config: ServerConfig, master: bytes, on_sync: OnSync
                            ) -> AsyncIterator[Deployment]:
     async with contextlib.AsyncExitStack() as stack:
         broker = AsyncBroker(config.data_dir, config.fsync,
-                             open_queues_max=config.open_queues_max, on_sync=on_sync)
+                             open_queues_max=config.open_queues_max, on_sync=on_sync,
+                             memory_max=engine_memory_max(config))
         stack.push_async_callback(broker.close)
         store = SQLiteMetadataStore(os.path.join(config.data_dir, METADATA_FILE))
         stack.push_async_callback(store.close)
@@ -90,6 +93,17 @@ async def open_single_node(config: ServerConfig, master: bytes, on_sync: OnSync
         await backend.set_aside_unowned(store)
         yield Deployment(broker, CachedMetadata(store, metadata_guard()), backend, guard,
                          access_keys.lookup if config.auth == "required" else None)
+
+
+def engine_memory_max(config: ServerConfig) -> int | None:
+    """The bound on the engine's queued messages that keeps the process within
+    config.memory_max (None: none). Raises ConfigError if it leaves them no room."""
+    if config.memory_max is None:
+        return None
+    try:
+        return messages_memory_max(config.memory_max, config.memory_max_given)
+    except ValueError as exc:
+        raise ConfigError("--memory-max", config.memory_max, str(exc)) from None
 
 
 def engine_guard() -> Guard:

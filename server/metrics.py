@@ -223,6 +223,7 @@ class _QueueCollector:
         # Which queues are open is the loop's to know; each queue's stats are read on the
         # render thread under the queue's own lock, which every engine call takes.
         cores = self._broker.open_cores()
+        memory = self._broker.memory
 
         def render() -> Iterator[Family]:
             depth = GaugeMetricFamily("conveyor_queue_depth", "Messages in a queue by state",
@@ -234,6 +235,16 @@ class _QueueCollector:
                                            labels=["queue", "operation"])
             open_queues = GaugeMetricFamily("conveyor_open_queues", "Queues open in the engine")
             open_queues.add_metric([], len(cores))
+            held = GaugeMetricFamily(
+                "conveyor_message_state_bytes",
+                "Memory the open queues' messages hold (bodies stay on disk)")
+            held.add_metric([], memory.used)
+            bound = GaugeMetricFamily(
+                "conveyor_message_state_max_bytes",
+                "Bound on conveyor_message_state_bytes, from --memory-max: sends are "
+                "refused at it (absent: no bound)")
+            if memory.limit is not None:
+                bound.add_metric([], memory.limit)
             for core in cores:
                 try:
                     stats = core.stats()
@@ -250,6 +261,6 @@ class _QueueCollector:
                                          ("moved_to_dead_letter", stats.moved_to_dead_letter),
                                          ("purged", stats.purged)):
                     messages.add_metric([core.name, operation], value)
-            yield from (depth, oldest, messages, open_queues)
+            yield from (depth, oldest, messages, open_queues, held, bound)
 
         return render

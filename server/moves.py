@@ -19,7 +19,12 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-from engine.errors import EngineError, InvalidParameterError, QueueNotFoundError
+from engine.errors import (
+    EngineError,
+    InvalidParameterError,
+    MemoryFullError,
+    QueueNotFoundError,
+)
 from engine.results import SendEntry
 from server.errors import TaskNotFoundError
 
@@ -94,7 +99,7 @@ class MoveTasks:
                 if not batch:
                     task.status = "COMPLETED"
                     return
-                for message in batch:
+                for k, message in enumerate(batch):
                     target = task.destination or message.dead_letter_source
                     if not isinstance(target, str):
                         raise QueueNotFoundError("original source queue")
@@ -104,11 +109,19 @@ class MoveTasks:
                              if message.group_id is not None else None)
                     owner, _, target_name = target.partition("/")
                     destination = await service.record(owner, target_name)
-                    [result] = await service.send_to(destination, [
-                        SendEntry(message.body, attributes=message.attributes or None,
-                                  group_id=message.group_id, dedup_id=dedup,
-                                  sender=message.sender,
-                                  system_attributes=message.system_attributes or None)])
+                    try:
+                        [result] = await service.send_to(destination, [
+                            SendEntry(message.body, attributes=message.attributes or None,
+                                      group_id=message.group_id, dedup_id=dedup,
+                                      sender=message.sender,
+                                      system_attributes=message.system_attributes or None)])
+                    except MemoryFullError as exc:
+                        # The server is at its memory bound: the task waits, as any
+                        # producer does, with the rest of the batch back in place.
+                        _check(await source.change_visibility_batch(
+                            [(m.receipt, 0) for m in batch[k:]]))
+                        await asyncio.sleep(exc.retry_after_s)
+                        break
                     if isinstance(result, EngineError):
                         # The destination refused it: it stays in the dead-letter queue.
                         _check(await source.change_visibility_batch([(message.receipt, 0)]))

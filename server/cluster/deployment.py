@@ -17,7 +17,14 @@ from server.cluster.etcd_metadata import EtcdMetadataStore
 from server.cluster.health import ReplicationHealth
 from server.cluster.view import cluster_view
 from server.config import ServerConfig
-from server.deployment import Deployment, OnSync, background, engine_guard, metadata_guard
+from server.deployment import (
+    Deployment,
+    OnSync,
+    background,
+    engine_guard,
+    engine_memory_max,
+    metadata_guard,
+)
 from server.metadata import CachedMetadata
 from server.protection import masterkey
 
@@ -32,7 +39,8 @@ async def open_cluster(config: ServerConfig, cluster: ClusterConfig, master: byt
         receipt_key = await node.connect()  # receipts must verify on every node alike
         broker = AsyncBroker(config.data_dir, config.fsync,
                              open_queues_max=config.open_queues_max, on_sync=on_sync,
-                             leadership=node, receipt_key=receipt_key)
+                             leadership=node, receipt_key=receipt_key,
+                             memory_max=engine_memory_max(config))
         stack.push_async_callback(broker.close)
         # Closed before the broker: stepping down closes the queues it leads.
         stack.push_async_callback(node.close)

@@ -24,6 +24,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import BinaryIO
 
+from server.config import MEMORY_MAX_DEFAULT
 from server.protection import masterkey
 
 READY_TIMEOUT_S = 30.0
@@ -86,7 +87,9 @@ def run(nodes: int, base_port: int, data_dir: str, fsync: str,
                  "--port", str(port), "--fsync", fsync, "--no-access-log",
                  "--cluster", f"etcd://127.0.0.1:{client_port}", "--node-id", f"node{i}",
                  "--replication-port", str(base_port + 100 + i),
-                 "--cluster-secret-file", secret],
+                 "--cluster-secret-file", secret,
+                 # The nodes share one host: its default share of memory, split.
+                 "--memory-max", f"{float(MEMORY_MAX_DEFAULT.rstrip('%')) / nodes:g}%"],
                 stdout=log, stderr=subprocess.STDOUT))
             urls.append(f"http://127.0.0.1:{port}")
         for url, child in zip(urls, children[1:], strict=True):

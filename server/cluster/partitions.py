@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import xxhash
 
 from engine import Message, QueueAttributes, QueueStats
-from engine.errors import EngineError, QueueUnavailableError
+from engine.errors import EngineError, MemoryFullError, QueueUnavailableError
 from engine.queue import check_receive
 from engine.receipts import handle_queue_uid
 from engine.results import SendEntry, SendResult
@@ -51,8 +51,10 @@ WAIT_SLICE_S = 2.0
 # Refusals that say a partition cannot serve now, not that the request is wrong: a send
 # or receive may go to the queue's other partitions instead.
 _UNAVAILABLE = (ClusterError, DependencyUnavailableError, QueueUnavailableError)
-# Of those, the ones that say the call was not made at all.
-_NOT_MADE = (NotLeaderError, LeaderUnreachableError)
+# Refusals that say the call was not made at all, so a send may safely go to another
+# partition: those of the above, and a leader at its memory bound (another partition,
+# led elsewhere, may have room).
+_NOT_MADE = (NotLeaderError, LeaderUnreachableError, MemoryFullError)
 _DEFAULTS = QueueAttributes()
 _log = logging.getLogger("conveyor.service")
 _T = TypeVar("_T")

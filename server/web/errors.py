@@ -91,6 +91,10 @@ _TABLE: list[tuple[type[BaseException], ErrorSpec]] = [
                             sender_fault=False)),
     (e.StorageFullError, _S(503, "ServiceUnavailable", "ServiceUnavailable", "StorageFull",
                             sender_fault=False)),
+    # The server's queued messages are at --memory-max: sends wait (Retry-After) for
+    # consumers to catch up. SQS clients get the ServiceUnavailable they retry.
+    (e.MemoryFullError, _S(503, "ServiceUnavailable", "ServiceUnavailable", "MemoryFull",
+                           sender_fault=False)),
     (e.QueueUnavailableError, _S(503, "ServiceUnavailable", "ServiceUnavailable",
                                  "Unavailable", sender_fault=False)),
     (e.BrokerClosedError, _S(503, "ServiceUnavailable", "ServiceUnavailable",

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from engine.errors import MemoryFullError
 from server.config import REQUEST_BYTES_MAX
 from server.errors import (
     MetricsUnauthorizedError,
@@ -86,7 +87,7 @@ def error_response(request: web.Request, exc: BaseException) -> web.Response:
         response = web.json_response(
             {"error": {"code": spec.native_code, "message": message}},
             status=native_status(exc), headers={"X-Request-Id": request_id})
-    if isinstance(exc, ThrottledError):
+    if isinstance(exc, ThrottledError | MemoryFullError):
         # Whole seconds, rounded up, as RFC 9110 requires; at least 1.
         response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     elif isinstance(exc, MetricsUnauthorizedError):

@@ -159,3 +159,25 @@ def test_serve_raises_its_open_files_limit_to_the_hard_limit(tmp_path: Path) -> 
         assert limit_soft == limit_hard and int(limit_soft) > 256, line
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    ("12XB", "is not a size"), ("0", "a size is positive"), ("150%", "at most 100%"),
+    ("-5MiB", "a size is positive"), ("1e400MiB", "finite"), ("nan%", "over 0%"),
+    ("abc%", "is not a percentage"),
+])
+def test_serve_refuses_a_memory_bound_it_cannot_read(tmp_path: Path, value: str,
+                                                     says: str) -> None:
+    result = conveyor("serve", "--data-dir", str(tmp_path / "data"), "--port", "0",
+                      "--memory-max", value)
+    assert result.returncode == 2 and says in result.stderr, result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_serve_refuses_a_memory_bound_below_what_it_needs(tmp_path: Path) -> None:
+    """A bound under what the server holds at start (and its reserve) would refuse every
+    send: the server says so and does not start."""
+    result = conveyor("serve", "--data-dir", str(tmp_path / "data"), "--port", "0",
+                      "--memory-max", "40MiB")
+    assert result.returncode == 1, result.stderr
+    assert "--memory-max" in result.stderr and "at least" in result.stderr, result.stderr
