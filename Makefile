@@ -117,8 +117,9 @@ join: install etcd
 	$(BIN)/python -m bench.join $(JOIN_ARGS)
 
 # Backlogs: memory per queued message at rest and at its peak while sending, reopen time
-# and drain rate, at 10 k, 1 M and 10 M messages (about 2 minutes and 3 GiB of memory
-# today). BACKLOG_ARGS="--sizes 10000,1000000" for a quicker look, "--fifo" for FIFO.
+# and drain rate, at 10 k, 1 M and 10 M messages (about 2 minutes and 1 GiB of memory).
+# BACKLOG_ARGS="--sizes 10000,1000000" for a quicker look, "--fifo [--per-group N]" for
+# FIFO, "--delay S" for delayed messages, "--server" through a real `conveyor serve`.
 backlog: install
 	$(BIN)/python -m bench.backlog $(BACKLOG_ARGS)
 
