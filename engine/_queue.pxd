@@ -32,6 +32,8 @@ ctypedef struct Seen:
 ctypedef struct Chunk:
     Seen* seen
     unsigned char* ids
+    uint32_t* gids  # each message's group (State._group_names), once one has a group
+    int64_t* links  # FIFO: the next seq of each message's group (0: none)
     uint64_t visible[CHUNK_WORDS]
     int32_t live
     int32_t visible_count
@@ -41,6 +43,13 @@ ctypedef struct Chunk:
 ctypedef struct Block:
     Chunk* chunks[BLOCK_CHUNKS]
     int32_t count
+
+
+ctypedef struct Group:
+    int64_t head  # FIFO: the group's lowest seq (0: none)
+    int64_t tail  # FIFO: its highest
+    int64_t count  # live messages in the group
+    int64_t inflight  # FIFO: of those, in flight or moving
 
 
 ctypedef struct Timer:
@@ -86,13 +95,17 @@ cdef class State:
     cdef Block** _dir
     cdef Py_ssize_t _dir_lo, _dir_hi, _dir_cap
     cdef int64_t _dir_base
-    cdef Py_ssize_t _live, _chunks, _blocks, _seen_arrays, _id_arrays
+    cdef Py_ssize_t _live, _chunks, _blocks, _seen_arrays, _id_arrays, _gid_arrays
+    cdef Py_ssize_t _link_arrays
     cdef int64_t _cursor  # a chunk number: no lower chunk holds a visible message
     cdef Timer* _timers
     cdef Py_ssize_t _timer_count, _timer_cap
-    cdef dict _extras  # seq -> (group, dedup, origin), for messages with any of them
-    cdef dict _groups
-    cdef dict _inflight
+    cdef dict _moved_from  # seq -> its Origin, for messages moved in from another queue
+    cdef dict _group_ids  # group -> its gid
+    cdef list _group_names  # gid -> group (None: free)
+    cdef list _free_gids
+    cdef Group* _groups  # by gid
+    cdef Py_ssize_t _groups_cap
     cdef list _candidates
 
     cdef Chunk* _chunk(self, int64_t number) noexcept
@@ -104,7 +117,11 @@ cdef class State:
     cdef Seen* _seen(self, int64_t seq) except NULL
     cdef int64_t _lease_of(self, int64_t seq) noexcept
     cdef Msg _msg(self, int64_t seq, Rec* r)
-    cdef object _group_of(self, int64_t seq, Rec* r)
+    cdef uint32_t _gid(self, object group) except? 0xFFFFFFFF
+    cdef uint32_t _gid_of(self, int64_t seq) noexcept
+    cdef void _drop_gid(self, uint32_t gid)
+    cdef int64_t _link(self, int64_t seq) noexcept
+    cdef void _set_link(self, int64_t seq, int64_t following) noexcept
     cdef int _push_timer(self, int64_t due, int64_t seq) except -1
     cdef void _sift_down(self, Py_ssize_t i) noexcept
     cdef void _pop_timer(self) noexcept
@@ -125,8 +142,8 @@ cdef class State:
     cdef int _move_to(self, int64_t seq, Rec* r, int category) except -1
     cdef int _remove(self, int64_t seq, Rec* r, int counter) except -1
     cdef int _added(self, int64_t seq, Rec* r) except -1
-    cdef void _offer(self, object group)
-    cdef void _release(self, object group)
+    cdef int _offer(self, uint32_t gid) except -1
+    cdef int _release(self, uint32_t gid) except -1
     cdef int _restore(self, int64_t seq, int64_t location, int64_t sent_at,
                       int64_t visible_at, uint32_t receive_count, int64_t lease,
                       int64_t leased_at, int64_t first_received_at, object group,

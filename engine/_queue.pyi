@@ -46,7 +46,7 @@ class Msg:
     receive_count: int
     category: int
     group: str | None
-    dedup: str | None
+    dedup: None  # a message's dedup key is in its SEND record only
     message_id: bytes | None
     origin: Origin | None
 

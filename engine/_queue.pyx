@@ -478,23 +478,27 @@ cdef object light_send(const unsigned char* p, Py_ssize_t n):
 # category. What only some messages need is kept beside it, allocated when first needed:
 # per chunk, a Seen (lease, the offset of the LEASE or MOVING record holding it, 0 if never
 # leased; leased_at; first_received_at) once one of its messages is received, and 16 bytes
-# per message once one carries an explicit message id (sealed and moved messages); per
-# message, a dict entry for a group, a dedup key or an origin (FIFO and moved messages).
-# So a backlog of plain messages costs about 32 bytes each, and no Python object.
+# per message once one carries an explicit message id (sealed and moved messages), and 4
+# bytes per message for its group's number once one has a group (12 in a FIFO queue,
+# with the link to the next message of its group); per message moved in from another
+# queue, a dict entry for its origin. A group's name is kept once, in a table of groups.
+# A message's deduplication id is not kept: it is in its SEND record, read with the body
+# on receive. So a backlog costs about 32 bytes a message (44 in a FIFO queue), and no
+# Python object per message.
 
 cdef enum:
     LIVE = 1
     HAS_ID = 2  # an explicit message id, in the chunk's ids
-    HAS_EXTRA = 4  # a group, dedup key or origin, in State._extras
-    HAS_ORIGIN = 8  # moved in from another queue (its origin is in State._extras)
+    HAS_GROUP = 4  # a group, its gid in the chunk's gids
+    HAS_ORIGIN = 8  # moved in from another queue (its origin is in State._moved_from)
 
 @cython.no_gc
 cdef class Msg:
     """A copy of one live message's state, made when asked for (State.get, take): fields
     seq; location; sent_at and visible_at; lease (0: never leased), leased_at,
-    first_received_at; receive_count; category; group and dedup (FIFO); message_id (None:
-    derived from queue uid and seq); origin (where a dead-lettered message came from).
-    Changing it changes nothing in the state."""
+    first_received_at; receive_count; category; group; dedup (always None: the SEND
+    record holds it); message_id (None: derived from queue uid and seq); origin (where a
+    dead-lettered message came from). Changing it changes nothing in the state."""
 
 
 # --- the state machine ---------------------------------------------------------------------
@@ -514,9 +518,10 @@ cdef class State:
     # (sent_at, key) oldest first; each chunk's visible bitmap marks its VISIBLE messages
     # (standard queues deliver lowest seq first, found from _cursor); _timers is a binary
     # heap of (due, seq) for DELAYED and INFLIGHT messages, with stale entries skipped;
-    # for FIFO queues _groups maps a group to its seqs in order, _inflight counts each
-    # group's messages in flight, and _candidates is a heap of (head seq, group) that may
-    # be free.
+    # groups are numbered (gid: _group_ids, _group_names, reused through _free_gids once
+    # a group has no message left), and for FIFO queues each Group holds its first and
+    # last seq (the messages between are linked in seq order through the chunks' links)
+    # and its count in flight; _candidates is a heap of (head seq, gid) that may be free.
 
     def __cinit__(self, bint fifo):
         self.fifo = fifo
@@ -525,9 +530,10 @@ cdef class State:
         self.dedup = {}
         self.origins = {}
         self._dedup_order = deque()
-        self._extras = {}
-        self._groups = {}
-        self._inflight = {}
+        self._moved_from = {}
+        self._group_ids = {}
+        self._group_names = []
+        self._free_gids = []
         self._candidates = []
 
     def __dealloc__(self):
@@ -537,6 +543,7 @@ cdef class State:
             number = self._next_chunk(number + 1)
         free(self._dir)
         free(self._timers)
+        free(self._groups)
 
     def __len__(self):
         return self._live
@@ -646,8 +653,14 @@ cdef class State:
             self._seen_arrays -= 1
         if c.ids != NULL:
             self._id_arrays -= 1
+        if c.gids != NULL:
+            self._gid_arrays -= 1
+        if c.links != NULL:
+            self._link_arrays -= 1
         free(c.seen)
         free(c.ids)
+        free(c.gids)
+        free(c.links)
         free(c)
         b.chunks[number & BLOCK_MASK] = NULL
         self._chunks -= 1
@@ -713,14 +726,62 @@ cdef class State:
         if r.flags & HAS_ID:
             m.message_id = PyBytes_FromStringAndSize(
                 <char*>c.ids + 16 * (seq & CHUNK_MASK), 16)
-        if r.flags & HAS_EXTRA:
-            m.group, m.dedup, m.origin = self._extras[seq]
+        if r.flags & HAS_GROUP:
+            m.group = self._group_names[c.gids[seq & CHUNK_MASK]] or None
+        if r.flags & HAS_ORIGIN:
+            m.origin = self._moved_from[seq]
         return m
 
-    cdef object _group_of(self, int64_t seq, Rec* r):
-        if r.flags & HAS_EXTRA:
-            return (<tuple>self._extras[seq])[0] or ""
-        return ""
+    # -- groups ---------------------------------------------------------------------------
+
+    cdef uint32_t _gid(self, object group) except? 0xFFFFFFFF:
+        """The number of group (a FIFO message without one is in group ""), counting one
+        more message in it."""
+        cdef Py_ssize_t cap
+        cdef Group* grown
+        cdef uint32_t gid
+        found = self._group_ids.get(group)
+        if found is None:
+            if self._free_gids:
+                gid = self._free_gids.pop()
+                self._group_names[gid] = group
+            else:
+                gid = len(self._group_names)
+                if gid >= self._groups_cap:
+                    cap = max(16, 2 * self._groups_cap)
+                    grown = <Group*>realloc(self._groups, cap * sizeof(Group))
+                    if grown == NULL:
+                        raise MemoryError()
+                    self._groups = grown
+                    self._groups_cap = cap
+                self._group_names.append(group)
+            memset(&self._groups[gid], 0, sizeof(Group))
+            self._group_ids[group] = gid
+        else:
+            gid = found
+        self._groups[gid].count += 1
+        return gid
+
+    cdef uint32_t _gid_of(self, int64_t seq) noexcept:
+        """The group number of live message seq (which has one)."""
+        return self._chunk(seq >> CHUNK_SHIFT).gids[seq & CHUNK_MASK]
+
+    cdef void _drop_gid(self, uint32_t gid):
+        """One message fewer in the group: its number is freed with its last."""
+        self._groups[gid].count -= 1
+        if self._groups[gid].count == 0:
+            del self._group_ids[self._group_names[gid]]
+            self._group_names[gid] = None
+            self._free_gids.append(gid)
+            if not self._group_ids:
+                # The last group gone: give back what the most groups at once grew (a
+                # producer using a group per message, say). A candidate entry left
+                # naming a number past the table is skipped by take.
+                free(self._groups)
+                self._groups = NULL
+                self._groups_cap = 0
+                self._group_names = []
+                self._free_gids = []
 
     # -- timers: a binary heap of (due, seq) -------------------------------------------------
 
@@ -799,12 +860,17 @@ cdef class State:
 
     def memory_bytes(self):
         """Bytes this state holds for its messages (chunks, received sides, ids, timers,
-        the chunk directory, and an estimate for the dict entries of FIFO and moved
-        messages): what a server-wide memory bound counts."""
+        the chunk directory, groups, and an estimate for the dict entries of groups, moved
+        messages and the deduplication window): what a server-wide memory bound
+        counts."""
         return (self._chunks * sizeof(Chunk) + self._seen_arrays * CHUNK_SEQS * sizeof(Seen)
                 + self._id_arrays * CHUNK_SEQS * 16 + self._timer_cap * sizeof(Timer)
                 + self._blocks * sizeof(Block) + self._dir_cap * sizeof(Block*)
-                + len(self._extras) * EXTRA_BYTES_ESTIMATE
+                + (self._gid_arrays * 4 + self._link_arrays * 8) * CHUNK_SEQS
+                + self._groups_cap * sizeof(Group)
+                + (len(self._group_names) + len(self._free_gids)) * 8
+                + len(self._group_ids) * EXTRA_BYTES_ESTIMATE
+                + len(self._moved_from) * EXTRA_BYTES_ESTIMATE
                 + len(self.dedup) * EXTRA_BYTES_ESTIMATE)
 
     # -- reading messages -------------------------------------------------------------------
@@ -837,10 +903,8 @@ cdef class State:
         """(sent_at, seq) of each message moved in from another queue."""
         cdef Rec* r
         out = []
-        for seq in self._extras:
-            r = self._rec(seq)
-            if r.flags & HAS_ORIGIN:
-                out.append((r.sent_at, seq))
+        for seq in self._moved_from:
+            out.append((self._rec(seq).sent_at, seq))
         return out
 
     def expirable(self, int64_t cutoff, Py_ssize_t limit):
@@ -940,7 +1004,8 @@ cdef class State:
     cdef int _new(self, int64_t offset, int64_t seq, int64_t sent_at, int64_t visible_at,
                   uint32_t receive_count, object group, object dedup, object message_id,
                   object origin) except -1:
-        """Store a message (its category is set by the caller, with _enter)."""
+        """Store a message (its category is set by the caller, with _enter). Its dedup
+        key is the window's to keep (apply_send), not the message's."""
         cdef Chunk* c
         cdef Rec* r
         if seq <= 0:
@@ -967,12 +1032,25 @@ cdef class State:
                 self._id_arrays += 1
             memcpy(c.ids + 16 * (seq & CHUNK_MASK), PyBytes_AS_STRING(message_id), 16)
             r.flags |= HAS_ID
-        if group is not None or dedup is not None or origin is not None:
-            self._extras[seq] = (group, dedup, origin)
-            r.flags |= HAS_EXTRA
-            if origin is not None:
-                r.flags |= HAS_ORIGIN
-                self.origins[(origin[0], origin[1])] = seq
+        if group is not None or self.fifo:
+            if c.gids == NULL:
+                c.gids = <uint32_t*>calloc(CHUNK_SEQS, sizeof(uint32_t))
+                if c.gids == NULL:
+                    raise MemoryError()
+                self._gid_arrays += 1
+            if self.fifo and c.links == NULL:
+                c.links = <int64_t*>calloc(CHUNK_SEQS, sizeof(int64_t))
+                if c.links == NULL:
+                    raise MemoryError()
+                self._link_arrays += 1
+            c.gids[seq & CHUNK_MASK] = self._gid("" if group is None else group)
+            if self.fifo:
+                c.links[seq & CHUNK_MASK] = 0
+            r.flags |= HAS_GROUP
+        if origin is not None:
+            self._moved_from[seq] = origin
+            r.flags |= HAS_ORIGIN
+            self.origins[(origin[0], origin[1])] = seq
         if seq >= self.next_seq:
             self.next_seq = seq + 1
         return 0
@@ -1081,6 +1159,7 @@ cdef class State:
 
     cdef int _move_to(self, int64_t seq, Rec* r, int category) except -1:
         cdef int old = r.category
+        cdef uint32_t gid
         self._counts[old] -= 1
         self._counts[category] += 1
         r.category = category
@@ -1090,13 +1169,13 @@ cdef class State:
             elif old == VISIBLE and category != VISIBLE:
                 self._mark_visible(seq, False)
             return 0
-        group = self._group_of(seq, r)
+        gid = self._gid_of(seq)
         if old == INFLIGHT or old == MOVING:
-            self._release(group)
+            self._release(gid)
         if category == INFLIGHT or category == MOVING:
-            self._inflight[group] = self._inflight.get(group, 0) + 1
+            self._groups[gid].inflight += 1
         elif category == VISIBLE:
-            self._offer(group)
+            self._offer(gid)
         return 0
 
     cdef int _remove(self, int64_t seq, Rec* r, int counter) except -1:
@@ -1104,7 +1183,10 @@ cdef class State:
         if it was the chunk's last."""
         cdef int category = r.category
         cdef Chunk* c = self._chunk(seq >> CHUNK_SHIFT)
-        cdef object group = ""
+        cdef uint32_t gid = 0
+        cdef bint grouped = r.flags & HAS_GROUP
+        cdef Group* g
+        cdef int64_t prev
         self._counts[category] -= 1
         if counter == 2:
             self._deleted += 1
@@ -1114,12 +1196,30 @@ cdef class State:
             self._moved += 1
         else:
             self._purged += 1
-        if r.flags & HAS_EXTRA:
-            extra = self._extras.pop(seq)
-            group = extra[0] or ""
-            if extra[2] is not None:
-                self.origins.pop((extra[2][0], extra[2][1]), None)
-        if category == VISIBLE and not self.fifo:
+        if r.flags & HAS_ORIGIN:
+            origin = self._moved_from.pop(seq)
+            self.origins.pop((origin[0], origin[1]), None)
+        if grouped:
+            gid = c.gids[seq & CHUNK_MASK]
+        if self.fifo:
+            # Out of its group's list (before its chunk, which holds its link, may go).
+            # The messages removed are nearly always at the front: those received, or
+            # expired, or purged, lowest seq first.
+            g = &self._groups[gid]
+            if g.head == seq:
+                g.head = c.links[seq & CHUNK_MASK]
+                if g.tail == seq:
+                    g.tail = 0
+            else:
+                prev = g.head
+                while self._link(prev) != seq:
+                    prev = self._link(prev)
+                    if prev == 0:
+                        raise AssertionError(f"message {seq} is not in its group's list")
+                self._set_link(prev, c.links[seq & CHUNK_MASK])
+                if g.tail == seq:
+                    g.tail = prev
+        elif category == VISIBLE:
             self._mark_visible(seq, False)
         memset(r, 0, sizeof(Rec))
         if c.seen != NULL:
@@ -1128,49 +1228,57 @@ cdef class State:
         self._live -= 1
         if c.live == 0:
             self._free_chunk(seq >> CHUNK_SHIFT)
-        if not self.fifo:
-            return 0
-        queue = self._groups[group]
-        if queue[0] == seq:
-            queue.popleft()
-        else:
-            queue.remove(seq)
-        if not queue:
-            del self._groups[group]
-        if category == INFLIGHT or category == MOVING:
-            self._release(group)
-        elif queue:
-            self._offer(group)
+        if self.fifo:
+            if category == INFLIGHT or category == MOVING:
+                self._release(gid)
+            elif self._groups[gid].head:
+                self._offer(gid)
+        if grouped:
+            self._drop_gid(gid)
         return 0
+
+    cdef int64_t _link(self, int64_t seq) noexcept:
+        return self._chunk(seq >> CHUNK_SHIFT).links[seq & CHUNK_MASK]
+
+    cdef void _set_link(self, int64_t seq, int64_t following) noexcept:
+        self._chunk(seq >> CHUNK_SHIFT).links[seq & CHUNK_MASK] = following
 
     # -- derived indexes ------------------------------------------------------------------
 
     cdef int _added(self, int64_t seq, Rec* r) except -1:
+        cdef uint32_t gid
+        cdef Group* g
         if not self.fifo:
             if r.category == VISIBLE:
                 self._mark_visible(seq, True)
             return 0
-        group = self._group_of(seq, r)
-        queue = self._groups.get(group)
-        if queue is None:
-            queue = self._groups[group] = deque()
-        queue.append(seq)
-        if r.category == VISIBLE:
-            self._offer(group)
+        gid = self._gid_of(seq)
+        g = &self._groups[gid]
+        # Messages are added in seq order (as sent, or as a snapshot lists them).
+        if g.tail:
+            self._set_link(g.tail, seq)
+        else:
+            g.head = seq
+        g.tail = seq
+        # Only a new head is offered: behind one, the group is on offer already, or
+        # locked (its release offers it), or waiting for its head to become visible.
+        if r.category == VISIBLE and g.head == seq:
+            self._offer(gid)
         return 0
 
-    cdef void _offer(self, object group):
-        queue = self._groups.get(group)
-        if queue and not self._inflight.get(group):
-            _heappush(self._candidates, (queue[0], group))
+    cdef int _offer(self, uint32_t gid) except -1:
+        cdef Group* g = &self._groups[gid]
+        if g.head and not g.inflight:
+            _heappush(self._candidates, (g.head, gid))
+        return 0
 
-    cdef void _release(self, object group):
-        left = self._inflight.get(group, 0) - 1
-        if left > 0:
-            self._inflight[group] = left
-        else:
-            self._inflight.pop(group, None)
-            self._offer(group)
+    cdef int _release(self, uint32_t gid) except -1:
+        cdef Group* g = &self._groups[gid]
+        g.inflight -= 1
+        if g.inflight <= 0:
+            g.inflight = 0
+            self._offer(gid)
+        return 0
 
     cdef int _restore(self, int64_t seq, int64_t location, int64_t sent_at,
                       int64_t visible_at, uint32_t receive_count, int64_t lease,
@@ -1201,8 +1309,7 @@ cdef class State:
         if category == INFLIGHT:
             self._push_timer(visible_at, seq)
         if self.fifo and (category == INFLIGHT or category == MOVING):
-            group = self._group_of(seq, r)
-            self._inflight[group] = self._inflight.get(group, 0) + 1
+            self._groups[self._gid_of(seq)].inflight += 1
         return 0
 
     def restore_dedup(self, str key, int64_t seq, int64_t sent_at, bytes message_id=None):
@@ -1240,10 +1347,10 @@ cdef class State:
             if grown != NULL:  # else keep the larger array
                 self._timers = grown
                 self._timer_cap = cap
-        if self.fifo and len(self._candidates) > 4 * len(self._groups) + 4096:
+        if self.fifo and len(self._candidates) > 4 * len(self._group_ids) + 4096:
             self._candidates = []
-            for group in self._groups:
-                self._offer(group)
+            for gid in self._group_ids.values():
+                self._offer(gid)
         return 0
 
     cpdef advance(self, int64_t now):
@@ -1270,6 +1377,7 @@ cdef class State:
         cdef int64_t number
         cdef uint64_t bits
         cdef int64_t seq
+        cdef Group* g
         self.advance(now)
         if not self.fifo:
             if self._counts[VISIBLE] == 0:
@@ -1293,31 +1401,37 @@ cdef class State:
         seen = set()
         candidates = self._candidates
         while candidates and len(out) < limit:
-            head, group = _heappop(candidates)
-            queue = self._groups.get(group)
-            if group in seen or not queue or queue[0] != head or self._inflight.get(group):
+            head, gid = _heappop(candidates)
+            # A stale entry: its group has a new head, is locked, or is gone (its number
+            # maybe reused, by a group whose head is another seq).
+            if gid >= len(self._group_names) or gid in seen:
+                continue  # numbers given back with the last group (_drop_gid)
+            g = &self._groups[<uint32_t>gid]
+            if g.head != head or g.inflight:
                 continue
-            seen.add(group)
+            seen.add(gid)
             # Consecutive visible messages from the head of the group, in order.
-            for item in queue:
-                if len(out) >= limit:
-                    break
-                seq = item
+            seq = head
+            while seq and len(out) < limit:
                 r = self._rec(seq)
+                if r == NULL:
+                    raise AssertionError(f"group list links to message {seq}, not live")
                 if r.category != VISIBLE:
                     break
                 out.append(self._msg(seq, r))
+                seq = self._link(seq)
         return out
 
     def takeable(self, int64_t now):
         """Whether take would return a message now; takes nothing. A FIFO queue's visible
         messages may all be behind a message of their group in flight."""
+        cdef Group* g
         self.advance(now)
         if not self.fifo:
             return self._counts[VISIBLE] > 0
-        for group, queue in self._groups.items():
-            if queue and not self._inflight.get(group) and \
-                    self._rec(queue[0]).category == VISIBLE:
+        for gid in self._group_ids.values():
+            g = &self._groups[<uint32_t>gid]
+            if g.head and not g.inflight and self._rec(g.head).category == VISIBLE:
                 return True
         return False
 
@@ -1517,6 +1631,7 @@ cdef class State:
 
     cdef object _message(self, Msg m, object body_record, uint64_t uid, int64_t lease,
                          bytes mac_bytes):
+        dedup = None  # kept in the SEND record only
         if isinstance(body_record, bytes):
             body = body_record
             attributes = {}
@@ -1532,12 +1647,13 @@ cdef class State:
             attributes = dict(body_record.attributes or {})
             sender = body_record.sender
             system_attributes = dict(body_record.system_attributes or {})
+            dedup = body_record.dedup
         return _tuple_new(Message, (
             message_id_of(uid, m.seq, m.message_id), body,
             encode_handle(uid, m.seq, lease, <const unsigned char*>PyBytes_AS_STRING(mac_bytes)),
             m.receive_count, m.sent_at / 1000, m.first_received_at / 1000, attributes,
             m.group, sequence_number_of(m.seq) if self.fifo else None,
-            m.dedup if self.fifo else None, sender, system_attributes,
+            dedup if self.fifo else None, sender, system_attributes,
             m.origin[0] if m.origin is not None else None,
         ))
 
@@ -1616,9 +1732,10 @@ cdef dict read_bodies(object log, list locations):
 # The per-message part of a snapshot's state, as docs/FORMAT.md draws it ("Snapshot
 # file": per message, in seq order); engine/snapshot.py encodes the rest. Done here
 # because a queue holding a backlog has millions of messages: a Python loop over them took
-# 3.0 s to encode 2 M and 2.7 s to decode them, and a 10 M reopen 13-15 s. The bytes are
-# unchanged (a snapshot's state is also what a replica's digest hashes; the digests are
-# pinned in tests/engine/test_queue_codec.py).
+# 3.0 s to encode 2 M and 2.7 s to decode them, and a 10 M reopen 13-15 s. A snapshot's
+# state is also what a replica's digest hashes; the digests are pinned in
+# tests/engine/test_queue_codec.py, and changing the bytes needs a new snapshot version
+# (engine/format.py).
 
 cdef enum:
     SNAP_FIXED = 61  # seq through moving
@@ -1639,39 +1756,39 @@ cdef inline unsigned char* _put_str(unsigned char* p, object value):
 
 def encode_messages(State state):
     """The live messages of the state in seq order (the order every replica applied them
-    in), in the layout above."""
+    in), in the layout above. A message's deduplication id is not the state's (its SEND
+    record holds it): it is written absent."""
     cdef Py_ssize_t size = state._live * (SNAP_FIXED + 4 + 16 + SNAP_ORIGIN)  # 4: lengths
-    cdef list texts = []  # (group, dedup) as UTF-8, for the messages that have either
-    cdef object group
-    cdef object dedup
+    cdef list names = []  # each group's name as UTF-8, by gid (None: absent)
+    cdef object name
     cdef object origin
-    cdef Py_ssize_t j, k = 0
+    cdef Py_ssize_t j
     cdef int64_t number
     cdef int64_t seq
     cdef Chunk* c
     cdef Rec* r
     cdef Seen* s
-    # Strings first, in seq order, to size the output.
+    for name in state._group_names:
+        if name:
+            name = (<str?>name).encode()
+            if len(<bytes>name) >= SNAP_NO_STR:
+                raise ValueError("a group id too long for a snapshot")
+        else:
+            name = None  # group "": a FIFO message sent without one
+        names.append(name)
+    # Sized first, in seq order.
     number = state._next_chunk(0)
     while number >= 0:
         c = state._chunk(number)
         for j in range(CHUNK_SEQS):
-            if c.recs[j].flags & HAS_EXTRA:
-                group, dedup, origin = state._extras[number * CHUNK_SEQS + j]
-                group = (<str?>group).encode() if group is not None else None
-                dedup = (<str?>dedup).encode() if dedup is not None else None
-                for value in (group, dedup):
-                    if value is not None:
-                        if len(<bytes>value) >= SNAP_NO_STR:
-                            raise ValueError("a group or deduplication id too long for a "
-                                             "snapshot")
-                        size += len(<bytes>value)
-                texts.append((group, dedup, origin))
+            if c.recs[j].flags & HAS_GROUP:
+                name = names[c.gids[j]]
+                if name is not None:
+                    size += len(<bytes>name)
         number = state._next_chunk(number + 1)
     cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
     cdef unsigned char* end = p + size
-    cdef tuple extra
     # The same messages as the loop above: the caller holds the queue's lock, which every
     # change to the state takes, so the size computed there is the size written here.
     number = state._next_chunk(0)
@@ -1696,23 +1813,16 @@ def encode_messages(State state):
                 memset(p + 36, 0, 24)
             p[60] = 1 if r.category == MOVING else 0
             p += SNAP_FIXED
-            extra = None
-            if r.flags & HAS_EXTRA:
-                extra = <tuple>texts[k]
-                k += 1
-                p = _put_str(p, extra[0])
-                p = _put_str(p, extra[1])
-            else:
-                st16(p, SNAP_NO_STR)
-                st16(p + 2, SNAP_NO_STR)
-                p += 4
+            p = _put_str(p, names[c.gids[j]] if r.flags & HAS_GROUP else None)
+            st16(p, SNAP_NO_STR)
+            p += 2
             if r.flags & HAS_ID:
                 memcpy(p, c.ids + 16 * j, 16)
             else:
                 memset(p, 0, 16)
             p += 16
-            if extra is not None and extra[2] is not None:
-                origin = extra[2]
+            if r.flags & HAS_ORIGIN:
+                origin = state._moved_from[seq]
                 p[0] = 1
                 st64(p + 1, <uint64_t>origin[0])
                 st64(p + 9, <uint64_t>origin[1])

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine import (
     AsyncBroker,
@@ -35,8 +37,10 @@ from engine import (
     errors,
 )
 from engine import format as log_format
+from engine import records as rec
 from engine._queue import State
 from engine.broker import IDLE_BEFORE_CLOSE_S
+from engine.snapshot import decode_state, encode_state, state_digest
 
 TWELVE_HOURS = 12 * 60 * 60
 FOURTEEN_DAYS = 14 * 24 * 60 * 60
@@ -318,6 +322,111 @@ def test_timers_give_back_what_a_burst_grew() -> None:
     state.apply_seqs(200_000, log_format.QREC_EXPIRE, now + 1_000, range(1, 100_001))
     state.advance(now + 2_000)
     assert len(state) == 0 and state.memory_bytes() < 4 * 1024
+
+
+def _fifo_take_expected(state: State, live: dict[int, str], limit: int) -> list[int]:
+    """What a FIFO take must return: among the groups with nothing in flight or moving,
+    lowest head first, each group's visible messages from its head on, in seq order."""
+    groups: dict[str, list[int]] = {}
+    for seq in sorted(live):
+        groups.setdefault(live[seq], []).append(seq)
+
+    def category(seq: int) -> int:
+        message = state.get(seq)
+        assert message is not None
+        return message.category
+
+    free = [g for g, seqs in groups.items() if all(category(s) in (0, 1) for s in seqs)]
+    out: list[int] = []
+    for group in sorted(free, key=lambda g: groups[g][0]):
+        for seq in groups[group]:
+            if len(out) >= limit or category(seq) != 1:
+                break
+            out.append(seq)
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_fifo_groups_deliver_in_order_through_any_history(data: st.DataObject) -> None:
+    """The FIFO state (groups numbered, their messages linked through the chunks) against
+    a model of the rule, under sends, receives, deletes, expiry, visibility changes,
+    purges and time; and a snapshot of it takes the same."""
+    state = State(True)
+    now = 1_000_000
+    seq = 0
+    live: dict[int, str] = {}
+    leases: dict[int, int] = {}
+    for offset in range(1, data.draw(st.integers(2, 121))):
+        op = data.draw(st.sampled_from(
+            ["send", "send", "send", "take", "take", "delete", "expire", "later",
+             "release", "purge"]))
+        if op == "send":
+            seq += 1
+            live[seq] = data.draw(st.sampled_from(["a", "b", "c", "d"]))
+            state.apply_send(offset, seq, now, now, live[seq], None, None, None)
+        elif op == "take":
+            limit = data.draw(st.integers(1, 10))
+            state.advance(now)
+            expected = _fifo_take_expected(state, live, limit)
+            got = [m.seq for m in state.take(now, limit)]
+            assert got == expected
+            if got:
+                state.apply_lease(offset, now, now + 30_000, got)
+                leases.update(dict.fromkeys(got, offset))
+        elif op in ("delete", "release") and leases:
+            chosen = data.draw(st.lists(st.sampled_from(sorted(leases)), max_size=4,
+                                        unique=True))
+            if op == "delete":
+                state.apply_deletes(now, [(s, leases[s]) for s in chosen])
+                for s in chosen:
+                    live.pop(s, None)
+            else:
+                state.apply(offset, rec.Receipts(log_format.QREC_CHANGE_VISIBILITY, now,
+                                                 [(s, leases[s], now) for s in chosen]))
+            for s in chosen:
+                del leases[s]
+        elif op == "expire" and live:
+            chosen = data.draw(st.lists(st.sampled_from(sorted(live)), max_size=3,
+                                        unique=True))
+            state.apply_seqs(offset, log_format.QREC_EXPIRE, now, chosen)
+            for s in chosen:
+                del live[s]
+                leases.pop(s, None)
+        elif op == "later":
+            now += data.draw(st.integers(0, 40_000))
+        elif op == "purge":
+            below = data.draw(st.integers(1, seq + 1))
+            state.apply(offset, rec.Purge(now, below))
+            for s in [s for s in live if s < below]:
+                del live[s]
+                leases.pop(s, None)
+        assert len(state) == len(live)
+    restored = decode_state(encode_state(state))
+    assert state_digest(restored) == state_digest(state)
+    state.advance(now)
+    expected = _fifo_take_expected(state, live, 10)
+    assert [m.seq for m in restored.take(now, 10)] == expected
+    assert [m.seq for m in state.take(now, 10)] == expected
+
+
+def test_a_drained_fifo_queue_gives_back_its_groups() -> None:
+    """A producer with a group per message grows the table of groups to the backlog's
+    size; drained, the table is given back."""
+    state = State(True)
+    now = 1_000_000
+    for seq in range(1, 10_001):
+        state.apply_send(seq, seq, now, now, f"group-{seq}", None, None, None)
+    full = state.memory_bytes()
+    assert full > 10_000 * (44 + 32)
+    taken = [m.seq for m in state.take(now, 10_000)]
+    assert taken == list(range(1, 10_001))  # every group free: each head, lowest first
+    state.apply_lease(20_000, now, now + 30_000, taken)
+    state.apply_deletes(now, [(seq, 20_000) for seq in taken])
+    state.advance(now)
+    assert len(state) == 0 and state.memory_bytes() < 4 * 1024
+    state.apply_send(30_000, 10_001, now, now, "again", None, None, None)
+    assert [m.seq for m in state.take(now, 10)] == [10_001]
 
 
 # --- 2. receipts -----------------------------------------------------------------------

@@ -8,6 +8,7 @@ import uuid
 
 import hypothesis.strategies as st
 import pytest
+import zstandard
 from hypothesis import given
 
 from engine import Broker, ManualClock, format
@@ -190,19 +191,50 @@ def _every_kind_of_message(fifo: bool) -> State:
     return state
 
 
+FIFO_DIGEST = "2e3be899a3e7e9fe19bac6163d28c340c5a2234d6685211d27ef0b303b0efd63"
+
+
 @pytest.mark.parametrize(("fifo", "digest"), [
     (False, "c155a9fc180bdcca2d303504307526f08396fd3e4e0729a2c145ad8f5eeabab1"),
-    (True, "696ac8aaaeb02aaf6a6663c5924de30db9b87e56d4256f809fd2413eb8e020f6"),
+    (True, FIFO_DIGEST),
 ])
 def test_snapshot_state_bytes_are_pinned(fifo: bool, digest: str) -> None:
     """Replicas compare digests of this encoding, and snapshots written by earlier builds
     are read with it: its bytes must not change without a new snapshot version. The
-    digests were taken from the encoder before it moved into engine/_queue.pyx."""
+    standard digest was taken from the encoder before it moved into engine/_queue.pyx;
+    the FIFO one changed when messages stopped keeping their dedup keys (written absent,
+    in the same layout), and its bytes decode and re-encode unchanged with the encoder
+    from before."""
     state = _every_kind_of_message(fifo)
     assert state_digest(state) == digest
     restored = decode_state(encode_state(state))
     assert state_digest(restored) == digest
     assert restored.category_counts == state.category_counts
+
+
+# The same FIFO state as written by the encoder from before, each message with its dedup
+# key (zstd, base64).
+_FIFO_STATE_V2 = (
+    "KLUv/WBAFnUVANZWVyww2wHAIDvWUEMzxASR1Jpg/G9Ga0O974moU1G0ckiZkl7XdV3XdV3XKJNDpksASwBNAA57"
+    "9js6rd8YlwHMAYvuymwAmADycDQYC0UCcTAUCAPBfHvubBMDn44/cq+b0lSuz/XOsKDFWrrfujAI6HGgk3rvo97j"
+    "4pXL0/RSHBPvCTNJjKx9DI58PB3OhvZJSGvwHznWgXtfoxYwGF2TwVwsNz0/FwCc7QFzTPFrb8IHjIjAqR96hTKR"
+    "ROhaEC+MVUNL7hVymUCQ67S9IJFaCuooV+hEuGIOsRJLkAz2Nb1S3V9OvD4fsfV8xLDzERzOP0Q3KdTJVKL/oaYx"
+    "hDPT3KDEGFyXQtZCGolCoNsXgBXbFyiU76EBhRYhH+AC1nzPJNoO2KOWKA/hH8T63B678zn+b2oN/eWfaWHyC25h"
+    "VW6KPfkSH6khtAf4+dFy5A2cwVrcCjvxEf5Qxzjrtn+A5qihcHhhjWkM4FJBkjQdQhAMDKcAIcAIEgwjUBgGIUZA"
+    "BIQQQfHG3ANE5QzQHwXrpdRQOUBmyFbxNNqFYdkrd+z6pZeEisWkS0BDV4yuFqXMKmmu0O2qxOyEsGS6oqwviT7z"
+    "dO7/fO74adPTiNVJmKynyuGK+/9UjmPBfEBIF4tZrUIYuAPWoYNOVZAviSFkdUEakGB1b8xPLKWUZARmAzl6N8FV"
+    "6qvjSGAl7kB7LMJREDf3xpADPvmJyVpxO4YEIySCxS3gY6MAydz+sAX5VRdwzAyJeEeBYWsk4L3kQCkBxcOZuInJ"
+    "w/YzSXDGBbA32EADEaVe4Fv8jsjGBCeB49pJxogYl4TiK8QEwttP8v9SAAuKBAtQz47FHr+SQ6eIR8NymY85Xgmb"
+    "0lHdbRDuwNkYNxi7nkZG5wbN8gsJp6FAJTMpPabwvQKvMMUP"
+)
+
+
+def test_an_older_snapshot_state_is_read_without_its_messages_dedup_keys() -> None:
+    data = zstandard.ZstdDecompressor().decompress(base64.b64decode("".join(_FIFO_STATE_V2)))
+    assert "d-é7".encode() in data  # the keys are there, and dropped when read
+    state = decode_state(data)
+    assert state_digest(state) == FIFO_DIGEST
+    assert state.category_counts == _every_kind_of_message(True).category_counts
 
 
 @pytest.mark.parametrize("fifo", [False, True])
