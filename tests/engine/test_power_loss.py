@@ -230,7 +230,9 @@ def _caught(problems: list[str]) -> bool:
 
 
 def test_power_loss_catches_fsync_never(tmp_path: Path) -> None:
-    verdict = _power_loss_cycles(tmp_path, 1, SEED + 1, fsync="never")
+    # Three cuts, not one: a single cut once dropped 51,584 unsynced bytes of which nothing
+    # checked was acknowledged (in a run loaded by other tests), and the control passed.
+    verdict = _power_loss_cycles(tmp_path, 3, SEED + 1, fsync="never")
     print("\n".join(verdict.problems))
     assert _caught(verdict.problems), verdict.summary
 
