@@ -114,12 +114,13 @@ cdef class State:
     cdef int _resize_dir(self, Py_ssize_t cap, Py_ssize_t shift) except -1
     cdef void _free_chunk(self, int64_t number) noexcept
     cdef Rec* _rec(self, int64_t seq) noexcept
+    cdef int64_t _next_live(self, int64_t seq) noexcept
     cdef Seen* _seen(self, int64_t seq) except NULL
     cdef int64_t _lease_of(self, int64_t seq) noexcept
     cdef Msg _msg(self, int64_t seq, Rec* r)
     cdef uint32_t _gid(self, object group) except? 0xFFFFFFFF
     cdef uint32_t _gid_of(self, int64_t seq) noexcept
-    cdef void _drop_gid(self, uint32_t gid)
+    cdef int _drop_gid(self, uint32_t gid) except -1
     cdef int64_t _link(self, int64_t seq) noexcept
     cdef void _set_link(self, int64_t seq, int64_t following) noexcept
     cdef int _push_timer(self, int64_t due, int64_t seq) except -1

@@ -492,6 +492,11 @@ cdef enum:
     HAS_GROUP = 4  # a group, its gid in the chunk's gids
     HAS_ORIGIN = 8  # moved in from another queue (its origin is in State._moved_from)
 
+cdef inline bint _before(Timer a, Timer b) noexcept nogil:
+    """Heap order of timers: by due time, then seq (as Python compares the tuples)."""
+    return a.due < b.due or (a.due == b.due and a.seq < b.seq)
+
+
 @cython.no_gc
 cdef class Msg:
     """A copy of one live message's state, made when asked for (State.get, take): fields
@@ -694,6 +699,22 @@ cdef class State:
         r = &c.recs[seq & CHUNK_MASK]
         return r if r.flags & LIVE else NULL
 
+    cdef int64_t _next_live(self, int64_t seq) noexcept:
+        """The lowest live seq at or above seq, or -1: every walk over the messages in
+        seq order is `seq = _next_live(0)` ... `seq = _next_live(seq + 1)`."""
+        cdef int64_t number = self._next_chunk(seq >> CHUNK_SHIFT if seq > 0 else 0)
+        cdef int64_t j
+        cdef Chunk* c
+        while number >= 0:
+            c = self._chunk(number)
+            j = seq - number * CHUNK_SEQS if seq > number * CHUNK_SEQS else 0
+            while j < CHUNK_SEQS:
+                if c.recs[j].flags & LIVE:
+                    return number * CHUNK_SEQS + j
+                j += 1
+            number = self._next_chunk(number + 1)
+        return -1
+
     cdef Seen* _seen(self, int64_t seq) except NULL:
         """The received side of live message seq, allocated for its chunk if need be."""
         cdef Chunk* c = self._chunk(seq >> CHUNK_SHIFT)
@@ -766,7 +787,7 @@ cdef class State:
         """The group number of live message seq (which has one)."""
         return self._chunk(seq >> CHUNK_SHIFT).gids[seq & CHUNK_MASK]
 
-    cdef void _drop_gid(self, uint32_t gid):
+    cdef int _drop_gid(self, uint32_t gid) except -1:
         """One message fewer in the group: its number is freed with its last."""
         self._groups[gid].count -= 1
         if self._groups[gid].count == 0:
@@ -782,6 +803,7 @@ cdef class State:
                 self._groups_cap = 0
                 self._group_names = []
                 self._free_gids = []
+        return 0
 
     # -- timers: a binary heap of (due, seq) -------------------------------------------------
 
@@ -802,8 +824,7 @@ cdef class State:
         self._timer_count += 1
         while i > 0:
             parent = (i - 1) >> 1
-            if (self._timers[parent].due < due or (self._timers[parent].due == due
-                                                   and self._timers[parent].seq <= seq)):
+            if not _before(t, self._timers[parent]):
                 break
             self._timers[i] = self._timers[parent]
             i = parent
@@ -819,10 +840,9 @@ cdef class State:
             child = 2 * i + 1
             if child >= n:
                 break
-            if child + 1 < n and (h[child + 1].due < h[child].due or (
-                    h[child + 1].due == h[child].due and h[child + 1].seq < h[child].seq)):
+            if child + 1 < n and _before(h[child + 1], h[child]):
                 child += 1
-            if t.due < h[child].due or (t.due == h[child].due and t.seq <= h[child].seq):
+            if not _before(h[child], t):
                 break
             h[i] = h[child]
             i = child
@@ -883,25 +903,22 @@ cdef class State:
     def in_category(self, int category):
         """Copies of the live messages in this category, in seq order (rare paths)."""
         cdef list out = []
-        cdef Py_ssize_t j
-        cdef int64_t number
-        cdef Chunk* c
+        cdef int64_t seq
+        cdef Rec* r
         if not 0 <= category <= MOVING:
             raise ValueError(f"no such category: {category}")
         if self._counts[category] == 0:
             return out
-        number = self._next_chunk(0)
-        while number >= 0:
-            c = self._chunk(number)
-            for j in range(CHUNK_SEQS):
-                if c.recs[j].flags & LIVE and c.recs[j].category == category:
-                    out.append(self._msg(number * CHUNK_SEQS + j, &c.recs[j]))
-            number = self._next_chunk(number + 1)
+        seq = self._next_live(0)
+        while seq >= 0:
+            r = self._rec(seq)
+            if r.category == category:
+                out.append(self._msg(seq, r))
+            seq = self._next_live(seq + 1)
         return out
 
     def moved_in(self):
         """(sent_at, seq) of each message moved in from another queue."""
-        cdef Rec* r
         out = []
         for seq in self._moved_from:
             out.append((self._rec(seq).sent_at, seq))
@@ -912,38 +929,27 @@ cdef class State:
         stopping at the first one sent later; moved-in and moving messages are skipped
         (engine/queue.py expires those by their own order)."""
         cdef list out = []
-        cdef Py_ssize_t j
-        cdef int64_t number
-        cdef Chunk* c
+        cdef int64_t seq = self._next_live(0)
         cdef Rec* r
-        number = self._next_chunk(0)
-        while number >= 0:
-            c = self._chunk(number)
-            for j in range(CHUNK_SEQS):
-                r = &c.recs[j]
-                if not r.flags & LIVE:
-                    continue
-                if r.sent_at > cutoff or len(out) >= limit:
-                    return out
-                if not r.flags & HAS_ORIGIN and r.category != MOVING:
-                    out.append(number * CHUNK_SEQS + j)
-            number = self._next_chunk(number + 1)
+        while seq >= 0:
+            r = self._rec(seq)
+            if r.sent_at > cutoff or len(out) >= limit:
+                break
+            if not r.flags & HAS_ORIGIN and r.category != MOVING:
+                out.append(seq)
+            seq = self._next_live(seq + 1)
         return out
 
     def stored_in(self, int64_t first, int64_t end):
         """Seqs of the live messages whose SEND record is at an offset in [first, end)."""
         cdef list out = []
-        cdef Py_ssize_t j
-        cdef int64_t number
-        cdef Chunk* c
-        number = self._next_chunk(0)
-        while number >= 0:
-            c = self._chunk(number)
-            for j in range(CHUNK_SEQS):
-                if (c.recs[j].flags & LIVE and first <= c.recs[j].location
-                        and c.recs[j].location < end):
-                    out.append(number * CHUNK_SEQS + j)
-            number = self._next_chunk(number + 1)
+        cdef int64_t seq = self._next_live(0)
+        cdef Rec* r
+        while seq >= 0:
+            r = self._rec(seq)
+            if first <= r.location < end:
+                out.append(seq)
+            seq = self._next_live(seq + 1)
         return out
 
     # -- apply --------------------------------------------------------------------------
@@ -954,9 +960,7 @@ cdef class State:
         cdef int64_t below
         cdef int tag
         cdef Rec* r
-        cdef Py_ssize_t j
-        cdef int64_t number
-        cdef Chunk* c
+        cdef int64_t seq
         if isinstance(record, SendMeta):
             self.apply_send(offset, record.seq, record.sent_at, record.visible_at,
                             record.group, record.dedup, record.message_id, record.origin)
@@ -984,15 +988,10 @@ cdef class State:
             below = record.below_seq
             # Lowest seq first, as the messages' dict was walked before: a FIFO group
             # then loses its head before the messages behind it.
-            number = self._next_chunk(0)
-            while 0 <= number and number * CHUNK_SEQS < below:
-                for j in range(CHUNK_SEQS):
-                    c = self._chunk(number)  # NULL once its last message is removed
-                    if c == NULL or number * CHUNK_SEQS + j >= below:
-                        break
-                    if c.recs[j].flags & LIVE:
-                        self._remove(number * CHUNK_SEQS + j, &c.recs[j], 5)
-                number = self._next_chunk(number + 1)
+            seq = self._next_live(0)
+            while 0 <= seq < below:
+                self._remove(seq, self._rec(seq), 5)  # may free its chunk
+                seq = self._next_live(seq + 1)
             self._after(now)
             return
         if isinstance(record, Config):
@@ -1456,32 +1455,20 @@ cdef class State:
         """sent_at of the live message with the lowest seq, or None. Called on every
         receive: the lowest chunk holds a live message (an empty chunk is freed), so this
         looks at one chunk at most."""
-        cdef Chunk* c
-        cdef Py_ssize_t j
-        if self._live == 0:
-            return None
-        c = self._chunk(self._next_chunk(0))
-        for j in range(CHUNK_SEQS):
-            if c.recs[j].flags & LIVE:
-                return c.recs[j].sent_at
-        raise AssertionError("an allocated chunk holds no message")
+        cdef int64_t seq = self._next_live(0)
+        return None if seq < 0 else self._rec(seq).sent_at
 
     def oldest_location(self):
         """Lowest log offset a live message's body is stored at."""
-        cdef Py_ssize_t j
-        cdef int64_t number
-        cdef Chunk* c
-        cdef int64_t low = 0
-        cdef bint found = False
-        number = self._next_chunk(0)
-        while number >= 0:
-            c = self._chunk(number)
-            for j in range(CHUNK_SEQS):
-                if c.recs[j].flags & LIVE and (not found or c.recs[j].location < low):
-                    low = c.recs[j].location
-                    found = True
-            number = self._next_chunk(number + 1)
-        return low if found else None
+        cdef int64_t seq = self._next_live(0)
+        cdef int64_t low
+        if seq < 0:
+            return None
+        low = self._rec(seq).location
+        while seq >= 0:
+            low = min(low, self._rec(seq).location)
+            seq = self._next_live(seq + 1)
+        return low
 
     def dedup_entries(self):
         """The dedup window, oldest first (the order pruning needs)."""
@@ -1762,8 +1749,7 @@ def encode_messages(State state):
     cdef list names = []  # each group's name as UTF-8, by gid (None: absent)
     cdef object name
     cdef object origin
-    cdef Py_ssize_t j
-    cdef int64_t number
+    cdef Py_ssize_t gid, j
     cdef int64_t seq
     cdef Chunk* c
     cdef Rec* r
@@ -1776,61 +1762,52 @@ def encode_messages(State state):
         else:
             name = None  # group "": a FIFO message sent without one
         names.append(name)
-    # Sized first, in seq order.
-    number = state._next_chunk(0)
-    while number >= 0:
-        c = state._chunk(number)
-        for j in range(CHUNK_SEQS):
-            if c.recs[j].flags & HAS_GROUP:
-                name = names[c.gids[j]]
-                if name is not None:
-                    size += len(<bytes>name)
-        number = state._next_chunk(number + 1)
+    # Each message with a group carries its name: a group's count of messages sizes them.
+    for gid in range(len(names)):
+        if names[gid] is not None:
+            size += len(<bytes>names[gid]) * state._groups[gid].count
     cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
     cdef unsigned char* end = p + size
-    # The same messages as the loop above: the caller holds the queue's lock, which every
-    # change to the state takes, so the size computed there is the size written here.
-    number = state._next_chunk(0)
-    while number >= 0:
-        c = state._chunk(number)
-        for j in range(CHUNK_SEQS):
-            r = &c.recs[j]
-            if not r.flags & LIVE:
-                continue
-            seq = number * CHUNK_SEQS + j
-            st64(p, <uint64_t>seq)
-            st64(p + 8, <uint64_t>r.location)
-            st64(p + 16, <uint64_t>r.sent_at)
-            st64(p + 24, <uint64_t>r.visible_at)
-            st32(p + 32, r.receive_count)
-            if c.seen != NULL:
-                s = &c.seen[j]
-                st64(p + 36, <uint64_t>s.lease)
-                st64(p + 44, <uint64_t>s.leased_at)
-                st64(p + 52, <uint64_t>s.first_received_at)
-            else:
-                memset(p + 36, 0, 24)
-            p[60] = 1 if r.category == MOVING else 0
-            p += SNAP_FIXED
-            p = _put_str(p, names[c.gids[j]] if r.flags & HAS_GROUP else None)
-            st16(p, SNAP_NO_STR)
-            p += 2
-            if r.flags & HAS_ID:
-                memcpy(p, c.ids + 16 * j, 16)
-            else:
-                memset(p, 0, 16)
-            p += 16
-            if r.flags & HAS_ORIGIN:
-                origin = state._moved_from[seq]
-                p[0] = 1
-                st64(p + 1, <uint64_t>origin[0])
-                st64(p + 9, <uint64_t>origin[1])
-                st32(p + 17, <uint32_t>origin[2])
-            else:
-                memset(p, 0, SNAP_ORIGIN)
-            p += SNAP_ORIGIN
-        number = state._next_chunk(number + 1)
+    # The caller holds the queue's lock, which every change to the state takes, so the
+    # messages written are those the size counted.
+    seq = state._next_live(0)
+    while seq >= 0:
+        c = state._chunk(seq >> CHUNK_SHIFT)
+        j = seq & CHUNK_MASK
+        r = &c.recs[j]
+        st64(p, <uint64_t>seq)
+        st64(p + 8, <uint64_t>r.location)
+        st64(p + 16, <uint64_t>r.sent_at)
+        st64(p + 24, <uint64_t>r.visible_at)
+        st32(p + 32, r.receive_count)
+        if c.seen != NULL:
+            s = &c.seen[j]
+            st64(p + 36, <uint64_t>s.lease)
+            st64(p + 44, <uint64_t>s.leased_at)
+            st64(p + 52, <uint64_t>s.first_received_at)
+        else:
+            memset(p + 36, 0, 24)
+        p[60] = 1 if r.category == MOVING else 0
+        p += SNAP_FIXED
+        p = _put_str(p, names[c.gids[j]] if r.flags & HAS_GROUP else None)
+        st16(p, SNAP_NO_STR)
+        p += 2
+        if r.flags & HAS_ID:
+            memcpy(p, c.ids + 16 * j, 16)
+        else:
+            memset(p, 0, 16)
+        p += 16
+        if r.flags & HAS_ORIGIN:
+            origin = state._moved_from[seq]
+            p[0] = 1
+            st64(p + 1, <uint64_t>origin[0])
+            st64(p + 9, <uint64_t>origin[1])
+            st32(p + 17, <uint32_t>origin[2])
+        else:
+            memset(p, 0, SNAP_ORIGIN)
+        p += SNAP_ORIGIN
+        seq = state._next_live(seq + 1)
     assert p == end
     return out
 
