@@ -80,14 +80,44 @@ cdef class ReceiptOpener:
     cpdef tuple open(self, object handle)
 
 
+# One deduplication window entry (engine/_queue.pyx, "the deduplication window"),
+# followed by its key's UTF-8 bytes and its explicit message id, if any.
+ctypedef struct WindowEntry:
+    int64_t sent_at
+    int64_t seq
+    uint64_t hash
+    uint16_t key_len
+    uint8_t has_id
+    uint8_t unused[5]
+
+
+cdef class DedupWindow:
+    cdef unsigned char* _buf
+    cdef Py_ssize_t _cap, _touched
+    cdef int64_t _base, _head, _tail
+    cdef int64_t* _slots
+    cdef Py_ssize_t _slot_cap, _count
+
+    cdef WindowEntry* _at(self, int64_t position) noexcept
+    cdef Py_ssize_t memory_bytes(self) noexcept
+    cdef Py_ssize_t _find(self, const char* key, Py_ssize_t key_len, uint64_t h) noexcept
+    cdef int _resize_slots(self, Py_ssize_t cap) except -1
+    cdef void _unslot(self, Py_ssize_t i) noexcept
+    cdef int _reserve(self, Py_ssize_t size) except -1
+    cdef int add(self, str key, int64_t seq, int64_t sent_at, object message_id) except -1
+    cdef tuple _value(self, WindowEntry* e)
+    cdef object get(self, str key)
+    cdef bint aged(self, int64_t now) noexcept
+    cdef int prune(self, int64_t now) except -1
+
+
 cdef class State:
     cdef public bint fifo
     cdef public int64_t next_seq
     cdef public int64_t last_time
     cdef public dict config
-    cdef public dict dedup
     cdef public dict origins
-    cdef object _dedup_order
+    cdef DedupWindow _window
     cdef int64_t _counts[4]
     cdef int64_t _sent, _received, _deleted, _expired, _moved, _purged
     # The directory: _dir[i] holds block number _dir_base + i (or NULL); every entry
@@ -136,7 +166,7 @@ cdef class State:
     cpdef apply_lease(self, int64_t offset, int64_t now, int64_t until, object seqs)
     cpdef apply_seqs(self, int64_t offset, int tag, int64_t now, object seqs)
     cpdef apply_deletes(self, int64_t now, object pairs)
-    cdef void _after(self, int64_t now)
+    cdef int _after(self, int64_t now) except -1
     cdef int _set_visible_at(self, int64_t seq, Rec* r, int64_t visible_at,
                              int64_t now) except -1
     cdef int _enter(self, int64_t seq, Rec* r, int category) except -1

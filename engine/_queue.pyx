@@ -17,7 +17,8 @@ Not thread-safe: engine/queue.py serialises every call on one State under its lo
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
+from cpython.unicode cimport (
+    PyUnicode_AsUTF8AndSize, PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8)
 
 cdef extern from "Python.h":
     object PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
@@ -25,8 +26,8 @@ cdef extern from "Python.h":
     bint PyUnicode_IS_COMPACT_ASCII(object o)
     Py_ssize_t PyUnicode_GET_LENGTH(object o)
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, realloc
-from libc.string cimport memcpy, memset
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memmove, memset
 
 cdef extern from *:
     int __builtin_ctzll(unsigned long long x) nogil
@@ -55,7 +56,6 @@ from engine._format cimport (
 from engine._segment cimport Records
 
 import heapq
-from collections import deque
 
 from engine import format as fmt
 from engine.errors import EngineError, MessageTooLargeError, ReceiptInvalidError
@@ -86,9 +86,9 @@ CATEGORIES = {"delayed": DELAYED, "visible": VISIBLE, "in_flight": INFLIGHT, "mo
 DEDUP_WINDOW_MS = 5 * 60 * 1000
 cdef int64_t _DEDUP_WINDOW = DEDUP_WINDOW_MS
 
-# What State.memory_bytes counts for a message's dict entry (group, dedup key, origin) and
-# for a dedup window entry: the entry, its tuple and short strings, as measured with
-# tracemalloc for 100-character keys.
+# What State.memory_bytes counts for a dict entry (a group's number, a moved message's
+# origin): the entry, its tuple and short strings, as measured with tracemalloc for
+# 100-character keys.
 cdef Py_ssize_t EXTRA_BYTES_ESTIMATE = 400
 
 # The constants as compiled here, for test_format.py to compare with engine/format.py.
@@ -506,6 +506,242 @@ cdef class Msg:
     dead-lettered message came from). Changing it changes nothing in the state."""
 
 
+# --- the deduplication window ------------------------------------------------------------
+#
+# A FIFO queue remembers every deduplication id sent in the last five minutes. A dict of
+# str keys to tuples, with a deque for age order, would cost about 370 bytes an id; here one
+# costs its entry in one byte buffer (a 32-byte header, the key's UTF-8 bytes, the explicit
+# message id if any, padded to 8) and about 12 bytes of hash index.
+#
+# Entries are appended in send order and age out oldest first, so the buffer is a queue:
+# positions are logical (they only grow), the buffer holds [_base, _base + _cap), live
+# entries are [_head, _tail). The index is open addressing with linear probing; a slot
+# holds an entry's position + 1 (0: empty). A key sent again after its entry aged (but
+# before that entry was pruned) points its slot to the new entry; the old one is then
+# dead, skipped when pruned because its slot points elsewhere.
+
+cdef enum:
+    WINDOW_BYTES_MIN = 4096
+    WINDOW_SLOTS_MIN = 64
+    WINDOW_KEY_BYTES_MAX = 65535
+
+
+cdef inline Py_ssize_t _entry_size(Py_ssize_t key_len, bint has_id) noexcept nogil:
+    return (sizeof(WindowEntry) + key_len + (16 if has_id else 0) + 7) & ~(<Py_ssize_t>7)
+
+
+cdef class DedupWindow:
+    """Deduplication ids seen within DEDUP_WINDOW_MS: key -> (seq, sent_at, message_id)."""
+
+    # Nothing is allocated until the first id arrives, and all is freed when the last
+    # one ages out: most queues are standard, or FIFO without a recent send.
+
+    def __dealloc__(self):
+        free(self._buf)
+        free(self._slots)
+
+    def __len__(self):
+        return self._count
+
+    cdef WindowEntry* _at(self, int64_t position) noexcept:
+        return <WindowEntry*>(self._buf + (position - self._base))
+
+    cdef Py_ssize_t memory_bytes(self) noexcept:
+        # The buffer's pages written so far, not its capacity: a doubled buffer's new
+        # half costs nothing until it is written.
+        return self._touched + self._slot_cap * sizeof(int64_t)
+
+    cdef Py_ssize_t _find(self, const char* key, Py_ssize_t key_len, uint64_t h) noexcept:
+        """The slot holding key, or the empty slot where it would go."""
+        cdef Py_ssize_t mask = self._slot_cap - 1
+        cdef Py_ssize_t i = <Py_ssize_t>(h & <uint64_t>mask)
+        cdef WindowEntry* e
+        while self._slots[i]:
+            e = self._at(self._slots[i] - 1)
+            if (e.hash == h and e.key_len == key_len
+                    and memcmp(<char*>e + sizeof(WindowEntry), key, key_len) == 0):
+                return i
+            i = (i + 1) & mask
+        return i
+
+    cdef int _resize_slots(self, Py_ssize_t cap) except -1:
+        cdef int64_t* old = self._slots
+        cdef Py_ssize_t old_cap = self._slot_cap
+        cdef Py_ssize_t i, j
+        cdef int64_t* slots = <int64_t*>calloc(cap, sizeof(int64_t))
+        if slots == NULL:
+            raise MemoryError()
+        for i in range(old_cap):
+            if old[i]:
+                j = <Py_ssize_t>(self._at(old[i] - 1).hash & <uint64_t>(cap - 1))
+                while slots[j]:
+                    j = (j + 1) & (cap - 1)
+                slots[j] = old[i]
+        self._slots = slots
+        self._slot_cap = cap
+        free(old)
+        return 0
+
+    cdef void _unslot(self, Py_ssize_t i) noexcept:
+        """Empty slot i, shifting back the entries after it that probed past it."""
+        cdef Py_ssize_t mask = self._slot_cap - 1
+        cdef Py_ssize_t j = i
+        cdef Py_ssize_t home
+        while True:
+            j = (j + 1) & mask
+            if not self._slots[j]:
+                break
+            home = <Py_ssize_t>(self._at(self._slots[j] - 1).hash & <uint64_t>mask)
+            # The entry at j may move to i if its home is not in (i, j] (cyclically).
+            if (i <= j and (home <= i or home > j)) or (i > j and home <= i and home > j):
+                self._slots[i] = self._slots[j]
+                i = j
+        self._slots[i] = 0
+
+    cdef int _reserve(self, Py_ssize_t size) except -1:
+        """Room for size more bytes at _tail: live entries moved to the buffer's start, and
+        the buffer doubled if they fill more than half of it."""
+        cdef Py_ssize_t live = self._tail - self._head
+        cdef Py_ssize_t cap = max(self._cap, WINDOW_BYTES_MIN)
+        cdef unsigned char* buf
+        if self._tail + size <= self._base + self._cap:
+            return 0
+        while live + size > cap // 2:
+            cap *= 2
+        if live:
+            memmove(self._buf, self._buf + (self._head - self._base), live)
+        self._base = self._head
+        if cap != self._cap:
+            buf = <unsigned char*>realloc(self._buf, cap)
+            if buf == NULL:
+                raise MemoryError()
+            self._buf = buf
+            self._cap = cap
+        return 0
+
+    cdef int add(self, str key, int64_t seq, int64_t sent_at, object message_id) except -1:
+        cdef Py_ssize_t key_len
+        cdef const char* data = PyUnicode_AsUTF8AndSize(key, &key_len)
+        cdef uint64_t h = <uint64_t>hash(key)
+        cdef bint has_id = message_id is not None
+        cdef Py_ssize_t size = _entry_size(key_len, has_id)
+        cdef Py_ssize_t i
+        cdef WindowEntry* e
+        if key_len > WINDOW_KEY_BYTES_MAX:
+            raise ValueError(f"a deduplication id of {key_len} bytes")
+        if has_id and (not isinstance(message_id, bytes) or len(message_id) != 16):
+            raise ValueError("an explicit message id is 16 bytes")
+        if self._slots == NULL:
+            self._slots = <int64_t*>calloc(WINDOW_SLOTS_MIN, sizeof(int64_t))
+            if self._slots == NULL:
+                raise MemoryError()
+            self._slot_cap = WINDOW_SLOTS_MIN
+        self._reserve(size)
+        e = self._at(self._tail)
+        memset(e, 0, size)
+        e.sent_at = sent_at
+        e.seq = seq
+        e.hash = h
+        e.key_len = <uint16_t>key_len
+        e.has_id = has_id
+        memcpy(<char*>e + sizeof(WindowEntry), data, key_len)
+        if has_id:
+            memcpy(<char*>e + sizeof(WindowEntry) + key_len, PyBytes_AS_STRING(message_id), 16)
+        i = self._find(data, key_len, h)
+        if not self._slots[i]:
+            self._count += 1
+        self._slots[i] = self._tail + 1
+        self._tail += size
+        if self._tail - self._base > self._touched:
+            self._touched = self._tail - self._base
+        if self._count * 4 > self._slot_cap * 3:
+            self._resize_slots(self._slot_cap * 2)
+        return 0
+
+    cdef tuple _value(self, WindowEntry* e):
+        cdef object message_id = None
+        if e.has_id:
+            message_id = PyBytes_FromStringAndSize(
+                <char*>e + sizeof(WindowEntry) + e.key_len, 16)
+        return (e.seq, e.sent_at, message_id)
+
+    cdef object get(self, str key):
+        """(seq, sent_at, message_id) of key's entry, or None."""
+        cdef Py_ssize_t key_len
+        cdef const char* data = PyUnicode_AsUTF8AndSize(key, &key_len)
+        cdef Py_ssize_t i
+        if not self._count:
+            return None
+        i = self._find(data, key_len, <uint64_t>hash(key))
+        if not self._slots[i]:
+            return None
+        return self._value(self._at(self._slots[i] - 1))
+
+    cdef bint aged(self, int64_t now) noexcept:
+        return self._head < self._tail and self._at(self._head).sent_at + _DEDUP_WINDOW <= now
+
+    cdef int prune(self, int64_t now) except -1:
+        """Drop the entries that aged out by now."""
+        cdef WindowEntry* e
+        cdef Py_ssize_t i
+        cdef Py_ssize_t live, cap
+        cdef unsigned char* buf
+        if not self.aged(now):
+            return 0
+        while self._head < self._tail:
+            e = self._at(self._head)
+            if e.sent_at + _DEDUP_WINDOW > now:
+                break
+            i = self._find(<char*>e + sizeof(WindowEntry), e.key_len, e.hash)
+            if self._slots[i] == self._head + 1:
+                self._unslot(i)
+                self._count -= 1
+            self._head += _entry_size(e.key_len, e.has_id)
+        if self._head == self._tail:
+            free(self._buf)
+            free(self._slots)
+            self._buf = NULL
+            self._slots = NULL
+            self._cap = self._slot_cap = self._touched = 0
+            self._base = self._head
+            return 0
+        # Give back what a burst made the buffer and the index grow to, down to twice
+        # what they hold (so that the next burst does not resize them at once).
+        live = self._tail - self._head
+        if self._cap > WINDOW_BYTES_MIN and live * 4 < self._cap:
+            cap = WINDOW_BYTES_MIN
+            while cap < live * 2:
+                cap *= 2
+            memmove(self._buf, self._buf + (self._head - self._base), live)
+            self._base = self._head
+            buf = <unsigned char*>realloc(self._buf, cap)
+            if buf != NULL:
+                self._buf = buf
+                self._cap = cap
+                self._touched = min(self._touched, cap)
+        if self._slot_cap > WINDOW_SLOTS_MIN and self._count * 8 < self._slot_cap:
+            cap = WINDOW_SLOTS_MIN
+            while cap < self._count * 2:
+                cap *= 2
+            self._resize_slots(cap)
+        return 0
+
+    def entries(self):
+        """[(key, (seq, sent_at, message_id))] of every id in the window, in send order."""
+        cdef list result = []
+        cdef int64_t position = self._head
+        cdef WindowEntry* e
+        cdef Py_ssize_t i
+        while position < self._tail:
+            e = self._at(position)
+            i = self._find(<char*>e + sizeof(WindowEntry), e.key_len, e.hash)
+            if self._slots[i] == position + 1:
+                result.append((PyUnicode_DecodeUTF8(<char*>e + sizeof(WindowEntry),
+                                                    e.key_len, NULL), self._value(e)))
+            position += _entry_size(e.key_len, e.has_id)
+        return result
+
+
 # --- the state machine ---------------------------------------------------------------------
 
 cdef class State:
@@ -517,10 +753,9 @@ cdef class State:
     FIFO queues the per-group order and locks.
     """
 
-    # Fields are declared in _queue.pxd. dedup maps a dedup key to (seq, sent_at,
+    # Fields are declared in _queue.pxd. _window maps a dedup key to (seq, sent_at,
     # message_id), message_id being the 16 explicit bytes or None for a derived id;
-    # origins maps (origin queue uid, origin seq) to seq; _dedup_order holds
-    # (sent_at, key) oldest first; each chunk's visible bitmap marks its VISIBLE messages
+    # origins maps (origin queue uid, origin seq) to seq; each chunk's visible bitmap marks its VISIBLE messages
     # (standard queues deliver lowest seq first, found from _cursor); _timers is a binary
     # heap of (due, seq) for DELAYED and INFLIGHT messages, with stale entries skipped;
     # groups are numbered (gid: _group_ids, _group_names, reused through _free_gids once
@@ -532,9 +767,8 @@ cdef class State:
         self.fifo = fifo
         self.next_seq = 1
         self.config = {}
-        self.dedup = {}
         self.origins = {}
-        self._dedup_order = deque()
+        self._window = DedupWindow()
         self._moved_from = {}
         self._group_ids = {}
         self._group_names = []
@@ -891,7 +1125,7 @@ cdef class State:
                 + (len(self._group_names) + len(self._free_gids)) * 8
                 + len(self._group_ids) * EXTRA_BYTES_ESTIMATE
                 + len(self._moved_from) * EXTRA_BYTES_ESTIMATE
-                + len(self.dedup) * EXTRA_BYTES_ESTIMATE)
+                + self._window.memory_bytes())
 
     # -- reading messages -------------------------------------------------------------------
 
@@ -1062,8 +1296,7 @@ cdef class State:
         r = self._rec(seq)
         self._sent += 1
         if dedup is not None:
-            self.dedup[dedup] = (seq, sent_at, message_id)
-            self._dedup_order.append((sent_at, dedup))
+            self._window.add(dedup, seq, sent_at, message_id)
         self._enter(seq, r, VISIBLE if visible_at <= sent_at else DELAYED)
         self._added(seq, r)
         self._after(sent_at)
@@ -1115,16 +1348,12 @@ cdef class State:
                 self._remove(seq, r, 2)
         self._after(now)
 
-    cdef void _after(self, int64_t now):
+    cdef int _after(self, int64_t now) except -1:
         """What every record does last: advance last_time, prune the dedup window."""
         if now > self.last_time:
             self.last_time = now
-        order = self._dedup_order
-        while order and (<int64_t>order[0][0]) + _DEDUP_WINDOW <= now:
-            sent_at, key = order.popleft()
-            entry = self.dedup.get(key)
-            if entry is not None and entry[1] == sent_at:
-                del self.dedup[key]
+        self._window.prune(now)
+        return 0
 
     cdef int _set_visible_at(self, int64_t seq, Rec* r, int64_t visible_at,
                              int64_t now) except -1:
@@ -1313,8 +1542,7 @@ cdef class State:
 
     def restore_dedup(self, str key, int64_t seq, int64_t sent_at, bytes message_id=None):
         """Put back a dedup window entry (in oldest-first order)."""
-        self.dedup[key] = (seq, sent_at, message_id)
-        self._dedup_order.append((sent_at, key))
+        self._window.add(key, seq, sent_at, message_id)
 
     cdef int _compact(self) except -1:
         """Drop the timer heap's stale entries once they outnumber the live ones: a
@@ -1441,12 +1669,11 @@ cdef class State:
     def dedup_aged(self, int64_t now):
         """Whether the deduplication window holds entries that aged out by now (the next
         record applied drops them)."""
-        order = self._dedup_order
-        return bool(order) and (<int64_t>order[0][0]) + _DEDUP_WINDOW <= now
+        return self._window.aged(now)
 
     def duplicate_of(self, str key, int64_t now):
         """(seq, sent_at, message_id) of a send with this dedup key inside the window."""
-        entry = self.dedup.get(key)
+        entry = self._window.get(key)
         if entry is not None and entry[1] + _DEDUP_WINDOW > now:
             return entry
         return None
@@ -1472,7 +1699,7 @@ cdef class State:
 
     def dedup_entries(self):
         """The dedup window, oldest first (the order pruning needs)."""
-        return sorted(self.dedup.items(), key=lambda item: (item[1][1], item[0]))
+        return sorted(self._window.entries(), key=lambda item: (item[1][1], item[0]))
 
     # -- the leader's per-message work ----------------------------------------------------
 

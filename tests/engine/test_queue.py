@@ -410,6 +410,80 @@ def test_fifo_groups_deliver_in_order_through_any_history(data: st.DataObject) -
     assert [m.seq for m in state.take(now, 10)] == expected
 
 
+_WINDOW_MS = DEDUP_WINDOW_S * 1000
+_KEYS = [f"k{i}" for i in range(24)] + ["ключ-ø", "x" * 128, "", "k1 "]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_the_dedup_window_matches_its_rule_through_any_history(data: st.DataObject) -> None:
+    """The deduplication window (one byte buffer and a hash index) against a dict and a
+    list of the rule: an id is a duplicate for five minutes after its send; one sent again
+    after that is a new send that the old entry's pruning must not forget; the window
+    survives a snapshot and lets go of all it holds once every id has aged."""
+    state = State(True)
+    empty = state.memory_bytes()
+    now = 1_000_000
+    seq = 0
+    model: dict[str, tuple[int, int, bytes | None]] = {}
+    order: list[tuple[int, str]] = []
+
+    def prune(at: int) -> None:
+        while order and order[0][0] + _WINDOW_MS <= at:
+            sent_at, key = order.pop(0)
+            if model[key][1] == sent_at:
+                del model[key]
+
+    for offset in range(1, data.draw(st.integers(2, 300))):
+        op = data.draw(st.sampled_from(["send", "send", "send", "later", "tick", "look"]))
+        if op == "send":
+            key = data.draw(st.sampled_from(_KEYS))
+            entry = model.get(key)
+            assert state.duplicate_of(key, now) == (
+                entry if entry is not None and entry[1] + _WINDOW_MS > now else None)
+            if entry is not None and entry[1] + _WINDOW_MS > now:
+                continue  # the leader answers a duplicate without a record
+            seq += 1
+            message_id = data.draw(st.sampled_from([None, None, os.urandom(16)]))
+            state.apply_send(offset, seq, now, now, "g", key, message_id, None)
+            model[key] = (seq, now, message_id)
+            order.append((now, key))
+            prune(now)
+        elif op == "later":
+            now += data.draw(st.sampled_from([1, 1_000, 60_000, _WINDOW_MS - 1, _WINDOW_MS]))
+        elif op == "tick":  # a record with nothing in it, as maintenance writes
+            state.apply_seqs(offset, log_format.QREC_EXPIRE, now, [])
+            prune(now)
+        else:
+            key = data.draw(st.sampled_from(_KEYS))
+            entry = model.get(key)
+            assert state.duplicate_of(key, now) == (
+                entry if entry is not None and entry[1] + _WINDOW_MS > now else None)
+        expected = sorted(model.items(), key=lambda item: (item[1][1], item[0]))
+        assert state.dedup_entries() == expected
+    restored = decode_state(encode_state(state))
+    assert restored.dedup_entries() == state.dedup_entries()
+    assert state_digest(restored) == state_digest(state)
+    for aged in (state, restored):
+        aged.apply_seqs(10_000, log_format.QREC_EXPIRE, now + _WINDOW_MS, range(1, seq + 1))
+        assert aged.dedup_entries() == [] and aged.memory_bytes() < empty + 1024
+
+
+def test_the_dedup_window_gives_back_what_a_burst_grew() -> None:
+    state = State(True)
+    now = 1_000_000
+    for seq in range(1, 50_001):
+        state.apply_send(seq, seq, now + seq, now + seq, "g", f"{seq:036d}", None, None)
+    state.apply_seqs(60_000, log_format.QREC_EXPIRE, now, range(1, 50_001))
+    assert len(state) == 0 and len(state.dedup_entries()) == 50_000  # ids outlive messages
+    # All but the last 100 age out: what is left is sized for them.
+    state.apply_seqs(60_001, log_format.QREC_EXPIRE, now + 49_900 + _WINDOW_MS, [])
+    assert len(state.dedup_entries()) == 100
+    assert state.memory_bytes() < 32 * 1024
+    assert state.duplicate_of(f"{49_950:036d}", now + 49_900 + _WINDOW_MS) == (
+        49_950, now + 49_950, None)
+
+
 def test_a_drained_fifo_queue_gives_back_its_groups() -> None:
     """A producer with a group per message grows the table of groups to the backlog's
     size; drained, the table is given back."""
