@@ -279,7 +279,8 @@ class Load:
             # the requests after it are not sent in a burst either.
             due = max(due + 1 / self.rate, time.monotonic())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), due - time.monotonic())
+                async with asyncio.timeout(due - time.monotonic()):
+                    await self.stop.wait()
 
 
 class Spy:

@@ -64,7 +64,8 @@ async def _changed(core: QueueCore, version: int, seconds: float) -> None:
     delayed or leased message), or seconds pass."""
     waiter = core.waiter(version)
     try:
-        await asyncio.wait_for(waiter, min(seconds, core.seconds_to_next_timer()))
+        async with asyncio.timeout(min(seconds, core.seconds_to_next_timer())):
+            await waiter
     except TimeoutError:
         pass
     finally:

@@ -303,7 +303,8 @@ class LeaderRole:
             heapq.heappush(self._waiters, (offset, next(self._seq), future))
             self._kick()
             try:
-                await asyncio.wait_for(asyncio.shield(future), COMMIT_WAIT_S)
+                async with asyncio.timeout(COMMIT_WAIT_S):
+                    await asyncio.shield(future)
             except TimeoutError:
                 raise ReplicationUnavailableError(
                     self.name, f"not committed on the ISR in {COMMIT_WAIT_S:g} s") from None
@@ -429,7 +430,8 @@ class LeaderRole:
             if (self._isr_busy or (core is not None and self._idle(core.log.next_offset))) \
                     and not self._monitor_wake.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._monitor_wake.wait(), IDLE_MONITOR_S)
+                    async with asyncio.timeout(IDLE_MONITOR_S):
+                        await self._monitor_wake.wait()
             self._monitor_wake.clear()
             await asyncio.sleep(MONITOR_S)
             core = self.core

@@ -130,7 +130,8 @@ class LeaseKeeper:
         wait = interval
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._stopping.wait()
                 return
             sent = time.monotonic()
             try:

@@ -334,7 +334,8 @@ class Link:
                 return
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), HEARTBEAT_S - (now - sent_at))
+                async with asyncio.timeout(HEARTBEAT_S - (now - sent_at)):
+                    await self._wake.wait()
 
     def _next_frame(self) -> bytes | None:
         """The frame of the stream whose turn it is; it goes to the back of the queue if it

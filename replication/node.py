@@ -231,9 +231,9 @@ class ClusterNode:
         tasks = self._tasks + list(self._election_tasks)
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            await self._bounded("stopping its tasks",
+                                asyncio.gather(*tasks, return_exceptions=True))
         for name in list(self.leading):
             self.step_down(name, "shutting down")
         if self._stopping:
@@ -254,7 +254,8 @@ class ClusterNode:
         already, so a step that hangs (a peer or etcd that stopped answering) is logged and
         passed rather than holding the process up."""
         try:
-            await asyncio.wait_for(work, CLOSE_STEP_S)
+            async with asyncio.timeout(CLOSE_STEP_S):
+                await work
         except TimeoutError:
             _log.warning("shutting down: %s took more than %g s; going on", step,
                          CLOSE_STEP_S)
@@ -601,7 +602,8 @@ class ClusterNode:
         waiter = asyncio.get_running_loop().create_future()
         heapq.heappush(self._view_waits, (revision, id(waiter), waiter))
         try:
-            await asyncio.wait_for(waiter, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await waiter
         except TimeoutError:
             self._view_lagging = max(self._view_lagging, revision)
             return None  # its entry goes when the revision comes, or at the next prune
@@ -650,7 +652,8 @@ class ClusterNode:
             if not self._dirty:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
                 continue
             names, self._dirty = sorted(self._dirty), set()
             local = self._local_uids(names)
@@ -837,7 +840,8 @@ class ClusterNode:
         opening = self._opening.get(name)
         if opening is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(opening.wait(), CREATE_WAIT_S)
+                async with asyncio.timeout(CREATE_WAIT_S):
+                    await opening.wait()
 
     async def _leave_damaged(self, partition: Partition, epoch: int,
                              exc: QueueDamagedError) -> None:
@@ -921,7 +925,8 @@ class ClusterNode:
             waiters = self._leader_waits.setdefault(name, [])
             waiters.append(waiter)
             try:
-                await asyncio.wait_for(waiter, min(left, 1.0))
+                async with asyncio.timeout(min(left, 1.0)):
+                    await waiter
             except TimeoutError:
                 if await self.control.leader(name) is not None:
                     return

@@ -169,7 +169,8 @@ class Peers:
         """A channel to node_id at address, opened with magic. Raises ProtocolError if the
         answerer does not prove the key (or is not node_id), OSError or TimeoutError if it
         cannot be reached."""
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), timeout)
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(*address)
         try:
             async with asyncio.timeout(timeout):
                 return await self._initiate(reader, writer, node_id, magic, frame_bytes_max)
