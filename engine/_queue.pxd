@@ -104,6 +104,7 @@ cdef class DedupWindow:
     cdef int _resize_slots(self, Py_ssize_t cap) except -1
     cdef void _unslot(self, Py_ssize_t i) noexcept
     cdef int _reserve(self, Py_ssize_t size) except -1
+    cdef int reserve(self, str key, object message_id) except -1
     cdef int add(self, str key, int64_t seq, int64_t sent_at, object message_id) except -1
     cdef tuple _value(self, WindowEntry* e)
     cdef object get(self, str key)

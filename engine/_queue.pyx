@@ -619,43 +619,54 @@ cdef class DedupWindow:
             self._cap = cap
         return 0
 
-    cdef int add(self, str key, int64_t seq, int64_t sent_at, object message_id) except -1:
+    cdef int reserve(self, str key, object message_id) except -1:
+        """Check key and message_id, and allocate what adding them takes: after this,
+        add() of them cannot fail, so a send is never half applied (its message in the
+        state, its id not in the window)."""
         cdef Py_ssize_t key_len
-        cdef const char* data = PyUnicode_AsUTF8AndSize(key, &key_len)
-        cdef uint64_t h = <uint64_t>hash(key)
-        cdef bint has_id = message_id is not None
-        cdef Py_ssize_t size = _entry_size(key_len, has_id)
-        cdef Py_ssize_t i
-        cdef WindowEntry* e
+        PyUnicode_AsUTF8AndSize(key, &key_len)
         if key_len > WINDOW_KEY_BYTES_MAX:
             raise ValueError(f"a deduplication id of {key_len} bytes")
-        if has_id and (not isinstance(message_id, bytes) or len(message_id) != 16):
+        if message_id is not None and (not isinstance(message_id, bytes)
+                                       or len(message_id) != 16):
             raise ValueError("an explicit message id is 16 bytes")
         if self._slots == NULL:
             self._slots = <int64_t*>calloc(WINDOW_SLOTS_MIN, sizeof(int64_t))
             if self._slots == NULL:
                 raise MemoryError()
             self._slot_cap = WINDOW_SLOTS_MIN
-        self._reserve(size)
+        elif (self._count + 1) * 4 > self._slot_cap * 3:
+            self._resize_slots(self._slot_cap * 2)
+        self._reserve(_entry_size(key_len, message_id is not None))
+        return 0
+
+    cdef int add(self, str key, int64_t seq, int64_t sent_at, object message_id) except -1:
+        cdef Py_ssize_t key_len
+        cdef const char* data
+        cdef bint has_id = message_id is not None
+        cdef Py_ssize_t size
+        cdef Py_ssize_t i
+        cdef WindowEntry* e
+        self.reserve(key, message_id)
+        data = PyUnicode_AsUTF8AndSize(key, &key_len)
+        size = _entry_size(key_len, has_id)
         e = self._at(self._tail)
         memset(e, 0, size)
         e.sent_at = sent_at
         e.seq = seq
-        e.hash = h
+        e.hash = <uint64_t>hash(key)
         e.key_len = <uint16_t>key_len
         e.has_id = has_id
         memcpy(<char*>e + sizeof(WindowEntry), data, key_len)
         if has_id:
             memcpy(<char*>e + sizeof(WindowEntry) + key_len, PyBytes_AS_STRING(message_id), 16)
-        i = self._find(data, key_len, h)
+        i = self._find(data, key_len, e.hash)
         if not self._slots[i]:
             self._count += 1
         self._slots[i] = self._tail + 1
         self._tail += size
         if self._tail - self._base > self._touched:
             self._touched = self._tail - self._base
-        if self._count * 4 > self._slot_cap * 3:
-            self._resize_slots(self._slot_cap * 2)
         return 0
 
     cdef tuple _value(self, WindowEntry* e):
@@ -723,7 +734,10 @@ cdef class DedupWindow:
             cap = WINDOW_SLOTS_MIN
             while cap < self._count * 2:
                 cap *= 2
-            self._resize_slots(cap)
+            try:
+                self._resize_slots(cap)
+            except MemoryError:
+                pass  # smaller later: the record is applied, and the index still works
         return 0
 
     def entries(self):
@@ -1291,6 +1305,8 @@ cdef class State:
     cpdef apply_send(self, int64_t offset, int64_t seq, int64_t sent_at, int64_t visible_at,
                      object group, object dedup, object message_id, object origin):
         cdef Rec* r
+        if dedup is not None:
+            self._window.reserve(dedup, message_id)
         self._new(offset, seq, sent_at, visible_at, origin[2] if origin is not None else 0,
                   group, dedup, message_id, origin)
         r = self._rec(seq)

@@ -73,7 +73,7 @@ RETRY_S = 1.0
 # Elections (with the opening of each queue won) under way at once: a node taking over
 # thousands of partitions takes them in waves, its loop still answering meanwhile.
 ELECTIONS_MAX = 256
-# Each step of a shutdown gets this long (see ClusterNode._bounded).
+# Each step of a shutdown gets this long (see bounded_step).
 CLOSE_STEP_S = 3.0
 # Partitions reconciled between two yields of the event loop (a whole pass, at start or
 # after a compaction, does not hold the loop).
@@ -124,6 +124,24 @@ class ClusterConfig:
     subkey of the master key, which every node then shares."""
     peer_auth: bool = True
     """False only in tests that show an attack peer authentication stops."""
+
+
+async def bounded_step(step: str, work: Any) -> None:
+    """One step of a node's shutdown, given CLOSE_STEP_S: everything acknowledged is on
+    disk already, so a step that hangs (a peer or etcd that stopped answering) is logged
+    and passed rather than holding the process up.
+
+    The step runs as a task that is cancelled and left behind when its time is up, never
+    awaited again: a step that does not end when cancelled (a library's wait that drops
+    a cancellation) cannot hold the shutdown either."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait([task], timeout=CLOSE_STEP_S)
+    if not done:
+        task.cancel()
+        _log.warning("shutting down: %s took more than %g s; going on", step, CLOSE_STEP_S)
+    elif not task.cancelled() and task.exception() is not None:
+        # A failed step must not keep the others from running.
+        _log.warning("shutting down: %s failed: %s", step, task.exception())
 
 
 class ClusterNode:
@@ -232,35 +250,22 @@ class ClusterNode:
         for task in tasks:
             task.cancel()
         if tasks:
-            await self._bounded("stopping its tasks",
-                                asyncio.gather(*tasks, return_exceptions=True))
+            await bounded_step("stopping its tasks",
+                               asyncio.gather(*tasks, return_exceptions=True))
         for name in list(self.leading):
             self.step_down(name, "shutting down")
         if self._stopping:
-            await self._bounded("stepping down", asyncio.gather(
+            await bounded_step("stepping down", asyncio.gather(
                 *self._stopping, return_exceptions=True))
-        await self._bounded("closing replication links", self.links.close())
-        await self._bounded("closing the inter-node port", self.listener.close())
+        await bounded_step("closing replication links", self.links.close())
+        await bounded_step("closing the inter-node port", self.listener.close())
         for replica in self.replicas.values():
             await asyncio.to_thread(replica.close)
         self.replicas.clear()
         self._takeovers.shutdown(wait=False)  # the elections were cancelled above
         # The lease revoked: leadership passes at once rather than when it runs out.
-        await self._bounded("revoking the lease", self.lease.stop())
-        await self._bounded("closing the etcd client", self.control.close())
-
-    async def _bounded(self, step: str, work: Any) -> None:
-        """One step of a shutdown, given CLOSE_STEP_S: everything acknowledged is on disk
-        already, so a step that hangs (a peer or etcd that stopped answering) is logged and
-        passed rather than holding the process up."""
-        try:
-            async with asyncio.timeout(CLOSE_STEP_S):
-                await work
-        except TimeoutError:
-            _log.warning("shutting down: %s took more than %g s; going on", step,
-                         CLOSE_STEP_S)
-        except Exception as exc:  # a failed step must not keep the others from running
-            _log.warning("shutting down: %s failed: %s", step, exc)
+        await bounded_step("revoking the lease", self.lease.stop())
+        await bounded_step("closing the etcd client", self.control.close())
 
     def lease_valid(self) -> bool:
         return self.lease.valid()

@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from replication import node
+
 Waiting = Callable[[asyncio.Event, float], Awaitable[object]]
 
 
@@ -64,3 +66,57 @@ def test_a_loop_waiting_with_a_timeout_ends_when_cancelled_as_it_wakes() -> None
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="wait_for was rewritten in 3.12")
 def test_control_wait_for_drops_the_cancellation() -> None:
     assert not asyncio.run(_cancelled_as_woken(_with_wait_for))
+
+
+class _Stubborn:
+    """A step that does not end when cancelled, as one behind a library's wait_for may,
+    until released (so that the test's loop can close)."""
+
+    def __init__(self) -> None:
+        self.released = False
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def step(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.append(task)
+        while not self.released:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(10)
+
+    async def release(self) -> None:
+        self.released = True
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def _old_step(work: Awaitable[None]) -> None:
+    """The rule bounded_step replaced: a timeout around awaiting the step."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(node.CLOSE_STEP_S):
+            await work
+
+
+async def _ends(step: Awaitable[None]) -> bool:
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait([task], timeout=1)
+    task.cancel()
+    return bool(done)
+
+
+def test_a_shutdown_step_that_ignores_its_cancellation_is_left_behind(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(node, "CLOSE_STEP_S", 0.1)
+
+    async def run() -> tuple[bool, bool]:
+        stubborn = _Stubborn()
+        try:
+            return (await _ends(node.bounded_step("a stubborn step", stubborn.step())),
+                    await _ends(_old_step(stubborn.step())))
+        finally:
+            await stubborn.release()
+
+    ended, control_ended = asyncio.run(run())
+    assert ended
+    assert not control_ended  # the control: the old rule waits on such a step for ever
