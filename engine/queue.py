@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import repeat
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 from engine import format as fmt
 from engine import install
@@ -69,7 +69,7 @@ from engine.memory import MemoryBudget
 from engine.receipts import ReceiptCodec
 from engine.records import MessageAttribute
 from engine.results import Message, QueueStats, SendEntry, SendResult
-from engine.snapshot import decode_snapshot, encode_snapshot, state_digest
+from engine.snapshot import compress_snapshot, decode_snapshot, state_digest, state_parts
 
 __all__ = ["Message", "Queue", "QueueCore", "QueueStats", "SendEntry", "SendResult"]
 
@@ -248,6 +248,9 @@ class QueueCore:
         self._snapshot_bytes = snapshot_bytes
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        # One snapshot at a time, taken before _lock: a snapshot lets go of _lock while
+        # it compresses (maybe_snapshot).
+        self._snapshotting = threading.Lock()
         self._version = 0  # bumped whenever a message may have become receivable
         self._thread_waiters = 0
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
@@ -711,35 +714,77 @@ class QueueCore:
         return self.log.size_bytes - self._size_at_snapshot >= interval
 
     def maybe_snapshot(self, force: bool = False) -> bool:
-        """Snapshot the state and delete what the log no longer needs. True if it did."""
+        """Snapshot the state and delete what the log no longer needs. True if it did.
+
+        Only the state's encoding holds the queue's lock; compressing it (as long again)
+        does not, so sends and receives go on meanwhile. Snapshots are taken one at a
+        time, and only a snapshot moves the log's start, so the one written is still the
+        newest and the records it covers are still in the log."""
         if not force and not self.snapshot_due():
             return False
-        with self._lock:
-            if self._failed is not None or self._closed:
+        # A caller that finds one under way leaves it to that one (a send must not wait
+        # on another's compression); a forced snapshot waits for it.
+        if not self._snapshotting.acquire(blocking=force):
+            return False
+        try:
+            with self._lock:
+                if self._failed is not None or self._closed:
+                    return False
+                taken = self._encode_snapshot()
+            if taken is None:
                 return False
-            return self._snapshot()
+            end, parts, floor = taken
+            data = compress_snapshot(parts, end)
+            del parts
+            with self._lock:
+                if self._failed is not None:
+                    return False
+                self._write_snapshot(end, data, floor)
+                return True
+        finally:
+            self._snapshotting.release()
 
     def _snapshot(self) -> bool:
+        """A snapshot taken with the lock held throughout (close)."""
+        taken = self._encode_snapshot()
+        if taken is None:
+            return False
+        end, parts, floor = taken
+        self._write_snapshot(end, compress_snapshot(parts, end), floor)
+        return True
+
+    def _encode_snapshot(self) -> tuple[int, list[bytes], int] | None:
+        """(offset, state parts, lowest offset the log must keep) of a snapshot of the
+        state now, or None if it would be the last one again (lock held)."""
         end = self.log.next_offset
         if end == self._snapshot_offset:
-            return False
+            return None
         try:
             # The snapshot may only describe records that are on disk.
             self.log.flush()
-            data = encode_snapshot(self.state, end)
+        except (LogError, OSError) as exc:
+            self._fail_snapshot(exc)
+        oldest = self.state.oldest_location()
+        return end, state_parts(self.state), end if oldest is None else min(oldest, end)
+
+    def _write_snapshot(self, end: int, data: bytes, floor: int) -> None:
+        """Make the snapshot of offset end durable, then let the log go below floor (lock
+        held). Messages that arrived since it was encoded are at end or later."""
+        try:
             # Whole or not at all: a snapshot cut short by a full disk must never replace
             # the last good one, nor let the log prefix behind it be deleted.
             write_file(os.path.join(self.directory, SNAPSHOT_FILE), data)
             if not self._keep_log:
-                oldest = self.state.oldest_location()
-                self.log.truncate_before(end if oldest is None else min(oldest, end))
+                self.log.truncate_before(floor)
         except (LogError, OSError) as exc:
-            self._failed = f"snapshot failed: {exc}"
-            self._failure = exc
-            raise unavailable(self.name, self._failed, exc) from exc
+            self._fail_snapshot(exc)
         self._snapshot_offset = end
         self._size_at_snapshot = self.log.size_bytes
-        return True
+
+    def _fail_snapshot(self, exc: BaseException) -> NoReturn:
+        self._failed = f"snapshot failed: {exc}"
+        self._failure = exc
+        raise unavailable(self.name, self._failed, exc) from exc
 
     def close(self) -> None:
         """Snapshot (so the next open replays little), wake waiters, close the log.
@@ -748,7 +793,7 @@ class QueueCore:
         the last snapshot is not snapshotted: nothing of it would be deleted, and replaying
         it is cheaper than the snapshot's fsyncs, which a node closing hundreds of idle
         queues (beyond open_queues_max, after taking over a lost node's) pays one by one."""
-        with self._lock:
+        with self._snapshotting, self._lock:  # after a snapshot being compressed
             if self._closed:
                 return
             small = self.log.size_bytes - self._size_at_snapshot < CLOSE_SNAPSHOT_BYTES_MIN

@@ -38,6 +38,12 @@ def _opt_str(value: str | None) -> bytes:
 
 def encode_state(state: State) -> bytes:
     """Canonical bytes of the state (the derived indexes are not part of it)."""
+    return b"".join(state_parts(state))
+
+
+def state_parts(state: State) -> list[bytes]:
+    """encode_state's bytes, in the parts they are made in (joining them would copy
+    every message once more)."""
     counters = state.counters
     parts = [
         _STATE_HEAD.pack(state.fifo, state.next_seq, state.last_time, len(state)),
@@ -53,7 +59,7 @@ def encode_state(state: State) -> bytes:
     for key, (seq, sent_at, message_id) in entries:
         parts.append(_opt_str(key) + struct.pack("<Qq", seq, sent_at)
                      + (message_id if message_id is not None else _NO_ID))
-    return b"".join(parts)
+    return parts
 
 
 def decode_state(data: bytes, version: int = fmt.SNAPSHOT_VERSION) -> State:
@@ -105,7 +111,15 @@ def state_digest(state: State) -> str:
 
 
 def encode_snapshot(state: State, next_offset: int) -> bytes:
-    body = zstandard.ZstdCompressor(level=1).compress(encode_state(state))
+    return compress_snapshot(state_parts(state), next_offset)
+
+
+def compress_snapshot(parts: list[bytes], next_offset: int) -> bytes:
+    """The snapshot file of a state's parts (state_parts). The parts are plain bytes,
+    so this may run while the state goes on changing (QueueCore.maybe_snapshot)."""
+    compressor = zstandard.ZstdCompressor(level=1).compressobj(
+        size=sum(len(part) for part in parts))  # the frame says its size, as compress()'s
+    body = b"".join([*(compressor.compress(part) for part in parts), compressor.flush()])
     tail = _SNAPSHOT_HEAD.pack(fmt.SNAPSHOT_MAGIC, 0, fmt.SNAPSHOT_VERSION, next_offset)[12:]
     checksum = xxhash.xxh3_64_intdigest(tail + body)
     return _SNAPSHOT_HEAD.pack(fmt.SNAPSHOT_MAGIC, checksum, fmt.SNAPSHOT_VERSION,

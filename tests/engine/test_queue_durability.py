@@ -27,8 +27,10 @@ from typing import IO
 
 import pytest
 
+import engine.queue as engine_queue
 from engine import Broker, ManualClock, Queue, SendEntry
 from engine.errors import EngineError, MessageNotInflightError, ReceiptInvalidError
+from engine.snapshot import compress_snapshot
 
 SEED = 52_817
 ROOT = Path(__file__).resolve().parents[2]
@@ -417,3 +419,62 @@ def test_disk_use_follows_live_messages_not_history(tmp_path: Path) -> None:
     assert (stats.sent, stats.deleted, stats.visible, stats.in_flight) == (
         messages, messages, 0, 0), stats
     assert used < 64 * 2**20, f"{used / 2**20:.1f} MiB on disk for an empty queue"
+
+
+def _work_during_a_compression(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                               whole_under_lock: bool) -> bool:
+    """Whether a send, a receive and a delete on a queue complete while a snapshot of
+    it is being compressed; and afterwards the queue reopens with what they left."""
+    compressing, release = threading.Event(), threading.Event()
+    compress = compress_snapshot
+
+    def slow_compress(parts: list[bytes], end: int) -> bytes:
+        compressing.set()
+        assert release.wait(10)
+        return compress(parts, end)
+
+    monkeypatch.setattr(engine_queue, "compress_snapshot", slow_compress)
+    if whole_under_lock:  # the control: the rule before, the lock held throughout
+        def locked(core: engine_queue.QueueCore, force: bool = False) -> bool:
+            if not force and not core.snapshot_due():
+                return False
+            with core._lock:
+                return core._snapshot()
+        monkeypatch.setattr(engine_queue.QueueCore, "maybe_snapshot", locked)
+    with Broker(tmp_path / "data", fsync="never") as broker:
+        queue = broker.create_queue("q")
+        queue.send_batch([b"before %d" % i for i in range(10)])
+        snapshot = threading.Thread(target=broker._core_of("q").maybe_snapshot,
+                                    kwargs={"force": True})
+        snapshot.start()
+        assert compressing.wait(10)
+        done = threading.Event()
+
+        def work() -> None:
+            queue.send(b"during")
+            received = queue.receive(3)
+            queue.delete_batch([m.receipt for m in received])
+            done.set()
+
+        worker = threading.Thread(target=work)
+        worker.start()
+        went_on = done.wait(1 if whole_under_lock else 10)
+        release.set()
+        snapshot.join()
+        worker.join()
+        digest = queue.digest()
+    with Broker(tmp_path / "data", fsync="never") as broker:
+        queue = broker.get_queue("q")
+        assert queue.digest() == digest
+        assert queue.stats().visible == 8
+    return went_on
+
+
+def test_sends_and_receives_go_on_while_a_snapshot_compresses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _work_during_a_compression(tmp_path, monkeypatch, whole_under_lock=False)
+
+
+def test_control_a_snapshot_under_the_lock_throughout_holds_them_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not _work_during_a_compression(tmp_path, monkeypatch, whole_under_lock=True)
