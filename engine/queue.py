@@ -709,6 +709,8 @@ class QueueCore:
     # -- snapshots --------------------------------------------------------------------------
 
     def snapshot_due(self) -> bool:
+        if self._snapshotting.locked():
+            return False  # the one under way will do
         interval = max(self._snapshot_bytes,
                        SNAPSHOT_BYTES_PER_LIVE_MESSAGE * len(self.state))
         return self.log.size_bytes - self._size_at_snapshot >= interval
@@ -734,8 +736,9 @@ class QueueCore:
             if taken is None:
                 return False
             end, parts, floor = taken
+            del taken
             data = compress_snapshot(parts, end)
-            del parts
+            del parts  # the uncompressed state, not kept through the write's fsyncs
             with self._lock:
                 if self._failed is not None:
                     return False

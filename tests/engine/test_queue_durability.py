@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
@@ -424,14 +424,17 @@ def test_disk_use_follows_live_messages_not_history(tmp_path: Path) -> None:
 def _work_during_a_compression(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                whole_under_lock: bool) -> bool:
     """Whether a send, a receive and a delete on a queue complete while a snapshot of
-    it is being compressed; and afterwards the queue reopens with what they left."""
+    it is being compressed. The snapshot lets the log go below its oldest live message
+    (the first segments, of messages deleted before it) and keeps the segment that holds
+    it, though that one is no longer the active one; a copy of the queue's files
+    taken then, as a crash would leave them, reopens from that snapshot with every
+    message it should hold, bodies included."""
     compressing, release = threading.Event(), threading.Event()
-    compress = compress_snapshot
 
     def slow_compress(parts: list[bytes], end: int) -> bytes:
         compressing.set()
         assert release.wait(10)
-        return compress(parts, end)
+        return compress_snapshot(parts, end)
 
     monkeypatch.setattr(engine_queue, "compress_snapshot", slow_compress)
     if whole_under_lock:  # the control: the rule before, the lock held throughout
@@ -441,11 +444,19 @@ def _work_during_a_compression(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
             with core._lock:
                 return core._snapshot()
         monkeypatch.setattr(engine_queue.QueueCore, "maybe_snapshot", locked)
-    with Broker(tmp_path / "data", fsync="never") as broker:
+    with Broker(tmp_path / "data", fsync="always", segment_bytes_max=16 * 1024) as broker:
         queue = broker.create_queue("q")
+        for _ in range(10):  # a few segments of messages, sent and deleted
+            queue.send_batch([b"old %d" % i + b"." * 200 for i in range(10)])
+            queue.delete_batch([m.receipt for m in queue.receive(10)])
         queue.send_batch([b"before %d" % i for i in range(10)])
-        snapshot = threading.Thread(target=broker._core_of("q").maybe_snapshot,
-                                    kwargs={"force": True})
+        for k in range(10):  # these put the bodies above in a segment behind the active one
+            queue.send_batch([b"filler %d" % (10 * k + i) + b"." * 200 for i in range(10)])
+        core = broker._core_of("q")
+        end = core.log.next_offset
+        outcome: dict[str, Any] = {}
+        snapshot = threading.Thread(
+            target=lambda: outcome.update(taken=core.maybe_snapshot(force=True)))
         snapshot.start()
         assert compressing.wait(10)
         done = threading.Event()
@@ -454,6 +465,7 @@ def _work_during_a_compression(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
             queue.send(b"during")
             received = queue.receive(3)
             queue.delete_batch([m.receipt for m in received])
+            outcome["received"] = sorted(m.body for m in received)
             done.set()
 
         worker = threading.Thread(target=work)
@@ -462,11 +474,18 @@ def _work_during_a_compression(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         release.set()
         snapshot.join()
         worker.join()
-        digest = queue.digest()
-    with Broker(tmp_path / "data", fsync="never") as broker:
+        assert outcome["taken"] is True and done.is_set()
+        assert core.log.first_offset > 0  # the deleted messages' segments went
+        shutil.copytree(tmp_path / "data", tmp_path / "crashed")
+    with Broker(tmp_path / "crashed", fsync="always") as broker:
+        assert broker._core_of("q")._snapshot_offset == end
         queue = broker.get_queue("q")
-        assert queue.digest() == digest
-        assert queue.stats().visible == 8
+        left: list[bytes] = []
+        while batch := queue.receive(10):
+            left.extend(m.body for m in batch)
+    held = ({b"before %d" % i for i in range(10)} | {b"during"}
+            | {b"filler %d" % i + b"." * 200 for i in range(100)})
+    assert sorted(left) == sorted(held - set(outcome["received"]))
     return went_on
 
 
