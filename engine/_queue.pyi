@@ -59,7 +59,6 @@ class State:
     next_seq: int
     last_time: int
     config: dict[str, Any]
-    dedup: dict[str, tuple[int, int]]
     origins: dict[tuple[int, int], int]
     def __init__(self, fifo: bool) -> None: ...
     def __len__(self) -> int: ...
