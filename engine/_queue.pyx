@@ -1128,9 +1128,9 @@ cdef class State:
 
     def memory_bytes(self):
         """Bytes this state holds for its messages (chunks, received sides, ids, timers,
-        the chunk directory, groups, and an estimate for the dict entries of groups, moved
-        messages and the deduplication window): what a server-wide memory bound
-        counts."""
+        the chunk directory, groups, the deduplication window's written bytes and index,
+        and an estimate for the dict entries of groups and moved messages): what a
+        server-wide memory bound counts."""
         return (self._chunks * sizeof(Chunk) + self._seen_arrays * CHUNK_SEQS * sizeof(Seen)
                 + self._id_arrays * CHUNK_SEQS * 16 + self._timer_cap * sizeof(Timer)
                 + self._blocks * sizeof(Block) + self._dir_cap * sizeof(Block*)
