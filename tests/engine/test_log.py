@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from engine import FsyncPolicy, Log, format
+from engine import log as engine_log
 from engine.errors import (
     ConfigError,
     EngineError,
@@ -631,6 +632,55 @@ def test_torn_tail_is_cut_and_reported(path: str) -> None:
         assert os.path.getsize(last) == good
 
 
+def test_an_open_after_this_process_closed_the_log_synced_owes_no_fsync(path: str) -> None:
+    with Log(path, fsync="never") as log:
+        # The first open in a process fsyncs: a crash may have left unsynced bytes.
+        assert log.recovery.synced
+        log.append(b"a")  # buffered: the close writes it and fsyncs
+    with Log(path) as log:
+        assert not log.recovery.synced
+        assert log.read(0, 10).tolist() == [(0, b"a")]
+        log.append(b"b")
+    with Log(path) as log:  # every synced close counts again
+        assert not log.recovery.synced
+        assert log.next_offset == 2
+
+
+def _synced_after(path: str, change: str, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Close a log synced, change its active segment as named, reopen: did it fsync?"""
+    with Log(path, fsync="never") as log:
+        log.append_batch([b"x" * 100] * 10)
+    active = os.path.join(path, segment_files(path)[-1])
+    if change == "replaced":  # the same bytes and times in another file
+        shutil.copy2(active, active + ".copy")
+        os.replace(active + ".copy", active)
+    elif change == "touched":
+        st = os.stat(active)
+        os.utime(active, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    elif change == "forgotten":  # more logs closed since than the registry keeps
+        monkeypatch.setattr(engine_log, "CLOSED_SYNCED_MAX", 1)
+        with Log(path + "-other"):
+            pass
+    with Log(path) as log:
+        assert log.next_offset == 10
+        return log.recovery.synced
+
+
+@pytest.mark.parametrize("change", ["replaced", "touched", "forgotten"])
+def test_an_open_fsyncs_a_segment_changed_since_this_process_closed_it(
+        path: str, change: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _synced_after(path, change, monkeypatch)
+
+
+@pytest.mark.parametrize("change", ["replaced", "touched"])
+def test_control_a_close_remembered_by_name_alone_skips_the_fsync_it_owes(
+        path: str, change: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: with the segment's identity left out of the rule, the test
+    above cannot tell a changed segment from the one this process closed."""
+    monkeypatch.setattr(engine_log, "_file_identity", lambda _: (0, 0, 0))
+    assert not _synced_after(path, change, monkeypatch)
+
+
 def test_missing_index_is_rebuilt_and_rewritten(path: str) -> None:
     with Log(path, fsync="never", segment_bytes_max=4096) as log:
         fill(log, 100)
@@ -730,6 +780,7 @@ def test_a_failed_write_stops_the_log(tiny_disk: str) -> None:
     log.close()
     # Reopening recovers what really reached the disk: everything acknowledged.
     with Log(os.path.join(tiny_disk, "log"), fsync="never") as reopened:
+        assert reopened.recovery.synced  # its close could not vouch for its bytes
         assert reopened.next_offset >= acknowledged
         assert [bytes(p) for _, p in reopened.read(0, acknowledged)] == [b"x" * 1000] * (
             acknowledged
