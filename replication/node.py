@@ -36,7 +36,7 @@ import secrets
 import time
 from typing import Any
 
-from engine import Broker
+from engine import Broker, Log
 from engine._ring import HashRing
 from engine.errors import (
     ConfigError,
@@ -87,16 +87,17 @@ ACCEPT_VIEW_WAIT_S = 2.0
 # OPENs waiting for the view at once; past this, they read etcd instead of waiting.
 VIEW_WAITS_MAX = 4096
 # Threads that make and open this node's copies of queues, apart from the loop's default
-# executor (on which they queued behind the rest of the node's blocking work). A light open
-# (a new copy, or a followed copy whose log is under HEAVY_OPEN_BYTES: every queue being
-# created, and the idle majority of those a node takes over when another is lost) is a few
-# fsyncs and a little Python; such opens share one thread, because more threads spend more
-# handing the interpreter lock between them than the overlap of their fsyncs gains. On
-# three nodes, creating 2,000 queues: 104-109 queues/s and 5.0-5.3 ms of CPU per node per
-# queue with 8 threads, 151-154/s and 3.3 ms with one; taking over 3,704 partitions: 7.3 s
-# with 8, 7.5-8.0 s with one. A heavy open replays a longer log (or one of a size not known
-# without reading the disk, as after a restart): heavy opens have threads of their own, so
-# that the light ones are not held up behind them.
+# executor (on which they queued behind the rest of the node's blocking work). A light
+# open (a new copy, or a followed copy whose log from offset 0 is under HEAVY_OPEN_BYTES:
+# every queue being created, and the idle majority of those a node takes over when another
+# is lost) is a few fsyncs and a little Python; such opens share one thread, because more
+# threads spend more handing the interpreter lock between them than the overlap of their
+# fsyncs gains. On three nodes, creating 2,000 queues: 104-109 queues/s and 5.0-5.3 ms of
+# CPU per node per queue with 8 threads, 151-154/s and 3.3 ms with one; taking over 3,704
+# partitions: 7.3 s with 8, 7.5-8.0 s with one. A heavy open replays a longer log, or a
+# snapshot, or a copy whose size is not known without reading the disk (as after a
+# restart): heavy opens have threads of their own, so that the light ones are not held up
+# behind them.
 HEAVY_OPEN_BYTES = 4 << 20
 HEAVY_OPEN_THREADS = 4
 REPLICATION_FACTOR = 3
@@ -149,6 +150,16 @@ async def bounded_step(step: str, work: Any) -> None:
     elif not task.cancelled() and task.exception() is not None:
         # A failed step must not keep the others from running.
         _log.warning("shutting down: %s failed: %s", step, task.exception())
+
+
+def open_is_heavy(followed: Log | None, on_disk: bool) -> bool:
+    """Whether opening a queue's copy takes one of the heavy opens' threads (see
+    HEAVY_OPEN_BYTES). followed: the log of the copy followed here, if any; on_disk: the
+    node has the copy's files."""
+    if followed is not None:
+        # A log that starts past 0 has a snapshot before it, of a size not known here.
+        return followed.size_bytes >= HEAVY_OPEN_BYTES or followed.first_offset > 0
+    return on_disk
 
 
 class ClusterNode:
@@ -562,12 +573,10 @@ class ClusterNode:
 
     def _opener(self, name: str, replica: Replica | None) -> concurrent.futures.Executor:
         """The threads that open the queue's copy here (replica: the copy followed here,
-        if any); see HEAVY_OPEN_BYTES."""
+        if any)."""
         broker = self.broker
-        if replica is not None:
-            heavy = replica.log.size_bytes >= HEAVY_OPEN_BYTES
-        else:
-            heavy = broker is not None and broker.catalog.uid_of(name) is not None
+        known = broker is not None and broker.catalog.uid_of(name) is not None
+        heavy = open_is_heavy(replica.log if replica is not None else None, known)
         return self._heavy_opens if heavy else self._light_opens
 
     def _take_replica(self, name: str) -> Replica | None:
