@@ -74,16 +74,18 @@ SEALED_FDS_MAX = 2
 TRUNCATE_ROLL_BYTES = 64 * 1024
 INTERVAL_MS_MAX = 60_000
 
-# Logs this process closed with every byte fsync'd: the log's directory, and the active
-# segment's name and (inode, size, mtime) as the close left it. Opening a log owes an fsync
-# of its active segment (a crash may have left bytes in the page cache that no fsync
-# covered), and that fsync flushes the device's cache even when nothing is dirty: about a
-# millisecond on a virtual disk. A node taking over a lost node's partitions closes and
-# reopens thousands of logs at once; an open that finds its active segment as this process
-# left it, closed and synced, skips the fsync. Bounded: the oldest entries go first, and
-# an entry missing only costs the fsync.
-CLOSED_SYNCED_MAX = 65536
-_closed_synced: OrderedDict[str, tuple[str, int, int, int]] = OrderedDict()
+# Logs this process closed with every byte fsync'd: by the log's directory, its active
+# segment as the close left it (_identity). Opening a log owes an fsync of its active
+# segment (a crash may have left bytes in the page cache that no fsync covered), and that
+# fsync flushes the device's cache even when nothing is dirty: about a millisecond on a
+# virtual disk. A node taking over a lost node's partitions closes and reopens thousands
+# of logs at once; an open that finds its active segment as this process left it, closed
+# and synced, skips the fsync. Bounded: the oldest entries go first (about 0.5 KB each),
+# and an entry missing only costs the fsync.
+CLOSED_SYNCED_MAX = 16384
+_Identity = tuple[str, int, int, int, int, int]
+"""(file name, device, inode, size, mtime ns, ctime ns)"""
+_closed_synced: OrderedDict[str, _Identity] = OrderedDict()
 _closed_synced_lock = threading.Lock()
 
 _SEGMENT_NAME = re.compile(rf"^(\d{{{format.OFFSET_DIGITS}}})\.log$")
@@ -130,9 +132,9 @@ class RecoveryReport:
     """The segment that was cut, if any."""
     indexes_rebuilt: int
     """Sealed segments whose index file was missing or suspect and was rebuilt."""
-    synced: bool = True
-    """Whether the open fsync'd the active segment: False only when this process closed
-    the log with everything fsync'd and the segment is as that close left it."""
+    fsync_skipped: bool = False
+    """The active segment was not fsync'd: this process had closed the log with every
+    byte fsync'd, and the segment is as that close left it."""
 
 
 class Log:
@@ -213,6 +215,8 @@ class Log:
         self._segments: list[Segment] = []
         self._bases: list[int] = []
         self._open_sealed: OrderedDict[int, Segment] = OrderedDict()
+        self._sealed_syncs = 0
+        """Background fsyncs of sealed segments (fsync="never") not yet done."""
         self._lock_fd: int | None = None
         self.sync_count = 0
         """fsyncs run by group commit, interval syncs and flush() (a monotonic counter)."""
@@ -252,6 +256,8 @@ class Log:
         )
 
     def _open_segments(self, durable_floor: int) -> RecoveryReport:
+        # Taken whatever this open finds: once open, the log may be written.
+        closed_synced = _closed_synced_take(self.path)
         names = os.listdir(self.path)
         bases = sorted(int(m.group(1)) for name in names if (m := _SEGMENT_NAME.match(name)))
         if not bases:
@@ -285,11 +291,11 @@ class Log:
             _write_index(segment)
         # What survived a crash is on disk as far as the page cache goes; make it durable
         # before anyone is told so (unless this process closed it synced, as it is now).
-        synced = bool(dropped) or not _was_closed_synced(self.path, active.path)
-        if synced:
+        skip_sync = not dropped and _unchanged(closed_synced, active.path)
+        if not skip_sync:
             active.sync()
         return RecoveryReport(dropped, active.path if dropped else None, len(rebuilt),
-                              synced)
+                              skip_sync)
 
     def _load_sealed(self, segment: Segment, next_base: int) -> bool:
         """Adopt a sealed segment's index, or rebuild it in memory (True: rebuilt)."""
@@ -475,6 +481,7 @@ class Log:
         self._remember_sealed(old)
         if background_sync:
             fd = old.dup_fd()
+            self._sealed_syncs += 1
             background.submit(lambda: self._sync_sealed(fd))
         else:
             fsync_dir(self.path)
@@ -490,6 +497,8 @@ class Log:
                 self._fail(exc)
         finally:
             os.close(fd)
+            with self._lock:
+                self._sealed_syncs -= 1
 
     def _remember_sealed(self, segment: Segment) -> None:
         """Keep at most SEALED_FDS_MAX sealed segments' descriptors open."""
@@ -990,8 +999,10 @@ class Log:
             self._drop_waiters(LogClosedError(self.path))
             self._cond.notify_all()
             self._release_everything()
-            if self._failure is None:  # everything appended is durable: see above
-                _closed_synced_note(self.path, self._active.path)
+            # Everything appended is durable, unless a segment sealed under "never" is
+            # still being synced: a cut can have made it the active one again.
+            if self._failure is None and not self._sealed_syncs:
+                _closed_synced_note(self.path, self._active.path, int(self._active.size))
         if error is not None:
             raise LogFailedError(self.path, error) from error
 
@@ -1092,32 +1103,41 @@ def _zstd_decompressor(limit: int) -> Callable[[bytes], bytes]:
     return decompress
 
 
-def _file_identity(path: str) -> tuple[int, int, int]:
+def _identity(path: str) -> _Identity:
+    """A segment file as the registry of synced closes knows it. The change time too:
+    a copy made with its times kept (cp -p) can reuse a deleted file's inode and size
+    and mtime, but not its ctime."""
     st = os.stat(path)
-    return st.st_ino, st.st_size, st.st_mtime_ns
+    return (os.path.basename(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+            st.st_ctime_ns)
 
 
-def _closed_synced_note(log_path: str, active_path: str) -> None:
-    """The log at log_path was just closed with everything in it fsync'd."""
+def _closed_synced_note(log_path: str, active_path: str, size: int) -> None:
+    """The log at log_path was just closed with every byte fsync'd, its active segment
+    size bytes long."""
     try:
-        identity = _file_identity(active_path)
+        identity = _identity(active_path)
     except OSError:
         return
+    if identity[3] != size:  # the file is not what this log wrote and synced
+        return
     with _closed_synced_lock:
-        _closed_synced[log_path] = (os.path.basename(active_path), *identity)
+        _closed_synced[log_path] = identity
         _closed_synced.move_to_end(log_path)
         while len(_closed_synced) > CLOSED_SYNCED_MAX:
             _closed_synced.popitem(last=False)
 
 
-def _was_closed_synced(log_path: str, active_path: str) -> bool:
-    """Whether this process closed the log synced, its active segment unchanged since.
-    Consumes the entry: the log is open again and may now be written."""
+def _closed_synced_take(log_path: str) -> _Identity | None:
     with _closed_synced_lock:
-        entry = _closed_synced.pop(log_path, None)
-    if entry is None or entry[0] != os.path.basename(active_path):
+        return _closed_synced.pop(log_path, None)
+
+
+def _unchanged(noted: _Identity | None, active_path: str) -> bool:
+    """Whether the active segment is the one a synced close noted, unchanged since."""
+    if noted is None:
         return False
     try:
-        return entry[1:] == _file_identity(active_path)
+        return noted == _identity(active_path)
     except OSError:
         return False

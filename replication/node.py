@@ -282,9 +282,10 @@ class ClusterNode:
         for replica in self.replicas.values():
             await asyncio.to_thread(replica.close)
         self.replicas.clear()
-        # The elections and the streams that open copies were stopped above.
-        self._light_opens.shutdown(wait=False)
-        self._heavy_opens.shutdown(wait=False)
+        # The elections and the streams that open copies were stopped above; an open
+        # still queued is not started.
+        self._light_opens.shutdown(wait=False, cancel_futures=True)
+        self._heavy_opens.shutdown(wait=False, cancel_futures=True)
         # The lease revoked: leadership passes at once rather than when it runs out.
         await bounded_step("revoking the lease", self.lease.stop())
         await bounded_step("closing the etcd client", self.control.close())
