@@ -14,9 +14,10 @@ In one invocation it starts a Conveyor server and a bare aiohttp handler
 
 For each it prints requests/s, messages/s, p50 and p99 latency, and the server's CPU
 microseconds per message (user + system time of the server process from /proc, over the
-messages handled). Client and server share the machine's cores: the client's own cost is
-part of every number, and the ratios against ``bare`` measured in the same run are what
-carry over between machines.
+messages handled), and the load generator's own CPU microseconds per message (this
+process). Client and server share the machine's cores: the client's own cost is part of
+every number, and the ratios against ``bare`` measured in the same run are what carry over
+between machines.
 
 With ``--protection`` it instead compares two servers started side by side: one with
 authentication and encryption off, one with ``--auth required`` and an encrypted queue
@@ -99,6 +100,7 @@ class Result:
         self.latencies: list[float] = []
         self.seconds = 0.0
         self.cpu_s = 0.0
+        self.client_cpu_s = 0.0
 
     def row(self) -> dict[str, Any]:
         lat = sorted(self.latencies) or [0.0]
@@ -109,6 +111,10 @@ class Result:
             "p50_ms": statistics.median(lat) * 1000,
             "p99_ms": lat[int(len(lat) * 0.99) - 1 if len(lat) > 1 else 0] * 1000,
             "server_cpu_us_per_message": (self.cpu_s / self.messages * 1e6
+                                          if self.messages else None),
+            # The load generator shares the cores: past a fifth of the server's CPU it
+            # starts to measure itself.
+            "client_cpu_us_per_message": (self.client_cpu_s / self.messages * 1e6
                                           if self.messages else None),
         }
 
@@ -134,9 +140,11 @@ async def _drive(name: str, url: str, workers: list[Op], seconds: float,
                 result.messages += messages
 
         cpu0, t0 = sum(map(_cpu_seconds, pids)), time.monotonic()
+        client0 = time.process_time()
         await asyncio.gather(*(loop(w) for w in workers))
         result.seconds = time.monotonic() - t0
         result.cpu_s = sum(map(_cpu_seconds, pids)) - cpu0
+        result.client_cpu_s = time.process_time() - client0
     return result
 
 
@@ -397,12 +405,14 @@ def main() -> None:
     print(f"fsync={args.fsync} concurrency={args.concurrency} body={args.body} B "
           f"seconds={args.seconds}")
     print(f"{'scenario':<8} {'req/s':>10} {'msgs/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'cpu us/msg':>11}")
+          f"{'cpu us/msg':>11} {'client us/msg':>14}")
+    nan = float("nan")
     for row in rows:
-        cpu = row["server_cpu_us_per_message"]
+        cpu, client = row["server_cpu_us_per_message"], row["client_cpu_us_per_message"]
         print(f"{row['scenario']:<8} {row['requests_per_s']:>10,.0f} "
               f"{row['messages_per_s']:>10,.0f} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} "
-              f"{cpu if cpu is not None else float('nan'):>11.1f}")
+              f"{cpu if cpu is not None else nan:>11.1f} "
+              f"{client if client is not None else nan:>14.1f}")
     print(f"send1 requests / bare requests: {rows[1]['requests_per_s'] / base:.2f}")
     print(f"send10 messages / send1 messages: {rows[2]['messages_per_s'] / send1:.2f}")
     print(f"recv10 messages / send1 messages: {rows[3]['messages_per_s'] / send1:.2f}")
