@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SOURCES := $(wildcard engine/*.pyx engine/*.pxd engine/*.h) setup.py pyproject.toml
 
-.PHONY: all install serve test lint typecheck unit bench bench-http debug-build clean etcd \
+.PHONY: all install serve test lint typecheck unit bench bench-http debug-build clean etcd wrk \
 	dev-cluster soak faults fuse bench-cluster scale join backlog
 
 all: test
@@ -54,6 +54,14 @@ fuse:
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q \
 			--no-install-recommends fuse3; }
 
+# The HTTP benchmark's load generator for sends (bench/http_load.py): Debian's wrk,
+# installed when missing (as for etcd above).
+wrk:
+	@command -v wrk >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q \
+			--no-install-recommends wrk; }
+
 # etcd and three nodes on loopback ports (http://127.0.0.1:9324-9326); Ctrl-C stops them.
 dev-cluster: install etcd
 	$(BIN)/conveyor dev-cluster --nodes 3 $(DEV_CLUSTER_ARGS)
@@ -95,7 +103,7 @@ bench: install etcd
 
 # The HTTP load generator alone: a server and a bare aiohttp baseline, driven in one run;
 # then authentication and encryption on against off.
-bench-http: install
+bench-http: install wrk
 	$(BIN)/python -m bench.http_load $(BENCH_HTTP_ARGS)
 	$(BIN)/python -m bench.http_load --protection $(BENCH_HTTP_ARGS)
 

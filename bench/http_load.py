@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -101,15 +102,19 @@ class Result:
         self.seconds = 0.0
         self.cpu_s = 0.0
         self.client_cpu_s = 0.0
+        self.percentiles: tuple[float, float] | None = None
+        """p50 and p99 in seconds, when the generator gave them rather than latencies."""
 
     def row(self) -> dict[str, Any]:
         lat = sorted(self.latencies) or [0.0]
+        p50, p99 = self.percentiles or (
+            statistics.median(lat), lat[int(len(lat) * 0.99) - 1 if len(lat) > 1 else 0])
         return {
             "scenario": self.name,
             "requests_per_s": self.requests / self.seconds,
             "messages_per_s": self.messages / self.seconds,
-            "p50_ms": statistics.median(lat) * 1000,
-            "p99_ms": lat[int(len(lat) * 0.99) - 1 if len(lat) > 1 else 0] * 1000,
+            "p50_ms": p50 * 1000,
+            "p99_ms": p99 * 1000,
             "server_cpu_us_per_message": (self.cpu_s / self.messages * 1e6
                                           if self.messages else None),
             # The load generator shares the cores: past a fifth of the server's CPU it
@@ -145,6 +150,65 @@ async def _drive(name: str, url: str, workers: list[Op], seconds: float,
         result.seconds = time.monotonic() - t0
         result.cpu_s = sum(map(_cpu_seconds, pids)) - cpu0
         result.client_cpu_s = time.process_time() - client0
+    return result
+
+
+# wrk (Debian's) sends one fixed request over and over; its done() prints what it counted.
+_WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = [==[{body}]==]
+wrk.headers["Content-Type"] = "{content_type}"
+{target}
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRK %d %d %d %d %d %d\\n", summary.requests, summary.duration,
+    e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+async def _wrk(name: str, url: str, action: str | None, payload: bytes, seconds: float,
+               pid: int, concurrency: int, messages_per_request: int) -> Result:
+    """Drive url with wrk (one thread, concurrency connections) posting payload, as the
+    SQS JSON action (None: no X-Amz-Target, for the bare handler). A C generator spends a
+    few microseconds a request where the aiohttp client spends about a hundred, so on a
+    machine of two cores it leaves the server the cores it would otherwise take.
+    Any answer other than 2xx, or a socket error, fails the run: the rate of refusals is
+    not the rate of work."""
+    target = f'wrk.headers["X-Amz-Target"] = "{TARGET}{action}"' if action else ""
+    if b"]==]" in payload:
+        raise ValueError("payload cannot be quoted for wrk")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(_WRK_SCRIPT.format(body=payload.decode(), target=target,
+                                        content_type=HEADERS["Content-Type"]))
+    try:
+        children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu0 = _cpu_seconds(pid)
+        process = await asyncio.create_subprocess_exec(
+            "wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s",
+            "-s", script.name, url, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await process.communicate()
+        cpu = _cpu_seconds(pid) - cpu0
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    finally:
+        os.unlink(script.name)
+    line = next((x for x in out.decode().splitlines() if x.startswith("WRK ")), None)
+    if process.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({process.returncode}): {err.decode().strip()}")
+    requests, duration_us, bad_status, socket_errors, p50_us, p99_us = map(
+        int, line.split()[1:])
+    if bad_status or socket_errors:
+        raise RuntimeError(f"{name}: {bad_status} answers not 2xx and {socket_errors} "
+                           f"socket errors out of {requests} requests")
+    result = Result(name)
+    result.requests, result.messages = requests, requests * messages_per_request
+    result.seconds = duration_us / 1e6
+    result.cpu_s = cpu
+    result.client_cpu_s = (children.ru_utime + children.ru_stime
+                           - children0.ru_utime - children0.ru_stime)
+    result.percentiles = (p50_us / 1e6, p99_us / 1e6)
     return result
 
 
@@ -273,13 +337,21 @@ async def _scenarios(args: argparse.Namespace, url: str, bare_url: str, pid: int
            "Entries": [{"Id": str(i), "MessageBody": body} for i in range(10)]}
     n = args.concurrency
     bare_payload = json.dumps(one).encode()
-    results = [await _drive("bare", bare_url,
-                            [lambda s: _bare_op(s, bare_url, bare_payload)] * n,
-                            args.seconds, bare_pid, n)]
-    results.append(await _drive("send1", url, [_sqs(url, "SendMessage", one)] * n,
-                                args.seconds, pid, n))
-    results.append(await _drive("send10", url, [_sqs(url, "SendMessageBatch", ten)] * n,
-                                args.seconds, pid, n))
+    if args.generator == "wrk":
+        results = [
+            await _wrk("bare", bare_url, None, bare_payload, args.seconds, bare_pid, n, 1),
+            await _wrk("send1", url, "SendMessage", json.dumps(one).encode(), args.seconds,
+                       pid, n, 1),
+            await _wrk("send10", url, "SendMessageBatch", json.dumps(ten).encode(),
+                       args.seconds, pid, n, 10)]
+    else:
+        results = [
+            await _drive("bare", bare_url, [lambda s: _bare_op(s, bare_url, bare_payload)] * n,
+                         args.seconds, bare_pid, n),
+            await _drive("send1", url, [_sqs(url, "SendMessage", one)] * n, args.seconds,
+                         pid, n),
+            await _drive("send10", url, [_sqs(url, "SendMessageBatch", ten)] * n,
+                         args.seconds, pid, n)]
     results.append(await _drive("recv10", url, [_receive_delete(url, queue_url)] * n,
                                 args.seconds, pid, n))
     half = max(1, n // 2)
@@ -389,6 +461,9 @@ def main() -> None:
     parser.add_argument("--body", type=int, default=100, help="message body bytes")
     parser.add_argument("--fsync", default="always")
     parser.add_argument("--json", action="store_true", help="print JSON rows")
+    parser.add_argument("--generator", choices=["wrk", "aiohttp"],
+                        default="wrk" if shutil.which("wrk") else "aiohttp",
+                        help="what drives bare, send1 and send10 (recv10 and mixed: aiohttp)")
     parser.add_argument("--protection", action="store_true",
                         help="compare auth+encryption on against off (send10, recv10)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of --protection")
@@ -403,7 +478,7 @@ def main() -> None:
     base = rows[0]["requests_per_s"]
     send1 = rows[1]["messages_per_s"]
     print(f"fsync={args.fsync} concurrency={args.concurrency} body={args.body} B "
-          f"seconds={args.seconds}")
+          f"seconds={args.seconds} generator={args.generator} (recv10, mixed: aiohttp)")
     print(f"{'scenario':<8} {'req/s':>10} {'msgs/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'cpu us/msg':>11} {'client us/msg':>14}")
     nan = float("nan")
