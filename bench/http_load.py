@@ -174,8 +174,8 @@ async def _wrk(name: str, url: str, action: str | None, payload: bytes, seconds:
     SQS JSON action (None: no X-Amz-Target, for the bare handler). A C generator spends a
     few microseconds a request where the aiohttp client spends about a hundred, so on a
     machine of two cores it leaves the server the cores it would otherwise take.
-    Any answer other than 2xx, or a socket error, fails the run: the rate of refusals is
-    not the rate of work."""
+    Any answer of 400 or more (what wrk counts as an error), or a socket error, fails the
+    run: the rate of refusals is not the rate of work."""
     target = f'wrk.headers["X-Amz-Target"] = "{TARGET}{action}"' if action else ""
     if b"]==]" in payload:
         raise ValueError("payload cannot be quoted for wrk")
@@ -200,7 +200,7 @@ async def _wrk(name: str, url: str, action: str | None, payload: bytes, seconds:
     requests, duration_us, bad_status, socket_errors, p50_us, p99_us = map(
         int, line.split()[1:])
     if bad_status or socket_errors:
-        raise RuntimeError(f"{name}: {bad_status} answers not 2xx and {socket_errors} "
+        raise RuntimeError(f"{name}: {bad_status} answers of 400 or more and {socket_errors} "
                            f"socket errors out of {requests} requests")
     result = Result(name)
     result.requests, result.messages = requests, requests * messages_per_request
