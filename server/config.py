@@ -94,7 +94,7 @@ class ServerConfig:
     region: str = DEFAULT_REGION
     account_id: str = DEFAULT_ACCOUNT
     access_log: bool = True
-    """One JSON line per request on the "conveyor.audit" logger."""
+    """One JSON line per request on stdout (server/web/audit.py)."""
     open_queues_max: int = 512
     auth: str = "none"
     """"required": every request proves an access key; "none": all act as account_id."""

@@ -32,6 +32,7 @@ from server.service import QueueService
 from server.sqs import handler as sqs
 from server.sqs.attempts import ReceiveAttempts
 from server.web import appkeys, native, openapi
+from server.web.audit import AuditLog
 from server.web.middleware import frontend
 
 KEYRING_FILE = "sse-keys.sqlite3"
@@ -48,6 +49,9 @@ def create_app(config: ServerConfig) -> web.Application:
     app[appkeys.METRICS] = Metrics()
     app[appkeys.USAGE] = Usage()
     app[appkeys.RECEIVE_ATTEMPTS] = ReceiveAttempts()
+    if config.access_log:
+        audit = app[appkeys.AUDIT] = AuditLog()
+        app.on_cleanup.append(lambda _: _flushed(audit))
     app.cleanup_ctx.append(_resources)
     app.router.add_routes(native.routes)
     app.router.add_get("/healthz", healthz, name="healthz")
@@ -60,6 +64,10 @@ def create_app(config: ServerConfig) -> web.Application:
     # Account ids are 12 digits, which keeps /v1/... and other paths out of this route.
     app.router.add_post("/{account:[0-9]{12}}/{queue}", sqs.handle, name="sqs_queue")
     return app
+
+
+async def _flushed(audit: AuditLog) -> None:
+    audit.flush()  # the last turn's lines, if the loop stops before it ends
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from server.protection.usage import Usage
     from server.service import QueueService
     from server.sqs.attempts import ReceiveAttempts
+    from server.web.audit import AuditLog
 
 CONFIG: web.AppKey[ServerConfig] = web.AppKey("config")
 DEPLOYMENT: web.AppKey[Deployment] = web.AppKey("deployment")
@@ -23,6 +24,8 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 EXPOSITION: web.AppKey[Exposition] = web.AppKey("exposition")
 ADMISSION: web.AppKey[Admission] = web.AppKey("admission")
 USAGE: web.AppKey[Usage] = web.AppKey("usage")
+# The access log, when it is on (ServerConfig.access_log).
+AUDIT: web.AppKey[AuditLog] = web.AppKey("audit")
 # The process's collector policy, when the app runs as the server process (listener.run).
 GC_POLICY: web.AppKey[GcPolicy] = web.AppKey("gc_policy")
 # Per request, set by the FrontEnd's layers and read by the audit log and handlers.

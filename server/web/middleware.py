@@ -8,7 +8,6 @@ and the request metrics.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -30,7 +29,6 @@ from server.sqs import json_protocol, query_protocol
 from server.web import appkeys
 from server.web.errors import INTERNAL, native_status, spec_for
 
-_audit = logging.getLogger("conveyor.audit")
 # The SQS endpoint, and a queue's URL (the query protocol may post to it).
 _SQS_PATH = re.compile(r"/|/[0-9]{12}/[^/]+")
 _log = logging.getLogger("conveyor.server")
@@ -109,15 +107,16 @@ def _account(request: web.Request, response: web.StreamResponse, elapsed: float)
         request.app[appkeys.USAGE].record(account, request.get(appkeys.PRINCIPAL),
                                        request.get(appkeys.QUEUE), request.get(appkeys.MESSAGES, 0),
                                        received, sent, response.status == 429)
-    if request.app[appkeys.CONFIG].access_log:
-        _audit.info(json.dumps({
+    audit = request.app.get(appkeys.AUDIT)
+    if audit is not None:
+        audit.write({
             "ts": round(time.time(), 3), "request_id": request[appkeys.REQUEST_ID],
             "principal": request.get(appkeys.PRINCIPAL), "remote": request.remote,
             "protocol": protocol, "action": action, "queue": request.get(appkeys.QUEUE),
             "status": response.status, "bytes_in": received,
             "bytes_out": sent,
             "latency_ms": round(elapsed * 1000, 3),
-        }, separators=(",", ":")))
+        })
 
 
 # The action metrics and the audit line name for a request no route took (404, 405).

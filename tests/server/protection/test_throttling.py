@@ -350,12 +350,18 @@ def signed_get(server: Server, path: str, key: dict[str, str]) -> Any:
     return http(server, "GET", path, headers=dict(request.headers.items()))
 
 
-def audit_lines(server: Server) -> list[dict[str, Any]]:
-    lines = []
-    for line in server.log.read_text().splitlines():
-        if line.startswith('{"ts":'):
-            lines.append(json.loads(line))
-    return lines
+def audit_lines(server: Server, until: Callable[[list[dict[str, Any]]], bool],
+                timeout_s: float = 10.0) -> list[dict[str, Any]]:
+    """The server's audit lines, once ``until`` holds of them: a request's line is written
+    at the end of the event loop's turn that answered it, so its client can see the answer
+    first (server/web/audit.py)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lines = [json.loads(line) for line in server.log.read_text().splitlines()
+                 if line.startswith('{"ts":')]
+        if until(lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
 
 
 def usage_of(samples: dict[Any, float], scope: str, account: str, key: str
@@ -428,7 +434,8 @@ def test_usage_by_principal_and_queue(authed: Server) -> None:
     assert native(authed, "GET", "/v1/usage", token="cvt1.CVYNOSUCHKEY.1.x").status == 403
 
     # Each request's audit line names its principal.
-    lines = audit_lines(authed)
+    lines = audit_lines(authed, lambda lines: sum(
+        line["action"] == "usage" and line["status"] == 403 for line in lines) >= 2)
     sends = [line for line in lines if line["action"] == "SendMessage"
              and line["queue"] == f"{ALICE_ACCOUNT}/orders"]
     assert sorted(line["principal"] for line in sends) == ["alice"] * 3 + ["carol"]
@@ -468,7 +475,8 @@ def test_throttled_requests_are_counted_for_their_principal(authed: Server) -> N
     assert dave_usage["messages"] == 0
     samples = metrics(authed, METRICS_TOKEN)
     assert usage_of(samples, "principal", DAVE_ACCOUNT, "dave")["throttled"] == throttled
-    refused = [line for line in audit_lines(authed)
+    refused = [line for line in audit_lines(authed, lambda lines: sum(
+        line["principal"] == "dave" and line["status"] == 429 for line in lines) >= throttled)
                if line["principal"] == "dave" and line["status"] == 429]
     assert len(refused) >= throttled
 
