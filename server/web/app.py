@@ -50,8 +50,9 @@ def create_app(config: ServerConfig) -> web.Application:
     app[appkeys.USAGE] = Usage()
     app[appkeys.RECEIVE_ATTEMPTS] = ReceiveAttempts()
     if config.access_log:
-        audit = app[appkeys.AUDIT] = AuditLog()
-        app.on_cleanup.append(lambda _: _flushed(audit))
+        app[appkeys.AUDIT] = AuditLog()
+        # First in, so last out, and run even if a later context fails its cleanup.
+        app.cleanup_ctx.append(_audit_flushed)
     app.cleanup_ctx.append(_resources)
     app.router.add_routes(native.routes)
     app.router.add_get("/healthz", healthz, name="healthz")
@@ -66,8 +67,9 @@ def create_app(config: ServerConfig) -> web.Application:
     return app
 
 
-async def _flushed(audit: AuditLog) -> None:
-    audit.flush()  # the last turn's lines, if the loop stops before it ends
+async def _audit_flushed(app: web.Application) -> AsyncIterator[None]:
+    yield
+    app[appkeys.AUDIT].flush()  # the last turn's lines, if the loop stops before they go
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

@@ -1,12 +1,13 @@
-"""The access log: one JSON line per request, on stdout (docs/API.md, "Audit").
+"""The access log: one JSON line per request, on stdout (docs/API.md, docs/OPERATIONS.md).
 
-The lines of the requests finished in one turn of the event loop are written together
-at its end, in one write. Written one by one through the logging module (a log record
-made, a handler's lock, a write and a flush each), the log cost a SendMessage about 40 µs
-of server CPU, against about 10 µs now (docs/PERFORMANCE.md, "The access log").
+The lines of the requests answered in one turn of the event loop are written together, in
+one call to the stream, early in the next turn. Written one by one through the logging
+module (a log record made, a handler's lock, a write and a flush each), the log cost a
+SendMessage about 40 µs of server CPU, against about 10 µs now (docs/PERFORMANCE.md, "The
+access log").
 
-What waits to be written is bounded by what one turn of the loop finishes: the requests
-of the connections served at once (``--connections-max``).
+What waits to be written is bounded by what one turn of the loop answers: a few requests
+(pipelined ones) on each of the connections served at once (``--connections-max``).
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ class AuditLog:
         """Queue one request's line; on the event loop."""
         self._lines.append(json.dumps(line, separators=(",", ":")))
         if not self._due:
-            self._due = True
             asyncio.get_running_loop().call_soon(self.flush)
+            self._due = True  # only once scheduled: else no later line would schedule it
 
     def flush(self) -> None:
-        """Write what is queued now (at the end of a turn of the loop, and at shutdown)."""
+        """Write what is queued now (in the turn after the lines', and at shutdown)."""
         lines, self._lines, self._due = self._lines, [], False
         if not lines:
             return
