@@ -336,17 +336,16 @@ async def _scenarios(args: argparse.Namespace, url: str, bare_url: str, pid: int
     ten = {"QueueUrl": queue_url,
            "Entries": [{"Id": str(i), "MessageBody": body} for i in range(10)]}
     n = args.concurrency
-    bare_payload = json.dumps(one).encode()
+    one_payload = json.dumps(one).encode()  # send1's body, which the bare handler gets too
     if args.generator == "wrk":
         results = [
-            await _wrk("bare", bare_url, None, bare_payload, args.seconds, bare_pid, n, 1),
-            await _wrk("send1", url, "SendMessage", json.dumps(one).encode(), args.seconds,
-                       pid, n, 1),
+            await _wrk("bare", bare_url, None, one_payload, args.seconds, bare_pid, n, 1),
+            await _wrk("send1", url, "SendMessage", one_payload, args.seconds, pid, n, 1),
             await _wrk("send10", url, "SendMessageBatch", json.dumps(ten).encode(),
                        args.seconds, pid, n, 10)]
     else:
         results = [
-            await _drive("bare", bare_url, [lambda s: _bare_op(s, bare_url, bare_payload)] * n,
+            await _drive("bare", bare_url, [lambda s: _bare_op(s, bare_url, one_payload)] * n,
                          args.seconds, bare_pid, n),
             await _drive("send1", url, [_sqs(url, "SendMessage", one)] * n, args.seconds,
                          pid, n),
