@@ -1,6 +1,7 @@
 """HTTP load generator: SQS JSON requests against a real Conveyor server.
 
     python -m bench.http_load [--seconds 8] [--concurrency 16] [--fsync always]
+                              [--generator wrk|aiohttp]
     python -m bench.http_load --protection [--rounds 3]
 
 In one invocation it starts a Conveyor server and a bare aiohttp handler
@@ -11,6 +12,10 @@ In one invocation it starts a Conveyor server and a bare aiohttp handler
 - ``send10``: SendMessageBatch of 10;
 - ``recv10``: ReceiveMessage of up to 10, then DeleteMessageBatch of what came;
 - ``mixed``: half the connections send batches of 10, half receive and delete.
+
+``bare``, ``send1`` and ``send10`` are driven by wrk when it is installed (``_wrk``: one
+thread, one fixed request), the others, which need each answer, by an aiohttp client;
+``--generator aiohttp`` drives all of them with it.
 
 For each it prints requests/s, messages/s, p50 and p99 latency, and the server's CPU
 microseconds per message (user + system time of the server process from /proc, over the
