@@ -8,6 +8,7 @@ and the request metrics.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -36,9 +37,28 @@ _log = logging.getLogger("conveyor.server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class RequestIds:
+    """Request ids in a UUID's shape: 64 random bits chosen when the process starts, then
+    a counter. They need to be unique, to find a request in the logs, not unguessable: a
+    uuid4 per request, which reads the kernel's random source, cost about a tenth of a
+    bare request's server time."""
+
+    def __init__(self) -> None:
+        prefix = uuid.uuid4().hex
+        self._prefix = f"{prefix[:8]}-{prefix[8:12]}-{prefix[12:16]}"
+        self._next = itertools.count()
+
+    def __call__(self) -> str:
+        n = next(self._next)
+        return f"{self._prefix}-{n >> 48 & 0xFFFF:04x}-{n & 0xFFFFFFFFFFFF:012x}"
+
+
+_request_id = RequestIds()
+
+
 @web.middleware
 async def frontend(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request[appkeys.REQUEST_ID] = str(uuid.uuid4())
+    request[appkeys.REQUEST_ID] = _request_id()
     started = time.perf_counter()
     if _SQS_PATH.fullmatch(request.path):
         # Known from the headers alone, so that even a refusal before the SQS handler
@@ -96,11 +116,9 @@ def error_response(request: web.Request, exc: BaseException) -> web.Response:
 def _account(request: web.Request, response: web.StreamResponse, elapsed: float) -> None:
     protocol = request.get(appkeys.PROTOCOL, "native")
     action = request.get(appkeys.ACTION) or _route_name(request)
-    metrics = request.app[appkeys.METRICS]
-    metrics.requests.labels(protocol, action, str(response.status)).inc()
-    metrics.latency.labels(protocol, action).observe(elapsed)
     received = request.content_length or 0
-    metrics.request_bytes.labels(protocol).inc(received)
+    request.app[appkeys.METRICS].requests.record(protocol, action, response.status, elapsed,
+                                                 received)
     sent = len(body) if isinstance(body := getattr(response, "body", None), bytes) else 0
     account = request.get(appkeys.ACCOUNT)
     if account is not None:

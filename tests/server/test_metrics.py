@@ -97,3 +97,51 @@ async def test_a_scraper_that_hangs_up_does_not_cancel_the_render_of_others() ->
         assert exposition.renders == 1
     finally:
         await exposition.close()
+
+
+def _samples(text: bytes, family_name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]],
+                                                       float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text.decode())
+            if family.name == family_name for s in family.samples}
+
+
+def test_request_counts_and_latency_buckets_are_what_prometheus_would_show() -> None:
+    # The same observations through prometheus_client's own instruments give the reference.
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from server.metrics import _LATENCY_BUCKETS
+
+    registry = CollectorRegistry()
+    counter = Counter("conveyor_requests", "x", ["protocol", "action", "status"],
+                      registry=registry)
+    histogram = Histogram("conveyor_request_seconds", "x", ["protocol", "action"],
+                          buckets=_LATENCY_BUCKETS, registry=registry)
+    body_bytes = Counter("conveyor_request_bytes", "x", ["protocol"], registry=registry)
+    metrics = Metrics()
+    # On a bound (inclusive), between bounds, past the last one; two actions and statuses.
+    for action, status, elapsed in (("SendMessage", 200, 0.0005), ("SendMessage", 200, 0.0007),
+                                    ("SendMessage", 400, 1.0), ("ReceiveMessage", 200, 30.0)):
+        metrics.requests.record("sqs-json", action, status, elapsed, 100)
+        counter.labels("sqs-json", action, str(status)).inc()
+        histogram.labels("sqs-json", action).observe(elapsed)
+        body_bytes.labels("sqs-json").inc(100)
+    ours, reference = metrics.snapshot()(), generate_latest(registry)
+    for name in ("conveyor_requests", "conveyor_request_seconds", "conveyor_request_bytes"):
+        expected = {key: value for key, value in _samples(reference, name).items()
+                    if not key[0].endswith("_created")}
+        assert _samples(ours, name) == expected, name
+    assert _samples(ours, "conveyor_request_seconds")[
+        ("conveyor_request_seconds_bucket",
+         (("action", "SendMessage"), ("le", "0.0005"), ("protocol", "sqs-json")))] == 1
+
+
+def test_a_scrape_shows_the_requests_counted_before_its_snapshot_only() -> None:
+    metrics = Metrics()
+    metrics.requests.record("native", "get_queue", 404, 0.001, 0)
+    text = metrics.snapshot()
+    metrics.requests.record("native", "get_queue", 404, 0.001, 0)  # after: the next scrape's
+    key = ("conveyor_requests_total",
+           (("action", "get_queue"), ("protocol", "native"), ("status", "404")))
+    assert _samples(text(), "conveyor_requests")[key] == 1
+    assert _samples(metrics.snapshot()(), "conveyor_requests")[key] == 2
