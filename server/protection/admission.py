@@ -1,11 +1,11 @@
 """Admission: the FrontEnd layers a request passes before it reaches a queue.
 
-:func:`protect` (a middleware, inside :func:`server.web.middleware.frontend`) authenticates the
-caller and applies the per-principal rate limit; a scrape of /metrics proves the metrics
-token instead (server/protection/operator.py). :meth:`Admission.admit_queue` runs once the
-queue a request names is known (from the path on the native API, from the parameters on
-the SQS protocols): the queue's policy is checked, and the per-queue rate limit. Both
-refuse before anything changes.
+:meth:`Admission.admit` (called by :func:`server.web.middleware.frontend` before the
+request's handler) authenticates the caller and applies the per-principal rate limit; a
+scrape of /metrics proves the metrics token instead (server/protection/operator.py).
+:meth:`Admission.admit_queue` runs once the queue a request names is known (from the path
+on the native API, from the parameters on the SQS protocols): the queue's policy is
+checked, and the per-queue rate limit. Both refuse before anything changes.
 
 The queue's record, which holds its policy (compiled once per record) and rate override,
 comes from the metadata cache, so admitting a request to a known queue costs dictionary
@@ -24,7 +24,6 @@ from server.protection.operator import MetricsGate
 from server.protection.ratelimit import Limiter, Rate
 from server.protection.usage import queue_label
 from server.web import appkeys
-from server.web.middleware import Handler
 
 # Paths served to anyone: liveness and readiness probes, the API schema.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
@@ -85,26 +84,29 @@ class Admission:
         return record
 
 
-@web.middleware
-async def protect(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path in OPEN_PATHS:
-        return await handler(request)
-    admission = request.app[appkeys.ADMISSION]
-    if request.path == METRICS_PATH:
-        admission.metrics_gate.check(request)
-        return await handler(request)
-    caller = await admission.authenticator.authenticate(request)
-    request[appkeys.PRINCIPAL] = caller.principal
-    request[appkeys.ACCOUNT] = caller.account
-    request[appkeys.SENDER] = caller.principal if caller.access_key_id is not None else None
-    admission.principals.check(f"{caller.account}/{caller.principal}",
-                               admission.principal_rate, f"principal {caller.principal}")
-    route = request.match_info.route.name
-    if route in NATIVE_ACTIONS:
-        owner = request.query.get("owner", caller.account)
-        if not authz.is_account(owner):
-            raise InvalidParameterError("owner", owner, "must be a 12-digit account id")
-        request[appkeys.OWNER] = owner
-        await admission.admit_queue(request, NATIVE_ACTIONS[route], owner,
-                                    request.match_info["name"])
-    return await handler(request)
+    async def admit(self, request: web.Request) -> None:
+        """Everything checked before the request's handler runs (its route resolved):
+        the caller, the principal's rate, and for a native route its queue. Raises the
+        refusal. A method the FrontEnd calls, not a middleware of its own: each
+        middleware is another coroutine around every request."""
+        path = request.path
+        if path in OPEN_PATHS:
+            return
+        if path == METRICS_PATH:
+            self.metrics_gate.check(request)
+            return
+        caller = await self.authenticator.authenticate(request)
+        request[appkeys.PRINCIPAL] = caller.principal
+        request[appkeys.ACCOUNT] = caller.account
+        request[appkeys.SENDER] = (caller.principal if caller.access_key_id is not None
+                                   else None)
+        self.principals.check(f"{caller.account}/{caller.principal}", self.principal_rate,
+                              f"principal {caller.principal}")
+        route = request.match_info.route.name
+        if route in NATIVE_ACTIONS:
+            owner = request.query.get("owner", caller.account)
+            if not authz.is_account(owner):
+                raise InvalidParameterError("owner", owner, "must be a 12-digit account id")
+            request[appkeys.OWNER] = owner
+            await self.admit_queue(request, NATIVE_ACTIONS[route], owner,
+                                   request.match_info["name"])

@@ -54,6 +54,9 @@ class Context:
     # FIFO ReceiveRequestAttemptId -> the answer, per queue (bounded: see attempts.py).
     attempts: ReceiveAttempts
     sender: str | None = None
+    queue: tuple[str, str] | None = None
+    """(account, name) from the request's QueueUrl, when the handler has parsed it: once
+    per request, not again by the action."""
 
     def url(self, account: str, name: str) -> str:
         return shapes.queue_url(self.base_url, account, name)
@@ -79,7 +82,9 @@ def _int(params: Params, name: str, low: int, high: int) -> int | None:
     return int_in_range(params.get(name), name, low, high)
 
 
-def _queue(params: Params) -> tuple[str, str]:
+def _queue(ctx: Context, params: Params) -> tuple[str, str]:
+    if ctx.queue is not None:
+        return ctx.queue
     return shapes.parse_queue_url(params.get("QueueUrl"))
 
 
@@ -168,12 +173,12 @@ async def list_queues(ctx: Context, params: Params) -> dict[str, Any]:
 
 
 async def delete_queue(ctx: Context, params: Params) -> dict[str, Any]:
-    await ctx.service.delete_queue(*_queue(params))
+    await ctx.service.delete_queue(*_queue(ctx, params))
     return {}
 
 
 async def get_queue_attributes(ctx: Context, params: Params) -> dict[str, Any]:
-    account, name = _queue(params)
+    account, name = _queue(ctx, params)
     wanted = shapes.check_attribute_names(params.get("AttributeNames"))
     view = await ctx.service.view(account, name)
     attributes = shapes.sqs_attributes(view.record, view.attributes, view.stats, ctx.region,
@@ -182,7 +187,7 @@ async def get_queue_attributes(ctx: Context, params: Params) -> dict[str, Any]:
 
 
 async def set_queue_attributes(ctx: Context, params: Params) -> dict[str, Any]:
-    account, name = _queue(params)
+    account, name = _queue(ctx, params)
     raw = params.get("Attributes")
     if raw is None:
         raise MissingParameterError("Attributes", "the request needs Attributes")
@@ -198,7 +203,7 @@ def _tags(raw: object) -> dict[str, str]:
 
 
 async def tag_queue(ctx: Context, params: Params) -> dict[str, Any]:
-    account, name = _queue(params)
+    account, name = _queue(ctx, params)
     tags = params.get("Tags")
     if tags is None:
         raise MissingParameterError("Tags", "the request needs Tags")
@@ -207,7 +212,7 @@ async def tag_queue(ctx: Context, params: Params) -> dict[str, Any]:
 
 
 async def untag_queue(ctx: Context, params: Params) -> dict[str, Any]:
-    account, name = _queue(params)
+    account, name = _queue(ctx, params)
     keys = params.get("TagKeys")
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise MissingParameterError("TagKeys", "the request needs TagKeys")
@@ -216,17 +221,17 @@ async def untag_queue(ctx: Context, params: Params) -> dict[str, Any]:
 
 
 async def list_queue_tags(ctx: Context, params: Params) -> dict[str, Any]:
-    record = await ctx.service.record(*_queue(params))
+    record = await ctx.service.record(*_queue(ctx, params))
     return {"Tags": dict(record.tags)} if record.tags else {}
 
 
 async def purge_queue(ctx: Context, params: Params) -> dict[str, Any]:
-    await ctx.service.purge(*_queue(params))
+    await ctx.service.purge(*_queue(ctx, params))
     return {}
 
 
 async def list_dead_letter_source_queues(ctx: Context, params: Params) -> dict[str, Any]:
-    account, name = _queue(params)
+    account, name = _queue(ctx, params)
     limit, token = _page(params)
     sources = [s for s in await ctx.service.dead_letter_sources(account, name)
                if s[1] > token]
@@ -270,7 +275,7 @@ def _sent(entry: SendEntry, result: Any) -> dict[str, Any]:
 
 
 async def send_message(ctx: Context, params: Params) -> dict[str, Any]:
-    account, name = _queue(params)
+    account, name = _queue(ctx, params)
     entry = _send_entry(ctx, params)
     [result] = await ctx.service.send(account, name, [entry])
     if isinstance(result, EngineError):
@@ -279,7 +284,7 @@ async def send_message(ctx: Context, params: Params) -> dict[str, Any]:
 
 
 async def send_message_batch(ctx: Context, params: Params) -> dict[str, Any]:
-    account, name = _queue(params)
+    account, name = _queue(ctx, params)
     entries = _entries(params)
     await ctx.service.record(account, name)  # an unknown queue fails the whole request
     prepared: list[SendEntry | EngineError] = []
@@ -307,7 +312,7 @@ async def send_message_batch(ctx: Context, params: Params) -> dict[str, Any]:
 
 
 async def receive_message(ctx: Context, params: Params) -> dict[str, Any]:
-    account, name = _queue(params)
+    account, name = _queue(ctx, params)
     count = _int(params, "MaxNumberOfMessages", 1, RECEIVE_MESSAGES_MAX) or 1
     wait = _int(params, "WaitTimeSeconds", 0, RECEIVE_WAIT_S_MAX)
     visibility = _int(params, "VisibilityTimeout", 0, VISIBILITY_TIMEOUT_S_MAX)
@@ -340,7 +345,7 @@ async def receive_message(ctx: Context, params: Params) -> dict[str, Any]:
 
 
 async def delete_message(ctx: Context, params: Params) -> dict[str, Any]:
-    account, name = _queue(params)
+    account, name = _queue(ctx, params)
     [error] = await ctx.service.delete(account, name, [_text(params, "ReceiptHandle")])
     if error is not None:
         raise error
@@ -348,7 +353,7 @@ async def delete_message(ctx: Context, params: Params) -> dict[str, Any]:
 
 
 async def delete_message_batch(ctx: Context, params: Params) -> dict[str, Any]:
-    account, name = _queue(params)
+    account, name = _queue(ctx, params)
     entries = _entries(params)
     await ctx.service.record(account, name)
     handles = [h if isinstance(h := e.get("ReceiptHandle"), str)
@@ -358,7 +363,7 @@ async def delete_message_batch(ctx: Context, params: Params) -> dict[str, Any]:
 
 
 async def change_message_visibility(ctx: Context, params: Params) -> dict[str, Any]:
-    account, name = _queue(params)
+    account, name = _queue(ctx, params)
     seconds = _int(params, "VisibilityTimeout", 0, VISIBILITY_TIMEOUT_S_MAX)
     if seconds is None:
         raise MissingParameterError("VisibilityTimeout", "the request needs VisibilityTimeout")
@@ -370,7 +375,7 @@ async def change_message_visibility(ctx: Context, params: Params) -> dict[str, A
 
 
 async def change_message_visibility_batch(ctx: Context, params: Params) -> dict[str, Any]:
-    account, name = _queue(params)
+    account, name = _queue(ctx, params)
     await ctx.service.record(account, name)
     entries = _entries(params)
     changes: list[tuple[str, int] | EngineError] = []
@@ -440,7 +445,7 @@ def _own(ctx: Context, account: str, name: str) -> None:
 
 
 async def add_permission(ctx: Context, params: Params) -> dict[str, Any]:
-    account, name = _queue(params)
+    account, name = _queue(ctx, params)
     await ctx.service.record(account, name)  # an unknown queue is refused first
     await ctx.service.add_permission(account, name, ctx.region, _text(params, "Label"),
                                      _string_list(params, "AWSAccountIds"),
@@ -449,7 +454,7 @@ async def add_permission(ctx: Context, params: Params) -> dict[str, Any]:
 
 
 async def remove_permission(ctx: Context, params: Params) -> dict[str, Any]:
-    account, name = _queue(params)
+    account, name = _queue(ctx, params)
     await ctx.service.record(account, name)  # an unknown queue is refused first
     await ctx.service.remove_permission(account, name, _text(params, "Label"))
     return {}

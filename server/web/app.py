@@ -20,7 +20,7 @@ from server.config import HEADER_BYTES_MAX, HEADERS_MAX, REQUEST_BYTES_MAX, Serv
 from server.deployment import open_deployment
 from server.metrics import Exposition, Metrics
 from server.protection import masterkey
-from server.protection.admission import Admission, protect
+from server.protection.admission import Admission
 from server.protection.auth import Authenticator
 from server.protection.keystore import KeyCache
 from server.protection.operator import MetricsGate, load_metrics_token
@@ -40,7 +40,7 @@ KEYRING_FILE = "sse-keys.sqlite3"
 
 def create_app(config: ServerConfig) -> web.Application:
     app = web.Application(
-        middlewares=[frontend, protect],
+        middlewares=[frontend],
         client_max_size=REQUEST_BYTES_MAX,
         handler_args={"max_line_size": HEADER_BYTES_MAX, "max_field_size": HEADER_BYTES_MAX,
                       "max_headers": HEADERS_MAX},

@@ -1,9 +1,11 @@
-"""The request path's outer layers: request ids, body limits, errors, audit and metrics.
+"""The request path's outer layers: request ids, body limits, admission, errors, audit and
+metrics.
 
-:func:`frontend` wraps every request. It gives the request an id, refuses a declared body
-over REQUEST_BYTES_MAX before reading a byte of it, maps any exception to the response
-its protocol expects (the one place errors become HTTP), and writes one JSON audit line
-and the request metrics.
+:func:`frontend` wraps every request: the application's one middleware. It gives the
+request an id, refuses a declared body over REQUEST_BYTES_MAX before reading a byte of
+it, admits the caller (server/protection/admission.py), maps any exception to the
+response its protocol expects (the one place errors become HTTP), and writes one JSON
+audit line and the request metrics.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ async def frontend(request: web.Request, handler: Handler) -> web.StreamResponse
         declared = request.content_length
         if declared is not None and declared > REQUEST_BYTES_MAX:
             raise RequestTooLargeError(declared, REQUEST_BYTES_MAX)
+        # Indexed, not .get(): an app without its admission fails closed, never open.
+        await request.app[appkeys.ADMISSION].admit(request)
         response = await handler(request)
     except web.HTTPRequestEntityTooLarge:
         response = error_response(request, RequestTooLargeError(None, REQUEST_BYTES_MAX))
