@@ -13,9 +13,10 @@ In one invocation it starts a Conveyor server and a bare aiohttp handler
 - ``recv10``: ReceiveMessage of up to 10, then DeleteMessageBatch of what came;
 - ``mixed``: half the connections send batches of 10, half receive and delete.
 
-``bare``, ``send1`` and ``send10`` are driven by wrk when it is installed (``_wrk``: one
-thread, one fixed request), the others, which need each answer, by an aiohttp client;
-``--generator aiohttp`` drives all of them with it.
+``bare``, ``send1``, ``send10`` and ``recv10`` are driven by wrk when it is installed (one
+thread; ``_wrk`` sends one fixed request, ``_wrk_receive`` turns each receive's answer
+into the next delete), ``mixed`` by an aiohttp client; ``--generator aiohttp`` drives all
+of them with it.
 
 For each it prints requests/s, messages/s, p50 and p99 latency, and the server's CPU
 microseconds per message (user + system time of the server process from /proc, over the
@@ -173,6 +174,60 @@ end
 """
 
 
+# wrk's recv10: each answer to a ReceiveMessage becomes the next DeleteMessageBatch sent
+# (on whichever connection asks next), otherwise a ReceiveMessage of 10 is sent. A receipt
+# handle is URL-safe base64 (docs/FORMAT.md), so it is copied into the JSON unescaped. A
+# delete with any Failed entry counts as failed, which fails the run.
+_WRK_RECEIVE_SCRIPT = """
+local queue_url = [==[{queue_url}]==]
+local receive_headers = {{["Content-Type"] = "{content_type}",
+  ["X-Amz-Target"] = "{target}ReceiveMessage"}}
+local receive_body = '{{"QueueUrl":"' .. queue_url .. '","MaxNumberOfMessages":10}}'
+local receive
+local delete_headers = {{["Content-Type"] = "{content_type}",
+  ["X-Amz-Target"] = "{target}DeleteMessageBatch"}}
+local pending = {{}}
+deleted, failed = 0, 0
+request = function()
+  local body = table.remove(pending)
+  if body then return wrk.format("POST", nil, delete_headers, body) end
+  -- Made on first use: wrk sets the Host header that wrk.format copies after loading.
+  receive = receive or wrk.format("POST", nil, receive_headers, receive_body)
+  return receive
+end
+response = function(status, headers, body)
+  if status >= 400 then return end
+  if string.find(body, '"Successful"', 1, true) then
+    if not string.find(body, '"Failed":[]', 1, true) then failed = failed + 1 end
+    for _ in string.gmatch(body, '"Id"') do deleted = deleted + 1 end
+    return
+  end
+  local entries, n = {{}}, 0
+  for handle in string.gmatch(body, '"ReceiptHandle":"([^"]*)"') do
+    entries[#entries + 1] = '{{"Id":"' .. n .. '","ReceiptHandle":"' .. handle .. '"}}'
+    n = n + 1
+  end
+  if n > 0 then
+    pending[#pending + 1] = '{{"QueueUrl":"' .. queue_url .. '","Entries":[' ..
+      table.concat(entries, ",") .. ']}}'
+  end
+end
+local threads = {{}}
+setup = function(thread) threads[#threads + 1] = thread end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  local done_deletes, bad = 0, 0
+  for _, thread in ipairs(threads) do
+    done_deletes = done_deletes + thread:get("deleted")
+    bad = bad + thread:get("failed")
+  end
+  io.write(string.format("WRK %d %d %d %d %d %d %d\\n", summary.requests, summary.duration,
+    e.status, e.connect + e.read + e.write + e.timeout + bad,
+    latency:percentile(50), latency:percentile(99), done_deletes))
+end
+"""
+
+
 async def _wrk(name: str, url: str, action: str | None, payload: bytes, seconds: float,
                pid: int, concurrency: int, messages_per_request: int) -> Result:
     """Drive url with wrk (one thread, concurrency connections) posting payload, as the
@@ -184,9 +239,33 @@ async def _wrk(name: str, url: str, action: str | None, payload: bytes, seconds:
     target = f'wrk.headers["X-Amz-Target"] = "{TARGET}{action}"' if action else ""
     if b"]==]" in payload:
         raise ValueError("payload cannot be quoted for wrk")
+    script = _WRK_SCRIPT.format(body=payload.decode(), target=target,
+                                content_type=HEADERS["Content-Type"])
+    result, _ = await _run_wrk(name, url, script, seconds, pid, concurrency)
+    result.messages = result.requests * messages_per_request
+    return result
+
+
+async def _wrk_receive(name: str, url: str, queue_url: str, seconds: float, pid: int,
+                       concurrency: int) -> Result:
+    """recv10 driven by wrk: ReceiveMessage of 10, and a DeleteMessageBatch of what each
+    brought; the messages counted are those deleted."""
+    if "]==]" in queue_url or '"' in queue_url or "\\" in queue_url:
+        raise ValueError("queue URL cannot be quoted for wrk")
+    script = _WRK_RECEIVE_SCRIPT.format(queue_url=queue_url, target=TARGET,
+                                        content_type=HEADERS["Content-Type"])
+    result, fields = await _run_wrk(name, url, script, seconds, pid, concurrency)
+    result.messages = fields[6]
+    return result
+
+
+async def _run_wrk(name: str, url: str, script_text: str, seconds: float, pid: int,
+                   concurrency: int) -> tuple[Result, list[int]]:
+    """Run wrk with script_text, whose done() prints a "WRK" line (requests, duration,
+    bad answers, failures, p50, p99, then anything of the script's own); the result
+    without its messages, and the line's numbers."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(_WRK_SCRIPT.format(body=payload.decode(), target=target,
-                                        content_type=HEADERS["Content-Type"]))
+        script.write(script_text)
     try:
         children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu0 = _cpu_seconds(pid)
@@ -202,19 +281,19 @@ async def _wrk(name: str, url: str, action: str | None, payload: bytes, seconds:
     line = next((x for x in out.decode().splitlines() if x.startswith("WRK ")), None)
     if process.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({process.returncode}): {err.decode().strip()}")
-    requests, duration_us, bad_status, socket_errors, p50_us, p99_us = map(
-        int, line.split()[1:])
-    if bad_status or socket_errors:
-        raise RuntimeError(f"{name}: {bad_status} answers of 400 or more and {socket_errors} "
-                           f"socket errors out of {requests} requests")
+    fields = [int(x) for x in line.split()[1:]]
+    requests, duration_us, bad_status, failures, p50_us, p99_us = fields[:6]
+    if bad_status or failures:
+        raise RuntimeError(f"{name}: {bad_status} answers of 400 or more and {failures} "
+                           f"socket errors or failed entries out of {requests} requests")
     result = Result(name)
-    result.requests, result.messages = requests, requests * messages_per_request
+    result.requests = requests
     result.seconds = duration_us / 1e6
     result.cpu_s = cpu
     result.client_cpu_s = (children.ru_utime + children.ru_stime
                            - children0.ru_utime - children0.ru_stime)
     result.percentiles = (p50_us / 1e6, p99_us / 1e6)
-    return result
+    return result, fields
 
 
 class Signer:
@@ -356,8 +435,11 @@ async def _scenarios(args: argparse.Namespace, url: str, bare_url: str, pid: int
                          pid, n),
             await _drive("send10", url, [_sqs(url, "SendMessageBatch", ten)] * n,
                          args.seconds, pid, n)]
-    results.append(await _drive("recv10", url, [_receive_delete(url, queue_url)] * n,
-                                args.seconds, pid, n))
+    if args.generator == "wrk":
+        results.append(await _wrk_receive("recv10", url, queue_url, args.seconds, pid, n))
+    else:
+        results.append(await _drive("recv10", url, [_receive_delete(url, queue_url)] * n,
+                                    args.seconds, pid, n))
     half = max(1, n // 2)
     results.append(await _drive(
         "mixed", url, [_sqs(url, "SendMessageBatch", ten)] * half
@@ -467,7 +549,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print JSON rows")
     parser.add_argument("--generator", choices=["wrk", "aiohttp"],
                         default="wrk" if shutil.which("wrk") else "aiohttp",
-                        help="what drives bare, send1 and send10 (recv10 and mixed: aiohttp)")
+                        help="what drives bare, send1, send10 and recv10 (mixed: aiohttp)")
     parser.add_argument("--protection", action="store_true",
                         help="compare auth+encryption on against off (send10, recv10)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of --protection")
