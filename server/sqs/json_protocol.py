@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from server.errors import MalformedRequestError, UnknownActionError
@@ -54,8 +55,16 @@ def parse(body: bytes) -> dict[str, Any]:
 
 
 def respond(result: Mapping[str, Any], request_id: str) -> web.Response:
-    return web.Response(body=json.dumps(result, separators=(",", ":")).encode(),
-                        content_type=CONTENT_TYPE, headers={"x-amzn-RequestId": request_id})
+    # orjson: a received message's body is encoded at about 30 times the standard
+    # library's speed. What it refuses, the standard library writes: a lone surrogate (in
+    # a value stored before requests were parsed by orjson, which refuses them), an
+    # integer past 64 bits.
+    try:
+        body = orjson.dumps(result)
+    except orjson.JSONEncodeError:
+        body = json.dumps(result, separators=(",", ":")).encode()
+    return web.Response(body=body, content_type=CONTENT_TYPE,
+                        headers={"x-amzn-RequestId": request_id})
 
 
 def error(exc: BaseException, spec: ErrorSpec, request_id: str) -> web.Response:

@@ -232,16 +232,38 @@ def check_attribute_names(names: object, allowed: frozenset[str] = READABLE) -> 
 _BAD_BODY_CHAR = re.compile("[^\x09\x0a\x0d\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
+# The bytes of UTF-8 text that may stand in a body: all but the control characters other
+# than tab, LF and CR. A character outside the set is one of those, a surrogate (which
+# UTF-8 cannot encode) or U+FFFE/U+FFFF.
+_BODY_BYTES_OK = bytes(b for b in range(256) if b >= 0x20 or b in (0x09, 0x0A, 0x0D))
+
+
 def body_bytes(body: object) -> bytes:
+    """A message body's UTF-8 bytes, once every character is one SQS accepts.
+
+    The check runs at C speed on the bytes (a regular expression over the text cost
+    about 3 us per KiB): the bytes left once the allowed ones are deleted, none for a
+    good body, and for text beyond ASCII the encoding itself (a surrogate fails it) and
+    U+FFFE/U+FFFF. Only a refused body is searched for the character to name.
+    """
     if not isinstance(body, str) or body == "":
         raise MissingParameterError("MessageBody", "the request needs a non-empty MessageBody")
-    bad = _BAD_BODY_CHAR.search(body)
-    if bad is not None:
+    try:
+        data = body.encode()
+    except UnicodeEncodeError:
+        data = b""
+        good = False
+    else:
+        good = not data.translate(None, _BODY_BYTES_OK) and (
+            body.isascii() or ("\ufffe" not in body and "\uffff" not in body))
+    if not good:
+        # The two checks refuse the same characters (tests/server/sqs/test_shapes.py).
+        bad = _BAD_BODY_CHAR.search(body)
         raise InvalidMessageContentsError(
-            "MessageBody", f"U+{ord(bad.group()):04X}",
+            "MessageBody", f"U+{ord(bad.group()):04X}" if bad else body[:16],
             "holds a character outside #x9 #xA #xD #x20-#xD7FF #xE000-#xFFFD "
             "#x10000-#x10FFFF")
-    return body.encode()
+    return data
 
 
 def message_attributes(raw: object, parameter: str = "MessageAttributes"

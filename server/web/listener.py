@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from server import allocator
 from server.config import SHUTDOWN_GRACE_S, ServerConfig
 from server.gcpolicy import GcPolicy
 from server.web import appkeys
@@ -75,7 +76,9 @@ def run(app: web.Application, config: ServerConfig, loop: asyncio.AbstractEventL
     context = None
     if config.tls_cert is not None and config.tls_key is not None:
         context = tls_context(config.tls_cert, config.tls_key)
-    # The process is the server's: its collector freezes old objects (server/gcpolicy.py).
+    # The process is the server's: its collector freezes old objects (server/gcpolicy.py),
+    # and its allocator gives large buffers back (server/allocator.py).
+    allocator.fix_thresholds()
     gc_policy = app[appkeys.GC_POLICY] = GcPolicy()
     gc_policy.start(loop)
     main = loop.create_task(_serve(app, config, context, announce))

@@ -1,0 +1,50 @@
+"""The C allocator's policy in a server process: large buffers are given back when freed.
+
+glibc serves a request of at least its mmap threshold from a mapping of its own, which
+goes back to the kernel when freed; smaller ones come from the heap, whose free top is
+returned only past the trim threshold. Both thresholds start at 128 KiB, but glibc raises
+them whenever a mapped block is freed: the mmap threshold to that block's size (up to 32
+MiB), the trim threshold to twice it. A server passes large transient buffers all the
+time (a request body, its parsed text, the JSON of an answer of ten 1 MiB messages), so
+after the first such answer every buffer below 10 MiB comes from the heap, and up to 20
+MiB of its freed top is kept. Measured with remembered FIFO receive answers of 10 MiB
+(tests/server/web/test_client_memory.py), the process kept 20-30 MiB of freed buffers
+over the answers it held.
+
+Fixed thresholds stop the raising: buffers of MMAP_THRESHOLD and more are mapped, and
+given back when freed; the heap is trimmed once TRIM_THRESHOLD of its top is free. Not
+lower: with a 256 KiB mmap threshold each 256 KiB SendMessage paid the page faults of a
+fresh mapping for its body, and its server CPU doubled.
+
+Only the server's process sets this (``server.web.listener``); the engine, a library,
+leaves the allocator of the program it is in alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+_log = logging.getLogger("conveyor.server")
+
+MMAP_THRESHOLD = 4 * 1024 * 1024
+TRIM_THRESHOLD = 8 * 1024 * 1024
+# mallopt's parameters (glibc's malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def fix_thresholds() -> bool:
+    """Fix glibc's thresholds; False (and nothing changed) on another C library."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc: its own policy stands
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    done: bool = (mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+                  and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
+    if not done:
+        _log.warning("the C allocator refused fixed thresholds; large freed buffers may "
+                     "stay in the process")
+    return done
