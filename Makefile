@@ -102,10 +102,11 @@ bench: install etcd
 	$(BIN)/python -m bench.cluster_load $(BENCH_CLUSTER_ARGS)
 
 # The HTTP load generator alone: a server and a bare aiohttp baseline, driven in one run;
-# then authentication and encryption on against off.
+# then authentication and encryption on against off; then what 1,000 idle long polls cost.
 bench-http: install wrk
 	$(BIN)/python -m bench.http_load $(BENCH_HTTP_ARGS)
 	$(BIN)/python -m bench.http_load --protection $(BENCH_HTTP_ARGS)
+	$(BIN)/python -m bench.idle_polls
 
 # A 3-node RF=3 cluster against one node, same settings, in one run (needs etcd).
 bench-cluster: install etcd
