@@ -6,7 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 SOURCES := $(wildcard engine/*.pyx engine/*.pxd engine/*.h) setup.py pyproject.toml
 
-.PHONY: all install serve test lint typecheck unit bench bench-http debug-build clean etcd wrk \
+.PHONY: all install serve test lint typecheck unit bench bench-http bench-peers peers debug-build \
+	clean etcd wrk \
 	dev-cluster soak faults fuse bench-cluster scale join backlog
 
 all: test
@@ -107,6 +108,20 @@ bench-http: install wrk
 	$(BIN)/python -m bench.http_load $(BENCH_HTTP_ARGS)
 	$(BIN)/python -m bench.http_load --protection $(BENCH_HTTP_ARGS)
 	$(BIN)/python -m bench.idle_polls
+
+# The peers bench-peers runs beside Conveyor, from Debian (installed when missing, as for
+# etcd above): NATS, Redis and RabbitMQ.
+peers:
+	@command -v nats-server >/dev/null && command -v redis-server >/dev/null \
+		&& command -v rabbitmq-server >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q \
+			--no-install-recommends nats-server redis-server rabbitmq-server; }
+
+# Conveyor against NATS JetStream, Redis Streams and RabbitMQ quorum queues, each through
+# its own Python client, in one run; the table of ratios, and the chart PERFORMANCE.md shows.
+bench-peers: install peers
+	$(BIN)/python -m bench.peers --chart docs/peers.png $(BENCH_PEERS_ARGS)
 
 # A 3-node RF=3 cluster against one node, same settings, in one run (needs etcd).
 bench-cluster: install etcd
