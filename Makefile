@@ -110,10 +110,10 @@ bench-http: install wrk
 	$(BIN)/python -m bench.idle_polls
 
 # The peers bench-peers runs beside Conveyor, from Debian (installed when missing, as for
-# etcd above): NATS, Redis and RabbitMQ.
+# etcd above): NATS, Redis and RabbitMQ. Debian puts two of them in /usr/sbin.
 peers:
-	@command -v nats-server >/dev/null && command -v redis-server >/dev/null \
-		&& command -v rabbitmq-server >/dev/null || { \
+	@PATH="$$PATH:/usr/sbin:/sbin"; command -v nats-server >/dev/null \
+		&& command -v redis-server >/dev/null && command -v rabbitmq-server >/dev/null || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q \
 			--no-install-recommends nats-server redis-server rabbitmq-server; }

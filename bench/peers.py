@@ -99,6 +99,10 @@ class Peer:
     def start(self) -> None:
         raise NotImplementedError
 
+    async def prepare(self) -> None:
+        """Connect, and make the queue or stream: before any phase is timed."""
+        raise NotImplementedError
+
     async def produce(self, count: int, concurrency: int) -> None:
         raise NotImplementedError
 
@@ -202,6 +206,9 @@ class Conveyor(Peer):
                 "QueueUrl"]
         return self.queue_url
 
+    async def prepare(self) -> None:
+        await self._queue()
+
     async def produce(self, count: int, concurrency: int) -> None:
         queue_url = await self._queue()
         body = BODY.decode()
@@ -243,7 +250,7 @@ class Nats(Peer):
     durability = "file store, fsync every 2 min"
 
     def start(self) -> None:
-        self._spawn(["nats-server", "-js", "-a", "127.0.0.1", "-p", str(self.port),
+        self._spawn([_tool("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(self.port),
                      "-sd", f"{self.workdir}/nats"])
         _wait_port(self.port, STARTUP_S)
         self.client: Any = None
@@ -257,6 +264,9 @@ class Nats(Peer):
             await self.js.add_stream(name="bench", subjects=["bench"], storage="file")
             self.pulls: list[Any] = []
         return self.js
+
+    async def prepare(self) -> None:
+        await self._js()
 
     async def produce(self, count: int, concurrency: int) -> None:
         js = await self._js()
@@ -301,7 +311,7 @@ class Redis(Peer):
 
     def start(self) -> None:
         os.makedirs(f"{self.workdir}/redis")
-        self._spawn(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+        self._spawn([_tool("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
                      "--dir", f"{self.workdir}/redis", "--appendonly", "yes",
                      "--appendfsync", "always", "--save", "", "--daemonize", "no"])
         _wait_port(self.port, STARTUP_S)
@@ -316,6 +326,9 @@ class Redis(Peer):
             with contextlib.suppress(redis.exceptions.ResponseError):  # the group exists
                 await self.client.xgroup_create("bench", "bench", id="0", mkstream=True)
         return self.client
+
+    async def prepare(self) -> None:
+        await self._redis()
 
     async def produce(self, count: int, concurrency: int) -> None:
         client = await self._redis()
@@ -371,7 +384,7 @@ class RabbitMq(Peer):
         # Debian's /usr/sbin/rabbitmq-server runs the broker as the rabbitmq user, who cannot
         # write to this directory; the script it wraps runs it as the caller.
         wrapped = "/usr/lib/rabbitmq/bin/rabbitmq-server"
-        self._spawn([wrapped if os.path.exists(wrapped) else "rabbitmq-server"], env)
+        self._spawn([wrapped if os.path.exists(wrapped) else _tool("rabbitmq-server")], env)
         _wait_port(self.port, STARTUP_S)
         self.connection: Any = None
 
@@ -384,6 +397,9 @@ class RabbitMq(Peer):
             self.queue = await self.channel.declare_queue(
                 "bench", durable=True, arguments={"x-queue-type": "quorum"})
         return self.channel, self.queue
+
+    async def prepare(self) -> None:
+        await self._channel()
 
     async def produce(self, count: int, concurrency: int) -> None:
         import aio_pika
@@ -426,37 +442,46 @@ class RabbitMq(Peer):
 PEERS: list[type[Peer]] = [Conveyor, Nats, Redis, RabbitMq]
 
 
-async def _timed(peer: Peer, phase: str, count: int, concurrency: int
-                 ) -> tuple[float, float, float]:
-    """(messages a second, server CPU µs a message, client CPU µs a message) of one
-    phase. The client is this process: the clients run on its event loop."""
+async def _timed(peer: Peer, others: list[Peer], phase: str, count: int, concurrency: int
+                 ) -> tuple[float, float, float, float]:
+    """(messages a second, server CPU µs a message, client CPU µs a message, the other
+    servers' CPU as a share of a core) of one phase. The client is this process: the
+    clients run on its event loop. The other servers sit idle meanwhile, and what they
+    spend anyway is taken from the two cores the phase runs on."""
     assert peer.process is not None
     run = peer.produce if phase == "produce" else peer.consume
+    idle = [p.process.pid for p in others if p.process is not None]
     cpu0, client0 = _tree_cpu_seconds(peer.process.pid), time.process_time()
+    idle0 = sum(map(_tree_cpu_seconds, idle))
     t0 = time.monotonic()
     await run(count, concurrency)
     elapsed = time.monotonic() - t0
     cpu = _tree_cpu_seconds(peer.process.pid) - cpu0
     client = time.process_time() - client0
-    return count / elapsed, cpu / count * 1e6, client / count * 1e6
+    idle_share = (sum(map(_tree_cpu_seconds, idle)) - idle0) / elapsed
+    return count / elapsed, cpu / count * 1e6, client / count * 1e6, idle_share
 
 
 async def _rounds(peers: list[Peer], args: argparse.Namespace
                   ) -> dict[tuple[str, str], Phase]:
     results = {(p.name, phase): Phase() for p in peers for phase in ("produce", "consume")}
     try:
+        for peer in peers:
+            await peer.prepare()
         for round_ in range(args.rounds):
             order = peers if round_ % 2 == 0 else peers[::-1]
             for peer in order:
                 for phase in ("produce", "consume"):
-                    rate, cpu_us, client_us = await _timed(peer, phase, args.messages,
-                                                           args.concurrency)
+                    rate, cpu_us, client_us, idle = await _timed(
+                        peer, [p for p in peers if p is not peer], phase, args.messages,
+                        args.concurrency)
                     measured = results[(peer.name, phase)]
                     measured.rates.append(rate)
                     measured.cpu_us.append(cpu_us)
                     measured.client_cpu_us.append(client_us)
                     print(f"round {round_ + 1} {peer.name:<15} {phase:<8} {rate:>9,.0f} msg/s "
-                          f"{cpu_us:>7.1f} server, {client_us:>6.1f} client µs/msg", flush=True)
+                          f"{cpu_us:>7.1f} server, {client_us:>6.1f} client µs/msg; the idle "
+                          f"servers {100 * idle:.1f}% of a core", flush=True)
     finally:
         for peer in peers:
             await peer.close()
@@ -505,11 +530,16 @@ def _chart(rows: list[dict[str, Any]], path: str, args: argparse.Namespace) -> N
     figure.savefig(path, dpi=120)
 
 
-def _check_tools() -> None:
-    missing = [tool for tool in ("nats-server", "redis-server", "rabbitmq-server")
-               if shutil.which(tool) is None]
-    if missing:
-        raise SystemExit(f"missing {', '.join(missing)}: `make bench-peers` installs them")
+# Debian installs nats-server and rabbitmq-server in /usr/sbin, which is not on a user's PATH.
+_TOOL_PATH = os.pathsep.join((os.environ.get("PATH", ""), "/usr/sbin", "/sbin"))
+
+
+def _tool(name: str) -> str:
+    """The path of a server program, or SystemExit naming what is missing."""
+    found = shutil.which(name, path=_TOOL_PATH)
+    if found is None:
+        raise SystemExit(f"{name} is missing: `make bench-peers` installs it")
+    return found
 
 
 def _epmd_running() -> bool:
@@ -525,7 +555,8 @@ def main() -> None:
     parser.add_argument("--chart", default=None, help="write the chart (PNG) here")
     parser.add_argument("--json", action="store_true", help="print JSON rows")
     args = parser.parse_args()
-    _check_tools()
+    for name in ("nats-server", "redis-server", "rabbitmq-server"):
+        _tool(name)
     epmd_before = _epmd_running()
     tmp = tempfile.mkdtemp(prefix="conveyor-peers-")
     peers = [kind(f"{tmp}/{kind.__name__.lower()}") for kind in PEERS]
@@ -538,7 +569,8 @@ def main() -> None:
         for peer in peers:
             peer.stop()
         if not epmd_before:  # RabbitMQ started the Erlang port mapper: stop it again
-            subprocess.run(["epmd", "-kill"], capture_output=True, check=False)
+            with contextlib.suppress(OSError):
+                subprocess.run(["epmd", "-kill"], capture_output=True, check=False)
         shutil.rmtree(tmp, ignore_errors=True)
     rows = _table(peers, results)
     if args.chart:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 
 _log = logging.getLogger("conveyor.server")
 
@@ -34,11 +35,19 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
+# Set by an operator, these tune glibc's allocator already: theirs stands.
+_OPERATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
 def fix_thresholds() -> bool:
-    """Fix glibc's thresholds; False (and nothing changed) on another C library."""
+    """Fix glibc's thresholds; False (and nothing changed) on another C library, or when
+    the environment tunes glibc's allocator already."""
+    if (any(name in os.environ for name in _OPERATOR_SETTINGS)
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
+        return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc: its own policy stands
+    except (OSError, AttributeError, TypeError):  # not glibc: its own policy stands
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int

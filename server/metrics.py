@@ -36,6 +36,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from engine import Broker
 from engine.errors import EngineError
@@ -45,6 +46,9 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
                     5, 10, 25)
 _FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                   0.25, 1)
+# A bucket's bound as prometheus_client writes it ("+Inf", "0.0005", "1.0"): its own
+# function, so that the text stays the same as its Histogram's. It has no annotations.
+_bound_text: Callable[[float], str] = floatToGoString
 # The least time between the end of one render of /metrics and the start of the next.
 # Scrapes that arrive meanwhile wait for that next render and share it, so scrapers, however
 # many and however fast, keep the render thread busy for at most render / (render + gap) of
@@ -122,11 +126,6 @@ class RequestStats:
             yield from (requests, seconds, body_bytes)
 
         return render
-
-
-def _bound_text(bound: float) -> str:
-    # As prometheus_client writes a bucket's bound: "+Inf", and floats in Python's repr.
-    return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
 class Metrics:
