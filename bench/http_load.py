@@ -1,11 +1,12 @@
 """HTTP load generator: SQS JSON requests against a real Conveyor server.
 
     python -m bench.http_load [--seconds 8] [--concurrency 16] [--fsync always]
-                              [--generator wrk|aiohttp]
+                              [--generator wrk|aiohttp] [--no-access-log]
     python -m bench.http_load --protection [--rounds 3]
 
-In one invocation it starts a Conveyor server and a bare aiohttp handler
-(bench/bare_server.py) on loopback ports, then drives each with keep-alive connections:
+In one invocation it starts a Conveyor server (its access log on, written to /dev/null,
+unless ``--no-access-log``) and a bare aiohttp handler (bench/bare_server.py) on loopback
+ports, then drives each with keep-alive connections:
 
 - ``bare``: the baseline, one POST per request to the bare handler;
 - ``send1``: SendMessage, one message per request;
@@ -383,17 +384,21 @@ async def _bare_op(session: aiohttp.ClientSession, url: str, payload: bytes) -> 
     return 1
 
 
-def _serve(data_dir: str, port: int, fsync: str, *extra: str) -> subprocess.Popen[bytes]:
+def _serve(data_dir: str, port: int, fsync: str, *extra: str, access_log: bool = False
+           ) -> subprocess.Popen[bytes]:
+    """A server on the port; its access log, when on, goes to /dev/null (the lines are
+    still made and written, once per turn of the loop, as in production)."""
+    log = [] if access_log else ["--no-access-log"]
     return subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--data-dir", data_dir,
-         "--port", str(port), "--fsync", fsync, "--no-access-log", *extra],
+         "--port", str(port), "--fsync", fsync, *log, *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     tmp = tempfile.mkdtemp(prefix="conveyor-load-")
     port, bare_port = _free_port(), _free_port()
-    server = _serve(f"{tmp}/data", port, args.fsync)
+    server = _serve(f"{tmp}/data", port, args.fsync, access_log=args.access_log)
     bare = subprocess.Popen([sys.executable, "-m", "bench.bare_server", str(bare_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -455,8 +460,9 @@ def run_protection(args: argparse.Namespace) -> list[dict[str, Any]]:
         [sys.executable, "-m", "server.cli", "keys", "create", "--data-dir", protected_dir,
          "--principal", "load"], check=True, capture_output=True).stdout)
     port, protected_port = _free_port(), _free_port()
-    plain = _serve(f"{tmp}/plain", port, args.fsync)
-    protected = _serve(protected_dir, protected_port, args.fsync, "--auth", "required")
+    plain = _serve(f"{tmp}/plain", port, args.fsync, access_log=args.access_log)
+    protected = _serve(protected_dir, protected_port, args.fsync, "--auth", "required",
+                       access_log=args.access_log)
     try:
         url, protected_url = (f"http://127.0.0.1:{port}/",
                               f"http://127.0.0.1:{protected_port}/")
@@ -525,7 +531,8 @@ async def _fill(url: str, signer: Signer | None, queue_url: str, send: Op, depth
 
 def _print_protection(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     print(f"fsync={args.fsync} concurrency={args.concurrency} body={args.body} B "
-          f"seconds={args.seconds} rounds={args.rounds}")
+          f"seconds={args.seconds} rounds={args.rounds} "
+          f"access log {'on' if args.access_log else 'off'}")
     print(f"{'round':<6}{'scenario':<9}{'plain msgs/s':>13}{'protected':>11}{'ratio':>7}"
           f"{'cpu us/msg plain':>18}{'protected':>11}")
     for row in rows:
@@ -553,6 +560,9 @@ def main() -> None:
     parser.add_argument("--protection", action="store_true",
                         help="compare auth+encryption on against off (send10, recv10)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of --protection")
+    parser.add_argument("--no-access-log", dest="access_log", action="store_false",
+                        help="run the server without its access log (on by default, as "
+                             "`conveyor serve` runs)")
     args = parser.parse_args()
     rows = run_protection(args) if args.protection else run(args)
     if args.json:
@@ -564,7 +574,8 @@ def main() -> None:
     base = rows[0]["requests_per_s"]
     send1 = rows[1]["messages_per_s"]
     print(f"fsync={args.fsync} concurrency={args.concurrency} body={args.body} B "
-          f"seconds={args.seconds} generator={args.generator} (recv10, mixed: aiohttp)")
+          f"seconds={args.seconds} generator={args.generator} (mixed: aiohttp) "
+          f"access log {'on' if args.access_log else 'off'}")
     print(f"{'scenario':<8} {'req/s':>10} {'msgs/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'cpu us/msg':>11} {'client us/msg':>14}")
     nan = float("nan")
