@@ -79,7 +79,9 @@ def test_a_frozen_cycle_is_collected_by_a_thaw_and_not_before(policy: GcPolicy) 
     policy.thaw()
     assert ref() is None
     assert policy.thaws == 1
-    assert policy.frozen == gc.get_freeze_count()  # frozen again after the collection
+    # Frozen again after the collection: the count the thaw took, less any frozen object
+    # freed since by another thread (the test runner's), as in the test of a step above.
+    assert policy.frozen >= gc.get_freeze_count() > 0
 
 
 def test_a_thaw_comes_once_the_frozen_objects_grew(policy: GcPolicy,
