@@ -53,6 +53,10 @@ class RequestIds:
         self._hex = ""
         self._at = 0
 
+    def forget(self) -> None:
+        """Drop the random bytes not yet used: a forked child must not repeat its parent's."""
+        self._hex, self._at = "", 0
+
     def __call__(self) -> str:
         at = self._at
         if at >= len(self._hex):
@@ -65,6 +69,7 @@ class RequestIds:
 
 
 _request_id = RequestIds()
+os.register_at_fork(after_in_child=_request_id.forget)
 
 
 @web.middleware

@@ -24,3 +24,21 @@ def test_consecutive_ids_share_no_counter() -> None:
     ids = RequestIds()
     first, second = ids(), ids()
     assert first[:8] != second[:8] and first[-12:] != second[-12:]
+
+
+def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
+    import os
+
+    from server.web import middleware
+
+    middleware._request_id()  # the parent holds unused random bytes now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, to the parent, and out without cleanup
+        os.write(write, middleware._request_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child and child != middleware._request_id()
