@@ -11,12 +11,11 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from server.errors import MalformedRequestError, UnknownActionError
 from server.web.errors import INTERNAL, ErrorSpec
-from server.web.params import parse_json
+from server.web.params import dump_json, parse_json
 
 CONTENT_TYPE = "application/x-amz-json-1.0"
 TARGET_PREFIX = "AmazonSQS."
@@ -25,7 +24,6 @@ TARGET_PREFIX = "AmazonSQS."
 # signed request must name them in SignedHeaders, or its SendMessage could be resent as a
 # DeleteQueue under the same signature. botocore always signs both.
 SIGNED_HEADERS = ("content-type", "x-amz-target")
-_PASSTHROUGH = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
 
 
 def protocol_of(request: web.Request) -> str:
@@ -56,16 +54,7 @@ def parse(body: bytes) -> dict[str, Any]:
 
 
 def respond(result: Mapping[str, Any], request_id: str) -> web.Response:
-    # orjson: a received message's body is encoded at about 30 times the standard
-    # library's speed. What it refuses, the standard library writes: a lone surrogate (a
-    # client may send one escaped, in a tag say; orjson's parser refuses it and the
-    # standard library's takes it), an integer past 64 bits. Dataclasses and datetimes
-    # pass through to the standard library too, which refuses them as before: a result
-    # holding one is a bug to surface, not to serialise quietly.
-    try:
-        body = orjson.dumps(result, option=_PASSTHROUGH)
-    except orjson.JSONEncodeError:
-        body = json.dumps(result, separators=(",", ":")).encode()
+    body = dump_json(result)
     return web.Response(body=body, content_type=CONTENT_TYPE,
                         headers={"x-amzn-RequestId": request_id})
 

@@ -249,14 +249,11 @@ def body_bytes(body: object) -> bytes:
     if not isinstance(body, str) or body == "":
         raise MissingParameterError("MessageBody", "the request needs a non-empty MessageBody")
     try:
-        data = body.encode()
-    except UnicodeEncodeError:
-        data = b""
-        good = False
-    else:
-        good = not data.translate(None, _BODY_BYTES_OK) and (
-            body.isascii() or ("\ufffe" not in body and "\uffff" not in body))
-    if not good:
+        data: bytes | None = body.encode()
+    except UnicodeEncodeError:  # a surrogate
+        data = None
+    if data is None or data.translate(None, _BODY_BYTES_OK) or (
+            not body.isascii() and ("\ufffe" in body or "\uffff" in body)):
         # The two checks refuse the same characters (tests/server/sqs/test_shapes.py).
         bad = _BAD_BODY_CHAR.search(body)
         raise InvalidMessageContentsError(
