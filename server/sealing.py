@@ -10,15 +10,17 @@ its way back out.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 
 from engine import Message, QueueAttributes
 from engine.errors import EngineError, InvalidMessageContentsError
 from engine.results import SendEntry
+from server import randomness
 from server.protection.sse import ENVELOPE_OVERHEAD, Keyring, SealError, is_sealed
 
 _log = logging.getLogger("conveyor.service")
+# open() rebuilds a Message from its fields in order, replacing the second.
+assert Message._fields[:2] == ("message_id", "body")
 
 
 class Sealer:
@@ -43,7 +45,7 @@ class Sealer:
         binds them; content-based deduplication keys on the plaintext, as the client
         expects, through a keyed digest (a plain SHA-256 stored beside the envelope would
         let a reader of the files confirm a guessed body)."""
-        ids = _message_ids(len(entries))
+        ids = randomness.pool.uuid4s(len(entries))
         envelopes = self.keyring.seal_many(
             queue_id, [(ids[i], e.body) for i, e in enumerate(entries)])
         content_dedup = attributes.fifo and attributes.content_based_dedup
@@ -61,13 +63,15 @@ class Sealer:
         if not any(is_sealed(m.body) for m in messages):
             return messages
         opened = []
+        open_body = self.keyring.open
         for m in messages:
             if is_sealed(m.body):
-                sealed_for = (m.dead_letter_source if isinstance(m.dead_letter_source, str)
-                              else queue_name)
+                source = m.dead_letter_source
                 try:
-                    m = m._replace(body=self.keyring.open(
-                        sealed_for, bytes.fromhex(m.message_id.replace("-", "")), m.body))
+                    body = open_body(source if isinstance(source, str) else queue_name,
+                                     bytes.fromhex(m.message_id.replace("-", "")), m.body)
+                    # Made from the tuple: NamedTuple._replace costs more than the decryption.
+                    m = Message._make((m[0], body, *m[2:]))
                 except SealError as exc:
                     self.unopened += 1
                     _log.error("message %s of queue %s does not open, skipped: %s",
@@ -75,12 +79,3 @@ class Sealer:
                     continue
             opened.append(m)
         return opened
-
-
-def _message_ids(count: int) -> list[bytes]:
-    """``count`` random version-4 UUIDs as bytes, from one read of the random source."""
-    data = bytearray(os.urandom(16 * count))
-    for at in range(0, len(data), 16):
-        data[at + 6] = (data[at + 6] & 0x0F) | 0x40  # version 4
-        data[at + 8] = (data[at + 8] & 0x3F) | 0x80  # RFC 4122 variant
-    return [bytes(data[at:at + 16]) for at in range(0, len(data), 16)]

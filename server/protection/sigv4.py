@@ -55,14 +55,15 @@ secret and scope, so a request costs a SHA-256 of its body and two more HMACs.
 from __future__ import annotations
 
 import calendar
-import dataclasses
 import datetime
+import functools
 import hashlib
 import hmac
 import re
 import time
 from collections.abc import Collection, Iterable, Mapping
 from email.utils import parsedate_tz
+from typing import NamedTuple
 from urllib.parse import quote, unquote_plus, unquote_to_bytes
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -106,11 +107,21 @@ _QUERY_MARKERS = ("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Signature")
 _QUERY_REQUIRED = ("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires",
                    "X-Amz-SignedHeaders", "X-Amz-Signature")
 _HEADER_COMPONENTS = frozenset({"Credential", "SignedHeaders", "Signature"})
+# The Authorization header exactly as botocore writes it: parsed by one match, and giving
+# the same components as the general parser (_header_components) would.
+_BOTOCORE_HEADER_RE = re.compile(r"AWS4-HMAC-SHA256 Credential=([^\s,]+), "
+                                 r"SignedHeaders=([^\s,]+), Signature=([^\s,]+)\Z",
+                                 re.ASCII)
+# (credential, signed headers) pairs whose checks are remembered, and the longest kept.
+CLAIMS_CACHE_MAX = 256
+_CLAIMS_CACHED_CHARS_MAX = 512
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class SignedRequest:
-    """What a request claims about its signature, checked for shape but not yet verified."""
+class SignedRequest(NamedTuple):
+    """What a request claims about its signature, checked for shape but not yet verified.
+
+    A NamedTuple and not a frozen dataclass: one is made per request, and a frozen
+    dataclass sets each of its ten fields through object.__setattr__."""
 
     access_key_id: str
     date: str  # YYYYMMDD of the credential scope
@@ -164,26 +175,15 @@ def parse(headers: Headers, query_string: str) -> SignedRequest | None:
 
 def _parse_header(authorization: str, headers: CIMultiDictProxy[str] | CIMultiDict[str],
                   query_string: str) -> SignedRequest:
-    algorithm, _, rest = authorization.strip().partition(" ")
-    if algorithm != ALGORITHM:
-        raise IncompleteSignatureError(f"unsupported algorithm {algorithm[:40]!r}; "
-                                       f"only {ALGORITHM} is accepted")
-    components: dict[str, str] = {}
-    for part in rest.split(","):
-        name, eq, value = part.strip().partition("=")
-        if not eq or name not in _HEADER_COMPONENTS or name in components:
-            raise IncompleteSignatureError(
-                "the Authorization header must be 'AWS4-HMAC-SHA256 Credential=..., "
-                "SignedHeaders=..., Signature=...'")
-        components[name] = value.strip()
-    if len(components) != len(_HEADER_COMPONENTS):
-        missing = sorted(_HEADER_COMPONENTS - components.keys())
-        raise IncompleteSignatureError(f"the Authorization header lacks {', '.join(missing)}")
-    akid, date, region, service = _credential(components["Credential"])
+    botocore = _BOTOCORE_HEADER_RE.match(authorization)
+    if botocore is not None:
+        credential, names, signature = botocore.groups()
+    else:
+        credential, names, signature = _header_components(authorization)
+    akid, date, region, service, signed_headers = _claims(credential, names)
     if "X-Amz-Security-Token" in headers or "X-Amz-Security-Token=" in query_string:
         raise InvalidClientTokenIdError(akid)
-    signed_headers = _signed_headers(components["SignedHeaders"])
-    signature = _signature(components["Signature"])
+    signature = _signature(signature)
     amz_date = headers.get("X-Amz-Date")
     if amz_date is not None:
         timestamp = _parse_amz_date(amz_date)
@@ -206,6 +206,43 @@ def _parse_header(authorization: str, headers: CIMultiDictProxy[str] | CIMultiDi
         _require(signed_headers, "date", "it holds the signing time (there is no X-Amz-Date)")
     return _checked(akid, date, region, service, amz_date, timestamp, signed_headers,
                     signature, presigned=False, expires_s=None)
+
+
+def _header_components(authorization: str) -> tuple[str, str, str]:
+    """Credential, SignedHeaders and Signature of any well-formed SigV4 header."""
+    algorithm, _, rest = authorization.strip().partition(" ")
+    if algorithm != ALGORITHM:
+        raise IncompleteSignatureError(f"unsupported algorithm {algorithm[:40]!r}; "
+                                       f"only {ALGORITHM} is accepted")
+    components: dict[str, str] = {}
+    for part in rest.split(","):
+        name, eq, value = part.strip().partition("=")
+        if not eq or name not in _HEADER_COMPONENTS or name in components:
+            raise IncompleteSignatureError(
+                "the Authorization header must be 'AWS4-HMAC-SHA256 Credential=..., "
+                "SignedHeaders=..., Signature=...'")
+        components[name] = value.strip()
+    if len(components) != len(_HEADER_COMPONENTS):
+        missing = sorted(_HEADER_COMPONENTS - components.keys())
+        raise IncompleteSignatureError(f"the Authorization header lacks {', '.join(missing)}")
+    return components["Credential"], components["SignedHeaders"], components["Signature"]
+
+
+def _claims(credential: str, names: str) -> tuple[str, str, str, str, tuple[str, ...]]:
+    """The access key id, scope and sorted signed headers; remembered for short values."""
+    if len(credential) + len(names) <= _CLAIMS_CACHED_CHARS_MAX:
+        return _cached_claims(credential, names)
+    return _checked_claims(credential, names)
+
+
+def _checked_claims(credential: str, names: str) -> tuple[str, str, str, str, tuple[str, ...]]:
+    return (*_credential(credential), _signed_headers(names))
+
+
+# A client signs every request with the same credential and header list, so their checks
+# are done once per pair. Bounded in count, and in bytes by _CLAIMS_CACHED_CHARS_MAX; a
+# pair that fails its checks raises and is not remembered.
+_cached_claims = functools.lru_cache(maxsize=CLAIMS_CACHE_MAX)(_checked_claims)
 
 
 def _parse_query(query: dict[str, str], headers: CIMultiDictProxy[str] | CIMultiDict[str]
@@ -304,6 +341,7 @@ def _signature(value: str) -> str:
     return value
 
 
+@functools.lru_cache(maxsize=4)  # every request signed in the same second has the same time
 def _parse_amz_date(value: str) -> int:
     if _AMZ_DATE_RE.match(value):
         try:
@@ -423,13 +461,13 @@ def _matches(key: bytes, signed: SignedRequest, method: str, uri: str, tail: str
     canonical_request = f"{method.upper()}\n{uri}\n{tail}"
     digest = hashlib.sha256(canonical_request.encode("utf-8", "surrogateescape")).hexdigest()
     string_to_sign = f"{ALGORITHM}\n{signed.amz_date}\n{signed.scope}\n{digest}"
-    expected = hmac.new(key, string_to_sign.encode("utf-8", "surrogateescape"),
-                        hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, signed.signature)
+    # hmac.digest: OpenSSL's one-shot HMAC, without the Python object hmac.new makes.
+    expected = hmac.digest(key, string_to_sign.encode("utf-8", "surrogateescape"), "sha256")
+    return hmac.compare_digest(expected.hex(), signed.signature)
 
 
 def _hmac(key: bytes, message: str) -> bytes:
-    return hmac.new(key, message.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+    return hmac.digest(key, message.encode("utf-8", "surrogateescape"), "sha256")
 
 
 def _canonical_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str],
@@ -440,7 +478,10 @@ def _canonical_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str],
         if values is None:
             raise IncompleteSignatureError(f"the signed header {name!r} is not in the request")
         # str.split() with no argument: botocore's "trimall" (runs of whitespace -> one space).
-        lines.append(f"{name}:{','.join(' '.join(v.split()) for v in values)}\n")
+        if len(values) == 1:
+            lines.append(f"{name}:{' '.join(values[0].split())}\n")
+        else:
+            lines.append(f"{name}:{','.join(' '.join(v.split()) for v in values)}\n")
     return "".join(lines)
 
 

@@ -61,6 +61,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from engine import sqlite
 from engine.errors import ConfigError, InvalidParameterError
 from engine.limits import MESSAGE_ID_BYTES
+from server import randomness
 from server.errors import ServerError
 from server.protection import masterkey
 
@@ -202,28 +203,37 @@ class Keyring:
 
     def seal_many(self, queue_id: str, items: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
         """The envelopes of (message_id, plaintext) pairs of ``queue_id``. A batch takes the
-        lock once and reads the random source once: each read is a system call, and on a
-        virtual machine that costs more than the encryption of a small body."""
+        lock once, and its nonces come from the process's pool of random bytes
+        (server/randomness.py): a read of the random source per message would cost more
+        than the encryption of a small body."""
         for message_id, _ in items:
             if len(message_id) != MESSAGE_ID_BYTES:
                 raise InvalidParameterError("message_id", message_id,
                                             f"must be {MESSAGE_ID_BYTES} bytes")
-        keys: list[_Active] = []
+        count = len(items)
         with self._lock:
-            for _ in items:  # one use each; a batch may cross a reservation or a rotation
-                active = self._active.get(queue_id)
-                if active is None or active.used >= active.reserved \
-                        or self._clock() >= active.expires:
-                    active = self._replenish(queue_id, active)
-                active.used += 1
-                keys.append(active)
-        nonces = os.urandom(NONCE_BYTES * len(items))
+            active = self._active.get(queue_id)
+            if (active is not None and active.used + count <= active.reserved
+                    and self._clock() < active.expires):
+                active.used += count
+                keys = [active] * count
+            else:
+                keys = []
+                for _ in items:  # one use each; a batch may cross a reservation or a rotation
+                    active = self._active.get(queue_id)
+                    if active is None or active.used >= active.reserved \
+                            or self._clock() >= active.expires:
+                        active = self._replenish(queue_id, active)
+                    active.used += 1
+                    keys.append(active)
+        nonces = randomness.pool.take(NONCE_BYTES * count)
+        aad = _aad(queue_id, b"")  # each message's own id is appended below
         envelopes = []
         for i, (message_id, plaintext) in enumerate(items):
             nonce = nonces[i * NONCE_BYTES:(i + 1) * NONCE_BYTES]
             active = keys[i]
-            envelopes.append(active.header + nonce + active.aead.encrypt(
-                nonce, plaintext, _aad(queue_id, message_id)))
+            envelopes.append(active.header + nonce
+                             + active.aead.encrypt(nonce, plaintext, aad + message_id))
         return envelopes
 
     def dedup_key(self, queue_id: str, plaintext: bytes) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from engine.errors import MemoryFullError
+from server import randomness
 from server.config import REQUEST_BYTES_MAX
 from server.errors import (
     MetricsUnauthorizedError,
@@ -38,43 +38,9 @@ _log = logging.getLogger("conveyor.server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class RequestIds:
-    """Random version-4 UUIDs as text, read from the kernel's random source 256 at a time.
-
-    A ``uuid4()`` per request reads the random source once each: that system call cost
-    about a tenth of a bare request's server time. A counter would be cheaper still, but
-    every answer carries its request id, so a counter would tell each tenant how many
-    requests the server handled for everyone else between two of its own.
-    """
-
-    BATCH = 256
-
-    def __init__(self) -> None:
-        self._hex = ""
-        self._at = 0
-
-    def forget(self) -> None:
-        """Drop the random bytes not yet used: a forked child must not repeat its parent's."""
-        self._hex, self._at = "", 0
-
-    def __call__(self) -> str:
-        at = self._at
-        if at >= len(self._hex):
-            self._hex = os.urandom(16 * self.BATCH).hex()
-            at = 0
-        h = self._hex[at:at + 32]
-        self._at = at + 32
-        # The version nibble set to 4, and the variant's two bits to 10 (RFC 4122).
-        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
-
-
-_request_id = RequestIds()
-os.register_at_fork(after_in_child=_request_id.forget)
-
-
 @web.middleware
 async def frontend(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request[appkeys.REQUEST_ID] = _request_id()
+    request[appkeys.REQUEST_ID] = randomness.request_id()
     started = time.perf_counter()
     if _SQS_PATH.fullmatch(request.path):
         # Known from the headers alone, so that even a refusal before the SQS handler

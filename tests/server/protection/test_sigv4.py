@@ -397,6 +397,31 @@ def test_malformed_authorization(old: str, new: str) -> None:
         verify(w)
 
 
+def test_a_header_laid_out_otherwise_than_botocore_means_the_same() -> None:
+    # botocore's layout is parsed by one match; any other takes the general parser, and
+    # both must make the same claims of the same components.
+    w = sign(data=JSON_BODY, headers=JSON_HEADERS)
+    original = verify(w)
+    components = w.headers["Authorization"].split(" ", 1)[1].split(", ")
+    for layout in (" AWS4-HMAC-SHA256  " + " ,  ".join(reversed(components)) + " ",
+                   "AWS4-HMAC-SHA256 " + ",".join(components)):
+        relaid = dataclasses.replace(w, headers=w.headers.copy())
+        relaid.headers["Authorization"] = layout
+        assert verify(relaid) == original
+
+
+def test_claims_refused_once_are_refused_again() -> None:
+    # Checked claims are remembered; refusals must not be.
+    w = with_authorization(sign(data=b"{}", headers=JSON_HEADERS), "/sqs/", "/s3/")
+    for _ in range(2):
+        with pytest.raises(SignatureDoesNotMatchError, match="service"):
+            sigv4.parse(w.headers, "")
+    w = with_authorization(w, "SignedHeaders=content-type;", "SignedHeaders=Content-Type;")
+    for _ in range(2):
+        with pytest.raises(IncompleteSignatureError):
+            sigv4.parse(w.headers, "")
+
+
 @pytest.mark.parametrize("value", ["AWS4-HMAC-SHA256", "AWS4-HMAC-SHA256 garbage",
                                    "AWS4-HMAC-SHA256 Credential=a, SignedHeaders=host",
                                    "AWS4garbage", "AWS4-HMAC-SHA256\tCredential=x"])

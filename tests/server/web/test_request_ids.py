@@ -1,11 +1,11 @@
-"""Request ids (server/web/middleware.py): random version-4 UUIDs, unique, and telling a
+"""Request ids (server/randomness.py): random version-4 UUIDs, unique, and telling a
 client nothing about other clients' requests."""
 
 from __future__ import annotations
 
 import uuid
 
-from server.web.middleware import RequestIds
+from server.randomness import RequestIds
 
 
 def test_request_ids_are_random_version_4_uuids() -> None:
@@ -29,16 +29,16 @@ def test_consecutive_ids_share_no_counter() -> None:
 def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
     import os
 
-    from server.web import middleware
+    from server import randomness
 
-    middleware._request_id()  # the parent holds unused random bytes now
+    randomness.request_id()  # the parent holds unused random bytes now
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: its next id, to the parent, and out without cleanup
-        os.write(write, middleware._request_id().encode())
+        os.write(write, randomness.request_id().encode())
         os._exit(0)
     os.close(write)
     child = os.read(read, 64).decode()
     os.close(read)
     os.waitpid(pid, 0)
-    assert child and child != middleware._request_id()
+    assert child and child != randomness.request_id()

@@ -1,0 +1,51 @@
+"""The pool of random bytes (server/randomness.py) behind message ids and nonces."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from server import randomness
+from server.randomness import RandomPool
+
+
+def test_bytes_are_never_handed_out_twice() -> None:
+    pool = RandomPool()
+    taken = [pool.take(12) for _ in range(3 * RandomPool.BLOCK // 12 + 5)]  # across refills
+    assert all(len(t) == 12 for t in taken)
+    assert len(set(taken)) == len(taken)
+    assert len(pool.take(RandomPool.BLOCK + 1)) == RandomPool.BLOCK + 1
+
+
+def test_uuid4s_are_random_version_4_uuids() -> None:
+    pool = RandomPool()
+    for count in (0, 1, 2, 10, 11, 25):  # within and past one run of masks
+        made = pool.uuid4s(count)
+        assert len(made) == count
+        for raw in made:
+            parsed = uuid.UUID(bytes=raw)
+            assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    made = [raw for _ in range(500) for raw in pool.uuid4s(10)]
+    assert len(set(made)) == len(made)
+    # The masks touch only the version and variant bits: every other bit varies.
+    ored = 0
+    anded = (1 << 128) - 1
+    for raw in made:
+        ored |= int.from_bytes(raw)
+        anded &= int.from_bytes(raw)
+    fixed = int(uuid.UUID("00000000-0000-f000-c000-000000000000"))
+    assert ored | fixed == (1 << 128) - 1 and anded & ~fixed == 0
+
+
+def test_a_forked_child_does_not_repeat_its_parents_bytes() -> None:
+    randomness.pool.take(1)  # the parent holds unused random bytes now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next bytes, to the parent, and out without cleanup
+        os.write(write, randomness.pool.take(32))
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert len(child) == 32 and child != randomness.pool.take(32)
