@@ -11,6 +11,7 @@ would hand out the same ids and nonces as its parent.
 from __future__ import annotations
 
 import os
+import threading
 
 
 class RandomPool:
@@ -19,24 +20,29 @@ class RandomPool:
     BLOCK = 4096
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self._data = b""
         self._at = 0
 
     def forget(self) -> None:
-        """Drop the bytes not yet handed out."""
+        """Drop the bytes not yet handed out (in a forked child: its lock is new too)."""
+        self._lock = threading.Lock()
         self._data, self._at = b"", 0
 
     def take(self, count: int) -> bytes:
         """``count`` random bytes, never handed out before."""
-        at = self._at
-        end = at + count
-        if end > len(self._data):
-            if count > self.BLOCK:
-                return os.urandom(count)
-            self._data = os.urandom(self.BLOCK)
-            at, end = 0, count
-        self._at = end
-        return self._data[at:end]
+        if count > self.BLOCK:
+            return os.urandom(count)
+        # Under a lock: sealing runs on worker threads too, and two callers handed the
+        # same bytes would seal under the same GCM nonce.
+        with self._lock:
+            at = self._at
+            end = at + count
+            if end > len(self._data):
+                self._data = os.urandom(self.BLOCK)
+                at, end = 0, count
+            self._at = end
+            return self._data[at:end]
 
     def uuid4s(self, count: int) -> list[bytes]:
         """``count`` random version-4 UUIDs, 16 bytes each."""

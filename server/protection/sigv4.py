@@ -108,10 +108,11 @@ _QUERY_REQUIRED = ("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-E
                    "X-Amz-SignedHeaders", "X-Amz-Signature")
 _HEADER_COMPONENTS = frozenset({"Credential", "SignedHeaders", "Signature"})
 # The Authorization header exactly as botocore writes it: parsed by one match, and giving
-# the same components as the general parser (_header_components) would.
-_BOTOCORE_HEADER_RE = re.compile(r"AWS4-HMAC-SHA256 Credential=([^\s,]+), "
-                                 r"SignedHeaders=([^\s,]+), Signature=([^\s,]+)\Z",
-                                 re.ASCII)
+# the same components as the general parser (_header_components) would. The values are
+# printable ASCII other than ',' and space: anything else (a Unicode space, which the
+# general parser's strip() removes) goes the general way.
+_BOTOCORE_HEADER_RE = re.compile(r"AWS4-HMAC-SHA256 Credential=([!-+\--~]+), "
+                                 r"SignedHeaders=([!-+\--~]+), Signature=([!-+\--~]+)\Z")
 # (credential, signed headers) pairs whose checks are remembered, and the longest kept.
 CLAIMS_CACHE_MAX = 256
 _CLAIMS_CACHED_CHARS_MAX = 512

@@ -49,3 +49,32 @@ def test_a_forked_child_does_not_repeat_its_parents_bytes() -> None:
     os.close(read)
     os.waitpid(pid, 0)
     assert len(child) == 32 and child != randomness.pool.take(32)
+
+
+def test_threads_are_never_handed_the_same_bytes() -> None:
+    # Sealing may run on worker threads: the same bytes twice would be a repeated nonce.
+    # The pool's block is made to yield to the other threads between the pool reading
+    # where it is and moving on, the window a thread switch could fall into.
+    import threading
+    import time
+
+    class Yielding(bytes):
+        def __len__(self) -> int:
+            time.sleep(0.0005)
+            return bytes.__len__(self)
+
+    pool = RandomPool()
+    pool._data = Yielding(os.urandom(RandomPool.BLOCK))
+    taken: list[list[bytes]] = [[] for _ in range(4)]
+
+    def take(into: list[bytes]) -> None:
+        for _ in range(20):
+            into.append(pool.take(12))
+
+    threads = [threading.Thread(target=take, args=(t,)) for t in taken]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    every = [b for t in taken for b in t]
+    assert len(every) == 80 and len(set(every)) == len(every)

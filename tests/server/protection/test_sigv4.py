@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import boto3
 import botocore.auth
+import hypothesis
 import pytest
 from aiohttp import web
 from botocore.auth import SigV4Auth, SigV4QueryAuth
@@ -36,6 +37,7 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 from botocore.httpsession import URLLib3Session
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from server.errors import (
@@ -408,6 +410,23 @@ def test_a_header_laid_out_otherwise_than_botocore_means_the_same() -> None:
         relaid = dataclasses.replace(w, headers=w.headers.copy())
         relaid.headers["Authorization"] = layout
         assert verify(relaid) == original
+
+
+_VALUE_CHARS = st.sampled_from("aZ09/;=-_,. \t\u00a0\u2003é")
+
+
+@hypothesis.settings(max_examples=400, deadline=None)
+@hypothesis.given(st.lists(st.text(_VALUE_CHARS, max_size=12), min_size=3, max_size=3),
+                  st.sampled_from([", ", ",", " , "]))
+def test_the_botocore_layout_parses_as_the_general_parser_does(
+        values: list[str], separator: str) -> None:
+    header = "AWS4-HMAC-SHA256 " + separator.join(
+        f"{name}={value}" for name, value in zip(
+            ("Credential", "SignedHeaders", "Signature"), values, strict=True))
+    fast = sigv4._BOTOCORE_HEADER_RE.match(header)
+    if fast is None:
+        return  # the general parser alone decides
+    assert fast.groups() == sigv4._header_components(header)
 
 
 def test_claims_refused_once_are_refused_again() -> None:
