@@ -26,6 +26,7 @@ from aiohttp import web
 from server.errors import (
     IncompleteSignatureError,
     InvalidClientTokenIdError,
+    MalformedRequestError,
     MissingAuthenticationTokenError,
     RequestExpiredError,
     SignatureDoesNotMatchError,
@@ -84,8 +85,12 @@ class Authenticator:
                 return await self._bearer(authorization[7:].strip())
             raise IncompleteSignatureError("bearer tokens are accepted on the native API "
                                            "(/v1) only; SQS requests must be signed")
-        # The target as received: yarl's URL (request.rel_url) costs more to build.
-        path, _, query_string = request.raw_path.partition("?")
+        target = request.raw_path
+        if "#" in target:
+            # aiohttp takes what follows '#' for a fragment, which no handler reads, while
+            # a signature over the raw target would cover it: the two could then differ.
+            raise MalformedRequestError("a request target may not hold '#'")
+        query_string = request.rel_url.raw_query_string
         signed = sigv4.parse(request.headers, query_string)
         if signed is None:
             raise MissingAuthenticationTokenError()
@@ -97,7 +102,7 @@ class Authenticator:
             raise InvalidClientTokenIdError(signed.access_key_id)
         body = await request.read() if request.body_exists else b""
         self._verifier.verify(signed, key.secret, method=request.method,
-                              raw_path=path,
+                              raw_path=target.partition("?")[0],
                               query_string=query_string,
                               headers=request.headers,
                               body=body, now=time.time())

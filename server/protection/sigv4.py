@@ -21,8 +21,8 @@ view of the request before sending it. What botocore does, and what that asks of
   space as ``+``) or already in canonical form (presigned URLs). The server decodes each
   key and value and encodes it again, which gives the canonical form from either. It
   must start from the *raw* query: aiohttp's ``request.query_string`` is decoded by yarl;
-  use ``request.rel_url.raw_query_string`` (or the part of ``request.raw_path`` after
-  ``?``).
+  use ``request.rel_url.raw_query_string``, what the handlers read too (not the part of
+  ``request.raw_path`` after ``?``, which keeps a '#' and what follows it).
 - Canonical headers: the signed headers, lowercase, sorted, each value with its runs of
   whitespace collapsed to one space and trimmed, repeated headers joined with ``,``.
 - Payload hash. For SQS botocore hashes the body with SHA-256 in both forms (the

@@ -11,6 +11,9 @@ from server.randomness import RandomPool
 
 def test_bytes_are_never_handed_out_twice() -> None:
     pool = RandomPool()
+    first = pool.take(12)
+    pieces = [first] + [pool.take(12) for _ in range(RandomPool.BLOCK // 12 - 1)]
+    assert b"".join(pieces) == pool._data[:len(pieces) * 12]  # one block, in order, no overlap
     taken = [pool.take(12) for _ in range(3 * RandomPool.BLOCK // 12 + 5)]  # across refills
     assert all(len(t) == 12 for t in taken)
     assert len(set(taken)) == len(taken)
