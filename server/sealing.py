@@ -20,7 +20,8 @@ from server.protection.sse import ENVELOPE_OVERHEAD, Keyring, SealError, is_seal
 
 _log = logging.getLogger("conveyor.service")
 # open() rebuilds a Message from its fields in order, replacing the second.
-assert Message._fields[:2] == ("message_id", "body")
+if Message._fields[:2] != ("message_id", "body"):
+    raise RuntimeError("engine.Message no longer begins with message_id, body")
 
 
 class Sealer:

@@ -49,7 +49,9 @@ so an AWS SDK's requests always pass; a refusal is :class:`~server.errors.Unsign
 malformed request is refused before the access key is looked up; :meth:`Verifier.verify`
 does the rest. Both run on the event loop for every request: their patterns are compiled
 once, at import, and the signing key derived from a secret (four HMACs) is cached per
-secret and scope, so a request costs a SHA-256 of its body and two more HMACs.
+secret and scope, so a request costs a SHA-256 of its body, one of its canonical request
+and an HMAC. The checks of a credential and its signed-header list are remembered per
+pair, since a client signs every request with the same ones.
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ def test_uuid4s_are_random_version_4_uuids() -> None:
 
 
 def test_a_forked_child_does_not_repeat_its_parents_bytes() -> None:
-    randomness.pool.take(1)  # the parent holds unused random bytes now
+    randomness.pool.forget()
+    randomness.pool.take(1)  # the parent holds unused random bytes now, a block of them
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: its next bytes, to the parent, and out without cleanup
