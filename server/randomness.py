@@ -3,9 +3,9 @@
 Request ids, the message ids of encrypted queues and the nonces that seal their bodies are
 all random, and each ``os.urandom`` is a system call that also releases the GIL: on a busy
 server another thread takes the GIL then, and the event loop waits to get it back. So the
-bytes are read a block at a time and handed out from memory. The buffers are the process's
-own: a forked child drops what its parent had not used (``os.register_at_fork``), or it
-would hand out the same ids and nonces as its parent.
+bytes are read a block at a time and handed out from memory, by one pool. Its buffer is the
+process's own: a forked child drops what its parent had not used (``os.register_at_fork``),
+or it would hand out the same ids and nonces as its parent.
 """
 
 from __future__ import annotations
@@ -67,42 +67,17 @@ def _uuid4_masks(count: int) -> tuple[int, int]:
 _UUID4_MASKS = [_uuid4_masks(count) for count in range(1, 11)]
 
 
-class RequestIds:
-    """Random version-4 UUIDs as text, 256 from one read of the random source.
+def request_id() -> str:
+    """A random version-4 UUID as text, for a request.
 
     A counter would be cheaper, but every answer carries its request id, so a counter
     would tell each tenant how many requests the server handled for everyone else between
     two of its own.
     """
-
-    BATCH = 256
-
-    def __init__(self) -> None:
-        self._hex = ""
-        self._at = 0
-
-    def forget(self) -> None:
-        """Drop the ids made but not yet handed out."""
-        self._hex, self._at = "", 0
-
-    def __call__(self) -> str:
-        at = self._at
-        if at >= len(self._hex):
-            self._hex = os.urandom(16 * self.BATCH).hex()
-            at = 0
-        h = self._hex[at:at + 32]
-        self._at = at + 32
-        # The version nibble set to 4, and the variant's two bits to 10 (RFC 4122).
-        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+    h = pool.take(16).hex()
+    # The version nibble set to 4, and the variant's two bits to 10 (RFC 4122).
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 pool = RandomPool()
-request_id = RequestIds()
-
-
-def _forget_in_child() -> None:
-    pool.forget()
-    request_id.forget()
-
-
-os.register_at_fork(after_in_child=_forget_in_child)
+os.register_at_fork(after_in_child=pool.forget)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import uuid
 
-from server.randomness import RequestIds
+from server.randomness import RandomPool, request_id
 
 
 def test_request_ids_are_random_version_4_uuids() -> None:
-    ids = RequestIds()
-    made = [ids() for _ in range(10 * RequestIds.BATCH + 7)]  # across many refills
+    made = [request_id() for _ in range(10 * RandomPool.BLOCK // 16 + 7)]  # many refills
     assert len(set(made)) == len(made)
     for value in made:
         parsed = uuid.UUID(value)
@@ -21,8 +20,7 @@ def test_request_ids_are_random_version_4_uuids() -> None:
 def test_consecutive_ids_share_no_counter() -> None:
     # A counter in the id would let a client count everyone's requests between two of its
     # own: consecutive ids must differ everywhere a counter could hide.
-    ids = RequestIds()
-    first, second = ids(), ids()
+    first, second = request_id(), request_id()
     assert first[:8] != second[:8] and first[-12:] != second[-12:]
 
 
@@ -31,8 +29,8 @@ def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
 
     from server import randomness
 
-    randomness.request_id.forget()
-    randomness.request_id()  # the parent holds unused random bytes now, a batch of them
+    randomness.pool.forget()
+    randomness.request_id()  # the parent holds unused random bytes now, a block of them
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: its next id, to the parent, and out without cleanup
