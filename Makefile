@@ -100,13 +100,16 @@ bench: install etcd
 	$(BIN)/python -m bench.report .benchmarks/latest.json
 	$(BIN)/python -m bench.http_load $(BENCH_HTTP_ARGS)
 	$(BIN)/python -m bench.http_load --protection $(BENCH_HTTP_ARGS)
+	$(BIN)/python -m bench.http_load --large $(BENCH_HTTP_ARGS)
 	$(BIN)/python -m bench.cluster_load $(BENCH_CLUSTER_ARGS)
 
 # The HTTP load generator alone: a server and a bare aiohttp baseline, driven in one run;
-# then authentication and encryption on against off; then what 1,000 idle long polls cost.
+# then authentication and encryption on against off; then the server CPU per KiB of large
+# bodies sent and received; then what 1,000 idle long polls cost.
 bench-http: install wrk
 	$(BIN)/python -m bench.http_load $(BENCH_HTTP_ARGS)
 	$(BIN)/python -m bench.http_load --protection $(BENCH_HTTP_ARGS)
+	$(BIN)/python -m bench.http_load --large $(BENCH_HTTP_ARGS)
 	$(BIN)/python -m bench.idle_polls
 
 # The peers bench-peers runs beside Conveyor, from Debian (installed when missing, as for

@@ -3,6 +3,7 @@
     python -m bench.http_load [--seconds 8] [--concurrency 16] [--fsync always]
                               [--generator wrk|aiohttp] [--no-access-log]
     python -m bench.http_load --protection [--rounds 3]
+    python -m bench.http_load --large [--large-kib 256] [--rounds 3]
 
 In one invocation it starts a Conveyor server (its access log on, written to /dev/null,
 unless ``--no-access-log``) and a bare aiohttp handler (bench/bare_server.py) on loopback
@@ -33,6 +34,12 @@ authentication and encryption off, one with ``--auth required`` and an encrypted
 rounds and prints the protected server's message rate as a fraction of the plain one's.
 send10 runs on wrk (with ``--generator wrk``, the default where wrk is installed), one
 signed request re-sent; recv10 on the aiohttp client, which signs each delete it builds.
+
+With ``--large`` it measures the per-byte work of large bodies on one server, driven by
+wrk: ``send-large``, SendMessage of ``--large-kib`` KiB from 4 connections, then
+``recv-large``, ReceiveMessage of one message with VisibilityTimeout 0 from one connection
+(the same backlog is received over and over, its bodies read from the log each time). It
+prints the server's CPU microseconds per KiB of body for each, ``--rounds`` times.
 """
 
 from __future__ import annotations
@@ -178,6 +185,32 @@ end
 """
 
 
+# wrk's recv-large: one fixed ReceiveMessage re-sent; an answer without a message counts
+# as failed, which fails the run (a receive of nothing is cheap).
+_WRK_RECEIVE_ONE_SCRIPT = """
+wrk.method = "POST"
+wrk.body = [==[{body}]==]
+wrk.headers["Content-Type"] = "{content_type}"
+wrk.headers["X-Amz-Target"] = "{target}ReceiveMessage"
+empty = 0
+response = function(status, headers, body)
+  if status < 400 and not string.find(body, '"ReceiptHandle"', 1, true) then
+    empty = empty + 1
+  end
+end
+local threads = {{}}
+setup = function(thread) threads[#threads + 1] = thread end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  local bad = 0
+  for _, thread in ipairs(threads) do bad = bad + thread:get("empty") end
+  io.write(string.format("WRK %d %d %d %d %d %d\\n", summary.requests, summary.duration,
+    e.status, e.connect + e.read + e.write + e.timeout + bad,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
 # wrk's recv10: each answer to a ReceiveMessage becomes the next DeleteMessageBatch sent
 # (on whichever connection asks next), otherwise a ReceiveMessage of 10 is sent. A receipt
 # handle is URL-safe base64 (docs/FORMAT.md), so it is copied into the JSON unescaped. A
@@ -309,6 +342,55 @@ async def _run_wrk(name: str, url: str, script_text: str, seconds: float, pid: i
                            - children0.ru_utime - children0.ru_stime)
     result.percentiles = (p50_us / 1e6, p99_us / 1e6)
     return result, fields
+
+
+def run_large(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Rows of (round, scenario, KiB/s, server CPU µs per KiB) for large bodies."""
+    tmp = tempfile.mkdtemp(prefix="conveyor-load-")
+    port = _free_port()
+    server = _serve(f"{tmp}/data", port, args.fsync, access_log=args.access_log)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        _wait_ready(url + "readyz")
+        return asyncio.run(_large(args, url, server.pid))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _large(args: argparse.Namespace, url: str, pid: int) -> list[dict[str, Any]]:
+    kib = args.large_kib
+    async with aiohttp.ClientSession() as session:
+        queue_url = json.loads(await _post(session, url, None, "CreateQueue",
+                                           json.dumps({"QueueName": QUEUE}).encode()))[
+            "QueueUrl"]
+    send = json.dumps({"QueueUrl": queue_url, "MessageBody": "x" * (kib * 1024)}).encode()
+    receive = json.dumps({"QueueUrl": queue_url, "MaxNumberOfMessages": 1,
+                          "VisibilityTimeout": 0}).encode()
+    receive_script = _WRK_RECEIVE_ONE_SCRIPT.format(
+        body=receive.decode(), target=TARGET, content_type=HEADERS["Content-Type"])
+    rows = []
+    for round_ in range(1, args.rounds + 1):
+        # The first send round also fills the queue that every receive round reads.
+        measured = [await _wrk("send-large", url, "SendMessage", send, args.seconds, pid, 4, 1)]
+        result, _ = await _run_wrk("recv-large", url, receive_script, args.seconds, pid, 1)
+        result.messages = result.requests
+        measured.append(result)
+        for m in measured:
+            rows.append({"round": round_, "scenario": m.name, "kib": kib,
+                         "kib_per_s": m.messages * kib / m.seconds,
+                         "server_cpu_us_per_kib": m.cpu_s / (m.messages * kib) * 1e6})
+    return rows
+
+
+def _print_large(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    print(f"fsync={args.fsync} body={args.large_kib} KiB seconds={args.seconds} "
+          f"rounds={args.rounds} access log {'on' if args.access_log else 'off'}")
+    print(f"{'round':<6}{'scenario':<12}{'MiB/s':>8}{'cpu us/KiB':>12}")
+    for row in rows:
+        print(f"{row['round']:<6}{row['scenario']:<12}{row['kib_per_s'] / 1024:>8.1f}"
+              f"{row['server_cpu_us_per_kib']:>12.2f}")
 
 
 class Signer:
@@ -585,14 +667,22 @@ def main() -> None:
                         help="what drives bare, send1, send10 and recv10 (mixed: aiohttp)")
     parser.add_argument("--protection", action="store_true",
                         help="compare auth+encryption on against off (send10, recv10)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of --protection")
+    parser.add_argument("--large", action="store_true",
+                        help="measure server CPU per KiB of large bodies, sent and received")
+    parser.add_argument("--large-kib", type=int, default=256, help="body KiB of --large")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of --protection and --large")
     parser.add_argument("--no-access-log", dest="access_log", action="store_false",
                         help="run the server without its access log (on by default, as "
                              "`conveyor serve` runs)")
     args = parser.parse_args()
-    rows = run_protection(args) if args.protection else run(args)
+    rows = (run_protection(args) if args.protection else run_large(args) if args.large
+            else run(args))
     if args.json:
         print(json.dumps(rows))
+        return
+    if args.large:
+        _print_large(args, rows)
         return
     if args.protection:
         _print_protection(args, rows)
