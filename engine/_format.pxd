@@ -62,11 +62,13 @@ cdef enum:
     SEND_HAS_ORIGIN = 0x10
     SEND_HAS_SENDER = 0x20
     SEND_HAS_SYSTEM_ATTRIBUTES = 0x40
-    SEND_FLAGS_KNOWN = 0x7F
+    SEND_HAS_BODY_MD5 = 0x80
+    SEND_FLAGS_KNOWN = 0xFF
 
     # --- queue records: sizes of the fixed parts (what precedes the variable fields) ----
     SEND_FIXED_BYTES = 26  # tag u8, flags u8, seq u64, sent_at i64, visible_at i64
     SEND_MESSAGE_ID_BYTES = 16  # the optional message id field
+    SEND_BODY_MD5_BYTES = 16  # the optional body MD5 field
     SEQS_FIXED_BYTES = 19  # LEASE, MOVING, MOVE_OUT, EXPIRE: tag, now i64, until i64, count u16
     RECEIPTS_FIXED_BYTES = 11  # DELETE, CHANGE_VISIBILITY: tag u8, now i64, count u16
     PURGE_BYTES = 17  # tag u8, now i64, below_seq u64
@@ -122,9 +124,11 @@ cdef inline dict format_constants():
         "SEND_HAS_ORIGIN": SEND_HAS_ORIGIN,
         "SEND_HAS_SENDER": SEND_HAS_SENDER,
         "SEND_HAS_SYSTEM_ATTRIBUTES": SEND_HAS_SYSTEM_ATTRIBUTES,
+        "SEND_HAS_BODY_MD5": SEND_HAS_BODY_MD5,
         "SEND_FLAGS_KNOWN": SEND_FLAGS_KNOWN,
         "SEND_FIXED_BYTES": SEND_FIXED_BYTES,
         "SEND_MESSAGE_ID_BYTES": SEND_MESSAGE_ID_BYTES,
+        "SEND_BODY_MD5_BYTES": SEND_BODY_MD5_BYTES,
         "SEQS_FIXED_BYTES": SEQS_FIXED_BYTES,
         "RECEIPTS_FIXED_BYTES": RECEIPTS_FIXED_BYTES,
         "PURGE_BYTES": PURGE_BYTES,

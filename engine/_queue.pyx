@@ -42,7 +42,9 @@ from engine._format cimport (
     QREC_SEND,
     RECEIPTS_FIXED_BYTES,
     SEND_FIXED_BYTES,
+    SEND_BODY_MD5_BYTES,
     SEND_HAS_ATTRIBUTES,
+    SEND_HAS_BODY_MD5,
     SEND_HAS_DEDUP,
     SEND_HAS_GROUP,
     SEND_HAS_MESSAGE_ID,
@@ -376,7 +378,7 @@ cdef bytes _str16(object value):
 cpdef bytes encode_send(int64_t seq, int64_t sent_at, int64_t visible_at, bytes body,
                         object group=None, object dedup=None, bytes message_id=None,
                         object origin=None, object attributes=None, object sender=None,
-                        object system_attributes=None):
+                        object system_attributes=None, bytes body_md5=None):
     """The SEND record (same bytes as engine.records.encode_send)."""
     cdef uint8_t flags = 0
     cdef bytes out
@@ -385,7 +387,8 @@ cpdef bytes encode_send(int64_t seq, int64_t sent_at, int64_t visible_at, bytes 
     cdef Py_ssize_t tail_len = 0
     cdef bytes tail = b""
     if (group is not None or dedup is not None or message_id is not None
-            or origin is not None or attributes or sender is not None or system_attributes):
+            or origin is not None or attributes or sender is not None or system_attributes
+            or body_md5 is not None):
         parts = []
         if group is not None:
             flags |= SEND_HAS_GROUP
@@ -411,6 +414,9 @@ cpdef bytes encode_send(int64_t seq, int64_t sent_at, int64_t visible_at, bytes 
             flags |= SEND_HAS_SYSTEM_ATTRIBUTES
             blob = encode_attributes(system_attributes)
             parts.append(len(blob).to_bytes(4, "little") + blob)
+        if body_md5 is not None:
+            flags |= SEND_HAS_BODY_MD5
+            parts.append(body_md5)
         tail = b"".join(parts)
         tail_len = PyBytes_GET_SIZE(tail)
     out = PyBytes_FromStringAndSize(NULL, SEND_FIXED_BYTES + tail_len + n)
@@ -433,15 +439,18 @@ cdef inline bint plain_send(const unsigned char* p, Py_ssize_t n) noexcept:
 
 @cython.final
 cdef class LightSend:
-    """The body and sender of a SEND whose only optional fields are a message id and a
-    sender: what a sealed body (server-side encryption) or an authenticated send stores.
-    Decoded here because engine.records.decode_send costs microseconds per message."""
+    """The body, sender and body MD5 of a SEND whose only optional fields are a message
+    id, a sender and a body MD5: what a sealed body (server-side encryption), an
+    authenticated send or any SQS send stores. Decoded here because
+    engine.records.decode_send costs microseconds per message."""
     cdef readonly bytes body
     cdef readonly object sender
+    cdef readonly object body_md5
 
-    def __cinit__(self, bytes body, object sender):
+    def __cinit__(self, bytes body, object sender, object body_md5):
         self.body = body
         self.sender = sender
+        self.body_md5 = body_md5
 
 
 cdef object light_send(const unsigned char* p, Py_ssize_t n):
@@ -450,7 +459,9 @@ cdef object light_send(const unsigned char* p, Py_ssize_t n):
     cdef Py_ssize_t pos = SEND_FIXED_BYTES
     cdef Py_ssize_t length
     cdef object sender = None
-    if n < SEND_FIXED_BYTES or p[0] != QREC_SEND or p[1] & ~(SEND_HAS_MESSAGE_ID | SEND_HAS_SENDER):
+    cdef object body_md5 = None
+    if (n < SEND_FIXED_BYTES or p[0] != QREC_SEND
+            or p[1] & ~(SEND_HAS_MESSAGE_ID | SEND_HAS_SENDER | SEND_HAS_BODY_MD5)):
         return None
     if p[1] & SEND_HAS_MESSAGE_ID:
         pos += SEND_MESSAGE_ID_BYTES
@@ -466,9 +477,14 @@ cdef object light_send(const unsigned char* p, Py_ssize_t n):
         except UnicodeDecodeError:
             return None
         pos += length
+    if p[1] & SEND_HAS_BODY_MD5:
+        if pos + SEND_BODY_MD5_BYTES > n:
+            return None
+        body_md5 = PyBytes_FromStringAndSize(<char*>p + pos, SEND_BODY_MD5_BYTES)
+        pos += SEND_BODY_MD5_BYTES
     if pos > n:
         return None
-    return LightSend(PyBytes_FromStringAndSize(<char*>p + pos, n - pos), sender)
+    return LightSend(PyBytes_FromStringAndSize(<char*>p + pos, n - pos), sender, body_md5)
 
 
 # --- one message's state -------------------------------------------------------------------
@@ -1725,8 +1741,9 @@ cdef class State:
         wait for (0 when nothing was appended).
 
         A plain entry (bytes body and nothing else but a sender, a well-formed message_id
-        and an overhead, on a standard queue) is checked here; any other goes to check_entry, which returns (body, attributes, delay_ms, group,
-        dedup_key, sender, system_attributes, message_id) or raises an EngineError. An
+        and body_md5, and an overhead, on a standard queue) is checked here; any other goes
+        to check_entry, which returns (body, attributes, delay_ms, group, dedup_key, sender,
+        system_attributes, message_id, body_md5) or raises an EngineError. An
         explicit message_id (16 bytes) is the caller's: it is stored with the message and
         returned for it, and for any duplicate of it, instead of one derived from the seq.
         """
@@ -1744,6 +1761,7 @@ cdef class State:
         cdef object sender
         cdef object system_attributes
         cdef object explicit_id
+        cdef object body_md5
         cdef int64_t entry_delay
         cdef object overhead
         cdef Py_ssize_t size
@@ -1752,6 +1770,7 @@ cdef class State:
             body = entry.body
             explicit_id = entry.message_id
             overhead = entry.overhead
+            body_md5 = entry.body_md5
             # Sealed bodies (server-side encryption) carry an id and an overhead and are
             # otherwise plain: they stay on this path.
             if (type(body) is bytes and not self.fifo and entry.attributes is None
@@ -1759,6 +1778,8 @@ cdef class State:
                     and entry.delay_seconds is None and entry.system_attributes is None
                     and (explicit_id is None or (type(explicit_id) is bytes and
                          PyBytes_GET_SIZE(explicit_id) == MESSAGE_ID_BYTES))
+                    and (body_md5 is None or (type(body_md5) is bytes and
+                         PyBytes_GET_SIZE(body_md5) == SEND_BODY_MD5_BYTES))
                     and type(overhead) is int and 0 <= overhead <= ENVELOPE_BYTES_MAX):
                 size = PyBytes_GET_SIZE(body) - <Py_ssize_t>overhead
                 if size > max_bytes:
@@ -1777,7 +1798,7 @@ cdef class State:
             else:
                 try:
                     (body, attributes, entry_delay, group, key, sender,
-                     system_attributes, explicit_id) = check_entry(entry)
+                     system_attributes, explicit_id, body_md5) = check_entry(entry)
                 except EngineError as exc:
                     results.append(exc)
                     continue
@@ -1795,7 +1816,8 @@ cdef class State:
                 batch_keys[key] = (seq, now, explicit_id)
             visible_at = now + entry_delay
             payloads.append(encode_send(seq, now, visible_at, body, group, key, explicit_id,
-                                        None, attributes, sender, system_attributes))
+                                        None, attributes, sender, system_attributes,
+                                        body_md5))
             pending.append((seq, visible_at, group, key, explicit_id))
             results.append(_tuple_new(SendResult, (
                 message_id_of(uid, seq, explicit_id),
@@ -1862,6 +1884,7 @@ cdef class State:
     cdef object _message(self, Msg m, object body_record, uint64_t uid, int64_t lease,
                          bytes mac_bytes):
         dedup = None  # kept in the SEND record only
+        body_md5 = None
         if isinstance(body_record, bytes):
             body = body_record
             attributes = {}
@@ -1872,19 +1895,21 @@ cdef class State:
             attributes = {}
             sender = (<LightSend>body_record).sender
             system_attributes = {}
+            body_md5 = (<LightSend>body_record).body_md5
         else:
             body = body_record.body
             attributes = dict(body_record.attributes or {})
             sender = body_record.sender
             system_attributes = dict(body_record.system_attributes or {})
             dedup = body_record.dedup
+            body_md5 = body_record.body_md5
         return _tuple_new(Message, (
             message_id_of(uid, m.seq, m.message_id), body,
             encode_handle(uid, m.seq, lease, <const unsigned char*>PyBytes_AS_STRING(mac_bytes)),
             m.receive_count, m.sent_at / 1000, m.first_received_at / 1000, attributes,
             m.group, sequence_number_of(m.seq) if self.fifo else None,
             dedup if self.fifo else None, sender, system_attributes,
-            m.origin[0] if m.origin is not None else None,
+            m.origin[0] if m.origin is not None else None, body_md5,
         ))
 
     def lead_delete(self, object log, ReceiptOpener opener, int64_t now, list handles):

@@ -79,12 +79,14 @@ SEND_HAS_MESSAGE_ID = 0x08
 SEND_HAS_ORIGIN = 0x10
 SEND_HAS_SENDER = 0x20
 SEND_HAS_SYSTEM_ATTRIBUTES = 0x40
-SEND_FLAGS_KNOWN = 0x7F
+SEND_HAS_BODY_MD5 = 0x80
+SEND_FLAGS_KNOWN = 0xFF
 
 # Sizes of the fixed parts, what precedes a record's variable fields; engine/records.py
 # checks its struct layouts against them.
 SEND_FIXED_BYTES = 26  # tag u8, flags u8, seq u64, sent_at i64, visible_at i64
 SEND_MESSAGE_ID_BYTES = 16  # the optional message id field of a SEND
+SEND_BODY_MD5_BYTES = 16  # the optional body MD5 field of a SEND
 SEQS_FIXED_BYTES = 19  # LEASE, MOVING, MOVE_OUT, EXPIRE: tag u8, now i64, until i64, count u16
 RECEIPTS_FIXED_BYTES = 11  # DELETE, CHANGE_VISIBILITY: tag u8, now i64, count u16
 PURGE_BYTES = 17  # tag u8, now i64, below_seq u64

@@ -19,7 +19,7 @@ from engine.errors import (
     MessageTooLargeError,
     MissingParameterError,
 )
-from engine.format import SEND_MESSAGE_ID_BYTES
+from engine.format import SEND_BODY_MD5_BYTES, SEND_MESSAGE_ID_BYTES
 from engine.records import MessageAttribute
 
 QUEUE_NAME_CHARS_MAX = 80
@@ -47,6 +47,7 @@ SENDER_CHARS_MAX = 256
 ENVELOPE_BYTES_MAX = 64
 # A message id is stored in its SEND record, so its size is the format's.
 MESSAGE_ID_BYTES = SEND_MESSAGE_ID_BYTES
+BODY_MD5_BYTES = SEND_BODY_MD5_BYTES  # a SendEntry's body_md5, when given
 
 # Patterns are used with fullmatch: "$" would also match before a trailing newline.
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]+")

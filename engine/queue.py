@@ -48,6 +48,7 @@ from engine.errors import (
 )
 from engine.files import TMP_SUFFIX, fsync_dir, write_file
 from engine.limits import (
+    BODY_MD5_BYTES,
     DEDUP_ID_CHARS_MAX,
     DELAY_S_MAX,
     ENVELOPE_BYTES_MAX,
@@ -506,7 +507,7 @@ class QueueCore:
                     seq, send.sent_at, visible_at, send.body, group=send.group,
                     dedup=send.dedup, message_id=message_id, origin=origin,
                     attributes=send.attributes, sender=send.sender,
-                    system_attributes=send.system_attributes))
+                    system_attributes=send.system_attributes, body_md5=send.body_md5))
                 metas.append(rec.SendMeta(seq, send.sent_at, visible_at, send.group,
                                           send.dedup, message_id, origin))
                 seq += 1
@@ -818,7 +819,7 @@ class QueueCore:
 
 def _check_entry(entry: SendEntry, attrs: QueueAttributes) -> tuple[Any, ...]:
     """Full validation of one entry: (body, attributes, delay_ms, group, dedup key, sender,
-    system attributes, explicit message id)."""
+    system attributes, explicit message id, body MD5)."""
     body = entry.body
     if not isinstance(body, bytes):
         if not isinstance(body, (bytearray, memoryview)):
@@ -833,6 +834,10 @@ def _check_entry(entry: SendEntry, attrs: QueueAttributes) -> tuple[Any, ...]:
                                    or len(message_id) != MESSAGE_ID_BYTES):
         raise InvalidParameterError("message_id", message_id,
                                     f"must be {MESSAGE_ID_BYTES} bytes")
+    body_md5 = entry.body_md5
+    if body_md5 is not None and (type(body_md5) is not bytes
+                                 or len(body_md5) != BODY_MD5_BYTES):
+        raise InvalidParameterError("body_md5", body_md5, f"must be {BODY_MD5_BYTES} bytes")
     sender = None
     if entry.sender is not None:
         sender = check_token("sender", entry.sender, SENDER_CHARS_MAX)
@@ -857,7 +862,8 @@ def _check_entry(entry: SendEntry, attrs: QueueAttributes) -> tuple[Any, ...]:
                         "deduplication, so each message needs a dedup_id")
             key = hashlib.sha256(body).hexdigest()
     # A standard queue deduplicates only sends that carry a dedup id (an idempotency key).
-    return body, attributes, delay * 1000, group, key, sender, system_attributes, message_id
+    return (body, attributes, delay * 1000, group, key, sender, system_attributes, message_id,
+            body_md5)
 
 
 def _snapshot_after(core: QueueCore) -> None:

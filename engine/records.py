@@ -29,6 +29,7 @@ _TRIPLE = struct.Struct("<QQq")
 _PURGE = struct.Struct("<BqQ")
 
 MESSAGE_ID_BYTES = fmt.SEND_MESSAGE_ID_BYTES
+BODY_MD5_BYTES = fmt.SEND_BODY_MD5_BYTES
 
 # The structs restate the fixed-part sizes that format.py names and the Cython codec
 # compiles in from engine/_format.pxd: a layout edited on one side only fails on import
@@ -67,6 +68,7 @@ class Send(NamedTuple):
     attributes: Mapping[str, MessageAttribute] | None
     sender: str | None
     system_attributes: Mapping[str, MessageAttribute] | None
+    body_md5: bytes | None
     body: bytes
 
 
@@ -142,6 +144,7 @@ def encode_send(
     attributes: Mapping[str, MessageAttribute] | None = None,
     sender: str | None = None,
     system_attributes: Mapping[str, MessageAttribute] | None = None,
+    body_md5: bytes | None = None,
 ) -> bytes:
     flags = 0
     tail = []
@@ -168,6 +171,9 @@ def encode_send(
         flags |= fmt.SEND_HAS_SYSTEM_ATTRIBUTES
         blob = encode_attributes(system_attributes)
         tail.append(_U32.pack(len(blob)) + blob)
+    if body_md5 is not None:
+        flags |= fmt.SEND_HAS_BODY_MD5
+        tail.append(body_md5)
     head = _SEND_FIXED.pack(fmt.QREC_SEND, flags, seq, sent_at, visible_at)
     if not tail:
         return head + body
@@ -243,6 +249,7 @@ def decode_send(data: bytes | memoryview) -> Send:
     attributes: dict[str, MessageAttribute] | None = None
     system_attributes: dict[str, MessageAttribute] | None = None
     sender = None
+    body_md5 = None
     try:
         if flags & fmt.SEND_HAS_ATTRIBUTES:
             (blob_len,) = _U32.unpack_from(data, pos)
@@ -256,11 +263,14 @@ def decode_send(data: bytes | memoryview) -> Send:
             pos += 4
             system_attributes = _decode_attributes(data, pos, pos + blob_len)
             pos += blob_len
+        if flags & fmt.SEND_HAS_BODY_MD5:
+            body_md5 = bytes(data[pos : pos + BODY_MD5_BYTES])
+            pos += BODY_MD5_BYTES
     except (struct.error, IndexError, UnicodeDecodeError) as exc:
         raise RecordError(f"malformed SEND record: {exc}") from exc
     if pos > len(data):
         raise RecordError("SEND fields run past the record")
-    return Send(*meta, attributes, sender, system_attributes, bytes(data[pos:]))
+    return Send(*meta, attributes, sender, system_attributes, body_md5, bytes(data[pos:]))
 
 
 def _decode_attributes(data: bytes | memoryview, pos: int, end: int

@@ -31,6 +31,10 @@ class SendEntry(NamedTuple):
     overhead: int = 0
     """Bytes of framing the caller wrapped the body in (an encryption envelope) that do not
     count toward the message size limit: at most ENVELOPE_BYTES_MAX."""
+    body_md5: bytes | None = None
+    """The body's MD5 digest (16 bytes), which the caller has made: stored with the
+    message and returned with it (Message.body_md5), so that a receive need not hash the
+    body again. The queue does not check it against the body. None stores nothing."""
 
 
 class SendResult(NamedTuple):
@@ -57,6 +61,8 @@ class Message(NamedTuple):
     system_attributes: dict[str, MessageAttribute]
     dead_letter_source: str | int | None
     """For a message moved to a dead-letter queue: the queue it came from."""
+    body_md5: bytes | None
+    """The body's MD5 digest as its sender stored it (SendEntry.body_md5), or None."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -114,7 +114,8 @@ class MoveTasks:
                             SendEntry(message.body, attributes=message.attributes or None,
                                       group_id=message.group_id, dedup_id=dedup,
                                       sender=message.sender,
-                                      system_attributes=message.system_attributes or None)])
+                                      system_attributes=message.system_attributes or None,
+                                      body_md5=message.body_md5)])
                     except MemoryFullError as exc:
                         # The server is at its memory bound: the task waits, as any
                         # producer does, with the rest of the batch back in place.

@@ -51,6 +51,8 @@ class Sealer:
             queue_id, [(ids[i], e.body) for i, e in enumerate(entries)])
         content_dedup = attributes.fifo and attributes.content_based_dedup
         # Built field by field: NamedTuple._replace costs more than the encryption here.
+        # No body_md5: a plaintext digest stored beside the envelope would let a reader of
+        # the files confirm a guessed body, as above.
         return [SendEntry(envelopes[i], e.delay_seconds, e.attributes, e.group_id,
                           self.keyring.dedup_key(queue_id, e.body)
                           if e.dedup_id is None and content_dedup else e.dedup_id,

@@ -92,9 +92,9 @@ def _attributes(raw: dict[str, list[Any]] | None) -> dict[str, MessageAttribute]
 
 
 def _send_entry(raw: list[Any]) -> SendEntry:
-    body, delay, attributes, group, dedup, sender, system, message_id, overhead = raw
+    body, delay, attributes, group, dedup, sender, system, message_id, overhead, md5 = raw
     return SendEntry(body, delay, _attributes(attributes), group, dedup, sender,
-                     _attributes(system), message_id, overhead)
+                     _attributes(system), message_id, overhead, md5)
 
 
 def _message(raw: list[Any]) -> Message:

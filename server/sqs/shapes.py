@@ -316,8 +316,9 @@ def attributes_out(attributes: Mapping[str, MessageAttribute]) -> dict[str, dict
     return out
 
 
-def md5_of_body(body: bytes) -> str:
-    return hashlib.md5(body, usedforsecurity=False).hexdigest()
+def body_digest(body: bytes) -> bytes:
+    """The MD5 of a body: what SQS answers as MD5OfMessageBody and MD5OfBody."""
+    return hashlib.md5(body, usedforsecurity=False).digest()
 
 
 def md5_of_attributes(attributes: Mapping[str, MessageAttribute]) -> str:
@@ -359,7 +360,10 @@ def received(message: Message, system_names: set[str], attribute_names: set[str]
     out: dict[str, Any] = {
         "MessageId": message.message_id,
         "ReceiptHandle": message.receipt,
-        "MD5OfBody": md5_of_body(message.body),
+        # Stored at send by the SQS actions; made here for a message sent without it
+        # (the native API, an encrypted queue, a record written before it was stored).
+        "MD5OfBody": (message.body_md5 if message.body_md5 is not None
+                      else body_digest(message.body)).hex(),
         "Body": body,
     }
     system = _system_attributes(message, system_names, region, account)

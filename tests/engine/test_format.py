@@ -70,6 +70,9 @@ def test_record_structs_match_fixed_part_sizes() -> None:
     assert len(_queue.encode_send(1, 2, 3, b"")) == format.SEND_FIXED_BYTES
     with_id = rec.encode_send(1, 2, 3, b"", message_id=bytes(format.SEND_MESSAGE_ID_BYTES))
     assert len(with_id) == format.SEND_FIXED_BYTES + format.SEND_MESSAGE_ID_BYTES
+    with_md5 = _queue.encode_send(1, 2, 3, b"", body_md5=bytes(format.SEND_BODY_MD5_BYTES))
+    assert len(with_md5) == format.SEND_FIXED_BYTES + format.SEND_BODY_MD5_BYTES
+    assert with_md5[1] == format.SEND_HAS_BODY_MD5
     assert len(rec.encode_seqs(format.QREC_LEASE, 1, [], 2)) == format.SEQS_FIXED_BYTES
     assert len(rec.encode_deletes(1, [])) == format.RECEIPTS_FIXED_BYTES
     assert len(rec.encode_visibility(1, [])) == format.RECEIPTS_FIXED_BYTES

@@ -1397,6 +1397,19 @@ def test_purge_of_a_fifo_queue_frees_its_groups(fifo: Queue) -> None:
 # --- 9. bad inputs change nothing ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("digest", [b"\x00" * 15, b"\x00" * 17, "0" * 32, bytearray(16)])
+@pytest.mark.parametrize("fifo", [False, True])
+def test_a_body_md5_not_of_sixteen_bytes_is_refused(broker: Broker, digest: object,
+                                                    fifo: bool) -> None:
+    q = seeded(broker, "q.fifo" if fifo else "q", fifo=fifo)
+    before = state(q)
+    entry = SendEntry(b"body", body_md5=digest,  # type: ignore[arg-type]
+                      group_id="g" if fifo else None, dedup_id="d" if fifo else None)
+    [result] = q.send_batch([entry])
+    assert isinstance(result, errors.InvalidParameterError)
+    assert state(q) == before
+
+
 def test_oversize_message_is_refused(broker: Broker) -> None:
     q = seeded(broker, "q", max_message_bytes=1024)
     before = state(q)
@@ -1836,6 +1849,40 @@ def test_fifo_attribute_cannot_be_changed(broker: Broker, fifo: Queue) -> None:
 
 
 # --- 11. persistence ---------------------------------------------------------------------
+
+
+def test_a_body_md5_given_at_send_comes_back_with_the_message(tmp_path: Path,
+                                                              clock: ManualClock) -> None:
+    """Stored in the SEND record (docs/FORMAT.md, flag 0x80) and returned on every read
+    path: a record with no other field, one with a sender or an explicit id beside it (the
+    extension's light decoder), one with attributes (the full decoder), after a reopen,
+    and after a move to the dead-letter queue. A send without it returns None."""
+    path = tmp_path / "data"
+    entries = {
+        b"plain": SendEntry(b"plain", body_md5=hashlib.md5(b"plain").digest()),
+        b"light": SendEntry(b"light", sender="AIDA", message_id=os.urandom(16),
+                            body_md5=hashlib.md5(b"light").digest()),
+        b"full": SendEntry(b"full", attributes={"k": MessageAttribute("String", "v")},
+                           body_md5=hashlib.md5(b"full").digest()),
+        b"none": SendEntry(b"none"),
+    }
+    want = {body: entry.body_md5 for body, entry in entries.items()}
+
+    def received(q: Queue) -> dict[bytes, bytes | None]:
+        got = q.receive(max_messages=10, visibility_timeout=0)
+        return {m.body: m.body_md5 for m in got}
+
+    with Broker(path, fsync="always", clock=clock) as broker:
+        broker.create_queue("dlq")
+        q = broker.create_queue("q", dead_letter_queue="dlq", max_receive_count=2)
+        assert all(not isinstance(r, Exception) for r in q.send_batch(list(entries.values())))
+        assert received(q) == want
+    with Broker(path, fsync="always", clock=clock) as broker:
+        q = broker.get_queue("q")
+        assert received(q) == want  # read from the log after the reopen
+        assert received(q) == {}  # received twice: moved
+        assert received(broker.get_queue("dlq")) == want
+
 
 
 def test_state_survives_close_and_reopen(tmp_path: Path, clock: ManualClock) -> None:

@@ -38,21 +38,22 @@ attribute_values = st.one_of(st.text(min_size=1, max_size=20).map(lambda s: ("St
     attributes=st.none() | st.dictionaries(tokens, attribute_values, max_size=4),
     sender=st.none() | tokens,
     system=st.none() | st.dictionaries(tokens, attribute_values, max_size=2),
+    body_md5=st.none() | st.binary(min_size=16, max_size=16),
 )
 def test_send_encoding_agrees_and_round_trips(
     seq: int, sent_at: int, delay: int, body: bytes, group: str | None, dedup: str | None,
     message_id: bytes | None, origin: tuple[int, int, int] | None,
     attributes: dict[str, tuple[str, str | bytes]] | None, sender: str | None,
-    system: dict[str, tuple[str, str | bytes]] | None,
+    system: dict[str, tuple[str, str | bytes]] | None, body_md5: bytes | None,
 ) -> None:
     o = rec.Origin(*origin) if origin else None
     attrs = {k: rec.MessageAttribute(*v) for k, v in attributes.items()} if attributes else None
     sys_attrs = {k: rec.MessageAttribute(*v) for k, v in system.items()} if system else None
     reference = rec.encode_send(seq, sent_at, sent_at + delay, body, group=group, dedup=dedup,
                                 message_id=message_id, origin=o, attributes=attrs,
-                                sender=sender, system_attributes=sys_attrs)
+                                sender=sender, system_attributes=sys_attrs, body_md5=body_md5)
     fast = encode_send(seq, sent_at, sent_at + delay, body, group, dedup, message_id, o, attrs,
-                       sender, sys_attrs)
+                       sender, sys_attrs, body_md5)
     assert fast == reference
     decoded = rec.decode_send(fast)
     assert (decoded.seq, decoded.sent_at, decoded.visible_at, decoded.body) == (
@@ -61,6 +62,7 @@ def test_send_encoding_agrees_and_round_trips(
         group, dedup, message_id, o)
     assert (decoded.attributes or None) == attrs
     assert (decoded.sender, decoded.system_attributes or None) == (sender, sys_attrs)
+    assert decoded.body_md5 == body_md5
 
 
 def test_message_ids_are_uuid_shaped_and_unique() -> None:

@@ -24,7 +24,8 @@ def _round_trip(op: str, result: object) -> object:
 
 def test_send_entries_arrive_as_they_left() -> None:
     entries = [SendEntry(b"\x00body", 3, ATTRIBUTES, "g", "d", "sender",
-                         {"AWSTraceHeader": MessageAttribute("String", "t")}, b"x" * 16, 9),
+                         {"AWSTraceHeader": MessageAttribute("String", "t")}, b"x" * 16, 9,
+                         b"m" * 16),
                SendEntry(b"plain")]
     [arrived] = ARGUMENTS["send_batch"](unpack(pack([entries])))
     assert arrived == entries
@@ -38,7 +39,8 @@ def test_results_and_per_entry_errors_arrive_as_they_left() -> None:
     assert type(back[1]) is ReceiptInvalidError and str(back[1]) == str(refusal)
     assert vars(back[1]) == vars(refusal)
     message = Message("id", b"\x01\x02", "receipt", 2, 1.5, 2.5, ATTRIBUTES, "g", "5", "d",
-                      "sender", {"AWSTraceHeader": MessageAttribute("String", "t")}, None)
+                      "sender", {"AWSTraceHeader": MessageAttribute("String", "t")}, None,
+                      b"m" * 16)
     assert _round_trip("receive", [message]) == [message]
     stats = QueueStats(1, 2, 3, 4.5, 6, 7, 8, 9, 10, 11)
     assert _round_trip("stats", stats) == stats

@@ -428,6 +428,26 @@ def test_content_based_deduplication_keeps_no_digest_of_the_plaintext(shared: Se
     assert message["Body"] == body
 
 
+def test_no_md5_of_the_plaintext_is_stored(shared: Server, sqs: Any) -> None:
+    """An SQS send stores the body's MD5 with the message, so that a receive need not hash
+    the body again; for the same reason as above, an encrypted queue must not."""
+    sealed = create(sqs, "md5-sealed", SqsManagedSseEnabled="true")
+    plain = create(sqs, "md5-plain")
+    body, control = (f"approved {uuid.uuid4().hex}" for _ in range(2))
+    for url, text in ((sealed, body), (plain, control)):
+        sqs.send_message(QueueUrl=url, MessageBody=text)
+        sqs.send_message_batch(QueueUrl=url, Entries=[{"Id": "1", "MessageBody": text}])
+    needles = [hashlib.md5(text.encode()).digest() for text in (body, control)]
+    found = files_holding(shared.data_dir, needles)
+    # The unencrypted queue keeps its bodies' digest: the search finds it.
+    assert found[needles[1]], found
+    assert found[needles[0]] == [], found
+    for url, text in ((sealed, body), (plain, control)):
+        messages = drain(sqs, url)  # boto3 checks each MD5OfBody against the body
+        assert [m["Body"] for m in messages] == [text, text]
+        assert {m["MD5OfBody"] for m in messages} == {md5(text)}
+
+
 def test_a_body_beginning_with_the_envelope_magic_is_refused(shared: Server,
                                                              sqs: Any) -> None:
     create(sqs, "magic-sealed", SqsManagedSseEnabled="true")
