@@ -1944,8 +1944,8 @@ cdef dict read_bodies(object log, list locations):
     """Bodies of the SEND records at these offsets, reading each run of them once.
 
     A plain SEND (no optional fields) maps to its body bytes, read straight out of the
-    log's buffer; one with only a message id and a sender to a LightSend; any other to its
-    full engine.records.Send.
+    log's buffer; one with only a message id, a sender and a body MD5 to a LightSend; any
+    other to its full engine.records.Send.
     """
     cdef list wanted = sorted(set(locations))
     cdef dict found = {}

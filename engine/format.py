@@ -98,9 +98,12 @@ ATTR_BINARY = 1
 
 # --- snapshot file ------------------------------------------------------------------
 SNAPSHOT_MAGIC = b"CVYS"
-SNAPSHOT_VERSION = 2
+SNAPSHOT_VERSION = 3
 # Version 1 lacks the message id of dedup window entries; it is read, never written.
-SNAPSHOT_VERSIONS_READ = (1, 2)
+# Version 3 has version 2's layout: it says that the queue's log may hold SEND records
+# with a body MD5 (SEND_HAS_BODY_MD5), so that a build before them refuses the queue at
+# open rather than failing each receive of such a message.
+SNAPSHOT_VERSIONS_READ = (1, 2, 3)
 
 # --- file names ---------------------------------------------------------------------
 OFFSET_DIGITS = 20  # zero-padded so that `ls` sorts segments by offset

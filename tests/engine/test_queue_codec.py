@@ -8,6 +8,7 @@ import uuid
 
 import hypothesis.strategies as st
 import pytest
+import xxhash
 import zstandard
 from hypothesis import given
 
@@ -171,6 +172,27 @@ def test_snapshot_round_trip_keeps_the_digest(tmp_path: object) -> None:
         damaged[-1] ^= 1
         with pytest.raises(CorruptSnapshotError, match="checksum mismatch"):
             decode_snapshot(bytes(damaged))
+
+
+def _with_version(snapshot: bytes, version: int) -> bytes:
+    """The snapshot file with its header's version changed, and its checksum made again
+    (docs/FORMAT.md: xxh3-64 of everything after the checksum field)."""
+    data = bytearray(snapshot)
+    data[12] = version
+    struct.pack_into("<Q", data, 4, xxhash.xxh3_64_intdigest(bytes(data[12:])))
+    return bytes(data)
+
+
+def test_snapshots_of_earlier_versions_are_read_and_later_ones_refused() -> None:
+    """Version 3 has version 2's layout; it tells a build from before the body MD5 of SEND
+    records that the log may hold them, so that such a build refuses the queue."""
+    state = _every_kind_of_message(False)
+    written = encode_snapshot(state, 77)
+    assert written[12] == format.SNAPSHOT_VERSION == 3
+    restored, offset = decode_snapshot(_with_version(written, 2))
+    assert (state_digest(restored), offset) == (state_digest(state), 77)
+    with pytest.raises(CorruptSnapshotError, match="version 4 is not one this build reads"):
+        decode_snapshot(_with_version(written, 4))
 
 
 def _every_kind_of_message(fifo: bool) -> State:
