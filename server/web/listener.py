@@ -78,7 +78,7 @@ def run(app: web.Application, config: ServerConfig, loop: asyncio.AbstractEventL
         context = tls_context(config.tls_cert, config.tls_key)
     # The process is the server's: its collector freezes old objects (server/gcpolicy.py),
     # and its allocator gives large buffers back (server/allocator.py).
-    allocator.fix_thresholds()
+    allocator.fix_policy()
     gc_policy = app[appkeys.GC_POLICY] = GcPolicy()
     gc_policy.start(loop)
     main = loop.create_task(_serve(app, config, context, announce))
