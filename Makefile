@@ -93,7 +93,7 @@ faults: install etcd fuse
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m faults tests/engine tests/server tests/cluster
 
 # Benchmarks are not part of `make test`; see docs/PERFORMANCE.md.
-bench: install etcd
+bench: install etcd wrk
 	mkdir -p .benchmarks
 	$(BIN)/python -m pytest -q -p no:cacheprovider bench/ --benchmark-columns=mean,ops,rounds \
 		--benchmark-sort=name --benchmark-json=.benchmarks/latest.json $(BENCH_ARGS)

@@ -346,6 +346,8 @@ async def _run_wrk(name: str, url: str, script_text: str, seconds: float, pid: i
 
 def run_large(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Rows of (round, scenario, KiB/s, server CPU µs per KiB) for large bodies."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("--large needs wrk (Debian's wrk package; `make wrk` installs it)")
     tmp = tempfile.mkdtemp(prefix="conveyor-load-")
     port = _free_port()
     server = _serve(f"{tmp}/data", port, args.fsync, access_log=args.access_log)
@@ -378,6 +380,8 @@ async def _large(args: argparse.Namespace, url: str, pid: int) -> list[dict[str,
         result.messages = result.requests
         measured.append(result)
         for m in measured:
+            if not m.messages:
+                raise RuntimeError(f"{m.name}: no message moved in {m.seconds:.1f} s")
             rows.append({"round": round_, "scenario": m.name, "kib": kib,
                          "kib_per_s": m.messages * kib / m.seconds,
                          "server_cpu_us_per_kib": m.cpu_s / (m.messages * kib) * 1e6})

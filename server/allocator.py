@@ -16,13 +16,14 @@ given back when freed; the heap is trimmed once TRIM_THRESHOLD of its top is fre
 lower: with a 256 KiB mmap threshold each 256 KiB SendMessage paid the page faults of a
 fresh mapping for its body, and its server CPU doubled.
 
-One arena. glibc gives each thread that allocates while another holds the main heap an
-arena of its own (up to eight per core), and a buffer freed in one arena is reused only by
-the threads of that arena. The server's threads pass large buffers too (a snapshot in the
-thread that takes it, a log batch in the writer's): with sixteen connections sending 1 MiB
-bodies, eleven arenas held 30 MiB between them and the process grew from 118 to 161 MiB
-over two minutes, against 116-133 MiB, flat, with one arena. Python allocates under its
-interpreter lock, so the threads rarely contend for the one arena's lock.
+One arena. glibc gives each thread an arena of its own at its first allocation (up to
+eight per core), and a buffer freed in one arena is reused only by the threads of that
+arena. The server's threads pass large buffers too (a snapshot in the thread that takes
+it, a log batch in the writer's): with sixteen connections sending 1 MiB bodies for 180 s,
+twelve arenas besides the main heap held 49 MiB between them and the process grew from
+128 to 171 MiB, against 120-135 MiB with one arena (docs/PERFORMANCE.md). Python
+allocates under its interpreter lock, so the threads rarely contend for the one arena's
+lock.
 
 Only the server's process sets this (``server.web.listener``); the engine, a library,
 leaves the allocator of the program it is in alone.
@@ -44,27 +45,32 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
-
-# Set by an operator, these tune glibc's allocator already: theirs stands.
-_OPERATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX")
+# What the server sets, each unless the operator's environment sets it already (theirs
+# stands, the others still apply): mallopt's parameter, the value, and the environment
+# variable and GLIBC_TUNABLES name of the same setting.
+_POLICY = (
+    (_M_MMAP_THRESHOLD, MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
+    (_M_TRIM_THRESHOLD, TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"),
+    (_M_ARENA_MAX, ARENAS_MAX, "MALLOC_ARENA_MAX", "glibc.malloc.arena_max"),
+)
 
 
 def fix_policy() -> bool:
-    """Fix glibc's thresholds and arena count; False (and nothing changed) on another C
-    library, or when the environment tunes glibc's allocator already."""
-    if (any(name in os.environ for name in _OPERATOR_SETTINGS)
-            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
-        return False
+    """Fix glibc's thresholds and arena count, each unless the environment sets it; False
+    on another C library (nothing changed), or if glibc refused a setting."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError, TypeError):  # not glibc: its own policy stands
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    done: bool = (mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-                  and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-                  and mallopt(_M_ARENA_MAX, ARENAS_MAX) == 1)
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    done = True
+    for parameter, value, variable, tunable in _POLICY:
+        if variable in os.environ or tunable in tunables:
+            continue
+        done = mallopt(parameter, value) == 1 and done
     if not done:
-        _log.warning("the C allocator refused fixed thresholds or one arena; large freed "
+        _log.warning("the C allocator refused a fixed threshold or one arena; large freed "
                      "buffers may stay in the process")
     return done

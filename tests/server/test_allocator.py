@@ -34,9 +34,10 @@ libc.malloc_stats()
 """
 
 
-def _arenas(mode: str) -> int:
+def _arenas(mode: str, **operator: str) -> int:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env.update(operator)
     done = subprocess.run([sys.executable, "-c", _CHILD, mode], env=env, capture_output=True,
                           text=True, timeout=60, check=True)
     return sum(line.startswith("Arena ") for line in done.stderr.splitlines())
@@ -47,3 +48,8 @@ def test_threads_of_a_server_process_share_one_arena() -> None:
     # The control: the same threads without the policy get arenas of their own.
     assert _arenas("default") > 1
     assert _arenas("fixed") == 1
+    # An operator's setting of another parameter leaves this one to the policy; theirs of
+    # this one stands.
+    assert _arenas("fixed", MALLOC_MMAP_THRESHOLD_="1048576") == 1
+    assert _arenas("fixed", MALLOC_ARENA_MAX="8") > 1
+    assert _arenas("fixed", GLIBC_TUNABLES="glibc.malloc.arena_max=8") > 1
