@@ -363,10 +363,12 @@ def run_large(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 async def _large(args: argparse.Namespace, url: str, pid: int) -> list[dict[str, Any]]:
     kib = args.large_kib
+    # Bodies past the default limit (256 KiB) need the queue's own limit raised to them.
+    create = {"QueueName": QUEUE, "Attributes": {"MaximumMessageSize": str(kib * 1024)}
+              if kib > 256 else {}}
     async with aiohttp.ClientSession() as session:
         queue_url = json.loads(await _post(session, url, None, "CreateQueue",
-                                           json.dumps({"QueueName": QUEUE}).encode()))[
-            "QueueUrl"]
+                                           json.dumps(create).encode()))["QueueUrl"]
     send = json.dumps({"QueueUrl": queue_url, "MessageBody": "x" * (kib * 1024)}).encode()
     receive = json.dumps({"QueueUrl": queue_url, "MaxNumberOfMessages": 1,
                           "VisibilityTimeout": 0}).encode()
