@@ -171,42 +171,34 @@ async def _drive(name: str, url: str, workers: list[Op], seconds: float,
 
 
 # wrk (Debian's) sends one fixed request over and over; its done() prints what it counted.
+# A ``response`` hook may count answers as failed in its thread's ``bad``, which fails the
+# run; without one wrk does not look at the answers.
 _WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.body = [==[{body}]==]
 wrk.headers["Content-Type"] = "{content_type}"
 {headers}
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("WRK %d %d %d %d %d %d\\n", summary.requests, summary.duration,
-    e.status, e.connect + e.read + e.write + e.timeout,
-    latency:percentile(50), latency:percentile(99)))
-end
-"""
-
-
-# wrk's recv-large: one fixed ReceiveMessage re-sent; an answer without a message counts
-# as failed, which fails the run (a receive of nothing is cheap).
-_WRK_RECEIVE_ONE_SCRIPT = """
-wrk.method = "POST"
-wrk.body = [==[{body}]==]
-wrk.headers["Content-Type"] = "{content_type}"
-wrk.headers["X-Amz-Target"] = "{target}ReceiveMessage"
-empty = 0
-response = function(status, headers, body)
-  if status < 400 and not string.find(body, '"ReceiptHandle"', 1, true) then
-    empty = empty + 1
-  end
-end
+bad = 0
+{response}
 local threads = {{}}
 setup = function(thread) threads[#threads + 1] = thread end
 done = function(summary, latency, requests)
   local e = summary.errors
-  local bad = 0
-  for _, thread in ipairs(threads) do bad = bad + thread:get("empty") end
+  local failed = 0
+  for _, thread in ipairs(threads) do failed = failed + thread:get("bad") end
   io.write(string.format("WRK %d %d %d %d %d %d\\n", summary.requests, summary.duration,
-    e.status, e.connect + e.read + e.write + e.timeout + bad,
+    e.status, e.connect + e.read + e.write + e.timeout + failed,
     latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+# recv-large's hook: an answer without a message counts as failed (a receive of nothing is
+# cheap, and would pass for a fast one).
+_EMPTY_RECEIVE_FAILS = """
+response = function(status, headers, body)
+  if status < 400 and not string.find(body, '"ReceiptHandle"', 1, true) then
+    bad = bad + 1
+  end
 end
 """
 
@@ -267,7 +259,7 @@ end
 
 async def _wrk(name: str, url: str, action: str | None, payload: bytes, seconds: float,
                pid: int, concurrency: int, messages_per_request: int,
-               signer: Signer | None = None) -> Result:
+               signer: Signer | None = None, response: str = "") -> Result:
     """Drive url with wrk (one thread, concurrency connections) posting payload, as the
     SQS JSON action (None: no X-Amz-Target, for the bare handler). A C generator spends a
     few microseconds a request where the aiohttp client spends about a hundred, so on a
@@ -288,7 +280,7 @@ async def _wrk(name: str, url: str, action: str | None, payload: bytes, seconds:
         raise ValueError("headers cannot be quoted for wrk")
     headers = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in extra.items())
     script = _WRK_SCRIPT.format(body=payload.decode(), headers=headers,
-                                content_type=HEADERS["Content-Type"])
+                                content_type=HEADERS["Content-Type"], response=response)
     result, _ = await _run_wrk(name, url, script, seconds, pid, concurrency)
     result.messages = result.requests * messages_per_request
     return result
@@ -372,15 +364,13 @@ async def _large(args: argparse.Namespace, url: str, pid: int) -> list[dict[str,
     send = json.dumps({"QueueUrl": queue_url, "MessageBody": "x" * (kib * 1024)}).encode()
     receive = json.dumps({"QueueUrl": queue_url, "MaxNumberOfMessages": 1,
                           "VisibilityTimeout": 0}).encode()
-    receive_script = _WRK_RECEIVE_ONE_SCRIPT.format(
-        body=receive.decode(), target=TARGET, content_type=HEADERS["Content-Type"])
     rows = []
     for round_ in range(1, args.rounds + 1):
         # The first send round also fills the queue that every receive round reads.
-        measured = [await _wrk("send-large", url, "SendMessage", send, args.seconds, pid, 4, 1)]
-        result, _ = await _run_wrk("recv-large", url, receive_script, args.seconds, pid, 1)
-        result.messages = result.requests
-        measured.append(result)
+        measured = [
+            await _wrk("send-large", url, "SendMessage", send, args.seconds, pid, 4, 1),
+            await _wrk("recv-large", url, "ReceiveMessage", receive, args.seconds, pid, 1, 1,
+                       response=_EMPTY_RECEIVE_FAILS)]
         for m in measured:
             if not m.messages:
                 raise RuntimeError(f"{m.name}: no message moved in {m.seconds:.1f} s")
