@@ -49,6 +49,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from engine import background, orphans
+from engine import records as rec
 from engine.catalog import Catalog
 from engine.clock import Clock, SystemClock
 from engine.errors import (
@@ -108,6 +109,21 @@ class Leadership(Protocol):
         its log (a follower behind)."""
 
 
+class Partitions(Protocol):
+    """How the server splits a queue into engine queues, its partitions
+    (server/partitioned.py). The broker asks it two things, and without it each queue is
+    one engine queue of its own name."""
+
+    def dead_letter_partition(self, catalog: Catalog, target: str, group_id: str | None
+                              ) -> str:
+        """The engine queue that takes a dead letter of message group group_id (None on a
+        standard queue) for the queue target, whose partitions catalog lists."""
+
+    def queue_of(self, name: str) -> str:
+        """The queue an engine queue is a partition of: what a moved message reports as
+        its dead-letter source."""
+
+
 class Broker:
     """Queues in one data directory. See the module docstring."""
 
@@ -119,7 +135,8 @@ class Broker:
                  on_sync: Callable[[float], None] | None = None,
                  leadership: Leadership | None = None,
                  receipt_key: bytes | None = None,
-                 memory_max: int | None = None) -> None:
+                 memory_max: int | None = None,
+                 partitions: Partitions | None = None) -> None:
         self.path = os.fspath(path)
         self.memory = MemoryBudget(memory_max)
         """What the open queues' messages hold in memory; sends are refused (MemoryFull)
@@ -154,10 +171,11 @@ class Broker:
             if new_catalog:
                 # SQLite fsyncs its files, not the directory entry of a database it made.
                 fsync_dir(self.path)
+            self._partitions = partitions
             self._core_options: dict[str, Any] = {
                 "fsync": str(self.fsync_policy), "clock": self.clock, "codec": self._codec,
                 "segment_bytes_max": segment_bytes_max, "snapshot_bytes": snapshot_bytes,
-                "name_of_uid": self.catalog.name_of, "on_sync": on_sync,
+                "name_of_uid": self._source_name, "on_sync": on_sync,
                 "keep_log": leadership is not None, "budget": self.memory,
             }
             self._leadership = leadership
@@ -166,6 +184,13 @@ class Broker:
             os.close(self._lock_fd)
             raise
         self._timer = background.every(self, maintenance_interval_ms)
+
+    def _source_name(self, uid: int) -> str | None:
+        """The queue a moved message came from, by the uid of the engine queue it left."""
+        name = self.catalog.name_of(uid)
+        if name is None or self._partitions is None:
+            return name
+        return self._partitions.queue_of(name)
 
     def _queue_dir(self, uid: int) -> str:
         return os.path.join(self.path, "queues", f"{uid:016x}")
@@ -638,22 +663,32 @@ class Broker:
         durably enqueued there (idempotent per origin), then removed here."""
         core.wait_durable(plan.durable_at)
         target = core.attributes.dead_letter_queue
+        if target is None:
+            core.cancel_moves(plan.seqs)
+            return
+        shares: dict[str, list[tuple[rec.Origin, bytes, rec.Send]]] = {}
+        for entry in plan.entries:
+            name = target if self._partitions is None else (
+                self._partitions.dead_letter_partition(self.catalog, target, entry[2].group))
+            shares.setdefault(name, []).append(entry)
         try:
-            if target is None:
-                raise QueueNotFoundError("")
-            dead_letter = self._core_of(target)
+            cores = [(self._core_of(name), entries) for name, entries in shares.items()]
         except QueueNotFoundError:
             core.cancel_moves(plan.seqs)
             return
         try:
-            accepted = dead_letter.accept_moved(plan.entries)
+            # A partition that took its share before another refused keeps it: the
+            # messages are delivered here again, and a later move skips what is there.
+            accepted = [(dead_letter, dead_letter.accept_moved(entries))
+                        for dead_letter, entries in cores]
         except MemoryFullError:
             # The broker is at its memory bound: the messages are delivered again for
             # DEAD_LETTER_RETRY_S rather than moved (each move adds memory), and moved
             # once a later receive finds room.
             core.cancel_moves(plan.seqs)
             return
-        dead_letter.wait_durable(accepted)
+        for dead_letter, position in accepted:
+            dead_letter.wait_durable(position)
         core.finish_moves(plan.seqs)
 
     # -- maintenance ----------------------------------------------------------------------------

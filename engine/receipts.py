@@ -14,7 +14,7 @@ import os
 
 from engine._queue import RECEIPT_HANDLE_CHARS, ReceiptOpener, make_handle
 
-# Routing a handle to its queue (server/cluster/partitions.py) reads its uid, unchecked.
+# Routing a handle to its queue (server/partitioned.py) reads its uid, unchecked.
 from engine._queue import handle_queue_uid as handle_queue_uid
 from engine.files import write_file
 

@@ -4,7 +4,8 @@
 and makes its engine calls there; it never asks whether it runs on one node or in a
 cluster. That is answered once, where the server is assembled (server/deployment.py):
 
-- :class:`LocalBackend`: each queue is an engine queue of this process's broker;
+- :class:`LocalBackend`: each queue is one or more partitions (server/partitioned.py),
+  each an engine queue of this process's broker;
 - :class:`server.cluster.backend.PartitionedBackend`: each queue is one or more
   partitions, each a replicated log led on some node of the cluster, called in process
   where this node leads it and over the inter-node port where another does.
@@ -13,6 +14,7 @@ cluster. That is answered once, where the server is assembled (server/deployment
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Protocol
@@ -21,8 +23,9 @@ from engine import AsyncBroker, AsyncQueue, Message, QueueAttributes, QueueStats
 from engine.errors import EngineError
 from engine.results import SendEntry, SendResult
 from server.metadata import MetadataStore, QueueRecord
+from server.partitioned import PartitionedQueue, partition_names, queue_of_partition
 from server.protection.breaker import Guard
-from server.settings import QueueSettings
+from server.settings import PARTITIONS, QueueSettings
 
 _log = logging.getLogger("conveyor.service")
 
@@ -72,60 +75,113 @@ class QueueBackend(Protocol):
 
 
 class LocalBackend:
-    """Every queue is an engine queue in this process's broker, its calls behind the
-    engine's guard (bulkhead and circuit breaker)."""
+    """Every queue is one or more partitions, each an engine queue in this process's
+    broker, their calls behind the engine's guard (bulkhead and circuit breaker)."""
 
     def __init__(self, broker: AsyncBroker, guard: Guard) -> None:
         self.broker = broker
         self.guard = guard
+        self.partitions = LocalPartitions(broker, guard)
 
-    async def set_aside_unowned(self, store: MetadataStore) -> None:
-        """Move engine queues that no record owns to orphaned/ (engine/orphans.py).
+    async def reconcile(self, store: MetadataStore) -> None:
+        """Make the records and the engine's queues agree, before the first request.
 
-        One may be a create interrupted between its two steps, or a queue whose record was
-        lost (a metadata.sqlite3 deleted, replaced or restored without its -wal): nothing
-        here can tell which, so none is deleted. This process is the store's only writer,
-        so none is a create under way.
+        - A record from before partitions were kept on one node asks for several but has
+          one engine queue: its ConveyorPartitions is set to the one it has, so that what
+          the queue reports is what it is (its messages are all there, in that one).
+        - Engine queues that no record owns are moved to orphaned/ (engine/orphans.py).
+          One may be a create interrupted between its two steps, or a queue whose record
+          was lost (a metadata.sqlite3 deleted, replaced or restored without its -wal):
+          nothing here can tell which, so none is deleted. This process is the store's
+          only writer, so none is a create under way.
         """
-        owned = {r.engine_name for r in await store.all_records()}
-        for name in await self.broker.list_queues():
-            if name not in owned:
-                await asyncio.to_thread(self.broker.broker.set_aside_queue, name,
-                                        "no queue record owns it")
+        engine_queues = set(await self.broker.list_queues())
+        owned: set[str] = set()
+        for record in await store.all_records():
+            names = partition_names(record.engine_name, record.settings.partitions)
+            if len(names) > 1 and names[1] not in engine_queues:
+                _log.warning("queue %s was made with %d partitions by a release that kept "
+                             "one on a single node; its ConveyorPartitions is now 1",
+                             record.engine_name, len(names))
+                await store.put(dataclasses.replace(
+                    record, extra={**record.extra, PARTITIONS: "1"}))
+                names = names[:1]
+            owned.update(names)
+        for name in sorted(engine_queues - owned):
+            await asyncio.to_thread(self.broker.broker.set_aside_queue, name,
+                                    "no queue record owns it")
 
     def check_supported(self, attributes: Mapping[str, Any], settings: QueueSettings) -> None:
         pass  # one node does everything the service accepts
 
     def queue(self, record: QueueRecord) -> QueueHandle:
-        return GuardedQueue(AsyncQueue(self.broker.broker, record.engine_name), self.guard)
+        if record.settings.partitions == 1:
+            return GuardedQueue(AsyncQueue(self.broker.broker, record.engine_name), self.guard)
+        return PartitionedQueue(self.partitions, record.engine_name, record.settings.partitions)
 
     async def create_queue(self, engine_name: str, attributes: dict[str, Any],
                            settings: QueueSettings) -> None:
-        if engine_name in await self.broker.list_queues(engine_name):
-            # Left by a create whose record was never written, or a delete whose engine
-            # step never ran (the metadata store failed in between), or a queue whose
-            # record was lost. Nobody can reach it; reusing it would refuse other
-            # attributes as "exists" and bring back a deleted queue's messages. Which it
-            # is cannot be told here, so it is set aside, not deleted.
-            await asyncio.to_thread(self.broker.broker.set_aside_queue, engine_name,
-                                    "replaced by a new queue of its name, no record owning it")
-        await self.broker.create_queue(engine_name, **attributes)
+        names = partition_names(engine_name, settings.partitions)
+        for name in names:
+            if self.broker.broker.catalog.uid_of(name) is not None:
+                # Left by a create whose record was never written, or a delete whose
+                # engine step never ran (the metadata store failed in between), or a
+                # queue whose record was lost. Nobody can reach it; reusing it would
+                # refuse other attributes as "exists" and bring back a deleted queue's
+                # messages. Which it is cannot be told here, so it is set aside, not
+                # deleted.
+                await asyncio.to_thread(
+                    self.broker.broker.set_aside_queue, name,
+                    "replaced by a new queue of its name, no record owning it")
+        # Partition 0 last: until it exists the queue is not there for anyone who looks
+        # (a dead-letter check, a FIFO dead letter's partition count).
+        for name in reversed(names):
+            await self.broker.create_queue(name, **attributes)
 
     async def update_queue(self, record: QueueRecord, changes: dict[str, Any],
                            extra: Mapping[str, str]) -> None:
-        if changes:
-            await self.broker.set_queue_attributes(record.engine_name, **changes)
+        for name in _partitions(record) if changes else ():
+            await self.broker.set_queue_attributes(name, **changes)
 
     async def delete_queue(self, record: QueueRecord,
                            forget: Callable[[], Awaitable[None]]) -> None:
         # The record first: an engine queue left behind is an orphan, set aside at the next
         # start or by the next create of the name.
         await forget()
-        await self.broker.delete_queue(record.engine_name)
+        for name in _partitions(record):
+            await self.broker.delete_queue(name)
 
     async def dead_letter_sources(self, engine_name: str) -> list[str]:
-        return sorted(await asyncio.to_thread(self.broker.broker.dead_letter_sources,
-                                              engine_name))
+        partitions = await asyncio.to_thread(self.broker.broker.dead_letter_sources,
+                                             engine_name)
+        return sorted({queue_of_partition(name) for name in partitions})
+
+
+def _partitions(record: QueueRecord) -> list[str]:
+    return partition_names(record.engine_name, record.settings.partitions)
+
+
+class LocalPartitions:
+    """The router of queues of several partitions (server/partitioned.py) on one node:
+    every partition is an engine queue of this process's broker."""
+
+    def __init__(self, broker: AsyncBroker, guard: Guard) -> None:
+        self.broker = broker.broker
+        self.guard = guard
+
+    async def call(self, partition: str, op: str, *args: Any) -> Any:
+        queue = AsyncQueue(self.broker, partition)
+        if op == "set_attributes":
+            return await self.guard.run(queue.set_attributes, **args[0])
+        return await self.guard.run(getattr(queue, op), *args)
+
+    async def partition_uids(self, names: list[str]) -> dict[int, int]:
+        found: dict[int, int] = {}
+        for i, name in enumerate(names):
+            uid = self.broker.catalog.uid_of(name)
+            if uid is not None:
+                found[uid] = i
+        return found
 
 
 class GuardedQueue:

@@ -34,6 +34,7 @@ from server.config import (
 )
 from server.metadata import CachedMetadata, SQLiteMetadataStore
 from server.metrics import Source
+from server.partitioned import EnginePartitions
 from server.protection import keystore
 from server.protection.breaker import Bulkhead, CircuitBreaker, Guard
 from server.protection.keystore import AccessKey, KeyStore
@@ -82,7 +83,8 @@ async def open_single_node(config: ServerConfig, master: bytes, on_sync: OnSync
     async with contextlib.AsyncExitStack() as stack:
         broker = AsyncBroker(config.data_dir, config.fsync,
                              open_queues_max=config.open_queues_max, on_sync=on_sync,
-                             memory_max=engine_memory_max(config))
+                             memory_max=engine_memory_max(config),
+                             partitions=EnginePartitions())
         stack.push_async_callback(broker.close)
         store = SQLiteMetadataStore(os.path.join(config.data_dir, METADATA_FILE))
         stack.push_async_callback(store.close)
@@ -90,7 +92,7 @@ async def open_single_node(config: ServerConfig, master: bytes, on_sync: OnSync
         stack.callback(access_keys.close)
         guard = engine_guard()
         backend = LocalBackend(broker, guard)
-        await backend.set_aside_unowned(store)
+        await backend.reconcile(store)
         yield Deployment(broker, CachedMetadata(store, metadata_guard()), backend, guard,
                          access_keys.lookup if config.auth == "required" else None)
 

@@ -40,6 +40,7 @@ from prometheus_client.utils import floatToGoString
 
 from engine import Broker
 from engine.errors import EngineError
+from server.partitioned import queue_of_partition
 from server.protection.breaker import CLOSED, Guard
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
@@ -278,6 +279,11 @@ class _ProtectionCollector:
         return render
 
 
+_STATES = ("visible", "in_flight", "delayed")
+_OPERATIONS = ("sent", "received", "deleted", "expired", "moved_to_dead_letter", "purged")
+_COUNTED = (*_STATES, *_OPERATIONS)
+
+
 class _QueueCollector:
     """Per-queue gauges and counters, read from the open queues at scrape time."""
 
@@ -310,22 +316,27 @@ class _QueueCollector:
                 "refused at it (absent: no bound)")
             if memory.limit is not None:
                 bound.add_metric([], memory.limit)
+            # A queue of several partitions is one queue here: its partitions' counts
+            # summed, its oldest message the oldest of any.
+            counts: dict[str, list[int]] = {}
+            ages: dict[str, float] = {}
             for core in cores:
                 try:
                     stats = core.stats()
                 except EngineError:
                     continue  # closed or failed meanwhile
-                for state, value in (("visible", stats.visible),
-                                     ("in_flight", stats.in_flight),
-                                     ("delayed", stats.delayed)):
-                    depth.add_metric([core.name, state], value)
-                oldest.add_metric([core.name], stats.oldest_age_s)
-                for operation, value in (("sent", stats.sent), ("received", stats.received),
-                                         ("deleted", stats.deleted),
-                                         ("expired", stats.expired),
-                                         ("moved_to_dead_letter", stats.moved_to_dead_letter),
-                                         ("purged", stats.purged)):
-                    messages.add_metric([core.name, operation], value)
+                name = queue_of_partition(core.name)
+                row = counts.setdefault(name, [0] * len(_COUNTED))
+                for i, field in enumerate(_COUNTED):
+                    row[i] += getattr(stats, field)
+                ages[name] = max(ages.get(name, 0.0), stats.oldest_age_s)
+            for name, row in counts.items():
+                values = dict(zip(_COUNTED, row, strict=True))
+                for state in _STATES:
+                    depth.add_metric([name, state], values[state])
+                oldest.add_metric([name], ages[name])
+                for operation in _OPERATIONS:
+                    messages.add_metric([name, operation], values[operation])
             yield from (depth, oldest, messages, open_queues, held, bound)
 
         return render

@@ -2,8 +2,9 @@
 log with its own leader, placed on the nodes by the ring.
 
 Making, changing and removing a queue goes through the cluster node (etcd transactions);
-its messages go through :class:`~server.cluster.partitions.PartitionedQueue`, which makes
-each partition's engine call where the partition is led.
+its messages go through :class:`~server.partitioned.PartitionedQueue`, whose router
+(:class:`~server.cluster.calls.PartitionCalls`) makes each partition's engine call where
+the partition is led.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from server.backend import QueueHandle
-from server.cluster.partitions import PartitionedQueue, partition_names
 from server.errors import UnsupportedOperationError
 from server.metadata import QueueRecord
+from server.partitioned import PartitionedQueue, partition_names
 from server.settings import REPLICATION_FACTOR, QueueSettings
 
 if TYPE_CHECKING:
@@ -41,8 +42,7 @@ class PartitionedBackend:
             raise UnsupportedOperationError("encryption at rest in a cluster")
 
     def queue(self, record: QueueRecord) -> QueueHandle:
-        return PartitionedQueue(self.calls, self.node, record.engine_name,
-                                record.settings.partitions)
+        return PartitionedQueue(self.calls, record.engine_name, record.settings.partitions)
 
     async def create_queue(self, engine_name: str, attributes: dict[str, Any],
                            settings: QueueSettings) -> None:

@@ -155,6 +155,9 @@ class PartitionCalls:
         self._connecting: dict[str, asyncio.Lock] = {}
         node.listener.route(CALLS_MAGIC, self.serve, CALL_FRAME_BYTES_MAX)
 
+    async def partition_uids(self, names: list[str]) -> dict[int, int]:
+        return await self.node.partition_uids(names)
+
     # -- making calls --------------------------------------------------------------------
 
     async def call(self, partition: str, op: str, *args: Any) -> Any:

@@ -19,7 +19,7 @@ import hmac
 from collections.abc import Callable
 from typing import Any
 
-from server.cluster.partitions import partition_account
+from server.partitioned import partition_account
 
 # Hex digits of an alias: 48 bits, so that two nodes of one cluster never share one.
 _ALIAS_HEX = 12

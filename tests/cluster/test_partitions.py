@@ -11,7 +11,7 @@ from typing import Any
 import botocore.exceptions
 import pytest
 
-from server.cluster.partitions import group_partition, partition_names
+from server.partitioned import group_partition, partition_names
 from tests.cluster.harness import ACCOUNT, Cluster
 from tests.cluster.workload import IN_DOUBT_PER_FAULT, Workload, create_queue, drain
 from tests.support.consistency import History, check

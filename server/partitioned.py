@@ -1,16 +1,24 @@
-"""A cluster queue of one or more partitions, each its own replicated log with its own
-leader, seen as one queue.
+"""A queue of one or more partitions, each an engine queue of its own, seen as one queue.
+
+The same on one node and in a cluster; only where a partition's engine calls are made
+differs, and a :class:`PartitionRouter` answers that: on one node
+(:class:`server.backend.LocalPartitions`) every partition is in this process's broker; in
+a cluster (:class:`server.cluster.calls.PartitionCalls`) each is a replicated log led on
+some node, called in process where this node leads it and over the inter-node port where
+another does.
 
 Partition 0 is stored under the queue's engine name (``account/name``), partition p > 0
 under ``account-p{p}/name``: a namespace no account can have (accounts are 12 digits), with
-the name kept whole so that a FIFO partition's name still ends in ``.fifo``. The ring
-places each partition by its own name, so the partitions of one queue spread over nodes.
+the name kept whole so that a FIFO partition's name still ends in ``.fifo``. A cluster's
+ring places each partition by its own name, so the partitions of one queue spread over
+nodes.
 
 - A standard queue's send goes whole to one partition, taken in turn. One that certainly
-  did not take it (no leader; its leader's node refused the connection) passes it to the
-  next. A refusal that leaves the outcome open (too few in-sync replicas, a lost answer)
-  goes back to the client: the batch may yet be committed there, and sending it again
-  elsewhere would deliver it twice, which only a retrying client may cause.
+  did not take it (no leader; its leader's node refused the connection; memory full)
+  passes it to the next. A refusal that leaves the outcome open (too few in-sync
+  replicas, a lost answer) goes back to the client: the batch may yet be committed there,
+  and sending it again elsewhere would deliver it twice, which only a retrying client may
+  cause.
 - A FIFO queue's send goes by message group: a group always maps to the same partition,
   which keeps the group's order and its lock. Deduplication is per partition, so a
   deduplication id repeated in groups of different partitions is not caught (SQS's
@@ -29,7 +37,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import xxhash
 
@@ -42,8 +50,7 @@ from replication.errors import ClusterError, NotLeaderError
 from server.errors import DependencyUnavailableError, LeaderUnreachableError
 
 if TYPE_CHECKING:
-    from replication.node import ClusterNode
-    from server.cluster.calls import PartitionCalls
+    from engine.catalog import Catalog
 
 # A long poll over several partitions waits on each in slices this long: a wait the
 # caller no longer needs (another partition had messages first) ends by itself soon.
@@ -52,23 +59,45 @@ WAIT_SLICE_S = 2.0
 # or receive may go to the queue's other partitions instead.
 _UNAVAILABLE = (ClusterError, DependencyUnavailableError, QueueUnavailableError)
 # Refusals that say the call was not made at all, so a send may safely go to another
-# partition: those of the above, and a leader at its memory bound (another partition,
+# partition: those of the above, and a partition at its memory bound (another partition,
 # led elsewhere, may have room).
 _NOT_MADE = (NotLeaderError, LeaderUnreachableError, MemoryFullError)
 _DEFAULTS = QueueAttributes()
 _log = logging.getLogger("conveyor.service")
 _T = TypeVar("_T")
+_PARTITION_MARK = "-p"
+
+
+class PartitionRouter(Protocol):
+    """Where a partition's engine calls are made."""
+
+    async def call(self, partition: str, op: str, *args: Any) -> Any:
+        """``AsyncQueue(partition).<op>(*args)``, made wherever the partition is served
+        (``set_attributes`` takes its changes as one dict)."""
+
+    async def partition_uids(self, names: list[str]) -> dict[int, int]:
+        """uid -> index in names, for the partitions of one queue that exist."""
 
 
 def partition_names(engine_name: str, count: int) -> list[str]:
     """The names of a queue's partitions, partition 0 first."""
+    return [engine_name] + [_partition_name(engine_name, p) for p in range(1, count)]
+
+
+def _partition_name(engine_name: str, p: int) -> str:
     account, _, name = engine_name.partition("/")
-    return [engine_name] + [f"{account}-p{p}/{name}" for p in range(1, count)]
+    return f"{account}{_PARTITION_MARK}{p}/{name}"
 
 
 def partition_account(partition: str) -> str:
     """The account whose queue a partition is part of (partition_names, inverted)."""
-    return partition.partition("/")[0].partition("-p")[0]
+    return partition.partition("/")[0].partition(_PARTITION_MARK)[0]
+
+
+def queue_of_partition(partition: str) -> str:
+    """The engine name of the queue a partition is part of: partition 0's name."""
+    account, _, name = partition.partition("/")
+    return f"{account.partition(_PARTITION_MARK)[0]}/{name}"
 
 
 def group_partition(group_id: str | None, count: int) -> int:
@@ -82,12 +111,10 @@ _turns = itertools.count()
 
 
 class PartitionedQueue:
-    """One cluster queue; the methods the service uses, as on AsyncQueue."""
+    """One queue of partitions; the methods the service uses, as on AsyncQueue."""
 
-    def __init__(self, calls: PartitionCalls, node: ClusterNode, engine_name: str,
-                 count: int) -> None:
+    def __init__(self, calls: PartitionRouter, engine_name: str, count: int) -> None:
         self.calls = calls
-        self.node = node
         self.name = engine_name
         self.partitions = partition_names(engine_name, count)
         self.fifo = engine_name.endswith(".fifo")
@@ -173,7 +200,7 @@ class PartitionedQueue:
             result: list[EngineError | None] = await self.calls.call(
                 self.partitions[0], op, items)
             return result
-        uids = await self.node.partition_uids(self.partitions)
+        uids = await self.calls.partition_uids(self.partitions)
         by_partition: dict[int, list[int]] = {}
         for i, receipt in enumerate(receipts):
             # A handle of no partition of this queue goes to partition 0, which refuses
@@ -282,3 +309,23 @@ async def _all(calls: Sequence[Awaitable[_T]]) -> list[_T]:
         if isinstance(outcome, BaseException):
             raise outcome
     return outcomes  # type: ignore[return-value]
+
+
+class EnginePartitions:
+    """What the engine asks of partitions (engine.broker.Partitions), for a broker that
+    holds every partition of its queues (one node)."""
+
+    def dead_letter_partition(self, catalog: Catalog, target: str, group_id: str | None
+                              ) -> str:
+        # A standard queue's dead letters all go to partition 0: it promises no order,
+        # and a receive drains every partition. A FIFO group's go to its partition, which
+        # keeps the group in one place, in order, under one lock.
+        if group_id is None:
+            return target
+        count = 1
+        while catalog.uid_of(_partition_name(target, count)) is not None:
+            count += 1
+        return partition_names(target, count)[group_partition(group_id, count)]
+
+    def queue_of(self, name: str) -> str:
+        return queue_of_partition(name)
