@@ -25,7 +25,7 @@ from typing import Any, Self
 import pytest
 
 from replication import frames as fr
-from server.cluster.codec import pack
+from server.calls.codec import pack
 from server.protection import masterkey
 from tests.cluster.harness import ACCOUNT, Cluster, cluster, read_log
 from tests.cluster.workload import create_queue

@@ -1,4 +1,4 @@
-"""The values of partition calls (server/cluster/calls.py) as msgpack, and errors with them.
+"""The values of partition calls (server/calls/) as msgpack, and errors with them.
 
 Engine values travel as arrays of their fields (NamedTuples pack as arrays by themselves;
 the receiving side rebuilds them per op), message attributes as maps of name to

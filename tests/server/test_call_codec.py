@@ -12,7 +12,7 @@ from engine.errors import ReceiptInvalidError
 from engine.records import MessageAttribute
 from engine.results import SendEntry, SendResult
 from replication.errors import NotLeaderError, ReplicationUnavailableError
-from server.cluster.codec import ARGUMENTS, RESULTS, pack, result_value, unpack
+from server.calls.codec import ARGUMENTS, RESULTS, pack, result_value, unpack
 
 ATTRIBUTES = {"a": MessageAttribute("String", "text"),
               "b": MessageAttribute("Binary.custom", b"\x00\xff")}
