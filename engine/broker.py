@@ -136,7 +136,8 @@ class Broker:
                  leadership: Leadership | None = None,
                  receipt_key: bytes | None = None,
                  memory_max: int | None = None,
-                 partitions: Partitions | None = None) -> None:
+                 partitions: Partitions | None = None,
+                 shared: bool = False) -> None:
         self.path = os.fspath(path)
         self.memory = MemoryBudget(memory_max)
         """What the open queues' messages hold in memory; sends are refused (MemoryFull)
@@ -145,7 +146,12 @@ class Broker:
         self.clock: Clock = clock or SystemClock()
         self.open_queues_max = open_queues_max
         make_dirs(os.path.join(self.path, "queues"))
-        self._lock_fd = _lock(self.path)
+        self.shared = shared
+        """Other processes of one server (its workers) open the directory too, each only
+        the queues it owns (``leadership``). The server holds the directory's lock for
+        all of them (:func:`lock_directory`), and set strays aside before they started;
+        the catalog reads what the others wrote when a lookup misses."""
+        self._lock_fd = -1 if shared else lock_directory(self.path)
         self._lock = threading.RLock()
         self._settled = threading.Condition(self._lock)
         """Notified whenever a queue stops being busy (``_settle``)."""
@@ -167,7 +173,7 @@ class Broker:
                 os.path.join(self.path, "receipt.key")))
             catalog_path = os.path.join(self.path, "catalog.sqlite3")
             new_catalog = not os.path.exists(catalog_path)
-            self.catalog = Catalog(catalog_path)
+            self.catalog = Catalog(catalog_path, shared=shared)
             if new_catalog:
                 # SQLite fsyncs its files, not the directory entry of a database it made.
                 fsync_dir(self.path)
@@ -179,9 +185,10 @@ class Broker:
                 "keep_log": leadership is not None, "budget": self.memory,
             }
             self._leadership = leadership
-            self._set_aside_strays()
+            if not shared:
+                self.set_aside_strays()
         except BaseException:
-            os.close(self._lock_fd)
+            self._unlock()
             raise
         self._timer = background.every(self, maintenance_interval_ms)
 
@@ -202,7 +209,11 @@ class Broker:
             raise QueueNotFoundError(name)
         return self._queue_dir(entry.uid)
 
-    def _set_aside_strays(self) -> None:
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+
+    def set_aside_strays(self) -> None:
         """Move queue directories the catalog does not name to orphaned/.
 
         One may be a create that a crash interrupted (the catalog row is its commit point),
@@ -748,7 +759,7 @@ class Broker:
             except Exception:
                 _log.exception("closing queue %s failed", core.name)
         self.catalog.close()
-        os.close(self._lock_fd)
+        self._unlock()
 
     def __enter__(self) -> Broker:
         return self
@@ -758,7 +769,10 @@ class Broker:
         self.close()
 
 
-def _lock(path: str) -> int:
+def lock_directory(path: str) -> int:
+    """Lock the data directory (its LOCK file) for this process, or raise
+    DataDirectoryLockedError; the lock lasts while the returned descriptor is open, in
+    this process or any it passed it to."""
     fd = os.open(os.path.join(path, "LOCK"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -49,11 +49,18 @@ class Catalog:
     """The table, and a copy of it in memory that every read is served from: the rows are
     verified once, when the catalog opens, and a broker lists its queues often (a cluster
     node on every change of its view), which must not cost a query and a check per queue.
-    Only one process opens a data directory's catalog (the broker's lock), so the copy
-    cannot go stale."""
 
-    def __init__(self, path: str) -> None:
+    Most often one process opens a data directory's catalog (the broker's lock), so the
+    copy cannot go stale. A server's workers share it (``shared``), each writing only the
+    rows of the queues it owns: a lookup that misses, and a listing, first read the rows
+    again if another process committed since (SQLite's data_version says so). A row
+    found is current if this process owns its queue, and may be stale otherwise; what a
+    worker reads of another's queue (that it exists, whether it is FIFO, its name by
+    uid) does not change while the queue exists."""
+
+    def __init__(self, path: str, shared: bool = False) -> None:
         self.path = path
+        self.shared = shared
         # Two locks, so that a read waits for no fsync: _lock guards the copy in memory and
         # is held for a lookup at a time; _writing orders the writes to the database, each
         # a commit made durable, and the copy is changed only once its row is committed.
@@ -65,14 +72,38 @@ class Catalog:
         """name -> (name, uid, created_ms, modified_ms, attributes as JSON text)"""
         self._uids: dict[int, str] = {}
         self._sorted: list[str] | None = None
+        self._version = -1
+        """SQLite's data_version when the copy was read."""
         try:
-            with sqlite.reading(path):
-                rows = self._db.execute(f"SELECT {TABLE.select()} FROM queues").fetchall()
-            for row in rows:
-                self._keep(sqlite.verified(path, TABLE.name, row))
+            self._read()
         except BaseException:
             self._db.close()
             raise
+
+    def _read(self) -> None:
+        """Read the rows into the copy, anew (``_writing`` held, or before any use)."""
+        with sqlite.reading(self.path):
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            rows = self._db.execute(f"SELECT {TABLE.select()} FROM queues").fetchall()
+        verified = [sqlite.verified(self.path, TABLE.name, row) for row in rows]
+        with self._lock:
+            self._rows = {values[0]: values for values in verified}
+            self._uids = {values[1]: values[0] for values in verified}
+            self._sorted = None
+            self._version = version
+
+    def refresh(self) -> bool:
+        """Read the rows again if another process committed since they were read (a
+        shared catalog only). Whether they were."""
+        if not self.shared:
+            return False
+        with self._writing:
+            with sqlite.reading(self.path):
+                version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            if version == self._version:
+                return False
+            self._read()
+            return True
 
     def _keep(self, values: tuple[Any, ...]) -> None:
         self._rows[values[0]] = values
@@ -80,18 +111,25 @@ class Catalog:
         self._sorted = None
 
     def get(self, name: str) -> Entry | None:
-        with self._lock:
-            values = self._rows.get(name)
+        values = self._row(name)
         return _entry(values) if values is not None else None
 
     def uid_of(self, name: str) -> int | None:
         """The queue's uid, if it exists (its attributes are not decoded)."""
+        values = self._row(name)
+        return None if values is None else int(values[1])
+
+    def _row(self, name: str) -> tuple[Any, ...] | None:
         with self._lock:
             values = self._rows.get(name)
-        return None if values is None else int(values[1])
+        if values is None and self.refresh():
+            with self._lock:
+                values = self._rows.get(name)
+        return values
 
     def names(self, prefix: str = "") -> list[str]:
         """In name order; a literal, case-sensitive prefix."""
+        self.refresh()
         with self._lock:
             if self._sorted is None:
                 self._sorted = sorted(self._rows)
@@ -107,6 +145,7 @@ class Catalog:
         return found
 
     def entries(self) -> list[Entry]:
+        self.refresh()
         with self._lock:
             rows = [self._rows[name] for name in sorted(self._rows)]
         return [_entry(values) for values in rows]
@@ -114,7 +153,11 @@ class Catalog:
     def name_of(self, uid: int) -> str | None:
         """The name of the queue with this uid, if it still exists."""
         with self._lock:
-            return self._uids.get(uid)
+            name = self._uids.get(uid)
+        if name is None and self.refresh():
+            with self._lock:
+                name = self._uids.get(uid)
+        return name
 
     def uids(self) -> set[int]:
         with self._lock:

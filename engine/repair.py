@@ -43,7 +43,7 @@ from typing import IO, Any, Literal
 from engine import files, format
 from engine import records as rec
 from engine._segment import Segment
-from engine.broker import _lock as _lock_data_dir
+from engine.broker import lock_directory as _lock_data_dir
 from engine.catalog import Catalog
 from engine.errors import CorruptSnapshotError, EngineError, SalvageRefusedError
 from engine.files import fsync_dir, make_dirs

@@ -1010,7 +1010,7 @@ def db_verify(data_dir: str, as_json: bool) -> None:
     could not be checked (a server holds it).
     """
     from engine import sqlite
-    from engine.broker import _lock as lock_data_dir
+    from engine.broker import lock_directory as lock_data_dir
 
     try:
         fd = lock_data_dir(data_dir)
