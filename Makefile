@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SOURCES := $(wildcard engine/*.pyx engine/*.pxd engine/*.h) setup.py pyproject.toml
 
-.PHONY: all install serve test lint typecheck unit bench bench-http bench-peers peers debug-build \
+.PHONY: all install serve test lint typecheck unit unit-workers bench bench-http bench-peers peers debug-build \
 	clean etcd wrk \
 	dev-cluster soak faults fuse bench-cluster scale join backlog
 
@@ -78,7 +78,13 @@ unit: install etcd fuse
 		--durations=25; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$rc
 
-test: lint typecheck unit
+# The SQS and native API suites again, against servers of two workers (--workers 2).
+WORKERS_SUITES = tests/server/sqs tests/server/web/test_native_api.py
+unit-workers: install
+	CONVEYOR_TEST_WORKERS=2 $(BIN)/python -m pytest -q -p no:cacheprovider \
+		-n $(PYTEST_WORKERS) --dist loadscope $(WORKERS_SUITES)
+
+test: lint typecheck unit unit-workers
 
 # Long failure runs, not part of `make test`: the leader-kill loop for CONVEYOR_SOAK_S
 # seconds (default 150).

@@ -123,6 +123,12 @@ class Partitions(Protocol):
         """The queue an engine queue is a partition of: what a moved message reports as
         its dead-letter source."""
 
+    def accept_elsewhere(self, name: str,
+                         entries: list[tuple[rec.Origin, bytes, rec.Send]]) -> bool:
+        """Enqueue moved messages durably in the engine queue ``name`` if another process
+        serves it (a worker's sibling), and say so; False if this broker serves it.
+        Raises an EngineError if that process refuses or cannot be reached."""
+
 
 class Broker:
     """Queues in one data directory. See the module docstring."""
@@ -683,8 +689,17 @@ class Broker:
                 self._partitions.dead_letter_partition(self.catalog, target, entry[2].group))
             shares.setdefault(name, []).append(entry)
         try:
-            cores = [(self._core_of(name), entries) for name, entries in shares.items()]
-        except QueueNotFoundError:
+            cores = []
+            for name, entries in shares.items():
+                if self._partitions is not None and self._partitions.accept_elsewhere(
+                        name, entries):
+                    continue  # durably there
+                cores.append((self._core_of(name), entries))
+        except EngineError as exc:
+            # Gone, or (served by another process) unreachable or full: the messages are
+            # delivered here again for DEAD_LETTER_RETRY_S, and moved by a later receive.
+            if not isinstance(exc, QueueNotFoundError):
+                _log.warning("dead letters of %s not moved now: %s", core.name, exc)
             core.cancel_moves(plan.seqs)
             return
         try:
@@ -701,6 +716,13 @@ class Broker:
         for dead_letter, position in accepted:
             dead_letter.wait_durable(position)
         core.finish_moves(plan.seqs)
+
+    def accept_moved(self, name: str, entries: list[tuple[rec.Origin, bytes, rec.Send]]
+                     ) -> None:
+        """Enqueue messages another process moved out of a queue it serves, durably;
+        idempotent per origin (Partitions.accept_elsewhere, at the serving end)."""
+        core = self._core_of(name)
+        core.wait_durable(core.accept_moved(entries))
 
     # -- maintenance ----------------------------------------------------------------------------
 

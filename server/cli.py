@@ -29,6 +29,7 @@ from server.config import (
     CONNECTIONS_MAX,
     DEFAULT_ACCOUNT,
     MEMORY_MAX_DEFAULT,
+    WORKERS_MAX,
     ServerConfig,
     parse_memory,
 )
@@ -222,6 +223,12 @@ def _read_password(path: str) -> str:
               help="32 random bytes (mode 0600), the same on every node, that nodes prove "
                    "to each other on the replication port (default: derived from the "
                    "master key, which every node must then share).")
+@click.option("--workers", type=click.IntRange(1, WORKERS_MAX),
+              help="Processes serving the port, each owning a share of every queue's "
+                   "partitions (default: one per core, at most "
+                   f"{WORKERS_MAX}; 1 with --cluster).")
+# Set by the supervisor of --workers on each worker it starts.
+@click.option("--worker-index", type=click.IntRange(0, WORKERS_MAX - 1), hidden=True)
 # Test-only: the negative control of the hostile-peer tests runs a node without it.
 @click.option("--unsafe-no-peer-auth", "no_peer_auth", is_flag=True, hidden=True)
 @_etcd_options
@@ -233,6 +240,7 @@ def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, aut
           advertise: str | None, replication_port: int | None, replication_advertise: str,
           lease_ttl: int, replication_factor: int, min_insync_replicas: int,
           node_gone_after: float, cluster_secret_file: str | None,
+          workers: int | None, worker_index: int | None,
           no_peer_auth: bool, etcd_flags: _EtcdFlags) -> None:
     """Run the server: the SQS protocols and the native API on one port.
 
@@ -273,6 +281,10 @@ def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, aut
         cluster = dataclasses.replace(cluster, node_gone_s=node_gone_after,
                                       peer_secret_file=cluster_secret_file,
                                       peer_auth=not no_peer_auth)
+    if etcd is not None and (workers or 1) > 1:
+        raise click.UsageError("--workers above 1 with --cluster: not yet; run one node "
+                               "per process (a cluster's nodes may share a host)")
+    workers = workers or (1 if etcd is not None else default_workers())
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     config = ServerConfig(data_dir=data_dir, host=host, port=port, fsync=fsync,
                           access_log=access_log, auth=auth, master_key_file=master_key_file,
@@ -282,12 +294,24 @@ def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, aut
                           memory_max=memory_max,
                           memory_max_given=_given(click.get_current_context(), "memory_max"),
                           sse_rotation_s=sse_key_rotation_days * 24 * 60 * 60,
-                          cluster=cluster)
+                          cluster=cluster, workers=workers)
+    if workers > 1 and worker_index is None:
+        _supervise(config)
+        return
+    if worker_index is not None:
+        config = _worker_config(config, worker_index)
     loop = _event_loop()
     url = f"{'https' if tls_cert else 'http'}://{host}:{port}"
     open_files = _open_files_at_hard_limit()
 
     def announce() -> None:
+        if config.worker is not None:
+            from server.workers.supervisor import follow_supervisor
+
+            follow_supervisor(loop, config.worker.index)
+            click.echo(f"Conveyor worker {config.worker.index} of {workers} serving {url}",
+                       err=True)
+            return
         click.echo(f"Conveyor serving {url} (data: {os.path.abspath(data_dir)}, "
                    f"fsync={fsync}, auth={auth}, open files={open_files}, "
                    f"loop={type(loop).__module__.split('.')[0]}"
@@ -302,6 +326,46 @@ def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, aut
             "verify` and docs/OPERATIONS.md, \"A damaged database\"") from None
     except EngineError as exc:  # a bad master key file, say: a message, not a traceback
         raise click.ClickException(str(exc)) from None
+
+
+def default_workers() -> int:
+    """One worker per core this process may run on, at most WORKERS_MAX."""
+    return max(1, min(len(os.sched_getaffinity(0)), WORKERS_MAX))
+
+
+def _supervise(config: ServerConfig) -> None:
+    from server.workers.supervisor import Supervisor
+
+    argv = sys.argv[1:]
+
+    def announce(port: int) -> None:
+        url = f"{'https' if config.tls_cert else 'http'}://{config.host}:{port}"
+        click.echo(f"Conveyor serving {url} with {config.workers} workers (data: "
+                   f"{os.path.abspath(config.data_dir)}, fsync={config.fsync}, "
+                   f"auth={config.auth})", err=True)
+
+    try:
+        code = Supervisor(config, argv, announce).run()
+    except CorruptDatabaseError as exc:
+        raise click.ClickException(
+            f"{exc}. The server does not start on a damaged database: see `conveyor db "
+            "verify` and docs/OPERATIONS.md, \"A damaged database\"") from None
+    except EngineError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:  # the port taken, say
+        raise click.ClickException(f"cannot serve on {config.host}:{config.port}: {exc}"
+                                   ) from None
+    sys.exit(code)
+
+
+def _worker_config(config: ServerConfig, index: int) -> ServerConfig:
+    """A worker's config: its place, and its share of the memory bound."""
+    from server.workers.ownership import WorkerPlace
+    from server.workers.supervisor import RUN_DIR_ENV
+
+    place = WorkerPlace(index, config.workers, os.environ[RUN_DIR_ENV])
+    memory = None if config.memory_max is None else config.memory_max // config.workers
+    return dataclasses.replace(config, worker=place, memory_max=memory)
 
 
 @main.command("dev-cluster")
@@ -978,7 +1042,6 @@ def _databases() -> dict[str, tuple[Any, str]]:
     from server import metadata
     from server.deployment import METADATA_FILE
     from server.protection import keystore, sse
-    from server.web.app import KEYRING_FILE
 
     rebuild = ("start the server (every queue directory is then moved to orphaned/, "
                "untouched), stop it, and run `conveyor orphans adopt --all`")
@@ -989,7 +1052,7 @@ def _databases() -> dict[str, tuple[Any, str]]:
                         "(Policy ...) again"),
         keystore.FILE_NAME: (keystore.SCHEMA, "restore it from a backup, or make the "
                              "access keys again with `conveyor keys create`"),
-        KEYRING_FILE: (sse.SCHEMA, "restore it from a backup: bodies sealed under its "
+        sse.FILE_NAME: (sse.SCHEMA, "restore it from a backup: bodies sealed under its "
                        "data keys cannot be read without it"),
     }
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from replication.node import ClusterConfig
+    from server.workers.ownership import WorkerPlace
 
 # Bytes of one request body. A 1 MiB message can grow in transit (JSON escapes up to six
 # bytes per character), and a batch of ten carries up to 1 MiB in all; bodies over this
@@ -80,6 +81,8 @@ MEMORY_HEADROOM_MIN = 16 * 1024 * 1024
 REPLICATION_FACTOR_MAX = 7
 # Partitions of one queue in a cluster (ConveyorPartitions), each led on its own node.
 PARTITIONS_MAX = 16
+WORKERS_MAX = PARTITIONS_MAX
+"""Workers of one server (--workers) at most, so that a queue can have a partition on each."""
 
 DEFAULT_ACCOUNT = "000000000000"
 DEFAULT_REGION = "us-east-1"
@@ -119,6 +122,12 @@ class ServerConfig:
     holds at start, plus their state); None: no bound (tests, the library)."""
     memory_max_given: bool = True
     """False when memory_max is the default share, which gives way on a small host."""
+    workers: int = 1
+    """Processes serving the port, each owning some of every queue's partitions
+    (server/workers/); 1: one process does all."""
+    worker: WorkerPlace | None = None
+    """This process's place among the workers; None for the supervisor, or a server of
+    one process. A worker's memory_max is its share of the server's."""
 
     @property
     def master_key_path(self) -> str:

@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import AsyncBroker
 from engine.errors import ConfigError
@@ -38,6 +38,11 @@ from server.partitioned import EnginePartitions
 from server.protection import keystore
 from server.protection.breaker import Bulkhead, CircuitBreaker, Guard
 from server.protection.keystore import AccessKey, KeyStore
+
+if TYPE_CHECKING:
+    from server.protection._shared_buckets import SharedBuckets
+    from server.workers.shared import KeyedFileLocks
+    from server.workers.siblings import Siblings
 
 METADATA_FILE = "metadata.sqlite3"
 
@@ -61,6 +66,17 @@ class Deployment:
     on a single node."""
     metrics_sources: tuple[Source, ...] = ()
     """What this deployment adds to /metrics (a cluster node: its partitions' health)."""
+    queue_locks: KeyedFileLocks | None = None
+    """A lock per queue across the server's processes (its workers), held with the
+    service's own around a queue's create, change and delete; None: one process."""
+    rate_buckets: SharedBuckets | None = None
+    """The table the server's processes share their rate limits in; None: one process."""
+    siblings: Siblings | None = None
+    """The server's other processes (its workers): calls at a queue's home, /metrics and
+    /v1/usage gathered from all; None: this process is the server."""
+    not_ready: Callable[[], Awaitable[str | None]] | None = None
+    """Why this process is not ready for traffic yet, beyond its own engine and metadata
+    (a worker: siblings not serving calls yet); None when it is."""
 
 
 def open_deployment(config: ServerConfig, master: bytes, on_sync: OnSync
@@ -69,6 +85,10 @@ def open_deployment(config: ServerConfig, master: bytes, on_sync: OnSync
 
     master: the master key; on_sync: told the duration of every log fsync.
     """
+    if config.worker is not None:
+        from server.workers.deployment import open_worker
+
+        return open_worker(config, config.worker, master, on_sync)
     if config.cluster is None:
         return open_single_node(config, master, on_sync)
     # Imported here: a single node never loads the cluster's code and its etcd client.

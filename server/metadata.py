@@ -20,7 +20,7 @@ import functools
 import json
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine import sqlite
 from server.config import METADATA_LOCK_WAIT_S
@@ -28,6 +28,9 @@ from server.errors import DependencyUnavailableError
 from server.protection import authz
 from server.protection.breaker import Bulkhead, CircuitBreaker, Guard
 from server.settings import QueueSettings
+
+if TYPE_CHECKING:
+    from server.workers.shared import Generation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,20 +162,33 @@ def _record(row: tuple[Any, ...]) -> QueueRecord:
 class CachedMetadata:
     """A store behind an in-process cache of records, updated on every write through it.
 
-    Single node: this process is the only writer, so the cache is never stale. A cluster
+    Single node: this process is the only writer, so the cache is never stale. A
+    server's workers share one store: each bumps a shared ``generation`` after it writes,
+    and a worker that finds it changed forgets its whole cache before the lookup (writes
+    are rare; lookups read the counter from shared memory, no system call). A cluster
     store invalidates it from its watch (``invalidate``). Every call to the store goes
     through ``guard`` (a bulkhead and circuit breaker): while the store is slow or down,
     requests that need it fail fast with 503, and requests served from the cache, which
     is every message operation on a queue already used, do not wait at all.
     """
 
-    def __init__(self, store: MetadataStore, guard: Guard | None = None) -> None:
+    def __init__(self, store: MetadataStore, guard: Guard | None = None,
+                 generation: Generation | None = None) -> None:
         self.store = store
         self.guard = guard or Guard(Bulkhead("metadata", 64, 1.0),
                                     CircuitBreaker("metadata"))
         self._cache: dict[tuple[str, str], QueueRecord] = {}
+        self._generation = generation
+        self._seen = generation.value() if generation is not None else 0
+
+    def _check_generation(self) -> None:
+        generation = self._generation
+        if generation is not None and (now := generation.value()) != self._seen:
+            self._cache.clear()
+            self._seen = now
 
     async def get(self, account: str, name: str) -> QueueRecord | None:
+        self._check_generation()
         key = (account, name)
         try:
             return self._cache[key]
@@ -184,18 +200,30 @@ class CachedMetadata:
 
     def cached(self, account: str, name: str) -> QueueRecord | None:
         """The record if it is cached; None if absent or not cached (no I/O)."""
+        self._check_generation()
         return self._cache.get((account, name))
 
     async def put(self, record: QueueRecord) -> None:
         # Forget first: if the write times out it may still land, and the next read must
         # ask the store rather than trust the old record.
         self._cache.pop((record.account, record.name), None)
-        await self.guard.run(self.store.put, record)
+        try:
+            await self.guard.run(self.store.put, record)
+        finally:
+            self._bump()
         self._cache[(record.account, record.name)] = record
 
     async def delete(self, account: str, name: str) -> None:
         self._cache.pop((account, name), None)
-        await self.guard.run(self.store.delete, account, name)
+        try:
+            await self.guard.run(self.store.delete, account, name)
+        finally:
+            self._bump()
+
+    def _bump(self) -> None:
+        """Tell the other workers (a write that failed may still have landed)."""
+        if self._generation is not None:
+            self._generation.bump()
 
     async def names(self, account: str, prefix: str, after: str, limit: int) -> list[str]:
         return await self.guard.run(self.store.names, account, prefix, after, limit)

@@ -174,6 +174,16 @@ class MoveTasks:
             del self._tasks[task.handle]
 
 
+def task_source(handle: str) -> str | None:
+    """The engine name of the dead-letter queue a task handle names, or None if the handle
+    is not one this server made (what it says is checked against the task itself)."""
+    try:
+        source = json.loads(base64.urlsafe_b64decode(handle.encode()))["source"]
+    except (ValueError, TypeError, KeyError, UnicodeError):
+        return None
+    return source if isinstance(source, str) and "/" in source else None
+
+
 def _check(results: list[EngineError | None]) -> None:
     """Raise the refusal of a one-entry batch call, if it was refused."""
     [error] = results

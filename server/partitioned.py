@@ -51,6 +51,7 @@ from server.errors import DependencyUnavailableError, LeaderUnreachableError
 
 if TYPE_CHECKING:
     from engine.catalog import Catalog
+    from engine.records import Origin, Send
 
 # A long poll over several partitions waits on each in slices this long: a wait the
 # caller no longer needs (another partition had messages first) ends by itself soon.
@@ -78,6 +79,10 @@ class PartitionRouter(Protocol):
     async def partition_uids(self, names: list[str]) -> dict[int, int]:
         """uid -> index in names, for the partitions of one queue that exist."""
 
+    def nearest(self, partitions: list[str]) -> int | None:
+        """The index of a partition to try first because this process serves it (a
+        send taken there costs no call), or None for no preference."""
+
 
 def partition_names(engine_name: str, count: int) -> list[str]:
     """The names of a queue's partitions, partition 0 first."""
@@ -92,6 +97,12 @@ def _partition_name(engine_name: str, p: int) -> str:
 def partition_account(partition: str) -> str:
     """The account whose queue a partition is part of (partition_names, inverted)."""
     return partition.partition("/")[0].partition(_PARTITION_MARK)[0]
+
+
+def partition_index(partition: str) -> int:
+    """Which of its queue's partitions an engine queue is: p of ``account-p{p}/name``."""
+    _, mark, index = partition.partition("/")[0].partition(_PARTITION_MARK)
+    return int(index) if mark and index.isdigit() else 0
 
 
 def queue_of_partition(partition: str) -> str:
@@ -171,7 +182,7 @@ class PartitionedQueue:
 
     async def _send_anywhere(self, entries: Sequence[SendEntry]
                              ) -> list[SendResult | EngineError]:
-        start = next(_turns)
+        start = self._start()
         refusal: EngineError | None = None
         for i in range(len(self.partitions)):
             partition = self.partitions[(start + i) % len(self.partitions)]
@@ -183,6 +194,11 @@ class PartitionedQueue:
                 refusal = refusal or exc
         assert refusal is not None
         raise refusal
+
+    def _start(self) -> int:
+        """Where a send or a drain starts: at a partition served here, else in turn."""
+        near = self.calls.nearest(self.partitions)
+        return next(_turns) if near is None else near
 
     # -- receipts ------------------------------------------------------------------------
 
@@ -243,7 +259,7 @@ class PartitionedQueue:
             wait_seconds = (await self._any_attributes()).receive_wait_seconds
         wait = check_receive(max_messages, wait_seconds, visibility_timeout, _DEFAULTS)
         deadline = time.monotonic() + wait
-        start = next(_turns)
+        start = self._start()
         order = [self.partitions[(start + i) % len(self.partitions)]
                  for i in range(len(self.partitions))]
         while True:
@@ -329,3 +345,6 @@ class EnginePartitions:
 
     def queue_of(self, name: str) -> str:
         return queue_of_partition(name)
+
+    def accept_elsewhere(self, name: str, entries: list[tuple[Origin, bytes, Send]]) -> bool:
+        return False  # every partition is in this broker

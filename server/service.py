@@ -20,7 +20,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from itertools import repeat
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine import Message, QueueAttributes, QueueStats
 from engine.errors import (
@@ -40,13 +40,16 @@ from server.config import (
     TAG_VALUE_CHARS_MAX,
     TAGS_MAX,
 )
-from server.errors import PurgeInProgressError
+from server.errors import PurgeInProgressError, ThrottledError
 from server.metadata import CachedMetadata, QueueRecord
 from server.moves import MoveTasks
 from server.protection import authz
-from server.protection.ratelimit import Rate
+from server.protection.ratelimit import Rate, SharedLimiter
 from server.sealing import Sealer
-from server.settings import QueueSettings, check_settings
+from server.settings import PARTITIONS, QueueSettings, check_settings
+
+if TYPE_CHECKING:
+    from server.workers.shared import KeyedFileLocks
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -61,11 +64,16 @@ class QueueView:
     stats: QueueStats
 
 
-class _KeyedLocks:
-    """An asyncio lock per key, kept only while a task holds or awaits it."""
+_PURGE_RATE = Rate(1 / PURGE_INTERVAL_S, 1)
 
-    def __init__(self) -> None:
+
+class _KeyedLocks:
+    """An asyncio lock per key, kept only while a task holds or awaits it; with
+    ``across``, also held across the server's processes (its workers)."""
+
+    def __init__(self, across: KeyedFileLocks | None = None) -> None:
         self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+        self._across = across
 
     @contextlib.asynccontextmanager
     async def hold(self, key: tuple[str, str]) -> AsyncIterator[None]:
@@ -73,7 +81,11 @@ class _KeyedLocks:
         self._locks[key] = (lock, users + 1)
         try:
             async with lock:
-                yield
+                if self._across is None:
+                    yield
+                else:
+                    async with self._across.hold(key):
+                        yield
         finally:
             lock, users = self._locks[key]
             if users == 1:
@@ -84,8 +96,13 @@ class _KeyedLocks:
 
 class QueueService:
     def __init__(self, backend: QueueBackend, metadata: CachedMetadata, sealer: Sealer,
-                 queue_rate: Rate | None = None) -> None:
+                 queue_rate: Rate | None = None, standard_partitions: int = 1,
+                 queue_locks: KeyedFileLocks | None = None,
+                 purges: SharedLimiter | None = None) -> None:
         self.backend = backend
+        self.standard_partitions = standard_partitions
+        """Partitions of a standard queue made without ConveyorPartitions: one per worker
+        (it promises no order, and each worker then takes the sends it receives)."""
         self.metadata = metadata
         self.sealer = sealer
         self.queue_rate = queue_rate
@@ -93,7 +110,10 @@ class QueueService:
         tighten."""
         self.moves = MoveTasks(self)
         self._purged: dict[str, float] = {}
-        self._locks = _KeyedLocks()
+        self.purges = purges
+        """With workers, the purges of every queue, server-wide (a queue's last purge
+        time would otherwise be one worker's to know)."""
+        self._locks = _KeyedLocks(queue_locks)
         """One per queue, held around every read-modify-write of its record."""
 
     async def close(self) -> None:
@@ -117,9 +137,15 @@ class QueueService:
         async with self._locks.hold((account, name)):
             existing = await self.metadata.get(account, name)
             if existing is None:
+                stored = dict(extra)
+                if (PARTITIONS not in stored and self.standard_partitions > 1
+                        and not QueueAttributes.from_dict(attributes).fifo):
+                    # Kept in the record: partitions are fixed, whatever the workers later.
+                    stored[PARTITIONS] = str(self.standard_partitions)
+                    settings = QueueSettings.of(stored)
                 await self.backend.create_queue(f"{account}/{name}", attributes, settings)
                 now = _now_ms()
-                record = QueueRecord(account, name, now, now, dict(tags), dict(extra))
+                record = QueueRecord(account, name, now, now, dict(tags), stored)
                 await self.metadata.put(record)
                 return record
         current = (await self.backend.queue(existing).attributes()).to_dict()
@@ -261,6 +287,17 @@ class QueueService:
         return await each_valid(entries, queue.change_visibility_batch)
 
     async def purge(self, account: str, name: str) -> None:
+        if self.purges is not None:
+            # Workers: one purge a minute for the whole server, in the shared buckets; a
+            # queue made again under the name is another key (its creation time).
+            record = await self.record(account, name)
+            try:
+                self.purges.check(f"{record.engine_name}@{record.created_ms}", _PURGE_RATE,
+                                  name)
+            except ThrottledError as exc:
+                raise PurgeInProgressError(name, exc.retry_after_s) from None
+            await self.backend.queue(record).purge()
+            return
         queue = await self.queue(account, name)
         last = self._purged.get(queue.name)
         now = time.monotonic()

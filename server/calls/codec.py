@@ -19,7 +19,7 @@ import replication.errors
 import server.errors
 from engine import Message, QueueAttributes, QueueStats
 from engine.errors import EngineError
-from engine.records import MessageAttribute
+from engine.records import MessageAttribute, Origin, Send
 from engine.results import SendEntry, SendResult
 
 _ERROR_EXT = 1
@@ -104,12 +104,27 @@ def _message(raw: list[Any]) -> Message:
     return Message(*fields)
 
 
+def _moved(raw: list[Any]) -> list[tuple[Origin, bytes, Send]]:
+    entries = []
+    for origin, message_id, send in raw:
+        fields = list(send)
+        fields[6] = Origin(*fields[6]) if fields[6] is not None else None
+        fields[7] = _attributes(fields[7])
+        fields[9] = _attributes(fields[9])
+        entries.append((Origin(*origin), message_id, Send(*fields)))
+    return entries
+
+
 def _send_results(raw: list[Any]) -> list[SendResult | EngineError]:
     return [r if isinstance(r, EngineError) else SendResult(*r) for r in raw]
 
 
-# How each call's arguments arrive at the leader, and its result at the caller. Each op
-# is the AsyncQueue method of the same name.
+# How each call's arguments arrive at the partition's server, and its result at the
+# caller. Each op is the AsyncQueue method of the same name, but for those workers call on
+# one another alone: create_queue and delete_queue (the broker's, for one partition),
+# accept_moved (dead letters into a partition, durably), and those of
+# server/workers/siblings.py: metrics_text and usage (a worker's part of /metrics and
+# /v1/usage), and sqs_action, attempt_get and attempt_put (made at a queue's home).
 ARGUMENTS: dict[str, Callable[[list[Any]], list[Any]]] = {
     "send_batch": lambda a: [[_send_entry(e) for e in a[0]]],
     "receive": lambda a: a,
@@ -120,6 +135,14 @@ ARGUMENTS: dict[str, Callable[[list[Any]], list[Any]]] = {
     "attributes": lambda a: a,
     "set_attributes": lambda a: a,
     "stats": lambda a: a,
+    "create_queue": lambda a: a,
+    "delete_queue": lambda a: a,
+    "accept_moved": lambda a: [_moved(a[0])],
+    "metrics_text": lambda a: a,
+    "usage": lambda a: a,
+    "sqs_action": lambda a: a,
+    "attempt_get": lambda a: a,
+    "attempt_put": lambda a: a,
 }
 RESULTS: dict[str, Callable[[Any], Any]] = {
     "send_batch": _send_results,
@@ -131,6 +154,14 @@ RESULTS: dict[str, Callable[[Any], Any]] = {
     "attributes": QueueAttributes.from_dict,
     "set_attributes": QueueAttributes.from_dict,
     "stats": lambda r: QueueStats(**r),
+    "create_queue": lambda r: None,
+    "delete_queue": lambda r: None,
+    "accept_moved": lambda r: None,
+    "metrics_text": bytes,
+    "usage": dict,
+    "sqs_action": dict,
+    "attempt_get": lambda r: r,
+    "attempt_put": lambda r: None,
 }
 
 

@@ -69,6 +69,11 @@ class PartitionCalls:
     async def partition_uids(self, names: list[str]) -> dict[int, int]:
         return await self.node.partition_uids(names)
 
+    def nearest(self, partitions: list[str]) -> int | None:
+        # None: the partitions take turns, whichever node a client calls, which keeps
+        # them even however unevenly clients spread over the nodes.
+        return None
+
     # -- making calls --------------------------------------------------------------------
 
     async def call(self, partition: str, op: str, *args: Any) -> Any:

@@ -19,9 +19,16 @@ from aiohttp import web
 from engine.errors import InvalidParameterError, QueueNotFoundError
 from server.metadata import CachedMetadata, QueueRecord
 from server.protection import authz
+from server.protection._shared_buckets import SharedBuckets
 from server.protection.auth import Authenticator
 from server.protection.operator import MetricsGate
-from server.protection.ratelimit import Limiter, Rate
+from server.protection.ratelimit import (
+    PRINCIPALS_SEED,
+    QUEUES_SEED,
+    Limiter,
+    Rate,
+    SharedLimiter,
+)
 from server.protection.usage import queue_label
 from server.web import appkeys
 
@@ -45,14 +52,18 @@ NATIVE_ACTIONS = {
 class Admission:
     def __init__(self, authenticator: Authenticator, metadata: CachedMetadata,
                  principal_rate: Rate | None, queue_rate: Rate | None,
-                 metrics_gate: MetricsGate) -> None:
+                 metrics_gate: MetricsGate, buckets: SharedBuckets | None = None) -> None:
+        """``buckets``: the table the server's workers share their rate limits in; None
+        for a server of one process."""
         self.authenticator = authenticator
         self.metrics_gate = metrics_gate
         self.metadata = metadata
         self.principal_rate = principal_rate
         self.queue_rate = queue_rate
-        self.principals = Limiter()
-        self.queues = Limiter()
+        self.principals: Limiter | SharedLimiter = (
+            Limiter() if buckets is None else SharedLimiter(buckets, PRINCIPALS_SEED))
+        self.queues: Limiter | SharedLimiter = (
+            Limiter() if buckets is None else SharedLimiter(buckets, QUEUES_SEED))
 
     async def admit_queue(self, request: web.Request, action: str, owner: str,
                           name: str) -> QueueRecord | None:

@@ -25,8 +25,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+import xxhash
+
 from engine.errors import ConfigError, InvalidParameterError
 from server.errors import ThrottledError
+from server.protection._shared_buckets import SharedBuckets
 
 Clock = Callable[[], float]
 
@@ -43,6 +46,11 @@ _OFF = frozenset({"", "0", "off"})
 # picoseconds. Granting this much early (a thousandth of a token at the highest rate), but
 # never telling a client to come back early, prevents it.
 _SLACK_S = 1e-9
+
+# Seeds that keep the keys of the limiters sharing one table apart.
+PRINCIPALS_SEED, QUEUES_SEED, PURGES_SEED = 1, 2, 3
+# Rates whose bucket times a SharedLimiter keeps worked out.
+_RATES_KEPT = 1024
 
 # How many of the least recently used buckets eviction looks at for a full one. The least
 # recently used are the likeliest to be full; looking further would make eviction O(n).
@@ -257,3 +265,44 @@ class Limiter:
             victim = next(iter(buckets))
             self.evicted += 1
         del buckets[victim]
+
+
+class SharedLimiter:
+    """A :class:`Limiter` whose buckets every worker of the server shares
+    (server/protection/_shared_buckets.pyx), so that a limit holds for the whole server
+    however its connections spread over the workers.
+
+    A key whose slots of the shared table are all busy with other keys' buckets falls
+    back on this process's own ``Limiter`` for the moment; the table is sized so that this
+    takes tens of thousands of keys busy at once.
+    """
+
+    def __init__(self, buckets: SharedBuckets, seed: int) -> None:
+        self._buckets = buckets
+        self._seed = seed
+        """Keys of different limiters sharing a table hash apart."""
+        self._fallback = Limiter()
+        self._times: dict[Rate, tuple[int, int]] = {}
+
+    def check(self, key: str, rate: Rate | None, scope: str) -> None:
+        if rate is None:
+            return
+        times = self._times.get(rate)
+        if times is None:
+            times = self._times_of(rate)
+        wait_ns = self._buckets.take(xxhash.xxh3_64_intdigest(key.encode(), self._seed),
+                                     *times)
+        if wait_ns == 0:
+            return
+        if wait_ns < 0:
+            self._fallback.check(key, rate, scope)
+            return
+        raise ThrottledError(scope, wait_ns / 1e9)
+
+    def _times_of(self, rate: Rate) -> tuple[int, int]:
+        """(nanoseconds per token, nanoseconds an empty bucket takes to fill)."""
+        interval = max(1, round(1e9 / rate.per_second))
+        if len(self._times) >= _RATES_KEPT:
+            self._times.clear()  # rates come from queue attributes: bounded, not fixed
+        times = self._times[rate] = (interval, interval * rate.burst)
+        return times

@@ -39,8 +39,9 @@ A key is retired after :data:`ROTATE_AFTER_USES` encryptions, half that limit, a
 once it is older than the keyring's rotation period, so that no key protects an unbounded
 span of data. Uses are counted in memory and reserved on disk a block at a time *before*
 they are spent; after a crash, counting resumes from the reserved count, so a crash may
-waste part of a block but can never make a key's count too low. One process owns the
-keyring file.
+waste part of a block but can never make a key's count too low. The workers of one server
+share the keyring file: each takes its blocks from the row in a write transaction, past
+every block taken before, so the blocks of two processes never overlap.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ from server import randomness
 from server.errors import ServerError
 from server.protection import masterkey
 
+FILE_NAME = "sse-keys.sqlite3"
+"""The keyring's file in the data directory."""
 MAGIC = b"\x00CVE"
 VERSION = 1
 NONCE_BYTES = 12
@@ -306,60 +309,69 @@ class Keyring:
         return None if row is None else sqlite.verified(self._path, TABLE.name, row)
 
     def _replenish(self, queue_id: str, active: _Active | None) -> _Active:
-        """The key to seal the next body of the queue with (lock held): the cached one,
-        one loaded from disk, one with a new reservation, or a new one."""
-        if active is None:
-            active = self._load_active(queue_id)
-            if active is None:
-                return self._new_key(queue_id)
-        if self._clock() >= active.expires:
-            return self._new_key(queue_id)
-        if active.used < active.reserved:
-            return active
-        if active.reserved >= self._max_uses:
-            return self._new_key(queue_id)
-        reserved = min(active.reserved + self._block, self._max_uses)
-        # Durable before the first of these uses is spent: autocommit + synchronous=FULL.
-        row = self._row("WHERE key_id = ?", (active.key_id,))
-        if row is None:
-            raise SealError(f"data key {active.key_id} is gone from the keyring")
-        sqlite.insert(self._conn(), TABLE, (*row[:4], reserved, row[5]), verb="REPLACE")
-        active.reserved = reserved
-        return active
+        """The key to seal the next body of the queue with (lock held), with uses left:
+        the queue's active key with a new block of uses reserved, or a new key.
 
-    def _load_active(self, queue_id: str) -> _Active | None:
-        row = self._row("WHERE queue_id = ? AND retired = 0", (queue_id,))
-        if row is None:
-            return None
-        key_id, _, wrapped, created_ms, reserved, _ = row
-        aead = self._ciphers.get(key_id) or self._unwrap(key_id, queue_id, wrapped)
-        self._ciphers[key_id] = aead
-        # Uses spent before this process started are unknown; the reservation bounds them.
-        active = _Active(key_id, aead, reserved, reserved, created_ms / 1000 + self._period)
-        self._active[queue_id] = active
-        return active
-
-    def _new_key(self, queue_id: str) -> _Active:
+        The block is taken from the row, in one write transaction: the server's workers
+        share the keyring, and each reserves a block of its own past what any has
+        reserved, so that the uses of a key, summed over every process, never exceed what
+        its row says (a block one process would count as another's too would let the
+        key be used past its bound)."""
         db = self._conn()
-        now = self._clock()
-        key = os.urandom(KEY_BYTES)
-        reserved = min(self._block, self._max_uses)
         db.execute("BEGIN IMMEDIATE")
         try:
-            key_id = int(db.execute("SELECT COALESCE(MAX(key_id), 0) + 1 FROM data_keys")
-                         .fetchone()[0])
-            if key_id > MAX_KEY_ID:
-                raise SealError("the keyring has run out of 32-bit key ids")
-            nonce = os.urandom(NONCE_BYTES)
-            wrapped = nonce + self._kek.encrypt(nonce, key, _wrap_aad(key_id, queue_id))
-            retiring = self._row("WHERE queue_id = ? AND retired = 0", (queue_id,))
-            if retiring is not None:
-                sqlite.insert(db, TABLE, (*retiring[:5], 1), verb="REPLACE")
-            sqlite.insert(db, TABLE, (key_id, queue_id, wrapped, int(now * 1000), reserved, 0))
+            row = self._row("WHERE queue_id = ? AND retired = 0", (queue_id,))
+            if row is None or self._spent(row):
+                fresh = self._add_key(db, queue_id, row)
+                db.execute("COMMIT")
+                return fresh
+            key_id, _, wrapped, created_ms, start, _ = row
+            reserved = min(start + self._block, self._max_uses)
+            # Durable before the first of these uses is spent: synchronous=FULL.
+            sqlite.insert(db, TABLE, (*row[:4], reserved, row[5]), verb="REPLACE")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        aead = self._ciphers.get(key_id) or self._unwrap(key_id, queue_id, wrapped)
+        self._ciphers[key_id] = aead
+        # Uses before start are another reservation's (this process's or another's).
+        fresh = _Active(key_id, aead, start, reserved, created_ms / 1000 + self._period)
+        self._active[queue_id] = fresh
+        return fresh
+
+    def _spent(self, row: tuple[Any, ...]) -> bool:
+        """Whether an active key's row leaves it no uses, or it is past its age."""
+        return bool(row[4] >= self._max_uses or self._clock() >= row[3] / 1000 + self._period)
+
+    def _new_key(self, queue_id: str) -> _Active:
+        """Retire the queue's active key, if any, and make a new one (rotate)."""
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self._row("WHERE queue_id = ? AND retired = 0", (queue_id,))
+            fresh = self._add_key(db, queue_id, row)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return fresh
+
+    def _add_key(self, db: sqlite3.Connection, queue_id: str,
+                 retiring: tuple[Any, ...] | None) -> _Active:
+        """A new active key for the queue, retiring ``retiring`` (transaction open)."""
+        now = self._clock()
+        key = os.urandom(KEY_BYTES)
+        reserved = min(self._block, self._max_uses)
+        key_id = int(db.execute("SELECT COALESCE(MAX(key_id), 0) + 1 FROM data_keys")
+                     .fetchone()[0])
+        if key_id > MAX_KEY_ID:
+            raise SealError("the keyring has run out of 32-bit key ids")
+        nonce = os.urandom(NONCE_BYTES)
+        wrapped = nonce + self._kek.encrypt(nonce, key, _wrap_aad(key_id, queue_id))
+        if retiring is not None:
+            sqlite.insert(db, TABLE, (*retiring[:5], 1), verb="REPLACE")
+        sqlite.insert(db, TABLE, (key_id, queue_id, wrapped, int(now * 1000), reserved, 0))
         aead = AESGCM(key)
         self._ciphers[key_id] = aead
         active = _Active(key_id, aead, 0, reserved, now + self._period)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from engine import SendEntry
 from engine.errors import (
@@ -36,9 +36,13 @@ from server.errors import (
     InvalidBatchEntryIdError,
     TooManyEntriesError,
 )
+from server.moves import task_source
 from server.service import QueueService
 from server.sqs import shapes
 from server.sqs.attempts import ReceiveAttempts
+
+if TYPE_CHECKING:
+    from server.workers.siblings import Siblings
 from server.web.errors import spec_for
 from server.web.params import int_in_range
 
@@ -57,9 +61,44 @@ class Context:
     queue: tuple[str, str] | None = None
     """(account, name) from the request's QueueUrl, when the handler has parsed it: once
     per request, not again by the action."""
+    siblings: Siblings | None = None
+    """The server's other workers; None: this process is the server."""
 
     def url(self, account: str, name: str) -> str:
         return shapes.queue_url(self.base_url, account, name)
+
+    def elsewhere(self, engine_name: str) -> Siblings | None:
+        """The siblings, if the queue's per-queue state (its receive attempts and move
+        tasks) is at another worker, its home (server/workers/siblings.py)."""
+        siblings = self.siblings
+        return None if siblings is None or siblings.is_home(engine_name) else siblings
+
+    async def at_home(self, engine_name: str, action: str, params: Params
+                      ) -> dict[str, Any] | None:
+        """The action's answer, made at the queue's home if that is another worker; None
+        if it is this one."""
+        siblings = self.elsewhere(engine_name)
+        if siblings is None:
+            return None
+        answer: dict[str, Any] = await siblings.at_home(
+            engine_name, "sqs_action", action, self.account, self.base_url, self.region,
+            self.sender, dict(params))
+        return answer
+
+    async def remembered(self, engine_name: str, attempt: str) -> dict[str, Any] | None:
+        siblings = self.elsewhere(engine_name)
+        if siblings is None:
+            return self.attempts.get(engine_name, attempt)
+        answer: dict[str, Any] | None = await siblings.at_home(engine_name, "attempt_get",
+                                                               attempt)
+        return answer
+
+    async def remember(self, engine_name: str, attempt: str, answer: dict[str, Any]) -> None:
+        siblings = self.elsewhere(engine_name)
+        if siblings is None:
+            self.attempts.put(engine_name, attempt, answer)
+        else:
+            await siblings.at_home(engine_name, "attempt_put", attempt, answer)
 
 
 Params = Mapping[str, Any]
@@ -335,7 +374,7 @@ async def receive_message(ctx: Context, params: Params) -> dict[str, Any]:
             raise InvalidParameterError("ReceiveRequestAttemptId", attempt,
                                         "must be 1..128 characters")
         key = (f"{account}/{name}", attempt)
-        remembered = ctx.attempts.get(*key)
+        remembered = await ctx.remembered(*key)
         if remembered is not None:
             # A retried receive gets the same messages and receipts back (SQS FIFO).
             return remembered
@@ -343,7 +382,7 @@ async def receive_message(ctx: Context, params: Params) -> dict[str, Any]:
     result = {"Messages": [shapes.received(m, system, names, ctx.region, account)
                            for m in messages]} if messages else {}
     if key is not None:
-        ctx.attempts.put(*key, result)
+        await ctx.remember(*key, result)
     return result
 
 
@@ -399,6 +438,9 @@ async def change_message_visibility_batch(ctx: Context, params: Params) -> dict[
 async def start_message_move_task(ctx: Context, params: Params) -> dict[str, Any]:
     source = shapes.parse_arn(params.get("SourceArn"), "SourceArn")
     _own(ctx, *source)
+    answer = await ctx.at_home("/".join(source), "StartMessageMoveTask", params)
+    if answer is not None:
+        return answer
     destination = None
     if params.get("DestinationArn"):
         destination = shapes.parse_arn(params.get("DestinationArn"), "DestinationArn")
@@ -410,6 +452,9 @@ async def start_message_move_task(ctx: Context, params: Params) -> dict[str, Any
 async def list_message_move_tasks(ctx: Context, params: Params) -> dict[str, Any]:
     account, name = shapes.parse_arn(params.get("SourceArn"), "SourceArn")
     _own(ctx, account, name)
+    answer = await ctx.at_home(f"{account}/{name}", "ListMessageMoveTasks", params)
+    if answer is not None:
+        return answer
     limit = _int(params, "MaxResults", 1, 10) or 1
     record = await ctx.service.record(account, name)
     results = []
@@ -434,7 +479,13 @@ async def list_message_move_tasks(ctx: Context, params: Params) -> dict[str, Any
 
 
 async def cancel_message_move_task(ctx: Context, params: Params) -> dict[str, Any]:
-    task = await ctx.service.moves.cancel(_text(params, "TaskHandle"), ctx.account)
+    handle = _text(params, "TaskHandle")
+    source = task_source(handle)
+    answer = None if source is None else await ctx.at_home(source, "CancelMessageMoveTask",
+                                                           params)
+    if answer is not None:
+        return answer
+    task = await ctx.service.moves.cancel(handle, ctx.account)
     return {"ApproximateNumberOfMessagesMoved": task.moved}
 
 

@@ -77,7 +77,8 @@ async def handle(request: web.Request) -> web.Response:
     ctx = Context(service, caller_account,
                   f"{request.scheme}://{request.host}", config.region,
                   request.app[appkeys.RECEIVE_ATTEMPTS], request.get(appkeys.SENDER),
-                  target if action in QUEUE_FROM_URL else None)
+                  target if action in QUEUE_FROM_URL else None,
+                  request.app[appkeys.DEPLOYMENT].siblings)
     if appkeys.QUEUE not in request and (label := queue_label(
             ctx.account, params.get("QueueName"))) is not None:
         request[appkeys.QUEUE] = label  # the audit line's and usage's, once it is a name

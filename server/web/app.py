@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -19,23 +20,23 @@ from engine.files import make_dirs
 from server.config import HEADER_BYTES_MAX, HEADERS_MAX, REQUEST_BYTES_MAX, ServerConfig
 from server.deployment import open_deployment
 from server.metrics import Exposition, Metrics
-from server.protection import masterkey
+from server.protection import masterkey, sse
 from server.protection.admission import Admission
 from server.protection.auth import Authenticator
 from server.protection.keystore import KeyCache
 from server.protection.operator import MetricsGate, load_metrics_token
-from server.protection.ratelimit import parse_rate
+from server.protection.ratelimit import PURGES_SEED, SharedLimiter, parse_rate
 from server.protection.sse import Keyring
 from server.protection.usage import Usage
 from server.sealing import Sealer
 from server.service import QueueService
 from server.sqs import handler as sqs
+from server.sqs.actions import ACTIONS, Context
 from server.sqs.attempts import ReceiveAttempts
 from server.web import appkeys, native, openapi
 from server.web.audit import AuditLog
 from server.web.middleware import frontend
-
-KEYRING_FILE = "sse-keys.sqlite3"
+from server.workers.siblings import Siblings, merge_metrics
 
 
 def create_app(config: ServerConfig) -> web.Application:
@@ -82,12 +83,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     async with contextlib.AsyncExitStack() as stack:
         deployment = await stack.enter_async_context(
             open_deployment(config, master, metrics.fsync.observe))
-        keyring = Keyring(os.path.join(config.data_dir, KEYRING_FILE), master,
+        keyring = Keyring(os.path.join(config.data_dir, sse.FILE_NAME), master,
                           rotate_period_s=config.sse_rotation_s)
         stack.callback(keyring.close)
         queue_rate = parse_rate(config.queue_rate, "queue rate")
         service = QueueService(deployment.backend, deployment.metadata, Sealer(keyring),
-                               queue_rate)
+                               queue_rate, standard_partitions=config.workers,
+                               queue_locks=deployment.queue_locks,
+                               purges=None if deployment.rate_buckets is None else
+                               SharedLimiter(deployment.rate_buckets, PURGES_SEED))
         stack.push_async_callback(service.close)
         key_cache = KeyCache(deployment.access_keys) if deployment.access_keys else None
         metrics.watch(deployment.broker.broker)
@@ -108,7 +112,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                                            deployment.metadata,
                                            parse_rate(config.principal_rate, "principal rate"),
                                            queue_rate,
-                                           MetricsGate(metrics_token, config.auth == "required"))
+                                           MetricsGate(metrics_token, config.auth == "required"),
+                                           deployment.rate_buckets)
+        if deployment.siblings is not None:
+            _serve_siblings(app, deployment.siblings)
         yield
 
 
@@ -124,12 +131,52 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"error": {"code": "NotReady", "message": "engine closed"}},
                                  status=503)
     await deployment.metadata.ping()
+    if deployment.not_ready is not None and (reason := await deployment.not_ready()):
+        return web.json_response({"error": {"code": "NotReady", "message": reason}},
+                                 status=503)
     return web.json_response({"status": "ready"})
 
 
+def _serve_siblings(app: web.Application, siblings: Siblings) -> None:
+    """What this worker answers its siblings (server/workers/siblings.py)."""
+    usage = app[appkeys.USAGE]
+    attempts = app[appkeys.RECEIVE_ATTEMPTS]
+    exposition = app[appkeys.EXPOSITION]
+    service = app[appkeys.SERVICE]
+
+    async def metrics_text(queue: str, args: Sequence[Any]) -> bytes:
+        return await exposition.text()
+
+    async def usage_of(queue: str, args: Sequence[Any]) -> dict[str, Any]:
+        return usage.of_account(args[0])
+
+    async def attempt_get(queue: str, args: Sequence[Any]) -> dict[str, Any] | None:
+        return attempts.get(queue, args[0])
+
+    async def attempt_put(queue: str, args: Sequence[Any]) -> None:
+        attempts.put(queue, args[0], args[1])
+
+    async def sqs_action(queue: str, args: Sequence[Any]) -> dict[str, Any]:
+        # Authenticated, authorized and admitted by the worker that took the request.
+        action, account, base_url, region, sender, params = args
+        ctx = Context(service, account, base_url, region, attempts, sender,
+                      siblings=siblings)
+        return await ACTIONS[action](ctx, params)
+
+    for op, provider in (("metrics_text", metrics_text), ("usage", usage_of),
+                         ("attempt_get", attempt_get), ("attempt_put", attempt_put),
+                         ("sqs_action", sqs_action)):
+        siblings.provide(op, provider)
+
+
 async def metrics(request: web.Request) -> web.Response:
-    """The Prometheus text, rendered off the event loop (server/metrics.py)."""
-    body = await request.app[appkeys.EXPOSITION].text()
+    """The Prometheus text, rendered off the event loop (server/metrics.py); with
+    workers, every worker's (server/workers/siblings.py)."""
+    siblings = request.app[appkeys.DEPLOYMENT].siblings
+    if siblings is None:
+        body = await request.app[appkeys.EXPOSITION].text()
+    else:
+        body = merge_metrics(await siblings.gather("metrics_text"))
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -38,10 +38,12 @@ class LimitedSite(web.TCPSite):
     """A TCP site serving at most ``limit`` connections at a time."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, limit: int,
-                 ssl_context: ssl.SSLContext | None) -> None:
+                 ssl_context: ssl.SSLContext | None, reuse_port: bool = False) -> None:
         super().__init__(runner, host, port, ssl_context=ssl_context, backlog=BACKLOG,
                          shutdown_timeout=SHUTDOWN_GRACE_S)
         self.limit = limit
+        self.reuse_port = reuse_port
+        """The port is shared with the server's other workers (SO_REUSEPORT)."""
         self.refused = 0
         self.runner = runner
 
@@ -58,7 +60,8 @@ class LimitedSite(web.TCPSite):
 
         # The attribute BaseSite.stop closes.
         self._server = await asyncio.get_running_loop().create_server(
-            protocol, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog)
+            protocol, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            reuse_port=self.reuse_port or None)
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -102,7 +105,8 @@ async def _serve(app: web.Application, config: ServerConfig,
                            shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     try:
-        await LimitedSite(runner, config.host, config.port, config.connections_max, context).start()
+        await LimitedSite(runner, config.host, config.port, config.connections_max, context,
+                          reuse_port=config.worker is not None).start()
         announce()
         await asyncio.Event().wait()  # until a signal raises GracefulExit
     finally:

@@ -37,6 +37,7 @@ from server.web import appkeys
 from server.web.errors import spec_for
 from server.web.params import int_in_range as _int
 from server.web.params import parse_json, read_body
+from server.workers.siblings import merge_usage
 
 routes = web.RouteTableDef()
 
@@ -451,7 +452,10 @@ async def delete_permission(request: web.Request) -> web.Response:
 async def usage(request: web.Request) -> web.Response:
     """The caller's account's usage counters, per principal and per queue."""
     account = request.get(appkeys.ACCOUNT, request.app[appkeys.CONFIG].account_id)
-    return web.json_response(request.app[appkeys.USAGE].of_account(account))
+    siblings = request.app[appkeys.DEPLOYMENT].siblings
+    if siblings is None:
+        return web.json_response(request.app[appkeys.USAGE].of_account(account))
+    return web.json_response(merge_usage(await siblings.gather("usage", account)))
 
 
 # --- the cluster -----------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Queues of several partitions on one node (ConveyorPartitions), seen by clients as one
-queue: each partition an engine queue of the server's broker (server/partitioned.py)."""
+queue: each partition an engine queue of the server's broker (server/partitioned.py).
+
+One process: with --workers, a send is taken by the partition of the worker that got it,
+not in turn (tests/server/test_workers.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ PARTITIONS = 3
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with module_server(tmp_path_factory, "partitions") as running:
+    with module_server(tmp_path_factory, "partitions", workers=1) as running:
         yield running
 
 
@@ -320,7 +323,7 @@ def test_partition_count_is_checked_and_fixed_and_delete_takes_all(server: Serve
 
 
 def test_every_partition_survives_kill_and_restart(tmp_path: Path) -> None:
-    running = Server(tmp_path / "data")
+    running = Server(tmp_path / "data", workers=1)
     try:
         sqs = running.sqs()
         url = _create(sqs, "durable")
@@ -350,7 +353,7 @@ def test_a_record_kept_with_one_log_for_several_partitions_is_set_to_one(
     """A release before partitions were kept on one node made one engine queue whatever
     ConveyorPartitions said: such a queue is served whole, and reports 1."""
     data = tmp_path / "data"
-    running = Server(data)
+    running = Server(data, workers=1)
     try:
         sqs = running.sqs()
         url = _create(sqs, "legacy")

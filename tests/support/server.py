@@ -30,6 +30,9 @@ import pytest
 from botocore.config import Config
 
 STARTUP_TIMEOUT_S = 30
+WORKERS_ENV = "CONVEYOR_TEST_WORKERS"
+"""How many workers a test's server runs (--workers) unless the test says: 1 by default;
+`make test` runs the SQS and native suites again with 2."""
 TRACEBACK = "Traceback (most recent call last)"
 # How much of a log is quoted around each traceback found in it.
 QUOTE_BEFORE = 400
@@ -95,10 +98,14 @@ class Server:
 
     def __init__(self, data_dir: Path, fsync: str = "always", port: int | None = None,
                  extra: tuple[str, ...] = (), cafile: Path | None = None,
-                 log: Path | None = None) -> None:
+                 log: Path | None = None, workers: int | None = None) -> None:
         """``cafile``: the server serves HTTPS (``extra`` names its --tls-cert and --tls-key)
         with a certificate that this CA file verifies. ``log``: where its output goes
-        (default: beside the data directory)."""
+        (default: beside the data directory). ``workers``: --workers (default: the
+        CONVEYOR_TEST_WORKERS environment variable, else 1; none for a cluster node)."""
+        if workers is None and "--cluster" not in extra and "--workers" not in extra:
+            workers = int(os.environ.get(WORKERS_ENV, "1"))
+        self.workers = workers
         self.data_dir = data_dir
         self.fsync = fsync
         self.port = port or free_port()
@@ -112,11 +119,13 @@ class Server:
     def start(self) -> None:
         _logs.setdefault(self.log, 0)
         with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
+            workers = () if self.workers is None else ("--workers", str(self.workers))
+            # A session of its own: kill() ends a supervisor and its workers at once.
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(self.data_dir),
                  "--port", str(self.port), "--fsync", self.fsync, "--no-access-log",
-                 *self.extra],
-                stdout=log, stderr=subprocess.STDOUT)
+                 *workers, *self.extra],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -133,11 +142,16 @@ class Server:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         assert self.process is not None
-        if self.process.poll() is None:
+        if sig == signal.SIGKILL:
+            # Every process of the server (a supervisor's workers outlive it otherwise).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        elif self.process.poll() is None:
             self.process.send_signal(sig)
         return self.process.wait(timeout)
 
     def kill(self) -> None:
+        """SIGKILL the server: the process, and with --workers every worker at once."""
         self.stop(signal.SIGKILL)
 
     def restart(self) -> None:

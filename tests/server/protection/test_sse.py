@@ -487,3 +487,31 @@ def test_master_key_of_wrong_length_is_refused(tmp_path: Path, size: int) -> Non
     os.close(fd)
     with pytest.raises(ConfigError, match="32 bytes"):
         masterkey.load_or_create(str(key_path))
+
+
+_SEALING_CHILD = """
+import os, sys
+from server.protection.sse import Keyring, key_id_of
+path, master, count = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3])
+ring = Keyring(path, master, rotate_after_uses=50, reserve_block=5)
+print(" ".join(str(key_id_of(ring.seal("000000000000/orders", os.urandom(16), b"x")))
+               for _ in range(count)))
+ring.close()
+"""
+
+
+def test_processes_sharing_the_keyring_never_overrun_a_key(path: str, master: bytes) -> None:
+    """A server's workers seal with one keyring file at once: their blocks of uses never
+    overlap, so a key's uses summed over them stay within its bound."""
+    Keyring(path, master).close()
+    children = [subprocess.Popen([sys.executable, "-c", _SEALING_CHILD, path, master.hex(),
+                                  "600"], cwd=ROOT, stdout=subprocess.PIPE)
+                for _ in range(3)]
+    uses: Counter[int] = Counter()
+    for child in children:
+        out, _ = child.communicate(timeout=120)
+        assert child.returncode == 0
+        uses.update(int(k) for k in out.split())
+    assert sum(uses.values()) == 1800
+    assert max(uses.values()) <= 50, uses
+    assert all(r[4] <= 50 for r in rows(path))

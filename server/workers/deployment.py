@@ -1,0 +1,66 @@
+"""What a worker runs on: the shared data directory's engine, opened for the partitions
+this worker owns, and the same metadata and access keys as its siblings (SQLite in WAL
+mode: every worker reads them, and writes go to one database file)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+
+from engine import AsyncBroker
+from server.config import ServerConfig
+from server.deployment import (
+    METADATA_FILE,
+    Deployment,
+    OnSync,
+    engine_guard,
+    engine_memory_max,
+    metadata_guard,
+)
+from server.metadata import CachedMetadata, SQLiteMetadataStore
+from server.protection import keystore
+from server.protection.keystore import KeyStore
+from server.workers.backend import WorkerBackend, WorkerPartitions
+from server.workers.mesh import Mesh
+from server.workers.ownership import Ownership, WorkerPlace
+from server.workers.shared import Generation, KeyedFileLocks
+from server.workers.siblings import Siblings
+from server.workers.supervisor import shared_buckets
+
+
+@contextlib.asynccontextmanager
+async def open_worker(config: ServerConfig, place: WorkerPlace, master: bytes,
+                      on_sync: OnSync) -> AsyncIterator[Deployment]:
+    async with contextlib.AsyncExitStack() as stack:
+        guard = engine_guard()
+        partitions = WorkerPartitions(place, guard)
+        broker = AsyncBroker(config.data_dir, config.fsync,
+                             open_queues_max=config.open_queues_max, on_sync=on_sync,
+                             memory_max=engine_memory_max(config), partitions=partitions,
+                             leadership=Ownership(place), shared=True)
+        stack.push_async_callback(broker.close)
+        mesh = Mesh(place, partitions.local)
+        siblings = Siblings(place, mesh)
+        partitions.attach(broker.broker, mesh, siblings)
+        await mesh.start()
+        # Closed before the engine (the stack unwinds in reverse): no sibling's call
+        # reaches a closed broker through it.
+        stack.push_async_callback(mesh.close)
+        store = SQLiteMetadataStore(os.path.join(config.data_dir, METADATA_FILE))
+        stack.push_async_callback(store.close)
+        access_keys = KeyStore(os.path.join(config.data_dir, keystore.FILE_NAME), master)
+        stack.callback(access_keys.close)
+        generation = Generation(place.run_dir)
+        stack.callback(generation.close)
+
+        async def not_ready() -> str | None:
+            up = await mesh.reachable()
+            missing = sorted(set(range(place.count)) - set(up) - {place.index})
+            return f"workers {missing} are not serving calls yet" if missing else None
+
+        yield Deployment(broker, CachedMetadata(store, metadata_guard(), generation),
+                         WorkerBackend(partitions, guard), guard,
+                         access_keys.lookup if config.auth == "required" else None,
+                         queue_locks=KeyedFileLocks(place.run_dir),
+                         rate_buckets=shared_buckets(), siblings=siblings, not_ready=not_ready)
