@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,23 +81,37 @@ def _sigkill_under_load(server: Server, tmp_path: Path, kill_rounds: int) -> Non
     seed = int(os.environ.get("CONVEYOR_CRASH_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     print(f"seed {seed} (CONVEYOR_CRASH_SEED reproduces the kill schedule)")
+
+    def kill_and_restart() -> None:
+        server.kill()
+        time.sleep(rng.uniform(0, 0.3))  # the workload meets refused connections
+        server.start()
+
+    _under_load(server, tmp_path, seed, kill_rounds, rng, kill_and_restart)
+
+
+def _under_load(server: Server, tmp_path: Path, seed: int, kill_rounds: int,
+                rng: random.Random, kill: Callable[[], None],
+                producers: int = 1) -> None:
+    """Run the boto3 workload, call kill() kill_rounds times under it, then check its
+    history against what the queue holds: nothing acknowledged lost, nothing deleted
+    delivered again."""
     url = server.sqs().create_queue(
         QueueName="crash", Attributes={"VisibilityTimeout": str(VISIBILITY_S)})["QueueUrl"]
     log = tmp_path / "workload.log"
     errors_log = tmp_path / "workload.err"
     with open(log, "wb") as out, open(errors_log, "wb") as err:
         workload = subprocess.Popen(
-            [sys.executable, str(WORKLOAD), server.url, url, "--seed", str(seed)],
+            [sys.executable, str(WORKLOAD), server.url, url, "--seed", str(seed),
+             "--producers", str(producers)],
             stdin=subprocess.PIPE, stdout=out, stderr=err)
     try:
         wait_for(lambda: acknowledged_sends(log) >= 50, 60, "the workload to get going")
         kills = 0
         for _ in range(kill_rounds):
             time.sleep(rng.uniform(0.2, 1.2))
-            server.kill()
+            kill()
             kills += 1
-            time.sleep(rng.uniform(0, 0.3))  # the workload meets refused connections
-            server.start()
         sends_at_last_restart = acknowledged_sends(log)
         # The workload must make progress against the last restarted server, not just
         # survive: its clients reconnect on their own.
@@ -156,8 +171,9 @@ def _sigkill_under_load(server: Server, tmp_path: Path, kill_rounds: int) -> Non
     assert kills == kill_rounds
     # The work needed to prove anything grows with the kills: 200 sends and 100 deletes
     # over the long schedule.
-    assert len(sent) >= 200 * kill_rounds // KILLS_LONG and \
-        len(deleted) >= 100 * kill_rounds // KILLS_LONG, "too little work to prove anything"
+    assert len(sent) >= 200 * min(kill_rounds, KILLS_LONG) // KILLS_LONG and \
+        len(deleted) >= 100 * min(kill_rounds, KILLS_LONG) // KILLS_LONG, \
+        "too little work to prove anything"
     assert not lost, f"{len(lost)} acknowledged sends lost, e.g. {lost[:10]}"
     assert not resurrected, (
         f"{len(resurrected)} bodies delivered after their delete was acknowledged, "
@@ -275,3 +291,75 @@ def test_long_poll_in_flight_during_sigterm_gets_an_answer(tmp_path: Path) -> No
     finally:
         if server.process is not None and server.process.poll() is None:
             server.kill()
+
+
+WORKER_KILLS = 10
+
+
+def test_sigkill_of_one_worker_under_load_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """--workers 2: one worker at a time is killed under the workload, ten times; the
+    supervisor restarts it. Nothing acknowledged is lost, nothing deleted comes back, and
+    the other worker goes on taking sends while the killed one is down."""
+    server = Server(tmp_path / "data", workers=2)
+    seed = int(os.environ.get("CONVEYOR_CRASH_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    print(f"seed {seed} (CONVEYOR_CRASH_SEED reproduces the kill schedule)")
+    log = tmp_path / "workload.log"
+    served_while_down: list[int] = []
+
+    def kill_one_worker() -> None:
+        assert server.process is not None
+        children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+        workers = [int(pid) for pid in children.read_text().split()]
+        assert len(workers) == 2, workers
+        victim = rng.choice(workers)
+        before = acknowledged_sends(log)
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(0.3)  # down: restarted after a pause, then it starts up again
+        served_while_down.append(acknowledged_sends(log) - before)
+        wait_for(lambda: len(children.read_text().split()) == 2
+                 and victim not in [int(p) for p in children.read_text().split()],
+                 30, "the supervisor to restart the worker")
+        wait_for(lambda: _ready(server), 30, "the restarted worker to serve")
+
+    try:
+        _under_load(server, tmp_path, seed, WORKER_KILLS, rng, kill_one_worker,
+                    producers=2)
+        print(f"sends acknowledged in the 0.3 s after each kill: {served_while_down}")
+        assert sum(1 for n in served_while_down if n > 0) >= WORKER_KILLS // 2, \
+            f"the surviving worker stalled while the other was down: {served_while_down}"
+        assert "restarting it" in server.log.read_text()
+    finally:
+        server.kill()
+
+
+def _ready(server: Server) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(server.url + "/readyz", timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+
+def test_restarts_with_other_worker_counts_under_load_lose_nothing(tmp_path: Path) -> None:
+    """Killed under the workload and started again with 1, 3, then 2 workers: partitions
+    pass to other owners, and nothing acknowledged is lost or delivered after its
+    delete."""
+    server = Server(tmp_path / "data", workers=2)
+    seed = int(os.environ.get("CONVEYOR_CRASH_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    counts = iter((1, 3, 2))
+
+    def restart_with_other_workers() -> None:
+        server.kill()
+        server.workers = next(counts)
+        server.start()
+
+    try:
+        _under_load(server, tmp_path, seed, 3, rng, restart_with_other_workers,
+                    producers=2)
+    finally:
+        server.kill()
