@@ -107,6 +107,7 @@ bench: install etcd wrk
 	$(BIN)/python -m bench.http_load $(BENCH_HTTP_ARGS)
 	$(BIN)/python -m bench.http_load --protection $(BENCH_HTTP_ARGS)
 	$(BIN)/python -m bench.http_load --large $(BENCH_HTTP_ARGS)
+	$(BIN)/python -m bench.http_load --workers 2 $(BENCH_HTTP_ARGS)
 	$(BIN)/python -m bench.cluster_load $(BENCH_CLUSTER_ARGS)
 
 # The HTTP load generator alone: a server and a bare aiohttp baseline, driven in one run;
@@ -116,6 +117,7 @@ bench-http: install wrk
 	$(BIN)/python -m bench.http_load $(BENCH_HTTP_ARGS)
 	$(BIN)/python -m bench.http_load --protection $(BENCH_HTTP_ARGS)
 	$(BIN)/python -m bench.http_load --large $(BENCH_HTTP_ARGS)
+	$(BIN)/python -m bench.http_load --workers 2 $(BENCH_HTTP_ARGS)
 	$(BIN)/python -m bench.idle_polls
 
 # The peers bench-peers runs beside Conveyor, from Debian (installed when missing, as for

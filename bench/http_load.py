@@ -4,6 +4,7 @@
                               [--generator wrk|aiohttp] [--no-access-log]
     python -m bench.http_load --protection [--rounds 3]
     python -m bench.http_load --large [--large-kib 256] [--rounds 3]
+    python -m bench.http_load --workers 2 [--rounds 3] [--concurrency 16]
 
 In one invocation it starts a Conveyor server (its access log on, written to /dev/null,
 unless ``--no-access-log``) and a bare aiohttp handler (bench/bare_server.py) on loopback
@@ -34,6 +35,12 @@ authentication and encryption off, one with ``--auth required`` and an encrypted
 rounds and prints the protected server's message rate as a fraction of the plain one's.
 send10 runs on wrk (with ``--generator wrk``, the default where wrk is installed), one
 signed request re-sent; recv10 on the aiohttp client, which signs each delete it builds.
+
+With ``--workers N`` it compares a server of one process against one of N workers
+(``serve --workers N``), started side by side, alternating send10 and recv10 (both on wrk)
+between them for ``--rounds`` rounds: messages/s, server CPU per message (summed over the
+supervisor and its workers) and the load generator's CPU per message for each. Every other
+mode serves with ``--workers 1``: they measure the request path itself.
 
 With ``--large`` it measures the per-byte work of large bodies on one server, driven by
 wrk: ``send-large``, SendMessage of ``--large-kib`` KiB from 4 connections, then
@@ -105,9 +112,21 @@ def _wait_port(port: int, timeout: float = 30) -> None:
 
 
 def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system seconds of the process and its live descendants (a server of
+    workers: the supervisor and each worker)."""
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            with open(f"/proc/{current}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                pending += [int(child) for child in f.read().split()]
+        except FileNotFoundError:
+            continue  # gone meanwhile
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 class Result:
@@ -476,14 +495,15 @@ async def _bare_op(session: aiohttp.ClientSession, url: str, payload: bytes) -> 
     return 1
 
 
-def _serve(data_dir: str, port: int, fsync: str, *extra: str, access_log: bool = False
-           ) -> subprocess.Popen[bytes]:
+def _serve(data_dir: str, port: int, fsync: str, *extra: str, access_log: bool = False,
+           workers: int = 1) -> subprocess.Popen[bytes]:
     """A server on the port; its access log, when on, goes to /dev/null (the lines are
-    still made and written, once per turn of the loop, as in production)."""
+    still made and written, once per turn of the loop, as in production). One process
+    unless ``workers`` says more: the scenarios measure the request path itself."""
     log = [] if access_log else ["--no-access-log"]
     return subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--data-dir", data_dir,
-         "--port", str(port), "--fsync", fsync, *log, *extra],
+         "--port", str(port), "--fsync", fsync, "--workers", str(workers), *log, *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -574,8 +594,8 @@ def run_protection(args: argparse.Namespace) -> list[dict[str, Any]]:
 Target = tuple[str, Signer | None, int, dict[str, str]]
 
 
-async def _compare(args: argparse.Namespace, plain: Target,
-                   protected: Target) -> list[dict[str, Any]]:
+async def _compare(args: argparse.Namespace, plain: Target, protected: Target,
+                   labels: tuple[str, str] = ("plain", "protected")) -> list[dict[str, Any]]:
     body = "x" * args.body
     n = args.concurrency
     scenarios: dict[str, list[Callable[[], Awaitable[Result]]]] = {"send10": [],
@@ -599,9 +619,13 @@ async def _compare(args: argparse.Namespace, plain: Target,
         else:
             scenarios["send10"].append(functools.partial(
                 _drive, "send10", url, [send] * n, args.seconds, pid, n))
-        scenarios["recv10"].append(functools.partial(
-            _drive, "recv10", url, [_receive_delete(url, queue_url, signer)] * n,
-            args.seconds, pid, n))
+        if signer is None and args.generator == "wrk":
+            scenarios["recv10"].append(functools.partial(
+                _wrk_receive, "recv10", url, queue_url, args.seconds, pid, n))
+        else:
+            scenarios["recv10"].append(functools.partial(
+                _drive, "recv10", url, [_receive_delete(url, queue_url, signer)] * n,
+                args.seconds, pid, n))
         fill.append((url, signer, queue_url, send))
     rows = []
     # Alternating the two servers within each round spreads the machine's drift over both.
@@ -613,12 +637,13 @@ async def _compare(args: argparse.Namespace, plain: Target,
                     await _fill(url, signer, queue_url, fill_op,
                                 int(args.seconds * FILL_PER_S))
             measured = [await run() for run in targets]
-            off, on = (m.row() for m in measured)
-            rows.append({"round": round_, "scenario": name,
-                         "plain_messages_per_s": off["messages_per_s"],
-                         "protected_messages_per_s": on["messages_per_s"],
-                         "plain_cpu_us_per_message": off["server_cpu_us_per_message"],
-                         "protected_cpu_us_per_message": on["server_cpu_us_per_message"]})
+            row: dict[str, Any] = {"round": round_, "scenario": name}
+            for label, result in zip(labels, (m.row() for m in measured), strict=True):
+                row[f"{label}_messages_per_s"] = result["messages_per_s"]
+                row[f"{label}_cpu_us_per_message"] = result["server_cpu_us_per_message"]
+                row[f"{label}_client_cpu_us_per_message"] = result[
+                    "client_cpu_us_per_message"]
+            rows.append(row)
     return rows
 
 
@@ -633,22 +658,53 @@ async def _fill(url: str, signer: Signer | None, queue_url: str, send: Op, depth
             held += sum(await asyncio.gather(*(send(session) for _ in range(16))))
 
 
-def _print_protection(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+WORKER_LABELS = ("one", "workers")
+
+
+def run_workers(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Rows of (round, scenario, msgs/s and CPU µs/msg of --workers 1 and of N)."""
+    tmp = tempfile.mkdtemp(prefix="conveyor-load-")
+    port, workers_port = _free_port(), _free_port()
+    one = _serve(f"{tmp}/one", port, args.fsync, access_log=args.access_log)
+    many = _serve(f"{tmp}/workers", workers_port, args.fsync, access_log=args.access_log,
+                  workers=args.workers)
+    try:
+        url, workers_url = (f"http://127.0.0.1:{port}/",
+                            f"http://127.0.0.1:{workers_port}/")
+        _wait_ready(url + "readyz")
+        _wait_ready(workers_url + "readyz")
+        return asyncio.run(_compare(args, (url, None, one.pid, {}),
+                                    (workers_url, None, many.pid, {}), WORKER_LABELS))
+    finally:
+        for process in (one, many):
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _print_pair(args: argparse.Namespace, rows: list[dict[str, Any]],
+                labels: tuple[str, str] = ("plain", "protected")) -> None:
+    a, b = labels
     print(f"fsync={args.fsync} concurrency={args.concurrency} body={args.body} B "
           f"seconds={args.seconds} rounds={args.rounds} "
           f"access log {'on' if args.access_log else 'off'}")
-    print(f"{'round':<6}{'scenario':<9}{'plain msgs/s':>13}{'protected':>11}{'ratio':>7}"
-          f"{'cpu us/msg plain':>18}{'protected':>11}")
+    print(f"{'round':<6}{'scenario':<9}{a + ' msgs/s':>15}{b:>11}{'ratio':>7}"
+          f"{'cpu us/msg ' + a:>20}{b:>11}{'client us/msg ' + a:>22}{b:>11}")
     for row in rows:
-        print(f"{row['round']:<6}{row['scenario']:<9}{row['plain_messages_per_s']:>13,.0f}"
-              f"{row['protected_messages_per_s']:>11,.0f}"
-              f"{row['protected_messages_per_s'] / row['plain_messages_per_s']:>7.2f}"
-              f"{row['plain_cpu_us_per_message']:>18.1f}"
-              f"{row['protected_cpu_us_per_message']:>11.1f}")
+        print(f"{row['round']:<6}{row['scenario']:<9}{row[a + '_messages_per_s']:>15,.0f}"
+              f"{row[b + '_messages_per_s']:>11,.0f}"
+              f"{row[b + '_messages_per_s'] / row[a + '_messages_per_s']:>7.2f}"
+              f"{row[a + '_cpu_us_per_message']:>20.1f}"
+              f"{row[b + '_cpu_us_per_message']:>11.1f}"
+              f"{row[a + '_client_cpu_us_per_message']:>22.1f}"
+              f"{row[b + '_client_cpu_us_per_message']:>11.1f}")
     for name in ("send10", "recv10"):
-        plain = sum(r["plain_messages_per_s"] for r in rows if r["scenario"] == name)
-        protected = sum(r["protected_messages_per_s"] for r in rows if r["scenario"] == name)
-        print(f"{name}: protected / plain over all rounds: {protected / plain:.2f}")
+        first = sum(r[a + "_messages_per_s"] for r in rows if r["scenario"] == name)
+        second = sum(r[b + "_messages_per_s"] for r in rows if r["scenario"] == name)
+        cpu = [r[b + "_cpu_us_per_message"] / r[a + "_cpu_us_per_message"]
+               for r in rows if r["scenario"] == name]
+        print(f"{name}: {b} / {a} over all rounds: messages/s {second / first:.2f}, "
+              f"server CPU per message {statistics.median(cpu):.2f} (median)")
 
 
 def main() -> None:
@@ -666,6 +722,9 @@ def main() -> None:
     parser.add_argument("--large", action="store_true",
                         help="measure server CPU per KiB of large bodies, sent and received")
     parser.add_argument("--large-kib", type=int, default=256, help="body KiB of --large")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="compare a server of N workers against one of 1 (send10, "
+                             "recv10)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of --protection and --large")
     parser.add_argument("--no-access-log", dest="access_log", action="store_false",
@@ -673,7 +732,7 @@ def main() -> None:
                              "`conveyor serve` runs)")
     args = parser.parse_args()
     rows = (run_protection(args) if args.protection else run_large(args) if args.large
-            else run(args))
+            else run_workers(args) if args.workers else run(args))
     if args.json:
         print(json.dumps(rows))
         return
@@ -681,7 +740,10 @@ def main() -> None:
         _print_large(args, rows)
         return
     if args.protection:
-        _print_protection(args, rows)
+        _print_pair(args, rows)
+        return
+    if args.workers:
+        _print_pair(args, rows, WORKER_LABELS)
         return
     base = rows[0]["requests_per_s"]
     send1 = rows[1]["messages_per_s"]

@@ -175,6 +175,10 @@ class LocalPartitions:
             return await self.guard.run(queue.set_attributes, **args[0])
         return await self.guard.run(getattr(queue, op), *args)
 
+    # One wait for the whole long poll: waits here end only with the poll, or when
+    # another partition answers first (a remote one is cancelled then).
+    wait_slice_s = float("inf")
+
     def nearest(self, partitions: list[str]) -> int | None:
         return None  # all are here: they take turns
 

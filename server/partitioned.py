@@ -53,9 +53,14 @@ if TYPE_CHECKING:
     from engine.catalog import Catalog
     from engine.records import Origin, Send
 
-# A long poll over several partitions waits on each in slices this long: a wait the
-# caller no longer needs (another partition had messages first) ends by itself soon.
+# A long poll over several partitions waits on each in slices as long as its router's
+# wait_slice_s: a cluster's 2 s, so that a wait at a leader that stepped down meanwhile
+# (which no send there completes) ends soon; in one process or between workers, the whole
+# wait, each remote wait being cancelled once another partition answers.
 WAIT_SLICE_S = 2.0
+# When a partition cannot be waited on (its worker restarting), the others are waited on
+# this long at most before the partitions are drained and waited on again.
+WAIT_RETRY_S = 1.0
 # Refusals that say a partition cannot serve now, not that the request is wrong: a send
 # or receive may go to the queue's other partitions instead.
 _UNAVAILABLE = (ClusterError, DependencyUnavailableError, QueueUnavailableError)
@@ -82,6 +87,10 @@ class PartitionRouter(Protocol):
     def nearest(self, partitions: list[str]) -> int | None:
         """The index of a partition to try first because this process serves it (a
         send taken there costs no call), or None for no preference."""
+
+    @property
+    def wait_slice_s(self) -> float:
+        """How long a long poll waits on its partitions before draining them again."""
 
 
 def partition_names(engine_name: str, count: int) -> list[str]:
@@ -137,9 +146,11 @@ class PartitionedQueue:
         return result
 
     async def _any_attributes(self) -> QueueAttributes:
-        """The attributes from whichever partition answers (they are set on all)."""
+        """The attributes from whichever partition answers (they are set on all), one
+        served here first."""
         refusal: EngineError | None = None
-        for partition in self.partitions:
+        near = self.calls.nearest(self.partitions) or 0
+        for partition in self.partitions[near:] + self.partitions[:near]:
             try:
                 result: QueueAttributes = await self.calls.call(partition, "attributes")
                 return result
@@ -267,7 +278,7 @@ class PartitionedQueue:
             remaining = deadline - time.monotonic()
             if got or remaining <= 0:
                 return got
-            await self._wait_any(order, min(remaining, WAIT_SLICE_S))
+            await self._wait_any(order, min(remaining, self.calls.wait_slice_s))
 
     async def _drain(self, order: list[str], max_messages: int,
                      visibility_timeout: int | None) -> list[Message]:
@@ -306,6 +317,11 @@ class PartitionedQueue:
                 done, pending = await asyncio.wait(pending,
                                                    return_when=asyncio.FIRST_COMPLETED)
                 if any(w.exception() is None and w.result() for w in done):
+                    return
+                if pending and any(w.exception() is not None for w in done):
+                    # A partition that cannot be waited on may get messages meanwhile:
+                    # look at every partition again soon.
+                    await asyncio.wait(pending, timeout=min(seconds, WAIT_RETRY_S))
                     return
             if all(w.exception() is not None for w in waits):
                 # Every partition refused at once: pause rather than spin; the next

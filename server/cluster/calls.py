@@ -28,6 +28,7 @@ from replication.peer import Channel
 from server.calls.codec import RESULTS
 from server.calls.link import CALL_FRAME_BYTES_MAX, CallLink, serve_calls
 from server.errors import LeaderUnreachableError
+from server.partitioned import WAIT_SLICE_S
 from server.protection.breaker import Guard
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ class PartitionCalls:
 
     async def partition_uids(self, names: list[str]) -> dict[int, int]:
         return await self.node.partition_uids(names)
+
+    wait_slice_s = WAIT_SLICE_S
 
     def nearest(self, partitions: list[str]) -> int | None:
         # None: the partitions take turns, whichever node a client calls, which keeps

@@ -94,6 +94,10 @@ class WorkerPartitions:
                 found[uid] = i
         return found
 
+    # One wait for the whole long poll: waits here end only with the poll, or when
+    # another partition answers first (a remote one is cancelled then).
+    wait_slice_s = float("inf")
+
     def nearest(self, partitions: list[str]) -> int | None:
         for i, partition in enumerate(partitions):
             if self.place.owns(partition):
