@@ -182,7 +182,8 @@ class LocalPartitions:
     def nearest(self, partitions: list[str]) -> int | None:
         return None  # all are here: they take turns
 
-    async def partition_uids(self, names: list[str]) -> dict[int, int]:
+    async def partition_uids(self, names: list[str], fresh: bool = False) -> dict[int, int]:
+        # This process is the catalog's only writer: its view is always current.
         found: dict[int, int] = {}
         for i, name in enumerate(names):
             uid = self.broker.catalog.uid_of(name)

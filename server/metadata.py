@@ -193,8 +193,12 @@ class CachedMetadata:
         try:
             return self._cache[key]
         except KeyError:
+            seen = self._seen
             record = await self.guard.run(self.store.get, account, name)
-            if record is not None:  # absent names are not kept: any caller can make them up
+            # Absent names are not kept: any caller can make them up. Nor is a record read
+            # while another worker wrote: it may be from before that write.
+            if record is not None and (self._generation is None
+                                       or self._generation.value() == seen):
                 self._cache[key] = record
             return record
 

@@ -81,8 +81,9 @@ class PartitionRouter(Protocol):
         """``AsyncQueue(partition).<op>(*args)``, made wherever the partition is served
         (``set_attributes`` takes its changes as one dict)."""
 
-    async def partition_uids(self, names: list[str]) -> dict[int, int]:
-        """uid -> index in names, for the partitions of one queue that exist."""
+    async def partition_uids(self, names: list[str], fresh: bool = False) -> dict[int, int]:
+        """uid -> index in names, for the partitions of one queue that exist; with fresh,
+        read anew where the router may hold an older view (a queue made again since)."""
 
     def nearest(self, partitions: list[str]) -> int | None:
         """The index of a partition to try first because this process serves it (a
@@ -228,6 +229,10 @@ class PartitionedQueue:
                 self.partitions[0], op, items)
             return result
         uids = await self.calls.partition_uids(self.partitions)
+        if any(isinstance(r, str) and handle_queue_uid(r) not in uids for r in receipts):
+            # A handle of a partition not known here may be of a queue made again since
+            # this process last looked.
+            uids = await self.calls.partition_uids(self.partitions, fresh=True)
         by_partition: dict[int, list[int]] = {}
         for i, receipt in enumerate(receipts):
             # A handle of no partition of this queue goes to partition 0, which refuses

@@ -74,6 +74,9 @@ class CallLink:
         try:
             self.channel.send(pack([call_id, op, partition, list(args)]))
             async with asyncio.timeout(CALL_TIMEOUT_S):
+                # Waits while the peer reads slower than calls are made (a stalled
+                # peer): what waits to be sent to it stays bounded by the buffer's mark.
+                await self.channel.drain()
                 return await future
         except TimeoutError:
             # A peer that answers nothing this long is gone or cut off: the next call
@@ -81,6 +84,10 @@ class CallLink:
             self.close()
             raise DependencyUnavailableError(
                 self.peer, f"no answer in {CALL_TIMEOUT_S:g} s") from None
+        except OSError:  # after TimeoutError, which is one
+            self.close()
+            raise DependencyUnavailableError(
+                self.peer, "the connection to it broke; retry") from None
         finally:
             if self.pending.pop(call_id, None) is not None and self.open:
                 # Unanswered (cancelled, or timed out): the peer may stop working on it.
@@ -165,3 +172,4 @@ async def _answer(channel: Channel, local: Local, call_id: int, op: str,
     with contextlib.suppress(OSError):
         if not channel.is_closing():
             channel.send(reply)
+            await channel.drain()

@@ -67,7 +67,9 @@ class PartitionCalls:
         self._connecting: dict[str, asyncio.Lock] = {}
         node.listener.route(CALLS_MAGIC, self.serve, CALL_FRAME_BYTES_MAX)
 
-    async def partition_uids(self, names: list[str]) -> dict[int, int]:
+    async def partition_uids(self, names: list[str], fresh: bool = False) -> dict[int, int]:
+        # The node's view follows etcd's watch; a partition it does not hold yet is read
+        # from etcd.
         return await self.node.partition_uids(names)
 
     wait_slice_s = WAIT_SLICE_S

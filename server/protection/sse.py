@@ -319,26 +319,34 @@ class Keyring:
         key be used past its bound)."""
         db = self._conn()
         db.execute("BEGIN IMMEDIATE")
+        made = None
         try:
             row = self._row("WHERE queue_id = ? AND retired = 0", (queue_id,))
             if row is None or self._spent(row):
-                fresh = self._add_key(db, queue_id, row)
-                db.execute("COMMIT")
-                return fresh
-            key_id, _, wrapped, created_ms, start, _ = row
-            reserved = min(start + self._block, self._max_uses)
-            # Durable before the first of these uses is spent: synchronous=FULL.
-            sqlite.insert(db, TABLE, (*row[:4], reserved, row[5]), verb="REPLACE")
+                made = self._add_key(db, queue_id, row)
+            else:
+                key_id, _, wrapped, created_ms, start, _ = row
+                reserved = min(start + self._block, self._max_uses)
+                # Durable before the first of these uses is spent: synchronous=FULL.
+                sqlite.insert(db, TABLE, (*row[:4], reserved, row[5]), verb="REPLACE")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        if made is not None:
+            return self._keep(queue_id, *made)
         aead = self._ciphers.get(key_id) or self._unwrap(key_id, queue_id, wrapped)
-        self._ciphers[key_id] = aead
         # Uses before start are another reservation's (this process's or another's).
-        fresh = _Active(key_id, aead, start, reserved, created_ms / 1000 + self._period)
-        self._active[queue_id] = fresh
-        return fresh
+        return self._keep(queue_id, key_id, aead, start, reserved,
+                          created_ms / 1000 + self._period)
+
+    def _keep(self, queue_id: str, key_id: int, aead: AESGCM, used: int, reserved: int,
+              expires: float) -> _Active:
+        """Make a key whose row is committed the queue's active one in memory: only once
+        committed, so that nothing is sealed under a key the keyring may not hold."""
+        self._ciphers[key_id] = aead
+        active = self._active[queue_id] = _Active(key_id, aead, used, reserved, expires)
+        return active
 
     def _spent(self, row: tuple[Any, ...]) -> bool:
         """Whether an active key's row leaves it no uses, or it is past its age."""
@@ -350,16 +358,18 @@ class Keyring:
         db.execute("BEGIN IMMEDIATE")
         try:
             row = self._row("WHERE queue_id = ? AND retired = 0", (queue_id,))
-            fresh = self._add_key(db, queue_id, row)
+            made = self._add_key(db, queue_id, row)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return fresh
+        return self._keep(queue_id, *made)
 
     def _add_key(self, db: sqlite3.Connection, queue_id: str,
-                 retiring: tuple[Any, ...] | None) -> _Active:
-        """A new active key for the queue, retiring ``retiring`` (transaction open)."""
+                 retiring: tuple[Any, ...] | None
+                 ) -> tuple[int, AESGCM, int, int, float]:
+        """Write a new active key for the queue, retiring ``retiring`` (transaction open,
+        not committed): what _keep makes of it once committed."""
         now = self._clock()
         key = os.urandom(KEY_BYTES)
         reserved = min(self._block, self._max_uses)
@@ -372,11 +382,7 @@ class Keyring:
         if retiring is not None:
             sqlite.insert(db, TABLE, (*retiring[:5], 1), verb="REPLACE")
         sqlite.insert(db, TABLE, (key_id, queue_id, wrapped, int(now * 1000), reserved, 0))
-        aead = AESGCM(key)
-        self._ciphers[key_id] = aead
-        active = _Active(key_id, aead, 0, reserved, now + self._period)
-        self._active[queue_id] = active
-        return active
+        return key_id, AESGCM(key), 0, reserved, now + self._period
 
     def _load(self, key_id: int) -> AESGCM:
         """The key of an envelope not seen before in this process: read once, then cached."""

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from engine import AsyncQueue, Broker
 from engine.catalog import Catalog
+from engine.errors import EngineError
 from engine.records import Origin, Send
 from server.backend import GuardedQueue, QueueHandle
 from server.calls.codec import RESULTS
 from server.calls.link import CALL_TIMEOUT_S
+from server.errors import DependencyUnavailableError
 from server.metadata import QueueRecord
 from server.partitioned import (
     EnginePartitions,
@@ -36,6 +39,10 @@ if TYPE_CHECKING:
     from server.workers.siblings import Siblings
 
 
+ACCEPT_THREADS = 4
+"""Threads that take in siblings' dead letters at once (each an open and an fsync)."""
+
+
 class WorkerPartitions:
     """The router of this worker's queues (server/partitioned.py), and what the engine
     asks of partitions (engine.broker.Partitions)."""
@@ -50,6 +57,12 @@ class WorkerPartitions:
         self.siblings: Siblings | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._naming = EnginePartitions()
+        self._accepting = ThreadPoolExecutor(ACCEPT_THREADS,
+                                             thread_name_prefix="conveyor-accept")
+        """Where dead letters from siblings are taken in. Not the default executor: the
+        sibling's move waits on a thread of that one, and two workers moving into each
+        other's dead-letter queues would otherwise each wait for a thread the other
+        holds."""
 
     def attach(self, broker: Broker, mesh: Mesh, siblings: Siblings) -> None:
         self.broker = broker
@@ -79,14 +92,19 @@ class WorkerPartitions:
         if op == "delete_queue":
             return await asyncio.to_thread(broker.delete_queue, partition)
         if op == "accept_moved":
-            return await asyncio.to_thread(broker.accept_moved, partition, args[0])
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._accepting, broker.accept_moved,
+                                              partition, args[0])
         queue = AsyncQueue(broker, partition)
         if op == "set_attributes":
             return await self.guard.run(queue.set_attributes, **args[0])
         return await self.guard.run(getattr(queue, op), *args)
 
-    async def partition_uids(self, names: list[str]) -> dict[int, int]:
+    async def partition_uids(self, names: list[str], fresh: bool = False) -> dict[int, int]:
         assert self.broker is not None
+        if fresh:
+            # The rows of another worker's partitions may be of a queue deleted since.
+            await asyncio.to_thread(self.broker.catalog.refresh)
         found: dict[int, int] = {}
         for i, name in enumerate(names):
             uid = self.broker.catalog.uid_of(name)
@@ -118,11 +136,25 @@ class WorkerPartitions:
             return False
         assert self.loop is not None
         # On an engine thread (a receive's move, or a queue's open): the call is made on
-        # the event loop, and this thread waits for its answer.
-        asyncio.run_coroutine_threadsafe(
-            self.call(name, "accept_moved", list(entries)), self.loop
-        ).result(CALL_TIMEOUT_S + 5)
+        # the event loop, and this thread waits for its answer. Any failure is the
+        # engine's kind, so that the broker puts the messages back (cancel_moves) rather
+        # than leave them marked as moving.
+        future = asyncio.run_coroutine_threadsafe(
+            self.call(name, "accept_moved", list(entries)), self.loop)
+        try:
+            future.result(CALL_TIMEOUT_S + 5)
+        except EngineError:
+            raise
+        except Exception as exc:
+            future.cancel()
+            raise DependencyUnavailableError(
+                f"worker {self.place.owner(name)}",
+                f"dead letters could not be moved there: {exc or type(exc).__name__}"
+            ) from exc
         return True
+
+    def close(self) -> None:
+        self._accepting.shutdown(wait=True, cancel_futures=True)
 
 
 def _create(broker: Broker, name: str, attributes: dict[str, Any]) -> None:

@@ -35,6 +35,7 @@ async def open_worker(config: ServerConfig, place: WorkerPlace, master: bytes,
     async with contextlib.AsyncExitStack() as stack:
         guard = engine_guard()
         partitions = WorkerPartitions(place, guard)
+        stack.callback(partitions.close)
         broker = AsyncBroker(config.data_dir, config.fsync,
                              open_queues_max=config.open_queues_max, on_sync=on_sync,
                              memory_max=engine_memory_max(config), partitions=partitions,

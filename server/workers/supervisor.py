@@ -104,8 +104,17 @@ def run_directory(data_dir: str) -> tuple[str, bool]:
 
 def reserve_port(host: str, port: int) -> socket.socket:
     """A socket bound to (host, port) with SO_REUSEPORT, not listening: it holds the port
-    for the workers' sockets, and tells a port 0 the kernel chose."""
+    for the workers' sockets, and tells a port 0 the kernel chose.
+
+    SO_REUSEPORT would let any process of this user bind the port beside the workers, and
+    the kernel would split connections between two servers. So the port is first bound
+    without it, as any server binds: that fails if anything holds the port, this server's
+    workers included once they run (a second server is refused, as on one process)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        port = probe.getsockname()[1]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -258,7 +258,11 @@ def test_a_flood_of_unauthenticated_connections_keeps_no_node_out(tmp_path: Path
         state = c.state(leader)
         with _Producer(c, leader, url) as producer, \
                 _Flood([_address(state, n) for n in c.nodes]) as flood:
-            time.sleep(1)
+            # The flood under way (its pace is the machine's: under load it may take a
+            # few seconds to open so many).
+            flooding = time.monotonic() + 30
+            while flood.opened <= 1000 and time.monotonic() < flooding:
+                time.sleep(0.1)
             # Handshakes that never finish, far more than a listener keeps: a queue made
             # now needs new links between the nodes, and they still form.
             during = create_queue(c, "during", node=leader)

@@ -541,3 +541,115 @@ def test_per_queue_state_is_the_same_from_every_worker(server: Server) -> None:
         results = _fresh_call(server, "list_message_move_tasks",
                               SourceArn=arn("tasks-dlq"))["Results"]
         assert results[0]["Status"] == "CANCELLED"
+
+
+def _name_owned_by(prefix: str, worker: int) -> str:
+    i = 0
+    while owner(f"{ACCOUNT}/{prefix}{i}", WORKERS) != worker:
+        i += 1
+    return f"{prefix}{i}"
+
+
+def test_workers_moving_dead_letters_into_each_other_do_not_stall(server: Server) -> None:
+    """Each worker moves dead letters into a dead-letter queue the other owns, from many
+    receives at once: every receive is answered promptly, and every message moves."""
+    import asyncio
+
+    import aiohttp
+
+    sqs = server.sqs()
+    dlqs = [_name_owned_by("crossed-dlq", worker) for worker in range(WORKERS)]
+    urls = {d: sqs.create_queue(QueueName=d)["QueueUrl"] for d in dlqs}
+    sources = {f"crossed-{w}": dlqs[1 - w] for w in range(WORKERS)}
+    for source, dlq in sources.items():
+        urls[source] = sqs.create_queue(QueueName=source, Attributes={
+            "RedrivePolicy": redrive(dlq, 1)})["QueueUrl"]
+    per_queue = 1000
+    headers = {"Content-Type": "application/x-amz-json-1.0"}
+
+    async def call(session: aiohttp.ClientSession, action: str, body: dict[str, Any]
+                   ) -> tuple[int, float]:
+        started = time.monotonic()
+        async with session.post(server.url + "/", data=json.dumps(body), headers={
+                **headers, "X-Amz-Target": f"AmazonSQS.{action}"}) as response:
+            await response.read()
+            return response.status, time.monotonic() - started
+
+    async def run() -> list[tuple[int, float]]:
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            await asyncio.gather(*(
+                call(session, "SendMessageBatch", {"QueueUrl": urls[source], "Entries": [
+                    {"Id": str(j), "MessageBody": f"{source}-{i}-{j}"} for j in range(10)]})
+                for source in sources for i in range(per_queue // 10)))
+
+            async def receiver(source: str) -> list[tuple[int, float]]:
+                return [await call(session, "ReceiveMessage", {
+                    "QueueUrl": urls[source], "MaxNumberOfMessages": 10,
+                    "VisibilityTimeout": 0}) for _ in range(20)]
+
+            answers = await asyncio.gather(*(receiver(source) for source in sources
+                                             for _ in range(60)))
+        return [a for each in answers for a in each]
+
+    answers = asyncio.run(run())
+    assert {status for status, _ in answers} == {200}
+    slowest = max(seconds for _, seconds in answers)
+    assert slowest < 20, f"a receive took {slowest:.1f} s"
+    deadline = time.monotonic() + 60
+    while any(counts(sqs, urls[s])[0] for s in sources) and time.monotonic() < deadline:
+        for source in sources:
+            sqs.receive_message(QueueUrl=urls[source], MaxNumberOfMessages=10,
+                                VisibilityTimeout=0)
+    for source, dlq in sources.items():
+        assert counts(sqs, urls[source]) == (0, 0, 0)
+        assert counts(sqs, urls[dlq])[0] == per_queue
+
+
+def test_receipts_of_a_queue_made_again_reach_it_from_every_worker(tmp_path: Path) -> None:
+    """Three workers, a queue of two partitions: one worker owns none of them, and its
+    view of their catalog rows dates from before the queue was deleted and made again.
+    Receipts of the new queue still reach their partitions through it."""
+    running = Server(tmp_path / "data", workers=3)
+    try:
+        attributes = {"ConveyorPartitions": "2", "VisibilityTimeout": "60"}
+        for round_ in range(2):
+            url = _fresh_call(running, "create_queue", QueueName="again",
+                              Attributes=attributes)["QueueUrl"]
+            for i in range(30):
+                _fresh_call(running, "send_message", QueueUrl=url, MessageBody=f"{round_}-{i}")
+            deleted = 0
+            deadline = time.monotonic() + 30
+            while deleted < 30 and time.monotonic() < deadline:
+                for m in _fresh_call(running, "receive_message", QueueUrl=url,
+                                     MaxNumberOfMessages=10).get("Messages", []):
+                    _fresh_call(running, "delete_message", QueueUrl=url,
+                                ReceiptHandle=m["ReceiptHandle"])
+                    deleted += 1
+            assert deleted == 30
+            assert counts(running.sqs(), url) == (0, 0, 0)
+            if round_ == 0:
+                _fresh_call(running, "delete_queue", QueueUrl=url)
+    finally:
+        running.kill()
+
+
+@pytest.mark.parametrize("second_workers", [2, 1])
+def test_a_second_server_on_the_port_is_refused(tmp_path: Path, second_workers: int) -> None:
+    """SO_REUSEPORT lets the workers share the port; it must not let another server in
+    beside them, which would split the clients between two sets of queues."""
+    first = Server(tmp_path / "first", workers=2)
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(tmp_path / "second"),
+             "--port", str(first.port), "--workers", str(second_workers),
+             "--no-access-log"], capture_output=True, text=True, timeout=60)
+        assert second.returncode != 0
+        assert "in use" in second.stderr.lower(), second.stderr[-2000:]
+        assert not (tmp_path / "second" / "queues").exists() or not any(
+            (tmp_path / "second" / "queues").iterdir())
+        url = _fresh_call(first, "create_queue", QueueName="still")["QueueUrl"]
+        assert url.endswith("/still")
+    finally:
+        first.kill()

@@ -515,3 +515,43 @@ def test_processes_sharing_the_keyring_never_overrun_a_key(path: str, master: by
     assert sum(uses.values()) == 1800
     assert max(uses.values()) <= 50, uses
     assert all(r[4] <= 50 for r in rows(path))
+
+
+class _FailingCommit:
+    """A keyring's connection whose next COMMIT fails, as a full disk makes it."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.armed = True
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql == "COMMIT" and self.armed:
+            self.armed = False
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.db, name)
+
+
+@pytest.mark.parametrize("first", ["new key", "new block"])
+def test_nothing_is_sealed_under_a_key_or_block_whose_commit_failed(
+        path: str, master: bytes, first: str) -> None:
+    ring = Keyring(path, master, rotate_after_uses=1000, reserve_block=2)
+    if first == "new block":
+        ring.seal(Q, mid(), b"x")
+        ring.seal(Q, mid(), b"x")  # the block is spent: the next seal reserves
+    real = ring._db
+    assert real is not None
+    ring._db = _FailingCommit(real)  # type: ignore[assignment]
+    with pytest.raises(sqlite3.OperationalError):
+        ring.seal(Q, mid(), b"refused")
+    message_id = mid()
+    envelope = ring.seal(Q, message_id, b"acknowledged")
+    ring._db = real
+    ring.close()
+    reopened = Keyring(path, master, rotate_after_uses=1000, reserve_block=2)
+    assert reopened.open(Q, message_id, envelope) == b"acknowledged"
+    key = key_id_of(envelope)
+    assert reserved(path, key) >= (4 if first == "new block" else 1)
+    reopened.close()
