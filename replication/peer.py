@@ -129,6 +129,15 @@ class Channel:
     def close(self) -> None:
         self._writer.close()
 
+    def abort(self) -> None:
+        """Close at once, dropping whatever waits to be sent (a peer that stopped
+        reading would otherwise keep it, and the connection, alive)."""
+        self._writer.transport.abort()
+
+    def buffered(self) -> int:
+        """Bytes sent but not yet taken by the kernel."""
+        return self._writer.transport.get_write_buffer_size()
+
     @property
     def peername(self) -> object:
         return self._writer.get_extra_info("peername")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -320,6 +321,11 @@ def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, aut
 
     try:
         run(create_app(config), config, loop, announce)
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise
+        raise click.ClickException(f"cannot serve on {host}:{port}: "
+                                   f"{exc.strerror or exc}") from None
     except CorruptDatabaseError as exc:
         raise click.ClickException(
             f"{exc}. The server does not start on a damaged database: see `conveyor db "
@@ -353,8 +359,8 @@ def _supervise(config: ServerConfig) -> None:
     except EngineError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:  # the port taken, say
-        raise click.ClickException(f"cannot serve on {config.host}:{config.port}: {exc}"
-                                   ) from None
+        raise click.ClickException(f"cannot serve on {config.host}:{config.port}: "
+                                   f"{exc.strerror or exc}") from None
     sys.exit(code)
 
 

@@ -229,7 +229,8 @@ class PartitionedQueue:
                 self.partitions[0], op, items)
             return result
         uids = await self.calls.partition_uids(self.partitions)
-        if any(isinstance(r, str) and handle_queue_uid(r) not in uids for r in receipts):
+        if any(isinstance(r, str) and handle_queue_uid(r) not in (None, *uids)
+               for r in receipts):
             # A handle of a partition not known here may be of a queue made again since
             # this process last looked.
             uids = await self.calls.partition_uids(self.partitions, fresh=True)

@@ -28,7 +28,7 @@ from engine.errors import EngineError
 from replication import frames as fr
 from replication.peer import Channel
 from server.calls.codec import ARGUMENTS, pack, result_value, unpack
-from server.errors import DependencyUnavailableError
+from server.errors import DependencyUnavailableError, LeaderUnreachableError
 
 _log = logging.getLogger("conveyor.server")
 
@@ -36,6 +36,9 @@ _log = logging.getLogger("conveyor.server")
 CALL_TIMEOUT_S = 45.0
 # A frame's largest body: a receive of ten 1 MiB messages with their attributes fits.
 CALL_FRAME_BYTES_MAX = 16 * 1024 * 1024
+# Bytes a connection may hold unsent for its peer before it refuses more calls (or, on
+# the serving side, closes): a peer that stopped reading costs at most this and a frame.
+CALL_BUFFER_MAX = 32 * 1024 * 1024
 _FAILED, _BUG = 1, 2
 # What ends a connection of calls: the link, or a frame that is not a call.
 _CONNECTION_ERRORS = (*fr.LINK_ERRORS, ValueError, TypeError)
@@ -68,15 +71,20 @@ class CallLink:
         return not self._reading.done()
 
     async def call(self, op: str, partition: str, args: Sequence[Any]) -> Any:
+        if not self.open:
+            raise LeaderUnreachableError(self.peer, "its connection has ended; retry")
+        if self.channel.buffered() > CALL_BUFFER_MAX:
+            # The peer is not reading (stalled): the connection ends, dropping what it
+            # held (the calls waiting on it fail), and this call is not sent. The next
+            # call connects again.
+            self.close()
+            raise LeaderUnreachableError(self.peer, "it is not taking calls; retry")
         call_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.pending[call_id] = future
         try:
             self.channel.send(pack([call_id, op, partition, list(args)]))
             async with asyncio.timeout(CALL_TIMEOUT_S):
-                # Waits while the peer reads slower than calls are made (a stalled
-                # peer): what waits to be sent to it stays bounded by the buffer's mark.
-                await self.channel.drain()
                 return await future
         except TimeoutError:
             # A peer that answers nothing this long is gone or cut off: the next call
@@ -84,10 +92,6 @@ class CallLink:
             self.close()
             raise DependencyUnavailableError(
                 self.peer, f"no answer in {CALL_TIMEOUT_S:g} s") from None
-        except OSError:  # after TimeoutError, which is one
-            self.close()
-            raise DependencyUnavailableError(
-                self.peer, "the connection to it broke; retry") from None
         finally:
             if self.pending.pop(call_id, None) is not None and self.open:
                 # Unanswered (cancelled, or timed out): the peer may stop working on it.
@@ -121,6 +125,9 @@ class CallLink:
                 _log.info("partition calls to %s ended: %s", self.peer, failure)
 
     def close(self) -> None:
+        """End the connection at once: its calls fail, and nothing it buffered for the
+        peer is sent any more (a call the caller was told failed is not made later)."""
+        self.channel.abort()
         self._reading.cancel()
 
 
@@ -170,6 +177,12 @@ async def _answer(channel: Channel, local: Local, call_id: int, op: str,
             _log.exception("partition call %s on %s failed", op, partition)
             reply = pack([call_id, _BUG, type(exc).__name__])
     with contextlib.suppress(OSError):
-        if not channel.is_closing():
-            channel.send(reply)
-            await channel.drain()
+        if channel.is_closing():
+            return
+        if channel.buffered() > CALL_BUFFER_MAX:
+            # The caller is not reading its answers: end the connection, which fails its
+            # calls at once, rather than hold answers for it without bound.
+            _log.warning("partition calls from %s: answers not read; closing", channel.peer)
+            channel.abort()
+            return
+        channel.send(reply)

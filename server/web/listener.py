@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -64,6 +65,23 @@ class LimitedSite(web.TCPSite):
             reuse_port=self.reuse_port or None)
 
 
+def claim_port(host: str, port: int) -> socket.socket:
+    """Claim (host, port) for this server among the Conveyor servers of this host: a Unix
+    socket bound in the abstract namespace under a name made of the two, which the kernel
+    gives to one socket at a time and frees when its last holder dies. SO_REUSEPORT lets
+    a server's workers share the port, and so would let another server of the same user
+    in beside them, at a moment none of them listens (all restarting); the claim keeps it
+    out. Raises OSError if another server holds it."""
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        claim.bind(f"\0conveyor-port:{host}:{port}")
+    except OSError as exc:
+        claim.close()
+        raise OSError(exc.errno, f"{host}:{port} is in use by another Conveyor server"
+                      ) from None
+    return claim
+
+
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
     """TLS 1.2 or later, with Python's default (modern) cipher choice."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -104,6 +122,8 @@ async def _serve(app: web.Application, config: ServerConfig,
     runner = web.AppRunner(app, handle_signals=True, access_log=None,
                            shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
+    # A server of one process claims its port; a supervisor has claimed it for its workers.
+    claim = claim_port(config.host, config.port) if config.port and not config.worker else None
     try:
         await LimitedSite(runner, config.host, config.port, config.connections_max, context,
                           reuse_port=config.worker is not None).start()
@@ -111,3 +131,5 @@ async def _serve(app: web.Application, config: ServerConfig,
         await asyncio.Event().wait()  # until a signal raises GracefulExit
     finally:
         await runner.cleanup()
+        if claim is not None:
+            claim.close()

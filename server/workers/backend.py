@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from engine import AsyncQueue, Broker
@@ -139,14 +139,16 @@ class WorkerPartitions:
         # the event loop, and this thread waits for its answer. Any failure is the
         # engine's kind, so that the broker puts the messages back (cancel_moves) rather
         # than leave them marked as moving.
-        future = asyncio.run_coroutine_threadsafe(
-            self.call(name, "accept_moved", list(entries)), self.loop)
+        future: Future[Any] | None = None
         try:
+            future = asyncio.run_coroutine_threadsafe(
+                self.call(name, "accept_moved", list(entries)), self.loop)
             future.result(CALL_TIMEOUT_S + 5)
         except EngineError:
             raise
-        except Exception as exc:
-            future.cancel()
+        except Exception as exc:  # a timeout, a sibling's bug, the loop closed
+            if future is not None:
+                future.cancel()
             raise DependencyUnavailableError(
                 f"worker {self.place.owner(name)}",
                 f"dead letters could not be moved there: {exc or type(exc).__name__}"
@@ -154,7 +156,8 @@ class WorkerPartitions:
         return True
 
     def close(self) -> None:
-        self._accepting.shutdown(wait=True, cancel_futures=True)
+        # Not waited for: a take-in still running fails against the closed broker.
+        self._accepting.shutdown(wait=False, cancel_futures=True)
 
 
 def _create(broker: Broker, name: str, attributes: dict[str, Any]) -> None:

@@ -25,8 +25,9 @@ from server.errors import DependencyUnavailableError
 
 GENERATION_FILE = "metadata.generation"
 LOCKS_DIR = "locks"
-LOCK_SLOTS = 256
-"""Files the queue names hash to: two names in one slot wait for each other, rarely."""
+LOCK_SLOTS = 4096
+"""Files the queue names hash to (made at first use): two names in one slot wait for
+each other while one is being made, changed or deleted, which takes milliseconds."""
 QUEUE_LOCK_WAIT_S = 10.0
 """How long a worker waits for another's hold of a queue's lock (a create or delete of a
 queue of many partitions, each made durable) before the request fails with 503."""
@@ -72,7 +73,7 @@ class KeyedFileLocks:
     @contextlib.asynccontextmanager
     async def hold(self, key: tuple[str, str]) -> AsyncIterator[None]:
         slot = xxhash.xxh3_64_intdigest("\0".join(key).encode()) % LOCK_SLOTS
-        fd = os.open(os.path.join(self._dir, f"{slot:02x}"),
+        fd = os.open(os.path.join(self._dir, f"{slot:03x}"),
                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             # Polled, not a blocking flock on a thread: a worker that stops waits on no

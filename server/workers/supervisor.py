@@ -47,6 +47,7 @@ from server.protection import keystore, masterkey, sse
 from server.protection._shared_buckets import SLOT_BYTES, SharedBuckets
 from server.protection.keystore import KeyStore
 from server.protection.sse import Keyring
+from server.web.listener import claim_port
 
 _log = logging.getLogger("conveyor.server")
 
@@ -58,6 +59,10 @@ RESTART_STEADY_S = 30.0
 # and closing the engine snapshots each open queue), then are killed.
 STOP_WAIT_S = 60.0
 POLL_S = 0.1
+# Workers that have not all served this long after they were started (a hang in a
+# worker's start: a database locked by another program, say) mean the server cannot
+# start.
+STARTUP_S = 120.0
 # The environment a worker learns its place from.
 RUN_DIR_ENV = "CONVEYOR_WORKER_RUN_DIR"
 SUPERVISOR_FD_ENV = "CONVEYOR_SUPERVISOR_FD"
@@ -138,6 +143,7 @@ class Supervisor:
         self.pause = [RESTART_PAUSE_MIN_S] * self.count
         self.due = [0.0] * self.count
         self.stopping = False
+        self.began = 0.0
         self.ready: set[int] = set()
         """Workers that have served since they started (each tells the ready pipe)."""
         self.started = False
@@ -153,6 +159,8 @@ class Supervisor:
         run_dir, temporary = run_directory(config.data_dir)
         reserved = reserve_port(config.host, config.port)
         port = reserved.getsockname()[1]
+        # Held by the workers too, so that it outlives a supervisor killed before them.
+        claim = claim_port(config.host, port)
         death_read, death_write = os.pipe()
         # Memory, not a file: the table changes on every request, and nothing of it
         # outlives the server.
@@ -161,25 +169,29 @@ class Supervisor:
         ready_read, ready_write = os.pipe()
         os.set_blocking(ready_read, False)
         self._ready_read = ready_read
-        fds = (lock, death_read, buckets, ready_write)
+        fds = (lock, death_read, buckets, ready_write, claim.fileno())
         for fd in fds:
             os.set_inheritable(fd, True)
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM,
                                                                       signal.SIGINT)}
         try:
             prepare(config, master)
+            if self.stopping:  # told to stop while preparing: nothing to stop yet
+                return 0
             env = {**os.environ, RUN_DIR_ENV: run_dir, SUPERVISOR_FD_ENV: str(death_read),
                    BUCKETS_FD_ENV: str(buckets), READY_FD_ENV: str(ready_write)}
             command = [sys.executable, "-m", "server.cli", *self.argv,
                        "--port", str(port), "--workers", str(self.count)]
             for index in range(self.count):
                 self._start(index, command, env, fds)
+            self.began = time.monotonic()
             return self._watch(command, env, fds, lambda: self.announce(port))
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._stop_all()
             reserved.close()
+            claim.close()
             os.close(death_write)
             os.close(death_read)
             os.close(buckets)
@@ -206,6 +218,11 @@ class Supervisor:
             if not self.started and len(self.ready) == self.count:
                 self.started = True
                 announce()
+            if not self.started and time.monotonic() - self.began > STARTUP_S:
+                _log.error("the workers did not all serve within %.0f s (ready: %s): the "
+                           "server does not start", STARTUP_S, sorted(self.ready))
+                self._stop_all()
+                return 1
             now = time.monotonic()
             for index, process in enumerate(self.processes):
                 if process is not None and process.poll() is not None:

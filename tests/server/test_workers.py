@@ -651,5 +651,17 @@ def test_a_second_server_on_the_port_is_refused(tmp_path: Path, second_workers: 
             (tmp_path / "second" / "queues").iterdir())
         url = _fresh_call(first, "create_queue", QueueName="still")["QueueUrl"]
         assert url.endswith("/still")
+        # Nor while none of its workers listens: both killed, the supervisor restarting
+        # them. (The port alone would let a second server's socket in then.)
+        for pid in _workers(first):
+            os.kill(pid, signal.SIGKILL)
+        second = subprocess.run(
+            [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(tmp_path / "third"),
+             "--port", str(first.port), "--workers", str(second_workers),
+             "--no-access-log"], capture_output=True, text=True, timeout=60)
+        assert second.returncode != 0
+        assert "in use" in second.stderr.lower() or "holds" in second.stderr, \
+            second.stderr[-2000:]
+        _wait_ready(first)
     finally:
         first.kill()

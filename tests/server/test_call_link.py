@@ -1,0 +1,45 @@
+"""One connection of partition calls (server/calls/link.py) toward a peer that stops
+reading: what it holds for the peer stays bounded, and its calls fail rather than wait."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from replication.peer import Channel
+from server.calls import link as link_module
+from server.calls.link import CallLink
+from server.errors import DependencyUnavailableError
+
+
+def test_a_peer_that_stops_reading_costs_a_bounded_buffer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(link_module, "CALL_BUFFER_MAX", 4 << 20)
+    monkeypatch.setattr(link_module, "CALL_TIMEOUT_S", 3.0)
+
+    async def run() -> tuple[int, set[str], bool]:
+        ours, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        # The peer's end is open, never read: a stalled worker.
+        _, peer_writer = await asyncio.open_unix_connection(sock=theirs)
+        link = CallLink(Channel(reader, writer, "worker 1", 16 << 20, None), "worker 1")
+        body = [b"x" * (1 << 20)]
+        most = 0
+        outcomes: set[str] = set()
+        calls = []
+        for _ in range(40):
+            calls.append(asyncio.ensure_future(link.call("metrics_text", "", body)))
+            await asyncio.sleep(0.01)
+            most = max(most, writer.transport.get_write_buffer_size())
+        for outcome in await asyncio.gather(*calls, return_exceptions=True):
+            assert isinstance(outcome, DependencyUnavailableError), outcome
+            outcomes.add(type(outcome).__name__)
+        peer_writer.close()
+        return most, outcomes, link.open
+
+    most, outcomes, still_open = asyncio.run(run())
+    assert most <= (4 << 20) + (2 << 20), most  # the bound and one frame
+    assert "LeaderUnreachableError" in outcomes  # refused, not sent
+    assert not still_open
