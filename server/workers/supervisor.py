@@ -6,8 +6,10 @@ itself. It
   the supervisor itself was killed;
 - does once, before any worker starts, what one process must do alone: set aside
   strays, reconcile the queue records with the engine's queues, upgrade the key stores;
-- reserves the port (SO_REUSEPORT, which also resolves port 0), then starts the workers,
-  which bind it too, the kernel spreading connections over them;
+- binds the port plainly (refused if anything holds it), claims it among Conveyor
+  servers (server/web/listener.py, claim_port), and reserves it with SO_REUSEPORT (which
+  also resolves port 0); then starts the workers, which bind it too, the kernel spreading
+  connections over them;
 - restarts a worker that dies, after a pause that doubles from 0.1 s to 5 s while it
   keeps dying (another worker then serves the port; calls to the partitions of the dead
   one fail with 503 until it is back);
