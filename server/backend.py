@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol
 
-from engine import AsyncBroker, AsyncQueue, Message, QueueAttributes, QueueStats
+from engine import AsyncBroker, AsyncQueue, Broker, Message, QueueAttributes, QueueStats
+from engine.catalog import Catalog
 from engine.errors import EngineError
 from engine.results import SendEntry, SendResult
 from server.metadata import MetadataStore, QueueRecord
@@ -170,10 +171,7 @@ class LocalPartitions:
         self.guard = guard
 
     async def call(self, partition: str, op: str, *args: Any) -> Any:
-        queue = AsyncQueue(self.broker, partition)
-        if op == "set_attributes":
-            return await self.guard.run(queue.set_attributes, **args[0])
-        return await self.guard.run(getattr(queue, op), *args)
+        return await engine_call(self.broker, self.guard, partition, op, args)
 
     # One wait for the whole long poll: waits here end only with the poll, or when
     # another partition answers first (a remote one is cancelled then).
@@ -184,12 +182,28 @@ class LocalPartitions:
 
     async def partition_uids(self, names: list[str], fresh: bool = False) -> dict[int, int]:
         # This process is the catalog's only writer: its view is always current.
-        found: dict[int, int] = {}
-        for i, name in enumerate(names):
-            uid = self.broker.catalog.uid_of(name)
-            if uid is not None:
-                found[uid] = i
-        return found
+        return catalog_uids(self.broker.catalog, names)
+
+
+async def engine_call(broker: Broker, guard: Guard, partition: str, op: str,
+                      args: Sequence[Any]) -> Any:
+    """``AsyncQueue(partition).<op>(*args)`` in this process's broker, behind the engine's
+    guard: a partition call made where the partition is served (``set_attributes``
+    takes its changes as one dict)."""
+    queue = AsyncQueue(broker, partition)
+    if op == "set_attributes":
+        return await guard.run(queue.set_attributes, **args[0])
+    return await guard.run(getattr(queue, op), *args)
+
+
+def catalog_uids(catalog: Catalog, names: list[str]) -> dict[int, int]:
+    """uid -> index in names, for the engine queues of names that the catalog holds."""
+    found: dict[int, int] = {}
+    for i, name in enumerate(names):
+        uid = catalog.uid_of(name)
+        if uid is not None:
+            found[uid] = i
+    return found
 
 
 class GuardedQueue:

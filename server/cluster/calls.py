@@ -19,12 +19,13 @@ import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from engine import AsyncQueue, Broker
+from engine import Broker
 from replication import frames as fr
 from replication.control import NodeInfo
 from replication.errors import NotLeaderError
 from replication.frames import CALLS_MAGIC
 from replication.peer import Channel
+from server.backend import engine_call
 from server.calls.codec import RESULTS
 from server.calls.link import CALL_FRAME_BYTES_MAX, CallLink, serve_calls
 from server.errors import LeaderUnreachableError
@@ -99,11 +100,7 @@ class PartitionCalls:
 
     async def local(self, partition: str, op: str, args: Sequence[Any]) -> Any:
         await self.node.opened_here(partition)
-        queue = AsyncQueue(self.broker, partition)
-        if op == "set_attributes":
-            return await self.guard.run(queue.set_attributes, **args[0])
-        method = getattr(queue, op)
-        return await self.guard.run(method, *args)
+        return await engine_call(self.broker, self.guard, partition, op, args)
 
     async def _link(self, leader: NodeInfo) -> CallLink:
         link = self._links.get(leader.node_id)

@@ -18,7 +18,7 @@ from engine import AsyncQueue, Broker
 from engine.catalog import Catalog
 from engine.errors import EngineError
 from engine.records import Origin, Send
-from server.backend import GuardedQueue, QueueHandle
+from server.backend import GuardedQueue, QueueHandle, catalog_uids, engine_call
 from server.calls.codec import RESULTS
 from server.calls.link import CALL_TIMEOUT_S
 from server.errors import DependencyUnavailableError
@@ -95,22 +95,14 @@ class WorkerPartitions:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._accepting, broker.accept_moved,
                                               partition, args[0])
-        queue = AsyncQueue(broker, partition)
-        if op == "set_attributes":
-            return await self.guard.run(queue.set_attributes, **args[0])
-        return await self.guard.run(getattr(queue, op), *args)
+        return await engine_call(broker, self.guard, partition, op, args)
 
     async def partition_uids(self, names: list[str], fresh: bool = False) -> dict[int, int]:
         assert self.broker is not None
         if fresh:
             # The rows of another worker's partitions may be of a queue deleted since.
             await asyncio.to_thread(self.broker.catalog.refresh)
-        found: dict[int, int] = {}
-        for i, name in enumerate(names):
-            uid = self.broker.catalog.uid_of(name)
-            if uid is not None:
-                found[uid] = i
-        return found
+        return catalog_uids(self.broker.catalog, names)
 
     # One wait for the whole long poll: waits here end only with the poll, or when
     # another partition answers first (a remote one is cancelled then).
