@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import pytest
 from server.partitioned import group_partition, partition_names
 from tests.cluster.harness import ACCOUNT, Cluster
 from tests.cluster.workload import IN_DOUBT_PER_FAULT, Workload, create_queue, drain
+from tests.support.clients import forged_receipts
 from tests.support.consistency import History, check
 
 PARTITIONS = 3
@@ -140,12 +140,7 @@ def test_receipts_route_to_their_partition_and_forgeries_are_refused(c: Cluster)
                                            VisibilityTimeout=60).get("Messages", [])
     assert len(messages) == 2 * PARTITIONS
     foreign = c.sqs("n1").receive_message(QueueUrl=other, WaitTimeSeconds=2)["Messages"][0]
-    handle = messages[0]["ReceiptHandle"]
-    raw = bytearray(base64.urlsafe_b64decode(handle))
-    raw[1] ^= 1  # another uid, same mac
-    forged = [base64.urlsafe_b64encode(bytes(raw)).decode(), handle[:-4] + "AAA=",
-              "not-a-receipt", foreign["ReceiptHandle"]]
-    for bad in forged:
+    for bad in forged_receipts(messages[0]["ReceiptHandle"], foreign["ReceiptHandle"]):
         with pytest.raises(botocore.exceptions.ClientError) as caught:
             c.sqs("n2").delete_message(QueueUrl=url, ReceiptHandle=bad)
         assert _code(caught.value) == "ReceiptHandleIsInvalid", bad

@@ -6,7 +6,6 @@ not in turn (tests/server/test_workers.py)."""
 
 from __future__ import annotations
 
-import base64
 import json
 import signal
 import threading
@@ -22,7 +21,16 @@ import pytest
 from engine import Broker
 from engine.receipts import handle_queue_uid
 from server.partitioned import group_partition, partition_names
-from tests.server.sqs.test_sqs_actions import ACCOUNT, arn, attrs, counts, receive, redrive
+from tests.server.sqs.test_sqs_actions import (
+    ACCOUNT,
+    arn,
+    attrs,
+    counts,
+    dead_letter_all,
+    receive,
+    redrive,
+)
+from tests.support.clients import forged_receipts
 from tests.support.server import Server, module_server, restarted_if_dead
 
 PARTITIONS = 3
@@ -73,6 +81,24 @@ def _delete_all(sqs: Any, url: str, messages: list[dict[str, Any]]) -> None:
         assert not reply.get("Failed"), reply
 
 
+def _receive_groups(sqs: Any, url: str, groups: list[str], total: int
+                    ) -> tuple[dict[str, list[int]], dict[str, set[int]]]:
+    """Receive and delete bodies "<group>-<n>" until total have come (or 60 s): each
+    group's numbers in the order received, and the partitions (uids) it came from."""
+    got: dict[str, list[int]] = {g: [] for g in groups}
+    uids: dict[str, set[int]] = {g: set() for g in groups}
+    deadline = time.monotonic() + 60
+    while sum(map(len, got.values())) < total and time.monotonic() < deadline:
+        messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10,
+                                       WaitTimeSeconds=1).get("Messages", [])
+        for m in messages:
+            group, n = m["Body"].split("-")
+            got[group].append(int(n))
+            uids[group].add(_uid(m))
+        _delete_all(sqs, url, messages)
+    return got, uids
+
+
 def test_a_standard_queue_spreads_sends_over_its_partitions(server: Server) -> None:
     sqs = server.sqs()
     url = _create(sqs, "spread")
@@ -103,17 +129,7 @@ def test_fifo_groups_keep_their_order_each_in_its_partition(server: Server) -> N
     for i in range(10):
         sqs.send_message_batch(QueueUrl=url, Entries=[
             {"Id": g, "MessageBody": f"{g}-{i}", "MessageGroupId": g} for g in groups])
-    got: dict[str, list[int]] = {g: [] for g in groups}
-    partition_of: dict[str, set[int]] = {g: set() for g in groups}
-    deadline = time.monotonic() + 60
-    while sum(map(len, got.values())) < 80 and time.monotonic() < deadline:
-        messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10,
-                                       WaitTimeSeconds=1).get("Messages", [])
-        for m in messages:
-            group, n = m["Body"].split("-")
-            got[group].append(int(n))
-            partition_of[group].add(_uid(m))
-        _delete_all(sqs, url, messages)
+    got, partition_of = _receive_groups(sqs, url, groups, 80)
     assert got == {g: list(range(10)) for g in groups}
     assert all(len(uids) == 1 for uids in partition_of.values()), partition_of
     # Groups that hash to different partitions were served by different partitions.
@@ -134,12 +150,7 @@ def test_receipts_route_to_their_partition_and_forgeries_are_refused(server: Ser
     messages = _drain(sqs, url, 2 * PARTITIONS, VisibilityTimeout=60)
     assert len(messages) == 2 * PARTITIONS
     foreign = sqs.receive_message(QueueUrl=other, WaitTimeSeconds=2)["Messages"][0]
-    handle = messages[0]["ReceiptHandle"]
-    raw = bytearray(base64.urlsafe_b64decode(handle))
-    raw[1] ^= 1  # another uid, same mac
-    forged = [base64.urlsafe_b64encode(bytes(raw)).decode(), handle[:-4] + "AAA=",
-              "not-a-receipt", foreign["ReceiptHandle"]]
-    for bad in forged:
+    for bad in forged_receipts(messages[0]["ReceiptHandle"], foreign["ReceiptHandle"]):
         with pytest.raises(botocore.exceptions.ClientError) as caught:
             sqs.delete_message(QueueUrl=url, ReceiptHandle=bad)
         assert _code(caught.value) == "ReceiptHandleIsInvalid", bad
@@ -221,11 +232,7 @@ def test_dead_letters_of_a_partitioned_queue_and_their_redrive(server: Server) -
     bodies = {f"d{i}" for i in range(2 * PARTITIONS)}
     for body in sorted(bodies):
         sqs.send_message(QueueUrl=url, MessageBody=body)
-    for _ in range(30):
-        receive(sqs, url, MaxNumberOfMessages=10, VisibilityTimeout=0)
-        if counts(sqs, url) == (0, 0, 0):
-            break
-    assert counts(sqs, url) == (0, 0, 0)
+    dead_letter_all(sqs, url)
     moved = _drain(sqs, dlq, len(bodies), VisibilityTimeout=0,
                    MessageSystemAttributeNames=["DeadLetterQueueSourceArn"])
     assert {m["Body"] for m in moved} == bodies
@@ -253,22 +260,8 @@ def test_fifo_dead_letters_keep_each_group_in_one_partition_in_order(server: Ser
         sqs.send_message_batch(QueueUrl=url, Entries=[
             {"Id": g, "MessageBody": f"{g}-{i}", "MessageGroupId": g,
              "MessageDeduplicationId": f"{g}-{i}"} for g in groups])
-    for _ in range(60):
-        receive(sqs, url, MaxNumberOfMessages=10, VisibilityTimeout=0)
-        if counts(sqs, url) == (0, 0, 0):
-            break
-    assert counts(sqs, url) == (0, 0, 0)
-    got: dict[str, list[int]] = {g: [] for g in groups}
-    uids: dict[str, set[int]] = {g: set() for g in groups}
-    deadline = time.monotonic() + 30
-    while sum(map(len, got.values())) < 3 * len(groups) and time.monotonic() < deadline:
-        messages = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10,
-                                       WaitTimeSeconds=1).get("Messages", [])
-        for m in messages:
-            group, n = m["Body"].split("-")
-            got[group].append(int(n))
-            uids[group].add(_uid(m))
-        _delete_all(sqs, dlq, messages)
+    dead_letter_all(sqs, url)
+    got, uids = _receive_groups(sqs, dlq, groups, 3 * len(groups))
     assert got == {g: [0, 1, 2] for g in groups}
     # Each group went to the dead-letter partition its id hashes to, where a send of that
     # group would go.
@@ -287,10 +280,7 @@ def test_encrypted_partitions_and_their_dead_letters_open(server: Server) -> Non
     bodies = {f"secret-{i}" for i in range(2 * PARTITIONS)}
     for body in sorted(bodies):
         sqs.send_message(QueueUrl=url, MessageBody=body)
-    for _ in range(30):
-        receive(sqs, url, MaxNumberOfMessages=10, VisibilityTimeout=0)
-        if counts(sqs, url) == (0, 0, 0):
-            break
+    dead_letter_all(sqs, url)
     moved = _drain(sqs, dlq, len(bodies), VisibilityTimeout=0)
     assert {m["Body"] for m in moved} == bodies
     sqs.start_message_move_task(SourceArn=arn("sealed-dlq"))

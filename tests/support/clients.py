@@ -1,9 +1,11 @@
 """Helpers shared by the FrontEnd protection tests (encryption, throttling, isolation):
 plain HTTP calls to the native API and /metrics, draining queues, and reading every byte a
-server left in its data directory."""
+server left in its data directory; and receipt handles forged from genuine ones (the
+partition tests)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -134,3 +136,14 @@ def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.05) 
             return value
         assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
         time.sleep(interval)
+
+
+def forged_receipts(handle: str, foreign: str) -> list[str]:
+    """Handles a queue must refuse, made from one of its own (``handle``) and one of
+    another queue's (``foreign``): another uid under the same mac, a mac cut short, not a
+    handle at all, and the other queue's handle as it is."""
+    raw = bytearray(base64.urlsafe_b64decode(handle))
+    raw[1] ^= 1  # another uid, same mac
+    return [base64.urlsafe_b64encode(bytes(raw)).decode(), handle[:-4] + "AAA=",
+            "not-a-receipt", foreign]
+
