@@ -39,7 +39,8 @@ signed request re-sent; recv10 on the aiohttp client, which signs each delete it
 With ``--workers N`` it compares a server of one process against one of N workers
 (``serve --workers N``), started side by side, alternating send10 and recv10 (both on wrk)
 between them for ``--rounds`` rounds: messages/s, server CPU per message (summed over the
-supervisor and its workers) and the load generator's CPU per message for each. Every other
+supervisor and its workers, as every server CPU figure here is) and the load generator's
+CPU per message for each. Every other
 mode serves with ``--workers 1``: they measure the request path itself.
 
 With ``--large`` it measures the per-byte work of large bodies on one server, driven by
@@ -112,20 +113,32 @@ def _wait_port(port: int, timeout: float = 30) -> None:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system seconds of the process and its live descendants (a server of
-    workers: the supervisor and each worker)."""
-    total = 0.0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree_cpu_seconds(pid: int) -> float:
+    """User + system seconds of the process and every descendant alive now: a server of
+    workers is its supervisor and each worker."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
         try:
-            with open(f"/proc/{current}/stat") as f:
+            with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{current}/task/{current}/children") as f:
-                pending += [int(child) for child in f.read().split()]
-        except FileNotFoundError:
+        except OSError:
             continue  # gone meanwhile
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total, stack = 0.0, [pid]
+    while stack:
+        current = stack.pop()
+        total += times.get(current, 0.0)
+        stack.extend(children.get(current, ()))
     return total
 
 
@@ -180,11 +193,11 @@ async def _drive(name: str, url: str, workers: list[Op], seconds: float,
                 result.requests += 1
                 result.messages += messages
 
-        cpu0, t0 = sum(map(_cpu_seconds, pids)), time.monotonic()
+        cpu0, t0 = sum(map(_tree_cpu_seconds, pids)), time.monotonic()
         client0 = time.process_time()
         await asyncio.gather(*(loop(w) for w in workers))
         result.seconds = time.monotonic() - t0
-        result.cpu_s = sum(map(_cpu_seconds, pids)) - cpu0
+        result.cpu_s = sum(map(_tree_cpu_seconds, pids)) - cpu0
         result.client_cpu_s = time.process_time() - client0
     return result
 
@@ -327,13 +340,13 @@ async def _run_wrk(name: str, url: str, script_text: str, seconds: float, pid: i
         script.write(script_text)
     try:
         children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu0 = _cpu_seconds(pid)
+        cpu0 = _tree_cpu_seconds(pid)
         process = await asyncio.create_subprocess_exec(
             "wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s",
             "-s", script.name, url, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE)
         out, err = await process.communicate()
-        cpu = _cpu_seconds(pid) - cpu0
+        cpu = _tree_cpu_seconds(pid) - cpu0
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
     finally:
         os.unlink(script.name)

@@ -24,7 +24,7 @@ import time
 
 import aiohttp
 
-from bench.http_load import HEADERS, TARGET, _cpu_seconds, _free_port, _wait_ready
+from bench.http_load import HEADERS, TARGET, _free_port, _tree_cpu_seconds, _wait_ready
 
 WAIT_S = 20
 SETTLE_S = 5.0
@@ -60,9 +60,9 @@ async def measure(url: str, pid: int, connections: int, queues: int, seconds: fl
         tasks = [asyncio.create_task(poll(urls[i % queues])) for i in range(connections)]
         try:
             await asyncio.sleep(SETTLE_S)
-            cpu0, t0, answered0 = _cpu_seconds(pid), time.monotonic(), answered
+            cpu0, t0, answered0 = _tree_cpu_seconds(pid), time.monotonic(), answered
             await asyncio.sleep(seconds)
-            cpu, elapsed = _cpu_seconds(pid) - cpu0, time.monotonic() - t0
+            cpu, elapsed = _tree_cpu_seconds(pid) - cpu0, time.monotonic() - t0
             for task in tasks:
                 if task.done():
                     task.result()  # a poll that failed fails the run

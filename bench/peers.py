@@ -48,34 +48,18 @@ from typing import Any
 
 import aiohttp
 
-from bench.http_load import HEADERS, TARGET, _free_port, _wait_port, _wait_ready
+from bench.http_load import (
+    HEADERS,
+    TARGET,
+    _free_port,
+    _tree_cpu_seconds,
+    _wait_port,
+    _wait_ready,
+)
 
 BODY = b"x" * 100
 BATCH = 10
 STARTUP_S = 60.0
-
-
-def _tree_cpu_seconds(pid: int) -> float:
-    """User + system seconds of the process and every descendant alive now."""
-    children: dict[int, list[int]] = {}
-    times: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        children.setdefault(int(fields[1]), []).append(int(entry))
-        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
-    total, stack = 0.0, [pid]
-    while stack:
-        current = stack.pop()
-        total += times.get(current, 0.0)
-        stack.extend(children.get(current, ()))
-    return total
 
 
 @dataclass
