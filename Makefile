@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SOURCES := $(wildcard engine/*.pyx engine/*.pxd engine/*.h) setup.py pyproject.toml
 
-.PHONY: all install serve test lint typecheck unit unit-workers bench bench-http bench-peers peers debug-build \
+.PHONY: all install serve test lint typecheck unit unit-workers cluster-workers bench bench-http bench-peers peers debug-build \
 	clean etcd wrk \
 	dev-cluster soak faults fuse bench-cluster scale join backlog
 
@@ -85,6 +85,12 @@ unit-workers: install
 		-n $(PYTEST_WORKERS) --dist loadscope $(WORKERS_SUITES)
 
 test: lint typecheck unit unit-workers
+
+# Every cluster test again, with servers of two workers (--cluster --workers 2), each
+# worker a member of its own: about 4 minutes, not part of `make test`.
+cluster-workers: install etcd
+	CONVEYOR_TEST_WORKERS=2 $(BIN)/python -m pytest -q -p no:cacheprovider \
+		-n $(PYTEST_WORKERS) --dist loadscope tests/cluster
 
 # Long failure runs, not part of `make test`: the leader-kill loop for CONVEYOR_SOAK_S
 # seconds (default 150).

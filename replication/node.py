@@ -162,6 +162,43 @@ def open_is_heavy(followed: Log | None, on_disk: bool) -> bool:
     return on_disk
 
 
+MEMBER_SEPARATOR = "/"
+"""Between a server's node id and its worker's: ``n1/w0`` is worker 0 of the server
+``n1`` (`conveyor serve --cluster --workers N`). A node id given to the server has none."""
+
+
+def host_of(member: str) -> str:
+    """The server (so, the host) a member belongs to: a node id up to MEMBER_SEPARATOR."""
+    return member.split(MEMBER_SEPARATOR, 1)[0]
+
+
+def one_per_host(preference: list[str], count: int) -> list[str]:
+    """Up to count members of the ring's preference list, the first of each host only.
+    The workers of one server share its disk and its power: two copies there would be
+    one against the failures replication is for, yet count as two toward
+    min_insync_replicas. So a queue has at most one copy per server, and its replication
+    factor is capped by servers, as it was by nodes."""
+    first: list[str] = []
+    seen: set[str] = set()
+    for member in preference:
+        if host_of(member) not in seen and len(first) < count:
+            seen.add(host_of(member))
+            first.append(member)
+    return first
+
+
+def ring_placement(ring: HashRing, name: str, rf: int, members: list[str]) -> list[str]:
+    """The replicas of a queue on the ring over members, in preference order: the first
+    rf members clockwise from the queue's point, one per server (one_per_host)."""
+    hosts = len({host_of(m) for m in members})
+    count = min(rf, hosts)
+    if not count:
+        return []
+    if hosts == len(members):
+        return list(ring.preference_list(name, count))
+    return one_per_host(ring.preference_list(name, len(members)), count)
+
+
 class ClusterNode:
     """See the module docstring. Also the broker's Leadership: it opens only led queues."""
 
@@ -350,7 +387,7 @@ class ClusterNode:
 
     def placement(self, name: str, rf: int, members: list[str] | None = None) -> list[str]:
         """The replicas the ring over members (default: self.members()) gives a queue, in
-        preference order."""
+        preference order: at most one per server (one_per_host)."""
         members = self.members() if members is None else sorted(members)
         key = tuple(members)
         ring = self._rings.get(key)
@@ -360,8 +397,7 @@ class ClusterNode:
             for node_id in members:
                 ring.add(node_id)
             self._rings = {key: ring}
-        count = min(rf, len(members))
-        return ring.preference_list(name, count) if count else []
+        return ring_placement(ring, name, rf, members)
 
     def leader_node(self, name: str) -> NodeInfo | None:
         """Where partition calls for the queue go: its leader, as this node's view says

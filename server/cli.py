@@ -227,7 +227,8 @@ def _read_password(path: str) -> str:
 @click.option("--workers", type=click.IntRange(1, WORKERS_MAX),
               help="Processes serving the port, each owning a share of every queue's "
                    "partitions (default: one per core, at most "
-                   f"{WORKERS_MAX}; 1 with --cluster).")
+                   f"{WORKERS_MAX}; 1 with --cluster). With --cluster, each worker is a "
+                   "member of its own: NODE_ID/wI, replicating on REPLICATION_PORT+I.")
 # Set by the supervisor of --workers on each worker it starts.
 @click.option("--worker-index", type=click.IntRange(0, WORKERS_MAX - 1), hidden=True)
 # Test-only: the negative control of the hostile-peer tests runs a node without it.
@@ -282,10 +283,11 @@ def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, aut
         cluster = dataclasses.replace(cluster, node_gone_s=node_gone_after,
                                       peer_secret_file=cluster_secret_file,
                                       peer_auth=not no_peer_auth)
-    if etcd is not None and (workers or 1) > 1:
-        raise click.UsageError("--workers above 1 with --cluster: not yet; run one node "
-                               "per process (a cluster's nodes may share a host)")
+    # A cluster node keeps one process unless told: with workers, its members (and data
+    # directories) are others, and an upgrade must not change a running cluster's.
     workers = workers or (1 if etcd is not None else default_workers())
+    if cluster is not None and workers > 1:
+        _check_member_ports(cluster, workers)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     config = ServerConfig(data_dir=data_dir, host=host, port=port, fsync=fsync,
                           access_log=access_log, auth=auth, master_key_file=master_key_file,
@@ -365,13 +367,20 @@ def _supervise(config: ServerConfig) -> None:
 
 
 def _worker_config(config: ServerConfig, index: int) -> ServerConfig:
-    """A worker's config: its place, and its share of the memory bound."""
+    """A worker's config: its place, and its share of the memory bound. In a cluster, a
+    worker is a member of its own (server/workers/supervisor.py, "In a cluster")."""
     from server.workers.ownership import WorkerPlace
-    from server.workers.supervisor import RUN_DIR_ENV
+    from server.workers.supervisor import RUN_DIR_ENV, member_cluster, member_data_dir
 
     place = WorkerPlace(index, config.workers, os.environ[RUN_DIR_ENV])
     memory = None if config.memory_max is None else config.memory_max // config.workers
-    return dataclasses.replace(config, worker=place, memory_max=memory)
+    config = dataclasses.replace(config, worker=place, memory_max=memory)
+    if config.cluster is None:
+        return config
+    # The master key stays the server's: every member of the cluster shares it.
+    return dataclasses.replace(config, cluster=member_cluster(config.cluster, index),
+                               data_dir=member_data_dir(config.data_dir, index),
+                               master_key_file=config.master_key_path)
 
 
 @main.command("dev-cluster")
@@ -393,10 +402,13 @@ def _cluster_config(etcd: Any, node_id: str | None, advertise: str, port: int, h
                     replication_port: int | None, replication_advertise: str,
                     lease_ttl: int, replication_factor: int, min_insync_replicas: int,
                     tls_cert: str | None) -> Any:
-    from replication.node import ClusterConfig
+    from replication.node import MEMBER_SEPARATOR, ClusterConfig
 
     if replication_port is None:
         raise click.UsageError("--cluster needs --replication-port")
+    if node_id is not None and (MEMBER_SEPARATOR in node_id or not node_id):
+        raise click.BadParameter(f"a node id has no {MEMBER_SEPARATOR!r} (it separates a "
+                                 "node's workers' ids)", param_hint="--node-id")
     scheme = "https" if tls_cert else "http"
     return ClusterConfig(
         etcd=etcd, node_id=node_id or f"{advertise}:{port}",
@@ -404,6 +416,17 @@ def _cluster_config(etcd: Any, node_id: str | None, advertise: str, port: int, h
         replication_port=replication_port, replication_advertise=replication_advertise
         or f"{advertise}:{replication_port}", lease_ttl_s=lease_ttl,
         replication_factor=replication_factor, min_insync_replicas=min_insync_replicas)
+
+
+def _check_member_ports(cluster: Any, workers: int) -> None:
+    """Worker i of a cluster node replicates on the node's port + i (and is reached at its
+    advertised port + i): every one of them must be a port."""
+    _, _, advertised = cluster.replication_advertise.rpartition(":")
+    if not advertised.isdigit():
+        raise click.BadParameter("not HOST:PORT", param_hint="--replication-advertise")
+    if max(cluster.replication_port, int(advertised)) + workers - 1 > 65535:
+        raise click.UsageError(f"--workers {workers} replicate on {workers} ports from "
+                               "--replication-port (and its advertised port) up: past 65535")
 
 
 def _is_loopback(host: str) -> bool:

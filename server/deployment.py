@@ -60,7 +60,7 @@ class Deployment:
     """The bulkhead and breaker around this process's engine calls."""
     access_keys: KeyLookup | None
     """Where access keys are found; None while authentication is off."""
-    cluster_view: Callable[[str | None], dict[str, Any]] | None = None
+    cluster_view: Callable[[str | None], Awaitable[dict[str, Any]]] | None = None
     """This node's view of the cluster (for /v1/cluster): given None, all of it (an
     admin's); given an account, what that account may see (server/cluster/view.py). None
     on a single node."""
@@ -85,11 +85,11 @@ def open_deployment(config: ServerConfig, master: bytes, on_sync: OnSync
 
     master: the master key; on_sync: told the duration of every log fsync.
     """
-    if config.worker is not None:
-        from server.workers.deployment import open_worker
-
-        return open_worker(config, config.worker, master, on_sync)
     if config.cluster is None:
+        if config.worker is not None:
+            from server.workers.deployment import open_worker
+
+            return open_worker(config, config.worker, master, on_sync)
         return open_single_node(config, master, on_sync)
     # Imported here: a single node never loads the cluster's code and its etcd client.
     from server.cluster.deployment import open_cluster

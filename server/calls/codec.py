@@ -123,8 +123,9 @@ def _send_results(raw: list[Any]) -> list[SendResult | EngineError]:
 # caller. Each op is the AsyncQueue method of the same name, but for those workers call on
 # one another alone: create_queue and delete_queue (the broker's, for one partition),
 # accept_moved (dead letters into a partition, durably), and those of
-# server/workers/siblings.py: metrics_text and usage (a worker's part of /metrics and
-# /v1/usage), and sqs_action, attempt_get and attempt_put (made at a queue's home).
+# server/workers/siblings.py: metrics_text, usage and describe (a worker's part of
+# /metrics, /v1/usage and /v1/cluster), and sqs_action, attempt_get and attempt_put (made
+# at a queue's home).
 ARGUMENTS: dict[str, Callable[[list[Any]], list[Any]]] = {
     "send_batch": lambda a: [[_send_entry(e) for e in a[0]]],
     "receive": lambda a: a,
@@ -140,6 +141,7 @@ ARGUMENTS: dict[str, Callable[[list[Any]], list[Any]]] = {
     "accept_moved": lambda a: [_moved(a[0])],
     "metrics_text": lambda a: a,
     "usage": lambda a: a,
+    "describe": lambda a: a,
     "sqs_action": lambda a: a,
     "attempt_get": lambda a: a,
     "attempt_put": lambda a: a,
@@ -159,6 +161,7 @@ RESULTS: dict[str, Callable[[Any], Any]] = {
     "accept_moved": lambda r: None,
     "metrics_text": bytes,
     "usage": dict,
+    "describe": dict,
     "sqs_action": dict,
     "attempt_get": lambda r: r,
     "attempt_put": lambda r: None,

@@ -4,8 +4,11 @@ and queue records and access keys in etcd (see server/deployment.py for the othe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from engine import AsyncBroker
 from replication.node import ClusterConfig, ClusterNode
@@ -15,7 +18,7 @@ from server.cluster.calls import PartitionCalls
 from server.cluster.etcd_keystore import EtcdKeyStore
 from server.cluster.etcd_metadata import EtcdMetadataStore
 from server.cluster.health import ReplicationHealth
-from server.cluster.view import cluster_view
+from server.cluster.view import cluster_view, merge_members
 from server.config import ServerConfig
 from server.deployment import (
     Deployment,
@@ -59,11 +62,32 @@ async def open_cluster(config: ServerConfig, cluster: ClusterConfig, master: byt
             background(stack, access_keys.mirror())
         await node.start(broker.broker)
         background(stack, store.watch(metadata.invalidate, metadata.clear))
-        yield Deployment(broker, metadata, PartitionedBackend(node, calls), guard,
-                         access_keys.lookup if access_keys is not None else None,
-                         cluster_view(node.describe, masterkey.subkey(receipt_key,
-                                                                      "node-alias")),
-                         (ReplicationHealth(node),))
+        alias_key = masterkey.subkey(receipt_key, "node-alias")
+
+        async def describe() -> dict[str, Any]:
+            return node.describe()
+
+        deployment = Deployment(broker, metadata, PartitionedBackend(node, calls), guard,
+                                access_keys.lookup if access_keys is not None else None,
+                                cluster_view(describe, alias_key), (ReplicationHealth(node),))
+        if config.worker is not None:
+            # A worker of the node's server (server/workers/supervisor.py, "In a
+            # cluster"): a member like any other, but the server's rate limits and views
+            # are shared with its siblings.
+            from server.workers.deployment import member_views, siblings_not_ready
+            from server.workers.supervisor import shared_buckets
+
+            siblings = await member_views(stack, config.worker)
+            siblings.provide("describe", lambda queue, args: describe())
+
+            async def server_describe() -> dict[str, Any]:
+                return merge_members(await siblings.gather("describe"), siblings.place.index)
+
+            deployment = dataclasses.replace(
+                deployment, rate_buckets=shared_buckets(), siblings=siblings,
+                cluster_view=cluster_view(server_describe, alias_key),
+                not_ready=functools.partial(siblings_not_ready, siblings.mesh))
+        yield deployment
 
 
 def _peer_key(cluster: ClusterConfig, master: bytes) -> bytes | None:

@@ -8,6 +8,9 @@ address (ADVERTISE:PORT), as telling as the addresses an admin sees. The alias i
 a MAC of the id under a key every node derives from the cluster's secret, so it is the
 same on every node and cannot be turned back into the id.
 
+On a node whose workers are members of their own, the view is the server's: theirs,
+merged (``merge_members``).
+
 Fields are copied by name, never passed through: a field that the replication layer adds
 to its description later reaches admins only, until someone decides a tenant may see it.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from server.partitioned import partition_account
@@ -27,19 +30,43 @@ _ALIAS_HEX = 12
 View = dict[str, Any]
 
 
-def cluster_view(describe: Callable[[], View], alias_key: bytes
-                 ) -> Callable[[str | None], View]:
+def cluster_view(describe: Callable[[], Awaitable[View]], alias_key: bytes
+                 ) -> Callable[[str | None], Awaitable[View]]:
     """/v1/cluster's data: ``describe()`` whole for None (an admin), else for an account."""
 
     def alias(node_id: str) -> str:
         mac = hmac.new(alias_key, node_id.encode(), hashlib.sha256).hexdigest()
         return f"node-{mac[:_ALIAS_HEX]}"
 
-    def view(account: str | None) -> View:
-        whole = describe()
+    async def view(account: str | None) -> View:
+        whole = await describe()
         return whole if account is None else account_view(whole, account, alias)
 
     return view
+
+
+def merge_members(described: dict[int, View], here: int) -> View:
+    """The views of a server's workers, each a member of the cluster, as the server's
+    (server/workers/supervisor.py, "In a cluster"); here: the index of the worker that
+    answers. ``node`` is that worker's member id, ``workers`` every one's with its lease;
+    what the server leads is what any of them leads. The rest (nodes, queues) is the
+    cluster's, as the worker that answers sees it."""
+    mine = described[here]
+    leading: View = {}
+    led: set[str] = set()
+    for view in described.values():
+        leading |= view["leading"]
+        led |= {name for name, q in view["queues"].items() if q["leading_here"]}
+    return {
+        "node": mine["node"],
+        "lease_valid": all(v["lease_valid"] for v in described.values()),
+        "workers": {v["node"]: {"lease_valid": v["lease_valid"]}
+                    for _, v in sorted(described.items())},
+        "nodes": mine["nodes"],
+        "queues": {name: q | {"leading_here": name in led}
+                   for name, q in mine["queues"].items()},
+        "leading": leading,
+    }
 
 
 def account_view(whole: View, account: str, alias: Callable[[str], str]) -> View:

@@ -88,7 +88,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         stack.callback(keyring.close)
         queue_rate = parse_rate(config.queue_rate, "queue rate")
         service = QueueService(deployment.backend, deployment.metadata, Sealer(keyring),
-                               queue_rate, standard_partitions=config.workers,
+                               queue_rate, standard_partitions=standard_partitions(config),
                                queue_locks=deployment.queue_locks,
                                purges=None if deployment.rate_buckets is None else
                                SharedLimiter(deployment.rate_buckets, PURGES_SEED))
@@ -117,6 +117,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         if deployment.siblings is not None:
             _serve_siblings(app, deployment.siblings)
         yield
+
+
+def standard_partitions(config: ServerConfig) -> int:
+    """A new standard queue's partitions unless asked: one per worker, so that a send is
+    taken where it lands. A cluster's queues spread over its members one per queue, as
+    its nodes of one process spread them."""
+    return 1 if config.cluster is not None else config.workers
 
 
 async def healthz(request: web.Request) -> web.Response:

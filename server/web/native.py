@@ -472,5 +472,5 @@ async def cluster(request: web.Request) -> web.Response:
                                  status=404)
     server_account = request.app[appkeys.CONFIG].account_id
     account = request.get(appkeys.ACCOUNT, server_account)
-    return web.json_response(view(None if operator.is_admin(account, server_account)
-                                  else account))
+    return web.json_response(await view(None if operator.is_admin(account, server_account)
+                                        else account))

@@ -198,7 +198,10 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["node", "lease_valid", "nodes", "queues", "leading"],
         "properties": {"node": _STR, "lease_valid": {"type": "boolean"},
                        "nodes": {"type": "object"}, "queues": {"type": "object"},
-                       "leading": {"type": "object"}},
+                       "leading": {"type": "object"},
+                       # A node of workers (--workers with --cluster), to an admin: each
+                       # worker's member id and whether its lease is valid.
+                       "workers": {"type": "object"}},
     },
     "Health": {
         "type": "object", "required": ["status"], "properties": {"status": _STR},

@@ -1,12 +1,16 @@
 """What a worker runs on: the shared data directory's engine, opened for the partitions
 this worker owns, and the same metadata and access keys as its siblings (SQLite in WAL
-mode: every worker reads them, and writes go to one database file)."""
+mode: every worker reads them, and writes go to one database file). A worker of a
+cluster node is a cluster member instead (server/cluster/deployment.py), which shares
+only the server's views with its siblings (``member_views``)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from engine import AsyncBroker
 from server.config import ServerConfig
@@ -18,6 +22,7 @@ from server.deployment import (
     engine_memory_max,
     metadata_guard,
 )
+from server.errors import DependencyUnavailableError
 from server.metadata import CachedMetadata, SQLiteMetadataStore
 from server.protection import keystore
 from server.protection.keystore import KeyStore
@@ -25,7 +30,7 @@ from server.workers.backend import WorkerBackend, WorkerPartitions
 from server.workers.mesh import Mesh
 from server.workers.ownership import Ownership, WorkerPlace
 from server.workers.shared import Generation, KeyedFileLocks
-from server.workers.siblings import Siblings
+from server.workers.siblings import VIEW_OPS, Siblings
 from server.workers.supervisor import shared_buckets
 
 
@@ -55,13 +60,36 @@ async def open_worker(config: ServerConfig, place: WorkerPlace, master: bytes,
         generation = Generation(place.run_dir)
         stack.callback(generation.close)
 
-        async def not_ready() -> str | None:
-            up = await mesh.reachable()
-            missing = sorted(set(range(place.count)) - set(up) - {place.index})
-            return f"workers {missing} are not serving calls yet" if missing else None
-
         yield Deployment(broker, CachedMetadata(store, metadata_guard(), generation),
                          WorkerBackend(partitions, guard), guard,
                          access_keys.lookup if config.auth == "required" else None,
                          queue_locks=KeyedFileLocks(place.run_dir),
-                         rate_buckets=shared_buckets(), siblings=siblings, not_ready=not_ready)
+                         rate_buckets=shared_buckets(), siblings=siblings,
+                         not_ready=functools.partial(siblings_not_ready, mesh))
+
+
+async def siblings_not_ready(mesh: Mesh) -> str | None:
+    """Why a worker is not ready: siblings not serving calls yet. The server is ready
+    once every worker is (a load balancer, or the supervisor's caller, sees one port)."""
+    place = mesh.place
+    up = await mesh.reachable()
+    missing = sorted(set(range(place.count)) - set(up) - {place.index})
+    return f"workers {missing} are not serving calls yet" if missing else None
+
+
+async def member_views(stack: contextlib.AsyncExitStack, place: WorkerPlace) -> Siblings:
+    """The siblings of a worker that is a cluster member: its call socket serves them its
+    part of /metrics and /v1/usage, and nothing else (its queues are the cluster's, and
+    reached by the cluster's partition calls)."""
+
+    async def views(queue: str, op: str, args: Sequence[Any]) -> Any:
+        if op not in VIEW_OPS:
+            raise DependencyUnavailableError(f"worker {place.index}",
+                                             f"a cluster member serves no {op!r} here")
+        return await siblings.local(op, queue, args)
+
+    mesh = Mesh(place, views)
+    siblings = Siblings(place, mesh, homes=False)
+    await mesh.start()
+    stack.push_async_callback(mesh.close)
+    return siblings

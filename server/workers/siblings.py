@@ -10,7 +10,9 @@ Any worker shows the whole server:
 - /metrics is every worker's registry, each sample labelled ``worker="i"``: a sum over
   that label is the server's (a counter of a worker restarted since starts again at 0,
   as any process's does). Families are kept whole, as the text format requires.
-- /v1/usage is summed over the workers.
+- /v1/usage is summed over the workers;
+- on a cluster node, /v1/cluster is every worker's (server/cluster/view.py,
+  merge_members).
 
 A worker that does not answer (restarting) is left out, and the answer says which.
 """
@@ -30,13 +32,18 @@ _log = logging.getLogger("conveyor.server")
 
 Provider = Callable[[str, Sequence[Any]], Awaitable[Any]]
 """(the queue's engine name, or "" for the whole server; the arguments) -> the answer."""
-SIBLING_OPS = ("metrics_text", "usage", "sqs_action", "attempt_get", "attempt_put")
+VIEW_OPS = ("metrics_text", "usage", "describe")
+SIBLING_OPS = (*VIEW_OPS, "sqs_action", "attempt_get", "attempt_put")
 
 
 class Siblings:
-    def __init__(self, place: WorkerPlace, mesh: Mesh) -> None:
+    def __init__(self, place: WorkerPlace, mesh: Mesh, homes: bool = True) -> None:
+        """homes: whether queues have a home among the workers; False for the workers
+        of a cluster node, each a member of the cluster that keeps its own (as a node of
+        one process does)."""
         self.place = place
         self.mesh = mesh
+        self.homes = homes
         self._providers: dict[str, Provider] = {}
 
     def provide(self, op: str, provider: Provider) -> None:
@@ -52,7 +59,7 @@ class Siblings:
 
     def is_home(self, engine_name: str) -> bool:
         """Whether this worker is the queue's home."""
-        return self.place.owns(engine_name)
+        return not self.homes or self.place.owns(engine_name)
 
     async def at_home(self, engine_name: str, op: str, *args: Any) -> Any:
         """op made at the queue's home (another worker)."""

@@ -18,12 +18,21 @@ itself. It
 
 A worker that finds the supervisor gone (the end of a pipe it holds closes) stops
 gracefully by itself.
+
+In a cluster (``--cluster``), each worker is a member of its own, as a node of one
+process is: its id is ``NODE_ID/wI``, it replicates on REPLICATION_PORT+I, and it keeps
+its copies in DATA_DIR/wI. The cluster's partition calls carry what the workers' call
+sockets carry on one node, and the ring places at most one copy of a queue on each
+server (replication.node, one_per_host). The workers still
+share the port, the rate limits, and /metrics and /v1/usage over the call sockets; there
+is nothing for the supervisor to prepare, since each member's directory is its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import mmap
 import os
@@ -36,6 +45,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from engine import AsyncBroker
 from engine.broker import lock_directory
@@ -50,6 +60,9 @@ from server.protection._shared_buckets import SLOT_BYTES, SharedBuckets
 from server.protection.keystore import KeyStore
 from server.protection.sse import Keyring
 from server.web.listener import claim_port
+
+if TYPE_CHECKING:
+    from replication.node import ClusterConfig
 
 _log = logging.getLogger("conveyor.server")
 
@@ -96,6 +109,22 @@ def prepare(config: ServerConfig, master: bytes) -> None:
         Keyring(os.path.join(config.data_dir, sse.FILE_NAME), master).close()
 
     asyncio.run(run())
+
+
+def member_data_dir(data_dir: str, index: int) -> str:
+    """Where worker index of a cluster node keeps its copies."""
+    return os.path.join(data_dir, f"w{index}")
+
+
+def member_cluster(cluster: ClusterConfig, index: int) -> ClusterConfig:
+    """Worker index's membership of the cluster: its id and its replication port."""
+    from replication.node import MEMBER_SEPARATOR  # a node of one server never loads it
+
+    host, _, port = cluster.replication_advertise.rpartition(":")
+    return dataclasses.replace(
+        cluster, node_id=f"{cluster.node_id}{MEMBER_SEPARATOR}w{index}",
+        replication_port=cluster.replication_port + index,
+        replication_advertise=f"{host}:{int(port) + index}")
 
 
 def run_directory(data_dir: str) -> tuple[str, bool]:
@@ -177,7 +206,8 @@ class Supervisor:
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM,
                                                                       signal.SIGINT)}
         try:
-            prepare(config, master)
+            if config.cluster is None:
+                prepare(config, master)
             if self.stopping:  # told to stop while preparing: nothing to stop yet
                 return 0
             env = {**os.environ, RUN_DIR_ENV: run_dir, SUPERVISOR_FD_ENV: str(death_read),

@@ -4,12 +4,18 @@ Every node listens on loopback ports of its own; a node can be killed, paused (S
 and restarted on the same data directory and ports. ``follower_proxies`` puts a
 fault-injecting proxy (tests/support/faultproxy.py) in front of each node's replication port, and
 the node advertises the proxy: every byte shipped to that node passes through it.
+
+Nodes run ``workers`` workers each (default: CONVEYOR_TEST_WORKERS, else 1). With more
+than one, each worker is a member of the cluster (``n0/w1``): the queues' replicas, ISR
+and leaders name members, while a node (a server, killed or paused whole) is ``n0``.
+The methods here take either; ``members``, ``node`` and ``data_dir`` translate.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import time
 import urllib.request
@@ -21,7 +27,7 @@ from server.protection import masterkey
 from tests.support.certs import Pki
 from tests.support.etcd import EtcdCluster, EtcdServer
 from tests.support.faultproxy import FaultProxy
-from tests.support.server import Server, free_port, queue_dir
+from tests.support.server import WORKERS_ENV, Server, free_ports, queue_dir
 
 ACCOUNT = "000000000000"
 
@@ -30,10 +36,11 @@ class Cluster:
     def __init__(self, root: Path, nodes: int = 3, *, lease_ttl: int = 3,
                  fsync: str = "always", proxies: bool = False,
                  extra: tuple[str, ...] = (), etcd_members: int = 1,
-                 etcd_tls: Pki | None = None) -> None:
+                 etcd_tls: Pki | None = None, workers: int | None = None) -> None:
         """etcd_tls: etcd serves TLS and requires client certificates, which every node
         is given (one etcd member only)."""
         self.root = root
+        self.workers = workers or int(os.environ.get(WORKERS_ENV, "1"))
         self.etcd: EtcdServer | EtcdCluster = (
             EtcdServer(root / "etcd", tls=etcd_tls) if etcd_members == 1
             else EtcdCluster(root / "etcd", etcd_members))
@@ -50,29 +57,59 @@ class Cluster:
     def add_node(self, node_id: str) -> Server:
         """Start another node (it joins the cluster)."""
         lease_ttl, fsync, proxies, extra = self._options
-        replication_port = free_port()
+        replication_port = free_ports(self.workers)
         args = [*self.etcd.client_options(), "--node-id", node_id,
                 "--replication-port", str(replication_port), "--lease-ttl", str(lease_ttl),
                 *extra]
+        if self.workers > 1:
+            args += ["--workers", str(self.workers)]
         if "--master-key-file" not in extra:
             # Nodes prove one secret to each other; with a shared master key, its subkey.
             secret = self.root / "cluster.secret"
             masterkey.load_or_create(str(secret))
             args += ["--cluster-secret-file", str(secret)]
         if proxies:
-            proxy = FaultProxy("127.0.0.1", replication_port)
-            proxy.start()
-            self.proxies[node_id] = proxy
-            args += ["--replication-advertise", f"127.0.0.1:{proxy.port}"]
+            # Worker i is advertised at the first proxy's port + i.
+            first = free_ports(self.workers)
+            for i, member in enumerate(self.members_of(node_id)):
+                proxy = FaultProxy("127.0.0.1", replication_port + i, first + i)
+                proxy.start()
+                self.proxies[member] = proxy
+            args += ["--replication-advertise", f"127.0.0.1:{first}"]
         self.nodes[node_id] = Server(self.root / node_id, fsync, extra=tuple(args))
         return self.nodes[node_id]
+
+    # -- members and nodes ----------------------------------------------------------------------
+
+    def members_of(self, node_id: str) -> list[str]:
+        """The cluster members a node is: itself, or each of its workers."""
+        if self.workers == 1:
+            return [node_id]
+        return [f"{node_id}/w{i}" for i in range(self.workers)]
+
+    def members(self, nodes: list[str] | None = None) -> list[str]:
+        """Every member of nodes (default: of every node)."""
+        return [m for n in (self.nodes if nodes is None else nodes)
+                for m in self.members_of(n)]
+
+    def node_of(self, member: str) -> str:
+        return member.split("/", 1)[0]
+
+    def node(self, member: str) -> Server:
+        """The server a member (or node id) runs in."""
+        return self.nodes[self.node_of(member)]
+
+    def data_dir(self, member: str) -> Path:
+        """A member's data directory (a node's own, or its worker's under it)."""
+        node, _, worker = member.partition("/")
+        return self.root / node / worker if worker else self.root / node
 
     # -- looking ------------------------------------------------------------------------------
 
     def state(self, node_id: str | None = None) -> dict[str, Any]:
         """A live node's /v1/cluster view."""
         for candidate in [node_id] if node_id else self.live():
-            node = self.nodes[candidate]
+            node = self.node(candidate)
             with contextlib.suppress(OSError), \
                     urllib.request.urlopen(node.url + "/v1/cluster", timeout=2) as reply:
                 state: dict[str, Any] = json.loads(reply.read())
@@ -80,8 +117,9 @@ class Cluster:
         raise RuntimeError("no node answers /v1/cluster")
 
     def live(self) -> list[str]:
-        return [n for n, s in self.nodes.items()
-                if s.process is not None and s.process.poll() is None]
+        """The members of the nodes that run (the nodes, with one worker each)."""
+        return self.members([n for n, s in self.nodes.items()
+                             if s.process is not None and s.process.poll() is None])
 
     def queue_state(self, queue: str, account: str = ACCOUNT) -> dict[str, Any]:
         state: dict[str, Any] = self.state()["queues"][f"{account}/{queue}"]
@@ -98,6 +136,10 @@ class Cluster:
             time.sleep(0.1)
         raise TimeoutError(f"queue {queue} has no leader (other than {other_than})")
 
+    def replicas(self, queue: str) -> list[str]:
+        """The members that hold a copy of the queue."""
+        return list(self.queue_state(queue)["replicas"])
+
     def wait_isr(self, queue: str, size: int, timeout: float = 30) -> list[str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -110,25 +152,21 @@ class Cluster:
                            f"{[self.state(n).get('leading') for n in self.live()]}")
 
     def sqs(self, node_id: str, **config: Any) -> Any:
-        return self.nodes[node_id].sqs(**config)
+        return self.node(node_id).sqs(**config)
 
-    # -- acting ----------------------------------------------------------------------------
+    # -- acting (on a whole node, given a node or one of its members) ----------------------------
 
     def kill(self, node_id: str) -> None:
-        self.nodes[node_id].kill()
+        self.node(node_id).kill()
 
     def pause(self, node_id: str) -> None:
-        process = self.nodes[node_id].process
-        assert process is not None
-        process.send_signal(signal.SIGSTOP)
+        self.node(node_id).signal_all(signal.SIGSTOP)
 
     def resume(self, node_id: str) -> None:
-        process = self.nodes[node_id].process
-        assert process is not None
-        process.send_signal(signal.SIGCONT)
+        self.node(node_id).signal_all(signal.SIGCONT)
 
     def restart(self, node_id: str) -> None:
-        node = self.nodes[node_id]
+        node = self.node(node_id)
         if node.process is not None and node.process.poll() is None:
             node.kill()
         node.start()
@@ -137,13 +175,13 @@ class Cluster:
         """SIGTERM every node (a graceful stop: logs flushed, leases revoked)."""
         for node in self.nodes.values():
             if node.process is not None and node.process.poll() is None:
-                node.process.send_signal(signal.SIGCONT)
+                node.signal_all(signal.SIGCONT)
                 node.stop()
 
     def close(self) -> None:
         for node in self.nodes.values():
             if node.process is not None and node.process.poll() is None:
-                node.process.send_signal(signal.SIGCONT)
+                node.signal_all(signal.SIGCONT)
                 node.kill()
         for proxy in self.proxies.values():
             proxy.close()

@@ -18,7 +18,6 @@ Durability is weakened on purpose, in two ways, each beside the same run with it
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -42,8 +41,7 @@ def _kill_all_under_load(root: Path, fsync: str) -> Report:
         with Workload(c, url, history, consume=False) as load:
             time.sleep(2)
             for node in c.nodes.values():
-                assert node.process is not None
-                os.kill(node.process.pid, signal.SIGKILL)
+                node.signal_all(signal.SIGKILL)  # with workers, each of them
             assert load.sent_ok > 0
         for node in c.nodes.values():
             node.process.wait()  # type: ignore[union-attr]
@@ -90,7 +88,7 @@ def _lose_the_lone_leader(root: Path, min_insync: int) -> tuple[Report, set[str]
                  extra=("--min-insync-replicas", str(min_insync))) as c:
         url = create_queue(c, "alone")
         leader = c.leader("alone")
-        followers = sorted(n for n in c.nodes if n != leader)
+        followers = sorted(n for n in c.replicas("alone") if n != leader)
         c.wait_isr("alone", 3)
         history = History()
         # Sends go to the leader itself: a forwarded one would cross a follower's node.

@@ -50,24 +50,25 @@ def test_a_damaged_follower_copy_keeps_what_precedes_the_damage(tmp_path: Path) 
             client.send_message(QueueUrl=url, MessageBody=f"b{i:02d}" + "." * BIG_BODY_BYTES)
         for i in range(SMALL_MESSAGES):  # a batch each: damage among them has valid after
             client.send_message(QueueUrl=url, MessageBody=f"m{i:02d}")
-        follower = next(n for n in c.nodes if n != leader)
-        c.nodes[follower].stop()
-        directory = queue_dir(c.root / follower, "mended")
+        follower = next(n for n in c.replicas("mended") if n != leader)
+        replicas = c.replicas("mended")
+        c.node(follower).stop()
+        directory = queue_dir(c.data_dir(follower), "mended")
         sealed, damaged = sorted((directory / "log").glob(f"*{format.LOG_SUFFIX}"))
         kept = (sealed.stat().st_ino, sealed.read_bytes())
         raw = _flip(damaged, lambda size: size - 2000)  # among the small messages' batches
 
-        c.nodes[follower].start()
+        c.node(follower).start()
         c.wait_isr("mended", 3, timeout=30)
         for i in range(SMALL_MESSAGES, SMALL_MESSAGES + 10):
             client.send_message(QueueUrl=url, MessageBody=f"m{i:02d}")
-        log = c.nodes[follower].log.read_text()
+        log = c.node(follower).log.read_text()
         assert "this follower's copy is damaged" in log, log[-3000:]
 
         c.stop_all()
-        copies = {n: read_log(c.root / n, "mended") for n in c.nodes}
+        copies = {n: read_log(c.data_dir(n), "mended") for n in replicas}
         assert all(copy == copies[leader] for copy in copies.values())
-        assert len({state_digest(c.root / n, "mended") for n in c.nodes}) == 1
+        assert len({state_digest(c.data_dir(n), "mended") for n in replicas}) == 1
         # The sealed segment was never copied again: the very file, untouched.
         assert (sealed.stat().st_ino, sealed.read_bytes()) == kept
         [quarantine] = (directory / "quarantine").iterdir()
@@ -93,19 +94,21 @@ def test_a_leader_elected_with_a_damaged_copy_hands_over_and_is_mended(tmp_path:
         sent = {f"m{i:02d}" for i in range(40)}
         for body in sorted(sent):
             client.send_message(QueueUrl=url, MessageBody=body)
-        first = c.queue_state("handover")["replicas"][0]
+        replicas = c.replicas("handover")
+        first = replicas[0]
         for node in c.nodes:  # all at once: no node lives to shrink the ISR
             c.kill(node)
-        directory = queue_dir(c.root / first, "handover")
+        directory = queue_dir(c.data_dir(first), "handover")
         [segment] = (directory / "log").glob(f"*{format.LOG_SUFFIX}")
         raw = _flip(segment, lambda size: size // 2)
-        for node in c.nodes:
+        # first's node back first: it is first in line to lead, and must find out then.
+        for node in sorted(c.nodes, key=lambda n: n != c.node_of(first)):
             c.restart(node)
 
         leader = c.leader("handover", timeout=60)
         assert leader != first
         c.wait_isr("handover", 3, timeout=60)  # first is back, copied again
-        log = c.nodes[first].log.read_text()
+        log = c.node(first).log.read_text()
         assert "this node's copy is damaged" in log, log[-3000:]
         client = c.sqs(leader)
         got: set[str] = set()
@@ -117,7 +120,7 @@ def test_a_leader_elected_with_a_damaged_copy_hands_over_and_is_mended(tmp_path:
         # with it everything before it.
         client.send_message(QueueUrl=url, MessageBody="last")
         c.stop_all()
-        copies = {n: read_log(c.root / n, "handover") for n in c.nodes}
+        copies = {n: read_log(c.data_dir(n), "handover") for n in replicas}
         assert all(copy == copies[leader] for copy in copies.values()), {
             n: len(copy) for n, copy in copies.items()}
         [kept] = (directory / "quarantine").iterdir()
@@ -152,21 +155,22 @@ def test_the_only_in_sync_copy_damaged_waits_for_the_operators_salvage(
         sent = [f"message-{i:03d}" for i in range(50)]
         for body in sent[:10]:
             client.send_message(QueueUrl=url, MessageBody=body)
-        others = [n for n in c.nodes if n != keeper]
+        replicas = c.replicas("stuck")
+        others = [n for n in replicas if n != keeper]
         for node in others:
             c.kill(node)
         c.wait_isr("stuck", 1)  # their leases ran out: the keeper alone is in sync
         for body in sent[10:]:  # a batch each, held by the keeper alone
             client.send_message(QueueUrl=url, MessageBody=body)
         c.kill(keeper)
-        directory = queue_dir(c.root / keeper, "stuck")
+        directory = queue_dir(c.data_dir(keeper), "stuck")
         pristine = tmp_path / "pristine"
         shutil.copytree(directory / "log", pristine)
         [segment] = (directory / "log").glob(f"*{format.LOG_SUFFIX}")
-        [behind] = (queue_dir(c.root / others[0], "stuck") / "log").glob("*.log")
+        [behind] = (queue_dir(c.data_dir(others[0]), "stuck") / "log").glob("*.log")
         # In what the keeper alone has.
         _flip(segment, lambda size: (behind.stat().st_size + size) // 2)
-        log = c.nodes[keeper].log
+        log = c.node(keeper).log
         start = len(log.read_text())
         for node in c.nodes:
             c.restart(node)
@@ -194,12 +198,12 @@ def test_the_only_in_sync_copy_damaged_waits_for_the_operators_salvage(
         assert [m["Body"] for m in got] == ["served"]
 
         # The operator's acts: stop the node, salvage its data directory, start it.
-        c.nodes[keeper].stop()
+        c.node(keeper).stop()
         salvaged = subprocess.run(
-            [sys.executable, "-m", "server.cli", "log", "salvage", str(c.root / keeper)],
+            [sys.executable, "-m", "server.cli", "log", "salvage", str(c.data_dir(keeper))],
             capture_output=True, text=True, timeout=120)
         assert salvaged.returncode == 0, salvaged.stdout + salvaged.stderr
-        c.nodes[keeper].start()
+        c.node(keeper).start()
         assert c.leader("stuck", timeout=30) == keeper
         c.wait_isr("stuck", 3, timeout=30)
         [quarantine] = (directory / "quarantine").iterdir()
@@ -218,9 +222,9 @@ def test_the_only_in_sync_copy_damaged_waits_for_the_operators_salvage(
         assert got_bodies == set(sent) - lost
         client.send_message(QueueUrl=url, MessageBody="after")  # committed on all three
         c.stop_all()
-        copies = {n: read_log(c.root / n, "stuck") for n in c.nodes}
+        copies = {n: read_log(c.data_dir(n), "stuck") for n in replicas}
         assert all(copy == copies[keeper] for copy in copies.values())
-        assert len({state_digest(c.root / n, "stuck") for n in c.nodes}) == 1
+        assert len({state_digest(c.data_dir(n), "stuck") for n in replicas}) == 1
 
 
 def test_a_repaired_follower_leaves_the_isr_and_never_leads_short(tmp_path: Path) -> None:
@@ -241,16 +245,16 @@ def test_a_repaired_follower_leaves_the_isr_and_never_leads_short(tmp_path: Path
         # Killed and back within its lease: the leader never saw it gone, so it is still
         # in the ISR when it finds its copy damaged (the case the ISR must not keep).
         c.kill(short)
-        directory = queue_dir(c.root / short, "short")
+        directory = queue_dir(c.data_dir(short), "short")
         [segment] = (directory / "log").glob(f"*{format.LOG_SUFFIX}")
         _flip(segment, lambda size: size // 3)
         # What the leader sends this follower arrives late: the leader's OPEN starts the
         # repair, and the records it would send after are still on their way when it stops.
         c.proxies[short].delay(0.6)  # each way: the leader still gets a POSITION in 2 s
-        c.nodes[short].start()
+        c.node(short).start()
         deadline = time.monotonic() + 30
-        while "this follower's copy is damaged" not in c.nodes[short].log.read_text():
-            assert time.monotonic() < deadline, c.nodes[short].log.read_text()[-3000:]
+        while "this follower's copy is damaged" not in c.node(short).log.read_text():
+            assert time.monotonic() < deadline, c.node(short).log.read_text()[-3000:]
             time.sleep(0.01)
         c.pause(leader)
         try:
@@ -264,7 +268,7 @@ def test_a_repaired_follower_leaves_the_isr_and_never_leads_short(tmp_path: Path
             ).get("Messages", []):
                 got |= {m["Body"] for m in messages}
             assert got == sent, sorted(sent - got)
-            log = c.nodes[short].log.read_text()
+            log = c.node(short).log.read_text()
             # Logged only when it was in the ISR and took itself out.
             assert "the repaired copy here left the ISR" in log, log[-3000:]
             assert "queue 000000000000/short: leading" not in log.split(

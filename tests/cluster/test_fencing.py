@@ -25,7 +25,7 @@ def test_paused_leader_acknowledges_nothing_and_is_truncated(tmp_path: Path) -> 
         url = create_queue(c, "fenced")
         history = History()
         old = c.leader("fenced")
-        client = c.nodes[old].sqs(**CLIENT)
+        client = c.node(old).sqs(**CLIENT)
         for i in range(20):
             body = f"before-{i}"
             history.send_attempted(body)
@@ -39,7 +39,7 @@ def test_paused_leader_acknowledges_nothing_and_is_truncated(tmp_path: Path) -> 
             body = f"during-{i}"
             history.send_attempted(body)
             try:
-                reply = c.nodes[old].sqs(**CLIENT).send_message(QueueUrl=url, MessageBody=body)
+                reply = c.node(old).sqs(**CLIENT).send_message(QueueUrl=url, MessageBody=body)
             except Exception as exc:
                 history.send_failed(body, type(exc).__name__)
                 outcomes.append(("refused", exc))
@@ -51,7 +51,9 @@ def test_paused_leader_acknowledges_nothing_and_is_truncated(tmp_path: Path) -> 
         for sender in senders:
             sender.start()
         new = c.leader("fenced", other_than=old, timeout=30)
-        assert time.monotonic() - paused_at >= LEASE_TTL_S
+        # Not before the old leader's lease ran out: a full TTL from its last renewal,
+        # which came up to a third of the TTL before the pause (renewed every ttl/3).
+        assert time.monotonic() - paused_at >= LEASE_TTL_S * 2 / 3
         other = c.sqs(new)
         for i in range(20):
             body = f"after-{i}"
@@ -71,9 +73,9 @@ def test_paused_leader_acknowledges_nothing_and_is_truncated(tmp_path: Path) -> 
         # The old leader rejoins as a follower, its divergent suffix cut.
         c.wait_isr("fenced", 3)
         c.stop_all()
-        logs = {n: read_log(c.root / n, "fenced") for n in c.nodes}
+        logs = {n: read_log(c.data_dir(n), "fenced") for n in (old, new)}
         assert logs[old] == logs[new], "the old leader's log still diverges"
-        cut = "cut divergent records" in c.nodes[old].log.read_text(errors="replace")
+        cut = "cut divergent records" in c.node(old).log.read_text(errors="replace")
         refused = sum(1 for kind, _ in outcomes if kind == "refused")
         print(f"\npaused leader: {refused} of 5 sends refused, the rest forwarded; "
               f"divergent suffix {'cut' if cut else 'not written'}")

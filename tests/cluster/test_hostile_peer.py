@@ -179,7 +179,8 @@ def test_an_outsider_changes_nothing_on_the_replication_port(guarded: Cluster) -
     url = create_queue(c, QUEUE)
     leader = c.leader(QUEUE)
     assert len(c.wait_isr(QUEUE, 3)) == 3
-    followers = [n for n in c.nodes if n != leader]
+    replicas = c.replicas(QUEUE)
+    followers = [n for n in replicas if n != leader]
     state = c.state(leader)
     with _Producer(c, leader, url) as producer:
         time.sleep(0.5)
@@ -205,7 +206,7 @@ def test_an_outsider_changes_nothing_on_the_replication_port(guarded: Cluster) -
     assert int(attributes["ApproximateNumberOfMessages"]) == producer.acked
     # ... and once the nodes stop, every follower's log is the leader's, byte for byte.
     c.stop_all()
-    logs = {n: read_log(c.root / n, QUEUE) for n in c.nodes}
+    logs = {n: read_log(c.data_dir(n), QUEUE) for n in replicas}
     for node in followers:
         assert logs[node] == logs[leader], f"{node}'s log differs from the leader's"
 
@@ -257,7 +258,7 @@ def test_a_flood_of_unauthenticated_connections_keeps_no_node_out(tmp_path: Path
         c.wait_isr("before", 3)
         state = c.state(leader)
         with _Producer(c, leader, url) as producer, \
-                _Flood([_address(state, n) for n in c.nodes]) as flood:
+                _Flood([_address(state, n) for n in c.members()]) as flood:
             # The flood under way (its pace is the machine's: under load it may take a
             # few seconds to open so many).
             flooding = time.monotonic() + 30
@@ -292,7 +293,7 @@ def test_negative_control_without_peer_authentication_the_attack_succeeds(
         c.sqs(leader).send_message_batch(QueueUrl=url, Entries=[
             {"Id": str(i), "MessageBody": f"m{i}"} for i in range(10)])
         state = c.state(leader)
-        follower = next(n for n in c.nodes if n != leader)
+        follower = next(n for n in c.replicas(QUEUE) if n != leader)
         what, opening, frames = next(_attacks(state, follower))
         answered = _converse(_address(state, follower), opening, frames)
         uid, epoch = state["queues"][NAME]["uid"], state["queues"][NAME]["epoch"]

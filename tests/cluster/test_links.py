@@ -26,7 +26,7 @@ def test_faulty_links_stall_or_refuse_and_lose_nothing(tmp_path: Path) -> None:
     with cluster(tmp_path, proxies=True, lease_ttl=3) as c:
         url = create_queue(c, "links")
         leader = c.leader("links")
-        first, second = sorted(n for n in c.nodes if n != leader)
+        first, second = sorted(n for n in c.replicas("links") if n != leader)
         history = History()
         with Workload(c, url, history, nodes=[leader]) as load:
             assert _grows(load, 2)

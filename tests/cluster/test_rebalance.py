@@ -5,6 +5,7 @@ acknowledged is lost on the way."""
 from __future__ import annotations
 
 import itertools
+import re
 import time
 import urllib.request
 from pathlib import Path
@@ -20,22 +21,28 @@ QUEUES = [f"r{i}" for i in range(8)]
 RF = 2
 
 
-def ring_replicas(queue: str, nodes: list[str]) -> set[str]:
+def ring_replicas(queue: str, members: list[str]) -> set[str]:
+    """The ring's replicas over members: the first RF in its order, one per node."""
     ring = HashRing()
-    for node in sorted(nodes):
-        ring.add(node)
-    return set(ring.preference_list(f"{ACCOUNT}/{queue}", min(RF, len(nodes))))
+    for member in sorted(members):
+        ring.add(member)
+    replicas: dict[str, str] = {}
+    for member in ring.preference_list(f"{ACCOUNT}/{queue}", len(members)):
+        replicas.setdefault(member.split("/")[0], member)
+    return set(list(replicas.values())[:RF])
 
 
 def placed(c: Cluster, nodes: list[str], timeout: float = 90) -> None:
-    """Wait until every queue's replicas, all in sync, are the ring's over nodes."""
+    """Wait until every queue's replicas, all in sync, are the ring's over the members of
+    nodes."""
+    members = c.members(nodes)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         queues = c.state()["queues"]
         none: dict[str, object] = {"replicas": [], "isr": [], "leader": None}
-        if all(set(queues.get(f"{ACCOUNT}/{q}", none)["replicas"]) == ring_replicas(q, nodes)
-               and set(queues.get(f"{ACCOUNT}/{q}", none)["isr"]) == ring_replicas(q, nodes)
-               and queues.get(f"{ACCOUNT}/{q}", none)["leader"] in ring_replicas(q, nodes)
+        if all(set(queues.get(f"{ACCOUNT}/{q}", none)["replicas"]) == ring_replicas(q, members)
+               and set(queues.get(f"{ACCOUNT}/{q}", none)["isr"]) == ring_replicas(q, members)
+               and queues.get(f"{ACCOUNT}/{q}", none)["leader"] in ring_replicas(q, members)
                for q in QUEUES):
             return
         time.sleep(0.2)
@@ -57,7 +64,8 @@ def test_join_and_leave_move_only_what_the_ring_moves(tmp_path: Path) -> None:
                                   "--node-gone-after", "3")) as c:
         urls = {q: create_queue(c, q) for q in QUEUES}
         three, four = ["n0", "n1", "n2"], ["n0", "n1", "n2", "n3"]
-        moving = [q for q in QUEUES if ring_replicas(q, three) != ring_replicas(q, four)]
+        moving = [q for q in QUEUES if ring_replicas(q, c.members(three))
+                  != ring_replicas(q, c.members(four))]
         assert moving and len(moving) < len(QUEUES), "the queue names test nothing"
         placed(c, three)
         history = History()
@@ -80,6 +88,7 @@ def test_join_and_leave_move_only_what_the_ring_moves(tmp_path: Path) -> None:
         c.kill("n3")  # for good: after --node-gone-after its replicas move back
         placed(c, three)
         send(c, urls, history, "left")
+        owners = c.replicas("own")
         for url in urls.values():
             drain(c, url, history)
         report = check(history)
@@ -89,9 +98,11 @@ def test_join_and_leave_move_only_what_the_ring_moves(tmp_path: Path) -> None:
 
         # Each node holds copies of exactly the queues it is a replica of.
         c.stop_all()
-        for node in three:
-            expected = {f"{ACCOUNT}/{q}" for q in QUEUES if node in ring_replicas(q, three)}
-            assert local_queues(c.root / node) == expected | {f"{ACCOUNT}/own"}, node
+        for member in c.members(three):
+            expected = {f"{ACCOUNT}/{q}" for q in QUEUES
+                        if member in ring_replicas(q, c.members(three))}
+            own = {f"{ACCOUNT}/own"} if member in owners else set()
+            assert local_queues(c.data_dir(member)) == expected | own, member
 
 
 def test_with_two_of_three_nodes_gone_writes_wait_for_a_replica(tmp_path: Path) -> None:
@@ -109,7 +120,8 @@ def test_with_two_of_three_nodes_gone_writes_wait_for_a_replica(tmp_path: Path) 
         history = History()
         client = c.sqs(leader, **CLIENT)
         send(c, {"promise": url}, history, "before")
-        others = [n for n in c.nodes if n != leader]
+        replicas = c.replicas("promise")
+        others = [n for n in replicas if n != leader]
         for node in others:
             c.kill(node)
         # The followers' leases run out (3 s), then node_gone_s, then a rebalance (1 s).
@@ -137,13 +149,15 @@ def test_with_two_of_three_nodes_gone_writes_wait_for_a_replica(tmp_path: Path) 
             raise AssertionError(f"acknowledged with {others} gone: {c.state(leader)}")
         assert refused > 0
         state = c.state(leader)
-        assert set(state["queues"][name]["replicas"]) == set(c.nodes), state
+        assert set(state["queues"][name]["replicas"]) == set(replicas), state
         assert state["queues"][name]["isr"] == [leader]
         assert state["leading"][name]["under_replicated"] is True
-        with urllib.request.urlopen(c.nodes[leader].url + "/metrics") as reply:
+        with urllib.request.urlopen(c.node(leader).url + "/metrics") as reply:
             metrics = reply.read().decode()
-        assert f'conveyor_partition_below_min_insync{{partition="{name}"}} 1.0' in metrics
-        assert f'conveyor_partition_under_replicated{{partition="{name}"}} 1.0' in metrics
+        for gauge in ("below_min_insync", "under_replicated"):
+            # Labelled with the worker too on a server of workers.
+            assert re.search(f'conveyor_partition_{gauge}{{(worker="[0-9]+",)?'
+                             f'partition="{name}"}} 1.0', metrics), gauge
 
         # A node comes back: it catches up, and writes are acknowledged again.
         c.restart(others[0])

@@ -46,12 +46,15 @@ def test_mixed_workload_leaves_identical_replicas(tmp_path: Path) -> None:
         isr = c.wait_isr("mixed", 3)
         # /v1/cluster answers as the OpenAPI document says.
         jsonschema.validate(c.state(leader), DOCUMENT["components"]["schemas"]["Cluster"])
-        assert set(isr) == {"n0", "n1", "n2"}
+        assert {c.node_of(m) for m in isr} == {"n0", "n1", "n2"}  # a copy on each node
+        fifo_leader = c.leader("mixed.fifo")
+        replicas = {"mixed": c.replicas("mixed"), "mixed.fifo": c.replicas("mixed.fifo")}
         c.stop_all()
-        for queue in ("mixed", "mixed.fifo"):
-            logs = {n: read_log(c.root / n, queue) for n in c.nodes}
-            assert len(logs[leader]) > 0
-            for node, data in logs.items():
-                assert data == logs[leader], f"{queue}: {node}'s log differs from the leader's"
-            digests = {state_digest(c.root / n, queue) for n in c.nodes}
+        for queue, queue_leader in (("mixed", leader), ("mixed.fifo", fifo_leader)):
+            logs = {m: read_log(c.data_dir(m), queue) for m in replicas[queue]}
+            assert len(logs) == 3 and len(logs[queue_leader]) > 0
+            for member, data in logs.items():
+                assert data == logs[queue_leader], \
+                    f"{queue}: {member}'s log differs from the leader's"
+            digests = {state_digest(c.data_dir(m), queue) for m in replicas[queue]}
             assert len(digests) == 1, digests

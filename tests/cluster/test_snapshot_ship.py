@@ -38,7 +38,7 @@ def test_a_wiped_replica_is_sent_the_snapshot_and_tail_then_leads(tmp_path: Path
         url = create_queue(c, "shipped")
         leader = c.leader("shipped")
         c.wait_isr("shipped", 3)
-        follower, other = (n for n in c.nodes if n != leader)
+        follower, other = (n for n in c.replicas("shipped") if n != leader)
         client = c.sqs(leader, **CLIENT)
         history = History()
         # Churn: each big message sent, received and deleted. The log grows past the
@@ -48,19 +48,19 @@ def test_a_wiped_replica_is_sent_the_snapshot_and_tail_then_leads(tmp_path: Path
             for m in client.receive_message(QueueUrl=url, MaxNumberOfMessages=10,
                                             VisibilityTimeout=30).get("Messages", []):
                 client.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
-        leader_queue = queue_dir(c.root / leader, "shipped")
+        leader_queue = queue_dir(c.data_dir(leader), "shipped")
         assert (leader_queue / "snapshot").exists(), "the churn took no snapshot"
 
         # The follower's disk is replaced: it dies, and comes back with no copy, at once
         # (still in the ISR: the leader takes it out before it sends the snapshot).
         c.kill(follower)
-        copy = queue_dir(c.root / follower, "shipped")
+        copy = queue_dir(c.data_dir(follower), "shipped")
         shutil.rmtree(copy)
         with Workload(c, url, history, nodes=[leader, other]) as load:
             c.restart(follower)
             restarted = load.sent_ok
             wait_for("the follower installs the snapshot",
-                     lambda: INSTALLED.search(c.nodes[follower].log.read_text()))
+                     lambda: INSTALLED.search(c.node(follower).log.read_text()))
             installed = load.sent_ok
             c.wait_isr("shipped", 3)
             time.sleep(0.5)  # the queue serves on, the new copy in the ISR
@@ -68,9 +68,9 @@ def test_a_wiped_replica_is_sent_the_snapshot_and_tail_then_leads(tmp_path: Path
         # can be over before the next send is answered: that it stalls nothing is shown by
         # sends going on, not by one landing inside it.)
         assert load.sent_ok > installed >= restarted, (restarted, installed, load.sent_ok)
-        leader_log = c.nodes[leader].log.read_text()
+        leader_log = c.node(leader).log.read_text()
         assert f"{follower} installed the snapshot at" in leader_log, leader_log[-3000:]
-        found = INSTALLED.search(c.nodes[follower].log.read_text())
+        found = INSTALLED.search(c.node(follower).log.read_text())
         assert found is not None
         offset, log_from = int(found[1]), int(found[3])
         assert 0 < log_from <= offset
@@ -94,5 +94,5 @@ def test_a_wiped_replica_is_sent_the_snapshot_and_tail_then_leads(tmp_path: Path
         c.stop_all()
         # The two live copies replay to one state (the dead leader's may hold an
         # uncommitted suffix, cut when it comes back).
-        digests = {n: state_digest(c.root / n, "shipped") for n in (follower, other)}
+        digests = {n: state_digest(c.data_dir(n), "shipped") for n in (follower, other)}
         assert len(set(digests.values())) == 1, digests

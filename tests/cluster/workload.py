@@ -56,7 +56,7 @@ class Workload:
             thread.join(60)
 
     def _clients(self) -> itertools.cycle[Any]:
-        return itertools.cycle([self.cluster.nodes[n].sqs(**CLIENT) for n in self.nodes])
+        return itertools.cycle([self.cluster.node(n).sqs(**CLIENT) for n in self.nodes])
 
     def _produce(self) -> None:
         clients = self._clients()
@@ -176,7 +176,7 @@ def receive_and_delete(client: Any, url: str, history: History, wait_s: int) -> 
 
 def drain(cluster: Cluster, url: str, history: History, timeout: float = 90) -> None:
     """Receive and delete until the queue is empty (in-flight messages included)."""
-    client = cluster.nodes[cluster.live()[0]].sqs(**CLIENT)
+    client = cluster.node(cluster.live()[0]).sqs(**CLIENT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if receive_and_delete(client, url, history, wait_s=1):
@@ -194,6 +194,6 @@ def drain(cluster: Cluster, url: str, history: History, timeout: float = 90) -> 
 
 def create_queue(cluster: Cluster, name: str, node: str = "n0",
                  attributes: dict[str, str] | None = None) -> str:
-    client = cluster.nodes[node].sqs()
+    client = cluster.node(node).sqs()
     url: str = client.create_queue(QueueName=name, Attributes=attributes or {})["QueueUrl"]
     return url

@@ -93,6 +93,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int) -> int:
+    """The first of count consecutive loopback ports nothing listens on (for a cluster
+    node's workers, which replicate on its replication port and those after it)."""
+    while True:
+        first = free_port()
+        if first + count > 65536:
+            continue
+        for port in range(first + 1, first + count):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    break
+        else:
+            _handed_out.extend(range(first + 1, first + count))
+            return first
+
+
 class Server:
     """A `conveyor serve` child process; restartable on the same data directory."""
 
@@ -149,6 +167,24 @@ class Server:
         elif self.process.poll() is None:
             self.process.send_signal(sig)
         return self.process.wait(timeout)
+
+    def signal_all(self, sig: int) -> None:
+        """Send sig to every process of the server (SIGSTOP pauses its workers too)."""
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, sig)
+
+    def worker_pid(self, index: int) -> int | None:
+        """The pid of the server's worker index now (a child of its supervisor)."""
+        assert self.process is not None
+        pid = self.process.pid
+        with contextlib.suppress(FileNotFoundError):
+            for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+                with contextlib.suppress(FileNotFoundError):
+                    argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                    if argv[-3:-1] == [b"--worker-index", str(index).encode()]:
+                        return int(child)
+        return None
 
     def kill(self) -> None:
         """SIGKILL the server: the process, and with --workers every worker at once."""
