@@ -49,6 +49,7 @@ from replication.errors import (
 )
 from replication.history import EpochHistory, batch_base, batch_end, divergence
 from replication.link import Link, Links, Window
+from replication.members import host_of, one_per_host, servers
 
 if TYPE_CHECKING:
     from engine.queue import QueueCore
@@ -175,12 +176,18 @@ class LeaderRole:
         """min_insync_replicas, capped by the replicas the partition has: fewer only when
         the cluster had fewer nodes than the replication factor when the replicas were
         placed (a gone node's replica is kept until it is replaced, see _rebalance)."""
-        return min(self._min_insync, len(self.partition.replicas))
+        return min(self._min_insync, servers(self.partition.replicas))
+
+    @property
+    def in_sync(self) -> int:
+        """The servers the ISR is on: what a write counts toward min_insync_replicas (two
+        workers of one server are one copy against its loss; replication.members)."""
+        return servers(self.partition.isr)
 
     @property
     def under_replicated(self) -> bool:
-        """Fewer replicas in sync than the replication factor asks."""
-        return len(self.partition.isr) < self.partition.rf
+        """Fewer replicas in sync (on distinct servers) than the replication factor asks."""
+        return self.in_sync < self.partition.rf
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -279,11 +286,11 @@ class LeaderRole:
         in-sync replicas leaves nothing behind, and again before it is acknowledged."""
         if self.closed:
             raise ReplicationUnavailableError(self.name, f"no longer the leader: {self.reason}")
-        if len(self.partition.isr) < self.min_insync:
+        if self.in_sync < self.min_insync:
             raise NotEnoughReplicasError(
                 self.name, f"{len(self.partition.isr)} in-sync replicas "
-                f"({', '.join(self.partition.isr)}), fewer than min_insync_replicas "
-                f"{self.min_insync}")
+                f"({', '.join(self.partition.isr)}), on fewer servers than "
+                f"min_insync_replicas {self.min_insync}")
         if not self.node.lease_valid():
             raise ReplicationUnavailableError(self.name, "this node's etcd lease lapsed")
 
@@ -488,9 +495,9 @@ class LeaderRole:
                 self._rebalanced_at = now
                 self._rebalance_owed = False
                 await self._rebalance()
-            if len(self.partition.isr) < self.min_insync:
-                self._fail_waiters(f"{len(self.partition.isr)} in-sync replicas, fewer than "
-                                   f"min_insync_replicas {self.min_insync}",
+            if self.in_sync < self.min_insync:
+                self._fail_waiters(f"{len(self.partition.isr)} in-sync replicas, on fewer "
+                                   f"servers than min_insync_replicas {self.min_insync}",
                                    NotEnoughReplicasError)
             self._settle()
 
@@ -515,7 +522,11 @@ class LeaderRole:
         target = self.node.placement(self.name, self.partition.rf)
         wanted = min(self.partition.rf, max(len(replicas), len(target)))
         if len(target) < wanted:
-            target += [r for r in replicas if r not in target][:wanted - len(target)]
+            # Kept, not dropped (above), but never a second copy on a server in target:
+            # a server's worker replaced by another of its workers is let go.
+            placed = {host_of(t) for t in target}
+            target += one_per_host([r for r in replicas if host_of(r) not in placed],
+                                   wanted - len(target))
         if not target or set(target) == set(replicas):
             return
         missing = tuple(n for n in target if n not in replicas)

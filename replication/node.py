@@ -57,6 +57,7 @@ from replication.leader import LeaderRole, describe
 from replication.lease import LeaseKeeper
 from replication.link import Links
 from replication.listener import Listener
+from replication.members import ring_placement
 from replication.peer import Peers
 from replication.view import Changes, ViewKeeper
 
@@ -160,43 +161,6 @@ def open_is_heavy(followed: Log | None, on_disk: bool) -> bool:
         # A log that starts past 0 has a snapshot before it, of a size not known here.
         return followed.size_bytes >= HEAVY_OPEN_BYTES or followed.first_offset > 0
     return on_disk
-
-
-MEMBER_SEPARATOR = "/"
-"""Between a server's node id and its worker's: ``n1/w0`` is worker 0 of the server
-``n1`` (`conveyor serve --cluster --workers N`). A node id given to the server has none."""
-
-
-def host_of(member: str) -> str:
-    """The server (so, the host) a member belongs to: a node id up to MEMBER_SEPARATOR."""
-    return member.split(MEMBER_SEPARATOR, 1)[0]
-
-
-def one_per_host(preference: list[str], count: int) -> list[str]:
-    """Up to count members of the ring's preference list, the first of each host only.
-    The workers of one server share its disk and its power: two copies there would be
-    one against the failures replication is for, yet count as two toward
-    min_insync_replicas. So a queue has at most one copy per server, and its replication
-    factor is capped by servers, as it was by nodes."""
-    first: list[str] = []
-    seen: set[str] = set()
-    for member in preference:
-        if host_of(member) not in seen and len(first) < count:
-            seen.add(host_of(member))
-            first.append(member)
-    return first
-
-
-def ring_placement(ring: HashRing, name: str, rf: int, members: list[str]) -> list[str]:
-    """The replicas of a queue on the ring over members, in preference order: the first
-    rf members clockwise from the queue's point, one per server (one_per_host)."""
-    hosts = len({host_of(m) for m in members})
-    count = min(rf, hosts)
-    if not count:
-        return []
-    if hosts == len(members):
-        return list(ring.preference_list(name, count))
-    return one_per_host(ring.preference_list(name, len(members)), count)
 
 
 class ClusterNode:
@@ -387,7 +351,7 @@ class ClusterNode:
 
     def placement(self, name: str, rf: int, members: list[str] | None = None) -> list[str]:
         """The replicas the ring over members (default: self.members()) gives a queue, in
-        preference order: at most one per server (one_per_host)."""
+        preference order: at most one per server (replication.members)."""
         members = self.members() if members is None else sorted(members)
         key = tuple(members)
         ring = self._rings.get(key)

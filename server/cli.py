@@ -287,7 +287,7 @@ def serve(data_dir: str, host: str, port: int, fsync: str, access_log: bool, aut
     # directories) are others, and an upgrade must not change a running cluster's.
     workers = workers or (1 if etcd is not None else default_workers())
     if cluster is not None and workers > 1:
-        _check_member_ports(cluster, workers)
+        _check_member_ports(cluster, workers, port)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     config = ServerConfig(data_dir=data_dir, host=host, port=port, fsync=fsync,
                           access_log=access_log, auth=auth, master_key_file=master_key_file,
@@ -402,7 +402,8 @@ def _cluster_config(etcd: Any, node_id: str | None, advertise: str, port: int, h
                     replication_port: int | None, replication_advertise: str,
                     lease_ttl: int, replication_factor: int, min_insync_replicas: int,
                     tls_cert: str | None) -> Any:
-    from replication.node import MEMBER_SEPARATOR, ClusterConfig
+    from replication.members import MEMBER_SEPARATOR
+    from replication.node import ClusterConfig
 
     if replication_port is None:
         raise click.UsageError("--cluster needs --replication-port")
@@ -418,7 +419,7 @@ def _cluster_config(etcd: Any, node_id: str | None, advertise: str, port: int, h
         replication_factor=replication_factor, min_insync_replicas=min_insync_replicas)
 
 
-def _check_member_ports(cluster: Any, workers: int) -> None:
+def _check_member_ports(cluster: Any, workers: int, http_port: int) -> None:
     """Worker i of a cluster node replicates on the node's port + i (and is reached at its
     advertised port + i): every one of them must be a port."""
     _, _, advertised = cluster.replication_advertise.rpartition(":")
@@ -427,6 +428,10 @@ def _check_member_ports(cluster: Any, workers: int) -> None:
     if max(cluster.replication_port, int(advertised)) + workers - 1 > 65535:
         raise click.UsageError(f"--workers {workers} replicate on {workers} ports from "
                                "--replication-port (and its advertised port) up: past 65535")
+    if http_port in range(cluster.replication_port, cluster.replication_port + workers):
+        raise click.UsageError(f"--workers {workers} replicate on ports "
+                               f"{cluster.replication_port}-"
+                               f"{cluster.replication_port + workers - 1}, which hold --port")
 
 
 def _is_loopback(host: str) -> bool:

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from engine import AsyncBroker
@@ -18,7 +18,7 @@ from server.cluster.calls import PartitionCalls
 from server.cluster.etcd_keystore import EtcdKeyStore
 from server.cluster.etcd_metadata import EtcdMetadataStore
 from server.cluster.health import ReplicationHealth
-from server.cluster.view import cluster_view, merge_members
+from server.cluster.view import cluster_view, member_part, merge_members
 from server.config import ServerConfig
 from server.deployment import (
     Deployment,
@@ -74,14 +74,19 @@ async def open_cluster(config: ServerConfig, cluster: ClusterConfig, master: byt
             # A worker of the node's server (server/workers/supervisor.py, "In a
             # cluster"): a member like any other, but the server's rate limits and views
             # are shared with its siblings.
-            from server.workers.deployment import member_views, siblings_not_ready
+            from server.workers.deployment import member_siblings, siblings_not_ready
             from server.workers.supervisor import shared_buckets
 
-            siblings = await member_views(stack, config.worker)
-            siblings.provide("describe", lambda queue, args: describe())
+            siblings = await member_siblings(stack, config.worker)
+
+            async def own_part(queue: str, args: Sequence[Any]) -> dict[str, Any]:
+                return member_part(node.describe())
+
+            siblings.provide("describe", own_part)
 
             async def server_describe() -> dict[str, Any]:
-                return merge_members(await siblings.gather("describe"), siblings.place.index)
+                parts = await siblings.gather("describe")
+                return merge_members(node.describe(), parts, siblings.place)
 
             deployment = dataclasses.replace(
                 deployment, rate_buckets=shared_buckets(), siblings=siblings,

@@ -20,9 +20,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from replication.members import MEMBER_SEPARATOR, host_of
 from server.partitioned import partition_account
+
+if TYPE_CHECKING:
+    from server.workers.ownership import WorkerPlace
 
 # Hex digits of an alias: 48 bits, so that two nodes of one cluster never share one.
 _ALIAS_HEX = 12
@@ -45,25 +49,37 @@ def cluster_view(describe: Callable[[], Awaitable[View]], alias_key: bytes
     return view
 
 
-def merge_members(described: dict[int, View], here: int) -> View:
-    """The views of a server's workers, each a member of the cluster, as the server's
-    (server/workers/supervisor.py, "In a cluster"); here: the index of the worker that
-    answers. ``node`` is that worker's member id, ``workers`` every one's with its lease;
-    what the server leads is what any of them leads. The rest (nodes, queues) is the
-    cluster's, as the worker that answers sees it."""
-    mine = described[here]
+def member_part(whole: View) -> View:
+    """What a worker gives its siblings for the server's view: its own, not the cluster's
+    (nodes and queues, which the worker that answers has as well)."""
+    return {"node": whole["node"], "lease_valid": whole["lease_valid"],
+            "leading": whole["leading"]}
+
+
+def merge_members(mine: View, parts: dict[int, View], place: WorkerPlace) -> View:
+    """The server's view, on a node whose workers are members of their own
+    (server/workers/supervisor.py, "In a cluster"): mine, the view of the worker that
+    answers (at place), with the parts (member_part) of those of its siblings that
+    answered, by index. ``node`` is the worker that answers; ``workers`` lists every
+    worker, a silent one (restarting) as not answering and its lease as not valid; what
+    the server leads is what any of them leads."""
+    server = host_of(mine["node"])
     leading: View = {}
-    led: set[str] = set()
-    for view in described.values():
-        leading |= view["leading"]
-        led |= {name for name, q in view["queues"].items() if q["leading_here"]}
+    workers: View = {}
+    for index in range(place.count):
+        part = parts.get(index)
+        if part is None:
+            workers[f"{server}{MEMBER_SEPARATOR}w{index}"] = {"lease_valid": False,
+                                                               "answered": False}
+            continue
+        workers[part["node"]] = {"lease_valid": part["lease_valid"], "answered": True}
+        leading |= part["leading"]
     return {
         "node": mine["node"],
-        "lease_valid": all(v["lease_valid"] for v in described.values()),
-        "workers": {v["node"]: {"lease_valid": v["lease_valid"]}
-                    for _, v in sorted(described.items())},
+        "lease_valid": all(w["lease_valid"] for w in workers.values()),
+        "workers": workers,
         "nodes": mine["nodes"],
-        "queues": {name: q | {"leading_here": name in led}
+        "queues": {name: q | {"leading_here": name in leading}
                    for name, q in mine["queues"].items()},
         "leading": leading,
     }

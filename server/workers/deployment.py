@@ -2,7 +2,7 @@
 this worker owns, and the same metadata and access keys as its siblings (SQLite in WAL
 mode: every worker reads them, and writes go to one database file). A worker of a
 cluster node is a cluster member instead (server/cluster/deployment.py), which shares
-only the server's views with its siblings (``member_views``)."""
+with its siblings only what siblings do for one another (``member_siblings``)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from server.workers.backend import WorkerBackend, WorkerPartitions
 from server.workers.mesh import Mesh
 from server.workers.ownership import Ownership, WorkerPlace
 from server.workers.shared import Generation, KeyedFileLocks
-from server.workers.siblings import VIEW_OPS, Siblings
+from server.workers.siblings import SIBLING_OPS, Siblings
 from server.workers.supervisor import shared_buckets
 
 
@@ -77,19 +77,21 @@ async def siblings_not_ready(mesh: Mesh) -> str | None:
     return f"workers {missing} are not serving calls yet" if missing else None
 
 
-async def member_views(stack: contextlib.AsyncExitStack, place: WorkerPlace) -> Siblings:
-    """The siblings of a worker that is a cluster member: its call socket serves them its
-    part of /metrics and /v1/usage, and nothing else (its queues are the cluster's, and
-    reached by the cluster's partition calls)."""
+async def member_siblings(stack: contextlib.AsyncExitStack, place: WorkerPlace) -> Siblings:
+    """The siblings of a worker that is a cluster member. Its call socket serves them
+    what siblings do for one another (server/workers/siblings.py: its part of the
+    server's views; FIFO receive attempts of the queues whose home it is, so that an
+    SDK's retry on another connection is answered as the first try), and nothing else:
+    its queues are the cluster's, reached by the cluster's partition calls."""
 
-    async def views(queue: str, op: str, args: Sequence[Any]) -> Any:
-        if op not in VIEW_OPS:
+    async def sibling_ops(queue: str, op: str, args: Sequence[Any]) -> Any:
+        if op not in SIBLING_OPS:
             raise DependencyUnavailableError(f"worker {place.index}",
                                              f"a cluster member serves no {op!r} here")
         return await siblings.local(op, queue, args)
 
-    mesh = Mesh(place, views)
-    siblings = Siblings(place, mesh, homes=False)
+    mesh = Mesh(place, sibling_ops)
+    siblings = Siblings(place, mesh)
     await mesh.start()
     stack.push_async_callback(mesh.close)
     return siblings

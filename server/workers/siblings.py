@@ -32,18 +32,14 @@ _log = logging.getLogger("conveyor.server")
 
 Provider = Callable[[str, Sequence[Any]], Awaitable[Any]]
 """(the queue's engine name, or "" for the whole server; the arguments) -> the answer."""
-VIEW_OPS = ("metrics_text", "usage", "describe")
-SIBLING_OPS = (*VIEW_OPS, "sqs_action", "attempt_get", "attempt_put")
+SIBLING_OPS = ("metrics_text", "usage", "describe", "sqs_action", "attempt_get",
+               "attempt_put")
 
 
 class Siblings:
-    def __init__(self, place: WorkerPlace, mesh: Mesh, homes: bool = True) -> None:
-        """homes: whether queues have a home among the workers; False for the workers
-        of a cluster node, each a member of the cluster that keeps its own (as a node of
-        one process does)."""
+    def __init__(self, place: WorkerPlace, mesh: Mesh) -> None:
         self.place = place
         self.mesh = mesh
-        self.homes = homes
         self._providers: dict[str, Provider] = {}
 
     def provide(self, op: str, provider: Provider) -> None:
@@ -59,7 +55,7 @@ class Siblings:
 
     def is_home(self, engine_name: str) -> bool:
         """Whether this worker is the queue's home."""
-        return not self.homes or self.place.owns(engine_name)
+        return self.place.owns(engine_name)
 
     async def at_home(self, engine_name: str, op: str, *args: Any) -> Any:
         """op made at the queue's home (another worker)."""

@@ -21,11 +21,12 @@ gracefully by itself.
 
 In a cluster (``--cluster``), each worker is a member of its own, as a node of one
 process is: its id is ``NODE_ID/wI``, it replicates on REPLICATION_PORT+I, and it keeps
-its copies in DATA_DIR/wI. The cluster's partition calls carry what the workers' call
-sockets carry on one node, and the ring places at most one copy of a queue on each
-server (replication.node, one_per_host). The workers still
-share the port, the rate limits, and /metrics and /v1/usage over the call sockets; there
-is nothing for the supervisor to prepare, since each member's directory is its own.
+its copies in DATA_DIR/wI. The cluster's partition calls carry the engine calls that
+the workers' call sockets carry on one node, and the ring places at most one copy of a
+queue on each server (replication.members). The workers still share the port and the
+rate limits, and over the call sockets the server's views (/metrics, /v1/usage,
+/v1/cluster) and the FIFO receive attempts of each queue at its home. There is nothing
+for the supervisor to prepare: each member's directory is its own.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from typing import TYPE_CHECKING
 from engine import AsyncBroker
 from engine.broker import lock_directory
 from engine.files import make_dirs
+from replication.members import MEMBER_SEPARATOR
 from server.backend import LocalBackend
 from server.config import WORKERS_MAX, ServerConfig
 from server.deployment import METADATA_FILE, engine_guard
@@ -118,7 +120,6 @@ def member_data_dir(data_dir: str, index: int) -> str:
 
 def member_cluster(cluster: ClusterConfig, index: int) -> ClusterConfig:
     """Worker index's membership of the cluster: its id and its replication port."""
-    from replication.node import MEMBER_SEPARATOR  # a node of one server never loads it
 
     host, _, port = cluster.replication_advertise.rpartition(":")
     return dataclasses.replace(

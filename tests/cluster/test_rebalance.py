@@ -88,6 +88,10 @@ def test_join_and_leave_move_only_what_the_ring_moves(tmp_path: Path) -> None:
         c.kill("n3")  # for good: after --node-gone-after its replicas move back
         placed(c, three)
         send(c, urls, history, "left")
+        deadline = time.monotonic() + 30
+        while sorted(c.node_of(m) for m in c.replicas("own")) != three:  # n3's copy moves
+            assert time.monotonic() < deadline, c.queue_state("own")
+            time.sleep(0.2)
         owners = c.replicas("own")
         for url in urls.values():
             drain(c, url, history)

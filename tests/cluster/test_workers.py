@@ -6,6 +6,7 @@ runs in `make test` and checks what is particular to them."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -13,11 +14,17 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+from engine.errors import EngineError
+from replication.peer import Channel
+from server.calls.link import CALL_FRAME_BYTES_MAX, CallLink
+from server.errors import DependencyUnavailableError
+from server.workers.supervisor import RUN_DIR_ENV
 from tests.cluster.harness import ACCOUNT, cluster
 from tests.cluster.workload import IN_DOUBT_PER_FAULT, Workload, create_queue, drain
 from tests.support.consistency import History, check
-from tests.support.server import free_port
+from tests.support.server import Server, free_port
 
 QUEUES = [f"spread-{i}" for i in range(6)]
 WORKERS = 2
@@ -46,6 +53,12 @@ def test_servers_of_workers_hold_one_copy_each_and_lose_nothing_to_a_killed_work
         with urllib.request.urlopen(c.nodes["n0"].url + "/metrics") as reply:
             metrics = reply.read().decode()
         assert 'worker="0"' in metrics and 'worker="1"' in metrics
+        # The workers' call sockets serve the views, and no engine call: a worker's
+        # queues are reached only by the cluster's partition calls (authenticated).
+        calls = asyncio.run(_sibling_calls(c.nodes["n0"], f"{ACCOUNT}/{QUEUES[0]}"))
+        assert calls["metrics_text"].startswith(b"# HELP"), calls
+        assert isinstance(calls["purge"], DependencyUnavailableError), calls
+        assert isinstance(calls["receive"], DependencyUnavailableError), calls
 
         # SIGKILL one worker under load: its supervisor starts it again, the queue it led
         # gets a leader, and nothing acknowledged is lost.
@@ -73,6 +86,29 @@ def test_servers_of_workers_hold_one_copy_each_and_lose_nothing_to_a_killed_work
         assert c.nodes["n0"].process is not None and c.nodes["n0"].process.poll() is None
 
 
+async def _sibling_calls(server: Server, partition: str) -> dict[str, Any]:
+    """What worker 0's call socket answers to a view and to two engine calls."""
+    pid = server.worker_pid(1)
+    assert pid is not None
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    [run_dir] = [v.split(b"=", 1)[1].decode() for v in environ
+                 if v.startswith(RUN_DIR_ENV.encode() + b"=")]
+    reader, writer = await asyncio.open_unix_connection(f"{run_dir}/w0.sock")
+    link = CallLink(Channel(reader, writer, "worker 0", CALL_FRAME_BYTES_MAX, None),
+                    "worker 0")
+    answers: dict[str, Any] = {}
+    try:
+        for op, args in (("metrics_text", []), ("purge", []), ("receive", [10, 30, 0])):
+            try:
+                answers[op] = await link.call(op, "" if op == "metrics_text" else partition,
+                                              args)
+            except EngineError as exc:
+                answers[op] = exc
+    finally:
+        writer.close()
+    return answers
+
+
 def test_worker_ids_and_ports_are_checked_before_the_server_starts(tmp_path: Path) -> None:
     common = ["serve", "--data-dir", str(tmp_path / "d"), "--port", str(free_port()),
               "--cluster", "etcd://127.0.0.1:1"]
@@ -85,3 +121,9 @@ def test_worker_ids_and_ports_are_checked_before_the_server_starts(tmp_path: Pat
         [sys.executable, "-m", "server.cli", *common, "--replication-port", "65535",
          "--workers", "2"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "past 65535" in refused.stderr, refused.stderr
+    http = free_port()
+    refused = subprocess.run(
+        [sys.executable, "-m", "server.cli", *common[:3], "--port", str(http), *common[5:],
+         "--replication-port", str(http - 1), "--workers", "2"],
+        capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "which hold --port" in refused.stderr, refused.stderr

@@ -4,7 +4,7 @@ member of its own (`conveyor serve --cluster --workers N`)."""
 from __future__ import annotations
 
 from engine._ring import HashRing
-from replication.node import host_of, ring_placement
+from replication.members import host_of, ring_placement
 
 NAMES = [f"000000000000/queue-{i}" for i in range(500)]
 

@@ -101,6 +101,8 @@ def free_ports(count: int) -> int:
         if first + count > 65536:
             continue
         for port in range(first + 1, first + count):
+            if port in _handed_out:  # a killed server's, kept for its restart
+                break
             with socket.socket() as s:
                 try:
                     s.bind(("127.0.0.1", port))
