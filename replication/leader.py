@@ -49,7 +49,7 @@ from replication.errors import (
 )
 from replication.history import EpochHistory, batch_base, batch_end, divergence
 from replication.link import Link, Links, Window
-from replication.members import host_of, one_per_host, servers
+from replication.members import rebalance_target, servers
 
 if TYPE_CHECKING:
     from engine.queue import QueueCore
@@ -519,17 +519,15 @@ class LeaderRole:
         if not self.node.knows_members():
             return
         replicas = self.partition.replicas
-        target = self.node.placement(self.name, self.partition.rf)
-        wanted = min(self.partition.rf, max(len(replicas), len(target)))
-        if len(target) < wanted:
-            # Kept, not dropped (above), but never a second copy on a server in target:
-            # a server's worker replaced by another of its workers is let go.
-            placed = {host_of(t) for t in target}
-            target += one_per_host([r for r in replicas if host_of(r) not in placed],
-                                   wanted - len(target))
+        target = rebalance_target(self.node.placement(self.name, self.partition.rf),
+                                  replicas, self.partition.rf)
         if not target or set(target) == set(replicas):
             return
-        missing = tuple(n for n in target if n not in replicas)
+        # Added only on a live member: one that is gone (a restart, for node_gone_s) is
+        # copied to once it is back. (The workers of a killed server leave one by one,
+        # as their leases run out: the ring over the last of them is no place to add to.)
+        live = self.node.live_nodes() or set()
+        missing = tuple(n for n in target if n not in replicas and n in live)
         if missing:
             _log.warning("queue %s: adding replicas %s", self.name, list(missing))
             await self._change_members(replicas + missing, self.partition.isr)

@@ -11,7 +11,7 @@ min_insync_replicas.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from engine._ring import HashRing
 
@@ -48,6 +48,21 @@ def ring_placement(ring: HashRing, name: str, rf: int, members: list[str]) -> li
     if hosts == len(members):
         return list(ring.preference_list(name, count))
     return one_per_host(ring.preference_list(name, len(members)), count)
+
+
+def rebalance_target(placed: list[str], replicas: Sequence[str], rf: int) -> list[str]:
+    """Where a partition's copies belong: placed (the ring's, one per server), topped up
+    to as many as it has (up to rf) with copies it has on other servers. A gone node's
+    copy is kept until the ring has a server to replace it (replication.leader,
+    _rebalance, says why), but never as a second copy on a server in placed: a server's
+    worker that the ring replaced by another of its workers is let go."""
+    target = list(placed)
+    wanted = min(rf, max(len(replicas), len(target)))
+    if len(target) < wanted:
+        taken = {host_of(m) for m in target}
+        target += one_per_host([r for r in replicas if host_of(r) not in taken],
+                               wanted - len(target))
+    return target
 
 
 def servers(members: Iterable[str]) -> int:

@@ -4,7 +4,7 @@ member of its own (`conveyor serve --cluster --workers N`)."""
 from __future__ import annotations
 
 from engine._ring import HashRing
-from replication.members import host_of, ring_placement
+from replication.members import host_of, rebalance_target, ring_placement
 
 NAMES = [f"000000000000/queue-{i}" for i in range(500)]
 
@@ -57,3 +57,19 @@ def test_without_workers_the_placement_is_the_rings() -> None:
     ring = _ring(members)
     for name in NAMES:
         assert ring_placement(ring, name, 3, members) == ring.preference_list(name, 3)
+
+
+def test_a_rebalance_keeps_a_gone_servers_copy_but_never_a_second_on_one_server() -> None:
+    """Server c is gone and server a's first worker on the ring is now w3 (a restart with
+    more workers): the ring places a/w3 and b/w1 only. The copy on gone c is kept (the
+    factor is not lowered silently), a/w1 is let go for a/w3."""
+    replicas = ("a/w1", "b/w1", "c/w0")
+    target = rebalance_target(["a/w3", "b/w1"], replicas, 3)
+    assert target == ["a/w3", "b/w1", "c/w0"]
+
+
+def test_a_rebalance_with_the_servers_there_are_moves_nothing() -> None:
+    assert rebalance_target(["a/w0", "b/w1", "c/w0"], ("c/w0", "a/w0", "b/w1"), 3) == [
+        "a/w0", "b/w1", "c/w0"]
+    # Without workers: the ring's, topped up with the gone node's copy, as before.
+    assert rebalance_target(["a", "b"], ("a", "b", "c"), 3) == ["a", "b", "c"]
