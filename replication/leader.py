@@ -173,9 +173,10 @@ class LeaderRole:
 
     @property
     def min_insync(self) -> int:
-        """min_insync_replicas, capped by the replicas the partition has: fewer only when
-        the cluster had fewer nodes than the replication factor when the replicas were
-        placed (a gone node's replica is kept until it is replaced, see _rebalance)."""
+        """min_insync_replicas, capped by the servers the partition's replicas are on:
+        fewer only when the cluster had fewer servers than the replication factor when
+        the replicas were placed (a gone node's replica is kept until it is replaced, see
+        _rebalance)."""
         return min(self._min_insync, servers(self.partition.replicas))
 
     @property

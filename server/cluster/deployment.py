@@ -72,8 +72,8 @@ async def open_cluster(config: ServerConfig, cluster: ClusterConfig, master: byt
                                 cluster_view(describe, alias_key), (ReplicationHealth(node),))
         if config.worker is not None:
             # A worker of the node's server (server/workers/supervisor.py, "In a
-            # cluster"): a member like any other, but the server's rate limits and views
-            # are shared with its siblings.
+            # cluster"): a member like any other, but it shares with its siblings the
+            # server's rate limits, views and FIFO receive attempts.
             from server.workers.deployment import member_siblings, siblings_not_ready
             from server.workers.supervisor import shared_buckets
 

@@ -200,7 +200,8 @@ _SCHEMAS: dict[str, Any] = {
                        "nodes": {"type": "object"}, "queues": {"type": "object"},
                        "leading": {"type": "object"},
                        # A node of workers (--workers with --cluster), to an admin: each
-                       # worker's member id and whether its lease is valid.
+                       # worker's member id, whether its lease is valid and whether it
+                       # answered.
                        "workers": {"type": "object"}},
     },
     "Health": {
