@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from replication.members import MEMBER_SEPARATOR, host_of
 from server.protection import masterkey
 from tests.support.certs import Pki
 from tests.support.etcd import EtcdCluster, EtcdServer
@@ -93,7 +94,7 @@ class Cluster:
                 for m in self.members_of(n)]
 
     def node_of(self, member: str) -> str:
-        return member.split("/", 1)[0]
+        return host_of(member)
 
     def node(self, member: str) -> Server:
         """The server a member (or node id) runs in."""
@@ -101,7 +102,7 @@ class Cluster:
 
     def data_dir(self, member: str) -> Path:
         """A member's data directory (a node's own, or its worker's under it)."""
-        node, _, worker = member.partition("/")
+        node, _, worker = member.partition(MEMBER_SEPARATOR)
         return self.root / node / worker if worker else self.root / node
 
     # -- looking ------------------------------------------------------------------------------
