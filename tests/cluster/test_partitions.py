@@ -49,10 +49,15 @@ def _partition_states(c: Cluster, name: str, led: bool = True
 
 
 def _commit_offsets(c: Cluster, name: str) -> dict[str, int]:
-    """Each partition's commit offset, from its leader."""
+    """Each partition's commit offset, from its leader. A node elected a moment ago
+    shows the partition as led once it has opened it: until then it is asked again."""
     offsets: dict[str, int] = {}
+    deadline = time.monotonic() + 30
     for partition, state in _partition_states(c, name).items():
-        leading = c.state(state["leader"])["leading"]
+        while partition not in (leading := c.state(state["leader"])["leading"]):
+            assert time.monotonic() < deadline, f"{state['leader']} leads {partition} " \
+                                                f"in etcd, not in its view: {leading}"
+            time.sleep(0.1)
         offsets[partition] = leading[partition]["commit_offset"]
     return offsets
 
