@@ -42,6 +42,9 @@ CALL_BUFFER_MAX = 32 * 1024 * 1024
 _FAILED, _BUG = 1, 2
 # What ends a connection of calls: the link, or a frame that is not a call.
 _CONNECTION_ERRORS = (*fr.LINK_ERRORS, ValueError, TypeError)
+# A write on a connection whose transport has closed: asyncio's loop drops it, uvloop's
+# (the server's) raises RuntimeError ("the handler is closed").
+_SEND_ERRORS = (OSError, RuntimeError)
 
 Local = Callable[[str, str, Sequence[Any]], Awaitable[Any]]
 """Make a call in this process: (partition, op, arguments) -> result."""
@@ -80,10 +83,18 @@ class CallLink:
             self.close()
             raise LeaderUnreachableError(self.peer, "it is not taking calls; retry")
         call_id = next(self._ids)
+        frame = pack([call_id, op, partition, list(args)])
+        try:
+            self.channel.send(frame)
+        except _SEND_ERRORS as exc:
+            # The connection was closed (reset) before the reader saw it end: the call
+            # was not sent, so it is refused as such (retried), and the next connects.
+            self.close()
+            raise LeaderUnreachableError(self.peer, "its connection has ended; retry") \
+                from exc
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.pending[call_id] = future
         try:
-            self.channel.send(pack([call_id, op, partition, list(args)]))
             async with asyncio.timeout(CALL_TIMEOUT_S):
                 return await future
         except TimeoutError:
@@ -95,7 +106,9 @@ class CallLink:
         finally:
             if self.pending.pop(call_id, None) is not None and self.open:
                 # Unanswered (cancelled, or timed out): the peer may stop working on it.
-                self.channel.send(pack([call_id]))
+                # Best effort: on a connection that has ended, the peer stopped anyway.
+                with contextlib.suppress(*_SEND_ERRORS):
+                    self.channel.send(pack([call_id]))
 
     async def _read(self) -> None:
         failure: BaseException | None = None

@@ -11,7 +11,7 @@ import pytest
 from replication.peer import Channel
 from server.calls import link as link_module
 from server.calls.link import CallLink
-from server.errors import DependencyUnavailableError
+from server.errors import DependencyUnavailableError, LeaderUnreachableError
 
 
 def test_a_peer_that_stops_reading_costs_a_bounded_buffer(
@@ -42,4 +42,36 @@ def test_a_peer_that_stops_reading_costs_a_bounded_buffer(
     most, outcomes, still_open = asyncio.run(run())
     assert most <= (4 << 20) + (2 << 20), most  # the bound and one frame
     assert "LeaderUnreachableError" in outcomes  # refused, not sent
+    assert not still_open
+
+
+def test_a_call_on_a_connection_closed_under_it_is_refused_as_not_sent() -> None:
+    """The connection's transport is closed (a reset) before the link's reader has seen
+    it. uvloop, the server's loop, then raises RuntimeError from the write, as the
+    channel does here: the call is refused as never sent (503, which SDKs retry), where
+    it was a 500, and the link is closed."""
+
+    async def run() -> tuple[BaseException | None, bool]:
+        ours, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        _, peer_writer = await asyncio.open_unix_connection(sock=theirs)
+        channel = Channel(reader, writer, "worker 1", 16 << 20, None)
+        link = CallLink(channel, "worker 1")
+
+        def closed(frame: bytes) -> None:
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True "
+                               "reading=False>; the handler is closed")
+
+        channel.send = closed  # type: ignore[method-assign]
+        outcome: BaseException | None = None
+        try:
+            await link.call("metrics_text", "", [])
+        except Exception as exc:  # the outcome is what is checked
+            outcome = exc
+        await asyncio.sleep(0)
+        peer_writer.close()
+        return outcome, link.open
+
+    outcome, still_open = asyncio.run(run())
+    assert isinstance(outcome, LeaderUnreachableError), repr(outcome)
     assert not still_open
