@@ -73,19 +73,24 @@ def _worker_ports() -> range | None:
     return range(start, end) if end - start >= WORKER_PORTS // 2 else None
 
 
+def _bindable(port: int) -> bool:
+    """Whether nothing holds the loopback port now."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (and, under xdist, not handed out lately)."""
     ports = _worker_ports()
     if ports is not None:
         for _ in range(len(ports)):
             port = _rng.choice(ports)
-            if port in _handed_out:
+            if port in _handed_out or not _bindable(port):
                 continue
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
             _handed_out.append(port)
             return port
     with socket.socket() as s:
@@ -101,13 +106,9 @@ def free_ports(count: int) -> int:
         if first + count > 65536:
             continue
         for port in range(first + 1, first + count):
-            if port in _handed_out:  # a killed server's, kept for its restart
+            # A port handed out lately may be a killed server's, kept for its restart.
+            if port in _handed_out or not _bindable(port):
                 break
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    break
         else:
             _handed_out.extend(range(first + 1, first + count))
             return first
