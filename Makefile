@@ -169,4 +169,4 @@ debug-build: install
 	CONVEYOR_DEBUG=1 $(BIN)/python setup.py -q build_ext --inplace --force -j 2
 
 clean:
-	rm -rf build $(VENV) engine/*.so engine/_segment.c engine/_ring.c .mypy_cache .ruff_cache
+	rm -rf build $(VENV) engine/*.so engine/*.c .mypy_cache .ruff_cache

@@ -43,6 +43,12 @@ extensions = [
         extra_compile_args=compile_args,
     ),
     Extension(
+        "engine._syncer",
+        ["engine/_syncer.pyx"],
+        define_macros=macros,
+        extra_compile_args=compile_args,
+    ),
+    Extension(
         "engine._ring",
         ["engine/_ring.pyx"],
         include_dirs=["engine", numpy.get_include()],

@@ -6,10 +6,15 @@ no per-queue threads. Two things are shared instead:
 - a small pool that runs fsyncs off the caller's thread (group commit for asyncio callers
   and the periodic sync of ``fsync="interval:<ms>"``);
 - one timer thread that calls each registered log back at its interval.
+
+The group commit of an event loop's waiters is the exception: its fsyncs run on native
+threads of that loop's own (engine/_syncer.pyx, ``loop_syncer``), which never take the GIL,
+and the loop reads their outcomes itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import logging
@@ -18,7 +23,10 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from engine._syncer import Syncer
 
 _log = logging.getLogger("conveyor.background")
 
@@ -36,6 +44,45 @@ def submit(fn: Callable[[], object]) -> Future[Any]:
         if _pool is None:
             _pool = ThreadPoolExecutor(SYNC_WORKERS, thread_name_prefix="conveyor-sync")
         return _pool.submit(fn)
+
+
+SyncDone = Callable[[int, float], None]
+"""Called with (errno or 0, seconds in fdatasync) when a loop's sync completes."""
+
+_syncers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Syncer | None] = (
+    weakref.WeakKeyDictionary())
+_syncers_lock = threading.Lock()
+
+
+def loop_syncer(loop: asyncio.AbstractEventLoop) -> Syncer | None:
+    """The native sync threads of loop (call on its thread), made on first use; None if
+    this platform or loop has none (the caller uses the shared pool instead)."""
+    with _syncers_lock:
+        if loop in _syncers:
+            return _syncers[loop]
+    syncer: Syncer | None = None
+    try:
+        from engine._syncer import Syncer
+
+        syncer = Syncer(SYNC_WORKERS)
+        loop.add_reader(syncer.fileno(), take_completions, syncer)
+    except (ImportError, NotImplementedError, OSError, RuntimeError) as exc:
+        _log.info("fsyncs of this event loop run on the shared pool: %s", exc)
+        syncer = None
+    with _syncers_lock:
+        _syncers[loop] = syncer
+    return syncer
+
+
+def take_completions(syncer: Syncer) -> None:
+    """Run each of syncer's completed syncs' callbacks, on this thread: the loop's, when
+    its reader fires; or a thread that waits on a sync which the loop may never take
+    (the loop is closed, stopped, or is that very thread, blocked in the wait)."""
+    for done, error, seconds in syncer.take():
+        try:
+            done(error, seconds)
+        except Exception:  # one log's failure must not strand the others' waiters
+            _log.exception("a sync's completion failed")
 
 
 class Ticking(Protocol):

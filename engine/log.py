@@ -7,7 +7,10 @@ Durability (``fsync=``):
 
 - ``"always"`` (default): an append returns only after an fdatasync covers it. Appends
   from many threads share fsyncs (group commit): one fsync covers every batch appended
-  while the previous one ran.
+  while the previous one ran. An event loop's waiters start a round once a turn of the
+  loop appends nothing more, so that the requests it is handling share it, and the round
+  runs on that loop's native sync threads (engine/_syncer.pyx), which never take the GIL;
+  the loop takes the outcome itself.
 - ``"interval:<ms>"``: appends return once written to the operating system; a background
   sync runs every <ms> milliseconds.
 - ``"never"``: appends are buffered in user space and written out by size, every
@@ -29,6 +32,7 @@ import bisect
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import heapq
 import itertools
 import logging
@@ -40,7 +44,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import zstandard
 
@@ -55,6 +59,9 @@ from engine.errors import (
     OffsetOutOfRangeError,
 )
 from engine.files import TMP_SUFFIX, fsync_dir, make_dirs, write_all
+
+if TYPE_CHECKING:
+    from engine._syncer import Syncer
 
 _log = logging.getLogger("conveyor.log")
 
@@ -73,6 +80,13 @@ SEALED_FDS_MAX = 2
 # deleted too) only once it holds at least this much; rolling costs two fsyncs.
 TRUNCATE_ROLL_BYTES = 64 * 1024
 INTERVAL_MS_MAX = 60_000
+# An event loop's round starts once a turn of the loop appended nothing more, so that the
+# requests it had already read share the fsync; under a load that appends every turn, it
+# starts after this many turns at the latest (each a few tens of microseconds then).
+KICK_TURNS_MAX = 8
+# A thread that waits for a round on a loop's native sync threads takes the outcome
+# itself if the loop has not within this: the loop may be closed, stopped, or that thread.
+TAKE_ROUND_AFTER_S = 0.01
 
 # Logs this process closed with every byte fsync'd: by the log's directory, its active
 # segment as the close left it (_identity). Opening a log owes an fsync of its active
@@ -203,6 +217,8 @@ class Log:
         self._closed = False
         self._failure: BaseException | None = None
         self._syncing = False
+        self._native: Syncer | None = None
+        """The native sync threads running the round in flight, if a loop's started it."""
         self._waiters: list[tuple[int, int, Future[None]]] = []
         self._waiter_seq = itertools.count()
         # asyncio waiters, a heap per event loop: a sync round wakes each loop once and the
@@ -211,7 +227,7 @@ class Log:
                                  list[tuple[int, int, asyncio.Future[None]]]] = {}
         self._loops_woken: set[asyncio.AbstractEventLoop] = set()
         self._wanted = 0  # the highest offset any waiter asked to be durable
-        self._kicks: set[asyncio.AbstractEventLoop] = set()  # loops that will start a sync
+        self._kicks: set[asyncio.AbstractEventLoop] = set()  # loops about to start a round
         self._segments: list[Segment] = []
         self._bases: list[int] = []
         self._open_sealed: OrderedDict[int, Segment] = OrderedDict()
@@ -603,7 +619,7 @@ class Log:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise TimeoutError(f"offset {offset} not durable in time")
-                    self._cond.wait(remaining)
+                    self._wait_round(remaining)
                     continue
                 self._syncing = True
                 self._sync_round()
@@ -637,20 +653,99 @@ class Log:
             heapq.heappush(heap, (offset, next(self._waiter_seq), future))
             if offset > self._wanted:
                 self._wanted = offset
-            if not self._syncing and loop not in self._kicks:
-                # Start the fsync once the loop has run the callbacks already due: the
-                # other requests it is handling now append first and share the round.
-                self._kicks.add(loop)
-                loop.call_soon(self._kick, loop)
+            if not self._syncing:
+                self._schedule_kick(loop)
         return future
 
-    def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _schedule_kick(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Have loop start a round soon (lock held, on loop's thread)."""
+        if loop not in self._kicks:
+            self._kicks.add(loop)
+            loop.call_soon(self._kick, loop, self._wanted, 0)
+
+    def _kick(self, loop: asyncio.AbstractEventLoop, seen: int, turns: int) -> None:
+        """On loop: start a round, unless the last turn of the loop appended more (seen:
+        what was wanted before it). Then the loop is still reading requests that would
+        each pay for a round of their own: the round waits for the next turn, at most
+        KICK_TURNS_MAX of them. A loop that appends nothing more starts it at once."""
         with self._lock:
+            if (self._syncing or self._closed or self._failure is not None
+                    or self._wanted <= self._durable):
+                # Nothing to do, or the round in flight ends with a look at what is left
+                # (_after_round).
+                self._kicks.discard(loop)
+                return
+            if self._wanted > seen and turns < KICK_TURNS_MAX:
+                loop.call_soon(self._kick, loop, self._wanted, turns + 1)
+                return
             self._kicks.discard(loop)
-            if (not self._syncing and self._wanted > self._durable and not self._closed
-                    and self._failure is None):
-                self._syncing = True
-                background.submit(self._background_round)
+            self._syncing = True
+            self._start_loop_round(loop)
+
+    def _start_loop_round(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start a round on loop's native sync threads (lock held, _syncing set, on
+        loop's thread); on the shared pool where the loop has none."""
+        syncer = background.loop_syncer(loop)
+        if syncer is None:
+            background.submit(self._background_round)
+            return
+        segment = self._active
+        target = int(segment.next_offset)
+        try:
+            segment.flush()
+            fd = segment.dup_fd()
+        except OSError as exc:
+            self._syncing = False
+            self._fail(exc)
+            return
+        try:
+            syncer.submit(fd, functools.partial(self._loop_round_done, loop, target))
+        except RuntimeError:  # no sync thread could start: the pool runs the round
+            os.close(fd)
+            background.submit(self._background_round)
+            return
+        self._native = syncer
+
+    def _loop_round_done(self, loop: asyncio.AbstractEventLoop, target: int, error: int,
+                         seconds: float) -> None:
+        """A round on loop's native threads has ended: every record below target is on
+        disk, unless error (an errno). Normally on loop's thread, which then resolves its
+        own waiters here, and starts their next round if one is wanted (_resolve_loop);
+        on another thread (TAKE_ROUND_AFTER_S) the loop is woken for them instead."""
+        here = _running_loop() is loop
+        failure: LogFailedError | None = None
+        resolve_here = False
+        with self._lock:
+            self._native = None
+            self._syncing = False
+            self.sync_count += 1
+            self.sync_seconds += seconds
+            if self._on_sync is not None:
+                self._on_sync(seconds)
+            if here and self._loop_waiters.get(loop) and loop not in self._loops_woken:
+                self._loops_woken.add(loop)  # resolved below, without a wake-up
+                resolve_here = True
+            if error:
+                failure = self._fail(OSError(error, os.strerror(error)))
+            else:
+                self._mark_durable(target)
+            self._cond.notify_all()
+            self._after_round()
+        if resolve_here:
+            self._resolve_loop(loop, failure)
+
+    def _after_round(self) -> None:
+        """Start what the waiters left after a round need (lock held): for futures, a
+        round on the pool; for each loop's, a wake-up of that loop, which starts its own
+        round (_resolve_loop). A loop runs rounds only for waiters of its own: one that
+        stops running strands no other's. Threads in wait_durable start their own."""
+        if self._failure is not None or self._closed or self._wanted <= self._durable:
+            return
+        if self._waiters:
+            self._syncing = True
+            background.submit(self._background_round)
+        else:
+            self._wake_loops(handover=True)
 
     def _settled_now(self, future: Future[None] | asyncio.Future[None], offset: int) -> bool:
         """Complete future at once if offset is durable already, or never can be (lock
@@ -673,12 +768,13 @@ class Log:
             self._syncing = True
             background.submit(self._background_round)
 
-    def _wake_loops(self, error: BaseException | None = None) -> None:
-        """Schedule each event loop with waiters to resolve them (lock held)."""
+    def _wake_loops(self, error: BaseException | None = None, handover: bool = False) -> None:
+        """Schedule each event loop with waiters now durable (all with handover, or on
+        error) to resolve them (lock held)."""
         for loop, heap in list(self._loop_waiters.items()):
             if not heap or loop in self._loops_woken:
                 continue
-            if error is None and heap[0][0] > self._durable:
+            if error is None and not handover and heap[0][0] > self._durable:
                 continue
             self._loops_woken.add(loop)
             try:
@@ -698,6 +794,9 @@ class Log:
                 ready.append(heapq.heappop(heap)[2])
             if not heap:
                 self._loop_waiters.pop(loop, None)
+            elif not self._syncing and self._failure is None and not self._closed:
+                # Waiters beyond the last round, and none running: this loop starts one.
+                self._schedule_kick(loop)
         for future in ready:
             if not future.done():
                 if error is None:
@@ -748,11 +847,27 @@ class Log:
         else:
             self._mark_durable(target)
         self._cond.notify_all()
-        if self._wanted > self._durable and self._failure is None and not self._closed:
-            self._syncing = True
-            background.submit(self._background_round)
+        self._after_round()
         if error is not None:
             raise LogFailedError(self.path, error) from error
+
+    def _wait_round(self, timeout: float | None) -> None:
+        """Wait for the round in flight to end, or timeout (lock held; the caller looks
+        again). A round on a loop's native threads is taken by this thread if the loop
+        has not taken it within TAKE_ROUND_AFTER_S."""
+        syncer = self._native
+        if syncer is None:
+            self._cond.wait(timeout)
+            return
+        if self._cond.wait(TAKE_ROUND_AFTER_S if timeout is None
+                           else min(timeout, TAKE_ROUND_AFTER_S)):
+            return
+        if self._native is syncer:
+            self._lock.release()
+            try:
+                background.take_completions(syncer)
+            finally:
+                self._lock.acquire()
 
     def _background_round(self) -> None:
         with self._lock:
@@ -841,7 +956,7 @@ class Log:
         with self._lock:
             self._check_writable()
             while self._syncing:
-                self._cond.wait()
+                self._wait_round(None)
             first = int(self._segments[0].base_offset)
             if offset >= self._active.next_offset:
                 return int(self._active.next_offset)
@@ -891,7 +1006,7 @@ class Log:
         with self._lock:
             self._check_writable()
             while self._syncing:
-                self._cond.wait()
+                self._wait_round(None)
             try:
                 for segment in reversed(self._segments):
                     segment.close(discard=True)
@@ -984,7 +1099,7 @@ class Log:
             if self._closed:
                 return
             while self._syncing:
-                self._cond.wait()
+                self._wait_round(None)
             error: OSError | None = None
             if self._failure is None:
                 try:
@@ -1035,6 +1150,13 @@ class Log:
 
 
 # --- helpers --------------------------------------------------------------------------
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:

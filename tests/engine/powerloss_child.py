@@ -1,6 +1,9 @@
 """Sends, receives and deletes on queue "power" from several threads until it is killed.
 
-Run as ``python powerloss_child.py DATA_DIR RUN SEED FSYNC``. Lines on stdout, each
+Run as ``python powerloss_child.py DATA_DIR RUN SEED FSYNC [MODE]``. MODE ``threads``
+(the default) calls the blocking API from threads; ``async`` runs the same producers and
+consumers as coroutines on one event loop (uvloop when installed, as the server does), whose
+acknowledgements come from the group commit's native sync threads. Lines on stdout, each
 written whole under one lock and flushed:
 
 - ``open`` once the broker and the queue are open, before any operation;
@@ -17,16 +20,24 @@ Bodies are ``<run>.<thread>-<n>``. The main thread waits to be killed.
 
 CONVEYOR_TEST_NO_FSYNC=1 replaces os.fsync and os.fdatasync with functions that do
 nothing, before the engine is imported: the negative control of a missing sync.
+CONVEYOR_TEST_NO_NATIVE_FSYNC=1 makes the native sync threads report syncs they never made,
+and leaves os.fdatasync alone: the control that async acknowledgements come from them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import random
 import sys
 import threading
 import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine import Broker
 
 VISIBILITY_S = 2
 PRODUCERS = 2
@@ -45,18 +56,25 @@ def say(line: str) -> None:
         sys.stdout.flush()
 
 
-def main(path: str, run: int, seed: int, fsync: str) -> None:
+def main(path: str, run: int, seed: int, fsync: str, mode: str = "threads") -> None:
     if os.environ.get("CONVEYOR_TEST_NO_FSYNC") == "1":
         os.fsync = os.fdatasync = lambda fd: None
 
     from engine import Broker, Queue, SendEntry
     from engine.errors import EngineError, MessageNotInflightError, ReceiptInvalidError
 
+    if os.environ.get("CONVEYOR_TEST_NO_NATIVE_FSYNC") == "1":
+        from engine._syncer import set_sync_for_tests
+        set_sync_for_tests(error=0)
+
     broker = Broker(path, fsync=fsync, snapshot_bytes=SNAPSHOT_BYTES,
                     segment_bytes_max=SEGMENT_BYTES)
     queue = broker.get_queue("power")
     queue.stats()  # opens the queue: recovery and replay happen before the clock starts
     say("open")
+    if mode == "async":
+        run_async(broker, run, seed)
+        return
 
     def produce(number: int, rng: random.Random) -> None:
         for batch in itertools.count():
@@ -111,5 +129,65 @@ def main(path: str, run: int, seed: int, fsync: str) -> None:
     threading.Event().wait()
 
 
+def run_async(broker: Broker, run: int, seed: int) -> None:
+    """The producers and consumers of main, as coroutines on one event loop."""
+    from engine import AsyncQueue, SendEntry
+    from engine.errors import EngineError, MessageNotInflightError, ReceiptInvalidError
+
+    aqueue = AsyncQueue(broker, "power")
+
+    async def produce(number: int, rng: random.Random) -> None:
+        for batch in itertools.count():
+            bodies = [f"{run}.p{number}-{batch}.{n}" for n in range(rng.randint(1, 10))]
+            results = await aqueue.send_batch([SendEntry(body.encode()) for body in bodies])
+            failed = [r for r in results if isinstance(r, EngineError)]
+            if failed:
+                raise failed[0]
+            say("\n".join(f"S {body}" for body in bodies))
+
+    async def consume(rng: random.Random) -> None:
+        while True:
+            started = time.monotonic()
+            received = await aqueue.receive(max_messages=10, wait_seconds=0,
+                                            visibility_timeout=VISIBILITY_S)
+            if received:
+                say("\n".join(f"R {m.body.decode()} {started:.6f}" for m in received))
+            doomed = [m for m in received if rng.random() < 0.8]
+            if not doomed:
+                await asyncio.sleep(0.01)
+                continue
+            say("\n".join(f"X {m.body.decode()}" for m in doomed))
+            errors = await aqueue.delete_batch([m.receipt for m in doomed])
+            acked = time.monotonic()
+            deleted = [m for m, error in zip(doomed, errors, strict=True) if error is None]
+            for error in errors:
+                if error is not None and not isinstance(
+                        error, MessageNotInflightError | ReceiptInvalidError):
+                    raise error
+            if deleted:
+                say("\n".join(f"D {m.body.decode()} {acked:.6f}" for m in deleted))
+
+    async def guarded(name: str, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except BaseException as exc:
+            say(f"E {name} {exc!r}".replace("\n", " "))
+
+    async def all_of_them() -> None:
+        rng = random.Random(seed)
+        await asyncio.gather(
+            *(guarded(f"p{i}", produce(i, random.Random(rng.random())))
+              for i in range(PRODUCERS)),
+            *(guarded(f"c{i}", consume(random.Random(rng.random())))
+              for i in range(CONSUMERS)))
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(all_of_them())
+    else:
+        uvloop.run(all_of_them())
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], *sys.argv[5:6])

@@ -5,13 +5,16 @@ Here the data directory lives on PowerFS (tests/support/powerfs.py), which keeps
 what was synced: a file's bytes as of its last fsync or fdatasync, a directory's entries
 as of that directory's last fsync. A child (powerloss_child.py) sends, receives and
 deletes from several threads; the power goes at a random moment; the child is killed,
-the file system remounted, and the next child carries on from what survived. At the end:
+the file system remounted, and the next child carries on from what survived. The child
+works from threads (the blocking API), or from coroutines on an event loop (the asyncio
+API, whose fsyncs run on the loop's native sync threads). At the end:
 
 * every acknowledged send is in the queue or was deleted;
 * no acknowledged delete is delivered again, neither to a later run nor to the drain.
 
-Negative controls, run with the same harness: with fsync="never", and with os.fsync and
-os.fdatasync replaced by functions that do nothing, acknowledged sends must be lost.
+Negative controls, run with the same harness: with fsync="never", with os.fsync and
+os.fdatasync replaced by functions that do nothing, and (async) with native sync threads
+that report syncs they never made, acknowledged sends must be lost.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ OPEN_TIMEOUT_S = 60.0
 CYCLES_QUICK = 2
 CYCLES_LONG = int(os.environ.get("CONVEYOR_FAULTS_CYCLES", "30"))
 BODY = re.compile(r"\d+\.p\d+-\d+\.\d+")
+# What the child's CONVEYOR_TEST_NO_... switches make do nothing (powerloss_child.py).
+NO_FSYNC_ENV = {"python": "CONVEYOR_TEST_NO_FSYNC", "native": "CONVEYOR_TEST_NO_NATIVE_FSYNC"}
 
 
 @dataclasses.dataclass
@@ -66,14 +71,15 @@ def _reader(stream: IO[bytes], lines: list[tuple[bytes, float]]) -> None:
 
 
 def _run_until_power_loss(fs: PowerFS, data: Path, run: int, seed: int, delay: float,
-                          fsync: str, no_fsync: bool) -> Run:
+                          fsync: str, no_fsync: str, mode: str) -> Run:
     """A child on fs, its power cut ``delay`` seconds after it opened the broker."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     if no_fsync:
-        env["CONVEYOR_TEST_NO_FSYNC"] = "1"
+        env[NO_FSYNC_ENV[no_fsync]] = "1"
     raw: list[tuple[bytes, float]] = []
-    with subprocess.Popen([sys.executable, str(CHILD), str(data), str(run), str(seed), fsync],
+    with subprocess.Popen([sys.executable, str(CHILD), str(data), str(run), str(seed), fsync,
+                           mode],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as proc:
         assert proc.stdout is not None and proc.stderr is not None
         reader = threading.Thread(target=_reader, args=(proc.stdout, raw), daemon=True)
@@ -115,8 +121,9 @@ class Verdict:
 
 
 def _power_loss_cycles(root: Path, cycles: int, seed: int, fsync: str = "always",
-                       no_fsync: bool = False) -> Verdict:
-    """Cycles of run, power loss, remount on one data directory; then the drain."""
+                       no_fsync: str = "", mode: str = "threads") -> Verdict:
+    """Cycles of run, power loss, remount on one data directory; then the drain. no_fsync:
+    "python" or "native", the syncs the child makes do nothing (NO_FSYNC_ENV)."""
     rng = random.Random(seed)
     sent: set[str] = set()
     deleted: dict[str, float] = {}     # acknowledged deletes, with the time of the ack
@@ -135,7 +142,7 @@ def _power_loss_cycles(root: Path, cycles: int, seed: int, fsync: str = "always"
         for run in range(cycles):
             delay = rng.uniform(0.2, 1.2)
             result = _run_until_power_loss(fs, data, run, rng.randrange(1 << 32), delay,
-                                           fsync, no_fsync)
+                                           fsync, no_fsync, mode)
             context = f"run {run} (power cut {delay:.2f}s after it opened)"
             for key in dropped:
                 dropped[key] += result.lost[key]
@@ -177,7 +184,8 @@ def _power_loss_cycles(root: Path, cycles: int, seed: int, fsync: str = "always"
         except EngineError as exc:
             problems.append(f"the queue cannot be read after the last power loss: {exc!r}")
     remaining = set(drained)
-    summary = (f"fsync={fsync}{' with no-op fsyncs' if no_fsync else ''}: {cycles} power "
+    summary = (f"{mode}, fsync={fsync}{f' with no-op {no_fsync} fsyncs' if no_fsync else ''}: "
+               f"{cycles} power "
                f"losses; {len(sent)} sends and {len(deleted)} deletes acknowledged, "
                f"{received} receives, {len(unsettled)} deletes cut short, {len(drained)} "
                f"left in the queue; the losses dropped {dropped['unsynced_bytes']} unsynced "
@@ -202,16 +210,19 @@ def _power_loss_cycles(root: Path, cycles: int, seed: int, fsync: str = "always"
     return Verdict(summary, problems)
 
 
-def test_acknowledged_sends_and_deletes_survive_power_loss(tmp_path: Path) -> None:
-    verdict = _power_loss_cycles(tmp_path, CYCLES_QUICK, SEED)
+@pytest.mark.parametrize("mode", ["threads", "async"])
+def test_acknowledged_sends_and_deletes_survive_power_loss(tmp_path: Path, mode: str) -> None:
+    verdict = _power_loss_cycles(tmp_path, CYCLES_QUICK, SEED, mode=mode)
     assert not verdict.problems, f"{verdict.summary}\n" + "\n".join(verdict.problems[:20])
 
 
 @pytest.mark.faults
-def test_acknowledged_sends_and_deletes_survive_many_power_losses(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["threads", "async"])
+def test_acknowledged_sends_and_deletes_survive_many_power_losses(tmp_path: Path,
+                                                                  mode: str) -> None:
     seed = int(os.environ.get("CONVEYOR_POWERLOSS_SEED", random.randrange(1 << 30)))
     print(f"seed {seed} (CONVEYOR_POWERLOSS_SEED reproduces the schedule)")
-    verdict = _power_loss_cycles(tmp_path, CYCLES_LONG, seed)
+    verdict = _power_loss_cycles(tmp_path, CYCLES_LONG, seed, mode=mode)
     assert not verdict.problems, f"{verdict.summary}\n" + "\n".join(verdict.problems[:20])
 
 
@@ -241,7 +252,16 @@ def test_power_loss_catches_fsync_calls_that_do_nothing(tmp_path: Path) -> None:
     # os.fsync and os.fdatasync are no-ops in the child: the group commit acknowledges
     # without a sync. (The Cython segment's own fdatasync, on roll and recovery, still
     # runs, so only what the group commit alone should have synced is at stake.)
-    verdict = _power_loss_cycles(tmp_path, 1, SEED + 2, no_fsync=True)
+    verdict = _power_loss_cycles(tmp_path, 1, SEED + 2, no_fsync="python")
+    print("\n".join(verdict.problems))
+    assert _caught(verdict.problems), verdict.summary
+
+
+def test_power_loss_catches_native_syncs_that_do_nothing(tmp_path: Path) -> None:
+    # The async child with native sync threads that report syncs they never made, and
+    # os.fdatasync left as it is: were its acknowledgements released by any other sync
+    # (the Python pool's), nothing would be lost and this would fail.
+    verdict = _power_loss_cycles(tmp_path, 1, SEED + 3, no_fsync="native", mode="async")
     print("\n".join(verdict.problems))
     assert _caught(verdict.problems), verdict.summary
 
