@@ -18,10 +18,12 @@ this module or the loop's reader support is missing.
 """
 
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
-from libc.errno cimport errno
+from libc.errno cimport EINTR, errno
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc
+from posix.signal cimport SIG_BLOCK, sigfillset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.types cimport sigset_t
 from posix.unistd cimport getpid
 
 import os
@@ -45,6 +47,7 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_wait(pthread_cond_t* cond, pthread_mutex_t* mutex)
     int pthread_cond_signal(pthread_cond_t* cond)
     int pthread_cond_broadcast(pthread_cond_t* cond)
+    int pthread_sigmask(int how, const sigset_t* set, sigset_t* old)
 
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
@@ -100,6 +103,10 @@ cdef void* _serve(void* arg) noexcept nogil:
     cdef Job* job
     cdef double started
     cdef uint64_t one = 1
+    cdef sigset_t every
+    # Signals are for the interpreter's threads; here one would only interrupt a sync.
+    sigfillset(&every)
+    pthread_sigmask(SIG_BLOCK, &every, NULL)
     pthread_mutex_lock(&shared.mutex)
     while True:
         while shared.pending_head == NULL and not shared.stopping:
@@ -120,8 +127,11 @@ cdef void* _serve(void* arg) noexcept nogil:
             usleep(_test_delay_us)
         if _test_error >= 0:
             job.err = _test_error
-        elif c_fdatasync(job.fd) != 0:
-            job.err = errno
+        else:
+            while c_fdatasync(job.fd) != 0:
+                if errno != EINTR:  # retried, as os.fdatasync does (PEP 475)
+                    job.err = errno
+                    break
         c_close(job.fd)
         job.seconds = _monotonic() - started
         job.next = NULL
@@ -174,8 +184,7 @@ cdef class Syncer:
         that made the Syncer, whose threads it does not have)."""
         cdef Job* job
         cdef int failed = 0
-        if getpid() != self.pid:
-            raise RuntimeError("a Syncer cannot be used in a forked process")
+        self._check_process()
         job = <Job*>malloc(sizeof(Job))
         if job == NULL:
             raise MemoryError()
@@ -183,6 +192,9 @@ cdef class Syncer:
         job.token = <PyObject*>token
         job.owner = <PyObject*>self
         job.next = NULL
+        # The job's references, before a thread can see it (and take() give them back).
+        Py_INCREF(token)
+        Py_INCREF(self)
         with nogil:
             pthread_mutex_lock(&self.shared.mutex)
             if self.shared.idle == 0 and self.started < self.max_threads:
@@ -200,10 +212,10 @@ cdef class Syncer:
                 pthread_cond_signal(&self.shared.wake)
             pthread_mutex_unlock(&self.shared.mutex)
         if failed:
+            Py_DECREF(token)
+            Py_DECREF(self)
             free(job)
             raise RuntimeError("no sync thread could be started")
-        Py_INCREF(token)
-        Py_INCREF(self)
 
     def take(self):
         """Completions since the last take: [(token, errno or 0, seconds in fdatasync)].
@@ -212,6 +224,7 @@ cdef class Syncer:
         cdef Job* job
         cdef Job* following
         cdef uint64_t count
+        self._check_process()
         with nogil:
             pthread_mutex_lock(&self.shared.mutex)
             job = self.shared.done_head
@@ -231,9 +244,20 @@ cdef class Syncer:
             job = following
         return taken
 
+    def _check_process(self):
+        if getpid() != self.pid:
+            # A fork has none of the threads, and shares the eventfd with its parent.
+            raise RuntimeError("a Syncer cannot be used in a forked process")
+
     def __dealloc__(self):
         cdef int i
         if not self.ready:
+            return
+        if getpid() != self.pid:
+            # A fork's copy: its mutex and condition variable may be held or waited on by
+            # the parent's threads, which this process does not have. Only the descriptor
+            # is its own to close.
+            c_close(self.shared.efd)
             return
         # No job is in flight (each holds a reference), so the threads are idle: they
         # wake, see nothing to do, and end.
@@ -242,13 +266,11 @@ cdef class Syncer:
             self.shared.stopping = 1
             pthread_cond_broadcast(&self.shared.wake)
             pthread_mutex_unlock(&self.shared.mutex)
-            if getpid() == self.pid:
-                for i in range(self.started):
-                    pthread_join(self.threads[i], NULL)
+            for i in range(self.started):
+                pthread_join(self.threads[i], NULL)
         c_close(self.shared.efd)
-        if getpid() == self.pid:
-            pthread_cond_destroy(&self.shared.wake)
-            pthread_mutex_destroy(&self.shared.mutex)
+        pthread_cond_destroy(&self.shared.wake)
+        pthread_mutex_destroy(&self.shared.mutex)
 
 
 def set_sync_for_tests(double delay_s=0, error=None):

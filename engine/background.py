@@ -57,9 +57,12 @@ _syncers_lock = threading.Lock()
 def loop_syncer(loop: asyncio.AbstractEventLoop) -> Syncer | None:
     """The native sync threads of loop (call on its thread), made on first use; None if
     this platform or loop has none (the caller uses the shared pool instead)."""
-    with _syncers_lock:
-        if loop in _syncers:
-            return _syncers[loop]
+    try:
+        with _syncers_lock:
+            if loop in _syncers:
+                return _syncers[loop]
+    except TypeError:  # a loop that cannot be weakly referenced: the pool, every time
+        return None
     syncer: Syncer | None = None
     try:
         from engine._syncer import Syncer

@@ -38,6 +38,7 @@ import itertools
 import logging
 import os
 import re
+import select
 import threading
 import time
 from collections import OrderedDict
@@ -84,8 +85,9 @@ INTERVAL_MS_MAX = 60_000
 # requests it had already read share the fsync; under a load that appends every turn, it
 # starts after this many turns at the latest (each a few tens of microseconds then).
 KICK_TURNS_MAX = 8
-# A thread that waits for a round on a loop's native sync threads takes the outcome
-# itself if the loop has not within this: the loop may be closed, stopped, or that thread.
+# A round on a loop's native sync threads whose outcome the loop has not taken within
+# this, while others wait, is taken by another thread: the loop may be closed, stopped,
+# or busy with long synchronous work.
 TAKE_ROUND_AFTER_S = 0.01
 
 # Logs this process closed with every byte fsync'd: by the log's directory, its active
@@ -218,7 +220,11 @@ class Log:
         self._failure: BaseException | None = None
         self._syncing = False
         self._native: Syncer | None = None
-        """The native sync threads running the round in flight, if a loop's started it."""
+        """The native sync threads running the round in flight, if a loop started it."""
+        self._native_loop: asyncio.AbstractEventLoop | None = None
+        """The loop that started that round, and takes its outcome."""
+        self._native_rounds = 0  # native rounds started: which one is in flight
+        self._taker_armed = 0  # the native round a late taker is armed for
         self._waiters: list[tuple[int, int, Future[None]]] = []
         self._waiter_seq = itertools.count()
         # asyncio waiters, a heap per event loop: a sync round wakes each loop once and the
@@ -655,6 +661,8 @@ class Log:
                 self._wanted = offset
             if not self._syncing:
                 self._schedule_kick(loop)
+            elif self._native_loop is not loop:
+                self._arm_taker()
         return future
 
     def _schedule_kick(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -700,11 +708,31 @@ class Log:
             return
         try:
             syncer.submit(fd, functools.partial(self._loop_round_done, loop, target))
-        except RuntimeError:  # no sync thread could start: the pool runs the round
+        except Exception:  # no sync thread could start, or no memory: the pool runs it
             os.close(fd)
             background.submit(self._background_round)
             return
         self._native = syncer
+        self._native_loop = loop
+        self._native_rounds += 1
+
+    def _arm_taker(self) -> None:
+        """Have the pool take the native round in flight if its loop has not within
+        TAKE_ROUND_AFTER_S (lock held): a waiter other than that loop's needs it."""
+        if self._native is not None and self._taker_armed != self._native_rounds:
+            self._taker_armed = self._native_rounds
+            background.submit(functools.partial(self._take_late, self._native,
+                                                self._native_rounds))
+
+    def _take_late(self, syncer: Syncer, round_: int) -> None:
+        """On the pool: take round_'s outcome unless its loop has, looking every
+        TAKE_ROUND_AFTER_S until it is taken (a slow disk's sync may take longer)."""
+        while True:
+            time.sleep(TAKE_ROUND_AFTER_S)
+            with self._lock:
+                if self._native is not syncer or self._native_rounds != round_:
+                    return
+            background.take_completions(syncer)
 
     def _loop_round_done(self, loop: asyncio.AbstractEventLoop, target: int, error: int,
                          seconds: float) -> None:
@@ -717,6 +745,7 @@ class Log:
         resolve_here = False
         with self._lock:
             self._native = None
+            self._native_loop = None
             self._syncing = False
             self.sync_count += 1
             self.sync_seconds += seconds
@@ -767,6 +796,8 @@ class Log:
         if not self._syncing:
             self._syncing = True
             background.submit(self._background_round)
+        else:
+            self._arm_taker()
 
     def _wake_loops(self, error: BaseException | None = None, handover: bool = False) -> None:
         """Schedule each event loop with waiters now durable (all with handover, or on
@@ -792,9 +823,18 @@ class Log:
             ready = []
             while heap and (error is not None or heap[0][0] <= self._durable):
                 ready.append(heapq.heappop(heap)[2])
+            stopped: list[asyncio.Future[None]] = []
+            reason: BaseException | None = None
+            if heap and (self._failure is not None or self._closed):
+                # Woken for a round (a hand-over) before the log failed or closed: that
+                # wake-up skipped this loop, which was woken already.
+                reason = (LogFailedError(self.path, self._failure)
+                          if self._failure is not None else LogClosedError(self.path))
+                stopped = [entry[2] for entry in heap]
+                heap.clear()
             if not heap:
                 self._loop_waiters.pop(loop, None)
-            elif not self._syncing and self._failure is None and not self._closed:
+            elif not self._syncing:
                 # Waiters beyond the last round, and none running: this loop starts one.
                 self._schedule_kick(loop)
         for future in ready:
@@ -803,6 +843,10 @@ class Log:
                     future.set_result(None)
                 else:
                     future.set_exception(error)
+        if reason is not None:
+            for future in stopped:
+                if not future.done():
+                    future.set_exception(reason)
 
     def _check_waitable(self, offset: int) -> None:
         self._check_writable()
@@ -854,13 +898,23 @@ class Log:
     def _wait_round(self, timeout: float | None) -> None:
         """Wait for the round in flight to end, or timeout (lock held; the caller looks
         again). A round on a loop's native threads is taken by this thread if the loop
-        has not taken it within TAKE_ROUND_AFTER_S."""
+        has not taken it within TAKE_ROUND_AFTER_S; at once if this thread is the loop's
+        own, blocked here, which cannot take it otherwise."""
         syncer = self._native
         if syncer is None:
             self._cond.wait(timeout)
             return
-        if self._cond.wait(TAKE_ROUND_AFTER_S if timeout is None
-                           else min(timeout, TAKE_ROUND_AFTER_S)):
+        step = TAKE_ROUND_AFTER_S if timeout is None else min(timeout, TAKE_ROUND_AFTER_S)
+        if self._native_loop is _running_loop():
+            self._lock.release()
+            try:
+                # Bounded: another thread may take the outcome first and reset the count.
+                select.select([syncer.fileno()], [], [], step)
+                background.take_completions(syncer)
+            finally:
+                self._lock.acquire()
+            return
+        if self._cond.wait(step):
             return
         if self._native is syncer:
             self._lock.release()
@@ -919,6 +973,8 @@ class Log:
             elif not self._syncing and self._durable < self._active.next_offset:
                 self._syncing = True
                 background.submit(self._background_round)
+            elif self._syncing:
+                self._arm_taker()
 
     # -- truncation ---------------------------------------------------------------------
 

@@ -228,18 +228,17 @@ class PartitionedQueue:
             result: list[EngineError | None] = await self.calls.call(
                 self.partitions[0], op, items)
             return result
+        named = [handle_queue_uid(r) if isinstance(r, str) else None for r in receipts]
         uids = await self.calls.partition_uids(self.partitions)
-        if any(isinstance(r, str) and handle_queue_uid(r) not in (None, *uids)
-               for r in receipts):
+        if any(uid is not None and uid not in uids for uid in named):
             # A handle of a partition not known here may be of a queue made again since
             # this process last looked.
             uids = await self.calls.partition_uids(self.partitions, fresh=True)
         by_partition: dict[int, list[int]] = {}
-        for i, receipt in enumerate(receipts):
+        for i, uid in enumerate(named):
             # A handle of no partition of this queue goes to partition 0, which refuses
             # it for what it is: malformed, forged or another queue's.
-            p = uids.get(handle_queue_uid(receipt) or 0, 0) if isinstance(receipt, str) else 0
-            by_partition.setdefault(p, []).append(i)
+            by_partition.setdefault(uids.get(uid or 0, 0), []).append(i)
         return await self._scatter(by_partition, items, op)
 
     async def _scatter(self, by_partition: dict[int, list[int]], items: Sequence[Any],
@@ -247,6 +246,12 @@ class PartitionedQueue:
         """op on each partition's share of items, the results back in items' order. A
         share whose call failed gets the failure as each of its results, unless all
         failed: then the request fails as a whole."""
+        if len(by_partition) == 1:
+            # One share (a batch received together): its call, without a task of its own.
+            [partition] = by_partition
+            result: list[Any] = await self.calls.call(self.partitions[partition], op,
+                                                      list(items))
+            return result
         shares = list(by_partition.items())
         outcomes = await asyncio.gather(
             *(self.calls.call(self.partitions[p], op, [items[i] for i in indexes])

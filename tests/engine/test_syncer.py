@@ -8,13 +8,16 @@ child on an event loop too, with a negative control of native syncs that do noth
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import os
 import select
+import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -245,15 +248,19 @@ def test_a_loop_takes_the_rounds_back_after_a_threads_round(
     with Log(path, fsync="always") as log:
         thread = threading.Thread(target=log.append, args=(b"thread",))
 
-        async def append_during_the_threads_round() -> None:
+        async def append_during_the_threads_round() -> bool:
             thread.start()
             while not log._syncing:
                 await asyncio.sleep(0.001)
-            await asyncio.wait_for(log.append_batch_async([b"loop"]), 5)
+            waiter = log.durable_async(log.append(b"loop", wait=False) + 1)
+            during = log._syncing and log._native is None  # the thread's round, still
+            await asyncio.wait_for(waiter, 5)
+            return during
 
-        asyncio.run(append_during_the_threads_round())
+        assert asyncio.run(append_during_the_threads_round())
         thread.join(5)
         assert log.durable_offset == log.next_offset == 2
+        assert log.sync_count == 2  # the thread's round did not cover the loop's append
 
 
 def test_waiters_of_two_loops_are_all_released(path: str) -> None:
@@ -276,3 +283,138 @@ def test_waiters_of_two_loops_are_all_released(path: str) -> None:
             thread.join(30)
         assert not errors
         assert log.durable_offset == log.next_offset == 800
+
+
+def _stop_mid_round(log: Log) -> asyncio.AbstractEventLoop:
+    """A loop that started a native round and stopped before taking its outcome (as
+    between two run_until_complete calls)."""
+    loop = asyncio.new_event_loop()
+
+    async def start_a_round() -> None:
+        log.append(b"x", wait=False)
+        log.durable_async(log.next_offset)
+        while not log._syncing:
+            await asyncio.sleep(0)
+
+    loop.run_until_complete(start_a_round())
+    return loop
+
+
+@pytest.mark.usefixtures("slow_syncs")
+def test_waiters_of_others_are_released_when_the_rounds_loop_stopped(path: str) -> None:
+    """A round whose loop stopped is taken by the pool once others wait on it: a future,
+    and another loop's waiter, which do not block a thread to take it themselves."""
+    with Log(path, fsync="always") as log:
+        stopped = _stop_mid_round(log)
+        log.append(b"future", wait=False)
+        log.durable_future(log.next_offset).result(SLOW_SYNC_S + 5)
+
+        stopped.close()
+        stopped = _stop_mid_round(log)  # a round in flight again, nobody to take it
+
+        async def another_loops_waiter() -> None:
+            log.append(b"loop", wait=False)
+            await asyncio.wait_for(log.durable_async(log.next_offset), SLOW_SYNC_S + 5)
+
+        outcome: list[BaseException | None] = []
+        thread = threading.Thread(target=lambda: outcome.append(
+            _outcome(another_loops_waiter)))
+        thread.start()
+        thread.join(30)
+        assert outcome == [None]
+        stopped.close()
+
+
+def _outcome(coroutine: Callable[[], Coroutine[Any, Any, None]]) -> BaseException | None:
+    try:
+        asyncio.run(coroutine())
+    except BaseException as exc:
+        return exc
+    return None
+
+
+@pytest.mark.usefixtures("slow_syncs")
+def test_a_future_waits_on_a_stopped_loops_round_if_nobody_takes_it(
+        path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The negative control of the test above: without the late taker, the future waits
+    for the stopped loop forever."""
+    monkeypatch.setattr(Log, "_arm_taker", lambda self: None)
+    log = Log(path, fsync="always")
+    stopped = _stop_mid_round(log)
+    log.append(b"future", wait=False)
+    with pytest.raises(concurrent.futures.TimeoutError):
+        log.durable_future(log.next_offset).result(SLOW_SYNC_S + 1)
+    stopped.close()
+    log.close()  # a blocking wait takes it
+
+
+def test_a_failure_while_a_loop_is_handed_the_rounds_fails_its_waiter(
+        path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop woken to start its next round (a hand-over) that the log fails before it
+    runs: its waiter gets the failure, rather than nothing ever."""
+    real = os.fdatasync
+    failing = threading.Event()
+
+    def fdatasync(fd: int) -> None:  # the threads' rounds only; the loop's are native
+        if failing.is_set():
+            raise OSError(errno.EIO, "injected")
+        time.sleep(SLOW_SYNC_S)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    log = Log(path, fsync="always")
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=log.append, args=(b"thread",))
+    thread.start()
+    while not log._syncing:  # the thread's round, which will not cover the loop's append
+        time.sleep(0.001)
+
+    async def wait_beyond_the_round() -> asyncio.Future[None]:
+        log.append(b"loop", wait=False)
+        return log.durable_async(2)
+
+    waiter = loop.run_until_complete(wait_beyond_the_round())  # the loop stops
+    thread.join(10)  # the round ended and handed the loop its waiter
+    failing.set()
+    with pytest.raises(LogFailedError):
+        log.wait_durable(2)  # a round that fails the log before the loop runs again
+    with pytest.raises(LogFailedError):
+        loop.run_until_complete(asyncio.wait_for(waiter, 5))
+    loop.close()
+    log.close()
+
+
+def test_a_fork_drops_its_copy_of_a_syncer_without_touching_its_threads(
+        tmp_path: Path) -> None:
+    """A forked child has none of the parent's sync threads: collecting its copy of the
+    Syncer must not wait on their condition variable, and using it is refused."""
+    syncer = Syncer(4)
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    for _ in range(3):  # threads started, then idle in their wait
+        for _ in range(6):
+            syncer.submit(os.dup(fd), None)
+        _taken(syncer, 6)
+    syncer.submit(os.dup(fd), None)  # one thread woken and back to its wait
+    _taken(syncer, 1)
+    time.sleep(0.05)
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's exit status is the result
+        code = 3
+        try:
+            syncer.take()
+        except RuntimeError:
+            code = 0
+        del syncer  # the dealloc of the copy
+        os._exit(code)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(child, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.02)
+    else:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        pytest.fail("the child hung dropping its copy of the Syncer")
+    assert os.waitstatus_to_exitcode(status) == 0
+    os.close(fd)
