@@ -54,6 +54,18 @@ async def _read_frame(channel: Channel) -> Any:
     return unpack(await channel.receive())
 
 
+class _Expired(Exception):
+    """A call's answer did not come within CALL_TIMEOUT_S."""
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    # A timer on the call's future, not asyncio.timeout: its context manager cost a fifth
+    # of a call's CPU (both ends, 18 against 14 us), for a deadline that almost never
+    # fires.
+    if not future.done():
+        future.set_exception(_Expired())
+
+
 def _forget(running: dict[int, asyncio.Task[None]], call_id: int, _: object) -> None:
     running.pop(call_id, None)
 
@@ -92,18 +104,20 @@ class CallLink:
             self.close()
             raise LeaderUnreachableError(self.peer, "its connection has ended; retry") \
                 from exc
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self.pending[call_id] = future
+        timer = loop.call_later(CALL_TIMEOUT_S, _expire, future)
         try:
-            async with asyncio.timeout(CALL_TIMEOUT_S):
-                return await future
-        except TimeoutError:
+            return await future
+        except _Expired:
             # A peer that answers nothing this long is gone or cut off: the next call
             # connects again rather than wait on this connection too.
             self.close()
             raise DependencyUnavailableError(
                 self.peer, f"no answer in {CALL_TIMEOUT_S:g} s") from None
         finally:
+            timer.cancel()
             if self.pending.pop(call_id, None) is not None and self.open:
                 # Unanswered (cancelled, or timed out): the peer may stop working on it.
                 # Best effort: on a connection that has ended, the peer stopped anyway.

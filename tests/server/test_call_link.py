@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import pytest
 
 from replication.peer import Channel
 from server.calls import link as link_module
+from server.calls.codec import pack, unpack
 from server.calls.link import CallLink
 from server.errors import DependencyUnavailableError, LeaderUnreachableError
 
@@ -74,4 +76,47 @@ def test_a_call_on_a_connection_closed_under_it_is_refused_as_not_sent() -> None
 
     outcome, still_open = asyncio.run(run())
     assert isinstance(outcome, LeaderUnreachableError), repr(outcome)
+    assert not still_open
+
+
+def test_a_call_the_peer_never_answers_fails_after_the_call_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer that reads calls and answers none (hung): each call fails as unavailable
+    once CALL_TIMEOUT_S has passed, and the connection is closed so the next call makes a
+    new one. A call answered in time is not touched by its timer."""
+    monkeypatch.setattr(link_module, "CALL_TIMEOUT_S", 0.3)
+
+    async def run() -> tuple[BaseException | None, float, bool]:
+        ours, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        peer_reader, peer_writer = await asyncio.open_unix_connection(sock=theirs)
+        peer = Channel(peer_reader, peer_writer, "us", 16 << 20, None)
+        link = CallLink(Channel(reader, writer, "worker 1", 16 << 20, None), "worker 1")
+
+        async def answer_the_first_only() -> None:
+            call_id = unpack(await peer.receive())[0]
+            peer.send(pack([call_id, 0, "text"]))
+            while True:
+                await peer.receive()  # read, never answered
+
+        answering = asyncio.ensure_future(answer_the_first_only())
+        assert await link.call("metrics_text", "", []) == "text"
+        await asyncio.sleep(0.5)  # past the first call's deadline: its timer was cancelled
+        assert link.open
+        started = time.monotonic()
+        outcome: BaseException | None = None
+        try:  # bounded here, so that a call with no deadline fails rather than hangs
+            await asyncio.wait_for(link.call("metrics_text", "", []), 5)
+        except Exception as exc:  # the outcome is what is checked
+            outcome = exc
+        waited = time.monotonic() - started
+        await asyncio.sleep(0)  # the reader's cancellation runs
+        answering.cancel()
+        peer_writer.close()
+        return outcome, waited, link.open
+
+    outcome, waited, still_open = asyncio.run(run())
+    assert isinstance(outcome, DependencyUnavailableError), repr(outcome)
+    assert "no answer in 0.3 s" in str(outcome)
+    assert waited >= 0.3
     assert not still_open
