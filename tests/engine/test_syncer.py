@@ -169,19 +169,26 @@ def test_a_failed_round_fails_the_log_and_its_waiters(path: str) -> None:
     log.close()
 
 
-@pytest.mark.usefixtures("slow_syncs")
-def test_a_round_a_closed_loop_left_is_taken_by_close(path: str) -> None:
-    log = Log(path, fsync="always")
+def _stop_mid_round(log: Log) -> asyncio.AbstractEventLoop:
+    """A loop that started a native round and stopped before taking its outcome (as
+    between two run_until_complete calls)."""
     loop = asyncio.new_event_loop()
 
     async def start_a_round() -> None:
         log.append(b"x", wait=False)
-        log.durable_async(1)
-        while not log._syncing:  # the kick's turns
+        log.durable_async(log.next_offset)
+        while not log._syncing:
             await asyncio.sleep(0)
 
     loop.run_until_complete(start_a_round())
-    loop.close()  # with the round still in its slow sync: nobody will take it
+    return loop
+
+
+@pytest.mark.usefixtures("slow_syncs")
+def test_a_round_a_closed_loop_left_is_taken_by_close(path: str) -> None:
+    log = Log(path, fsync="always")
+    # Closed with the round still in its slow sync: nobody will take it.
+    _stop_mid_round(log).close()
     closing = threading.Thread(target=log.close, daemon=True)
     closing.start()
     closing.join(SLOW_SYNC_S + 5)
@@ -195,16 +202,7 @@ def test_a_round_left_by_a_closed_loop_hangs_close_if_nobody_takes_it(
     """The negative control of the test above: with a waiting thread that never takes the
     completion itself, close() does not return."""
     log = Log(path, fsync="always")
-    loop = asyncio.new_event_loop()
-
-    async def start_a_round() -> None:
-        log.append(b"x", wait=False)
-        log.durable_async(1)
-        while not log._syncing:
-            await asyncio.sleep(0)
-
-    loop.run_until_complete(start_a_round())
-    loop.close()
+    _stop_mid_round(log).close()
     real = background.take_completions
     monkeypatch.setattr(background, "take_completions", lambda syncer: None)
     closing = threading.Thread(target=log.close, daemon=True)
@@ -283,21 +281,6 @@ def test_waiters_of_two_loops_are_all_released(path: str) -> None:
             thread.join(30)
         assert not errors
         assert log.durable_offset == log.next_offset == 800
-
-
-def _stop_mid_round(log: Log) -> asyncio.AbstractEventLoop:
-    """A loop that started a native round and stopped before taking its outcome (as
-    between two run_until_complete calls)."""
-    loop = asyncio.new_event_loop()
-
-    async def start_a_round() -> None:
-        log.append(b"x", wait=False)
-        log.durable_async(log.next_offset)
-        while not log._syncing:
-            await asyncio.sleep(0)
-
-    loop.run_until_complete(start_a_round())
-    return loop
 
 
 @pytest.mark.usefixtures("slow_syncs")
