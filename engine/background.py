@@ -46,9 +46,6 @@ def submit(fn: Callable[[], object]) -> Future[Any]:
         return _pool.submit(fn)
 
 
-SyncDone = Callable[[int, float], None]
-"""Called with (errno or 0, seconds in fdatasync) when a loop's sync completes."""
-
 _syncers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Syncer | None] = (
     weakref.WeakKeyDictionary())
 _syncers_lock = threading.Lock()

@@ -905,23 +905,17 @@ class Log:
             self._cond.wait(timeout)
             return
         step = TAKE_ROUND_AFTER_S if timeout is None else min(timeout, TAKE_ROUND_AFTER_S)
-        if self._native_loop is _running_loop():
-            self._lock.release()
-            try:
+        own_loop = self._native_loop is _running_loop()
+        if not own_loop and (self._cond.wait(step) or self._native is not syncer):
+            return
+        self._lock.release()
+        try:
+            if own_loop:
                 # Bounded: another thread may take the outcome first and reset the count.
                 select.select([syncer.fileno()], [], [], step)
-                background.take_completions(syncer)
-            finally:
-                self._lock.acquire()
-            return
-        if self._cond.wait(step):
-            return
-        if self._native is syncer:
-            self._lock.release()
-            try:
-                background.take_completions(syncer)
-            finally:
-                self._lock.acquire()
+            background.take_completions(syncer)
+        finally:
+            self._lock.acquire()
 
     def _background_round(self) -> None:
         with self._lock:
