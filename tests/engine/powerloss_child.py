@@ -33,11 +33,12 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from engine import Broker
+    from engine import Broker, Message
+    from engine.errors import EngineError
 
 VISIBILITY_S = 2
 PRODUCERS = 2
@@ -56,12 +57,54 @@ def say(line: str) -> None:
         sys.stdout.flush()
 
 
+# What both kinds of child do around each call, and say of it (the lines above).
+
+
+def _bodies(run: int, number: int, batch: int, rng: random.Random) -> list[str]:
+    return [f"{run}.p{number}-{batch}.{n}" for n in range(rng.randint(1, 10))]
+
+
+def _sent(bodies: list[str], results: Sequence[object]) -> None:
+    from engine.errors import EngineError
+
+    failed = [r for r in results if isinstance(r, EngineError)]
+    if failed:
+        raise failed[0]
+    say("\n".join(f"S {body}" for body in bodies))
+
+
+def _received(received: list[Message], started: float, rng: random.Random) -> list[Message]:
+    """Say what came; the messages to delete (X said of them)."""
+    if received:
+        say("\n".join(f"R {m.body.decode()} {started:.6f}" for m in received))
+    # Some are left for their lease to run out, to be delivered again.
+    doomed = [m for m in received if rng.random() < 0.8]
+    if doomed:
+        say("\n".join(f"X {m.body.decode()}" for m in doomed))
+    return doomed
+
+
+def _deleted(doomed: list[Message], errors: Sequence[EngineError | None],
+             acked: float) -> None:
+    from engine.errors import MessageNotInflightError, ReceiptInvalidError
+
+    deleted = []
+    for message, error in zip(doomed, errors, strict=True):
+        # A lease that ran out (the process stalled) makes a receipt stale: the message
+        # stays, and that is no failure.
+        if error is None:
+            deleted.append(message)
+        elif not isinstance(error, MessageNotInflightError | ReceiptInvalidError):
+            raise error
+    if deleted:
+        say("\n".join(f"D {m.body.decode()} {acked:.6f}" for m in deleted))
+
+
 def main(path: str, run: int, seed: int, fsync: str, mode: str = "threads") -> None:
     if os.environ.get("CONVEYOR_TEST_NO_FSYNC") == "1":
         os.fsync = os.fdatasync = lambda fd: None
 
     from engine import Broker, Queue, SendEntry
-    from engine.errors import EngineError, MessageNotInflightError, ReceiptInvalidError
 
     if os.environ.get("CONVEYOR_TEST_NO_NATIVE_FSYNC") == "1":
         from engine._syncer import set_sync_for_tests
@@ -78,38 +121,20 @@ def main(path: str, run: int, seed: int, fsync: str, mode: str = "threads") -> N
 
     def produce(number: int, rng: random.Random) -> None:
         for batch in itertools.count():
-            bodies = [f"{run}.p{number}-{batch}.{n}" for n in range(rng.randint(1, 10))]
-            results = queue.send_batch([SendEntry(body.encode()) for body in bodies])
-            failed = [r for r in results if isinstance(r, EngineError)]
-            if failed:
-                raise failed[0]
-            say("\n".join(f"S {body}" for body in bodies))
+            bodies = _bodies(run, number, batch, rng)
+            _sent(bodies, queue.send_batch([SendEntry(body.encode()) for body in bodies]))
 
     def consume(q: Queue, rng: random.Random) -> None:
         while True:
             started = time.monotonic()
             received = q.receive(max_messages=10, wait_seconds=0,
                                  visibility_timeout=VISIBILITY_S)
-            if received:
-                say("\n".join(f"R {m.body.decode()} {started:.6f}" for m in received))
-            # Some are left for their lease to run out, to be delivered again.
-            doomed = [m for m in received if rng.random() < 0.8]
+            doomed = _received(received, started, rng)
             if not doomed:
                 time.sleep(0.01)
                 continue
-            say("\n".join(f"X {m.body.decode()}" for m in doomed))
             errors = q.delete_batch([m.receipt for m in doomed])
-            acked = time.monotonic()
-            deleted = []
-            for message, error in zip(doomed, errors, strict=True):
-                # A lease that ran out (the process stalled) makes a receipt stale: the
-                # message stays, and that is no failure.
-                if error is None:
-                    deleted.append(message)
-                elif not isinstance(error, MessageNotInflightError | ReceiptInvalidError):
-                    raise error
-            if deleted:
-                say("\n".join(f"D {m.body.decode()} {acked:.6f}" for m in deleted))
+            _deleted(doomed, errors, time.monotonic())
 
     def guarded(name: str, work: object, *args: object) -> None:
         try:
@@ -132,40 +157,26 @@ def main(path: str, run: int, seed: int, fsync: str, mode: str = "threads") -> N
 def run_async(broker: Broker, run: int, seed: int) -> None:
     """The producers and consumers of main, as coroutines on one event loop."""
     from engine import AsyncQueue, SendEntry
-    from engine.errors import EngineError, MessageNotInflightError, ReceiptInvalidError
 
     aqueue = AsyncQueue(broker, "power")
 
     async def produce(number: int, rng: random.Random) -> None:
         for batch in itertools.count():
-            bodies = [f"{run}.p{number}-{batch}.{n}" for n in range(rng.randint(1, 10))]
-            results = await aqueue.send_batch([SendEntry(body.encode()) for body in bodies])
-            failed = [r for r in results if isinstance(r, EngineError)]
-            if failed:
-                raise failed[0]
-            say("\n".join(f"S {body}" for body in bodies))
+            bodies = _bodies(run, number, batch, rng)
+            _sent(bodies, await aqueue.send_batch([SendEntry(body.encode())
+                                                   for body in bodies]))
 
     async def consume(rng: random.Random) -> None:
         while True:
             started = time.monotonic()
             received = await aqueue.receive(max_messages=10, wait_seconds=0,
                                             visibility_timeout=VISIBILITY_S)
-            if received:
-                say("\n".join(f"R {m.body.decode()} {started:.6f}" for m in received))
-            doomed = [m for m in received if rng.random() < 0.8]
+            doomed = _received(received, started, rng)
             if not doomed:
                 await asyncio.sleep(0.01)
                 continue
-            say("\n".join(f"X {m.body.decode()}" for m in doomed))
             errors = await aqueue.delete_batch([m.receipt for m in doomed])
-            acked = time.monotonic()
-            deleted = [m for m, error in zip(doomed, errors, strict=True) if error is None]
-            for error in errors:
-                if error is not None and not isinstance(
-                        error, MessageNotInflightError | ReceiptInvalidError):
-                    raise error
-            if deleted:
-                say("\n".join(f"D {m.body.decode()} {acked:.6f}" for m in deleted))
+            _deleted(doomed, errors, time.monotonic())
 
     async def guarded(name: str, work: Coroutine[Any, Any, None]) -> None:
         try:
